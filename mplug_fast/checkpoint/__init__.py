@@ -1,0 +1,20 @@
+"""Weights I/O: official mPLUG checkpoints, OpenAI CLIP / Hugging Face BERT initialisation, our format."""
+
+from mplug_fast.checkpoint.io import CheckpointError, from_pretrained, read_checkpoint, save_pretrained
+from mplug_fast.checkpoint.keymap import ConversionReport
+from mplug_fast.checkpoint.official import (
+    infer_official_config,
+    load_official_checkpoint,
+    to_official_state_dict,
+)
+
+__all__ = [
+    "CheckpointError",
+    "ConversionReport",
+    "from_pretrained",
+    "infer_official_config",
+    "load_official_checkpoint",
+    "read_checkpoint",
+    "save_pretrained",
+    "to_official_state_dict",
+]

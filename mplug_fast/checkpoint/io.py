@@ -1,0 +1,135 @@
+"""Reading checkpoint files safely, and our own format (config JSON + safetensors).
+
+    save_pretrained(model, "out/")      -> out/config.json, out/model.safetensors
+    model = from_pretrained("out/")     -> the same task model, same weights
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mplug_fast.config import MPlugConfig
+from mplug_fast.modeling import TASK_MODELS, MPlug
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model; the message says why."""
+
+
+def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """`torch.load` a `.pth`/`.pt`/`.bin` (or a `.safetensors`) file on the CPU with clear errors.
+
+    `allow_pickle=False` (default) loads with `weights_only=True`; set it only for files you trust
+    that hold arbitrary Python objects (e.g. an optimizer state pickled with custom classes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or save was interrupted")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise CheckpointError(
+                f"{path} holds Python objects that a weights-only load refuses ({str(exc).splitlines()[0]}). "
+                "If you trust the file, pass allow_pickle=True."
+            ) from exc
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
+    """The state dict inside a training checkpoint (`model` / `module` / `state_dict`), `module.` stripped."""
+    for key in ("model", "module", "state_dict"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"expected a state dict (or a dict with 'model'/'module'), got {type(obj).__name__}")
+    non_tensors = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if non_tensors:
+        raise CheckpointError(f"the state dict has non-tensor entries: {non_tensors[:8]}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model: MPlug, directory: str | os.PathLike) -> Path:
+    """Write `config.json` (task + config) and `model.safetensors`; each file is replaced atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": FORMAT_VERSION, "task": model.task, "config": model.config.to_dict()}
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"task": model.task}))
+    logger.info("saved %s model (%d tensors) to %s", model.task, len(state), directory)
+    return directory
+
+
+def from_pretrained(
+    directory: str | os.PathLike, *, task: str | None = None, device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> MPlug:
+    """Load a model written by `save_pretrained`. `task` defaults to the saved one; another task loads
+    the components it shares (e.g. a pretrained model as a VQA model) and reports the rest."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: not a directory written by save_pretrained")
+    meta = json.loads(config_path.read_text())
+    config = MPlugConfig.from_dict(meta["config"])
+    task = task or meta["task"]
+    if task not in TASK_MODELS:
+        raise ValueError(f"unknown task {task!r}; available: {sorted(TASK_MODELS)}")
+    state = read_checkpoint(directory / WEIGHTS_NAME)
+    with torch.device("meta"):
+        model = TASK_MODELS[task](config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointError(f"{directory} lacks {len(missing)} tensors the {task!r} model needs: {missing[:8]}")
+    extra = sorted(set(state) - expected)
+    if extra:
+        logger.info("%d tensors of the saved %r model are not used by %r (e.g. %s)", len(extra), meta["task"],
+                    task, extra[:3])
+    model.load_state_dict({k: state[k] for k in expected}, assign=True, strict=True)
+    return model.to(device=device, dtype=dtype)

@@ -1,0 +1,390 @@
+"""Official mPLUG checkpoints (X-PLUG/mPLUG, AliceMind/mPLUG) <-> our models.
+
+    model = load_official_checkpoint("mplug_base.pth", task="vqa", bert_config="config_bert_stride3.json",
+                                     image_res=384)
+    state = to_official_state_dict(model)          # the fine-tuned task layout, for going back
+
+Formats read (official_spec.md §2): a dict with `model` / `module` or a bare state dict; the
+pretraining layout (`text_encoder.bert.*`, `fusion_encoder.fusion.*` or `fusion_encoder.bert.*`) and
+the fine-tuned task layout (`text_encoder.*`, `fusion_encoder.*`). The fusion is stored with
+`num_hidden_layers` slots of which the last `fusion_layers` run: our fusion layer j is slot
+j + offset, offset = slots - fusion_layers (6 in the released configs, read from the weights).
+
+Dropped on purpose, listed in the report's `ignored`: the CLIP text tower and `visual.proj`, fusion
+slots 0..offset-1, the fusion embeddings, the cross-attention of connected layers, `position_ids`,
+grounding buffers (rebuilt from the vocabulary), ITC queues (owned by the trainer), components the
+task does not run, and `_m` momentum copies of tasks that train without them. Anything else that
+does not map is an error (strict) or returned in `unexpected` (strict=False).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mplug_fast.checkpoint.io import CheckpointError, read_checkpoint, unwrap_state_dict
+from mplug_fast.checkpoint.keymap import (
+    BERT_EMBEDDING_KEYS,
+    BERT_LAYER_KEYS,
+    CLIP_BLOCK_KEYS,
+    CLIP_VISUAL_KEYS,
+    LM_HEAD_KEYS,
+    ConversionReport,
+    KeyPairs,
+    export_tensors,
+    group_keys,
+    import_tensors,
+    translate,
+)
+from mplug_fast.config import DecoderConfig, FusionConfig, MPlugConfig, TextConfig, VisionConfig, load_bert_config
+from mplug_fast.modeling import TASK_MODELS, MPlug
+from mplug_fast.modeling.vision import resize_pos_embed
+
+logger = logging.getLogger(__name__)
+
+# Pretraining spellings -> the fine-tuned layout (what the official task scripts do by string surgery).
+_PRETRAIN_RENAMES = (
+    (re.compile(r"^text_encoder(_m)?\.bert\."), r"text_encoder\1."),
+    (re.compile(r"^fusion_encoder(_m)?\.(fusion|bert)\."), r"fusion_encoder\1."),
+    # inferred (pretraining code unreleased): an MLM head stored beside the fusion is the text MLM head
+    (re.compile(r"^fusion_encoder(_m)?\.cls\."), r"text_encoder\1.cls."),
+)
+_RELEASED_NUM_HIDDEN_LAYERS = 12  # the fusion slots of the released configs (num_hidden_layers)
+_DEFAULT_FUSION_LAYERS = 6
+_ADAPTER_MODULES = {"fc": "visn_fc", "norm": "visn_layer_norm"}
+_QUEUE_KEYS = {"image_queue", "text_queue", "idx_queue", "queue_ptr"}
+_GROUNDING_BUFFERS = {"prefix_ids", "target_ids", "bbox_prob_mask"}
+
+
+# --------------------------------------------------------------------------------------------- key pairs
+def _official_names(key: str, offset: int) -> tuple[str, ...]:
+    """Official key(s) that make up our key `key` (several = concatenated along dim 0)."""
+    momentum = key.startswith("momentum.")
+    if momentum:
+        key = key[len("momentum."):]
+    m = "_m" if momentum else ""
+    component, _, rest = key.partition(".")
+    names: tuple[str, ...] | None = None
+    if component == "vision":
+        if rest.startswith("blocks."):
+            _, i, sub = rest.split(".", 2)
+            mapped = translate(sub, CLIP_BLOCK_KEYS)
+            names = mapped and tuple(f"transformer.resblocks.{i}.{n}" for n in mapped)
+        else:
+            names = translate(rest, CLIP_VISUAL_KEYS)
+        prefix = f"visual_encoder{m}.visual."
+    elif component == "adapter":
+        module, _, param = rest.partition(".")
+        official_module = _ADAPTER_MODULES.get(module)
+        names, prefix = (official_module and (f"{official_module}{m}.{param}",)), ""
+    elif component in ("text_encoder", "fusion", "decoder"):
+        prefix = {"text_encoder": f"text_encoder{m}.", "fusion": f"fusion_encoder{m}.",
+                  "decoder": f"text_decoder{m}.bert."}[component]
+        if rest.startswith("embeddings."):
+            names, prefix = translate(rest[len("embeddings."):], BERT_EMBEDDING_KEYS), prefix + "embeddings."
+        elif rest.startswith("layers."):
+            _, i, sub = rest.split(".", 2)
+            slot = int(i) + (offset if component == "fusion" else 0)
+            names, prefix = translate(sub, BERT_LAYER_KEYS), prefix + f"encoder.layer.{slot}."
+        elif component == "decoder" and rest.startswith("head."):
+            names, prefix = _lm_head_names(rest[len("head."):]), f"text_decoder{m}.cls.predictions."
+    elif component == "mlm_head":
+        names, prefix = _lm_head_names(rest), f"text_encoder{m}.cls.predictions."
+    elif component in ("vision_proj", "text_proj", "itm_head", "temp"):
+        names, prefix = (f"{component}{m}" + (f".{rest}" if rest else ""),), ""
+    if not names:
+        raise KeyError(f"no official name for our key {key!r}")
+    return tuple(prefix + n for n in names)
+
+
+def _lm_head_names(sub: str) -> tuple[str, ...] | None:
+    return ("bias",) if sub == "bias" else translate(sub, LM_HEAD_KEYS)
+
+
+def official_key_pairs(model: MPlug, offset: int) -> KeyPairs:
+    """(our key, official keys) for every tensor of `model`'s state dict."""
+    return [(key, _official_names(key, offset)) for key in model.state_dict()]
+
+
+# --------------------------------------------------------------------------------------------- normalise
+def normalize_official_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Pretraining spellings -> the fine-tuned task layout; `module.` already stripped by unwrap."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _PRETRAIN_RENAMES:
+            key = pattern.sub(repl, key)
+        out[key] = value
+    return out
+
+
+def _layer_indices(state: Mapping[str, Tensor], prefix: str) -> list[int]:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in state if (m := pattern.match(k))})
+
+
+# --------------------------------------------------------------------------------------------- config
+def infer_official_config(
+    state: Mapping[str, Tensor],
+    *,
+    bert_config: Mapping[str, Any] | str | os.PathLike | None = None,
+    image_res: int | None = None,
+    stride: int | None = None,
+) -> tuple[MPlugConfig, int]:
+    """(config, fusion slot offset) from what the weights say plus `bert_config` and the arguments.
+
+    From the weights: ViT width, depth, patch and stored grid; BERT width, vocab, positions, MLP width,
+    text / decoder depth, fusion slots. From `bert_config` (else released defaults, logged): heads,
+    eps, dropouts, `fusion_layers`, `stride_layer`. `image_res` defaults to the stored grid.
+    """
+    bert = load_bert_config(bert_config) if bert_config is not None else {}
+    conv = state.get("visual_encoder.visual.conv1.weight")
+    if conv is None:
+        raise CheckpointError(
+            "not an mPLUG checkpoint: 'visual_encoder.visual.conv1.weight' is missing; top-level prefixes found: "
+            f"{sorted({k.split('.')[0] for k in state})[:12]}"
+        )
+    width, patch = conv.shape[0], conv.shape[-1]
+    vision_layers = len(_layer_indices(state, "visual_encoder.visual.transformer.resblocks."))
+    pos = state["visual_encoder.visual.positional_embedding"]
+    stored_grid = math.isqrt(pos.shape[0] - 1)
+    if image_res is None:
+        image_res = stored_grid * patch
+        logger.info("image_res not given: using the checkpoint's %d px (grid %d)", image_res, stored_grid)
+    vision = VisionConfig(width=width, layers=vision_layers, heads=width // 64, patch_size=patch,
+                          image_size=image_res)
+
+    word = _first(state, ("text_encoder.embeddings.word_embeddings.weight",
+                          "text_decoder.bert.embeddings.word_embeddings.weight"))
+    positions = _first(state, ("text_encoder.embeddings.position_embeddings.weight",
+                               "text_decoder.bert.embeddings.position_embeddings.weight"))
+    token_types = _first(state, ("text_encoder.embeddings.token_type_embeddings.weight",
+                                 "text_decoder.bert.embeddings.token_type_embeddings.weight"))
+    fc1 = next((v for k, v in state.items() if k.endswith("intermediate.dense.weight")), None)
+    hidden = word.shape[1] if word is not None else bert.get("hidden_size", 768)
+    if "num_attention_heads" not in bert:
+        logger.info("no bert_config: %d attention heads (hidden / 64, as in bert-base)", hidden // 64)
+    text_layers = _layer_indices(state, "text_encoder.encoder.layer.")
+    text = TextConfig(
+        vocab_size=word.shape[0] if word is not None else bert.get("vocab_size", 30522),
+        hidden_size=hidden,
+        heads=bert.get("num_attention_heads", hidden // 64),
+        intermediate_size=fc1.shape[0] if fc1 is not None else bert.get("intermediate_size", 4 * hidden),
+        max_position_embeddings=(positions.shape[0] if positions is not None
+                                 else bert.get("max_position_embeddings", 512)),
+        type_vocab_size=token_types.shape[0] if token_types is not None else bert.get("type_vocab_size", 2),
+        layer_norm_eps=bert.get("layer_norm_eps", 1e-12),
+        hidden_dropout=bert.get("hidden_dropout_prob", 0.1),
+        attention_dropout=bert.get("attention_probs_dropout_prob", 0.1),
+        pad_token_id=bert.get("pad_token_id", 0),
+        encoder_layers=len(text_layers) if text_layers else bert.get("text_encoder_layers", 6),
+    )
+
+    slots = _layer_indices(state, "fusion_encoder.encoder.layer.")
+    num_slots = slots[-1] + 1 if slots else bert.get("num_hidden_layers", _RELEASED_NUM_HIDDEN_LAYERS)
+    if "num_hidden_layers" in bert and slots and bert["num_hidden_layers"] != num_slots:
+        raise CheckpointError(f"bert_config says num_hidden_layers={bert['num_hidden_layers']} but the checkpoint "
+                              f"has {num_slots} fusion slots")
+    fusion_layers = bert.get("fusion_layers", min(_DEFAULT_FUSION_LAYERS, num_slots))
+    offset = num_slots - fusion_layers
+    if offset < 0:
+        raise CheckpointError(f"fusion_layers={fusion_layers} but the checkpoint has only {num_slots} fusion slots")
+    if stride is None:
+        stride = bert.get("stride_layer")
+    if stride is None:
+        stride = 3 if width == 768 else 6
+        logger.warning("stride_layer cannot be read from the weights and no bert_config/stride was given: "
+                       "using S=%d (released default for ViT width %d). Pass the official config_bert*.json.",
+                       stride, width)
+    fusion = FusionConfig(layers=fusion_layers, stride=stride)
+
+    decoder_layers = _layer_indices(state, "text_decoder.bert.encoder.layer.")
+    decoder = DecoderConfig(layers=len(decoder_layers) if decoder_layers else bert.get("text_decode_layers", 12))
+    proj = state.get("vision_proj.weight")
+    embed_dim = proj.shape[0] if proj is not None else bert.get("embed_dim", 256)
+    return MPlugConfig(vision=vision, text=text, fusion=fusion, decoder=decoder, embed_dim=embed_dim), offset
+
+
+def _first(state: Mapping[str, Tensor], keys: tuple[str, ...]) -> Tensor | None:
+    return next((state[k] for k in keys if k in state), None)
+
+
+# --------------------------------------------------------------------------------------------- conversion
+def _ignored_reason(key: str, model: MPlug, offset: int) -> str | None:
+    """Why an unconsumed official key is dropped on purpose; None = unexpected."""
+    base, is_momentum = re.subn(r"^(visual_encoder|text_encoder|fusion_encoder|text_decoder|visn_fc|"
+                                r"visn_layer_norm|vision_proj|text_proj)_m\.", r"\1.", key)
+    if key in _QUEUE_KEYS:
+        return "ITC queue (owned by the pretraining / retrieval objective)"
+    if key in _GROUNDING_BUFFERS:
+        return "grounding buffer (rebuilt from the vocabulary)"
+    if base.startswith("visual_encoder.") and not base.startswith("visual_encoder.visual."):
+        return "CLIP text tower (unused by mPLUG)"
+    if base == "visual_encoder.visual.proj":
+        return "CLIP visual projection (unused by mPLUG)"
+    if base.endswith("embeddings.position_ids"):
+        return "position_ids buffer"
+    if base.startswith("fusion_encoder.embeddings."):
+        return "fusion embeddings (never run)"
+    if m := re.match(r"fusion_encoder\.encoder\.layer\.(\d+)\.(\w+)", base):
+        j = int(m.group(1)) - offset
+        if j < 0:
+            return f"dead fusion slot (only slots {offset}.. run)"
+        if j < model.config.fusion.layers and model.config.fusion.is_connected(j) and m.group(2) == "crossattention":
+            return f"cross-attention of connected fusion layer {j} (unused)"
+    if base.startswith(("text_encoder.cls.", "fusion_encoder.cls.")) and model.mlm_head is None:
+        return "MLM head (pretraining only)"
+    if is_momentum:
+        if model.momentum is None:
+            return f"momentum copy (the {model.task!r} model trains without one)"
+        owner = _official_component(base)
+        if owner is not None and owner not in model.momentum:
+            return f"momentum copy of {owner!r} (not used by the {model.task!r} objective)"
+        return None
+    owner = _official_component(base)
+    if owner is not None and getattr(model, owner) is None:
+        return f"{owner} (not run by the {model.task!r} model)"
+    return None
+
+
+def _official_component(key: str) -> str | None:
+    prefixes = {"text_encoder.": "text_encoder", "fusion_encoder.": "fusion", "text_decoder.": "decoder",
+                "vision_proj.": "vision_proj", "text_proj.": "text_proj", "itm_head.": "itm_head", "temp": "temp"}
+    return next((name for p, name in prefixes.items() if key.startswith(p)), None)
+
+
+def convert_official_state_dict(
+    state: Mapping[str, Tensor], model: MPlug, offset: int
+) -> tuple[dict[str, Tensor], ConversionReport]:
+    """Official (fine-tuned layout) tensors -> our state dict for `model`; shapes are checked, the
+    position tables resized to the model's grid. The report lists missing / unexpected / ignored keys."""
+    state = dict(state)
+    grid = model.config.vision.grid_size
+    for key in ("visual_encoder.visual.positional_embedding", "visual_encoder_m.visual.positional_embedding"):
+        if key in state and state[key].shape[0] != model.config.vision.num_tokens:
+            old = math.isqrt(state[key].shape[0] - 1)
+            logger.info("resizing %s from a %dx%d to a %dx%d grid", key, old, old, grid, grid)
+            state[key] = resize_pos_embed(state[key], grid)
+    pairs = official_key_pairs(model, offset)
+    ours, missing, consumed = import_tensors(state, pairs)
+
+    # Tied LM-head weights: the official state dict stores the word embeddings a second time.
+    for head_prefix, word_key in (("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings."
+                                   "word_embeddings.weight"),
+                                  ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings."
+                                   "word_embeddings.weight")):
+        for m in ("", "_m"):
+            tied = {head_prefix.format(m=m) + "decoder.weight": word_key.format(m=m),
+                    head_prefix.format(m=m) + "decoder.bias": head_prefix.format(m=m) + "bias"}
+            for copy_key, source_key in tied.items():
+                if copy_key in state and source_key in state:
+                    if not torch.equal(state[copy_key], state[source_key]):
+                        logger.warning("%s differs from %s: the LM head is tied here, %s is used", copy_key,
+                                       source_key, source_key)
+                    consumed.add(copy_key)
+
+    report = ConversionReport(missing=missing)
+    for key in sorted(set(state) - consumed):
+        reason = _ignored_reason(key, model, offset)
+        (report.ignored if reason else report.unexpected).append(key)
+
+    expected = model.state_dict()
+    bad_shapes = [f"{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
+                  for k, v in ours.items() if v.shape != expected[k].shape]
+    if bad_shapes:
+        raise CheckpointError("shape mismatch between the checkpoint and the model (wrong config?):\n  "
+                              + "\n  ".join(bad_shapes[:20]))
+    return ours, report
+
+
+def load_official_checkpoint(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    task: str,
+    bert_config: Mapping[str, Any] | str | os.PathLike | None = None,
+    image_res: int | None = None,
+    stride: int | None = None,
+    strict: bool = True,
+    *,
+    allow_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> MPlug | tuple[MPlug, ConversionReport]:
+    """Build the `task` model from an official mPLUG checkpoint.
+
+    Args:
+        path_or_state_dict: a `.pth` file, or the loaded object (a dict with `model`/`module`, or a state dict).
+        task: one of `pretrain`, `vqa`, `caption`, `retrieval`, `grounding`.
+        bert_config: the official `config_bert*.json` (dict or path): heads, `fusion_layers`, `stride_layer`.
+        image_res: input resolution; the position table is resized to it (default: the checkpoint's).
+        stride: overrides `stride_layer` (S); without it and without `bert_config`: 3 for ViT-B, 6 for ViT-L.
+        strict: raise when a key is missing or unexpected (listed by group). False: return
+            `(model, report)` with the lists; missing tensors keep fresh initialisation.
+        allow_pickle: load with `weights_only=False` (only for files you trust).
+        dtype: floating tensors are cast to it.
+    Returns:
+        the model in eval mode (strict), or `(model, report)` (strict=False).
+    """
+    if task not in TASK_MODELS:
+        raise ValueError(f"unknown task {task!r}; available: {sorted(TASK_MODELS)}")
+    source = path_or_state_dict
+    if isinstance(source, str | os.PathLike):
+        source = read_checkpoint(Path(source), allow_pickle=allow_pickle)
+    state = normalize_official_state_dict(unwrap_state_dict(source))
+    config, offset = infer_official_config(state, bert_config=bert_config, image_res=image_res, stride=stride)
+    with torch.device("meta"):
+        model = TASK_MODELS[task](config)
+    ours, report = convert_official_state_dict(state, model, offset)
+
+    momentum_missing = [k for k in report.missing if k.startswith("momentum.")]
+    report.missing = [k for k in report.missing if not k.startswith("momentum.")]
+    if strict and (report.missing or report.unexpected):
+        parts = [f"the official checkpoint does not fit the {task!r} model (config: fusion layers "
+                 f"{config.fusion.layers} at slots {offset}.., stride {config.fusion.stride})"]
+        if report.missing:
+            parts.append(f"missing ({len(report.missing)} of our tensors have no source):\n"
+                         + group_keys(report.missing))
+        if report.unexpected:
+            parts.append(f"unexpected ({len(report.unexpected)} checkpoint keys):\n" + group_keys(report.unexpected))
+        parts.append("Pass strict=False to load anyway and get the lists.")
+        raise CheckpointError("\n".join(parts))
+
+    ours = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ours.items()}
+    if report.missing or momentum_missing:
+        model = TASK_MODELS[task](config)  # materialised with fresh weights for what the file lacks
+        model.init_weights()
+        model.load_state_dict(ours, strict=False)
+        if momentum_missing:
+            logger.info("the checkpoint has no momentum copies: initialised from the online weights")
+            model.copy_to_momentum()
+    else:
+        model.load_state_dict(ours, assign=True, strict=True)
+    if report.ignored:
+        logger.info("dropped %d checkpoint keys on purpose:\n%s", len(report.ignored), group_keys(report.ignored))
+    model.eval()
+    return model if strict else (model, report)
+
+
+def to_official_state_dict(model: MPlug, num_hidden_layers: int = _RELEASED_NUM_HIDDEN_LAYERS) -> dict[str, Tensor]:
+    """Our weights in the official fine-tuned task layout (fusion layer j -> slot j + num_hidden_layers -
+    fusion_layers; tied LM-head weights written as in the official state dict). Dead weights we never build
+    (CLIP text tower, `visual.proj`, fusion slots below the offset, connected-layer cross-attention) are
+    not written: the official loader (`strict=False`) leaves them at their initialisation."""
+    offset = num_hidden_layers - model.config.fusion.layers
+    if offset < 0:
+        raise ValueError(f"num_hidden_layers={num_hidden_layers} < fusion layers {model.config.fusion.layers}")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    out = export_tensors(state, official_key_pairs(model, offset))
+    for m in ("", "_m"):
+        for head, word in (("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings.word_embeddings"),
+                           ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings.word_embeddings")):
+            head, word = head.format(m=m), word.format(m=m)
+            if head + "bias" in out:
+                out[head + "decoder.weight"] = out[word + ".weight"]
+                out[head + "decoder.bias"] = out[head + "bias"]
+    return out

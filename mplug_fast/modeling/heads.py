@@ -1,0 +1,26 @@
+"""Output heads: the BERT LM head (decoder, MLM) with its weight tied to the word embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> logits with the word-embedding matrix (tied) + a bias.
+
+    The tied weight is passed at call time, so the state dict holds it once (the official
+    `cls.predictions.decoder.weight` is the same tensor as the word embeddings).
+    """
+
+    def __init__(self, dim: int, vocab_size: int, layer_norm_eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, h: Tensor, word_embeddings: Tensor) -> Tensor:
+        """h: [..., D]; word_embeddings: [V, D] -> logits [..., V]."""
+        h = self.norm(F.gelu(self.dense(h)))
+        return F.linear(h, word_embeddings, self.bias)

@@ -1,0 +1,91 @@
+"""Plain-PyTorch implementations: the oracle every faster kernel is tested against.
+
+Mask conventions used by all of `mplug_fast.ops`:
+
+* `key_padding_mask`: bool `[Bk, Lk]`, True = attend (a real token), False = padding.
+* `causal`: query i may attend key j iff j <= i + (Lk - Lq) (aligned at the bottom right, so a
+  single decoding query attends to the whole cache).
+* A query whose keys are all masked gets an all-zero output (never NaN). The official code uses
+  an additive -10000 mask, which gives a uniform average instead; no released input has such a
+  row (every image has its class token, every text its [CLS]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention_mask_ref(
+    key_padding_mask: Tensor | None, causal: bool, Lq: int, Lk: int, device: torch.device
+) -> Tensor | None:
+    """The combined bool mask (True = attend), broadcastable to [B, 1, Lq, Lk]; None if nothing is masked."""
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :]  # [Bk, 1, 1, Lk]
+    if causal:
+        rows = torch.arange(Lq, device=device)[:, None] + (Lk - Lq)
+        tri = torch.arange(Lk, device=device)[None, :] <= rows  # [Lq, Lk]
+        mask = tri if mask is None else mask & tri  # [Bk, 1, Lq, Lk]
+    return mask
+
+
+def attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    kv_index: Tensor | None = None,
+    upcast: bool = True,
+) -> Tensor:
+    """softmax(q k^T * scale + mask) v, written out.
+
+    Args:
+        q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh].
+        key_padding_mask: bool [Bk, Lk], True = attend.
+        causal: bottom-right aligned causal mask.
+        dropout_p: dropout on the attention probabilities (training only; the caller decides).
+        scale: defaults to Dh ** -0.5.
+        kv_index: long [B]; query row b reads K/V row kv_index[b] (None: B == Bk, identity).
+        upcast: compute scores and softmax in fp32 (the accuracy oracle for low-precision kernels).
+    Returns:
+        [B, H, Lq, Dh] in q's dtype.
+    """
+    if kv_index is not None:
+        k, v = k[kv_index], v[kv_index]  # copy: [B, H, Lk, Dh]
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask[kv_index]
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute_dtype = torch.float32 if upcast else q.dtype
+    scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1)) * scale  # [B, H, Lq, Lk]
+    mask = attention_mask_ref(key_padding_mask, causal, Lq, Lk, q.device)
+    if mask is not None:
+        # A finite fill keeps fully masked rows finite (uniform) in forward and backward; they are zeroed below.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # rows with no key -> 0
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype)
+
+
+def layer_norm_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last dim, computed in fp32."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def quick_gelu_ref(x: Tensor) -> Tensor:
+    """CLIP's QuickGELU: x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_ref(x: Tensor) -> Tensor:
+    """BERT's exact (erf) GELU."""
+    return F.gelu(x)
