@@ -54,15 +54,23 @@ class VisionConfig:
     attention_dropout: float = 0.1  # official mPLUG: nn.MultiheadAttention(dropout=0.1); stock CLIP: 0
 
     def __post_init__(self) -> None:
-        _check_positive("vision", width=self.width, layers=self.layers, heads=self.heads,
-                        patch_size=self.patch_size, image_size=self.image_size, mlp_ratio=self.mlp_ratio)
+        _check_positive(
+            "vision",
+            width=self.width,
+            layers=self.layers,
+            heads=self.heads,
+            patch_size=self.patch_size,
+            image_size=self.image_size,
+            mlp_ratio=self.mlp_ratio,
+        )
         _check_probability("vision", attention_dropout=self.attention_dropout)
         if self.width % self.heads:
             raise ValueError(f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
         if self.image_size % self.patch_size:
             raise ValueError(
-                f"vision.image_size {self.image_size} is not divisible by vision.patch_size {self.patch_size}; "
-                f"use a multiple of {self.patch_size} (e.g. {self.image_size // self.patch_size * self.patch_size})"
+                f"vision.image_size {self.image_size} is not divisible by vision.patch_size "
+                f"{self.patch_size}; use a multiple of {self.patch_size} "
+                f"(e.g. {self.image_size // self.patch_size * self.patch_size})"
             )
 
     @property
@@ -93,13 +101,23 @@ class TextConfig:
     encoder_layers: int = 6  # official: text_encoder_layers
 
     def __post_init__(self) -> None:
-        _check_positive("text", vocab_size=self.vocab_size, hidden_size=self.hidden_size, heads=self.heads,
-                        intermediate_size=self.intermediate_size,
-                        max_position_embeddings=self.max_position_embeddings,
-                        type_vocab_size=self.type_vocab_size, encoder_layers=self.encoder_layers)
-        _check_probability("text", hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout)
+        _check_positive(
+            "text",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            heads=self.heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings,
+            type_vocab_size=self.type_vocab_size,
+            encoder_layers=self.encoder_layers,
+        )
+        _check_probability(
+            "text", hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout
+        )
         if self.hidden_size % self.heads:
-            raise ValueError(f"text.hidden_size {self.hidden_size} is not divisible by text.heads {self.heads}")
+            raise ValueError(
+                f"text.hidden_size {self.hidden_size} is not divisible by text.heads {self.heads}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +159,8 @@ class MPlugConfig:
         _check_probability("mplug", adapter_dropout=self.adapter_dropout)
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"attention_backend {self.attention_backend!r} is unknown; choose one of {ATTENTION_BACKENDS} or None"
+                f"attention_backend {self.attention_backend!r} is unknown; "
+                f"choose one of {ATTENTION_BACKENDS} or None"
             )
 
     @property
@@ -156,7 +175,12 @@ class MPlugConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MPlugConfig:
         """Strict inverse of `to_dict`: unknown keys and wrong types are errors naming the field."""
-        sections = {"vision": VisionConfig, "text": TextConfig, "fusion": FusionConfig, "decoder": DecoderConfig}
+        sections = {
+            "vision": VisionConfig,
+            "text": TextConfig,
+            "fusion": FusionConfig,
+            "decoder": DecoderConfig,
+        }
         if not isinstance(data, Mapping):
             raise TypeError(f"config must be a mapping, got {type(data).__name__}")
         top_fields = {f.name for f in dataclasses.fields(cls)}
@@ -235,7 +259,8 @@ class MPlugConfig:
         if vision_layers is None or patch_size is None:
             if vision_width not in known_vits:
                 raise ValueError(
-                    f"vision_width {vision_width} is not a released CLIP ViT (768: ViT-B/16, 1024: ViT-L/14); "
+                    f"vision_width {vision_width} is not a released CLIP ViT "
+                    "(768: ViT-B/16, 1024: ViT-L/14); "
                     "pass vision_layers and patch_size explicitly"
                 )
             default_layers, default_patch = known_vits[vision_width]
@@ -287,7 +312,11 @@ def load_bert_config(bert_config: Mapping[str, Any] | str | Path) -> dict[str, A
 def _looks_like_path(value: str | Path) -> bool:
     if isinstance(value, Path):
         return True
-    return "\n" not in value and not value.lstrip().startswith(("{", "vision:", "text:")) and Path(value).is_file()
+    return (
+        "\n" not in value
+        and not value.lstrip().startswith(("{", "vision:", "text:"))
+        and Path(value).is_file()
+    )
 
 
 def _field_type(cls: type, name: str) -> Any:

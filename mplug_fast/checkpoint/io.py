@@ -1,7 +1,7 @@
 """Reading checkpoint files safely, and our own format (config JSON + safetensors).
 
-    save_pretrained(model, "out/")      -> out/config.json, out/model.safetensors
-    model = from_pretrained("out/")     -> the same task model, same weights
+save_pretrained(model, "out/")      -> out/config.json, out/model.safetensors
+model = from_pretrained("out/")     -> the same task model, same weights
 """
 
 from __future__ import annotations
@@ -50,18 +50,26 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+            ) from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path))
+        return torch.load(
+            path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path)
+        )
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             raise CheckpointError(
                 f"{path} holds Python objects that a weights-only load refuses ({str(exc).splitlines()[0]}). "
                 "If you trust the file, pass allow_pickle=True."
             ) from exc
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}"
+        ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}"
+        ) from exc
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
@@ -71,12 +79,14 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"expected a state dict (or a dict with 'model'/'module'), got {type(obj).__name__}")
+        raise CheckpointError(
+            f"expected a state dict (or a dict with 'model'/'module'), got {type(obj).__name__}"
+        )
     non_tensors = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if non_tensors:
         raise CheckpointError(f"the state dict has non-tensor entries: {non_tensors[:8]}")
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -98,7 +108,9 @@ def save_pretrained(model: MPlug, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": FORMAT_VERSION, "task": model.task, "config": model.config.to_dict()}
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    _atomic_write(
+        directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
+    )
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"task": model.task}))
     logger.info("saved %s model (%d tensors) to %s", model.task, len(state), directory)
@@ -106,7 +118,10 @@ def save_pretrained(model: MPlug, directory: str | os.PathLike) -> Path:
 
 
 def from_pretrained(
-    directory: str | os.PathLike, *, task: str | None = None, device: str | torch.device = "cpu",
+    directory: str | os.PathLike,
+    *,
+    task: str | None = None,
+    device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> MPlug:
     """Load a model written by `save_pretrained`. `task` defaults to the saved one; another task loads
@@ -126,10 +141,17 @@ def from_pretrained(
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
     if missing:
-        raise CheckpointError(f"{directory} lacks {len(missing)} tensors the {task!r} model needs: {missing[:8]}")
+        raise CheckpointError(
+            f"{directory} lacks {len(missing)} tensors the {task!r} model needs: {missing[:8]}"
+        )
     extra = sorted(set(state) - expected)
     if extra:
-        logger.info("%d tensors of the saved %r model are not used by %r (e.g. %s)", len(extra), meta["task"],
-                    task, extra[:3])
+        logger.info(
+            "%d tensors of the saved %r model are not used by %r (e.g. %s)",
+            len(extra),
+            meta["task"],
+            task,
+            extra[:3],
+        )
     model.load_state_dict({k: state[k] for k in expected}, assign=True, strict=True)
     return model.to(device=device, dtype=dtype)

@@ -82,7 +82,7 @@ def bert_layer_pairs(ours: str, official: str, our_keys: Iterable[str]) -> KeyPa
     """Pairs for every key of `our_keys` under `ours` (a layer prefix ending in '.')."""
     pairs = []
     for key in our_keys:
-        mapped = translate(key[len(ours):], BERT_LAYER_KEYS)
+        mapped = translate(key[len(ours) :], BERT_LAYER_KEYS)
         if mapped is None:
             raise KeyError(f"no official name for {key!r}")
         pairs.append((key, tuple(official + m for m in mapped)))
@@ -98,8 +98,12 @@ class ConversionReport:
     ignored: list[str] = field(default_factory=list)  # source keys dropped on purpose (allowlisted)
 
 
-def import_tensors(source: Mapping[str, Tensor], pairs: KeyPairs) -> tuple[dict[str, Tensor], list[str], set[str]]:
-    """official -> ours: concatenate each pair's sources. Returns (ours, missing our keys, consumed source keys)."""
+def import_tensors(
+    source: Mapping[str, Tensor], pairs: KeyPairs
+) -> tuple[dict[str, Tensor], list[str], set[str]]:
+    """official -> ours: concatenate each pair's sources.
+
+    Returns (our tensors, our keys without a source, consumed source keys)."""
     out: dict[str, Tensor] = {}
     missing: list[str] = []
     consumed: set[str] = set()

@@ -44,7 +44,14 @@ from mplug_fast.checkpoint.keymap import (
     import_tensors,
     translate,
 )
-from mplug_fast.config import DecoderConfig, FusionConfig, MPlugConfig, TextConfig, VisionConfig, load_bert_config
+from mplug_fast.config import (
+    DecoderConfig,
+    FusionConfig,
+    MPlugConfig,
+    TextConfig,
+    VisionConfig,
+    load_bert_config,
+)
 from mplug_fast.modeling import TASK_MODELS, MPlug
 from mplug_fast.modeling.vision import resize_pos_embed
 
@@ -69,7 +76,7 @@ def _official_names(key: str, offset: int) -> tuple[str, ...]:
     """Official key(s) that make up our key `key` (several = concatenated along dim 0)."""
     momentum = key.startswith("momentum.")
     if momentum:
-        key = key[len("momentum."):]
+        key = key[len("momentum.") :]
     m = "_m" if momentum else ""
     component, _, rest = key.partition(".")
     names: tuple[str, ...] | None = None
@@ -86,16 +93,19 @@ def _official_names(key: str, offset: int) -> tuple[str, ...]:
         official_module = _ADAPTER_MODULES.get(module)
         names, prefix = (official_module and (f"{official_module}{m}.{param}",)), ""
     elif component in ("text_encoder", "fusion", "decoder"):
-        prefix = {"text_encoder": f"text_encoder{m}.", "fusion": f"fusion_encoder{m}.",
-                  "decoder": f"text_decoder{m}.bert."}[component]
+        prefix = {
+            "text_encoder": f"text_encoder{m}.",
+            "fusion": f"fusion_encoder{m}.",
+            "decoder": f"text_decoder{m}.bert.",
+        }[component]
         if rest.startswith("embeddings."):
-            names, prefix = translate(rest[len("embeddings."):], BERT_EMBEDDING_KEYS), prefix + "embeddings."
+            names, prefix = translate(rest[len("embeddings.") :], BERT_EMBEDDING_KEYS), prefix + "embeddings."
         elif rest.startswith("layers."):
             _, i, sub = rest.split(".", 2)
             slot = int(i) + (offset if component == "fusion" else 0)
             names, prefix = translate(sub, BERT_LAYER_KEYS), prefix + f"encoder.layer.{slot}."
         elif component == "decoder" and rest.startswith("head."):
-            names, prefix = _lm_head_names(rest[len("head."):]), f"text_decoder{m}.cls.predictions."
+            names, prefix = _lm_head_names(rest[len("head.") :]), f"text_decoder{m}.cls.predictions."
     elif component == "mlm_head":
         names, prefix = _lm_head_names(rest), f"text_encoder{m}.cls.predictions."
     elif component in ("vision_proj", "text_proj", "itm_head", "temp"):
@@ -148,7 +158,8 @@ def infer_official_config(
     conv = state.get("visual_encoder.visual.conv1.weight")
     if conv is None:
         raise CheckpointError(
-            "not an mPLUG checkpoint: 'visual_encoder.visual.conv1.weight' is missing; top-level prefixes found: "
+            "not an mPLUG checkpoint: 'visual_encoder.visual.conv1.weight' is missing; "
+            "top-level prefixes found: "
             f"{sorted({k.split('.')[0] for k in state})[:12]}"
         )
     width, patch = conv.shape[0], conv.shape[-1]
@@ -158,15 +169,31 @@ def infer_official_config(
     if image_res is None:
         image_res = stored_grid * patch
         logger.info("image_res not given: using the checkpoint's %d px (grid %d)", image_res, stored_grid)
-    vision = VisionConfig(width=width, layers=vision_layers, heads=width // 64, patch_size=patch,
-                          image_size=image_res)
+    vision = VisionConfig(
+        width=width, layers=vision_layers, heads=width // 64, patch_size=patch, image_size=image_res
+    )
 
-    word = _first(state, ("text_encoder.embeddings.word_embeddings.weight",
-                          "text_decoder.bert.embeddings.word_embeddings.weight"))
-    positions = _first(state, ("text_encoder.embeddings.position_embeddings.weight",
-                               "text_decoder.bert.embeddings.position_embeddings.weight"))
-    token_types = _first(state, ("text_encoder.embeddings.token_type_embeddings.weight",
-                                 "text_decoder.bert.embeddings.token_type_embeddings.weight"))
+    word = _first(
+        state,
+        (
+            "text_encoder.embeddings.word_embeddings.weight",
+            "text_decoder.bert.embeddings.word_embeddings.weight",
+        ),
+    )
+    positions = _first(
+        state,
+        (
+            "text_encoder.embeddings.position_embeddings.weight",
+            "text_decoder.bert.embeddings.position_embeddings.weight",
+        ),
+    )
+    token_types = _first(
+        state,
+        (
+            "text_encoder.embeddings.token_type_embeddings.weight",
+            "text_decoder.bert.embeddings.token_type_embeddings.weight",
+        ),
+    )
     fc1 = next((v for k, v in state.items() if k.endswith("intermediate.dense.weight")), None)
     hidden = word.shape[1] if word is not None else bert.get("hidden_size", 768)
     if "num_attention_heads" not in bert:
@@ -177,8 +204,9 @@ def infer_official_config(
         hidden_size=hidden,
         heads=bert.get("num_attention_heads", hidden // 64),
         intermediate_size=fc1.shape[0] if fc1 is not None else bert.get("intermediate_size", 4 * hidden),
-        max_position_embeddings=(positions.shape[0] if positions is not None
-                                 else bert.get("max_position_embeddings", 512)),
+        max_position_embeddings=(
+            positions.shape[0] if positions is not None else bert.get("max_position_embeddings", 512)
+        ),
         type_vocab_size=token_types.shape[0] if token_types is not None else bert.get("type_vocab_size", 2),
         layer_norm_eps=bert.get("layer_norm_eps", 1e-12),
         hidden_dropout=bert.get("hidden_dropout_prob", 0.1),
@@ -190,23 +218,32 @@ def infer_official_config(
     slots = _layer_indices(state, "fusion_encoder.encoder.layer.")
     num_slots = slots[-1] + 1 if slots else bert.get("num_hidden_layers", _RELEASED_NUM_HIDDEN_LAYERS)
     if "num_hidden_layers" in bert and slots and bert["num_hidden_layers"] != num_slots:
-        raise CheckpointError(f"bert_config says num_hidden_layers={bert['num_hidden_layers']} but the checkpoint "
-                              f"has {num_slots} fusion slots")
+        raise CheckpointError(
+            f"bert_config says num_hidden_layers={bert['num_hidden_layers']} but the checkpoint "
+            f"has {num_slots} fusion slots"
+        )
     fusion_layers = bert.get("fusion_layers", min(_DEFAULT_FUSION_LAYERS, num_slots))
     offset = num_slots - fusion_layers
     if offset < 0:
-        raise CheckpointError(f"fusion_layers={fusion_layers} but the checkpoint has only {num_slots} fusion slots")
+        raise CheckpointError(
+            f"fusion_layers={fusion_layers} but the checkpoint has only {num_slots} fusion slots"
+        )
     if stride is None:
         stride = bert.get("stride_layer")
     if stride is None:
         stride = 3 if width == 768 else 6
-        logger.warning("stride_layer cannot be read from the weights and no bert_config/stride was given: "
-                       "using S=%d (released default for ViT width %d). Pass the official config_bert*.json.",
-                       stride, width)
+        logger.warning(
+            "stride_layer cannot be read from the weights and no bert_config/stride was given: "
+            "using S=%d (released default for ViT width %d). Pass the official config_bert*.json.",
+            stride,
+            width,
+        )
     fusion = FusionConfig(layers=fusion_layers, stride=stride)
 
     decoder_layers = _layer_indices(state, "text_decoder.bert.encoder.layer.")
-    decoder = DecoderConfig(layers=len(decoder_layers) if decoder_layers else bert.get("text_decode_layers", 12))
+    decoder = DecoderConfig(
+        layers=len(decoder_layers) if decoder_layers else bert.get("text_decode_layers", 12)
+    )
     proj = state.get("vision_proj.weight")
     embed_dim = proj.shape[0] if proj is not None else bert.get("embed_dim", 256)
     return MPlugConfig(vision=vision, text=text, fusion=fusion, decoder=decoder, embed_dim=embed_dim), offset
@@ -219,8 +256,12 @@ def _first(state: Mapping[str, Tensor], keys: tuple[str, ...]) -> Tensor | None:
 # --------------------------------------------------------------------------------------------- conversion
 def _ignored_reason(key: str, model: MPlug, offset: int) -> str | None:
     """Why an unconsumed official key is dropped on purpose; None = unexpected."""
-    base, is_momentum = re.subn(r"^(visual_encoder|text_encoder|fusion_encoder|text_decoder|visn_fc|"
-                                r"visn_layer_norm|vision_proj|text_proj)_m\.", r"\1.", key)
+    base, is_momentum = re.subn(
+        r"^(visual_encoder|text_encoder|fusion_encoder|text_decoder|visn_fc|"
+        r"visn_layer_norm|vision_proj|text_proj)_m\.",
+        r"\1.",
+        key,
+    )
     if key in _QUEUE_KEYS:
         return "ITC queue (owned by the pretraining / retrieval objective)"
     if key in _GROUNDING_BUFFERS:
@@ -237,7 +278,11 @@ def _ignored_reason(key: str, model: MPlug, offset: int) -> str | None:
         j = int(m.group(1)) - offset
         if j < 0:
             return f"dead fusion slot (only slots {offset}.. run)"
-        if j < model.config.fusion.layers and model.config.fusion.is_connected(j) and m.group(2) == "crossattention":
+        if (
+            j < model.config.fusion.layers
+            and model.config.fusion.is_connected(j)
+            and m.group(2) == "crossattention"
+        ):
             return f"cross-attention of connected fusion layer {j} (unused)"
     if base.startswith(("text_encoder.cls.", "fusion_encoder.cls.")) and model.mlm_head is None:
         return "MLM head (pretraining only)"
@@ -255,8 +300,15 @@ def _ignored_reason(key: str, model: MPlug, offset: int) -> str | None:
 
 
 def _official_component(key: str) -> str | None:
-    prefixes = {"text_encoder.": "text_encoder", "fusion_encoder.": "fusion", "text_decoder.": "decoder",
-                "vision_proj.": "vision_proj", "text_proj.": "text_proj", "itm_head.": "itm_head", "temp": "temp"}
+    prefixes = {
+        "text_encoder.": "text_encoder",
+        "fusion_encoder.": "fusion",
+        "text_decoder.": "decoder",
+        "vision_proj.": "vision_proj",
+        "text_proj.": "text_proj",
+        "itm_head.": "itm_head",
+        "temp": "temp",
+    }
     return next((name for p, name in prefixes.items() if key.startswith(p)), None)
 
 
@@ -276,18 +328,24 @@ def convert_official_state_dict(
     ours, missing, consumed = import_tensors(state, pairs)
 
     # Tied LM-head weights: the official state dict stores the word embeddings a second time.
-    for head_prefix, word_key in (("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings."
-                                   "word_embeddings.weight"),
-                                  ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings."
-                                   "word_embeddings.weight")):
+    for head_prefix, word_key in (
+        ("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings.word_embeddings.weight"),
+        ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings.word_embeddings.weight"),
+    ):
         for m in ("", "_m"):
-            tied = {head_prefix.format(m=m) + "decoder.weight": word_key.format(m=m),
-                    head_prefix.format(m=m) + "decoder.bias": head_prefix.format(m=m) + "bias"}
+            tied = {
+                head_prefix.format(m=m) + "decoder.weight": word_key.format(m=m),
+                head_prefix.format(m=m) + "decoder.bias": head_prefix.format(m=m) + "bias",
+            }
             for copy_key, source_key in tied.items():
                 if copy_key in state and source_key in state:
                     if not torch.equal(state[copy_key], state[source_key]):
-                        logger.warning("%s differs from %s: the LM head is tied here, %s is used", copy_key,
-                                       source_key, source_key)
+                        logger.warning(
+                            "%s differs from %s: the LM head is tied here, %s is used",
+                            copy_key,
+                            source_key,
+                            source_key,
+                        )
                     consumed.add(copy_key)
 
     report = ConversionReport(missing=missing)
@@ -296,11 +354,16 @@ def convert_official_state_dict(
         (report.ignored if reason else report.unexpected).append(key)
 
     expected = model.state_dict()
-    bad_shapes = [f"{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
-                  for k, v in ours.items() if v.shape != expected[k].shape]
+    bad_shapes = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
+        for k, v in ours.items()
+        if v.shape != expected[k].shape
+    ]
     if bad_shapes:
-        raise CheckpointError("shape mismatch between the checkpoint and the model (wrong config?):\n  "
-                              + "\n  ".join(bad_shapes[:20]))
+        raise CheckpointError(
+            "shape mismatch between the checkpoint and the model (wrong config?):\n  "
+            + "\n  ".join(bad_shapes[:20])
+        )
     return ours, report
 
 
@@ -318,7 +381,8 @@ def load_official_checkpoint(
     """Build the `task` model from an official mPLUG checkpoint.
 
     Args:
-        path_or_state_dict: a `.pth` file, or the loaded object (a dict with `model`/`module`, or a state dict).
+        path_or_state_dict: a `.pth` file, or the loaded object (a dict with `model`/`module`,
+            or a state dict).
         task: one of `pretrain`, `vqa`, `caption`, `retrieval`, `grounding`.
         bert_config: the official `config_bert*.json` (dict or path): heads, `fusion_layers`, `stride_layer`.
         image_res: input resolution; the position table is resized to it (default: the checkpoint's).
@@ -344,13 +408,19 @@ def load_official_checkpoint(
     momentum_missing = [k for k in report.missing if k.startswith("momentum.")]
     report.missing = [k for k in report.missing if not k.startswith("momentum.")]
     if strict and (report.missing or report.unexpected):
-        parts = [f"the official checkpoint does not fit the {task!r} model (config: fusion layers "
-                 f"{config.fusion.layers} at slots {offset}.., stride {config.fusion.stride})"]
+        parts = [
+            f"the official checkpoint does not fit the {task!r} model (config: fusion layers "
+            f"{config.fusion.layers} at slots {offset}.., stride {config.fusion.stride})"
+        ]
         if report.missing:
-            parts.append(f"missing ({len(report.missing)} of our tensors have no source):\n"
-                         + group_keys(report.missing))
+            parts.append(
+                f"missing ({len(report.missing)} of our tensors have no source):\n"
+                + group_keys(report.missing)
+            )
         if report.unexpected:
-            parts.append(f"unexpected ({len(report.unexpected)} checkpoint keys):\n" + group_keys(report.unexpected))
+            parts.append(
+                f"unexpected ({len(report.unexpected)} checkpoint keys):\n" + group_keys(report.unexpected)
+            )
         parts.append("Pass strict=False to load anyway and get the lists.")
         raise CheckpointError("\n".join(parts))
 
@@ -365,24 +435,32 @@ def load_official_checkpoint(
     else:
         model.load_state_dict(ours, assign=True, strict=True)
     if report.ignored:
-        logger.info("dropped %d checkpoint keys on purpose:\n%s", len(report.ignored), group_keys(report.ignored))
+        logger.info(
+            "dropped %d checkpoint keys on purpose:\n%s", len(report.ignored), group_keys(report.ignored)
+        )
     model.eval()
     return model if strict else (model, report)
 
 
-def to_official_state_dict(model: MPlug, num_hidden_layers: int = _RELEASED_NUM_HIDDEN_LAYERS) -> dict[str, Tensor]:
+def to_official_state_dict(
+    model: MPlug, num_hidden_layers: int = _RELEASED_NUM_HIDDEN_LAYERS
+) -> dict[str, Tensor]:
     """Our weights in the official fine-tuned task layout (fusion layer j -> slot j + num_hidden_layers -
     fusion_layers; tied LM-head weights written as in the official state dict). Dead weights we never build
     (CLIP text tower, `visual.proj`, fusion slots below the offset, connected-layer cross-attention) are
     not written: the official loader (`strict=False`) leaves them at their initialisation."""
     offset = num_hidden_layers - model.config.fusion.layers
     if offset < 0:
-        raise ValueError(f"num_hidden_layers={num_hidden_layers} < fusion layers {model.config.fusion.layers}")
+        raise ValueError(
+            f"num_hidden_layers={num_hidden_layers} < fusion layers {model.config.fusion.layers}"
+        )
     state = {k: v.detach() for k, v in model.state_dict().items()}
     out = export_tensors(state, official_key_pairs(model, offset))
     for m in ("", "_m"):
-        for head, word in (("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings.word_embeddings"),
-                           ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings.word_embeddings")):
+        for head, word in (
+            ("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings.word_embeddings"),
+            ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings.word_embeddings"),
+        ):
             head, word = head.format(m=m), word.format(m=m)
             if head + "bias" in out:
                 out[head + "decoder.weight"] = out[word + ".weight"]

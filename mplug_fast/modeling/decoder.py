@@ -54,8 +54,15 @@ class TextDecoder(nn.Module):
             memory_mask = memory_mask != 0
         x = self.embeddings(ids)  # [N, L, D]
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, causal=True, memory=memory, memory_mask=memory_mask,
-                      memory_kv=None if memory_kv is None else memory_kv[i], memory_index=memory_index)
+            x = layer(
+                x,
+                mask,
+                causal=True,
+                memory=memory,
+                memory_mask=memory_mask,
+                memory_kv=None if memory_kv is None else memory_kv[i],
+                memory_index=memory_index,
+            )
         return x
 
     def forward(

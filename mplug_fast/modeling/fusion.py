@@ -27,9 +27,13 @@ class AsymmetricCoAttentionLayer(TransformerLayer):
     """Text queries attend to image keys/values; the image is not updated."""
 
     def __init__(self, config: MPlugConfig):
-        super().__init__(**bert_layer_args(config.text), cross_attention=True, backend=config.attention_backend)
+        super().__init__(
+            **bert_layer_args(config.text), cross_attention=True, backend=config.attention_backend
+        )
 
-    def forward(self, v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """v: [B, Nv, D] image; t: [B, Lt, D] text; masks bool, True = attend. Returns (v unchanged, t')."""
         return v, super().forward(t, t_mask, memory=v, memory_mask=v_mask)
 
@@ -38,9 +42,13 @@ class ConnectedAttentionLayer(TransformerLayer):
     """Joint self-attention + FFN over [image; text]; the image gets an extra residual."""
 
     def __init__(self, config: MPlugConfig):
-        super().__init__(**bert_layer_args(config.text), cross_attention=False, backend=config.attention_backend)
+        super().__init__(
+            **bert_layer_args(config.text), cross_attention=False, backend=config.attention_backend
+        )
 
-    def forward(self, v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """v: [B, Nv, D]; t: [B, Lt, D]; masks bool (True = attend). Returns (v + y[:, :Nv], y[:, Nv:])."""
         Nv = v.shape[1]
         x = torch.cat([v, t], dim=1)  # copy: [B, Nv + Lt, D]
@@ -68,7 +76,9 @@ class SkipConnectedFusion(nn.Module):
         super().__init__()
         self.config = config.fusion
         self.layers = nn.ModuleList(
-            ConnectedAttentionLayer(config) if config.fusion.is_connected(j) else AsymmetricCoAttentionLayer(config)
+            ConnectedAttentionLayer(config)
+            if config.fusion.is_connected(j)
+            else AsymmetricCoAttentionLayer(config)
             for j in range(config.fusion.layers)
         )
 
@@ -78,7 +88,9 @@ class SkipConnectedFusion(nn.Module):
         """v: [B, Nv, D] image states; t: [B, Lt, D] text states; t_mask / v_mask: bool [B, Lt] / [B, Nv],
         True = attend (None = no padding). Returns (image states [B, Nv, D], text states [B, Lt, D])."""
         if v.shape[0] != t.shape[0] or v.shape[-1] != t.shape[-1]:
-            raise ValueError(f"image states {list(v.shape)} and text states {list(t.shape)} disagree on B or D")
+            raise ValueError(
+                f"image states {list(v.shape)} and text states {list(t.shape)} disagree on B or D"
+            )
         for layer in self.layers:
             v, t = layer(v, t, v_mask, t_mask)
         return v, t

@@ -47,8 +47,15 @@ class SelfAttention(nn.Module):
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # [B, L, 3, H, Dh]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, Dh] (views)
-        out = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
-                        dropout_p=self.attn_dropout if self.training else 0.0, backend=self.backend)
+        out = attention(
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            backend=self.backend,
+        )
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
 
 
@@ -64,8 +71,9 @@ class CrossAttention(nn.Module):
         backend: attention backend name, None = automatic.
     """
 
-    def __init__(self, dim: int, memory_dim: int, num_heads: int, attn_dropout: float = 0.0,
-                 backend: str | None = None):
+    def __init__(
+        self, dim: int, memory_dim: int, num_heads: int, attn_dropout: float = 0.0, backend: str | None = None
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -94,14 +102,22 @@ class CrossAttention(nn.Module):
         kv_index: Tensor | None = None,
     ) -> Tensor:
         """x: [B, L, D]; memory: [Bm, M, Dm] or precomputed `kv`; memory_mask: bool [Bm, M], True = attend;
-        kv_index: long [B] (row of the memory read by each query row; None when Bm == B). Returns [B, L, D]."""
+        kv_index: long [B] (row of the memory read by each query row; None when Bm == B).
+        Returns [B, L, D]."""
         if (memory is None) == (kv is None):
             raise ValueError("CrossAttention needs exactly one of `memory` or `kv`")
         B, L, D = x.shape
         k, v = self.project_kv(memory) if kv is None else kv
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
-        out = attention(q, k, v, key_padding_mask=memory_mask, kv_index=kv_index,
-                        dropout_p=self.attn_dropout if self.training else 0.0, backend=self.backend)
+        out = attention(
+            q,
+            k,
+            v,
+            key_padding_mask=memory_mask,
+            kv_index=kv_index,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            backend=self.backend,
+        )
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
 
 
@@ -151,8 +167,11 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.attn = SelfAttention(dim, num_heads, attn_dropout, backend)
         self.norm_attn = nn.LayerNorm(dim, eps=layer_norm_eps)
-        self.cross = (CrossAttention(dim, memory_dim or dim, num_heads, attn_dropout, backend)
-                      if cross_attention else None)
+        self.cross = (
+            CrossAttention(dim, memory_dim or dim, num_heads, attn_dropout, backend)
+            if cross_attention
+            else None
+        )
         self.norm_cross = nn.LayerNorm(dim, eps=layer_norm_eps) if cross_attention else None
         self.mlp = MLP(dim, intermediate_dim, "gelu")
         self.norm_mlp = nn.LayerNorm(dim, eps=layer_norm_eps)
@@ -194,4 +213,3 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-

@@ -62,8 +62,9 @@ class MPlug(nn.Module):
         self.mlm_head = LMHead(D, V, config.text.layer_norm_eps) if "mlm_head" in has else None
         self.momentum = None
         if self.momentum_components:
-            self.momentum = nn.ModuleDict({name: copy.deepcopy(getattr(self, name))
-                                           for name in self.momentum_components})
+            self.momentum = nn.ModuleDict(
+                {name: copy.deepcopy(getattr(self, name)) for name in self.momentum_components}
+            )
             self.momentum.requires_grad_(False)
 
     # ----------------------------------------------------------------------------------- init
@@ -114,7 +115,10 @@ class MPlug(nn.Module):
         return self._require("text_encoder")(ids, mask)
 
     def fuse(
-        self, image_states: Tensor, text_states: Tensor, text_mask: Tensor | None = None,
+        self,
+        image_states: Tensor,
+        text_states: Tensor,
+        text_mask: Tensor | None = None,
         image_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Skip-connected fusion. image_states [B, Nv, D], text_states [B, Lt, D], text_mask [B, Lt]
@@ -134,8 +138,9 @@ class MPlug(nn.Module):
         memory_index: Tensor | None = None,
     ) -> Tensor:
         """Decoder logits [N, L, V] for ids [N, L] over memory [Bm, M, D] (see `TextDecoder.forward`)."""
-        return self._require("decoder")(ids, mask, memory, memory_mask, memory_kv=memory_kv,
-                                        memory_index=memory_index)
+        return self._require("decoder")(
+            ids, mask, memory, memory_mask, memory_kv=memory_kv, memory_index=memory_index
+        )
 
     def fused_memory(self, images: Tensor, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """The VQA / grounding / PrefixLM decoder memory: ([v'; t'] [B, Nv+Lt, D], mask bool [B, Nv+Lt])."""
@@ -182,7 +187,15 @@ class MPlugForPretraining(MPlug):
 
     task = "pretrain"
     components = COMPONENTS
-    momentum_components = ("vision", "adapter", "text_encoder", "fusion", "decoder", "vision_proj", "text_proj")
+    momentum_components = (
+        "vision",
+        "adapter",
+        "text_encoder",
+        "fusion",
+        "decoder",
+        "vision_proj",
+        "text_proj",
+    )
 
 
 class MPlugForVQA(MPlug):
@@ -191,8 +204,15 @@ class MPlugForVQA(MPlug):
     task = "vqa"
     components = ("text_encoder", "fusion", "decoder")
 
-    def forward(self, images: Tensor, question_ids: Tensor, question_mask: Tensor | None,
-                answer_ids: Tensor, answer_mask: Tensor | None, answer_index: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        images: Tensor,
+        question_ids: Tensor,
+        question_mask: Tensor | None,
+        answer_ids: Tensor,
+        answer_mask: Tensor | None,
+        answer_index: Tensor | None = None,
+    ) -> Tensor:
         """images [B, 3, R, R]; question_ids/mask [B, Lq]; answer_ids/mask [N, La] ([CLS] answer [SEP] [SEP]);
         answer_index long [N]: question of each answer (None when N == B). Returns logits [N, La, V]."""
         memory, memory_mask = self.fused_memory(images, question_ids, question_mask)
@@ -218,7 +238,9 @@ class MPlugForRetrieval(MPlug):
     momentum_components = ("vision", "adapter", "text_encoder", "vision_proj", "text_proj")
 
     def forward(self, images: Tensor, text_ids: Tensor, text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Paired images [B, 3, R, R] and texts [B, L]. Returns (ITC similarity / temp [B, B], ITM logits [B, 2])."""
+        """Paired images [B, 3, R, R] and texts [B, L].
+
+        Returns (ITC similarity / temp [B, B], ITM logits of the pairs [B, 2])."""
         v = self.encode_image(images)
         t = self.encode_text(text_ids, text_mask)
         sim = self.image_features(v) @ self.text_features(t).t() / self.temp
@@ -239,7 +261,8 @@ class MPlugForGrounding(MPlug):
 
 
 TASK_MODELS: dict[str, type[MPlug]] = {
-    cls.task: cls for cls in (MPlugForPretraining, MPlugForVQA, MPlugForCaption, MPlugForRetrieval, MPlugForGrounding)
+    cls.task: cls
+    for cls in (MPlugForPretraining, MPlugForVQA, MPlugForCaption, MPlugForRetrieval, MPlugForGrounding)
 }
 
 

@@ -82,5 +82,7 @@ def as_bool_mask(mask: Tensor | None, shape: torch.Size | tuple[int, ...]) -> Te
     if mask is None:
         return None
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"attention mask must have the shape of the ids {list(shape)}, got {list(mask.shape)}")
+        raise ValueError(
+            f"attention mask must have the shape of the ids {list(shape)}, got {list(mask.shape)}"
+        )
     return mask if mask.dtype == torch.bool else mask != 0

@@ -42,7 +42,9 @@ def resize_pos_embed(pos_embed: Tensor, grid: int | tuple[int, int], num_prefix_
     n_grid = pos_embed.shape[0] - num_prefix_tokens
     old = math.isqrt(n_grid)
     if old * old != n_grid:
-        raise ValueError(f"position table has {n_grid} grid rows (+{num_prefix_tokens} prefix), not a square grid")
+        raise ValueError(
+            f"position table has {n_grid} grid rows (+{num_prefix_tokens} prefix), not a square grid"
+        )
     if (old, old) == (gh, gw):
         return pos_embed
     prefix, table = pos_embed[:num_prefix_tokens], pos_embed[num_prefix_tokens:]
@@ -148,5 +150,6 @@ def build_adapter(config: MPlugConfig) -> nn.Module:
     """The adapter when the ViT width differs from the text width, else `nn.Identity()`."""
     if not config.has_adapter:
         return nn.Identity()
-    return VisionAdapter(config.vision.width, config.text.hidden_size, config.text.layer_norm_eps,
-                         config.adapter_dropout)
+    return VisionAdapter(
+        config.vision.width, config.text.hidden_size, config.text.layer_norm_eps, config.adapter_dropout
+    )

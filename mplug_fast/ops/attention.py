@@ -46,13 +46,23 @@ class AttentionBackend:
         return None
 
     @classmethod
-    def not_supported_reasons(cls, q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float,
-                              kv_index: Tensor | None) -> list[str]:
+    def not_supported_reasons(
+        cls, q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float, kv_index: Tensor | None
+    ) -> list[str]:
         return []
 
     @staticmethod
-    def run(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, causal: bool,
-            dropout_p: float, scale: float | None, kv_index: Tensor | None) -> Tensor:
+    def run(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        causal: bool,
+        dropout_p: float,
+        scale: float | None,
+        kv_index: Tensor | None,
+    ) -> Tensor:
         raise NotImplementedError  # every registered backend overrides this
 
 
@@ -63,8 +73,16 @@ class ReferenceBackend(AttentionBackend):
 
     @staticmethod
     def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
-        return attention_ref(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
-                             dropout_p=dropout_p, scale=scale, kv_index=kv_index)
+        return attention_ref(
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            dropout_p=dropout_p,
+            scale=scale,
+            kv_index=kv_index,
+        )
 
 
 class SdpaBackend(AttentionBackend):
@@ -110,14 +128,17 @@ def env_backend() -> str | None:
     """`MPLUG_FAST_ATTENTION`, read once per process (call `env_backend.cache_clear()` to re-read)."""
     value = os.environ.get(ENV_VAR, "").strip() or None
     if value is not None and value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={value!r} is not a known attention backend; choose one of {sorted(BACKENDS)}")
+        raise ValueError(
+            f"{ENV_VAR}={value!r} is not a known attention backend; choose one of {sorted(BACKENDS)}"
+        )
     return value
 
 
 def _describe(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, causal: bool) -> str:
     mask = "key_padding" if key_padding_mask is not None else "none"
-    return (f"q: {list(q.shape)} {q.dtype} {q.device}   k, v: {list(k.shape)}   mask: {mask}   "
-            f"causal: {causal}")
+    return (
+        f"q: {list(q.shape)} {q.dtype} {q.device}   k, v: {list(k.shape)}   mask: {mask}   causal: {causal}"
+    )
 
 
 @functools.cache
@@ -125,9 +146,17 @@ def _log_once(message: str) -> None:
     logger.info(message)
 
 
-def select_backend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
-                   causal: bool = False, dropout_p: float = 0.0, kv_index: Tensor | None = None,
-                   backend: str | None = None) -> str:
+def select_backend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    kv_index: Tensor | None = None,
+    backend: str | None = None,
+) -> str:
     """The backend `attention` would use for these inputs (see the module docstring for the order)."""
     requested = backend or env_backend()
     if requested is not None:
@@ -155,8 +184,10 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor 
             return name
         skipped.append((name, "; ".join(reasons)))
     lines = "\n".join(f"`{n}`: {why}" for n, why in skipped)
-    raise RuntimeError(f"No attention backend can run these inputs:\n     {_describe(q, k, key_padding_mask, causal)}\n"
-                       f"{lines}")
+    raise RuntimeError(
+        f"No attention backend can run these inputs:\n     {_describe(q, k, key_padding_mask, causal)}\n"
+        f"{lines}"
+    )
 
 
 def attention(
@@ -185,29 +216,55 @@ def attention(
         [B, H, Lq, Dh], q's dtype.
     """
     _check_inputs(q, k, v, key_padding_mask, kv_index)
-    name = select_backend(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
-                          kv_index=kv_index, backend=backend)
-    return BACKENDS[name].run(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
-                              scale=scale, kv_index=kv_index)
+    name = select_backend(
+        q,
+        k,
+        v,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        dropout_p=dropout_p,
+        kv_index=kv_index,
+        backend=backend,
+    )
+    return BACKENDS[name].run(
+        q,
+        k,
+        v,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        dropout_p=dropout_p,
+        scale=scale,
+        kv_index=kv_index,
+    )
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None) -> None:
+def _check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None
+) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects 4-D [B, H, L, Dh] tensors, got q {list(q.shape)}, "
-                         f"k {list(k.shape)}, v {list(v.shape)}")
+        raise ValueError(
+            f"attention expects 4-D [B, H, L, Dh] tensors, got q {list(q.shape)}, "
+            f"k {list(k.shape)}, v {list(v.shape)}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
     if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} disagree on heads or head dim")
     if kv_index is None:
         if q.shape[0] != k.shape[0]:
-            raise ValueError(f"q has {q.shape[0]} rows but k/v have {k.shape[0]}; pass kv_index to share K/V rows")
+            raise ValueError(
+                f"q has {q.shape[0]} rows but k/v have {k.shape[0]}; pass kv_index to share K/V rows"
+            )
     elif kv_index.shape != (q.shape[0],) or kv_index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"kv_index must be an integer tensor of shape [{q.shape[0]}], "
-                         f"got {kv_index.dtype} {list(kv_index.shape)}")
+        raise ValueError(
+            f"kv_index must be an integer tensor of shape [{q.shape[0]}], "
+            f"got {kv_index.dtype} {list(kv_index.shape)}"
+        )
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}")
         if key_padding_mask.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding_mask must be [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
-                             f"got {list(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask must be [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
+                f"got {list(key_padding_mask.shape)}"
+            )

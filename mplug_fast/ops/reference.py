@@ -63,10 +63,13 @@ def attention_ref(
     Lq, Lk = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     compute_dtype = torch.float32 if upcast else q.dtype
-    scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1)) * scale  # [B, H, Lq, Lk]
+    scores = (
+        torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1)) * scale
+    )  # [B, H, Lq, Lk]
     mask = attention_mask_ref(key_padding_mask, causal, Lq, Lk, q.device)
     if mask is not None:
-        # A finite fill keeps fully masked rows finite (uniform) in forward and backward; they are zeroed below.
+        # A finite fill keeps fully masked rows finite (uniform) in forward and backward;
+        # they are zeroed below.
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     if mask is not None:

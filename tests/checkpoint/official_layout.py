@@ -108,8 +108,13 @@ def _clip(prefix: str, d: OfficialDims, gen: torch.Generator) -> dict[str, Tenso
 
 
 def make_official_state_dict(
-    d: OfficialDims, *, seed: int = 0, pretrain_layout: bool = False, momentum: bool = False,
-    queues: bool = False, grounding_buffers: bool = False,
+    d: OfficialDims,
+    *,
+    seed: int = 0,
+    pretrain_layout: bool = False,
+    momentum: bool = False,
+    queues: bool = False,
+    grounding_buffers: bool = False,
 ) -> dict[str, Tensor]:
     """A full official-layout state dict (fine-tuned spelling unless `pretrain_layout`)."""
     gen = torch.Generator().manual_seed(seed)
@@ -117,9 +122,12 @@ def make_official_state_dict(
     fusion = "fusion_encoder.fusion." if pretrain_layout else "fusion_encoder."
     sd: dict[str, Tensor] = _clip("visual_encoder.", d, gen)
     if d.width != d.hidden:
-        sd |= {"visn_fc.weight": _rand((d.hidden, d.width), gen), "visn_fc.bias": _rand((d.hidden,), gen),
-               "visn_layer_norm.weight": _rand((d.hidden,), gen, True),
-               "visn_layer_norm.bias": _rand((d.hidden,), gen)}
+        sd |= {
+            "visn_fc.weight": _rand((d.hidden, d.width), gen),
+            "visn_fc.bias": _rand((d.hidden,), gen),
+            "visn_layer_norm.weight": _rand((d.hidden,), gen, True),
+            "visn_layer_norm.bias": _rand((d.hidden,), gen),
+        }
     sd |= _bert_embeddings(text + "embeddings.", d, gen)
     for i in range(d.text_layers):
         sd |= _bert_layer(f"{text}encoder.layer.{i}.", d, False, gen)
@@ -130,30 +138,52 @@ def make_official_state_dict(
     for i in range(d.decoder_layers):
         sd |= _bert_layer(f"text_decoder.bert.encoder.layer.{i}.", d, True, gen)
     head = "text_decoder.cls.predictions."
-    sd |= {head + "bias": _rand((d.vocab,), gen), head + "transform.dense.weight": _rand((d.hidden, d.hidden), gen),
-           head + "transform.dense.bias": _rand((d.hidden,), gen),
-           head + "transform.LayerNorm.weight": _rand((d.hidden,), gen, True),
-           head + "transform.LayerNorm.bias": _rand((d.hidden,), gen)}
+    sd |= {
+        head + "bias": _rand((d.vocab,), gen),
+        head + "transform.dense.weight": _rand((d.hidden, d.hidden), gen),
+        head + "transform.dense.bias": _rand((d.hidden,), gen),
+        head + "transform.LayerNorm.weight": _rand((d.hidden,), gen, True),
+        head + "transform.LayerNorm.bias": _rand((d.hidden,), gen),
+    }
     sd[head + "decoder.weight"] = sd["text_decoder.bert.embeddings.word_embeddings.weight"]  # tied
     sd[head + "decoder.bias"] = sd[head + "bias"]
     E = d.embed_dim
-    sd |= {"vision_proj.weight": _rand((E, d.hidden), gen), "vision_proj.bias": _rand((E,), gen),
-           "text_proj.weight": _rand((E, d.hidden), gen), "text_proj.bias": _rand((E,), gen),
-           "itm_head.weight": _rand((2, d.hidden), gen), "itm_head.bias": _rand((2,), gen),
-           "temp": torch.tensor(0.07)}
+    sd |= {
+        "vision_proj.weight": _rand((E, d.hidden), gen),
+        "vision_proj.bias": _rand((E,), gen),
+        "text_proj.weight": _rand((E, d.hidden), gen),
+        "text_proj.bias": _rand((E,), gen),
+        "itm_head.weight": _rand((2, d.hidden), gen),
+        "itm_head.bias": _rand((2,), gen),
+        "temp": torch.tensor(0.07),
+    }
     if momentum:
         for key in list(sd):
-            for name in ("visual_encoder", "text_encoder", "fusion_encoder", "text_decoder", "vision_proj",
-                         "text_proj", "visn_fc", "visn_layer_norm"):
+            for name in (
+                "visual_encoder",
+                "text_encoder",
+                "fusion_encoder",
+                "text_decoder",
+                "vision_proj",
+                "text_proj",
+                "visn_fc",
+                "visn_layer_norm",
+            ):
                 if key.startswith(name + "."):
-                    sd[name + "_m" + key[len(name):]] = sd[key].clone() + 0.01
+                    sd[name + "_m" + key[len(name) :]] = sd[key].clone() + 0.01
     if queues:
-        sd |= {"image_queue": F.normalize(torch.randn(E, 8, generator=gen), dim=0),
-               "text_queue": F.normalize(torch.randn(E, 8, generator=gen), dim=0),
-               "idx_queue": torch.full((1, 8), -100), "queue_ptr": torch.zeros(1, dtype=torch.long)}
+        sd |= {
+            "image_queue": F.normalize(torch.randn(E, 8, generator=gen), dim=0),
+            "text_queue": F.normalize(torch.randn(E, 8, generator=gen), dim=0),
+            "idx_queue": torch.full((1, 8), -100),
+            "queue_ptr": torch.zeros(1, dtype=torch.long),
+        }
     if grounding_buffers:
-        sd |= {"prefix_ids": torch.tensor([344]), "target_ids": torch.arange(345, 682),
-               "bbox_prob_mask": torch.zeros(30522)}
+        sd |= {
+            "prefix_ids": torch.tensor([344]),
+            "target_ids": torch.arange(345, 682),
+            "bbox_prob_mask": torch.zeros(30522),
+        }
     return sd
 
 
@@ -182,12 +212,8 @@ def official_vision(sd: dict, d: OfficialDims, images: Tensor) -> Tensor:
         h = _ln(x, sd, p + "ln_1", 1e-5)
         L = h.shape[0]
         qkv = F.linear(h, sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"])  # [L, B, 3W]
-        q, k, vv = qkv.chunk(3, dim=-1)
-
-        def split(t):
-            return t.reshape(L, B * heads, W // heads).transpose(0, 1)  # [B*h, L, dh]
-
-        q, k, vv = split(q), split(k), split(vv)
+        # [L, B, W] -> [B*h, L, dh] for each of q, k, v
+        q, k, vv = (t.reshape(L, B * heads, W // heads).transpose(0, 1) for t in qkv.chunk(3, dim=-1))
         a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(W // heads), dim=-1) @ vv  # [B*h, L, dh]
         a = a.transpose(0, 1).reshape(L, B, W)
         x = x + _lin(a, sd, p + "attn.out_proj")
@@ -230,8 +256,16 @@ def _embed(sd, p, ids):
     return _ln(x, sd, p + "LayerNorm", 1e-12)
 
 
-def official_vqa_logits(sd: dict, d: OfficialDims, stride: int, images: Tensor, q_ids: Tensor, q_mask: Tensor,
-                        a_ids: Tensor, a_mask: Tensor) -> Tensor:
+def official_vqa_logits(
+    sd: dict,
+    d: OfficialDims,
+    stride: int,
+    images: Tensor,
+    q_ids: Tensor,
+    q_mask: Tensor,
+    a_ids: Tensor,
+    a_mask: Tensor,
+) -> Tensor:
     """ViT -> text encoder -> fusion (§3.3) -> decoder over [v; t] -> LM logits [B, La, V]."""
     v = official_vision(sd, d, images)
     t_add = _additive(q_mask)[:, None, None, :]
@@ -261,7 +295,9 @@ def official_decoder_logits(sd, d, ids, mask, memory, memory_add):
     self_add = _additive(causal[None, None] * mask[:, None, None, :].float())
     x = _embed(sd, "text_decoder.bert.embeddings.", ids)
     for i in range(d.decoder_layers):
-        x = official_bert_layer(sd, f"text_decoder.bert.encoder.layer.{i}.", x, self_add, d.heads, memory, memory_add)
+        x = official_bert_layer(
+            sd, f"text_decoder.bert.encoder.layer.{i}.", x, self_add, d.heads, memory, memory_add
+        )
     h = "text_decoder.cls.predictions."
     x = _ln(F.gelu(_lin(x, sd, h + "transform.dense")), sd, h + "transform.LayerNorm", 1e-12)
     return F.linear(x, sd[h + "decoder.weight"], sd[h + "bias"])

@@ -74,7 +74,9 @@ def test_caption_logits_equal_the_official_forward_at_a_new_resolution() -> None
     )
     images, _, _, ids, mask = _inputs(d, 48)
     with torch.no_grad():
-        diff = _max_diff(model(images, ids, mask), official_caption_logits(resized, d, images, ids, mask), mask)
+        diff = _max_diff(
+            model(images, ids, mask), official_caption_logits(resized, d, images, ids, mask), mask
+        )
     assert diff < 1e-4, f"max abs diff {diff:.2e}"
     assert torch.equal(model.vision.pos_embed[0], sd["visual_encoder.visual.positional_embedding"][0])
 
@@ -97,12 +99,16 @@ def test_every_task_loads_strictly_and_reports_what_it_dropped(task: str, caplog
     if task == "pretrain":  # the MLM head of the pretraining checkpoint (inferred spelling)
         for k in [k for k in sd if k.startswith("text_decoder.cls.predictions.")]:
             sd["text_encoder.cls.predictions." + k.split("predictions.")[1]] = sd[k].clone()
-        sd["text_encoder.cls.predictions.decoder.weight"] = sd["text_encoder.embeddings.word_embeddings.weight"]
+        sd["text_encoder.cls.predictions.decoder.weight"] = sd[
+            "text_encoder.embeddings.word_embeddings.weight"
+        ]
     model, report = load_official_checkpoint(sd, task, bert_config={**BERT, "stride_layer": 2}, strict=False)
     assert report.missing == [] and report.unexpected == [], (report.missing, report.unexpected)
     assert "visual_encoder.visual.proj" in report.ignored
     assert "fusion_encoder.encoder.layer.0.attention.self.query.weight" in report.ignored  # dead slot
-    assert "fusion_encoder.encoder.layer.5.crossattention.self.query.weight" in report.ignored  # connected j=2
+    assert (
+        "fusion_encoder.encoder.layer.5.crossattention.self.query.weight" in report.ignored
+    )  # connected j=2
     live_cross = "fusion_encoder.encoder.layer.4.crossattention.self.query.weight"
     assert (live_cross in report.ignored) == (model.fusion is None)  # caption runs no fusion
     if model.momentum is not None:  # momentum copies come from the `_m` keys, not from the online weights
@@ -165,8 +171,9 @@ def test_truncated_and_missing_files(tmp_path) -> None:
 def test_stride_default_is_logged_and_bert_config_from_path(tmp_path, caplog) -> None:
     sd = make_official_state_dict(BASE_LIKE)
     with caplog.at_level(logging.WARNING):
-        model = load_official_checkpoint(sd, "vqa", bert_config={"num_attention_heads": 4, "fusion_layers": 3},
-                                         strict=True)
+        model = load_official_checkpoint(
+            sd, "vqa", bert_config={"num_attention_heads": 4, "fusion_layers": 3}, strict=True
+        )
     assert model.config.fusion.stride == 6  # ViT width 64 is not ViT-B: the ViT-L default
     assert "stride_layer cannot be read" in caplog.text
     path = tmp_path / "config_bert.json"
@@ -182,8 +189,14 @@ def test_round_trip_through_the_official_layout_is_exact(task: str) -> None:
     official = to_official_state_dict(model)
     assert "fusion_encoder.encoder.layer.8.attention.self.query.weight" in official or model.fusion is None
     # depths of components a task does not store (caption: text encoder) come from the BERT config
-    bert = {"num_attention_heads": 4, "fusion_layers": 4, "stride_layer": 3, "text_encoder_layers": 4,
-            "text_decode_layers": 4, "intermediate_size": 1024}
+    bert = {
+        "num_attention_heads": 4,
+        "fusion_layers": 4,
+        "stride_layer": 3,
+        "text_encoder_layers": 4,
+        "text_decode_layers": 4,
+        "intermediate_size": 1024,
+    }
     back = load_official_checkpoint(official, task, bert_config=bert)
     assert back.config == config
     a, b = model.state_dict(), back.state_dict()
