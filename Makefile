@@ -1,0 +1,33 @@
+# make test   - create .venv with the pinned CPU set (requirements/ci.txt), install mplug_fast, run the tests
+# make demo   - the end-to-end demo (comes with the demo issue; for now prints the environment)
+# make lint   - ruff
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all test lint demo clean distclean
+
+all: test
+
+$(STAMP): requirements/ci.txt setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -r requirements/ci.txt
+	$(PY) -m pip install -e . --no-deps
+	touch $@
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+demo: $(STAMP)
+	$(PY) -m mplug_fast info
+	@echo "The end-to-end demo comes with a later issue; 'make demo' only prints the environment for now."
+
+clean:
+	rm -rf build dist .eggs *.egg-info .pytest_cache .ruff_cache .hypothesis .benchmarks
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

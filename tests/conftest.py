@@ -1,0 +1,30 @@
+"""Test setup shared by the whole suite.
+
+The environment variables are set at import, before any test module imports triton kernels or transformers:
+``TRITON_INTERPRET=1`` lets ``@triton.jit`` kernels run on the CPU interpreter (it must be set before the
+kernels are defined), ``HF_HUB_OFFLINE=1`` keeps the transformers oracles from reaching for the hub.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same torch RNG state."""
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips tests marked ``gpu`` when CUDA is unavailable (they only run where ``-m gpu`` selects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
