@@ -54,7 +54,7 @@ class SelfAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             causal=causal,
             dropout_p=self.attn_dropout if self.training else 0.0,
-            backend=self.backend,
+            config_backend=self.backend,
         )
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
 
@@ -116,7 +116,7 @@ class CrossAttention(nn.Module):
             key_padding_mask=memory_mask,
             kv_index=kv_index,
             dropout_p=self.attn_dropout if self.training else 0.0,
-            backend=self.backend,
+            config_backend=self.backend,
         )
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
 

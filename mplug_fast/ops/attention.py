@@ -9,7 +9,7 @@ Mask semantics are those of `mplug_fast.ops.reference` (bool, True = attend; cau
 the bottom right; rows with no key give 0).
 
 Backend choice: the `backend` argument > the `MPLUG_FAST_ATTENTION` environment variable (read
-once per process) > the model config (passed by the modules as `backend`) > the first available
+once per process) > the model config (passed by the modules as `config_backend`) > the first available
 backend of `PRIORITY` that supports the inputs. A backend asked for explicitly that cannot run
 the inputs is an error listing its reasons; automatic selection skips it and logs why once.
 
@@ -156,9 +156,10 @@ def select_backend(
     dropout_p: float = 0.0,
     kv_index: Tensor | None = None,
     backend: str | None = None,
+    config_backend: str | None = None,
 ) -> str:
     """The backend `attention` would use for these inputs (see the module docstring for the order)."""
-    requested = backend or env_backend()
+    requested = backend or env_backend() or config_backend
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"unknown attention backend {requested!r}; choose one of {sorted(BACKENDS)}")
@@ -201,6 +202,7 @@ def attention(
     scale: float | None = None,
     kv_index: Tensor | None = None,
     backend: str | None = None,
+    config_backend: str | None = None,
 ) -> Tensor:
     """Scaled dot-product attention.
 
@@ -212,6 +214,7 @@ def attention(
         scale: softmax scale, default Dh ** -0.5.
         kv_index: long [B] with values in [0, Bk): K/V row read by each query row.
         backend: force a backend by name (error if it cannot run these inputs).
+        config_backend: the model config's choice, below `backend` and `MPLUG_FAST_ATTENTION`.
     Returns:
         [B, H, Lq, Dh], q's dtype.
     """
@@ -225,6 +228,7 @@ def attention(
         dropout_p=dropout_p,
         kv_index=kv_index,
         backend=backend,
+        config_backend=config_backend,
     )
     return BACKENDS[name].run(
         q,
