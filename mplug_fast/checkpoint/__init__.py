@@ -1,5 +1,11 @@
 """Weights I/O: official mPLUG checkpoints, OpenAI CLIP / Hugging Face BERT initialisation, our format."""
 
+from mplug_fast.checkpoint.init import (
+    init_from_public_weights,
+    load_bert_weights,
+    load_clip_visual,
+    vision_config_from_clip,
+)
 from mplug_fast.checkpoint.io import CheckpointError, from_pretrained, read_checkpoint, save_pretrained
 from mplug_fast.checkpoint.keymap import ConversionReport
 from mplug_fast.checkpoint.official import (
@@ -13,8 +19,12 @@ __all__ = [
     "ConversionReport",
     "from_pretrained",
     "infer_official_config",
+    "init_from_public_weights",
+    "load_bert_weights",
+    "load_clip_visual",
     "load_official_checkpoint",
     "read_checkpoint",
     "save_pretrained",
     "to_official_state_dict",
+    "vision_config_from_clip",
 ]

@@ -87,7 +87,7 @@ class VisionTransformer(nn.Module):
         self.norm_post = nn.LayerNorm(W, eps=config.layer_norm_eps)
 
     def init_weights(self) -> None:
-        """Fresh weights (real runs start from OpenAI CLIP, see `mplug_fast.checkpoint.clip`):
+        """Fresh weights (real runs start from OpenAI CLIP: `mplug_fast.checkpoint.load_clip_visual`):
 
         | tensor                    | init           |
         |---------------------------|----------------|
