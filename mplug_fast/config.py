@@ -31,13 +31,13 @@ ATTENTION_BACKENDS = ("reference", "sdpa", "triton", "flash_attn", "xformers")
 def _check_positive(owner: str, **values: int | float) -> None:
     for name, value in values.items():
         if value <= 0:
-            raise ValueError(f"{owner}.{name} must be > 0, got {value}")
+            raise ValueError(f"{owner + '.' if owner else ''}{name} must be > 0, got {value}")
 
 
 def _check_probability(owner: str, **values: float) -> None:
     for name, value in values.items():
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"{owner}.{name} must be in [0, 1), got {value}")
+            raise ValueError(f"{owner + '.' if owner else ''}{name} must be in [0, 1), got {value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,8 +155,8 @@ class MPlugConfig:
     attention_backend: str | None = None  # None = automatic; see mplug_fast.ops.attention
 
     def __post_init__(self) -> None:
-        _check_positive("mplug", embed_dim=self.embed_dim)
-        _check_probability("mplug", adapter_dropout=self.adapter_dropout)
+        _check_positive("", embed_dim=self.embed_dim)
+        _check_probability("", adapter_dropout=self.adapter_dropout)
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend {self.attention_backend!r} is unknown; "
@@ -233,7 +233,10 @@ class MPlugConfig:
                 node = node[part]
             if leaf not in node:
                 raise ValueError(f"unknown config field {dotted!r}; valid: {sorted(node)}")
-            node[leaf] = value
+            if isinstance(node[leaf], dict) and isinstance(value, Mapping):
+                node[leaf] = {**node[leaf], **value}  # a section override merges into the section
+            else:
+                node[leaf] = value
         return MPlugConfig.from_dict(data)
 
     # ----------------------------------------------------------------------------------- official configs
@@ -310,13 +313,10 @@ def load_bert_config(bert_config: Mapping[str, Any] | str | Path) -> dict[str, A
 
 
 def _looks_like_path(value: str | Path) -> bool:
+    """A Path, or a one-line string naming a .json / .yaml / .yml file (missing: FileNotFoundError)."""
     if isinstance(value, Path):
         return True
-    return (
-        "\n" not in value
-        and not value.lstrip().startswith(("{", "vision:", "text:"))
-        and Path(value).is_file()
-    )
+    return "\n" not in value and value.strip().lower().endswith((".json", ".yaml", ".yml"))
 
 
 def _field_type(cls: type, name: str) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mplug_fast.ops import attention
+from mplug_fast.ops.attention import attention
 
 
 class QuickGELU(nn.Module):

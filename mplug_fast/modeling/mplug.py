@@ -175,15 +175,20 @@ class MPlug(nn.Module):
     def _require(self, name: str) -> nn.Module:
         module = getattr(self, name)
         if module is None:
+            owned = [n for n, _ in self.named_children()] + (["temp"] if self.temp is not None else [])
             raise AttributeError(
-                f"the {self.task!r} model has no {name!r} (it owns: vision, adapter, "
-                f"{', '.join(c for c in self.components)}); build the task that needs it"
+                f"the {self.task!r} model has no {name!r} (it owns: {', '.join(owned)}); "
+                "build the task model that needs it (build_model(config, task))"
             )
         return module
 
 
 class MPlugForPretraining(MPlug):
-    """ITC + ITM + MLM + PrefixLM: every component, with momentum copies for distillation."""
+    """ITC + ITM + MLM + PrefixLM: every component, with momentum copies for distillation.
+
+    No `forward`: the objectives (`mplug_fast.objectives`) compose the public methods
+    (`encode_image`, `encode_text`, `fuse`, `fused_memory`, `decode`, `mlm_logits`, `itm_logits`).
+    """
 
     task = "pretrain"
     components = COMPONENTS

@@ -1,5 +1,9 @@
-"""Numeric kernels behind one dispatch layer (see `attention.py` for the backend rules)."""
+"""Numeric kernels behind one dispatch layer (see `attention.py` for the backend rules).
 
-from mplug_fast.ops.attention import attention, available_backends, register_backend, select_backend
+The entry point is `mplug_fast.ops.attention.attention` (the module keeps its name, so
+`mplug_fast.ops.attention` is never shadowed by the function).
+"""
 
-__all__ = ["attention", "available_backends", "register_backend", "select_backend"]
+from mplug_fast.ops.attention import available_backends, register_backend, select_backend
+
+__all__ = ["available_backends", "register_backend", "select_backend"]
