@@ -1,0 +1,46 @@
+"""One wide GEMM for the image K/V of a run of asymmetric layers == one GEMM per layer (values, grads)."""
+
+import pytest
+import torch
+
+from mplug_fast.config import get_config
+from mplug_fast.modeling.fusion import SkipConnectedFusion
+
+
+@pytest.mark.parametrize(
+    "stride, runs",
+    [
+        (1, {0: (0,)}),
+        (2, {0: (0, 1), 3: (3,), 5: (5,)}),
+        (3, {0: (0, 1, 2), 4: (4, 5)}),
+        (6, {0: tuple(range(6))}),
+    ],
+)
+def test_runs_follow_the_connected_layers(stride: int, runs: dict) -> None:
+    config = get_config("tiny", **{"fusion.stride": stride, "fusion.layers": 6})
+    assert SkipConnectedFusion(config).asymmetric_runs == runs
+
+
+@pytest.mark.parametrize("stride", [2, 3, 6])
+def test_fused_image_kv_equals_per_layer_projection(stride: int) -> None:
+    config = get_config("tiny", **{"fusion.stride": stride, "fusion.layers": 6})
+    fusion = SkipConnectedFusion(config).eval()
+    for p in fusion.parameters():  # non-trivial weights and biases
+        torch.nn.init.normal_(p, std=0.1)
+    v = torch.randn(2, 17, 256, requires_grad=True)
+    t = torch.randn(2, 5, 256, requires_grad=True)
+    t_mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    results = []
+    for fused in (True, False):
+        fusion.fuse_image_kv = fused
+        fusion.zero_grad()
+        v.grad = t.grad = None
+        v_out, t_out = fusion(v, t, t_mask)
+        (v_out.square().mean() + t_out.sin().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in fusion.named_parameters()}
+        results.append((v_out.detach(), t_out.detach(), v.grad.clone(), t.grad.clone(), grads))
+    (va, ta, gva, gta, ga), (vb, tb, gvb, gtb, gb) = results
+    for a, b in ((va, vb), (ta, tb), (gva, gvb), (gta, gtb)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), (a - b).abs().max()
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=1e-6, rtol=1e-5), name
