@@ -10,16 +10,22 @@ the bottom right; rows with no key give 0).
 
 Backend choice: the `backend` argument > the `MPLUG_FAST_ATTENTION` environment variable (read
 once per process) > the model config (passed by the modules as `config_backend`) > the first available
-backend of `PRIORITY` that supports the inputs. A backend asked for explicitly that cannot run
-the inputs is an error listing its reasons; automatic selection skips it and logs why once.
+backend of the automatic order that supports the inputs: `CUDA_PRIORITY` for CUDA tensors, `PRIORITY`
+otherwise. A backend asked for explicitly that cannot run the inputs is an error listing its reasons;
+automatic selection skips it and logs why once.
 
-Backends in this release: `reference` (the oracle) and `sdpa` (torch). The Triton, FlashAttention
+Backends in this release: `reference` (the oracle), `sdpa` (torch) and `triton` (our FlashAttention-2
+kernels, `mplug_fast.ops.triton.attention`, imported lazily so that `import mplug_fast` never needs
+triton). On CPU tensors the Triton kernels only run under the slow interpreter (`TRITON_INTERPRET=1`),
+so `triton` comes last in `PRIORITY` (never chosen automatically there, since `reference` runs
+everything) but still runs when asked for by name; on CUDA tensors it comes first. The FlashAttention
 and xFormers backends register here in the same way.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from typing import ClassVar
@@ -105,17 +111,90 @@ class SdpaBackend(AttentionBackend):
         return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
 
 
-BACKENDS: dict[str, type[AttentionBackend]] = {b.NAME: b for b in (ReferenceBackend, SdpaBackend)}
-PRIORITY: tuple[str, ...] = ("sdpa", "reference")
+@functools.cache
+@torch.compiler.assume_constant_result  # dynamo calls it eagerly (it cannot trace imports): a str constant
+def _triton_status() -> str:
+    """Import the Triton kernels (once); "compiled", "interpreted", or why they cannot be used."""
+    if importlib.util.find_spec("triton") is None:
+        return "package not installed (pip install triton)"
+    try:
+        kernels = importlib.import_module("mplug_fast.ops.triton.attention")
+    except ImportError as e:
+        return f"cannot import the kernels: {e}"
+    return "interpreted" if kernels.INTERPRETED else "compiled"
 
 
-def register_backend(backend: type[AttentionBackend], *, priority: int | None = None) -> None:
-    """Add a backend (used by optional kernel modules); `priority` is its index in the automatic order."""
-    global PRIORITY
+class TritonBackend(AttentionBackend):
+    """Our FlashAttention-2 Triton kernels (`mplug_fast.ops.triton.attention`), imported on first use."""
+
+    NAME = "triton"
+    SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 80, 96: padded to 128-wide tiles inside the kernels
+    SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        status = _triton_status()
+        if status == "interpreted":
+            return None
+        if status == "compiled":
+            return None if torch.cuda.is_available() else "no CUDA device, and TRITON_INTERPRET=1 was not set"
+        return status
+
+    @classmethod
+    def not_supported_reasons(cls, q, k, v, *, dropout_p, kv_index):
+        reasons = []
+        if q.shape[-1] not in cls.SUPPORTED_HEAD_DIMS:
+            reasons.append(
+                f"head_dim={q.shape[-1]} (supported: {', '.join(map(str, cls.SUPPORTED_HEAD_DIMS))})"
+            )
+        if dropout_p > 0.0:
+            reasons.append(f"dropout_p={dropout_p} (dropout is not implemented in the Triton kernels yet)")
+        if q.dtype not in cls.SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype:
+            reasons.append(
+                f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (supported: one of fp32, fp16, bf16)"
+            )
+        if not q.is_cuda:
+            if _triton_status() != "interpreted":
+                reasons.append(f"{q.device.type} tensors need the interpreter (TRITON_INTERPRET=1)")
+            elif q.dtype == torch.bfloat16:
+                reasons.append(
+                    "bf16 on CPU: bf16 tl.dot is wrong in the Triton interpreter (triton-lang/triton#11584)"
+                )
+        return reasons
+
+    @staticmethod
+    def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
+        from mplug_fast.ops.triton.attention import flash_attention  # imported by _triton_status already
+
+        return flash_attention(
+            q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, kv_index=kv_index
+        )
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {
+    b.NAME: b for b in (ReferenceBackend, SdpaBackend, TritonBackend)
+}
+# Automatic order for CPU (and other non-CUDA) tensors: the Triton interpreter is for tests only, so
+# `triton` is last (pass backend="triton" to run it); and for CUDA tensors.
+PRIORITY: tuple[str, ...] = ("sdpa", "reference", "triton")
+CUDA_PRIORITY: tuple[str, ...] = ("triton", "sdpa", "reference")
+
+
+def register_backend(
+    backend: type[AttentionBackend], *, priority: int | None = None, cuda_priority: int | None = None
+) -> None:
+    """Add a backend (used by optional kernel modules); `priority` / `cuda_priority` are its indices in the
+    automatic orders for CPU and CUDA tensors (None: last)."""
+    global PRIORITY, CUDA_PRIORITY
+
+    def insert(order: tuple[str, ...], index: int | None) -> tuple[str, ...]:
+        names = [name for name in order if name != backend.NAME]
+        names.insert(len(names) if index is None else index, backend.NAME)
+        return tuple(names)
+
     BACKENDS[backend.NAME] = backend
-    order = [name for name in PRIORITY if name != backend.NAME]
-    order.insert(len(order) if priority is None else priority, backend.NAME)
-    PRIORITY = tuple(order)
+    PRIORITY = insert(PRIORITY, priority)
+    CUDA_PRIORITY = insert(CUDA_PRIORITY, cuda_priority)
 
 
 def available_backends() -> dict[str, str | None]:
@@ -174,7 +253,7 @@ def select_backend(
             )
         return requested
     skipped = []
-    for name in PRIORITY:
+    for name in CUDA_PRIORITY if q.is_cuda else PRIORITY:
         impl = BACKENDS[name]
         reasons = [r for r in [impl.unavailable_reason()] if r]
         reasons += impl.not_supported_reasons(q, k, v, dropout_p=dropout_p, kv_index=kv_index)
