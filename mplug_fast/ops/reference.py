@@ -92,3 +92,42 @@ def quick_gelu_ref(x: Tensor) -> Tensor:
 def gelu_ref(x: Tensor) -> Tensor:
     """BERT's exact (erf) GELU."""
     return F.gelu(x)
+
+
+def residual_layer_norm_ref(
+    x: Tensor,
+    residual: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    upcast: bool = True,
+) -> Tensor:
+    """LayerNorm(residual + dropout(x)) over the last dim: BERT's post-LN epilogue, written out.
+
+    Args:
+        x: [*, D] (the sublayer output, dropped out).  residual: [*, D].  weight, bias: [D].
+        dropout_p: applied to x when `training` (torch's RNG, so not the Triton kernel's mask).
+        upcast: add and normalise in fp32 (the accuracy oracle for low-precision kernels).
+    Returns:
+        [*, D] in promote_types(x.dtype, residual.dtype).
+    """
+    out_dtype = torch.promote_types(x.dtype, residual.dtype)
+    if upcast:
+        x, residual, weight, bias = x.float(), residual.float(), weight.float(), bias.float()
+    h = residual + F.dropout(x, p=dropout_p, training=training)
+    return F.layer_norm(h, h.shape[-1:], weight.to(h.dtype), bias.to(h.dtype), eps).to(out_dtype)
+
+
+def bias_gelu_ref(x: Tensor, bias: Tensor, approximate: str = "none", *, upcast: bool = True) -> Tensor:
+    """gelu(x + bias), erf GELU (BERT) or `approximate="tanh"`; bias [N] broadcast over x [*, N]."""
+    y = x.float() + bias.float() if upcast else x + bias.to(x.dtype)
+    return F.gelu(y, approximate=approximate).to(x.dtype)
+
+
+def bias_quick_gelu_ref(x: Tensor, bias: Tensor, *, upcast: bool = True) -> Tensor:
+    """quick_gelu(x + bias) = y * sigmoid(1.702 y), y = x + bias (CLIP); bias [N] broadcast over x [*, N]."""
+    y = x.float() + bias.float() if upcast else x + bias.to(x.dtype)
+    return quick_gelu_ref(y).to(x.dtype)
