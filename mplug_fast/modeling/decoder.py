@@ -4,6 +4,12 @@ causal self-attention -> cross-attention to a memory -> FFN, and a tied LM head.
 Memory per task: VQA / grounding / PrefixLM read the fused [image; text]; captioning reads the
 raw image tokens. The cross-attention K/V of a memory can be projected once
 (`project_memory`) and shared by every candidate, beam and step via `memory_index`.
+
+Incremental decoding: `new_cache(max_length)` builds a `KVCache`; `forward(ids_new, ..., cache=cache)`
+(or `step`) runs only the new tokens, at positions cache.length .. cache.length + l - 1, attending to the
+cached keys (causal + the key-padding mask of every cached token, so left-padded prompts work) and
+advances the cache. Positions are column indices, as in the uncached forward: a left-padded prompt gives
+the logits of the same padded batch recomputed in full, not those of the unpadded prompt.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from torch import Tensor, nn
 
 from mplug_fast.config import MPlugConfig
 from mplug_fast.modeling.heads import LMHead
-from mplug_fast.modeling.layers import TransformerLayer
+from mplug_fast.modeling.layers import KVCache, TransformerLayer
 from mplug_fast.modeling.text import BertEmbeddings, as_bool_mask, bert_layer_args
 
 MemoryKV = list[tuple[Tensor, Tensor]]  # per layer: (k, v), each [Bm, H, M, Dh]
@@ -36,6 +42,10 @@ class TextDecoder(nn.Module):
         """memory: [Bm, M, D] -> per-layer cross-attention (k, v), each [Bm, H, M, Dh]."""
         return [layer.cross.project_kv(memory) for layer in self.layers]
 
+    def new_cache(self, max_length: int) -> KVCache:
+        """An empty self-attention cache for up to `max_length` positions (buffers allocated on first use)."""
+        return KVCache(len(self.layers), max_length)
+
     def hidden_states(
         self,
         ids: Tensor,
@@ -44,15 +54,29 @@ class TextDecoder(nn.Module):
         memory_mask: Tensor | None = None,
         *,
         memory_kv: MemoryKV | None = None,
-        memory_index: Tensor | None = None,
+        memory_index: Tensor | int | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """Final hidden states [N, L, D]; arguments as in `forward`."""
         if (memory is None) == (memory_kv is None):
             raise ValueError("TextDecoder needs exactly one of `memory` or `memory_kv`")
+        N, L = ids.shape
         mask = as_bool_mask(mask, ids.shape)
         if memory_mask is not None and memory_mask.dtype != torch.bool:
             memory_mask = memory_mask != 0
-        x = self.embeddings(ids)  # [N, L, D]
+        offset = 0
+        if cache is not None:
+            if memory_kv is None:
+                # Projecting the memory at every step is what the cache exists to avoid.
+                raise ValueError(
+                    "incremental decoding needs `memory_kv` (TextDecoder.project_memory(memory))"
+                )
+            if cache.num_layers != len(self.layers):
+                raise ValueError(f"the cache has {cache.num_layers} layers, the decoder {len(self.layers)}")
+            offset = cache.length
+            cache.append_mask(mask, N, L, ids.device)
+            mask = cache.key_mask(L)  # [N, cache.length + L] over cached + new keys, or None
+        x = self.embeddings(ids, position_offset=offset)  # [N, L, D]
         for i, layer in enumerate(self.layers):
             x = layer(
                 x,
@@ -62,7 +86,11 @@ class TextDecoder(nn.Module):
                 memory_mask=memory_mask,
                 memory_kv=None if memory_kv is None else memory_kv[i],
                 memory_index=memory_index,
+                cache=cache,
+                layer=i,
             )
+        if cache is not None:
+            cache.advance(L)
         return x
 
     def forward(
@@ -73,17 +101,40 @@ class TextDecoder(nn.Module):
         memory_mask: Tensor | None = None,
         *,
         memory_kv: MemoryKV | None = None,
-        memory_index: Tensor | None = None,
+        memory_index: Tensor | int | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """Next-token logits.
 
         Args:
-            ids: long [N, L] decoder input (starts with [CLS]).  mask: [N, L] 1 = token.
-            memory: [Bm, M, D] cross-attention memory, or its `memory_kv` from `project_memory`.
+            ids: long [N, L] decoder input (starts with [CLS]); with `cache`, only the new tokens.
+            mask: [N, L] 1 = token (with `cache`: the new tokens' mask; the cache keeps the earlier ones).
+            memory: [Bm, M, D] cross-attention memory, or its `memory_kv` from `project_memory`
+                (required with `cache`).
             memory_mask: [Bm, M] 1 = attend (None = all).
-            memory_index: long [N]: memory row of each sequence (None when Bm == N).
+            memory_index: long [N]: memory row of each sequence (None when Bm == N), or an int G when the
+                rows come in contiguous groups of G per memory row (beams, candidates): row n reads memory
+                row n // G without gathering the memory K/V per row.
+            cache: a `KVCache` from `new_cache`: positions start at cache.length, the new keys/values are
+                written into it and it is advanced by L.
         Returns:
             logits [N, L, V]
         """
-        h = self.hidden_states(ids, mask, memory, memory_mask, memory_kv=memory_kv, memory_index=memory_index)
+        h = self.hidden_states(
+            ids, mask, memory, memory_mask, memory_kv=memory_kv, memory_index=memory_index, cache=cache
+        )
         return self.head(h, self.embeddings.word.weight)
+
+    def step(
+        self,
+        ids: Tensor,
+        cache: KVCache,
+        memory_kv: MemoryKV,
+        memory_mask: Tensor | None = None,
+        memory_index: Tensor | int | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """One incremental call: ids long [N, l] new tokens (mask [N, l] 1 = token) -> logits [N, l, V]."""
+        return self.forward(
+            ids, mask, None, memory_mask, memory_kv=memory_kv, memory_index=memory_index, cache=cache
+        )

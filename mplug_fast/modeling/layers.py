@@ -22,6 +22,93 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class KVCache:
+    """Preallocated self-attention keys/values of a stack of layers, for incremental decoding.
+
+    One buffer per tensor for all layers, `k`, `v`: [layers, N, H, Lmax, Dh] (slot `i` is layer i's
+    [N, H, Lmax, Dh]), allocated on the first `update` with the dtype/device of the projected keys, and a
+    key-padding mask `mask`: bool [N, Lmax] (True = attend). Positions [0, length) are valid. Every step
+    writes in place (slice assignment); nothing is concatenated. `reorder(index)` selects rows (beam
+    search, or expanding one prompt per sample to its beams).
+
+    Per decoding call: `append_mask(new_mask, N, L, device)`, every layer `update(i, k, v)`, `advance(L)`.
+    """
+
+    def __init__(self, num_layers: int, max_length: int):
+        if num_layers < 1 or max_length < 1:
+            raise ValueError(
+                f"KVCache needs num_layers >= 1 and max_length >= 1, got {num_layers}, {max_length}"
+            )
+        self.num_layers = num_layers
+        self.max_length = max_length
+        self.length = 0
+        self.k: Tensor | None = None  # [layers, N, H, Lmax, Dh]
+        self.v: Tensor | None = None
+        self.mask: Tensor | None = None  # bool [N, Lmax]
+        self.padded = False  # True once a mask was appended: attention then needs the key-padding mask
+
+    @property
+    def batch_size(self) -> int | None:
+        """N (None before the first write)."""
+        return None if self.mask is None else self.mask.shape[0]
+
+    def append_mask(
+        self, mask: Tensor | None, batch_size: int, new_length: int, device: torch.device
+    ) -> None:
+        """Record the padding mask of `new_length` tokens about to be written (None = all real tokens)."""
+        end = self.length + new_length
+        if end > self.max_length:
+            raise ValueError(
+                f"KVCache holds {self.max_length} positions; {self.length} are used and {new_length} more "
+                "were given: build the cache with a larger max_length"
+            )
+        if self.mask is None:
+            self.mask = torch.ones(batch_size, self.max_length, dtype=torch.bool, device=device)
+        elif self.mask.shape[0] != batch_size:
+            raise ValueError(f"KVCache holds {self.mask.shape[0]} rows, got {batch_size}; reorder it first")
+        if mask is not None:
+            self.mask[:, self.length : end] = mask
+            self.padded = True
+
+    def key_mask(self, new_length: int) -> Tensor | None:
+        """bool [N, length + new_length] over the cached and new keys, or None when nothing was padded."""
+        return self.mask[:, : self.length + new_length] if self.padded else None
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write layer `layer`'s new k, v [N, H, L, Dh] at [length, length + L); return views over
+        [0, length + L), each [N, H, length + L, Dh]."""
+        N, H, L, Dh = k.shape
+        if self.k is None:
+            shape = (self.num_layers, N, H, self.max_length, Dh)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        end = self.length + L
+        if end > self.max_length:
+            raise ValueError(f"KVCache overflow: {end} positions > max_length {self.max_length}")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, new_length: int) -> None:
+        """Mark `new_length` more positions valid (after every layer has written them)."""
+        self.length += new_length
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i becomes old row index[i]; index: long [N'] (N' may differ from N, e.g. prompt -> beams)."""
+        if self.k is None:
+            return
+        L = self.length
+        if index.shape[0] == self.k.shape[1]:
+            # Same row count (a beam-search step): rewrite only the valid prefix, in place.
+            self.k[:, :, :, :L] = self.k[:, index, :, :L]  # gather copy, then in-place write
+            self.v[:, :, :, :L] = self.v[:, index, :, :L]
+            self.mask[:, :L] = self.mask[index, :L]
+        else:
+            self.k = self.k.index_select(1, index)  # copy: [layers, N', H, Lmax, Dh]
+            self.v = self.v.index_select(1, index)
+            self.mask = self.mask.index_select(0, index)  # [N', Lmax]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection.
 
@@ -42,11 +129,27 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        """x: [B, L, D]; key_padding_mask: bool [B, L], True = attend. Returns [B, L, D] (after out_proj)."""
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        *,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
+        """x: [B, L, D]; key_padding_mask: bool [B, L] (or, with a cache, [B, cache_len + L]), True = attend.
+
+        With `cache`, `x` holds only the new tokens: their keys/values are written into the cache's
+        slot `layer` at [cache.length, cache.length + L) and the queries attend to the whole cached prefix
+        (causal is bottom-right aligned); the caller advances the cache after the last layer.
+        Returns [B, L, D] (after out_proj)."""
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # [B, L, 3, H, Dh]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, Dh] (views)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # views: [B, H, cache.length + L, Dh]
+            causal = causal and L > 1  # a single new query sees the whole cache: no causal mask needed
         out = attention(
             q,
             k,
@@ -99,16 +202,36 @@ class CrossAttention(nn.Module):
         memory_mask: Tensor | None = None,
         *,
         kv: tuple[Tensor, Tensor] | None = None,
-        kv_index: Tensor | None = None,
+        kv_index: Tensor | int | None = None,
     ) -> Tensor:
         """x: [B, L, D]; memory: [Bm, M, Dm] or precomputed `kv`; memory_mask: bool [Bm, M], True = attend;
-        kv_index: long [B] (row of the memory read by each query row; None when Bm == B).
+        kv_index: long [B] (row of the memory read by each query row; None when Bm == B), or an int G:
+        the rows come in contiguous groups of G per memory row (row b reads memory row b // G; beams,
+        samples, answer candidates). A group's queries are then folded into one query axis per memory
+        row, so no backend gathers the memory K/V per row (exact: cross-attention has no causal mask).
         Returns [B, L, D]."""
         if (memory is None) == (kv is None):
             raise ValueError("CrossAttention needs exactly one of `memory` or `kv`")
         B, L, D = x.shape
+        H, Dh = self.num_heads, self.head_dim
         k, v = self.project_kv(memory) if kv is None else kv
-        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
+        if isinstance(kv_index, int):
+            G, Bm = kv_index, k.shape[0]
+            if B != Bm * G:
+                raise ValueError(f"{B} query rows are not {Bm} memory rows x groups of {G}")
+            q = self.q_proj(x).view(Bm, G, L, H, Dh).permute(0, 3, 1, 2, 4)  # [Bm, H, G, L, Dh]
+            q = q.reshape(Bm, H, G * L, Dh)  # copy
+            out = attention(
+                q,
+                k,
+                v,
+                key_padding_mask=memory_mask,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                config_backend=self.backend,
+            )  # [Bm, H, G*L, Dh]
+            out = out.view(Bm, H, G, L, Dh).permute(0, 2, 3, 1, 4).reshape(B, L, D)  # copy: [B, L, D]
+            return self.out_proj(out)
+        q = self.q_proj(x).view(B, L, H, Dh).transpose(1, 2)  # [B, H, L, Dh]
         out = attention(
             q,
             k,
@@ -186,11 +309,16 @@ class TransformerLayer(nn.Module):
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
         memory_kv: tuple[Tensor, Tensor] | None = None,
-        memory_index: Tensor | None = None,
+        memory_index: Tensor | int | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> Tensor:
         """x: [B, L, D]; mask: bool [B, L] (True = token); memory: [Bm, M, Dm] or its precomputed
-        `memory_kv`; memory_mask: bool [Bm, M]; memory_index: long [B] -> memory row. Returns [B, L, D]."""
-        x = self.norm_attn(x + self.dropout(self.attn(x, mask, causal)))
+        `memory_kv`; memory_mask: bool [Bm, M]; memory_index: long [B] -> memory row, or an int G
+        (contiguous groups of G rows per memory row, see `CrossAttention.forward`).
+        cache / layer: incremental decoding (see `SelfAttention.forward`; `mask` then covers the cached
+        keys too, [B, cache.length + L]). Returns [B, L, D]."""
+        x = self.norm_attn(x + self.dropout(self.attn(x, mask, causal, cache=cache, layer=layer)))
         if self.cross is not None:
             if memory is None and memory_kv is None:
                 raise ValueError("this layer has cross-attention: pass `memory` (or `memory_kv`)")

@@ -1,0 +1,231 @@
+"""Beam search with the KV cache against recomputation (official_spec §10, performance problem 1).
+
+    python benchmarks/generation_speed.py            # base preset, 384 px, batch 1, fp32, CPU
+    python benchmarks/generation_speed.py --quick    # tiny preset, few repeats (smoke run)
+
+Cases (official inference settings, `mode="official"`):
+    caption  memory = 577 image tokens,               beam 5, min_length 8, max_length 25
+    vqa      memory = 577 image + 12 question tokens,  beam 5, min_length 1, max_length 10
+
+Variants:
+    cached      `beam_search(use_cache=True)`: self-attention KV cache, memory K/V projected once per image
+                and shared by the beams (`memory_index`)
+    no_cache    `beam_search(use_cache=False)`: the whole prefix re-run every step, memory K/V still shared
+    official    the official loop (`TextGenerator._fast_translate_batch`): the whole prefix re-run every
+                step with the memory tiled per beam and its K/V re-projected every step
+
+The decoder has random weights (BERT init) and the memory is random: the work per step does not depend
+on the weights, and random weights never emit [SEP], so every run goes to max_length (the worst case).
+The vision / text encoders are not timed (identical for every variant). Results are checked first: the
+variants must return the same ids (max score difference recorded). Timing: `time.perf_counter`, median,
+p20, p80 (the correctness run is the warm-up; `--threads 1` is steadier on a shared machine).
+Writes benchmarks/results/cpu-generation.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import mplug_fast
+from mplug_fast.generation import SEP_ID, beam_search
+from mplug_fast.modeling.decoder import TextDecoder
+from mplug_fast.modeling.layers import init_bert_weights
+
+
+@torch.no_grad()
+def official_beam_search(
+    decoder, memory, memory_mask, start_ids, beam_size, max_length, min_length, alpha=0.6
+):
+    """The official loop (official_spec §5.6), out_size 1: no cache, memory tiled, full prefix each step."""
+    K = beam_size
+    B = memory.shape[0]
+    src = memory.repeat_interleave(K, dim=0)  # copy: [B*K, M, D]
+    att = memory_mask.repeat_interleave(K, dim=0)
+    batch_offset = torch.arange(B)
+    beam_offset = torch.arange(0, B * K, step=K)
+    alive_seq = start_ids.repeat_interleave(K, dim=0)
+    topk_log_probs = torch.tensor([0.0] + [float("-inf")] * (K - 1)).repeat(B)
+    hypotheses = [[] for _ in range(B)]
+    results = [None] * B
+    for step in range(max_length):
+        logits = decoder(alive_seq, None, src, att)[:, -1, :]
+        V = logits.size(-1)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        if step < min_length:
+            log_probs[:, SEP_ID] = -1e20
+        log_probs += topk_log_probs.view(-1).unsqueeze(1)
+        lp = ((5.0 + (step + 1)) / 6.0) ** alpha
+        topk_scores, topk_ids = (log_probs / lp).reshape(-1, K * V).topk(K, dim=-1)
+        topk_log_probs = topk_scores * lp
+        batch_index = topk_ids.div(V, rounding_mode="trunc") + beam_offset[: topk_ids.size(0)].unsqueeze(1)
+        topk_ids = topk_ids.fmod(V)
+        alive_seq = torch.cat([alive_seq.index_select(0, batch_index.view(-1)), topk_ids.view(-1, 1)], -1)
+        is_finished = topk_ids.eq(SEP_ID)
+        if step + 1 == max_length:
+            is_finished.fill_(1)
+        end_condition = is_finished[:, 0].eq(1)
+        if is_finished.any():
+            predictions = alive_seq.view(-1, K, alive_seq.size(-1))
+            for i in range(is_finished.size(0)):
+                b = int(batch_offset[i])
+                if end_condition[i]:
+                    is_finished[i].fill_(1)
+                for j in is_finished[i].nonzero().view(-1):
+                    hypotheses[b].append((topk_scores[i, j], predictions[i, j]))
+                if end_condition[i]:
+                    results[b] = sorted(hypotheses[b], key=lambda x: x[0], reverse=True)[0]
+            non_finished = end_condition.eq(0).nonzero().view(-1)
+            if len(non_finished) == 0:
+                break
+            topk_log_probs = topk_log_probs.index_select(0, non_finished)
+            batch_index = batch_index.index_select(0, non_finished)
+            batch_offset = batch_offset.index_select(0, non_finished)
+            alive_seq = predictions.index_select(0, non_finished).view(-1, alive_seq.size(-1))
+        src = src.index_select(0, batch_index.view(-1))
+        att = att.index_select(0, batch_index.view(-1))
+    return results
+
+
+def environment() -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        env["git_commit"] = None
+    return env
+
+
+def time_ms(fn, repeats: int) -> list[float]:
+    """Wall-clock ms of `repeats` calls (the caller has already run `fn` once: the correctness check)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny preset, 2 repeats")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--official-repeats", type=int, default=2, help="repeats of the (slow) official loop")
+    parser.add_argument("--skip-official", action="store_true", help="do not time the official loop")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu-generation.json")
+    args = parser.parse_args()
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = mplug_fast.get_config("tiny" if args.quick else "base")
+    repeats = 2 if args.quick else args.repeats
+    Nv = config.vision.num_tokens  # 577 at 384 px
+    D = config.text.hidden_size
+    torch.manual_seed(0)
+    decoder = TextDecoder(config)
+    decoder.apply(init_bert_weights)
+    decoder.eval()
+    Lq = 12
+    question_mask = torch.ones(1, Lq, dtype=torch.bool)
+    question_mask[:, 9:] = False
+    cases = {
+        "caption": dict(
+            memory=torch.randn(1, Nv, D),
+            memory_mask=torch.ones(1, Nv, dtype=torch.bool),
+            beam_size=5,
+            min_length=8,
+            max_length=25,
+        ),
+        "vqa": dict(
+            memory=torch.randn(1, Nv + Lq, D),
+            memory_mask=torch.cat([torch.ones(1, Nv, dtype=torch.bool), question_mask], dim=1),
+            beam_size=5,
+            min_length=1,
+            max_length=10,
+        ),
+    }
+    start = torch.full((1, 1), 101)
+    records = []
+    for name, c in cases.items():
+        kw = dict(beam_size=c["beam_size"], min_length=c["min_length"], max_length=c["max_length"])
+
+        def run(use_cache: bool, c=c, kw=kw):
+            return beam_search(decoder, c["memory"], c["memory_mask"], start, use_cache=use_cache, **kw)
+
+        def run_official(c=c, kw=kw):
+            return official_beam_search(decoder, c["memory"], c["memory_mask"], start, **kw)
+
+        cached, uncached = run(True), run(False)
+        err = float((cached.scores - uncached.scores).abs().max())
+        same = torch.equal(cached.ids, uncached.ids)
+        variants = {"cached": lambda: run(True), "no_cache": lambda: run(False)}
+        if not args.skip_official:
+            official = run_official()[0]
+            n = int(cached.lengths[0, 0])
+            same = same and cached.ids[0, 0, :n].tolist() == official[1].tolist()
+            err = max(err, abs(float(cached.scores[0, 0]) - float(official[0])))
+            variants["official"] = run_official
+        shape = {"memory": list(c["memory"].shape), **kw}
+        for variant, fn in variants.items():
+            times = time_ms(fn, args.official_repeats if variant == "official" else repeats)
+            rec = {
+                "name": f"{name}_{variant}",
+                "case": name,
+                "variant": variant,
+                "shape": shape,
+                "dtype": "float32",
+                "device": "cpu",
+                "ms_median": statistics.median(times),
+                "ms_p20": quantile(times, 0.2),
+                "ms_p80": quantile(times, 0.8),
+                "times_ms": times,
+                "same_ids_as_cached": same,
+                "max_abs_err": err,
+            }
+            records.append(rec)
+            print(
+                f"{rec['name']:18s} median {rec['ms_median']:9.1f} ms  (p20 {rec['ms_p20']:.1f}, "
+                f"p80 {rec['ms_p80']:.1f})  same ids {same}  max score err {err:.2e}",
+                flush=True,
+            )
+    ratios = {}
+    for name in cases:
+        by = {r["variant"]: r["ms_median"] for r in records if r["case"] == name}
+        for variant in ("no_cache", "official"):
+            if variant in by:
+                ratios[f"{name}: {variant} / cached"] = by[variant] / by["cached"]
+    for key, value in ratios.items():
+        print(f"{key:32s} {value:6.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    preset = "tiny" if args.quick else "base"
+    result = {"env": environment(), "preset": preset, "records": records, "speedups": ratios}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
