@@ -1,5 +1,32 @@
-"""Data: tokenizer (and, later, datasets and image transforms)."""
+"""Data: tokenizer, image loading and transforms (spec §7), and a synthetic world for smoke runs."""
 
+from mplug_fast.data.synthetic import SyntheticWorld
 from mplug_fast.data.tokenizer import TokenizedBatch, Tokenizer
+from mplug_fast.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    GroundingTransform,
+    RandomAugment,
+    TestTransform,
+    TrainTransform,
+    load_image,
+    preprocess,
+    test_transform,
+    train_transform,
+)
 
-__all__ = ["TokenizedBatch", "Tokenizer"]
+__all__ = [
+    "TokenizedBatch",
+    "Tokenizer",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "GroundingTransform",
+    "RandomAugment",
+    "SyntheticWorld",
+    "TestTransform",
+    "TrainTransform",
+    "load_image",
+    "preprocess",
+    "test_transform",
+    "train_transform",
+]
