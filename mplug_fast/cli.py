@@ -2,6 +2,10 @@
 
 Subcommands:
     info    versions (Python, torch, triton, CUDA) and which attention backends can run here, with reasons.
+
+Further subcommands live beside the code they drive: each module of `COMMAND_MODULES` defines
+`register(commands)` that adds its parsers (with `set_defaults(func=...)`) to the sub-parser action.
+They are imported when the parser is built; heavy imports belong inside the command functions.
 """
 
 from __future__ import annotations
@@ -10,6 +14,15 @@ import argparse
 import platform
 import sys
 from collections.abc import Sequence
+from importlib import import_module
+
+# Modules that add subcommands (see the module docstring); a module that does not exist yet is skipped.
+COMMAND_MODULES: tuple[str, ...] = (
+    "mplug_fast.inference.cli",  # caption, vqa, ground, rank
+    "mplug_fast.train.cli",  # pretrain
+    "mplug_fast.tasks.cli",  # finetune, evaluate
+    "mplug_fast.demo",  # demo
+)
 
 
 def _version(module_name: str) -> str:
@@ -57,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="print versions and the attention backends available here")
     info.set_defaults(func=_info)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module_name.startswith(e.name):
+                continue  # not written yet
+            raise
+        module.register(commands)
     return parser
 
 

@@ -220,8 +220,15 @@ def _describe(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, causal: boo
     )
 
 
-@functools.cache
 def _log_once(message: str) -> None:
+    """Log a backend decision once per process; silent while torch.compile traces (no graph break)."""
+    if torch.compiler.is_compiling():
+        return
+    _log_once_eager(message)
+
+
+@functools.cache
+def _log_once_eager(message: str) -> None:
     logger.info(message)
 
 
