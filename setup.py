@@ -35,7 +35,9 @@ setup(
             "transformers>=4.40",  # peer oracle in the tests only
             "pycocoevalcap",
             "pycocotools",
+            "matplotlib",
         ],
+        "plot": ["matplotlib"],  # loss curves, benchmark plots, demo report images
         "gpu": ["nvidia-ml-py"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
