@@ -1,5 +1,14 @@
 """Data: tokenizer, image loading and transforms (spec §7), and a synthetic world for smoke runs."""
 
+from mplug_fast.data.official import (
+    KarpathyCaptionDataset,
+    PretrainJsonDataset,
+    RefCocoDataset,
+    RetrievalJsonDataset,
+    VQAJsonDataset,
+    pre_caption,
+    pre_question,
+)
 from mplug_fast.data.synthetic import SyntheticWorld
 from mplug_fast.data.tokenizer import TokenizedBatch, Tokenizer
 from mplug_fast.data.transforms import (
@@ -16,6 +25,13 @@ from mplug_fast.data.transforms import (
 )
 
 __all__ = [
+    "KarpathyCaptionDataset",
+    "PretrainJsonDataset",
+    "RefCocoDataset",
+    "RetrievalJsonDataset",
+    "VQAJsonDataset",
+    "pre_caption",
+    "pre_question",
     "TokenizedBatch",
     "Tokenizer",
     "CLIP_MEAN",

@@ -1,0 +1,573 @@
+"""Readers for the official mPLUG annotation formats (official_spec.md §8) as ``torch.utils.data.Dataset``s.
+
+Each dataset yields the same sample dicts as the synthetic datasets (``mplug_fast.data.synthetic.datasets``),
+so the collators, trainers and evaluators take either:
+
+    PretrainJsonDataset   [{"image", "caption": str | [str]}]                -> image, caption, image_id
+    KarpathyCaptionDataset  mPLUG: [{"filename", "filepath", "sentences": [{"raw"}], ...}]
+                          or ALBEF/BLIP: [{"image", "caption": str | [str], "image_id"?}]
+                          or Karpathy's dataset_coco.json ({"images": [... "split" ...]})
+                            train: one item per sentence  -> image, caption, image_id
+                            test:  one item per image     -> image, captions (gold), image_id
+    VQAJsonDataset        [{"dataset": vqa|vg|gqa, "image", "question", "answer": [10] | str,
+                            "question_id"?, "ocr"?, "object_label"?}]
+                            -> image, question, answers, weights, question_id, image_id
+                               (+ gt_answers: the raw human answers, when present, for the VQA accuracy)
+    RetrievalJsonDataset  train: [{"image", "caption", "image_id"}]; eval: [{"image", "caption": [..]}]
+                            -> image, caption, image_id (pairs), plus texts / txt2img / img2txt / image(k)
+    RefCocoDataset        TransVG split files ``<ds>_<split>.pth``: (file, _, bbox xywh, phrase, attrs);
+                          referit / flickr: xyxy boxes ((file, bbox, phrase) tuples for flickr)
+                            -> image [3, S, S] padded, expression, box (cx, cy, w, h) / S, box_xyxy (pixels of
+                               the padded input), box_bins, image_mask, image_id
+
+Text: ``pre_caption`` / ``pre_question`` are the official cleaners (ALBEF lineage): lower-case, delete the
+characters , . ' ! ? " ( ) * # : ; ~, turn - and / into spaces (pre_caption also maps "<person>" to "person",
+collapses repeated whitespace and strips), then keep at most ``max_words`` space-separated words. Pretraining
+and retrieval captions go through ``pre_caption`` (30 words), questions through ``pre_question`` (30 words);
+caption-finetuning targets are only lower-cased (spec §5.2), like the official code.
+
+Images: ``image_root`` / relative path (absolute paths are used as they are), loaded with
+``mplug_fast.data.transforms.load_image`` and transformed by ``transform`` (default: the official
+``train_transform`` for training splits, ``test_transform`` otherwise). A missing or unreadable image is
+recorded, warned about once, and its sample is replaced by the next sample (index + 1, + 2, ...) whose image
+loads -- deterministic, so every epoch and every worker make the same substitution. When the recorded bad
+images exceed ``max_bad_fraction`` of the dataset's distinct images, loading raises ``RuntimeError`` naming
+them. ``check_images()`` scans every file up front. (With DataLoader workers each worker keeps its own
+record.)
+
+Deviation from the official code: TransVG casts boxes with ``np.array(bbox, dtype=int)`` (fractional pixel
+boxes are truncated); we keep them as floats (``truncate_boxes=True`` reproduces the cast).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mplug_fast.data.synthetic.datasets import box_to_bins
+from mplug_fast.data.transforms import GroundingTransform, load_image, test_transform, train_transform
+
+PathLike = str | Path
+Transform = Callable[[Image.Image], Tensor]
+
+DEFAULT_MAX_WORDS = 30  # official max_words (captions) and max_ques_words (questions)
+DEFAULT_MAX_BAD_FRACTION = 0.01
+KARPATHY_FOLDERS = {"train2014": "train2014_img", "val2014": "val2014_img"}  # mPLUG's COCO folder names
+VG_ANSWER_WEIGHT = 0.5  # official weight of the single answer of VG / GQA questions
+
+_STRIP_CHARS = re.compile(r"[,.'!?\"()*#:;~]")
+
+
+# ---- text --------------------------------------------------------------------------------------------------
+
+
+def pre_caption(caption: str, max_words: int = DEFAULT_MAX_WORDS) -> str:
+    """The official caption cleaner (see the module docstring); keeps at most ``max_words`` words."""
+    text = (
+        _STRIP_CHARS.sub("", caption.lower())
+        .replace("-", " ")
+        .replace("/", " ")
+        .replace("<person>", "person")
+    )
+    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
+    words = text.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+def pre_question(question: str, max_words: int = DEFAULT_MAX_WORDS) -> str:
+    """The official question cleaner: like ``pre_caption`` but without whitespace collapsing, only a right
+    strip of spaces (so doubled spaces survive and count as empty words for the truncation, as officially)."""
+    text = _STRIP_CHARS.sub("", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
+    words = text.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+def vqa_answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
+    """Unique answers (first-seen order) and their weights count / len(answers) (official VQA v2 weights)."""
+    if isinstance(answers, str) or len(answers) == 0:
+        raise ValueError(f"expected a non-empty list of answers, got {answers!r}")
+    weights: dict[str, float] = {}
+    for a in answers:
+        weights[a] = weights.get(a, 0.0) + 1.0 / len(answers)
+    return list(weights), list(weights.values())
+
+
+# ---- annotation files --------------------------------------------------------------------------------------
+
+
+def load_json_list(ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One annotation list from a JSON file, several files (concatenated, as the official ``ann_file`` lists)
+    or an in-memory list of dicts."""
+    if isinstance(ann, (str, Path)):
+        paths: list[PathLike] = [ann]
+    elif len(ann) > 0 and isinstance(ann[0], Mapping):
+        return [dict(a) for a in ann]  # type: ignore[arg-type]
+    else:
+        paths = list(ann)  # type: ignore[arg-type]
+    out: list[dict[str, Any]] = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"annotation file {str(p)!r} does not exist")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"annotation file {str(p)!r} is not valid JSON: {e}") from e
+        if isinstance(data, dict) and "images" in data:  # Karpathy's dataset_coco.json
+            data = data["images"]
+        if not isinstance(data, list):
+            raise ValueError(f"annotation file {str(p)!r} must hold a JSON list, got {type(data).__name__}")
+        out.extend(data)
+    return out
+
+
+def _require(entry: Mapping[str, Any], keys: Sequence[str], where: str, index: int) -> None:
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise KeyError(f"{where}: entry {index} lacks {missing} (has {sorted(entry)})")
+
+
+# ---- robust image loading ----------------------------------------------------------------------------------
+
+
+class _ImageDataset(Dataset):
+    """Plumbing shared by the readers: image paths per item, robust loading with substitution.
+
+    Subclasses set ``self._paths`` (one resolved path per item) and implement ``_sample(i, image)``.
+    """
+
+    _paths: list[Path]
+
+    def __init__(self, image_root: PathLike | None, max_bad_fraction: float):
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.image_root = None if image_root is None else Path(image_root)
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_images: dict[str, str] = {}  # path -> reason
+        self.num_replaced = 0
+
+    def _resolve(self, rel: str, root: Path | None = None) -> Path:
+        p = Path(rel)
+        root = self.image_root if root is None else root
+        return p if p.is_absolute() or root is None else root / p
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @property
+    def num_distinct_images(self) -> int:
+        return len(set(self._paths))
+
+    def _mark_bad(self, path: Path, reason: str) -> None:
+        key = str(path)
+        if key in self.bad_images:
+            return
+        self.bad_images[key] = reason
+        warnings.warn(
+            f"{type(self).__name__}: skipping image {key!r} ({reason}); {len(self.bad_images)} bad so far",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        limit = self.max_bad_fraction * self.num_distinct_images
+        if len(self.bad_images) > limit:
+            listed = "\n  ".join(f"{p}: {r}" for p, r in list(self.bad_images.items())[:20])
+            more = "" if len(self.bad_images) <= 20 else f"\n  ... and {len(self.bad_images) - 20} more"
+            raise RuntimeError(
+                f"{type(self).__name__}: {len(self.bad_images)} of {self.num_distinct_images} images are "
+                f"missing or unreadable, more than max_bad_fraction={self.max_bad_fraction} allows "
+                f"(check image_root={str(self.image_root)!r}):\n  {listed}{more}"
+            )
+
+    def _try_load(self, path: Path) -> Image.Image | None:
+        if str(path) in self.bad_images:
+            return None
+        try:
+            return load_image(path)
+        except (FileNotFoundError, IsADirectoryError, ValueError, OSError) as e:
+            self._mark_bad(path, f"{type(e).__name__}: {e}")
+            return None
+
+    def _check_index(self, i: int) -> int:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {type(self).__name__} of length {len(self)}")
+        return i % len(self)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = self._check_index(i)
+        n = len(self)
+        for k in range(n):
+            j = (i + k) % n
+            image = self._try_load(self._paths[j])
+            if image is not None:
+                self.num_replaced += k > 0
+                return self._sample(j, image)
+        raise RuntimeError(
+            f"{type(self).__name__}: no item has a loadable image ({len(self.bad_images)} bad)"
+        )
+
+    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def check_images(self, decode: bool = False) -> list[str]:
+        """Scans every distinct image (existence; full decoding with ``decode=True``), records and warns
+        about bad ones (raising past ``max_bad_fraction``) and returns their paths."""
+        for p in dict.fromkeys(self._paths):
+            if decode:
+                self._try_load(p)
+            elif not p.is_file():
+                self._mark_bad(p, "FileNotFoundError: no such file")
+        return list(self.bad_images)
+
+
+def _default_transform(transform: Transform | None, train: bool, image_size: int, scale: tuple) -> Transform:
+    if transform is not None:
+        return transform
+    return train_transform(image_size, scale=scale) if train else test_transform(image_size)
+
+
+# ---- pretraining -------------------------------------------------------------------------------------------
+
+
+class PretrainJsonDataset(_ImageDataset):
+    """Pretraining image-text list (the ALBEF/mPLUG ``pretrain_dataset``): [{"image", "caption"}].
+
+    A list of captions yields one per item, drawn from ``random.Random(f"{seed}:{epoch}:{index}")``
+    (``set_epoch`` changes the draw). ``image_id`` is the item index. Default transform: the official
+    pre-training ``train_transform(image_size, scale=(0.2, 1.0))``.
+    """
+
+    def __init__(
+        self,
+        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        image_root: PathLike | None = None,
+        image_size: int = 256,
+        transform: Transform | None = None,
+        max_words: int = DEFAULT_MAX_WORDS,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+        seed: int = 0,
+    ):
+        super().__init__(image_root, max_bad_fraction)
+        self.ann = load_json_list(ann)
+        for i, e in enumerate(self.ann):
+            _require(e, ("image", "caption"), "pretraining list", i)
+        self._paths = [self._resolve(e["image"]) for e in self.ann]
+        self.transform = _default_transform(transform, True, image_size, (0.2, 1.0))
+        self.max_words, self.seed, self.epoch = max_words, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
+        caption = self.ann[i]["caption"]
+        if isinstance(caption, list):
+            caption = random.Random(f"{self.seed}:{self.epoch}:{i}").choice(caption)
+        return {
+            "image": self.transform(image),
+            "caption": pre_caption(caption, self.max_words),
+            "image_id": i,
+        }
+
+
+# ---- captioning --------------------------------------------------------------------------------------------
+
+
+class KarpathyCaptionDataset(_ImageDataset):
+    """COCO Karpathy captioning (``split`` "train": one item per sentence; "test"/"val": one per image).
+
+    Accepts mPLUG's entries {"filename", "filepath", "sentences": [{"raw"}]} (image at
+    ``image_root / folder_map.get(filepath, filepath) / filename``), ALBEF/BLIP's {"image", "caption"} and
+    Karpathy's dataset_coco.json (filter with ``karpathy_splits``, e.g. ("train", "restval")).
+    Captions are lower-cased (and stripped) as the official caption code does; ``prompt`` is prepended to
+    training captions (official COCO: ""). ``image_id`` is the entry's cocoid / image_id when it is an int,
+    else the position of the image.
+    """
+
+    def __init__(
+        self,
+        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        image_root: PathLike | None = None,
+        split: str = "train",
+        image_size: int = 384,
+        transform: Transform | None = None,
+        prompt: str = "",
+        folder_map: Mapping[str, str] = KARPATHY_FOLDERS,
+        karpathy_splits: Sequence[str] | None = None,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    ):
+        super().__init__(image_root, max_bad_fraction)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
+        entries = load_json_list(ann)
+        if karpathy_splits is not None:
+            entries = [e for e in entries if e.get("split") in set(karpathy_splits)]
+        self.split, self.prompt = split, prompt
+        self.images: list[Path] = []
+        self.image_ids: list[int] = []
+        self.gold: list[list[str]] = []
+        for k, e in enumerate(entries):
+            if "sentences" in e:
+                _require(e, ("filename",), "caption annotation", k)
+                folder = folder_map.get(e.get("filepath", ""), e.get("filepath", ""))
+                path = self._resolve(str(Path(folder) / e["filename"]))
+                caps = [s["raw"] if isinstance(s, Mapping) else s for s in e["sentences"]]
+            else:
+                _require(e, ("image", "caption"), "caption annotation", k)
+                path = self._resolve(e["image"])
+                caps = [e["caption"]] if isinstance(e["caption"], str) else list(e["caption"])
+            if not caps:
+                raise ValueError(f"caption annotation: entry {k} ({path}) has no sentences")
+            image_id = next(
+                (e[key] for key in ("cocoid", "image_id", "id") if isinstance(e.get(key), int)), k
+            )
+            self.images.append(path)
+            self.image_ids.append(image_id)
+            self.gold.append([c.lower().strip() for c in caps])
+        if split == "train":
+            self._items = [(k, c) for k, caps in enumerate(self.gold) for c in range(len(caps))]
+        else:
+            self._items = [(k, -1) for k in range(len(self.images))]
+        self._paths = [self.images[k] for k, _ in self._items]
+        self.transform = _default_transform(transform, split == "train", image_size, (0.5, 1.0))
+
+    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
+        k, c = self._items[i]
+        x = self.transform(image)
+        if c < 0:
+            return {"image": x, "captions": list(self.gold[k]), "image_id": self.image_ids[k]}
+        return {"image": x, "caption": self.prompt + self.gold[k][c], "image_id": self.image_ids[k]}
+
+
+# ---- VQA ---------------------------------------------------------------------------------------------------
+
+
+class VQAJsonDataset(_ImageDataset):
+    """VQA v2 / VG / GQA questions in the official JSON format.
+
+    Args:
+        ann: annotation list(s). Entries: ``dataset`` ("vqa" default, "vg", "gqa"), ``image``, ``question``,
+            ``answer`` (list of the 10 human answers for vqa, a string for vg/gqa; absent on test),
+            ``question_id`` (test/val), optional ``ocr`` ([[pos, token], ...]) and ``object_label`` ("a&&b").
+        image_root: root of "vqa" images; ``roots`` maps other dataset names ("vg", "gqa") to their roots.
+        split: "train" (answers required: weights count/10 for vqa, 0.5 for vg/gqa) or "test"/"val".
+        add_ocr / add_object: append " [SEP] " + cleaned OCR tokens (<= 30 words) / object labels to the
+            question (the released VQA scripts use both).
+
+    Samples: image, question, answers, weights, question_id, image_id (the index of the image path),
+    and on non-train splits with answers also gt_answers (the raw list, for ``vqa_score``).
+    """
+
+    def __init__(
+        self,
+        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        image_root: PathLike | None = None,
+        split: str = "train",
+        roots: Mapping[str, PathLike] | None = None,
+        image_size: int = 384,
+        transform: Transform | None = None,
+        max_question_words: int = DEFAULT_MAX_WORDS,
+        add_ocr: bool = False,
+        add_object: bool = False,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    ):
+        super().__init__(image_root, max_bad_fraction)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
+        self.ann = load_json_list(ann)
+        self.split, self.max_question_words = split, max_question_words
+        self.add_ocr, self.add_object = add_ocr, add_object
+        roots_p = {k: Path(v) for k, v in (roots or {}).items()}
+        self._paths = []
+        for i, e in enumerate(self.ann):
+            _require(
+                e, ("image", "question") + (("answer",) if split == "train" else ()), "VQA annotation", i
+            )
+            name = e.get("dataset", "vqa")
+            if name != "vqa" and name not in roots_p:
+                raise KeyError(
+                    f"VQA annotation: entry {i} is from dataset {name!r}; pass roots={{{name!r}: ...}}"
+                )
+            self._paths.append(self._resolve(e["image"], roots_p.get(name)))
+        ids = {p: k for k, p in enumerate(dict.fromkeys(self._paths))}
+        self._image_ids = [ids[p] for p in self._paths]
+        self.transform = _default_transform(transform, split == "train", image_size, (0.5, 1.0))
+
+    def question_text(self, i: int) -> str:
+        e = self.ann[i]
+        q = pre_question(e["question"], self.max_question_words)
+        if self.add_ocr and e.get("ocr"):
+            tokens = " ".join(str(t[1]) if isinstance(t, (list, tuple)) else str(t) for t in e["ocr"])
+            q = q + " [SEP] " + pre_question(tokens, DEFAULT_MAX_WORDS)
+        if self.add_object and e.get("object_label"):
+            q = q + " [SEP] " + " ".join(e["object_label"].split("&&"))
+        return q
+
+    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
+        e = self.ann[i]
+        out: dict[str, Any] = {"image": self.transform(image), "question": self.question_text(i)}
+        if "answer" in e:
+            if isinstance(e["answer"], str):
+                out["answers"], out["weights"] = [e["answer"]], [VG_ANSWER_WEIGHT]
+            else:
+                out["answers"], out["weights"] = vqa_answer_weights(e["answer"])
+                if self.split != "train":
+                    out["gt_answers"] = list(e["answer"])
+        out["question_id"] = e.get("question_id", i)
+        out["image_id"] = self._image_ids[i]
+        return out
+
+
+# ---- retrieval ---------------------------------------------------------------------------------------------
+
+
+class RetrievalJsonDataset(_ImageDataset):
+    """COCO / Flickr30k Karpathy retrieval.
+
+    train: [{"image", "caption", "image_id"}] -> one item per pair; image ids (any hashable) are mapped to
+    0..N-1 in first-seen order (as the official ``re_train_dataset``), so positives share an id.
+    val/test: [{"image", "caption": [..]}] -> one item per (image, caption) pair, and for evaluation
+    ``texts`` / ``txt2img`` / ``img2txt`` / ``image(k)`` / ``num_images``, like the synthetic
+    ``RetrievalDataset``. Captions go through ``pre_caption`` (30 words).
+    """
+
+    def __init__(
+        self,
+        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        image_root: PathLike | None = None,
+        split: str = "train",
+        image_size: int = 384,
+        transform: Transform | None = None,
+        max_words: int = DEFAULT_MAX_WORDS,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    ):
+        super().__init__(image_root, max_bad_fraction)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
+        self.split = split
+        entries = load_json_list(ann)
+        self.texts: list[str] = []
+        self.txt2img: list[int] = []
+        self.img2txt: list[list[int]] = []
+        self.image_paths: list[Path] = []
+        id_map: dict[Any, int] = {}
+        for k, e in enumerate(entries):
+            _require(e, ("image", "caption"), "retrieval annotation", k)
+            path = self._resolve(e["image"])
+            if split == "train":
+                key = e.get("image_id", str(path))
+                if key not in id_map:
+                    id_map[key] = len(id_map)
+                    self.image_paths.append(path)
+                    self.img2txt.append([])
+                img = id_map[key]
+                caps = [e["caption"]]
+            else:
+                img = len(self.image_paths)
+                self.image_paths.append(path)
+                self.img2txt.append([])
+                caps = [e["caption"]] if isinstance(e["caption"], str) else list(e["caption"])
+            for c in caps:
+                self.img2txt[img].append(len(self.texts))
+                self.texts.append(pre_caption(c, max_words))
+                self.txt2img.append(img)
+        self._paths = [self.image_paths[k] for k in self.txt2img]
+        self.transform = _default_transform(transform, split == "train", image_size, (0.5, 1.0))
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_paths)
+
+    def image(self, k: int) -> Tensor:
+        """The transformed image k (evaluation: iterate k over ``num_images``); a bad image raises."""
+        img = self._try_load(self.image_paths[k])
+        if img is None:
+            raise RuntimeError(f"image {k} ({self.image_paths[k]}) is missing or unreadable")
+        return self.transform(img)
+
+    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
+        return {"image": self.transform(image), "caption": self.texts[i], "image_id": self.txt2img[i]}
+
+
+# ---- grounding ---------------------------------------------------------------------------------------------
+
+XYXY_DATASETS = ("referit", "flickr")  # TransVG: these split files hold xyxy boxes, the others xywh
+
+
+class RefCocoDataset(_ImageDataset):
+    """RefCOCO / RefCOCO+ / RefCOCOg (and ReferIt / Flickr) grounding from TransVG split files.
+
+    Args:
+        split_file: ``<split_root>/<ds>/<ds>_<split>.pth`` (a pickled list of tuples), or an in-memory list.
+        image_root: folder of the images (official: ``data_root/other/images/mscoco/images/train2014``).
+        dataset: "unc" / "unc+" / "gref" / "gref_umd" (xywh boxes), "referit" / "flickr" (xyxy boxes).
+        train: the TransVG training augmentation (``GroundingTransform(train=True)``) or the eval transform.
+        transform: a ``GroundingTransform``-like callable (image, box_xyxy, text) -> GroundingSample.
+        truncate_boxes: cast boxes to int like the official loader.
+    """
+
+    def __init__(
+        self,
+        split_file: PathLike | Sequence[Sequence[Any]],
+        image_root: PathLike | None = None,
+        dataset: str = "unc",
+        train: bool = False,
+        image_size: int = 336,
+        transform: GroundingTransform | None = None,
+        truncate_boxes: bool = False,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    ):
+        super().__init__(image_root, max_bad_fraction)
+        if isinstance(split_file, (str, Path)):
+            p = Path(split_file)
+            if not p.is_file():
+                raise FileNotFoundError(f"grounding split file {str(p)!r} does not exist")
+            records = torch.load(p, weights_only=True)
+        else:
+            records = list(split_file)
+        self.dataset = dataset
+        self.records: list[tuple[Path, list[float], str]] = []
+        for k, r in enumerate(records):
+            r = tuple(r)
+            if dataset == "flickr" and len(r) == 3:
+                file, box, phrase = r
+            elif len(r) >= 4:
+                file, _, box, phrase = r[:4]
+            else:
+                raise ValueError(
+                    f"grounding record {k} has {len(r)} fields; expected (file, _, bbox, phrase, ...)"
+                )
+            box = [float(b) for b in box]
+            if len(box) != 4:
+                raise ValueError(f"grounding record {k}: bbox must have 4 numbers, got {box}")
+            if truncate_boxes:
+                box = [float(int(b)) for b in box]
+            if dataset not in XYXY_DATASETS:
+                box = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+            self.records.append((self._resolve(str(file)), box, str(phrase).lower()))
+        self._paths = [r[0] for r in self.records]
+        self.transform = transform if transform is not None else GroundingTransform(image_size, train=train)
+
+    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
+        _, box, phrase = self.records[i]
+        s = self.transform(image, box, phrase)
+        S = s.image.shape[-1]
+        cx, cy, w, h = s.box.tolist()
+        xyxy = torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dtype=torch.float32) * S
+        return {
+            "image": s.image,
+            "expression": s.text,
+            "box": s.box,
+            "box_xyxy": xyxy,
+            "box_bins": box_to_bins(s.box),
+            "image_mask": s.image_mask,
+            "image_id": i,
+        }
