@@ -1,7 +1,7 @@
 """Beam search with the KV cache against recomputation (official_spec §10, performance problem 1).
 
-    python benchmarks/generation_speed.py            # base preset, 384 px, batch 1, fp32, CPU
-    python benchmarks/generation_speed.py --quick    # tiny preset, few repeats (smoke run)
+    python benchmarks/generation_speed.py --threads 1   # base preset, 384 px, batch 1 and 8, fp32, CPU
+    python benchmarks/generation_speed.py --quick       # tiny preset, few repeats (smoke run)
 
 Cases (official inference settings, `mode="official"`):
     caption  memory = 577 image tokens,               beam 5, min_length 8, max_length 25
@@ -18,7 +18,11 @@ The decoder has random weights (BERT init) and the memory is random: the work pe
 on the weights, and random weights never emit [SEP], so every run goes to max_length (the worst case).
 The vision / text encoders are not timed (identical for every variant). Results are checked first: the
 variants must return the same ids (max score difference recorded). Timing: `time.perf_counter`, median,
-p20, p80 (the correctness run is the warm-up; `--threads 1` is steadier on a shared machine).
+p20, p80 (the correctness run is the warm-up; `--threads 1` is steadier on a shared machine). The official
+loop takes minutes at batch 8: its correctness run is timed too (it warms nothing that matters at that
+length), plus `--official-repeats` more runs at batch 1 only; `no_cache` gets `--no-cache-repeats` at
+batch 1 and one run at larger batches. Every sample of a batch runs to max_length (random weights), so
+dropping finished samples from the batch is not exercised here (tests/test_generation.py checks it).
 Writes benchmarks/results/cpu-generation.json (or --out).
 """
 
@@ -30,6 +34,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -127,13 +132,32 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def write_results(args: argparse.Namespace, records: list[dict], ratios: dict) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    preset = "tiny" if args.quick else "base"
+    command = "python benchmarks/generation_speed.py " + " ".join(sys.argv[1:])
+    result = {
+        "env": environment(),
+        "preset": preset,
+        "command": command,
+        "records": records,
+        "speedups": ratios,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny preset, 2 repeats")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--official-repeats", type=int, default=2, help="repeats of the (slow) official loop")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the cached path")
+    parser.add_argument("--no-cache-repeats", type=int, default=2, help="timed runs of no_cache (batch 1)")
+    parser.add_argument(
+        "--official-repeats", type=int, default=1, help="official runs timed after the check run (batch 1)"
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--cases", nargs="+", default=["caption", "vqa"], choices=["caption", "vqa"])
     parser.add_argument("--skip-official", action="store_true", help="do not time the official loop")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu-generation.json")
@@ -150,80 +174,85 @@ def main() -> None:
     decoder.apply(init_bert_weights)
     decoder.eval()
     Lq = 12
-    question_mask = torch.ones(1, Lq, dtype=torch.bool)
-    question_mask[:, 9:] = False
-    cases = {
-        "caption": dict(
-            memory=torch.randn(1, Nv, D),
-            memory_mask=torch.ones(1, Nv, dtype=torch.bool),
-            beam_size=5,
-            min_length=8,
-            max_length=25,
-        ),
-        "vqa": dict(
-            memory=torch.randn(1, Nv + Lq, D),
-            memory_mask=torch.cat([torch.ones(1, Nv, dtype=torch.bool), question_mask], dim=1),
-            beam_size=5,
-            min_length=1,
-            max_length=10,
-        ),
-    }
-    start = torch.full((1, 1), 101)
     records = []
-    for name, c in cases.items():
-        kw = dict(beam_size=c["beam_size"], min_length=c["min_length"], max_length=c["max_length"])
-
-        def run(use_cache: bool, c=c, kw=kw):
-            return beam_search(decoder, c["memory"], c["memory_mask"], start, use_cache=use_cache, **kw)
-
-        def run_official(c=c, kw=kw):
-            return official_beam_search(decoder, c["memory"], c["memory_mask"], start, **kw)
-
-        cached, uncached = run(True), run(False)
-        err = float((cached.scores - uncached.scores).abs().max())
-        same = torch.equal(cached.ids, uncached.ids)
-        variants = {"cached": lambda: run(True), "no_cache": lambda: run(False)}
-        if not args.skip_official:
-            official = run_official()[0]
-            n = int(cached.lengths[0, 0])
-            same = same and cached.ids[0, 0, :n].tolist() == official[1].tolist()
-            err = max(err, abs(float(cached.scores[0, 0]) - float(official[0])))
-            variants["official"] = run_official
-        shape = {"memory": list(c["memory"].shape), **kw}
-        for variant, fn in variants.items():
-            times = time_ms(fn, args.official_repeats if variant == "official" else repeats)
-            rec = {
-                "name": f"{name}_{variant}",
-                "case": name,
-                "variant": variant,
-                "shape": shape,
-                "dtype": "float32",
-                "device": "cpu",
-                "ms_median": statistics.median(times),
-                "ms_p20": quantile(times, 0.2),
-                "ms_p80": quantile(times, 0.8),
-                "times_ms": times,
-                "same_ids_as_cached": same,
-                "max_abs_err": err,
-            }
-            records.append(rec)
-            print(
-                f"{rec['name']:18s} median {rec['ms_median']:9.1f} ms  (p20 {rec['ms_p20']:.1f}, "
-                f"p80 {rec['ms_p80']:.1f})  same ids {same}  max score err {err:.2e}",
-                flush=True,
-            )
     ratios = {}
-    for name in cases:
-        by = {r["variant"]: r["ms_median"] for r in records if r["case"] == name}
-        for variant in ("no_cache", "official"):
-            if variant in by:
-                ratios[f"{name}: {variant} / cached"] = by[variant] / by["cached"]
-    for key, value in ratios.items():
-        print(f"{key:32s} {value:6.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    preset = "tiny" if args.quick else "base"
-    result = {"env": environment(), "preset": preset, "records": records, "speedups": ratios}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for B in args.batch_sizes:
+        g = torch.Generator().manual_seed(B)
+        question_mask = torch.ones(B, Lq, dtype=torch.bool)
+        question_mask[:, 9:] = False
+        cases = {
+            "caption": dict(
+                memory=torch.randn(B, Nv, D, generator=g),
+                memory_mask=torch.ones(B, Nv, dtype=torch.bool),
+                beam_size=5,
+                min_length=8,
+                max_length=25,
+            ),
+            "vqa": dict(
+                memory=torch.randn(B, Nv + Lq, D, generator=g),
+                memory_mask=torch.cat([torch.ones(B, Nv, dtype=torch.bool), question_mask], dim=1),
+                beam_size=5,
+                min_length=1,
+                max_length=10,
+            ),
+        }
+        start = torch.full((B, 1), 101)
+        for name in args.cases:
+            c = cases[name]
+            kw = dict(beam_size=c["beam_size"], min_length=c["min_length"], max_length=c["max_length"])
+
+            def run(use_cache: bool, c=c, kw=kw, start=start):
+                return beam_search(decoder, c["memory"], c["memory_mask"], start, use_cache=use_cache, **kw)
+
+            def run_official(c=c, kw=kw, start=start):
+                return official_beam_search(decoder, c["memory"], c["memory_mask"], start, **kw)
+
+            cached, uncached = run(True), run(False)
+            err = float((cached.scores - uncached.scores).abs().max())
+            same = torch.equal(cached.ids, uncached.ids)
+            variants = {"cached": (lambda: run(True), repeats)}
+            variants["no_cache"] = (lambda: run(False), args.no_cache_repeats if B == 1 else 1)
+            first_times = {}
+            if not args.skip_official:
+                t0 = time.perf_counter()
+                official = run_official()
+                first_times["official"] = [(time.perf_counter() - t0) * 1e3]
+                for b in range(B):
+                    n = int(cached.lengths[b, 0])
+                    same = same and cached.ids[b, 0, :n].tolist() == official[b][1].tolist()
+                    err = max(err, abs(float(cached.scores[b, 0]) - float(official[b][0])))
+                variants["official"] = (run_official, args.official_repeats if B == 1 else 0)
+            shape = {"batch": B, "memory": list(c["memory"].shape), **kw}
+            for variant, (fn, n_runs) in variants.items():
+                times = first_times.get(variant, []) + time_ms(fn, n_runs)
+                rec = {
+                    "name": f"{name}_b{B}_{variant}",
+                    "case": name,
+                    "batch": B,
+                    "variant": variant,
+                    "shape": shape,
+                    "dtype": "float32",
+                    "device": "cpu",
+                    "ms_median": statistics.median(times),
+                    "ms_p20": quantile(times, 0.2),
+                    "ms_p80": quantile(times, 0.8),
+                    "times_ms": times,
+                    "same_ids_as_cached": same,
+                    "max_abs_err": err,
+                }
+                records.append(rec)
+                print(
+                    f"{rec['name']:22s} median {rec['ms_median']:10.1f} ms  (p20 {rec['ms_p20']:.1f}, "
+                    f"p80 {rec['ms_p80']:.1f}, n={len(times)})  same ids {same}  max score err {err:.2e}",
+                    flush=True,
+                )
+            by = {r["variant"]: r["ms_median"] for r in records if r["case"] == name and r["batch"] == B}
+            for variant in ("no_cache", "official"):
+                if variant in by:
+                    key = f"{name} batch {B}: {variant} / cached"
+                    ratios[key] = by[variant] / by["cached"]
+                    print(f"{key:36s} {ratios[key]:6.2f}x", flush=True)
+            write_results(args, records, ratios)  # after every case: a long run interrupted keeps its results
     print(f"wrote {args.out}")
 
 

@@ -24,4 +24,14 @@ __all__ = [
     "__version__",
     "build_model",
     "get_config",
+    "pipeline",
 ]
+
+
+def __getattr__(name: str):
+    """Lazy exports: `mplug_fast.pipeline` imports the inference stack (PIL, tokenizers) on first use."""
+    if name == "pipeline":
+        from mplug_fast.inference.pipeline import pipeline
+
+        return pipeline
+    raise AttributeError(f"module 'mplug_fast' has no attribute {name!r}")

@@ -20,9 +20,12 @@ Incremental decoding (default, `use_cache=True`) keeps a `KVCache`; `use_cache=F
 over the whole prefix at every step (the official way, still with the shared memory K/V): same results,
 kept as a baseline for benchmarks and tests.
 
-Host synchronisation: one `.all()` per step to stop early; everything else stays on the device.
-Samples that are done stay in the batch until every sample is done (their rows keep running, unrecorded):
-no compaction yet, so a batch costs as many steps as its longest sample.
+Finished samples leave the batch: when a sample closes (official beam search: its top beam emits
+[SEP]; standard: no running beam can improve it; greedy / sampling: all of its rows emitted [SEP]) its rows,
+its memory K/V rows and its cache rows are dropped before the next step, so the decoder only runs the
+samples still open. Host synchronisation: one count of the open samples per step (to stop, and to
+compact when it fell); everything else stays on the device. The beam reorder of the self-attention cache
+is a gather into a second preallocated buffer (swapped), not an in-place advanced-index copy.
 No gradients flow through decoding (`torch.no_grad`); for SCST, re-score the returned ids with
 `sequence_log_probs` (one teacher-forced forward that keeps the graph).
 """
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mplug_fast.modeling.decoder import MemoryKV, TextDecoder
+from mplug_fast.modeling.layers import KVCache
 
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 NEG_EOS = -1e20  # official: the [SEP] log-prob before min_length
@@ -96,6 +100,33 @@ def _as_bool(mask: Tensor | None) -> Tensor | None:
     return mask if mask is None or mask.dtype == torch.bool else mask != 0
 
 
+class _SwapCache(KVCache):
+    """`KVCache` whose `reorder` gathers rows into a second buffer of the same shape and swaps the two
+    (`index_select(..., out=)`: one contiguous gather, no allocation while the row count stays the same);
+    a new row count (prompt -> beams, dropping finished samples) allocates new buffers."""
+
+    def __init__(self, num_layers: int, max_length: int):
+        super().__init__(num_layers, max_length)
+        self._spare: tuple[Tensor, Tensor, Tensor] | None = None  # (k, v, mask) of the same shape
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i becomes old row index[i]; index: long [N']."""
+        if self.k is None:
+            return
+        if index.shape[0] != self.k.shape[1]:
+            self._spare = None
+            super().reorder(index)
+            return
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v), torch.empty_like(self.mask))
+        k, v, mask = self._spare
+        torch.index_select(self.k, 1, index, out=k)  # [layers, N, H, Lmax, Dh]
+        torch.index_select(self.v, 1, index, out=v)
+        torch.index_select(self.mask, 0, index, out=mask)  # [N, Lmax]
+        self._spare = (self.k, self.v, self.mask)
+        self.k, self.v, self.mask = k, v, mask
+
+
 class _DecodingState:
     """The decoder side of a batch being decoded: incremental (KV cache) or full recomputation.
 
@@ -136,7 +167,7 @@ class _DecodingState:
         self.use_cache = use_cache
         self.ids = start_ids  # full prefix [N, L] (no-cache mode only)
         self.mask = start_mask  # bool [N, L] or None (no-cache mode only)
-        self.cache = decoder.new_cache(Lp + max_new_tokens) if use_cache else None
+        self.cache = _SwapCache(len(decoder.layers), Lp + max_new_tokens) if use_cache else None
 
     def _last_logits(self, ids: Tensor, mask: Tensor | None) -> Tensor:
         h = self.decoder.hidden_states(
@@ -164,6 +195,13 @@ class _DecodingState:
         else:
             self.ids = self.ids[index]
             self.mask = None if self.mask is None else self.mask[index]
+
+    def keep_samples(self, keep: Tensor) -> None:
+        """Drop finished samples: only the memory rows `keep` (long [B'], increasing) stay. The caller
+        then selects their decoder rows with `advance(tokens, select)`."""
+        self.memory_kv = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in self.memory_kv]
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, keep)
 
     def advance(self, tokens: Tensor, select: Tensor | None = None) -> Tensor:
         """Reorder rows by `select` [N] (None = keep), append `tokens` [N]; next-token logits [N, V]."""
@@ -314,25 +352,29 @@ def _official(
     exact,
     logit_bias,
 ) -> GenerationOutput:
-    """official_spec §5.6 (`TextGenerator._fast_translate_batch`), batched; see `beam_search`."""
+    """official_spec §5.6 (`TextGenerator._fast_translate_batch`), batched; see `beam_search`.
+
+    `seq`, `running`, `logits` hold the open samples only (`open_ids` [Bo]: their sample numbers); the
+    recorded hypotheses `hyp_*` are indexed by sample."""
     B, device = seq.shape[0], seq.device
     T = max_length
     hyp_scores = torch.full((B, T, K), float("-inf"), device=device)  # [B, step, beam] recorded scores
     hyp_valid = torch.zeros((B, T, K), dtype=torch.bool, device=device)
     hyp_seqs = torch.full((B, T, K, Lp + T), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    open_ids = torch.arange(B, device=device)  # [Bo] samples still open
     steps_run = T
     for step in range(T):
-        log_probs = _log_probs(logits, logit_bias).view(B, K, V)
+        Bo = open_ids.shape[0]
+        log_probs = _log_probs(logits, logit_bias).view(Bo, K, V)
         if step < min_length and eos_id is not None:
             log_probs[..., eos_id] = NEG_EOS
         lp = gnmt_length_penalty(step, alpha)
-        scores = (log_probs + running[..., None]) / lp  # [B, K, V]
-        top_scores, top_ids = scores.view(B, K * V).topk(K, dim=-1)  # [B, K], sorted
+        scores = (log_probs + running[..., None]) / lp  # [Bo, K, V]
+        top_scores, top_ids = scores.view(Bo, K * V).topk(K, dim=-1)  # [Bo, K], sorted
         running = top_scores * lp  # official: recover the log-probs by multiplying back
-        beam = top_ids // V  # [B, K] origin beam
-        token = top_ids % V  # [B, K]
-        seq = seq.gather(1, beam[..., None].expand_as(seq))  # reorder: [B, K, Lp + T]
+        beam = top_ids // V  # [Bo, K] origin beam
+        token = top_ids % V  # [Bo, K]
+        seq = seq.gather(1, beam[..., None].expand_as(seq))  # reorder: [Bo, K, Lp + T]
         seq[:, :, Lp + step] = token
         last = step + 1 == T
         if last:
@@ -341,16 +383,25 @@ def _official(
             finished = torch.zeros_like(token, dtype=torch.bool)
         else:
             finished = token == eos_id
-        closing = finished[:, 0] & ~done  # [B] top beam finished
-        record = (finished & ~done[:, None]) | closing[:, None]  # closing samples record every beam
-        hyp_scores[:, step] = torch.where(record, top_scores, float("-inf"))
-        hyp_valid[:, step] = record
-        hyp_seqs[:, step] = seq
-        done = done | closing
-        if last or bool(done.all()):  # the one host sync per step
-            steps_run = step + 1
+        closing = finished[:, 0]  # [Bo] top beam finished: the sample closes
+        record = finished | closing[:, None]  # closing samples record every beam
+        hyp_scores[open_ids, step] = torch.where(record, top_scores, float("-inf"))
+        hyp_valid[open_ids, step] = record
+        hyp_seqs[open_ids, step] = seq
+        steps_run = step + 1
+        if last:
             break
-        logits = state.advance(token.view(-1), (beam + beam_offset).view(-1))  # [B*K, V]
+        still_open = ~closing
+        n_open = int(still_open.sum())  # the one host sync per step
+        if n_open == 0:
+            break
+        select = beam + beam_offset[:Bo]  # [Bo, K] decoder row each new beam continues
+        if n_open < Bo:  # drop the closed samples from the batch
+            keep = still_open.nonzero()[:, 0]  # [Bo']
+            open_ids, seq, running = open_ids[keep], seq[keep], running[keep]
+            token, select = token[keep], select[keep]
+            state.keep_samples(keep)
+        logits = state.advance(token.reshape(-1), select.reshape(-1))  # [Bo'*K, V]
     # Sort every sample's hypotheses; flattened (step, beam) order = the official recording order.
     flat_scores = hyp_scores[:, :steps_run].reshape(B, -1)  # [B, T'*K]
     flat_valid = hyp_valid[:, :steps_run].reshape(B, -1)
@@ -382,61 +433,67 @@ def _standard(
     exact,
     logit_bias,
 ) -> GenerationOutput:
-    """Standard beam search (finished beams retire); see `beam_search`."""
+    """Standard beam search (finished beams retire); see `beam_search`. Closed samples leave the batch
+    as in `_official` (`open_ids`); the kept finished hypotheses `fin_*` are indexed by sample."""
     B, device = seq.shape[0], seq.device
     T = max_length
     Lbuf = Lp + T
     fin_scores = torch.full((B, K), float("-inf"), device=device)  # best K finished, sorted
     fin_seqs = torch.full((B, K, Lbuf), pad_id, dtype=torch.long, device=device)
     fin_lengths = torch.zeros((B, K), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    open_ids = torch.arange(B, device=device)  # [Bo] samples still open
     rank = torch.arange(2 * K, device=device)  # [2K]
     steps_run = T
 
     def merge(scores: Tensor, seqs: Tensor, lengths: Tensor) -> None:
-        """Merge new finished candidates [B, C] into the kept best K (samples already done are frozen)."""
-        nonlocal fin_scores, fin_seqs, fin_lengths
-        scores = scores.masked_fill(done[:, None], float("-inf"))
-        all_scores = torch.cat([fin_scores, scores], dim=1)  # [B, K + C]
-        order = all_scores.sort(dim=1, descending=True, stable=True).indices[:, :K]  # [B, K]
-        fin_scores = all_scores.gather(1, order)
-        all_seqs = torch.cat([fin_seqs, seqs], dim=1)  # copy: [B, K + C, Lbuf]
-        fin_seqs = all_seqs.gather(1, order[..., None].expand(-1, -1, Lbuf))
-        fin_lengths = torch.cat([fin_lengths, lengths], dim=1).gather(1, order)
+        """Merge new finished candidates [Bo, C] of the open samples into their kept best K."""
+        all_scores = torch.cat([fin_scores[open_ids], scores], dim=1)  # [Bo, K + C]
+        order = all_scores.sort(dim=1, descending=True, stable=True).indices[:, :K]  # [Bo, K]
+        fin_scores[open_ids] = all_scores.gather(1, order)
+        all_seqs = torch.cat([fin_seqs[open_ids], seqs], dim=1)  # copy: [Bo, K + C, Lbuf]
+        fin_seqs[open_ids] = all_seqs.gather(1, order[..., None].expand(-1, -1, Lbuf))
+        fin_lengths[open_ids] = torch.cat([fin_lengths[open_ids], lengths], dim=1).gather(1, order)
 
     for step in range(T):
-        log_probs = _log_probs(logits, logit_bias).view(B, K, V)
+        Bo = open_ids.shape[0]
+        log_probs = _log_probs(logits, logit_bias).view(Bo, K, V)
         if step < min_length and eos_id is not None:
             log_probs[..., eos_id] = NEG_EOS
         lp = gnmt_length_penalty(step, alpha)
-        totals = log_probs + running[..., None]  # [B, K, V] cumulative log-probs
-        top_totals, top_ids = totals.view(B, K * V).topk(2 * K, dim=-1)  # [B, 2K], sorted
+        totals = log_probs + running[..., None]  # [Bo, K, V] cumulative log-probs
+        top_totals, top_ids = totals.view(Bo, K * V).topk(2 * K, dim=-1)  # [Bo, 2K], sorted
         beam = top_ids // V
         token = top_ids % V
-        cand = seq.gather(1, beam[..., None].expand(-1, -1, Lbuf))  # [B, 2K, Lbuf]
+        cand = seq.gather(1, beam[..., None].expand(-1, -1, Lbuf))  # [Bo, 2K, Lbuf]
         cand[:, :, Lp + step] = token
         is_eos = token == eos_id if eos_id is not None else torch.zeros_like(token, dtype=torch.bool)
-        finished = is_eos & (rank < K) & (top_totals > NEG_EOS / 2)  # [B, 2K]
+        finished = is_eos & (rank < K) & (top_totals > NEG_EOS / 2)  # [Bo, 2K]
         step_len = torch.full_like(token, Lp + step + 1)
         merge(torch.where(finished, top_totals / lp, float("-inf")), cand, step_len)
         # The K best non-[SEP] candidates continue (stable sort: non-[SEP] first, in score order).
-        keep = is_eos.to(torch.int8).sort(dim=1, stable=True).indices[:, :K]  # [B, K]
-        running = top_totals.gather(1, keep)
-        seq = cand.gather(1, keep[..., None].expand(-1, -1, Lbuf))
-        token = token.gather(1, keep)
-        beam = beam.gather(1, keep)
-        last = step + 1 == T
-        if last:  # beams still running hit max_length
+        keep_cand = is_eos.to(torch.int8).sort(dim=1, stable=True).indices[:, :K]  # [Bo, K]
+        running = top_totals.gather(1, keep_cand)
+        seq = cand.gather(1, keep_cand[..., None].expand(-1, -1, Lbuf))
+        token = token.gather(1, keep_cand)
+        beam = beam.gather(1, keep_cand)
+        steps_run = step + 1
+        if step + 1 == T:  # beams still running hit max_length
             merge(running / lp, seq, step_len[:, :K])
-        else:
-            bound_lp = gnmt_length_penalty(T - 1, alpha) if exact else lp
-            best_running = running[:, 0] / bound_lp  # [B] (running is sorted)
-            full = fin_scores[:, -1] > float("-inf")
-            done = done | (full & (best_running <= fin_scores[:, -1]))
-        if last or bool(done.all()):  # the one host sync per step
-            steps_run = step + 1
             break
-        logits = state.advance(token.reshape(-1), (beam + beam_offset).reshape(-1))
+        bound_lp = gnmt_length_penalty(T - 1, alpha) if exact else lp
+        best_running = running[:, 0] / bound_lp  # [Bo] (running is sorted)
+        worst_kept = fin_scores[open_ids, -1]
+        still_open = ~((worst_kept > float("-inf")) & (best_running <= worst_kept))
+        n_open = int(still_open.sum())  # the one host sync per step
+        if n_open == 0:
+            break
+        select = beam + beam_offset[:Bo]  # [Bo, K]
+        if n_open < Bo:  # drop the closed samples from the batch
+            keep = still_open.nonzero()[:, 0]
+            open_ids, seq, running = open_ids[keep], seq[keep], running[keep]
+            token, select = token[keep], select[keep]
+            state.keep_samples(keep)
+        logits = state.advance(token.reshape(-1), select.reshape(-1))
     L = Lp + steps_run
     return GenerationOutput(
         ids=fin_seqs[:, :num_return, :L],
@@ -471,33 +528,54 @@ def _sequential(
     pad_id: int,
     logit_bias: Tensor | None,
     choose,
+    group: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One token per row per step until [SEP] or max_length; `choose(log_probs, logits) -> tokens [N]`."""
+    """One token per row per step until [SEP] or max_length; `choose(log_probs, logits) -> tokens [n]`.
+
+    Rows come in contiguous groups of `group` per sample; a sample whose rows all ended leaves the batch
+    (`open_rows`: the rows still decoded, `logits` [n, V] holds them)."""
     N, Lp = start_ids.shape
+    G = group
     device = logits.device
     ids = torch.full((N, Lp + max_length), pad_id, dtype=torch.long, device=device)
     ids[:, :Lp] = start_ids
     scores = torch.zeros(N, device=device)
     lengths = torch.full((N,), Lp + max_length, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
+    open_rows = torch.arange(N, device=device)  # [n]
     steps_run = max_length
     for step in range(max_length):
         if logit_bias is not None:
             logits = logits + logit_bias
         if step < min_length and eos_id is not None:
             logits[:, eos_id] = float("-inf")
-        log_probs = torch.log_softmax(logits, dim=-1)  # [N, V] the model's distribution
-        token = choose(log_probs, logits).masked_fill(finished, pad_id)  # [N]
-        scores = scores + log_probs.gather(1, token[:, None])[:, 0].masked_fill(finished, 0.0)
-        ids[:, Lp + step] = token
+        log_probs = torch.log_softmax(logits, dim=-1)  # [n, V] the model's distribution
+        done_rows = finished[open_rows]  # [n]
+        token = choose(log_probs, logits).masked_fill(done_rows, pad_id)  # [n]
+        token_lp = log_probs.gather(1, token[:, None])[:, 0].masked_fill(done_rows, 0.0)
+        scores[open_rows] += token_lp
+        ids[open_rows, Lp + step] = token
         if eos_id is not None:
-            ended = (token == eos_id) & ~finished
-            lengths = torch.where(ended, Lp + step + 1, lengths)
-            finished = finished | ended
-        if step + 1 == max_length or bool(finished.all()):  # the one host sync per step
-            steps_run = step + 1
+            ended = (token == eos_id) & ~done_rows
+            lengths[open_rows] = torch.where(ended, Lp + step + 1, lengths[open_rows])
+            done_rows = done_rows | ended
+            finished[open_rows] = done_rows
+        steps_run = step + 1
+        if step + 1 == max_length:
             break
-        logits = state.advance(token)
+        n = open_rows.shape[0]
+        still_open = ~done_rows.view(n // G, G).all(dim=1)  # [n / G] samples with a running row
+        n_open = int(still_open.sum())  # the one host sync per step
+        if n_open == 0:
+            break
+        if n_open < n // G:  # drop the finished samples from the batch
+            keep = still_open.nonzero()[:, 0]  # [n' / G]
+            select = (keep[:, None] * G + torch.arange(G, device=device)).view(-1)  # [n']
+            open_rows, token = open_rows[select], token[select]
+            state.keep_samples(keep)
+            logits = state.advance(token, select)
+        else:
+            logits = state.advance(token)
     lengths = lengths.clamp(max=Lp + steps_run)
     return ids[:, : Lp + steps_run], scores, lengths
 
@@ -602,6 +680,7 @@ def sample(
         pad_id=pad_id,
         logit_bias=logit_bias,
         choose=choose,
+        group=num_return,
     )
     R = num_return
     return GenerationOutput(ids=ids.view(B, R, -1), scores=scores.view(B, R), lengths=lengths.view(B, R))

@@ -447,3 +447,43 @@ def test_rank_answers_matches_brute_force(decoder):
 def test_kv_cache_rejects_bad_sizes():
     with pytest.raises(ValueError):
         KVCache(0, 4)
+
+
+# ------------------------------------------------------------------------------------------ compaction
+def _row_counts(decoder, fn):
+    """Runs fn() and returns the number of rows of every decoder call."""
+    counts = []
+    handle = decoder.embeddings.register_forward_hook(lambda m, args, out: counts.append(out.shape[0]))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return counts
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["official", "standard", "greedy", "sample"])
+def test_finished_samples_leave_the_batch_and_batch_equals_singles(decoder, method):
+    B = 4
+    memory, memory_mask = _memory(B, seed=11)
+    start = torch.full((B, 1), CLS)
+
+    def run(rows):
+        m, mm, st = memory[rows], memory_mask[rows], start[rows]
+        if method in ("official", "standard"):
+            return beam_search(decoder, m, mm, st, beam_size=3, max_length=8, min_length=1, mode=method)
+        if method == "greedy":
+            return greedy(decoder, m, mm, st, max_length=8, min_length=1)
+        return sample(decoder, m, mm, st, num_return=2, max_length=8, top_k=1)  # top_k=1: deterministic
+
+    counts = _row_counts(decoder, lambda: run(slice(None)))
+    batch = run(slice(None))
+    steps = counts[1:]  # after the prompt call
+    assert steps == sorted(steps, reverse=True)  # rows only ever leave
+    assert len(set(steps)) > 1, f"no sample left the batch early: {counts}"
+    for b in range(B):
+        single = run(slice(b, b + 1))
+        n = int(single.lengths[0, 0])
+        assert int(batch.lengths[b, 0]) == n
+        assert batch.ids[b, :, :n].tolist() == single.ids[0, :, :n].tolist()
+        torch.testing.assert_close(batch.scores[b], single.scores[0], atol=ATOL, rtol=0)

@@ -1,0 +1,162 @@
+"""`mplug-fast caption | vqa | ground | rank`: the pipeline from the command line.
+
+    mplug-fast caption IMG [IMG ...]            --checkpoint DIR_OR_PTH [--beams 5 --max-length 25]
+    mplug-fast vqa IMG "question"               --checkpoint ...
+    mplug-fast ground IMG "referring expression" --checkpoint ...   -> x0 y0 x1 y1 in pixels
+    mplug-fast rank --images IMG ... --texts TEXT ...   -> the best text per image and image per text
+
+Common options: --checkpoint (official .pth or a save_pretrained directory), --config (a preset name or
+a config file; alone: random weights, for demos), --device, --dtype, --json (one JSON document on stdout).
+Heavy imports happen inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+
+def _user_errors(fn):
+    """Bad input (missing or unreadable image, empty question, unknown preset) -> a one-line message on
+    stderr and exit code 2 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (FileNotFoundError, IsADirectoryError, ValueError, TypeError) as e:
+            print(f"mplug-fast {args.command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _add_common(parser: argparse.ArgumentParser, generation: bool = True) -> None:
+    parser.add_argument("--checkpoint", help="official .pth file or a save_pretrained directory")
+    parser.add_argument(
+        "--config",
+        help="preset name (tiny, base, large, huge) or config file; without --checkpoint: random weights",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    if generation:
+        parser.add_argument("--beams", type=int, default=None, help="beam size (official: 5)")
+        parser.add_argument("--max-length", type=int, default=None, help="generated tokens at most")
+        parser.add_argument("--min-length", type=int, default=None, help="generated tokens at least")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def _pipeline(task: str, args: argparse.Namespace, **options):
+    from mplug_fast.inference.pipeline import pipeline
+
+    if args.checkpoint is None and args.config is None:
+        raise SystemExit(f"mplug-fast {args.command}: give --checkpoint (or --config for random weights)")
+    return pipeline(
+        task,
+        args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        config=args.config,
+        batch_size=args.batch_size,
+        **options,
+    )
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    return {"beam_size": args.beams, "max_length": args.max_length, "min_length": args.min_length}
+
+
+def _emit(args: argparse.Namespace, document, lines: list[str]) -> None:
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write("".join(line + "\n" for line in lines))
+
+
+@_user_errors
+def _caption(args: argparse.Namespace) -> int:
+    pipe = _pipeline("caption", args, prompt=args.prompt, **_generation_options(args))
+    captions = pipe.caption(list(args.images), method=args.method, seed=args.seed)
+    doc = [{"image": img, "caption": c} for img, c in zip(args.images, captions)]
+    _emit(args, doc, [f"{img}\t{c}" for img, c in zip(args.images, captions)])
+    return 0
+
+
+@_user_errors
+def _vqa(args: argparse.Namespace) -> int:
+    answer_list = None
+    if args.answer_list:
+        with open(args.answer_list) as f:
+            answer_list = json.load(f)
+    pipe = _pipeline("vqa", args, answer_list=answer_list, **_generation_options(args))
+    answer = pipe.answer(args.image, args.question)
+    _emit(args, {"image": args.image, "question": args.question, "answer": answer}, [answer])
+    return 0
+
+
+@_user_errors
+def _ground(args: argparse.Namespace) -> int:
+    pipe = _pipeline("grounding", args)
+    box = [round(c, 2) for c in pipe.ground(args.image, args.expression)]
+    _emit(
+        args, {"image": args.image, "expression": args.expression, "box_xyxy": box}, [" ".join(map(str, box))]
+    )
+    return 0
+
+
+@_user_errors
+def _rank(args: argparse.Namespace) -> int:
+    pipe = _pipeline("retrieval", args)
+    scores = pipe.rank(list(args.images), list(args.texts), k=args.k)
+    best_text = scores.i2t.argmax(dim=1).tolist()
+    best_image = scores.t2i.argmax(dim=1).tolist()
+    doc = {
+        "images": args.images,
+        "texts": args.texts,
+        "i2t": scores.i2t.tolist(),
+        "t2i": scores.t2i.tolist(),
+        "itc": scores.itc.tolist(),
+        "best_text_per_image": best_text,
+        "best_image_per_text": best_image,
+    }
+    lines = [f"{img}\t{args.texts[j]}" for img, j in zip(args.images, best_text)]
+    lines += [f"{text}\t{args.images[i]}" for text, i in zip(args.texts, best_image)]
+    _emit(args, doc, lines)
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Adds caption, vqa, ground and rank to the `mplug-fast` sub-parsers."""
+    p = commands.add_parser("caption", help="caption images")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files")
+    p.add_argument("--prompt", default="", help="decoder prompt, e.g. 'a picture of'")
+    p.add_argument("--method", choices=("beam", "greedy", "sample"), default="beam")
+    p.add_argument("--seed", type=int, default=None, help="seed of --method sample")
+    _add_common(p)
+    p.set_defaults(func=_caption)
+
+    p = commands.add_parser("vqa", help="answer a question about an image")
+    p.add_argument("image", metavar="IMG")
+    p.add_argument("question")
+    p.add_argument("--answer-list", help="JSON list of answers to rank instead of generating")
+    _add_common(p)
+    p.set_defaults(func=_vqa)
+
+    p = commands.add_parser("ground", help="box of the object a phrase refers to (x0 y0 x1 y1 pixels)")
+    p.add_argument("image", metavar="IMG")
+    p.add_argument("expression")
+    _add_common(p, generation=False)
+    p.set_defaults(func=_ground)
+
+    p = commands.add_parser("rank", help="image-text retrieval scores (ITC top-k, ITM rerank)")
+    p.add_argument("--images", nargs="+", required=True, metavar="IMG")
+    p.add_argument("--texts", nargs="+", required=True, metavar="TEXT")
+    p.add_argument("--k", type=int, default=None, help="ITM-reranked candidates per query (official 256)")
+    _add_common(p, generation=False)
+    p.set_defaults(func=_rank)

@@ -1,0 +1,413 @@
+"""`mplug_fast.pipeline(task, checkpoint)`: one call from images and text to answers, captions, boxes, scores.
+
+    >>> vqa = mplug_fast.pipeline("vqa", "mplug_base_vqa.pth")          # an official checkpoint
+    >>> vqa.answer("cat.jpg", "what animal is this?")
+    'cat'
+    >>> cap = mplug_fast.pipeline("caption", "runs/caption/final")       # a save_pretrained directory
+    >>> cap.caption(["a.jpg", "b.png"])
+    ['a dog on a couch', 'two people on a beach']
+    >>> mplug_fast.pipeline("grounding", config="tiny").ground(img, "the red square")  # random weights
+    [12.0, 30.5, 40.1, 55.0]
+
+Checkpoints: an official `.pth` (`load_official_checkpoint`), a directory written by `save_pretrained`
+(`from_pretrained`; a model saved for another task lends the components this task shares), or None with a
+preset name / `MPlugConfig` / config file as `config=` (random weights, with a logged warning: tests and
+demos only).
+
+Preprocessing is the official evaluation transform: bicubic resize to the model's resolution + CLIP
+mean/std (`mplug_fast.data.test_transform`); grounding uses the TransVG eval transform (long side to the
+resolution, centred zero padding; CLIP statistics by default, `grounding_normalization="imagenet"`
+reproduces the official evaluation's mismatch) and maps the box back to pixels of the original image.
+Every method takes one input or a batch (a list, or a 4-D array / tensor) and returns one result or a
+list; a single text or image is paired with every item of the other's batch. Large batches run in
+chunks of `batch_size`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mplug_fast.config import MPlugConfig, get_config
+from mplug_fast.data.tokenizer import Tokenizer
+from mplug_fast.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    GroundingTransform,
+    TestTransform,
+)
+from mplug_fast.inference.generate import caption_generate, vqa_generate, vqa_rank
+from mplug_fast.inference.grounding import PadGeometry, coordinate_token_ids, ground_tokens, tokens_to_box
+from mplug_fast.inference.inputs import (
+    ImageInput,
+    broadcast,
+    image_list,
+    left_padded_prompts,
+    text_list,
+    tokenize,
+)
+from mplug_fast.inference.retrieval import RetrievalScores, retrieval_scores
+from mplug_fast.modeling import TASK_MODELS, MPlug, build_model
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("vqa", "caption", "grounding", "retrieval")
+TASK_ALIASES = {"answer": "vqa", "captioning": "caption", "ground": "grounding", "rank": "retrieval"}
+METHOD_TASKS = {  # pipeline method -> model tasks that own what it runs
+    "answer": ("vqa", "pretrain"),
+    "caption": ("caption",),
+    "ground": ("grounding",),
+    "rank": ("retrieval", "pretrain"),
+}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+# Longest texts (tokens with [CLS] and [SEP]) before truncation: the official training lengths (spec §6).
+MAX_TEXT_LENGTH = {"vqa": 25, "caption": 25, "grounding": 20, "retrieval": 30, "pretrain": 30}
+
+
+def _first(*values):
+    """The first value that is not None (call argument > pipeline default > official setting)."""
+    return next(v for v in values if v is not None)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'float32' / torch.bfloat16 / None -> torch dtype (None: keep the checkpoint's)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; available: {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_config(config: str | os.PathLike | MPlugConfig) -> MPlugConfig:
+    """A preset name ('tiny', 'base', ...), a `.json` / `.yaml` config file, or an `MPlugConfig`."""
+    if isinstance(config, MPlugConfig):
+        return config
+    path = Path(config)
+    if path.suffix in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        return MPlugConfig.from_json(path) if path.suffix == ".json" else MPlugConfig.from_yaml(path)
+    return get_config(str(config))
+
+
+def load_model(
+    task: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    config: str | os.PathLike | MPlugConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> MPlug:
+    """The `task` model (eval mode) from a checkpoint (see the module docstring) on `device` / `dtype`."""
+    if task not in TASK_MODELS:
+        raise ValueError(f"unknown task {task!r}; available: {sorted(TASK_MODELS)}")
+    torch_dtype = resolve_dtype(dtype)
+    if checkpoint is None:
+        if config is None:
+            raise ValueError(
+                "give a checkpoint (official .pth or a save_pretrained directory), or config= a preset "
+                "name for a randomly initialised model"
+            )
+        cfg = resolve_config(config)
+        logger.warning(
+            "no checkpoint: the %s model has RANDOM weights (config %s); outputs are meaningless "
+            "(use this for tests and demos only)",
+            task,
+            config if isinstance(config, (str, Path)) else "given",
+        )
+        model = build_model(cfg, task)
+    else:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        if path.is_file() and path.name == "model.safetensors":
+            path = path.parent
+        if path.is_dir():
+            from mplug_fast.checkpoint import from_pretrained
+
+            model = from_pretrained(path, task=task)
+        else:
+            from mplug_fast.checkpoint import load_official_checkpoint
+
+            image_res = None if config is None else resolve_config(config).vision.image_size
+            model = load_official_checkpoint(path, task, image_res=image_res)
+    return model.to(device=device, dtype=torch_dtype).eval()
+
+
+class Pipeline:
+    """Inference on one model; see the module docstring. Build it with `mplug_fast.pipeline`.
+
+    Args:
+        model: the task model.  tokenizer: None = the shipped bert-base-uncased tokenizer.
+        beam_size / max_length / min_length: generation defaults (None: the official settings of the
+            task: VQA beam 5, max 10, min 1; captioning beam 5, max 25, min 8).
+        prompt: captioning prompt ('' = none; VATEX used 'a picture of').
+        answer_list: VQA by ranking these answers (official `rank_answer`) instead of generating.
+        k_test: candidates of the answer ranking (128) and of the ITM rerank in retrieval (256).
+        double_count_first: answer ranking with the official double-counted first token.
+        max_text_length: longest text in tokens before truncation (None: the task's training length).
+        batch_size: images per model call.
+        grounding_normalization: "clip" (the training statistics) or "imagenet" (the official eval).
+    """
+
+    def __init__(
+        self,
+        model: MPlug,
+        tokenizer: Tokenizer | None = None,
+        *,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        min_length: int | None = None,
+        prompt: str = "",
+        answer_list: Sequence[str] | None = None,
+        k_test: int | None = None,
+        double_count_first: bool = True,
+        max_text_length: int | None = None,
+        batch_size: int = 16,
+        grounding_normalization: str = "clip",
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if grounding_normalization not in ("clip", "imagenet"):
+            raise ValueError(
+                f"grounding_normalization must be 'clip' or 'imagenet', got {grounding_normalization!r}"
+            )
+        self.model = model.eval()
+        self.task = model.task
+        self.tokenizer = tokenizer or Tokenizer()
+        self.beam_size, self.max_length, self.min_length = beam_size, max_length, min_length
+        self.prompt = prompt
+        self.k_test = k_test
+        self.double_count_first = double_count_first
+        self.max_text_length = max_text_length or MAX_TEXT_LENGTH.get(self.task, 30)
+        self.batch_size = batch_size
+        self.image_size = model.config.vision.image_size
+        self.test_transform = TestTransform(self.image_size)
+        mean, std = (
+            (CLIP_MEAN, CLIP_STD) if grounding_normalization == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+        )
+        self.grounding_transform = GroundingTransform(self.image_size, train=False, mean=mean, std=std)
+        self._answers: tuple[list[str], Tensor, Tensor] | None = None
+        if answer_list is not None:
+            self.set_answer_list(answer_list)
+
+    # --------------------------------------------------------------------------------------- helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _require(self, method: str) -> None:
+        if self.task not in METHOD_TASKS[method]:
+            wanted = METHOD_TASKS[method][0]
+            raise TypeError(
+                f"{method}() needs a {wanted!r} model; this pipeline holds a {self.task!r} model "
+                f"(build mplug_fast.pipeline({wanted!r}, ...))"
+            )
+
+    def _pixels(self, images: list) -> Tensor:
+        """RGB PIL images -> [b, 3, R, R] on the model's device / dtype (official test transform)."""
+        x = torch.stack([self.test_transform(im) for im in images])
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def _chunks(self, n: int):
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(n, start + self.batch_size))
+
+    def _decode(self, ids: Tensor, start: int) -> str:
+        return self.tokenizer.decode(ids[start:].tolist(), skip_special_tokens=True)
+
+    def set_answer_list(self, answers: Sequence[str] | None) -> None:
+        """Rank these answers in `answer` (None: generate). Tokenized once as "[CLS] answer [SEP] [SEP]"."""
+        if answers is None:
+            self._answers = None
+            return
+        answers, _ = text_list(list(answers), "answer")
+        batch = self.tokenizer([a + "[SEP]" for a in answers], padding="longest")
+        self._answers = (answers, batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
+
+    # --------------------------------------------------------------------------------------- tasks
+    @torch.inference_mode()
+    def answer(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        question: str | Sequence[str],
+        *,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        min_length: int | None = None,
+    ) -> str | list[str]:
+        """Answers a question about an image (or a batch). Generates with beam search (official: beam 5,
+        max 10), or ranks the pipeline's `answer_list`. Returns the answer string(s)."""
+        self._require("answer")
+        images, images_batched = image_list(image)
+        questions, questions_batched = text_list(question, "question")
+        images, questions = broadcast(images, questions, "image", "question")
+        ids, mask = tokenize(self.tokenizer, questions, self.max_text_length, "question")
+        answers: list[str] = []
+        for s in self._chunks(len(images)):
+            x = self._pixels(images[s])
+            q_ids, q_mask = ids[s].to(self.device), mask[s].to(self.device)
+            if self._answers is not None:
+                names, a_ids, a_mask = self._answers
+                ranked = vqa_rank(
+                    self.model,
+                    x,
+                    q_ids,
+                    q_mask,
+                    a_ids,
+                    a_mask,
+                    k=_first(self.k_test, 128),
+                    double_count_first=self.double_count_first,
+                )
+                answers += [names[int(i)] for i in ranked.indices[:, 0]]
+            else:
+                out = vqa_generate(
+                    self.model,
+                    x,
+                    q_ids,
+                    q_mask,
+                    beam_size=_first(beam_size, self.beam_size, 5),
+                    max_length=_first(max_length, self.max_length, 10),
+                    min_length=_first(min_length, self.min_length, 1),
+                )
+                answers += [self._decode(row, 1) for row in out.ids[:, 0]]
+        return answers if images_batched or questions_batched else answers[0]
+
+    @torch.inference_mode()
+    def caption(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        *,
+        prompt: str | None = None,
+        method: str = "beam",
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        min_length: int | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> str | list[str]:
+        """Captions an image (or a batch): beam search (official: beam 5, min 8, max 25), "greedy" or
+        "sample" (top_k / top_p / temperature, `seed` for reproducible draws). The prompt is not repeated
+        in the returned caption."""
+        self._require("caption")
+        images, batched = image_list(image)
+        prompt = self.prompt if prompt is None else prompt
+        prompt_ids = prompt_mask = None
+        if prompt.strip():
+            prompt_ids, prompt_mask = left_padded_prompts(self.tokenizer, [prompt], self.max_text_length)
+        start = 1 if prompt_ids is None else prompt_ids.shape[1]
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        captions: list[str] = []
+        for s in self._chunks(len(images)):
+            x = self._pixels(images[s])
+            p_ids = None if prompt_ids is None else prompt_ids.expand(x.shape[0], -1).to(self.device)
+            out = caption_generate(
+                self.model,
+                x,
+                p_ids,
+                None if prompt_mask is None else prompt_mask.expand(x.shape[0], -1).to(self.device),
+                method=method,
+                beam_size=_first(beam_size, self.beam_size, 5),
+                max_length=_first(max_length, self.max_length, 25),
+                min_length=_first(min_length, self.min_length, 8),
+                top_k=top_k,
+                top_p=top_p,
+                temperature=temperature,
+                generator=generator,
+            )
+            captions += [self._decode(row, start) for row in out.ids[:, 0]]
+        return captions if batched else captions[0]
+
+    @torch.inference_mode()
+    def ground(
+        self, image: ImageInput | Sequence[ImageInput], expression: str | Sequence[str]
+    ) -> list[float] | list[list[float]]:
+        """Locates the referred object: box [x0, y0, x1, y1] in pixels of the original image (or a list)."""
+        self._require("ground")
+        images, images_batched = image_list(image)
+        texts, texts_batched = text_list(expression, "expression")
+        images, texts = broadcast(images, texts, "image", "expression")
+        ids, mask = tokenize(self.tokenizer, texts, self.max_text_length, "expression")
+        prefix_id, coord_ids = coordinate_token_ids(self.tokenizer)
+        boxes: list[list[float]] = []
+        S = self.image_size
+        for s in self._chunks(len(images)):
+            chunk = images[s]
+            x = torch.stack([self.grounding_transform(im, [0, 0, 0, 0]).image for im in chunk])
+            x = x.to(device=self.device, dtype=self.dtype)
+            tokens = ground_tokens(
+                self.model, x, ids[s].to(self.device), mask[s].to(self.device), prefix_id, coord_ids
+            ).cpu()
+            for im, tok in zip(chunk, tokens):
+                geometry = PadGeometry.of(im.width, im.height, S)
+                boxes.append(tokens_to_box(tok, geometry, int(coord_ids[0])).tolist())
+        return boxes if images_batched or texts_batched else boxes[0]
+
+    @torch.inference_mode()
+    def rank(
+        self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str], *, k: int | None = None
+    ) -> RetrievalScores:
+        """Scores every image against every text: ITC for all pairs, then the ITM logit on the top-k of
+        each query (official k_test 256). Returns `RetrievalScores` (i2t [Ni, Nt], t2i [Nt, Ni], itc)."""
+        self._require("rank")
+        pil, _ = image_list(images)
+        texts, _ = text_list(texts, "text")
+        ids, mask = tokenize(self.tokenizer, texts, self.max_text_length, "text")
+        x = torch.cat([self._pixels(pil[s]) for s in self._chunks(len(pil))])
+        scores = retrieval_scores(
+            self.model,
+            x,
+            ids.to(self.device),
+            mask.to(self.device),
+            k=_first(k, self.k_test, 256),
+            batch_size=self.batch_size,
+        )
+        return RetrievalScores(i2t=scores.i2t.cpu(), t2i=scores.t2i.cpu(), itc=scores.itc.cpu())
+
+    def __repr__(self) -> str:
+        return (
+            f"Pipeline(task={self.task!r}, image_size={self.image_size}, device={self.device}, "
+            f"dtype={self.dtype})"
+        )
+
+
+def pipeline(
+    task: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    config: str | os.PathLike | MPlugConfig | None = None,
+    **options: Any,
+) -> Pipeline:
+    """A ready-to-use `Pipeline` for `task` ("vqa", "caption", "grounding", "retrieval"; aliases "answer",
+    "ground", "rank"). `checkpoint`: official `.pth`, `save_pretrained` directory, or None with `config=`
+    (random weights). `options` go to `Pipeline` (beam_size, max_length, prompt, answer_list, ...)."""
+    name = TASK_ALIASES.get(task, task)
+    if name not in TASKS:
+        raise ValueError(f"unknown pipeline task {task!r}; available: {', '.join(TASKS)}")
+    model = load_model(name, checkpoint, config=config, device=device, dtype=dtype)
+    return Pipeline(model, **options)
