@@ -5,14 +5,24 @@ LayerNorm eps 1e-12) and, for attention and MLP, by the CLIP ViT (pre-LN, QuickG
 
 Parameter names are ours (`qkv`, `q_proj`, `kv_proj`, `out_proj`, `fc1`, `fc2`, `norm_*`);
 `mplug_fast.checkpoint` maps the official names onto them (q/k/v are stored fused).
+
+Fused epilogues (`mplug_fast.ops.fused`): the post-LN residual blocks run `LN(x + dropout(f(x)))` through
+`residual_layer_norm` and the MLPs `act(fc1(x))` through `bias_gelu` / `bias_quick_gelu` (fc1's GEMM without
+its bias, the bias added in the activation kernel) when the fused backend is `triton`. The backend is chosen
+per call as in `mplug_fast.ops.fused.select_backend`: the module's `fused_backend` attribute (None by default;
+`set_fused_backend(model, name)` sets it on every module) > `MPLUG_FAST_FUSED` > automatic (`triton` on CUDA,
+`reference` on CPU). The `reference` choice runs the plain modules (`nn.LayerNorm`, `nn.Dropout`, `nn.GELU`,
+`QuickGELU`), exactly the unfused computation. Parameters and state-dict keys are the same either way.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mplug_fast.ops.attention import attention
+from mplug_fast.ops.fused import bias_gelu, bias_quick_gelu, residual_layer_norm, select_backend
 
 
 class QuickGELU(nn.Module):
@@ -245,19 +255,63 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc1 -> activation -> fc2 (the residual and its dropout belong to the caller)."""
+    """fc1 -> activation -> fc2 (the residual and its dropout belong to the caller).
+
+    With the `triton` fused backend, fc1 runs without its bias and `bias_gelu` / `bias_quick_gelu` adds it
+    inside the activation kernel (one pass over the [*, hidden] activation instead of two).
+    """
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
         super().__init__()
         if activation not in ("gelu", "quick_gelu"):
             raise ValueError(f"activation must be 'gelu' or 'quick_gelu', got {activation!r}")
+        self.activation = activation
+        self.fused_backend: str | None = None  # None: MPLUG_FAST_FUSED, else automatic (see the module doc)
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU() if activation == "gelu" else QuickGELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> [..., D]."""
-        return self.fc2(self.act(self.fc1(x)))
+        if select_backend(x, self.fc1.bias, backend=self.fused_backend) == "reference":
+            return self.fc2(self.act(self.fc1(x)))
+        h = F.linear(x, self.fc1.weight)  # [..., hidden], bias added by the kernel
+        if self.activation == "gelu":
+            h = bias_gelu(h, self.fc1.bias, backend="triton")
+        else:
+            h = bias_quick_gelu(h, self.fc1.bias, backend="triton")
+        return self.fc2(h)
+
+
+def residual_norm(
+    module: nn.Module, out: Tensor, residual: Tensor, norm: nn.LayerNorm, dropout: nn.Dropout
+) -> Tensor:
+    """`norm(residual + dropout(out))`, fused (`residual_layer_norm`) when `module.fused_backend` (or the
+    environment / device) selects `triton`. out, residual: [*, D] -> [*, D]."""
+    backend = select_backend(out, residual, norm.weight, norm.bias, backend=module.fused_backend)
+    if backend == "reference":
+        return norm(residual + dropout(out))
+    return residual_layer_norm(
+        out,
+        residual,
+        norm.weight,
+        norm.bias,
+        norm.eps,
+        dropout_p=dropout.p,
+        training=dropout.training,
+        backend="triton",
+    )
+
+
+def set_fused_backend(model: nn.Module, backend: str | None) -> nn.Module:
+    """Set `fused_backend` ("reference", "triton" or None = environment / automatic) on every module of
+    `model` that has fused epilogues; returns `model`."""
+    if backend is not None and backend not in ("reference", "triton"):
+        raise ValueError(f"unknown fused backend {backend!r}; valid: reference, triton, None")
+    for module in model.modules():
+        if hasattr(module, "fused_backend"):
+            module.fused_backend = backend
+    return model
 
 
 class TransformerLayer(nn.Module):
@@ -299,6 +353,7 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(dim, intermediate_dim, "gelu")
         self.norm_mlp = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
+        self.fused_backend: str | None = None  # None: MPLUG_FAST_FUSED, else automatic (see the module doc)
 
     def forward(
         self,
@@ -318,13 +373,14 @@ class TransformerLayer(nn.Module):
         (contiguous groups of G rows per memory row, see `CrossAttention.forward`).
         cache / layer: incremental decoding (see `SelfAttention.forward`; `mask` then covers the cached
         keys too, [B, cache.length + L]). Returns [B, L, D]."""
-        x = self.norm_attn(x + self.dropout(self.attn(x, mask, causal, cache=cache, layer=layer)))
+        a = self.attn(x, mask, causal, cache=cache, layer=layer)
+        x = residual_norm(self, a, x, self.norm_attn, self.dropout)
         if self.cross is not None:
             if memory is None and memory_kv is None:
                 raise ValueError("this layer has cross-attention: pass `memory` (or `memory_kv`)")
             c = self.cross(x, memory, memory_mask, kv=memory_kv, kv_index=memory_index)
-            x = self.norm_cross(x + self.dropout(c))
-        return self.norm_mlp(x + self.dropout(self.mlp(x)))
+            x = residual_norm(self, c, x, self.norm_cross, self.dropout)
+        return residual_norm(self, self.mlp(x), x, self.norm_mlp, self.dropout)
 
 
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -57,14 +57,23 @@ BACKENDS = ("reference", "triton")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@torch.compiler.assume_constant_result
 @functools.cache
-def env_backend() -> str | None:
-    """`MPLUG_FAST_FUSED` (read once per process; `env_backend.cache_clear()` rereads it), None when unset."""
+def _read_env_backend() -> str | None:
     name = os.environ.get(ENV_VAR, "").strip().lower() or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={name!r} is not a fused backend; valid: {', '.join(BACKENDS)}")
     return name
+
+
+# Not the cached function itself: dynamo traces through an lru_cache wrapper (with a warning) instead of
+# taking the marked function's result as a constant.
+@torch.compiler.assume_constant_result
+def env_backend() -> str | None:
+    """`MPLUG_FAST_FUSED` (read once per process; `env_backend.cache_clear()` rereads it), None when unset."""
+    return _read_env_backend()
+
+
+env_backend.cache_clear = _read_env_backend.cache_clear
 
 
 @functools.cache
