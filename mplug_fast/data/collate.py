@@ -1,0 +1,240 @@
+"""Dataset sample dicts -> the shared model batches (the batch protocol; all masks bool, True = real token).
+
+    pretrain   {"images" [B,3,R,R], "text_ids" [B,L] long, "text_mask" [B,L] bool}
+    vqa        {"images", "question_ids" [B,Lq], "question_mask",
+                "answer_ids" [N,La] ([CLS] answer [SEP] [SEP]), "answer_mask" [N,La],
+                "answer_index" [N] long (the question of each answer), "answer_weights" [N] float}
+    caption    {"images", "caption_ids" [B,L], "caption_mask" [B,L]}  (prompt included in the ids)
+    retrieval  {"images", "text_ids", "text_mask", "image_ids" [B] long}
+    grounding  {"images", "text_ids", "text_mask", "boxes" [B,4] float normalised cx, cy, w, h}
+
+Lengths follow the official code (official_spec.md §6): questions truncated to 25 tokens, answers untruncated,
+captions 25, retrieval 30, grounding 20 (padded to exactly 20), pretraining captions 30. Each collator also
+passes through the sample's metadata (``image_id``, ``question_id``, ``answers``, ``captions``, ``type``,
+...) as lists under their own names, so evaluation can read them; the protocol keys win on a clash.
+
+Samples come from the synthetic datasets (``mplug_fast.data.synthetic``) or the official-format readers: a
+pretraining / caption / retrieval sample has ``image`` and ``caption`` (caption test samples: ``captions``),
+VQA ``image``, ``question``, ``answers``, ``weights``, grounding ``image``, ``expression``, ``box``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mplug_fast.data.tokenizer import Tokenizer
+
+Sample = dict[str, Any]
+Batch = dict[str, Any]
+
+TASKS = ("pretrain", "vqa", "caption", "retrieval", "grounding")
+
+
+def _check_samples(samples: Sequence[Sample], required: Sequence[str], who: str) -> None:
+    if not samples:
+        raise ValueError(f"{who} got an empty batch")
+    for i, s in enumerate(samples):
+        missing = [k for k in required if k not in s]
+        if missing:
+            raise KeyError(f"{who}: sample {i} lacks {missing}; it has {sorted(s)}")
+
+
+def _stack_images(samples: Sequence[Sample]) -> Tensor:
+    """[B, 3, R, R] from each sample's ``image`` (a [3, R, R] tensor)."""
+    images = [s["image"] for s in samples]
+    if not all(isinstance(im, Tensor) and im.dim() == 3 for im in images):
+        kinds = sorted(
+            {type(im).__name__ if not isinstance(im, Tensor) else str(list(im.shape)) for im in images}
+        )
+        raise TypeError(f"every sample's 'image' must be a [3, R, R] tensor (apply a transform); got {kinds}")
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"images of one batch must share a shape, got {sorted(shapes)}")
+    return torch.stack(images)
+
+
+def _metadata(samples: Sequence[Sample], skip: set[str]) -> Batch:
+    """Every other key of the samples, as a list (keys missing from some samples are dropped)."""
+    keys = [k for k in samples[0] if k not in skip and all(k in s for s in samples)]
+    return {k: [s[k] for s in samples] for k in keys}
+
+
+class _Collator:
+    """Shared plumbing: the tokenizer and the text encoding with bool masks."""
+
+    task = ""
+    consumed: frozenset[str] = frozenset({"image"})
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.tokenizer = Tokenizer() if tokenizer is None else tokenizer
+
+    def _encode(
+        self, texts: list[str], max_length: int | None, *, pad_to_max: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """ids long [B, L] and mask bool [B, L]; truncated to ``max_length`` when given."""
+        enc = self.tokenizer(
+            texts,
+            padding="max_length" if pad_to_max else "longest",
+            max_length=max_length,
+            truncation=max_length is not None,
+        )
+        return enc.input_ids, enc.attention_mask.bool()
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        raise NotImplementedError
+
+    def _with_metadata(self, samples: Sequence[Sample], batch: Batch) -> Batch:
+        meta = _metadata(samples, set(self.consumed) | set(batch))
+        return {**meta, **batch}
+
+
+class PretrainCollator(_Collator):
+    """Image-caption pairs -> {"images", "text_ids", "text_mask"} (captions truncated to ``max_length``)."""
+
+    task = "pretrain"
+    consumed = frozenset({"image", "caption"})
+
+    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 30):
+        super().__init__(tokenizer)
+        self.max_length = max_length
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        _check_samples(samples, ("image", "caption"), type(self).__name__)
+        ids, mask = self._encode([s["caption"] for s in samples], self.max_length)
+        return self._with_metadata(
+            samples, {"images": _stack_images(samples), "text_ids": ids, "text_mask": mask}
+        )
+
+
+class VQACollator(_Collator):
+    """VQA samples -> questions [B, Lq] and the flattened answers [N, La] of all questions.
+
+    Each answer is encoded as ``answer + "[SEP]"`` (``[CLS] answer [SEP] [SEP]``: official decoder target),
+    ``answer_index[n]`` is the question of answer n and ``answer_weights[n]`` its weight (1.0 when a sample
+    has no ``weights``).
+    """
+
+    task = "vqa"
+    consumed = frozenset({"image", "question", "answers", "weights"})
+
+    def __init__(self, tokenizer: Tokenizer | None = None, max_question_length: int | None = 25):
+        super().__init__(tokenizer)
+        self.max_question_length = max_question_length
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        _check_samples(samples, ("image", "question", "answers"), type(self).__name__)
+        q_ids, q_mask = self._encode([s["question"] for s in samples], self.max_question_length)
+        answers: list[str] = []
+        weights: list[float] = []
+        index: list[int] = []
+        for i, s in enumerate(samples):
+            ans = [s["answers"]] if isinstance(s["answers"], str) else list(s["answers"])
+            if not ans:
+                raise ValueError(f"VQACollator: sample {i} has no answers")
+            w = s.get("weights")
+            w = [1.0] * len(ans) if w is None else [float(x) for x in w]
+            if len(w) != len(ans):
+                raise ValueError(f"VQACollator: sample {i} has {len(ans)} answers but {len(w)} weights")
+            answers += ans
+            weights += w
+            index += [i] * len(ans)
+        a_ids, a_mask = self._encode([a + "[SEP]" for a in answers], None)
+        batch = {
+            "images": _stack_images(samples),
+            "question_ids": q_ids,
+            "question_mask": q_mask,
+            "answer_ids": a_ids,
+            "answer_mask": a_mask,
+            "answer_index": torch.tensor(index, dtype=torch.long),
+            "answer_weights": torch.tensor(weights, dtype=torch.float32),
+        }
+        meta = self._with_metadata(samples, batch)
+        meta["answers"] = [s["answers"] for s in samples]  # raw gold answers per question, for evaluation
+        return meta
+
+
+class CaptionCollator(_Collator):
+    """Caption samples -> ``prompt + caption + "[SEP]"`` ids [B, L] (truncated to ``max_length``).
+
+    Test samples (``captions``: all gold captions, no ``caption``) give only the images and the metadata.
+    """
+
+    task = "caption"
+    consumed = frozenset({"image", "caption"})
+
+    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 25, prompt: str = ""):
+        super().__init__(tokenizer)
+        self.max_length, self.prompt = max_length, prompt
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        _check_samples(samples, ("image",), type(self).__name__)
+        batch: Batch = {"images": _stack_images(samples)}
+        if all("caption" in s for s in samples):
+            texts = [self.prompt + s["caption"].lower() + "[SEP]" for s in samples]
+            batch["caption_ids"], batch["caption_mask"] = self._encode(texts, self.max_length)
+        elif any("caption" in s for s in samples):
+            raise ValueError("CaptionCollator: some samples have a 'caption' and some do not")
+        return self._with_metadata(samples, batch)
+
+
+class RetrievalCollator(_Collator):
+    """Image-text pairs -> {"images", "text_ids", "text_mask", "image_ids"} (``image_id`` must be an int)."""
+
+    task = "retrieval"
+    consumed = frozenset({"image", "caption", "image_id"})
+
+    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 30):
+        super().__init__(tokenizer)
+        self.max_length = max_length
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        _check_samples(samples, ("image", "caption", "image_id"), type(self).__name__)
+        ids, mask = self._encode([s["caption"] for s in samples], self.max_length)
+        try:
+            image_ids = torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"RetrievalCollator: image_id must be an int per sample ({e})") from None
+        batch = {"images": _stack_images(samples), "text_ids": ids, "text_mask": mask, "image_ids": image_ids}
+        return self._with_metadata(samples, batch)
+
+
+class GroundingCollator(_Collator):
+    """Referring expressions -> text [B, max_length] (padded to exactly ``max_length``) and boxes [B, 4]."""
+
+    task = "grounding"
+    consumed = frozenset({"image", "expression", "box"})
+
+    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 20):
+        super().__init__(tokenizer)
+        self.max_length = max_length
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        _check_samples(samples, ("image", "expression", "box"), type(self).__name__)
+        ids, mask = self._encode([s["expression"] for s in samples], self.max_length, pad_to_max=True)
+        boxes = torch.stack([torch.as_tensor(s["box"], dtype=torch.float32).reshape(4) for s in samples])
+        batch = {"images": _stack_images(samples), "text_ids": ids, "text_mask": mask, "boxes": boxes}
+        return self._with_metadata(samples, batch)
+
+
+COLLATORS: dict[str, type[_Collator]] = {
+    c.task: c for c in (PretrainCollator, VQACollator, CaptionCollator, RetrievalCollator, GroundingCollator)
+}
+
+
+def build_collate(task: str, tokenizer: Tokenizer | None = None, **options: Any) -> Callable[[list], Batch]:
+    """The collator of ``task`` (a callable for ``DataLoader(collate_fn=...)``); options go to its constructor
+    (``max_length``, ``max_question_length``, ``prompt``)."""
+    if task not in COLLATORS:
+        raise ValueError(f"no collator for task {task!r}; available: {list(COLLATORS)}")
+    return COLLATORS[task](tokenizer, **options)
+
+
+def move_to(batch: Batch, device: torch.device | str, non_blocking: bool = True) -> Batch:
+    """The batch with its tensors on ``device`` (everything else unchanged)."""
+    return {
+        k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v for k, v in batch.items()
+    }

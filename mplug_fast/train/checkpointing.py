@@ -1,0 +1,138 @@
+"""Training checkpoints: atomic writes, keep-last-N, RNG capture, resume.
+
+A checkpoint is one ``torch.save`` file ``<dir>/step-<00000123>.pt`` holding a dict:
+
+    step, objective (model + objective state: momentum copies, queues), optimizer, scheduler, precision
+    (GradScaler), rng (python, numpy, torch, cuda; one entry per rank), data (epoch, offset), extra
+
+Writes are atomic: the bytes go to ``.step-<n>.pt.tmp`` in the same directory, are flushed and fsync'ed,
+then ``os.replace``d onto the final name (and the directory fsync'ed), so a crash or kill mid-write leaves
+the previous checkpoints intact and at worst a stray temp file (ignored, removed by the next save).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the finished checkpoints in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported (e.g. Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file + flush + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
+    """Deletes all but the newest ``keep_last`` checkpoints and any stray temp files; returns them."""
+    directory = Path(directory)
+    removed = []
+    for _, p in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    for p in directory.glob(".step-*.pt.tmp"):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU, every CUDA device)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict at ``path`` (on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def resolve_resume(resume: str | None, directory: str | Path) -> Path | None:
+    """``--resume`` -> a checkpoint path: None (no resume), "latest"/"auto" (the newest in ``directory``, None
+    when there is none for "auto", an error for "latest"), or a file / directory path."""
+    if resume is None:
+        return None
+    if resume in ("latest", "auto"):
+        found = latest_checkpoint(directory)
+        if found is None and resume == "latest":
+            raise FileNotFoundError(f"--resume latest: no checkpoint (step-*.pt) in {str(directory)!r}")
+        return found
+    p = Path(resume)
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is None:
+            raise FileNotFoundError(f"--resume {resume}: no checkpoint (step-*.pt) in that directory")
+        return found
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+    return p

@@ -1,0 +1,582 @@
+"""The training loop: any objective module (``forward(batch) -> {"loss": ..., parts...}``) on any data.
+
+    trainer = Trainer(config)              # builds model, objective, data, optimizer from a RunConfig
+    trainer = Trainer(config, objective=obj, dataset=ds, collate_fn=fn)   # or bring your own
+    summary = trainer.fit(resume="latest")
+
+Per optimizer step: ``accum_steps`` micro-batches (loss / accum; DDP all-reduce only on the last through
+``no_sync``), then unscale (fp16) + clip + AdamW step + ``objective.after_optimizer_step()`` (momentum EMA)
++ schedule step. A non-finite loss or gradient norm (agreed over all ranks) skips the update: gradients are
+dropped, the step and the data still advance, the skip is counted; ``max_nonfinite`` skips in a row save a
+checkpoint and raise ``NonFiniteLossError``. (fp16: inf gradients with a finite loss are the GradScaler's
+business: it skips that update and lowers the scale.) Ctrl-C (SIGINT) finishes the current step, saves a
+checkpoint and returns with status "interrupted" (a second Ctrl-C aborts at once).
+
+Outputs under ``output_dir``: ``config.yaml``, ``metrics.jsonl`` (one record per logged step, rank 0),
+``checkpoints/step-*.pt``, ``loss_curves.png``, ``tensorboard/`` (when installed).
+
+Exact resume: the checkpoint holds the data position (epoch + samples consumed on each rank), every RNG
+state per rank, and the loader draws its worker seeds from its own generator, so N steps + resume + N steps
+equals 2N steps bitwise on CPU fp32 (with ``num_workers=0``; with workers, random augmentations inside the
+workers are reseeded per epoch and after a resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from mplug_fast.data.collate import build_collate, move_to
+from mplug_fast.train.checkpointing import (
+    atomic_save,
+    checkpoint_path,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
+from mplug_fast.train.config import RunConfig
+from mplug_fast.train.distributed import (
+    DistEnv,
+    ResumableSampler,
+    all_reduce_flags,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
+from mplug_fast.train.optim import build_optimizer
+from mplug_fast.train.precision import Precision, enable_gradient_checkpointing
+from mplug_fast.train.schedule import WarmupCosine
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: the run stopped (its last checkpoint is kept)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- building blocks from the config -------------------------------------------------------------------
+
+
+def build_model_from_config(config: RunConfig) -> nn.Module:
+    """The task model of ``config.model`` (the synthetic world's image size becomes the model resolution
+    unless ``model.overrides`` sets ``vision.image_size``)."""
+    from mplug_fast.config import get_config
+    from mplug_fast.modeling import build_model
+
+    overrides = dict(config.model.overrides)
+    if config.data.source == "synthetic" and "vision.image_size" not in overrides:
+        overrides["vision.image_size"] = config.data.synthetic.image_size
+    if config.model.init_from:
+        from mplug_fast.checkpoint import from_pretrained
+
+        return from_pretrained(config.model.init_from, task=config.model.task)
+    return build_model(get_config(config.model.preset, **overrides), config.model.task)
+
+
+def build_objective_from_config(config: RunConfig, model: nn.Module, tokenizer: Any) -> nn.Module:
+    """``mplug_fast.objectives.build_objective(name, model, tokenizer, **options)``."""
+    try:
+        from mplug_fast.objectives import build_objective
+    except ImportError as e:
+        raise ImportError(
+            f"mplug_fast.objectives.build_objective is not available ({e}); pass objective= to Trainer"
+        ) from e
+    name = config.objective.name or config.model.task
+    return build_objective(name, model, tokenizer, **config.objective.options)
+
+
+def build_dataset_from_config(config: RunConfig, task: str, split: str = "train") -> Dataset:
+    """The synthetic dataset of ``task`` (train: scenes 0..num_scenes-1, eval: the next eval_scenes), or for
+    ``data.source: official`` the reader of ``mplug_fast.data.official`` for the task (PretrainJsonDataset,
+    KarpathyCaptionDataset, VQAJsonDataset, RetrievalJsonDataset, RefCocoDataset) built with
+    ``data.official`` as its keyword arguments (ann, image_root, image_size, split, ...)."""
+    if config.data.source == "official":
+        try:
+            from mplug_fast.data import official
+        except ImportError as e:
+            raise ImportError(
+                f"data.source 'official' needs mplug_fast.data.official, which cannot be imported ({e})"
+            ) from e
+        builder = getattr(official, "build_dataset", None)
+        if builder is not None:
+            return builder(task, split=split, **config.data.official)
+        readers = {
+            "pretrain": "PretrainJsonDataset",
+            "caption": "KarpathyCaptionDataset",
+            "vqa": "VQAJsonDataset",
+            "retrieval": "RetrievalJsonDataset",
+            "grounding": "RefCocoDataset",
+        }
+        if task not in readers or not hasattr(official, readers[task]):
+            raise ValueError(f"no official-format reader for task {task!r} in mplug_fast.data.official")
+        try:
+            return getattr(official, readers[task])(**config.data.official)
+        except TypeError as e:
+            raise ValueError(
+                f"data.official does not fit {readers[task]} ({e}); its keys are that reader's arguments"
+            ) from e
+    from mplug_fast.data import synthetic as syn
+
+    s = config.data.synthetic
+    world = syn.SyntheticWorld(
+        image_size=s.image_size, max_objects=s.max_objects, min_objects=s.min_objects, seed=s.seed
+    )
+    n, start = (s.num_scenes, 0) if split == "train" else (s.eval_scenes, s.num_scenes)
+    if task == "pretrain":
+        return syn.PretrainDataset(world, n, start)
+    if task == "vqa":
+        return syn.VQADataset(world, n, start, types=tuple(s.vqa_types or syn.QA_TYPES))
+    if task == "caption":
+        return syn.CaptionDataset(world, n, start, split="train" if split == "train" else "test")
+    if task == "retrieval":
+        return syn.RetrievalDataset(world, n, start)
+    if task == "grounding":
+        return syn.GroundingDataset(world, n, start)
+    raise ValueError(f"no synthetic dataset for task {task!r}")
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains ``objective`` (an ``nn.Module`` with ``forward(batch) -> dict`` holding "loss") on ``dataset``.
+
+    Args:
+        config: the run config (optimisation, schedule, precision, distribution, checkpoints, logging).
+        objective: the module to train; None builds model + objective from ``config``.
+        dataset: samples (dicts); None builds it from ``config.data``.
+        collate_fn: samples -> batch; None = ``build_collate(task)``.
+        env: the process group view; None = ``init_distributed`` from the torchrun environment.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        objective: nn.Module | None = None,
+        dataset: Dataset | None = None,
+        collate_fn: Callable[[list], dict] | None = None,
+        env: DistEnv | None = None,
+    ):
+        self.config = config
+        self.env = env or init_distributed(config.device, config.distributed.backend)
+        seed_everything(config.seed + self.env.rank)
+        task = config.objective.name or config.model.task
+        self.tokenizer = None
+        if objective is None or collate_fn is None:
+            from mplug_fast.data import Tokenizer
+
+            self.tokenizer = Tokenizer()
+        if objective is None:
+            model = build_model_from_config(config)
+            objective = build_objective_from_config(config, model, self.tokenizer)
+        self.objective = objective.to(self.env.device)
+        if config.precision.grad_checkpointing:
+            wrapped = enable_gradient_checkpointing(self.objective)
+            if wrapped == 0:
+                logger.warning("grad_checkpointing: no transformer layer lists (blocks/layers) found to wrap")
+        self.model = wrap_model(
+            self.objective, self.env, config.distributed.strategy, config.distributed.find_unused_parameters
+        )
+        o = config.optim
+        self.optimizer = build_optimizer(
+            self.objective, o.lr, o.lr_visual, o.weight_decay, tuple(o.betas), o.eps, o.implementation
+        )
+        s = config.schedule
+        self.scheduler = WarmupCosine(self.optimizer, s.warmup_steps, s.max_steps, s.min_lr, s.warmup_start)
+        self.precision = Precision(config.precision.dtype, self.env.device)
+        if config.precision.compile:
+            self.model = torch.compile(self.model)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        self.dataset = dataset if dataset is not None else build_dataset_from_config(config, task, "train")
+        if collate_fn is None:
+            options = {} if config.data.max_length is None else {_length_option(task): config.data.max_length}
+            collate_fn = build_collate(task, self.tokenizer, **options)
+        self.collate_fn = collate_fn
+        self.sampler = ResumableSampler(
+            len(self.dataset), self.env.rank, self.env.world_size, config.data.shuffle, config.seed
+        )
+        if self.sampler.num_samples < config.data.batch_size:
+            raise ValueError(
+                f"each rank gets {self.sampler.num_samples} samples per epoch, fewer than one batch "
+                f"(data.batch_size={config.data.batch_size}); use more data or a smaller batch"
+            )
+        self._loader_generator = torch.Generator()
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=config.data.batch_size,
+            sampler=self.sampler,
+            collate_fn=self.collate_fn,
+            num_workers=config.data.num_workers,
+            drop_last=True,
+            pin_memory=self.env.device.type == "cuda",
+            generator=self._loader_generator,
+            persistent_workers=False,
+        )
+        self._iter = None
+        self.step, self.epoch, self.offset = 0, 0, 0
+        self.nonfinite_total, self.nonfinite_in_row = 0, 0
+        self._stop_requested = False
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self._tb = None
+
+    # ---- data ----------------------------------------------------------------------------------------
+
+    def _new_iterator(self) -> None:
+        self.sampler.set_position(self.epoch, self.offset)
+        if hasattr(self.dataset, "set_epoch"):  # e.g. the official pretraining list's caption draw
+            self.dataset.set_epoch(self.epoch)
+        self._loader_generator.manual_seed(self.config.seed * 1_000_003 + self.epoch * 7919 + self.env.rank)
+        self._iter = iter(self.loader)
+
+    def _next_batch(self) -> dict[str, Any]:
+        if self._iter is None:
+            self._new_iterator()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._new_iterator()
+            batch = next(self._iter)
+        self.offset += self.config.data.batch_size
+        return move_to(batch, self.env.device)
+
+    # ---- one optimizer step --------------------------------------------------------------------------
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """No gradient all-reduce on non-final micro-steps: DDP ``no_sync``, FSDP2 gradient-sync switch."""
+        target = getattr(self.model, "_orig_mod", self.model)
+        if hasattr(target, "set_requires_gradient_sync"):  # FSDP2: sync only on the last micro-step
+            target.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if not last and hasattr(target, "no_sync"):
+            return target.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``accum_steps`` micro-batches; returns the step's metrics (this rank)."""
+        accum = self.config.optim.accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, Tensor] = {}
+        for micro in range(accum):
+            batch = self._next_batch()
+            with self._no_sync(micro == accum - 1):
+                with self.precision.autocast():
+                    out = self.model(batch)
+                if "loss" not in out:
+                    raise KeyError(f"the objective returned no 'loss' (keys: {sorted(out)})")
+                self.precision.backward(out["loss"] / accum)
+            for key, value in out.items():
+                if isinstance(value, Tensor) and value.numel() == 1:
+                    sums[key] = sums.get(key, 0.0) + value.detach().float().reshape(()) / accum
+        grad_norm = self.precision.clip(self.optimizer, self.params, self.config.optim.grad_clip)
+        loss = sums["loss"]
+        bad = not bool(torch.isfinite(loss)) or (
+            self.precision.scaler is None and not bool(torch.isfinite(grad_norm))
+        )
+        flags = all_reduce_flags(torch.tensor([float(bad), float(self._stop_requested)]), self.env)
+        bad, self._stop_requested = bool(flags[0]), bool(flags[1])
+        lrs = self.scheduler.lrs()
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.precision.scaler is not None:
+                self.precision.scaler.update()  # resets the unscale_ bookkeeping
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+        else:
+            self.precision.step(self.optimizer)
+            hook = getattr(self.objective, "after_optimizer_step", None)
+            if hook is not None:
+                hook()
+            self.nonfinite_in_row = 0
+        self.scheduler.step()
+        self.step += 1
+        metrics = {k: float(v) for k, v in sums.items()}
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["skipped"] = float(bad)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            metrics[f"lr/{group.get('name', len(metrics))}"] = lr
+        return metrics
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def _is_fsdp(self) -> bool:
+        return self.env.distributed and self.config.distributed.strategy == "fsdp"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs (call on every rank: RNG states are gathered)."""
+        if self._is_fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            model_sd, optim_sd = get_state_dict(
+                self.objective,
+                self.optimizer,
+                options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+            )
+        else:
+            model_sd, optim_sd = unwrap(self.objective).state_dict(), self.optimizer.state_dict()
+        rngs = [rng_state()]
+        if self.env.distributed:
+            rngs = [None] * self.env.world_size
+            dist.all_gather_object(rngs, rng_state())
+        return {
+            "step": self.step,
+            "objective": model_sd,
+            "optimizer": optim_sd,
+            "scheduler": self.scheduler.state_dict(),
+            "precision": self.precision.state_dict(),
+            "rng": rngs,
+            "data": {"epoch": self.epoch, "offset": self.offset, "world_size": self.env.world_size},
+            "nonfinite": {"total": self.nonfinite_total, "in_row": self.nonfinite_in_row},
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        state = self.state_dict()
+        path = checkpoint_path(self.checkpoint_dir, self.step)
+        if self.env.is_main:
+            atomic_save(state, path)
+            prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep_last)
+            if self.config.logging.plots:
+                self.plot()
+        barrier(self.env)
+        return path
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._is_fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.objective,
+                self.optimizer,
+                model_state_dict=state["objective"],
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            unwrap(self.objective).load_state_dict(state["objective"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state["precision"])
+        self.step = int(state["step"])
+        data = state["data"]
+        if data.get("world_size", 1) != self.env.world_size:
+            logger.warning(
+                "resuming a %d-process run on %d processes: the data order restarts the epoch",
+                data.get("world_size", 1),
+                self.env.world_size,
+            )
+            self.epoch, self.offset = int(data["epoch"]) + 1, 0
+        else:
+            self.epoch, self.offset = int(data["epoch"]), int(data["offset"])
+        self.nonfinite_total = int(state["nonfinite"]["total"])
+        self.nonfinite_in_row = int(state["nonfinite"]["in_row"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self.env.rank] if len(rngs) == self.env.world_size else rngs[0])
+        self._iter = None
+
+    def resume(self, resume: str | Path | None) -> Path | None:
+        """Loads the checkpoint named by ``resume`` ("latest", "auto", a file or a directory)."""
+        path = resolve_resume(None if resume is None else str(resume), self.checkpoint_dir)
+        if path is None:
+            return None
+        self.load_state_dict(load_checkpoint(path))
+        if self.env.is_main and self.metrics_path.is_file():  # drop records past the resumed step
+            kept = [
+                line
+                for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step
+            ]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        return path
+
+    # ---- logging -------------------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> Path | None:
+        """``loss_curves.png``: one panel per logged loss (``loss`` and its parts) against the step."""
+        records = self.read_metrics()
+        keys = [k for k in (records[0] if records else {}) if k == "loss" or k.startswith("loss")]
+        if not keys:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = min(3, len(keys))
+        rows = math.ceil(len(keys) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+        for ax, key in zip(axes.flat, keys):
+            pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts))
+            ax.set_title(key)
+            ax.set_xlabel("step")
+        for ax in list(axes.flat)[len(keys) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = self.output_dir / "loss_curves.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return path
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def _install_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            logger.warning("Ctrl-C: finishing this step, saving a checkpoint (press again to abort)")
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def fit(self, resume: str | Path | None = None, max_steps: int | None = None) -> dict[str, Any]:
+        """Trains up to ``max_steps`` (default ``schedule.max_steps``) total optimizer steps.
+
+        Returns a summary: status ("finished" | "interrupted"), step, first/last logged metrics, steps/s,
+        samples/s, non-finite count, the last checkpoint path.
+        """
+        cfg = self.config
+        max_steps = cfg.schedule.max_steps if max_steps is None else max_steps
+        if self.env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            cfg.to_yaml(self.output_dir / "config.yaml")
+            if cfg.logging.tensorboard and self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+                except ImportError:
+                    self._tb = None
+        resumed_from = self.resume(resume)
+        barrier(self.env)
+        self.model.train()
+        previous = self._install_sigint()
+        progress = None
+        if cfg.logging.progress and self.env.is_main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        samples_per_step = cfg.data.batch_size * cfg.optim.accum_steps * self.env.world_size
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        start_step, start_time = self.step, time.perf_counter()
+        first: dict[str, Any] | None = None
+        last: dict[str, Any] | None = None
+        status, ckpt = "finished", None
+        try:
+            while self.step < max_steps:
+                metrics = self.train_step()
+                for k, v in metrics.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_steps += 1
+                if self.nonfinite_in_row >= cfg.max_nonfinite:
+                    ckpt = self.save_checkpoint()
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_in_row} non-finite losses in a row (step {self.step}, "
+                        f"{self.nonfinite_total} in total): stopping. Checkpoint kept at {ckpt}; lower the "
+                        f"learning rate, use fp32/bf16 or check the data, then --resume"
+                    )
+                log_now = self.step % cfg.logging.every_steps == 0 or self.step == max_steps
+                if log_now or self._stop_requested:
+                    elapsed = time.perf_counter() - window_start
+                    record = all_reduce_mean({k: v / window_steps for k, v in window.items()}, self.env)
+                    record = {k: v for k, v in record.items() if not k.startswith("lr/")} | {
+                        k: metrics[k] for k in metrics if k.startswith("lr/")
+                    }
+                    record["skipped"] = round(record.get("skipped", 0.0) * window_steps)  # the ranks agree
+                    record = {"step": self.step, "epoch": self.epoch, **record}
+                    record["samples_per_s"] = samples_per_step * window_steps / max(elapsed, 1e-9)
+                    record["steps_per_s"] = window_steps / max(elapsed, 1e-9)
+                    record["nonfinite_total"] = self.nonfinite_total
+                    self._log(record)
+                    first = first or record
+                    last = record
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                    if progress is not None:
+                        progress.set_postfix(
+                            loss=f"{record.get('loss', float('nan')):.4f}",
+                            sps=f"{record['samples_per_s']:.1f}",
+                        )
+                if progress is not None:
+                    progress.update(1)
+                if self._stop_requested:
+                    status = "interrupted"
+                    break
+                every = cfg.checkpoint.every_steps
+                if every and self.step % every == 0 and self.step < max_steps:
+                    ckpt = self.save_checkpoint()
+            if status == "interrupted" or self.step > start_step or resumed_from is None:
+                ckpt = self.save_checkpoint()
+        finally:
+            if progress is not None:
+                progress.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            if self._tb is not None:
+                self._tb.flush()
+        elapsed = time.perf_counter() - start_time
+        steps = self.step - start_step
+        return {
+            "status": status,
+            "step": self.step,
+            "steps": steps,
+            "first": first,
+            "last": last,
+            "steps_per_s": steps / max(elapsed, 1e-9),
+            "samples_per_s": steps * samples_per_step / max(elapsed, 1e-9),
+            "nonfinite_total": self.nonfinite_total,
+            "checkpoint": str(ckpt) if ckpt else None,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+        }
+
+
+def _length_option(task: str) -> str:
+    return "max_question_length" if task == "vqa" else "max_length"
