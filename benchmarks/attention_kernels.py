@@ -10,6 +10,13 @@ Cases (base model, 384 px: Nv = 577 image tokens, 12 heads of 64):
     decode_beams  decoder cross-attention step  Lq = 1, 5 beams share one image's K/V (kv_index)
     decoder_self  causal decoder self-attention Lq = Lk = 25, padding
 
+Triton kernel variants (whenever `triton` runs; or name them in --backends), for the short-query cases
+(asym_cross, decode_beams: Lq <= 64, Lk >= 256) only:
+    triton-main   the main FlashAttention-2 kernel, whatever the dispatcher would choose
+    triton-splitk the split-K (flash-decoding) forward with the dispatcher's split count (at least 2)
+(`triton` itself is the dispatcher: split-K when `num_splits_for` says the main grid leaves SMs idle; the
+record's `num_splits` says which ran). Run with --batch 1 too: the small-batch regime split-K is for.
+
 Each (case, backend) is checked against the fp32 reference first (max abs error recorded), then timed
 (CUDA events on GPU, perf_counter on CPU; median, p20, p80 after warm-up), forward and forward+backward.
 FLOPs: 4 * B * H * Lq * Lk * Dh forward (QK^T and PV), x 3.5 for forward+backward (the backward counted
@@ -35,6 +42,38 @@ from mplug_fast.ops.attention import BACKENDS, attention, available_backends
 from mplug_fast.ops.reference import attention_ref
 
 H, DH = 12, 64
+TRITON_VARIANTS = ("triton-main", "triton-splitk")
+
+
+def _triton_variant(name: str):
+    """The callable behind a Triton variant name (imports the kernels: call only where triton runs)."""
+    from mplug_fast.ops.triton.attention import flash_attention
+    from mplug_fast.ops.triton.decode import num_splits_for, splitk_attention
+
+    if name == "triton-main":
+        return flash_attention
+
+    def splitk(q, k, v, **kw):
+        B, _, Lq, _ = q.shape
+        return splitk_attention(
+            q, k, v, num_splits=max(2, num_splits_for(B, H, Lq, k.shape[2], q.device)), **kw
+        )
+
+    return splitk
+
+
+def _num_splits(name: str, c: dict, device: torch.device) -> int | None:
+    """Key splits of the Triton forward that `name` runs for case `c` (None: not a Triton run)."""
+    if not name.startswith("triton"):
+        return None
+    from mplug_fast.ops.triton.decode import num_splits_for
+
+    n = num_splits_for(c["B"], H, c["Lq"], c["Lk"], device)
+    return {"triton": n, "triton-main": 1, "triton-splitk": max(2, n)}[name]
+
+
+def _short_query(c: dict) -> bool:
+    return c["Lq"] <= 64 and c["Lk"] >= 256
 
 
 def cases(batch: int) -> dict[str, dict]:
@@ -131,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         skipped["triton"] = "on the CPU Triton runs in its interpreter (a correctness tool); pass --backends"
     for name, why in skipped.items():
         print(f"skipped backend {name}: {why}", file=sys.stderr)
+    if "triton" in names:
+        names += [n for n in TRITON_VARIANTS if n not in names]
 
     records = []
     for case, c in cases(batch).items():
@@ -145,11 +186,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         ref = attention_ref(q.float(), k.float(), v.float(), **kw)
         for name in names:
-            if name not in BACKENDS:
-                print(f"unknown backend {name}; known: {sorted(BACKENDS)}", file=sys.stderr)
+            if name not in BACKENDS and name not in TRITON_VARIANTS:
+                known = sorted(BACKENDS) + list(TRITON_VARIANTS)
+                print(f"unknown backend {name}; known: {known}", file=sys.stderr)
                 return 2
+            if name in TRITON_VARIANTS and not _short_query(c):
+                continue
+
+            def call(q, k, v, name=name, kw=kw):
+                if name in TRITON_VARIANTS:
+                    return _triton_variant(name)(q, k, v, **kw)
+                return attention(q, k, v, backend=name, **kw)
+
             try:
-                out = attention(q, k, v, backend=name, **kw)
+                out = call(q, k, v)
             except (RuntimeError, ValueError) as exc:
                 print(f"{case}/{name}: cannot run ({str(exc).splitlines()[0]})", file=sys.stderr)
                 continue
@@ -158,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 qg, kg, vg = (x.detach().requires_grad_(backward) for x in (q, k, v))
                 grad = torch.randn_like(out)
 
-                def run(qg=qg, kg=kg, vg=vg, grad=grad, backward=backward, name=name, kw=kw):
-                    o = attention(qg, kg, vg, backend=name, **kw)
+                def run(qg=qg, kg=kg, vg=vg, grad=grad, backward=backward, call=call):
+                    o = call(qg, kg, vg)
                     if backward:
                         o.backward(grad)
 
@@ -178,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                         "ms_p80": quantiles[-1],
                         "tflops": flops(c, backward) / median / 1e9,
                         "max_abs_err": err,
+                        "num_splits": _num_splits(name, c, device),
                     }
                 )
     result = {"env": environment(device), "skipped_backends": skipped, "records": records}

@@ -14,12 +14,13 @@ backend of the automatic order that supports the inputs: `CUDA_PRIORITY` for CUD
 otherwise. A backend asked for explicitly that cannot run the inputs is an error listing its reasons;
 automatic selection skips it and logs why once.
 
-Backends in this release: `reference` (the oracle), `sdpa` (torch) and `triton` (our FlashAttention-2
-kernels, `mplug_fast.ops.triton.attention`, imported lazily so that `import mplug_fast` never needs
-triton). On CPU tensors the Triton kernels only run under the slow interpreter (`TRITON_INTERPRET=1`),
-so `triton` comes last in `PRIORITY` (never chosen automatically there, since `reference` runs
-everything) but still runs when asked for by name; on CUDA tensors it comes first. The FlashAttention
-and xFormers backends register here in the same way.
+Backends: `reference` (the oracle), `sdpa` (torch) and `triton` (our FlashAttention-2 kernels,
+`mplug_fast.ops.triton.attention`, with the split-K short-query variant `mplug_fast.ops.triton.decode`,
+imported lazily so that `import mplug_fast` never needs triton). On CPU tensors the Triton kernels only
+run under the slow interpreter (`TRITON_INTERPRET=1`), so `triton` comes last in `PRIORITY` (never chosen
+automatically there, since `reference` runs everything) but still runs when asked for by name; on CUDA
+tensors it comes first. `flash_attn` and `xformers` (`mplug_fast.ops.external`, registered at the bottom
+of this module; the packages are imported only when one of them runs) follow it on CUDA.
 """
 
 from __future__ import annotations
@@ -53,8 +54,17 @@ class AttentionBackend:
 
     @classmethod
     def not_supported_reasons(
-        cls, q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float, kv_index: Tensor | None
+        cls,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        dropout_p: float,
+        kv_index: Tensor | None,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
     ) -> list[str]:
+        """Why this backend cannot run these inputs (empty: it can). Must not synchronise with the device."""
         return []
 
     @staticmethod
@@ -141,14 +151,12 @@ class TritonBackend(AttentionBackend):
         return status
 
     @classmethod
-    def not_supported_reasons(cls, q, k, v, *, dropout_p, kv_index):
+    def not_supported_reasons(cls, q, k, v, *, dropout_p, kv_index, key_padding_mask=None, causal=False):
         reasons = []
         if q.shape[-1] not in cls.SUPPORTED_HEAD_DIMS:
             reasons.append(
                 f"head_dim={q.shape[-1]} (supported: {', '.join(map(str, cls.SUPPORTED_HEAD_DIMS))})"
             )
-        if dropout_p > 0.0:
-            reasons.append(f"dropout_p={dropout_p} (dropout is not implemented in the Triton kernels yet)")
         if q.dtype not in cls.SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype:
             reasons.append(
                 f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (supported: one of fp32, fp16, bf16)"
@@ -164,11 +172,23 @@ class TritonBackend(AttentionBackend):
 
     @staticmethod
     def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
+        """The main kernel, or the split-K one (`triton/decode.py`) when `num_splits_for` says the main grid
+        would leave the GPU idle: Lq <= 64, Lk >= 256 and B * H * ceil(Lq / 16..64) < the SM count."""
         from mplug_fast.ops.triton.attention import flash_attention  # imported by _triton_status already
+        from mplug_fast.ops.triton.decode import num_splits_for, splitk_attention
 
-        return flash_attention(
-            q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, kv_index=kv_index
+        kwargs = dict(
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            dropout_p=dropout_p,
+            scale=scale,
+            kv_index=kv_index,
         )
+        B, H, Lq, _ = q.shape
+        num_splits = num_splits_for(B, H, Lq, k.shape[2], q.device)
+        if num_splits > 1:
+            return splitk_attention(q, k, v, num_splits=num_splits, **kwargs)
+        return flash_attention(q, k, v, **kwargs)
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
@@ -251,7 +271,9 @@ def select_backend(
             raise ValueError(f"unknown attention backend {requested!r}; choose one of {sorted(BACKENDS)}")
         impl = BACKENDS[requested]
         reasons = [r for r in [impl.unavailable_reason()] if r]
-        reasons += impl.not_supported_reasons(q, k, v, dropout_p=dropout_p, kv_index=kv_index)
+        reasons += impl.not_supported_reasons(
+            q, k, v, dropout_p=dropout_p, kv_index=kv_index, key_padding_mask=key_padding_mask, causal=causal
+        )
         if reasons:
             raise RuntimeError(
                 f"attention backend {requested!r} cannot run these inputs: {'; '.join(reasons)}\n"
@@ -263,7 +285,9 @@ def select_backend(
     for name in CUDA_PRIORITY if q.is_cuda else PRIORITY:
         impl = BACKENDS[name]
         reasons = [r for r in [impl.unavailable_reason()] if r]
-        reasons += impl.not_supported_reasons(q, k, v, dropout_p=dropout_p, kv_index=kv_index)
+        reasons += impl.not_supported_reasons(
+            q, k, v, dropout_p=dropout_p, kv_index=kv_index, key_padding_mask=key_padding_mask, causal=causal
+        )
         if not reasons:
             for skipped_name, why in skipped:
                 _log_once(f"attention backend {skipped_name!r} skipped: {why}")
@@ -358,3 +382,6 @@ def _check_inputs(
                 f"key_padding_mask must be [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
                 f"got {list(key_padding_mask.shape)}"
             )
+
+
+import mplug_fast.ops.external  # noqa: E402, F401  (registers flash_attn and xformers; imports neither package)

@@ -42,6 +42,7 @@ def attention_ref(
     scale: float | None = None,
     kv_index: Tensor | None = None,
     upcast: bool = True,
+    dropout_mask: Tensor | None = None,
 ) -> Tensor:
     """softmax(q k^T * scale + mask) v, written out.
 
@@ -53,6 +54,8 @@ def attention_ref(
         scale: defaults to Dh ** -0.5.
         kv_index: long [B]; query row b reads K/V row kv_index[b] (None: B == Bk, identity).
         upcast: compute scores and softmax in fp32 (the accuracy oracle for low-precision kernels).
+        dropout_mask: bool [B, H, Lq, Lk], True = keep: apply this mask (scaled by 1 / (1 - dropout_p))
+            instead of drawing one, e.g. a kernel's own mask, to compare its dropout with this oracle.
     Returns:
         [B, H, Lq, Dh] in q's dtype.
     """
@@ -74,7 +77,9 @@ def attention_ref(
     probs = torch.softmax(scores, dim=-1)
     if mask is not None:
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # rows with no key -> 0
-    if dropout_p > 0.0:
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype)
 

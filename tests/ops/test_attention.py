@@ -97,7 +97,9 @@ def run_with_grads(fn, q, k, v, grad_out_seed=1, **kwargs):
     """fn(q, k, v, **kwargs) and the q/k/v gradients of <out, g> for a fixed random g."""
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     out = fn(q, k, v, **kwargs)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(
+        out.device, out.dtype
+    )
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
     return out.detach(), dq, dk, dv
 
@@ -381,7 +383,7 @@ def test_explicit_backend_that_cannot_run_raises_with_reasons(monkeypatch):
         NAME = "picky"
 
         @classmethod
-        def not_supported_reasons(cls, q, k, v, *, dropout_p, kv_index):
+        def not_supported_reasons(cls, q, k, v, *, dropout_p, kv_index, key_padding_mask=None, causal=False):
             return ["head_dim=8 (supported: 64)"]
 
     monkeypatch.setitem(BACKENDS, "picky", Picky)

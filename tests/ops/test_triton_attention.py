@@ -1,7 +1,9 @@
 """The Triton FlashAttention-2 backend (`mplug_fast.ops.triton.attention`) against `attention_ref`: outputs
 and q/k/v gradients for Lq != Lk, ragged lengths (1, 7, 17, 33, 65, 70 with 64-wide blocks), key padding,
 causal (Lq == Lk, Lq < Lk, Lq > Lk with empty rows), shared K/V rows (`kv_index`), rows without keys, strided
-and non-contiguous inputs, head dims 16/32/64/80/128; `torch.library.opcheck`; fp16 within an error budget;
+and non-contiguous inputs, head dims 16/32/64/80/128; dropout (forward and grads equal the reference given
+the kernels' own keep-mask, that mask checked against the forward kernel with special inputs, keep-rate
+statistics, reproducibility from torch.manual_seed); `torch.library.opcheck`; fp16 within an error budget;
 the backend's reasons and automatic order; the tiny VQA model with MPLUG_FAST_ATTENTION=triton.
 
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set in conftest.py), ~3 ms per tile
@@ -10,6 +12,7 @@ iteration: shapes stay small. bf16 runs on CUDA only (`-m gpu`): bf16 tl.dot is 
 | comparison                                  | dtype | atol / budget                                     |
 |---------------------------------------------|-------|---------------------------------------------------|
 | triton vs reference (out, dq, dk, dv)       | fp32  | atol 1e-5, rtol 1e-5 (measured max ~2e-6)          |
+| triton dropout vs reference with its mask   | fp32  | atol 1e-5, rtol 1e-5                              |
 | tiny VQA logits and grads, triton vs ref    | fp32  | 1e-4                                              |
 | triton fp16 / bf16 vs reference fp32        | low   | 2 * |reference_lowp - reference_fp32| + 1e-3       |
 """
@@ -213,6 +216,139 @@ def test_cuda_within_twice_the_reference_error(B, H, Lq, Lk, Dh, mask_kind, dtyp
         assert err <= budget, f"triton {dtype} {name} {mask_kind}: max |diff| {err:.3e} > budget {budget:.3e}"
 
 
+# ---- dropout ----------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    return importlib.import_module("mplug_fast.ops.triton.attention")
+
+
+def run_dropout_against_reference(q, k, v, dropout_p, torch_seed=123, **kwargs):
+    """Triton with dropout (seed drawn after torch.manual_seed(torch_seed)) vs attention_ref given the
+    kernels' own keep-mask for that seed: out and q/k/v grads, max |diff| of each."""
+    torch.manual_seed(torch_seed)
+    got = run_with_grads(triton_attention, q, k, v, dropout_p=dropout_p, **kwargs)
+    torch.manual_seed(torch_seed)
+    seed = _kernels().draw_dropout_seed(q.device)  # the same draw as inside flash_attention
+    keep = _kernels().dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2], dropout_p)
+    ref = run_with_grads(attention_ref, q, k, v, dropout_p=dropout_p, dropout_mask=keep, **kwargs)
+    errors = {}
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert_close(a, b, **FP32_TOL, what=f"triton dropout {name}")
+        errors[name] = (a - b).abs().max().item()
+    return got, keep, errors
+
+
+DROPOUT_CASES = [  # B, H, Lq, Lk, Dh, mask kind, kv_index
+    (2, 2, 33, 70, 32, "causal+padding", None),  # two key blocks, ragged, Lq < Lk
+    (2, 1, 70, 17, 16, "padding", None),  # two query blocks
+    (3, 2, 7, 33, 16, "padding", [1, 0, 1]),  # shared K/V rows: the mask is keyed by the query row
+    (1, 2, 1, 65, 64, "none", None),  # one query
+]
+
+
+@pytest.mark.parametrize(
+    "B, H, Lq, Lk, Dh, mask_kind, kv_index",
+    DROPOUT_CASES,
+    ids=[f"{c[2]}x{c[3]}-{c[5]}-{'kv' if c[6] else 'nokv'}" for c in DROPOUT_CASES],
+)
+def test_dropout_forward_and_grads_equal_the_reference_with_the_kernels_mask(
+    B, H, Lq, Lk, Dh, mask_kind, kv_index
+):
+    Bk = B if kv_index is None else max(kv_index) + 1
+    q, k, v, mask = make_inputs(B, H, Lq, Lk, Dh, Bk=Bk, padding="padding" in mask_kind, seed=Lq + Lk)
+    index = None if kv_index is None else torch.tensor(kv_index)
+    _, keep, _ = run_dropout_against_reference(
+        q, k, v, 0.3, key_padding_mask=mask, causal="causal" in mask_kind, kv_index=index
+    )
+    assert 0.5 < keep.float().mean().item() < 0.9, "keep rate far from 0.7"
+
+
+def test_dropout_keep_mask_is_the_mask_the_forward_kernel_applies():
+    """Special inputs make the forward output the dropped probabilities themselves: q = 0 (uniform
+    probabilities 1/Lk), v = identity (Lk = Dh), so out[b, h, i, j] = keep[b, h, i, j] / ((1 - p) Lk)."""
+    B, H, Lq, Lk, p = 2, 3, 70, 32, 0.4
+    q = torch.zeros(B, H, Lq, Lk)
+    k = torch.randn(B, H, Lk, Lk)
+    v = torch.eye(Lk).expand(B, H, Lk, Lk).contiguous()
+    torch.manual_seed(7)
+    out = triton_attention(q, k, v, dropout_p=p)
+    torch.manual_seed(7)
+    keep = _kernels().dropout_keep_mask(_kernels().draw_dropout_seed("cpu"), B, H, Lq, Lk, p)
+    assert torch.equal(out > 0, keep), f"{int(((out > 0) != keep).sum())} entries differ"
+    assert_close(
+        out[keep], torch.full_like(out[keep], 1 / ((1 - p) * Lk)), atol=1e-6, rtol=1e-6, what="scale"
+    )
+
+
+def test_dropout_keep_rate_and_independence():
+    """Keep rate within 5 sigma of 1 - p over 2^16 draws, for several p; different seeds and different
+    (batch, head) slices give different masks; one seed always gives the same mask."""
+    ops = _kernels()
+    B, H, Lq, Lk = 2, 4, 64, 128
+    n = B * H * Lq * Lk
+    seed = torch.tensor([12345])
+    for p in (0.1, 0.5, 0.9):
+        keep = ops.dropout_keep_mask(seed, B, H, Lq, Lk, p)
+        rate = keep.float().mean().item()
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(rate - (1 - p)) < 5 * sigma, (
+            f"p={p}: keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+        )
+    keep = ops.dropout_keep_mask(seed, B, H, Lq, Lk, 0.5)
+    assert torch.equal(keep, ops.dropout_keep_mask(seed, B, H, Lq, Lk, 0.5))
+    other = ops.dropout_keep_mask(torch.tensor([12346]), B, H, Lq, Lk, 0.5)
+    agree = (keep == other).float().mean().item()
+    assert 0.48 < agree < 0.52, f"masks of neighbouring seeds agree on {agree:.3f} of the entries"
+    flat = keep.reshape(B * H, Lq * Lk).float()
+    same = (flat[:, None] == flat[None]).float().mean(-1)  # [BH, BH]
+    off_diag = same[~torch.eye(B * H, dtype=torch.bool)]
+    assert off_diag.min() > 0.46 and off_diag.max() < 0.54, "(batch, head) slices are correlated"
+
+
+def test_dropout_is_reproducible_from_torch_manual_seed_and_varies_without_it():
+    q, k, v, mask = make_inputs(2, 2, 7, 33, 16, padding=True)
+    torch.manual_seed(1)
+    a = triton_attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+    torch.manual_seed(1)
+    b = triton_attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+    c = triton_attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+    assert torch.equal(a, b), "same torch seed, different dropout"
+    assert not torch.equal(a, c), "the next call drew the same dropout mask"
+    assert torch.equal(triton_attention(q, k, v, key_padding_mask=mask, dropout_p=0.0), triton_attention(
+        q, k, v, key_padding_mask=mask))  # fmt: skip
+
+
+def test_dropout_argument_errors():
+    q, k, v, _ = make_inputs(1, 1, 4, 4, 16)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.0"):
+        _kernels().flash_attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match=r"dropout_p > 0 needs seed"):
+        _kernels().flash_attn_fwd(q, k, v, None, None, False, 0.25, 0.5, None)
+
+
+def test_opcheck_fwd_op_with_dropout():
+    q, k, v, mask = make_inputs(2, 1, 7, 9, 16, padding=True)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, None, True, 0.25, 0.3,
+            torch.tensor([99]))  # fmt: skip
+    torch.library.opcheck(torch.ops.mplug_fast.flash_attn_fwd.default, args)
+
+
+def test_torch_compile_fullgraph_with_dropout():
+    """The seed draw and the op trace into one graph; forward and backward run (values: the tests above)."""
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def loss(q, k, v):
+        return attention(q, k, v, causal=True, dropout_p=0.2, backend="triton").square().sum()
+
+    q, k, v, _ = make_inputs(2, 2, 7, 9, 16)
+    got = run_with_grads(torch.compile(loss, fullgraph=True, backend=counter), q, k, v)
+    assert counter.frame_count == 1, f"{counter.frame_count} frames: dropout breaks the graph"
+    assert all(torch.isfinite(t).all() for t in got)
+
+
 # ---- dispatch ----------------------------------------------------------------------------------------------
 
 
@@ -221,10 +357,7 @@ def test_reasons_and_automatic_order():
     assert TRITON.not_supported_reasons(q, k, v, dropout_p=0.0, kv_index=None) == []
     assert select_backend(q, k, v) == "sdpa", "the interpreter must never be chosen automatically on CPU"
     assert PRIORITY[-1] == "triton" and CUDA_PRIORITY[0] == "triton"
-    with pytest.raises(
-        RuntimeError, match=r"'triton' cannot run.*dropout_p=0.1 \(dropout is not implemented"
-    ):
-        attention(q, k, v, dropout_p=0.1, backend="triton")
+    assert TRITON.not_supported_reasons(q, k, v, dropout_p=0.1, kv_index=None) == [], "dropout is supported"
     q8, k8, v8, _ = make_inputs(1, 1, 4, 4, 8)
     with pytest.raises(RuntimeError, match=r"head_dim=8 \(supported: 16, 32, 64, 80, 96, 128\)"):
         attention(q8, k8, v8, backend="triton")

@@ -1,8 +1,10 @@
 """FlashAttention-2 in Triton: forward and backward, registered as `torch.library` custom ops.
 
-    flash_attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, kv_index=None) -> out
+    flash_attention(q, k, v, *, key_padding_mask=None, causal=False, dropout_p=0.0, scale=None,
+                    kv_index=None) -> out
 
-Same signature and semantics as `mplug_fast.ops.reference.attention_ref` (without dropout):
+Same signature and semantics as `mplug_fast.ops.reference.attention_ref` (dropout: same distribution,
+a different RNG; see below):
 
 * Layout `[B, H, L, Dh]`; q `[B, H, Lq, Dh]`, k/v `[Bk, H, Lk, Dh]`; any strides with a contiguous last
   dim (other tensors are copied once by the launcher).
@@ -29,7 +31,12 @@ Kernels (FlashAttention-2, Dao 2023, Algorithms 1 and 2):
 
 Caution:
 
-* No dropout (`dropout_p > 0` is refused by the backend's `not_supported_reasons`).
+* Dropout on the attention probabilities: Philox (`tl.rand`) keyed by an int64 seed tensor (drawn from
+  torch's generator, so `torch.manual_seed` reproduces it) and the global index
+  ((b * H + h) * Lq + i) * Lk + j of the score element; the backward kernels recompute the same keep-mask.
+  Kept entries are scaled by 1 / (1 - p); the softmax normaliser (and so the LSE) is that of the undropped
+  probabilities.
+  `dropout_keep_mask` materialises the mask for a seed (tests and debugging).
 * With `kv_index`, dK/dV are computed per query row b into an fp32 `[B, H, Lk, Dh]` buffer and summed into
   `[Bk, H, Lk, Dh]` with `index_add_`: B/Bk times the dK/dV memory of the shared layout.
 * The LSE output is not differentiable (its gradient is ignored).
@@ -51,7 +58,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["INTERPRETED", "SUPPORTED_HEAD_DIMS", "flash_attention"]
+__all__ = [
+    "INTERPRETED",
+    "SUPPORTED_HEAD_DIMS",
+    "draw_dropout_seed",
+    "dropout_keep_mask",
+    "flash_attention",
+]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
@@ -76,15 +89,27 @@ def _visible(rows, cols, Lq, Lk, mask_row_ptr, HAS_MASK: tl.constexpr, CAUSAL: t
 
 
 @triton.jit
+def _dropout_keep(seed, bh, rows, cols, Lq, Lk, dropout_p):
+    """Bool [BLOCK_M, BLOCK_N]: keep score (bh // H, bh % H, row, col) of the [B, H, Lq, Lk] score matrix.
+
+    Philox (`tl.rand`) keyed by the seed and the element's global index (int64), so every kernel that touches
+    an element (forward, both backward kernels, the split-K forward, `dropout_keep_mask`) draws the same
+    number.
+    """
+    offs = (bh * Lq + rows.to(tl.int64))[:, None] * Lk + cols[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, MASK, KV_INDEX, OUT, LSE,
+    Q, K, V, MASK, KV_INDEX, SEED, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb,
     stride_ob, stride_oh, stride_om,
-    H, Lq, Lk, D, qk_scale,
-    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+    H, Lq, Lk, D, qk_scale, dropout_p, drop_scale,
+    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -101,6 +126,8 @@ def _attn_fwd_kernel(
     k_base = K + off_bk * stride_kb + off_h * stride_kh
     v_base = V + off_bk * stride_vb + off_h * stride_vh
     mask_row = MASK + off_bk * stride_mb
+    seed = tl.load(SEED) if DROPOUT else 0
+    bh = off_b * H + off_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
@@ -118,7 +145,9 @@ def _attn_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped entries too
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, rows, cols, Lq, Lk, dropout_p), p * drop_scale, 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -134,7 +163,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, MASK, KV_INDEX, OUT, DO, LSE, DELTA, DQ,
+    Q, K, V, MASK, KV_INDEX, SEED, OUT, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -142,8 +171,8 @@ def _attn_bwd_dq_kernel(
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    H, Lq, Lk, D, scale, qk_scale,
-    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+    H, Lq, Lk, D, scale, qk_scale, dropout_p, drop_scale,
+    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -179,6 +208,7 @@ def _attn_bwd_dq_kernel(
     k_base = K + off_bk * stride_kb + off_h * stride_kh
     v_base = V + off_bk * stride_vb + off_h * stride_vh
     mask_row = MASK + off_bk * stride_mb
+    seed = tl.load(SEED) if DROPOUT else 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = Lk
     if CAUSAL:
@@ -191,7 +221,10 @@ def _attn_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(_visible(rows, cols, Lq, Lk, mask_row, HAS_MASK, CAUSAL), s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(dropped P)
+        if DROPOUT:  # dL/dP = keep * dL/d(dropped P) / (1 - p); delta = rowsum(dO * O) still holds
+            keep = _dropout_keep(seed, off_b * H + off_h, rows, cols, Lq, Lk, dropout_p)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * scale
@@ -201,7 +234,7 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, MASK, KV_INDEX, DO, LSE, DELTA, DK, DV,
+    Q, K, V, MASK, KV_INDEX, SEED, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -209,8 +242,8 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    H, Lq, Lk, D, scale, qk_scale,
-    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+    H, Lq, Lk, D, scale, qk_scale, dropout_p, drop_scale,
+    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -237,6 +270,7 @@ def _attn_bwd_dkdv_kernel(
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     stat_base = (off_b * H + off_h) * Lq
     mask_row = MASK + off_bk * stride_mb
+    seed = tl.load(SEED) if DROPOUT else 0
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -253,8 +287,15 @@ def _attn_bwd_dkdv_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(_visible(rows, cols, Lq, Lk, mask_row, HAS_MASK, CAUSAL), s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, off_b * H + off_h, rows, cols, Lq, Lk, dropout_p)
+            p_drop = tl.where(keep, p * drop_scale, 0.0)
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=PRECISION)
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * scale
@@ -333,6 +374,25 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_
         )
 
 
+def _check_dropout(dropout_p: float, seed: Tensor | None, q: Tensor) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and (
+        seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != q.device
+    ):
+        raise ValueError(
+            "dropout_p > 0 needs seed: an int64 tensor with one element on q's device (draw_dropout_seed), "
+            f"got {None if seed is None else (seed.dtype, list(seed.shape), seed.device)}"
+        )
+
+
+def _dropout_args(dropout_p: float, seed: Tensor | None, dummy: Tensor) -> tuple[Tensor, float, float]:
+    """(seed pointer, p, 1 / (1 - p)) for the kernels; `dummy` stands for the seed without dropout."""
+    if dropout_p == 0.0:
+        return dummy, 0.0, 1.0
+    return seed, float(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
 def _mask_arg(key_padding_mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, int]:
     """The key-padding mask as bytes (a view, no copy) and its row stride; `dummy` when there is none."""
     if key_padding_mask is None:
@@ -343,10 +403,11 @@ def _mask_arg(key_padding_mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, i
 
 def _attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None, causal: bool,
-    scale: float,
+    scale: float, dropout_p: float = 0.0, seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel. Returns out [B, H, Lq, Dh] (q's dtype, contiguous), LSE [B, H, Lq] fp32."""
     _check(q, k, v, key_padding_mask, kv_index)
+    _check_dropout(dropout_p, seed, q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -356,16 +417,18 @@ def _attn_fwd(
         return out, lse
     block_m, block_n, block_d = _blocks(D)
     mask, stride_mb = _mask_arg(key_padding_mask, q)
+    seed_arg, p_drop, drop_scale = _dropout_args(dropout_p, seed, q)
     grid = (triton.cdiv(Lq, block_m), H, B)
     _attn_fwd_kernel[grid](
-        q, k, v, mask, q if kv_index is None else kv_index, out, lse,
+        q, k, v, mask, q if kv_index is None else kv_index, seed_arg, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         stride_mb,
         out.stride(0), out.stride(1), out.stride(2),
-        H, Lq, Lk, D, scale * LOG2E.value,
+        H, Lq, Lk, D, scale * LOG2E.value, p_drop, drop_scale,
         HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
+        DROPOUT=p_drop > 0.0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
     )  # fmt: skip
     return out, lse
@@ -373,11 +436,12 @@ def _attn_fwd(
 
 def _attn_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding_mask: Tensor | None,
-    kv_index: Tensor | None, causal: bool, scale: float,
+    kv_index: Tensor | None, causal: bool, scale: float, dropout_p: float = 0.0, seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Launch the dQ kernel (which also writes delta), then the dK/dV kernel. Returns contiguous
     dq [B, H, Lq, Dh], dk, dv [Bk, H, Lk, Dh] in the inputs' dtype."""
     _check(q, k, v, key_padding_mask, kv_index)
+    _check_dropout(dropout_p, seed, q)
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     B, H, Lq, D = q.shape
@@ -398,12 +462,14 @@ def _attn_bwd(
         block_m, block_n, block_d = _blocks(D)
         mask, stride_mb = _mask_arg(key_padding_mask, q)
         index = q if kv_index is None else kv_index
+        seed_arg, p_drop, drop_scale = _dropout_args(dropout_p, seed, q)
         flags = dict(
             HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
+            DROPOUT=p_drop > 0.0,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
         )  # fmt: skip
         _attn_bwd_dq_kernel[(triton.cdiv(Lq, block_m), H, B)](
-            q, k, v, mask, index, out, dout, lse, delta, dq,
+            q, k, v, mask, index, seed_arg, out, dout, lse, delta, dq,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -411,11 +477,11 @@ def _attn_bwd(
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            H, Lq, Lk, D, scale, scale * LOG2E.value,
+            H, Lq, Lk, D, scale, scale * LOG2E.value, p_drop, drop_scale,
             **flags,
         )  # fmt: skip
         _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](
-            q, k, v, mask, index, dout, lse, delta, dk, dv,
+            q, k, v, mask, index, seed_arg, dout, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -423,7 +489,7 @@ def _attn_bwd(
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            H, Lq, Lk, D, scale, scale * LOG2E.value,
+            H, Lq, Lk, D, scale, scale * LOG2E.value, p_drop, drop_scale,
             **flags,
         )  # fmt: skip
     if kv_index is not None:  # [B, H, Lk, D] fp32 -> [Bk, H, Lk, D]: sum over query rows sharing a K/V row
@@ -445,13 +511,16 @@ def flash_attn_fwd(
     kv_index: Tensor | None,
     causal: bool,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(out [B, H, Lq, Dh], LSE [B, H, Lq] fp32); see the module docstring."""
-    return _attn_fwd(q, k, v, key_padding_mask, kv_index, causal, scale)
+    """(out [B, H, Lq, Dh], LSE [B, H, Lq] fp32); see the module docstring. `seed`: int64 [1], needed when
+    dropout_p > 0."""
+    return _attn_fwd(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p, seed)
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, key_padding_mask, kv_index, causal, scale):
+def _(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p=0.0, seed=None):
     B, H, Lq, D = q.shape
     return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
@@ -468,31 +537,72 @@ def flash_attn_bwd(
     kv_index: Tensor | None,
     causal: bool,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq [B, H, Lq, Dh], dk, dv [Bk, H, Lk, Dh]), contiguous."""
-    return _attn_bwd(dout, q, k, v, out, lse, key_padding_mask, kv_index, causal, scale)
+    """(dq [B, H, Lq, Dh], dk, dv [Bk, H, Lk, Dh]), contiguous. `out` and `lse` may come from any forward with
+    the same semantics (the main kernel or the split-K one of `decode.py`)."""
+    return _attn_bwd(dout, q, k, v, out, lse, key_padding_mask, kv_index, causal, scale, dropout_p, seed)
 
 
 @flash_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, kv_index, causal, scale):
+def _(dout, q, k, v, out, lse, key_padding_mask, kv_index, causal, scale, dropout_p=0.0, seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, kv_index, causal, scale = inputs
+def setup_attention_context(ctx, inputs, output) -> None:
+    """Autograd context shared by the forward ops whose first inputs are
+    (q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p, seed) and whose output is (out, LSE)."""
+    q, k, v, key_padding_mask, kv_index, causal, scale = inputs[:7]
+    dropout_p = inputs[7] if len(inputs) > 7 else 0.0
+    seed = inputs[8] if len(inputs) > 8 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_index)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_index, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.n_inputs = causal, scale, dropout_p, len(inputs)
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout: Tensor, dlse: Tensor | None):
-    q, k, v, out, lse, key_padding_mask, kv_index = ctx.saved_tensors
-    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, key_padding_mask, kv_index, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+def attention_backward(ctx, dout: Tensor, dlse: Tensor | None):
+    """The backward of those ops: the main backward kernels from the saved (out, LSE)."""
+    q, k, v, out, lse, key_padding_mask, kv_index, seed = ctx.saved_tensors
+    dq, dk, dv = flash_attn_bwd(
+        dout, q, k, v, out, lse, key_padding_mask, kv_index, ctx.causal, ctx.scale, ctx.dropout_p, seed
+    )
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
-flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+flash_attn_fwd.register_autograd(attention_backward, setup_context=setup_attention_context)
+
+
+# ---- dropout mask (debugging and tests) --------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, KEEP, H, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2).to(tl.int64)
+    keep = _dropout_keep(tl.load(SEED), bh, rows, cols, Lq, Lk, dropout_p)
+    ptrs = KEEP + (bh * Lq + rows.to(tl.int64))[:, None] * Lk + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
+
+
+def draw_dropout_seed(device: torch.device | str) -> Tensor:
+    """An int64 [1] seed from torch's generator for `device`, so `torch.manual_seed` makes dropout
+    reproducible (and the draw is an ordinary traced op under torch.compile)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(seed: Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> Tensor:
+    """The keep-mask the kernels apply for `seed`: bool [B, H, Lq, Lk] (True = kept, scaled by 1 / (1 - p)),
+    computed by a kernel that calls the same RNG function on the same element indices."""
+    _check_dropout(dropout_p, seed, seed)
+    keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=seed.device)
+    if keep.numel() == 0:
+        return keep.bool()
+    grid = (triton.cdiv(Lq, 64), triton.cdiv(Lk, 64), B * H)
+    _dropout_mask_kernel[grid](seed, keep, H, Lq, Lk, float(dropout_p), BLOCK_M=64, BLOCK_N=64)
+    return keep.bool()
 
 
 # ---- public function ---------------------------------------------------------------------------------------
@@ -505,6 +615,7 @@ def flash_attention(
     *,
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
+    dropout_p: float = 0.0,
     scale: float | None = None,
     kv_index: Tensor | None = None,
 ) -> Tensor:
@@ -514,6 +625,8 @@ def flash_attention(
         q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh] (Bk == B unless `kv_index` is given).
         key_padding_mask: bool [Bk, Lk], True = attend.
         causal: query i attends keys j <= i + Lk - Lq.
+        dropout_p: dropout on the attention probabilities, in [0, 1); the seed is drawn from torch's
+            generator for q's device (`draw_dropout_seed`), the mask is `dropout_keep_mask(seed, ...)`.
         scale: softmax scale, default Dh ** -0.5.
         kv_index: int32/int64 [B] with values in [0, Bk): the K/V row read by each query row.
     Returns:
@@ -522,5 +635,6 @@ def flash_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    out, _ = flash_attn_fwd(q, k, v, key_padding_mask, kv_index, causal, scale)
+    seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
+    out, _ = flash_attn_fwd(q, k, v, key_padding_mask, kv_index, causal, scale, float(dropout_p), seed)
     return out

@@ -1,0 +1,298 @@
+"""Split-K ("flash-decoding") forward for short queries against long keys, registered as a custom op.
+
+    splitk_attention(q, k, v, *, key_padding_mask=None, causal=False, dropout_p=0.0, scale=None,
+                     kv_index=None, num_splits=None) -> out
+
+The shapes it is for: mPLUG's asymmetric co-attention (Lq <= 64 text queries x 257-1297 image keys) and
+decoding (Lq = 1 per step, beams sharing one image's K/V through `kv_index`). There the main kernel
+(`attention.py`) launches B * H * ceil(Lq / 64) programs, each walking every key block: with a small batch the
+GPU is mostly idle. Here the key axis is cut into `num_splits` ranges (whole key blocks each):
+
+* `_splitk_fwd_kernel`: one program per (split, query block, batch row x head); online softmax over its key
+  range; writes the split's normalised partial output `[S, B, H, Lq, Dh]` fp32 and its LSE `[S, B, H, Lq]`
+  (-inf for a split that sees no key);
+* `_splitk_combine_kernel`: one program per (query block, batch row x head);
+  out = sum_s w_s O_s / sum_s w_s with w_s = exp(LSE_s - max LSE), LSE = max + log(sum w_s)
+  (+inf when no split saw a key, as in the main kernel).
+
+The query block is `max(16, next_pow2(Lq))` rows (16 is the smallest `tl.dot` tile), not 64: at Lq = 1 the
+main kernel computes 64 query rows per tile, this one 16.
+
+Semantics are those of the main kernel (and `attention_ref`): key padding, bottom-right causal, `kv_index`
+read by pointer arithmetic, rows without keys give 0, dropout with the same RNG function on the same
+element indices (so for one seed the split-K and main forwards drop the same entries). The backward is the
+main backward kernel from the combined (out, LSE): the op is differentiable.
+
+`num_splits_for(...)` is the heuristic the Triton backend uses to choose this kernel (see its docstring).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mplug_fast.ops.triton.attention import (
+    LN2,
+    LOG2E,
+    _blocks,
+    _check,
+    _check_dropout,
+    _dropout_args,
+    _dropout_keep,
+    _last_dim_contiguous,
+    _mask_arg,
+    _precision,
+    _visible,
+    attention_backward,
+    draw_dropout_seed,
+    setup_attention_context,
+)
+
+__all__ = ["MAX_QUERIES", "MIN_KEYS", "num_splits_for", "splitk_attention"]
+
+MAX_QUERIES = 64  # the split-K kernel is used for Lq <= MAX_QUERIES ...
+MIN_KEYS = 256  # ... and Lk >= MIN_KEYS
+BLOCK_N = 64  # keys per tile; every split covers a whole number of key tiles
+DEFAULT_SMS = 132  # SMs assumed off CUDA (H100/H200 SXM): only the interpreter runs there
+
+
+@triton.jit
+def _splitk_fwd_kernel(
+    Q, K, V, MASK, KV_INDEX, SEED, O_PART, LSE_PART,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb,
+    B, H, Lq, Lk, D, qk_scale, dropout_p, drop_scale, keys_per_split,
+    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)  # off_b * H + off_h
+    off_b = bh // H
+    off_h = bh % H
+    off_bk = tl.load(KV_INDEX + off_b).to(tl.int64) if HAS_KV_INDEX else off_b
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(rows < Lq)[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    k_base = K + off_bk * stride_kb + off_h * stride_kh
+    v_base = V + off_bk * stride_vb + off_h * stride_vh
+    mask_row = MASK + off_bk * stride_mb
+    seed = tl.load(SEED) if DROPOUT else 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = pid_s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, Lk)
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = tl.where(_visible(rows, cols, Lq, Lk, mask_row, HAS_MASK, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, rows, cols, Lq, Lk, dropout_p), p * drop_scale, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # this split saw no key for the row: weight 0 in the combine
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    part = pid_s * B * H + bh  # [S, B, H, ...] layout, contiguous
+    o_ptrs = O_PART + (part * Lq + rows)[:, None] * D + offs_d[None, :]
+    tl.store(o_ptrs, acc / l_safe[:, None], mask=(rows < Lq)[:, None] & d_ok[None, :])
+    tl.store(LSE_PART + part * Lq + rows, lse, mask=rows < Lq)
+
+
+@triton.jit
+def _splitk_combine_kernel(
+    O_PART, LSE_PART, OUT, LSE,
+    stride_ob, stride_oh, stride_om,
+    B, H, Lq, D, num_splits,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    off_b = bh // H
+    off_h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = (rows < Lq)[:, None] & (offs_d < D)[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        part = s * B * H + bh
+        lse_s = tl.load(LSE_PART + part * Lq + rows, mask=rows < Lq, other=float("-inf")) * LOG2E
+        o_s = tl.load(O_PART + (part * Lq + rows)[:, None] * D + offs_d[None, :], mask=io_mask, other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        w = tl.math.exp2(lse_s - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        l_i = l_i * alpha + w
+        m_i = m_new
+
+    empty = l_i == 0.0  # no split saw a key: output 0, LSE +inf (the main kernel's convention)
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_safe[:, None]).to(OUT.dtype.element_ty), mask=io_mask)
+    tl.store(LSE + bh * Lq + rows, lse, mask=rows < Lq)
+
+
+# ---- heuristic ---------------------------------------------------------------------------------------------
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":  # torch caches the device properties
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def _block_m(Lq: int) -> int:
+    return max(16, triton.next_power_of_2(Lq))
+
+
+def num_splits_for(B: int, H: int, Lq: int, Lk: int, device: torch.device | str) -> int:
+    """How many key splits the Triton backend uses; 1 means "use the main kernel".
+
+    Split when the main kernel cannot fill the GPU and there is a long key axis to share out:
+    Lq <= 64, Lk >= 256, and the split-K kernel's B * H * ceil(Lq / BLOCK_M) programs number fewer than the
+    streaming multiprocessors (SMs; 132 assumed off CUDA). Then the splits bring the grid to about two waves
+    (2 * SMs programs), with at least two key tiles (128 keys) per split so that each program amortises its
+    query load and the combine stays small. Not tuned on a GPU yet.
+    """
+    if Lq > MAX_QUERIES or Lk < MIN_KEYS:
+        return 1
+    programs = B * H * triton.cdiv(Lq, _block_m(Lq))
+    sms = _sm_count(torch.device(device))
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(Lk, 2 * BLOCK_N)))
+
+
+# ---- launcher and op ---------------------------------------------------------------------------------------
+
+
+def _splitk_fwd(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None, causal: bool,
+    scale: float, dropout_p: float, seed: Tensor | None, num_splits: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Launch the split and combine kernels. Returns out [B, H, Lq, Dh] (q's dtype), LSE [B, H, Lq] fp32."""
+    _check(q, k, v, key_padding_mask, kv_index)
+    _check_dropout(dropout_p, seed, q)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    _, _, block_d = _blocks(D)
+    block_m = _block_m(Lq)
+    keys_per_split = triton.cdiv(triton.cdiv(max(Lk, 1), BLOCK_N), num_splits) * BLOCK_N
+    num_splits = triton.cdiv(max(Lk, 1), keys_per_split)  # no empty trailing split
+    o_part = torch.empty((num_splits, B, H, Lq, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((num_splits, B, H, Lq), dtype=torch.float32, device=q.device)
+    mask, stride_mb = _mask_arg(key_padding_mask, q)
+    seed_arg, p_drop, drop_scale = _dropout_args(dropout_p, seed, q)
+    m_blocks = triton.cdiv(Lq, block_m)
+    _splitk_fwd_kernel[(num_splits, m_blocks, B * H)](
+        q, k, v, mask, q if kv_index is None else kv_index, seed_arg, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        stride_mb,
+        B, H, Lq, Lk, D, scale * LOG2E.value, p_drop, drop_scale, keys_per_split,
+        HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
+        DROPOUT=p_drop > 0.0,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    _splitk_combine_kernel[(m_blocks, B * H)](
+        o_part, lse_part, out, lse,
+        out.stride(0), out.stride(1), out.stride(2),
+        B, H, Lq, D, num_splits,
+        BLOCK_M=block_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out, lse
+
+
+@torch.library.custom_op("mplug_fast::flash_attn_splitk_fwd", mutates_args=())
+def flash_attn_splitk_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    kv_index: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """(out [B, H, Lq, Dh], LSE [B, H, Lq] fp32), as `mplug_fast::flash_attn_fwd`; see the module doc."""
+    return _splitk_fwd(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p, seed, num_splits)
+
+
+@flash_attn_splitk_fwd.register_fake
+def _(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p, seed, num_splits):
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+flash_attn_splitk_fwd.register_autograd(attention_backward, setup_context=setup_attention_context)
+
+
+def splitk_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    kv_index: Tensor | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """`flash_attention` through the split-K forward (same arguments; differentiable).
+
+    Args:
+        q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh].  key_padding_mask: bool [Bk, Lk], True = attend.
+        kv_index: int32/int64 [B], the K/V row of each query row.
+        num_splits: key splits (each a whole number of 64-key tiles; capped at the tile count); default
+            `num_splits_for(...)`, at least 2.
+    Returns:
+        [B, H, Lq, Dh] in q's dtype (contiguous).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if num_splits is None:
+        B, H, Lq, _ = q.shape
+        num_splits = max(2, num_splits_for(B, H, Lq, k.shape[2], q.device))
+    seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
+    out, _ = flash_attn_splitk_fwd(
+        q, k, v, key_padding_mask, kv_index, causal, scale, float(dropout_p), seed, int(num_splits)
+    )
+    return out
