@@ -1,17 +1,21 @@
 """Test setup shared by the whole suite.
 
 The environment variables are set at import, before any test module imports triton kernels or transformers:
-``TRITON_INTERPRET=1`` lets ``@triton.jit`` kernels run on the CPU interpreter (it must be set before the
+``TRITON_INTERPRET=1`` (set only when CUDA is unavailable) lets ``@triton.jit`` kernels run on the CPU
+interpreter (it must be set before the
 kernels are defined), ``HF_HUB_OFFLINE=1`` keeps the transformers oracles from reaching for the hub.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# On a CUDA machine the kernels are compiled for the GPU (the `gpu` tests); elsewhere they run interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

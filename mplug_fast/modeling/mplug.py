@@ -8,7 +8,9 @@
 Each task model owns only the components its task runs (official_spec.md §1.7 minus the dead
 weights): captioning's decoder reads the raw image tokens, VQA / grounding decoders read the fused
 [image; text]. Momentum (EMA) copies exist only where the task trains with them (pretraining and
-retrieval ITC); the official VQA momentum branch changes nothing in its loss and is not built.
+retrieval ITC); the official VQA momentum branch changes nothing in its loss and is not built here
+(`mplug_fast.objectives.VQAObjective` owns EMA copies when its distillation is on). `MomentumView` puts
+the momentum copies behind the same encode / fuse / decode API.
 """
 
 from __future__ import annotations
@@ -172,6 +174,12 @@ class MPlug(nn.Module):
         word = self._require("text_encoder").embeddings.word.weight
         return self._require("mlm_head")(fused_text_states, word)
 
+    def momentum_view(self) -> MomentumView:
+        """The momentum copies behind the same encode / fuse / decode API (see `MomentumView`)."""
+        if self.momentum is None:
+            raise AttributeError(f"the {self.task!r} model has no momentum copies")
+        return MomentumView(self.momentum)
+
     def _require(self, name: str) -> nn.Module:
         module = getattr(self, name)
         if module is None:
@@ -179,6 +187,44 @@ class MPlug(nn.Module):
             raise AttributeError(
                 f"the {self.task!r} model has no {name!r} (it owns: {', '.join(owned)}); "
                 "build the task model that needs it (build_model(config, task))"
+            )
+        return module
+
+
+class MomentumView:
+    """The momentum (EMA) copies behind the public API of `MPlug` (`encode_image`, `encode_text`, `fuse`,
+    `fused_memory`, `decode`, `image_features`, `text_features`, `mlm_logits`).
+
+    `modules` maps component names to their EMA copies (a model's `momentum` ModuleDict, or copies an
+    objective owns); a component without a copy raises a clear error when used. Call under `torch.no_grad()`.
+    """
+
+    task = "momentum"
+    encode_image = MPlug.encode_image
+    encode_text = MPlug.encode_text
+    fuse = MPlug.fuse
+    fused_memory = MPlug.fused_memory
+    decode = MPlug.decode
+    image_features = MPlug.image_features
+    text_features = MPlug.text_features
+    mlm_logits = MPlug.mlm_logits
+
+    def __init__(self, modules: nn.ModuleDict | dict[str, nn.Module]):
+        self.modules = modules
+        self.adapter = modules["adapter"] if "adapter" in modules else nn.Identity()
+
+    def __getattr__(self, name: str) -> nn.Module | None:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        modules = self.__dict__.get("modules", {})
+        return modules[name] if name in modules else None
+
+    def _require(self, name: str) -> nn.Module:
+        module = getattr(self, name)
+        if module is None:
+            raise AttributeError(
+                f"there is no momentum copy of {name!r} (copies: {', '.join(self.modules)}); "
+                "add it to the model's momentum_components"
             )
         return module
 
