@@ -1,0 +1,177 @@
+"""Image-text contrastive loss (ITC / ITA) with momentum keys, feature queues and soft targets (spec §4).
+
+    keys      = [momentum features of the global batch ; queue]               [K', E], K' = W*B + Q
+    sim_i2t   = image_feat @ text_keysᵀ / temp,  sim_t2i = text_feat @ image_keysᵀ / temp      [B, K']
+    targets   = alpha * softmax(momentum sims) + (1 - alpha) * positives / #positives
+    loss      = ( CE_soft(sim_i2t, targets_i2t) + CE_soft(sim_t2i, targets_t2i) ) / 2   (mean over rows)
+
+Positives: the pair itself (no image ids) or every key with the same image id (retrieval's multi-positive
+targets; the queue keeps the ids). Differences from the official code, on purpose:
+* the keys hold the momentum features of the *whole* global batch (all-gathered), not only the local one,
+  so W ranks x B samples give exactly the loss of one process with W*B samples;
+* the queue starts empty and unfilled slots are masked out (ALBEF fills it with random unit vectors that
+  act as meaningless negatives until overwritten);
+* the temperature is clamped to [temp_min, temp_max] under no_grad before every forward (ALBEF / TiMiX; the
+  official retrieval model does not clamp).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mplug_fast.objectives.distributed import all_gather, world
+
+DEFAULT_QUEUE_SIZE = 65536
+
+
+class FeatureQueue(nn.Module):
+    """FIFO of momentum features and image ids, as buffers (saved in the state dict).
+
+    Buffers: image [Q, E], text [Q, E] (unit rows), ids long [Q] (-1 = none), ptr long [] (next slot),
+    filled long [] (number of valid slots). The write position is computed on the device, so enqueueing
+    never synchronises with the host. Q must be a multiple of every global batch enqueued.
+    """
+
+    def __init__(self, size: int, dim: int, global_batch: int | None = None):
+        super().__init__()
+        if size < 0 or dim < 1:
+            raise ValueError(f"queue size must be >= 0 and dim >= 1, got size={size}, dim={dim}")
+        self.size = size
+        if global_batch is not None:
+            self.check_batch(global_batch)
+        self.register_buffer("image", torch.zeros(size, dim))
+        self.register_buffer("text", torch.zeros(size, dim))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def check_batch(self, global_batch: int) -> None:
+        """A queue of Q slots takes whole global batches only: Q % (W * B) == 0."""
+        if self.size and self.size % global_batch:
+            lower = self.size // global_batch * global_batch
+            raise ValueError(
+                f"queue_size {self.size} is not a multiple of the global batch {global_batch} "
+                f"(world size x per-rank batch); use e.g. queue_size {lower or global_batch} or a batch that "
+                f"divides {self.size}, and DataLoader(drop_last=True)"
+            )
+
+    def valid(self) -> Tensor:
+        """bool [Q]: slots holding a feature."""
+        return torch.arange(self.size, device=self.ids.device) < self.filled
+
+    @torch.no_grad()
+    def enqueue(self, image: Tensor, text: Tensor, ids: Tensor) -> None:
+        """image, text: [N, E] (global batch, already gathered); ids: long [N]. Overwrites the oldest N."""
+        if self.size == 0:
+            return
+        n = image.shape[0]
+        self.check_batch(n)
+        slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
+        self.image.index_copy_(0, slots, image.to(self.image.dtype))
+        self.text.index_copy_(0, slots, text.to(self.text.dtype))
+        self.ids.index_copy_(0, slots, ids)
+        self.ptr.copy_((self.ptr + n) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+    """mean over rows of -Σ_k targets·log_softmax(logits); logits/targets [B, K]; valid bool [K] keys."""
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    logp = F.log_softmax(logits.float(), dim=1)
+    if valid is not None:
+        logp = logp.masked_fill(~valid, 0.0)
+    return -(logp * targets).sum(1).mean()
+
+
+def soft_targets(
+    positives: Tensor, sim_m: Tensor | None, alpha: float, valid: Tensor | None = None
+) -> Tensor:
+    """alpha·softmax(sim_m) + (1 − alpha)·positives/#positives; positives bool [B, K], sim_m [B, K]."""
+    hard = positives.float() / positives.sum(1, keepdim=True).clamp(min=1)
+    if sim_m is None or alpha == 0.0:
+        return hard
+    if valid is not None:
+        sim_m = sim_m.masked_fill(~valid, float("-inf"))
+    return alpha * F.softmax(sim_m.float(), dim=1) + (1.0 - alpha) * hard
+
+
+class ITCLoss(nn.Module):
+    """ITC over [global momentum batch ; queue] with soft targets (see the module docstring).
+
+    Args:
+        embed_dim: E, the projection width.
+        queue_size: Q slots (0 = no queue); must be a multiple of the global batch.
+        global_batch: checked against Q at construction when given (else at the first forward).
+    """
+
+    def __init__(self, embed_dim: int, queue_size: int = DEFAULT_QUEUE_SIZE, global_batch: int | None = None):
+        super().__init__()
+        self.queue = FeatureQueue(queue_size, embed_dim, global_batch)
+
+    def forward(
+        self,
+        image_feat: Tensor,
+        text_feat: Tensor,
+        image_feat_m: Tensor,
+        text_feat_m: Tensor,
+        temp: Tensor,
+        alpha: float,
+        image_ids: Tensor | None = None,
+        enqueue: bool = True,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Local rows against global keys.
+
+        Args:
+            image_feat, text_feat: [B, E] unit online features (with grad).
+            image_feat_m, text_feat_m: [B, E] unit momentum features (no grad).
+            temp: the temperature (a scalar Parameter; gradients flow into it).
+            alpha: distillation weight (0 = one-hot / multi-positive targets only).
+            image_ids: long [B] or None (then only the pair itself is positive).
+            enqueue: push the gathered momentum features into the queue after computing the loss.
+        Returns:
+            (loss, extras) with extras["sim_i2t"], ["sim_t2i"] [B, W*B] (online vs momentum batch keys,
+            detached) and ["positives"] bool [B, W*B]: what ITM samples hard negatives from.
+        """
+        B = image_feat.shape[0]
+        rank, size = world()
+        gB = B * size
+        self.queue.check_batch(gB)
+        with torch.no_grad():
+            img_m_all, txt_m_all = all_gather(image_feat_m), all_gather(text_feat_m)
+            ids_all = all_gather(image_ids) if image_ids is not None else None
+            q = self.queue
+            image_keys = torch.cat([img_m_all, q.image.to(img_m_all.dtype)])  # [K', E]
+            text_keys = torch.cat([txt_m_all, q.text.to(txt_m_all.dtype)])
+            valid = torch.cat([torch.ones(gB, dtype=torch.bool, device=q.ids.device), q.valid()])
+            valid = valid.to(image_feat.device)
+            if image_ids is not None:
+                key_ids = torch.cat([ids_all, q.ids.to(ids_all.device)])
+                positives = (image_ids[:, None] == key_ids[None, :]) & valid
+            else:
+                positives = torch.zeros(B, gB + q.size, dtype=torch.bool, device=image_feat.device)
+                rows = torch.arange(B, device=image_feat.device)
+                positives[rows, rank * B + rows] = True
+            t_det = temp.detach()
+            t_i2t = soft_targets(positives, image_feat_m @ text_keys.t() / t_det, alpha, valid)
+            t_t2i = soft_targets(positives, text_feat_m @ image_keys.t() / t_det, alpha, valid)
+        sim_i2t = image_feat @ text_keys.t() / temp  # [B, K']
+        sim_t2i = text_feat @ image_keys.t() / temp
+        loss = (soft_cross_entropy(sim_i2t, t_i2t, valid) + soft_cross_entropy(sim_t2i, t_t2i, valid)) / 2
+        if enqueue:
+            fill = ids_all if ids_all is not None else torch.full((gB,), -1, device=img_m_all.device)
+            self.queue.enqueue(img_m_all, txt_m_all, fill.long())
+        extras = {
+            "sim_i2t": sim_i2t[:, :gB].detach(),
+            "sim_t2i": sim_t2i[:, :gB].detach(),
+            "positives": positives[:, :gB],
+        }
+        return loss, extras
+
+
+@torch.no_grad()
+def clamp_temperature(temp: Tensor, low: float = 0.001, high: float = 0.5) -> None:
+    """In place, without gradient: temp <- clamp(temp, low, high) (ALBEF / TiMiX, every step)."""
+    temp.clamp_(low, high)
