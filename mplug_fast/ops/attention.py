@@ -121,10 +121,16 @@ class SdpaBackend(AttentionBackend):
         return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
 
 
-@functools.cache
-@torch.compiler.assume_constant_result  # dynamo calls it eagerly (it cannot trace imports): a str constant
+# dynamo calls it eagerly (it cannot trace imports) and takes the str as a constant; the cache sits in a
+# separate function because dynamo traces through an lru_cache wrapper (with a warning) instead.
+@torch.compiler.assume_constant_result
 def _triton_status() -> str:
     """Import the Triton kernels (once); "compiled", "interpreted", or why they cannot be used."""
+    return _triton_status_cached()
+
+
+@functools.cache
+def _triton_status_cached() -> str:
     if importlib.util.find_spec("triton") is None:
         return "package not installed (pip install triton)"
     try:
@@ -222,15 +228,23 @@ def available_backends() -> dict[str, str | None]:
     return {name: BACKENDS[name].unavailable_reason() for name in PRIORITY}
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a constant under torch.compile (see _triton_status)
 def env_backend() -> str | None:
     """`MPLUG_FAST_ATTENTION`, read once per process (call `env_backend.cache_clear()` to re-read)."""
+    return _read_env_backend()
+
+
+@functools.cache
+def _read_env_backend() -> str | None:
     value = os.environ.get(ENV_VAR, "").strip() or None
     if value is not None and value not in BACKENDS:
         raise ValueError(
             f"{ENV_VAR}={value!r} is not a known attention backend; choose one of {sorted(BACKENDS)}"
         )
     return value
+
+
+env_backend.cache_clear = _read_env_backend.cache_clear  # type: ignore[attr-defined]
 
 
 def _describe(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, causal: bool) -> str:
