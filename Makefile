@@ -1,11 +1,12 @@
 # make test   - create .venv with the pinned CPU set (requirements/ci.txt), install mplug_fast, run the tests
 # make demo   - the end-to-end demo (comes with the demo issue; for now prints the environment)
 # make lint   - ruff
+# make bench  - the pytest-benchmark cases (tests/benchmarks) and benchmarks/end_to_end.py --quick
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint demo clean distclean
+.PHONY: all test lint demo bench clean distclean
 
 all: test
 
@@ -17,6 +18,10 @@ $(STAMP): requirements/ci.txt setup.py
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra tests
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m benchmark tests/benchmarks
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/end_to_end.py --quick --out .benchmarks/end-to-end-quick.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
