@@ -38,7 +38,9 @@ def negative_weights(sim: Tensor, positives: Tensor) -> Tensor:
     image (text) in the global batch to contrast with (e.g. every sample shows the same image).
     """
     no_negative = positives.all(dim=1)
-    if bool(no_negative.any()):
+    # The check is a host sync and a graph break: eager only (under torch.compile such a row would make
+    # torch.multinomial fail on an all-zero row instead).
+    if not torch.compiler.is_compiling() and bool(no_negative.any()):
         rows = no_negative.nonzero().flatten().tolist()
         raise ValueError(
             f"ITM cannot draw a hard negative for rows {rows[:8]}: every sample of the global batch shares "
