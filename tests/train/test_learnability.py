@@ -7,11 +7,11 @@ read from the pixels, not from the question text or the answer prior.
 
 Findings behind the settings (``configs/vqa_tiny_synthetic.yaml``): with 8 px patches on 32 px images a
 5-10 px object shares its patch with the grey background and colour stays at chance after 300 steps
-(0.29 vs prior 0.15 on one-object scenes); 4 px patches learn it (0.96 at lr 1e-3, 0.85 at 3e-3). With
+(0.29 vs prior 0.15 on one-object scenes); 4 px patches learn it (0.96 at lr 1e-3, 0.89 at 2e-3). With
 colour and shape questions mixed, 3e-3 learns colour faster than 1e-3 (0.99 vs 0.38 after 400 steps), but
-collapsed on every question type with two-object scenes; the config uses 2e-3. Shape questions do not
-learn within minutes at this model size (loss stuck at ln 4 after 400 steps, even shape-only), so only
-colour is asserted.
+2e-3 and 3e-3 collapse the two-object all-types run onto a question-blind plateau; the config keeps 1e-3.
+Shape questions do not learn within minutes at this model size (loss stuck at ln 4 after 400 steps, even
+shape-only), so only colour is asserted.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def test_tiny_vqa_learns_colour_from_the_image(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_vqa_full_config(tmp_path):
-    """The shipped config as is (two objects, every question type), shortened: beats the majority answer
-    and learns colour (which needs the shape named in the question bound to its object) above its prior."""
+    """The shipped config as is (one-object scenes, every question type, 1500 steps: ~4.5 min on 2 busy
+    cores) beats the majority answer and learns colour from the image (measured: 0.85 vs prior 0.18)."""
     summary, seconds, world, types, base, trainer = train_and_evaluate(tmp_path, [])
     model, tok = trainer.objective.model, trainer.tokenizer
     acc, per_type = vqa_accuracy(model, tok, world, EVAL_QUESTIONS, EVAL_START, types)
@@ -142,4 +142,5 @@ def test_tiny_vqa_full_config(tmp_path):
     _report("VQA full config", steps, seconds, summary, acc, base, per_type, shuffled)
     assert summary["last"]["loss"] < 0.6 * summary["first"]["loss"]
     assert acc >= base.accuracy + 0.15, (acc, base)
-    assert per_type["color"] >= base.per_type["color"][1] + 0.15, (per_type, base)
+    assert per_type["color"] >= base.per_type["color"][1] + 0.3, (per_type, base)
+    assert per_type["color"] >= shuffled["color"] + 0.3, (per_type, shuffled)
