@@ -20,6 +20,7 @@ VQA ``image``, ``question``, ``answers``, ``weights``, grounding ``image``, ``ex
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,7 +64,7 @@ def _metadata(samples: Sequence[Sample], skip: set[str]) -> Batch:
     return {k: [s[k] for s in samples] for k in keys}
 
 
-class _Collator:
+class _Collator(abc.ABC):
     """Shared plumbing: the tokenizer and the text encoding with bool masks."""
 
     task = ""
@@ -84,8 +85,9 @@ class _Collator:
         )
         return enc.input_ids, enc.attention_mask.bool()
 
+    @abc.abstractmethod
     def __call__(self, samples: Sequence[Sample]) -> Batch:
-        raise NotImplementedError
+        """Samples -> the task's batch dict."""
 
     def _with_metadata(self, samples: Sequence[Sample], batch: Batch) -> Batch:
         meta = _metadata(samples, set(self.consumed) | set(batch))

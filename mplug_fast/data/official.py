@@ -41,6 +41,7 @@ boxes are truncated); we keep them as floats (``truncate_boxes=True`` reproduces
 
 from __future__ import annotations
 
+import abc
 import json
 import random
 import re
@@ -140,7 +141,7 @@ def _require(entry: Mapping[str, Any], keys: Sequence[str], where: str, index: i
 # ---- robust image loading ----------------------------------------------------------------------------------
 
 
-class _ImageDataset(Dataset):
+class _ImageDataset(Dataset, abc.ABC):
     """Plumbing shared by the readers: image paths per item, robust loading with substitution.
 
     Subclasses set ``self._paths`` (one resolved path per item) and implement ``_sample(i, image)``.
@@ -215,8 +216,9 @@ class _ImageDataset(Dataset):
             f"{type(self).__name__}: no item has a loadable image ({len(self.bad_images)} bad)"
         )
 
+    @abc.abstractmethod
     def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
-        raise NotImplementedError
+        """Item `i` as a sample dict, given its loaded image."""
 
     def check_images(self, decode: bool = False) -> list[str]:
         """Scans every distinct image (existence; full decoding with ``decode=True``), records and warns

@@ -25,6 +25,7 @@ of this module; the packages are imported only when one of them runs) follow it 
 
 from __future__ import annotations
 
+import abc
 import functools
 import importlib.util
 import logging
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "MPLUG_FAST_ATTENTION"
 
 
-class AttentionBackend:
+class AttentionBackend(abc.ABC):
     """A backend: availability, per-input support reasons, and the call."""
 
     NAME: ClassVar[str]
@@ -68,6 +69,7 @@ class AttentionBackend:
         return []
 
     @staticmethod
+    @abc.abstractmethod
     def run(
         q: Tensor,
         k: Tensor,
@@ -79,7 +81,7 @@ class AttentionBackend:
         scale: float | None,
         kv_index: Tensor | None,
     ) -> Tensor:
-        raise NotImplementedError  # every registered backend overrides this
+        """softmax(q k^T * scale) v under the masks: [B, H, Lq, D]."""
 
 
 class ReferenceBackend(AttentionBackend):

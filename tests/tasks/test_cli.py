@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mplug_fast.cli import main
-from tests.tasks.conftest import micro_overrides
+from tests.train.helpers import micro_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EVAL = {

@@ -101,6 +101,36 @@ def _dropout_keep(seed, bh, rows, cols, Lq, Lk, dropout_p):
 
 
 @triton.jit
+def _attend_key_range(
+    q, m_i, l_i, acc, lo, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
+    Lq, Lk, qk_scale, seed, bh, dropout_p, drop_scale,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax pass of one query block over keys [lo, hi) (shared by the main and split-K forwards).
+
+    m_i [BLOCK_M]: running max of the scores (log2 units); l_i [BLOCK_M]: running sum of exp2(s - m_i);
+    acc [BLOCK_M, BLOCK_D]: unnormalised output. Returns the updated (m_i, l_i, acc)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where(_visible(rows, cols, Lq, Lk, mask_row, HAS_MASK, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped entries too
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, rows, cols, Lq, Lk, dropout_p), p * drop_scale, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, MASK, KV_INDEX, SEED, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
@@ -135,22 +165,11 @@ def _attn_fwd_kernel(
     hi = Lk
     if CAUSAL:  # the last key any row of this block sees is (pid_m + 1) * BLOCK_M - 1 + Lk - Lq
         hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(_visible(rows, cols, Lq, Lk, mask_row, HAS_MASK, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped entries too
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, rows, cols, Lq, Lk, dropout_p), p * drop_scale, 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_key_range(
+        q, m_i, l_i, acc, 0, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
+        Lq, Lk, qk_scale, seed, bh, dropout_p, drop_scale,
+        BLOCK_N, HAS_MASK, CAUSAL, DROPOUT, PRECISION,
+    )  # fmt: skip
 
     empty = l_i == 0.0  # no visible key: output 0, LSE +inf
     l_safe = tl.where(empty, 1.0, l_i)

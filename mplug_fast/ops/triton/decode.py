@@ -36,15 +36,14 @@ from torch import Tensor
 from mplug_fast.ops.triton.attention import (
     LN2,
     LOG2E,
+    _attend_key_range,
     _blocks,
     _check,
     _check_dropout,
     _dropout_args,
-    _dropout_keep,
     _last_dim_contiguous,
     _mask_arg,
     _precision,
-    _visible,
     attention_backward,
     draw_dropout_seed,
     setup_attention_context,
@@ -94,22 +93,11 @@ def _splitk_fwd_kernel(
     hi = tl.minimum(lo + keys_per_split, Lk)
     if CAUSAL:
         hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Lk - Lq)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        s = tl.where(_visible(rows, cols, Lq, Lk, mask_row, HAS_MASK, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, rows, cols, Lq, Lk, dropout_p), p * drop_scale, 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_key_range(
+        q, m_i, l_i, acc, lo, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
+        Lq, Lk, qk_scale, seed, bh, dropout_p, drop_scale,
+        BLOCK_N, HAS_MASK, CAUSAL, DROPOUT, PRECISION,
+    )  # fmt: skip
 
     empty = l_i == 0.0  # this split saw no key for the row: weight 0 in the combine
     l_safe = tl.where(empty, 1.0, l_i)
