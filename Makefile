@@ -1,5 +1,6 @@
 # make test   - create .venv with the pinned CPU set (requirements/ci.txt), install mplug_fast, run the tests
-# make demo   - the end-to-end demo (comes with the demo issue; for now prints the environment)
+# make demo   - the end-to-end demo: pretrain + finetune + evaluate on the synthetic world -> runs/demo/report.md
+#               (resumable: run it again after Ctrl-C; DEMO_ARGS="--quick" / "--fresh" / "--threads 1" pass through)
 # make lint   - ruff
 # make bench  - the pytest-benchmark cases (tests/benchmarks) and benchmarks/end_to_end.py --quick
 VENV := .venv
@@ -26,9 +27,10 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(PY) -m mplug_fast info
-	@echo "The end-to-end demo comes with a later issue; 'make demo' only prints the environment for now."
+	$(PY) -m mplug_fast demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build dist .eggs *.egg-info .pytest_cache .ruff_cache .hypothesis .benchmarks

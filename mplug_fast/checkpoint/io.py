@@ -139,7 +139,9 @@ def from_pretrained(
     with torch.device("meta"):
         model = TASK_MODELS[task](config)
     expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
+    fresh = tuple(getattr(model, "new_head_prefixes", ()))  # task heads no other task has (nlvr / ve)
+    new = sorted(k for k in expected - set(state) if fresh and k.startswith(fresh))
+    missing = sorted(expected - set(state) - set(new))
     if missing:
         raise CheckpointError(
             f"{directory} lacks {len(missing)} tensors the {task!r} model needs: {missing[:8]}"
@@ -153,5 +155,18 @@ def from_pretrained(
             task,
             extra[:3],
         )
-    model.load_state_dict({k: state[k] for k in expected}, assign=True, strict=True)
+    shared = {k: state[k] for k in expected if k not in new}
+    if new:
+        logger.info(
+            "%d tensors of the %r model are new (not in the saved %r model), freshly initialised: %s",
+            len(new),
+            task,
+            meta["task"],
+            new,
+        )
+        model = model.to_empty(device="cpu")
+        model.init_weights()
+        model.load_state_dict(shared, strict=False)  # every other key was checked above
+    else:
+        model.load_state_dict(shared, assign=True, strict=True)
     return model.to(device=device, dtype=dtype)

@@ -110,6 +110,8 @@ def _official_names(key: str, offset: int) -> tuple[str, ...]:
         names, prefix = _lm_head_names(rest), f"text_encoder{m}.cls.predictions."
     elif component in ("vision_proj", "text_proj", "itm_head", "temp"):
         names, prefix = (f"{component}{m}" + (f".{rest}" if rest else ""),), ""
+    elif component == "cls_head" and not momentum:  # NLVR / VE classifier: no official model has one,
+        names, prefix = (rest,), "cls_head."  # so it keeps our name (round trip; absent -> fresh init)
     if not names:
         raise KeyError(f"no official name for our key {key!r}")
     return tuple(prefix + n for n in names)
@@ -406,7 +408,9 @@ def load_official_checkpoint(
     ours, report = convert_official_state_dict(state, model, offset)
 
     momentum_missing = [k for k in report.missing if k.startswith("momentum.")]
-    report.missing = [k for k in report.missing if not k.startswith("momentum.")]
+    fresh = tuple(getattr(model, "new_head_prefixes", ()))  # task heads no released checkpoint has
+    new_keys = [k for k in report.missing if fresh and k.startswith(fresh)]
+    report.missing = [k for k in report.missing if not k.startswith("momentum.") and k not in new_keys]
     if strict and (report.missing or report.unexpected):
         parts = [
             f"the official checkpoint does not fit the {task!r} model (config: fusion layers "
@@ -424,8 +428,10 @@ def load_official_checkpoint(
         parts.append("Pass strict=False to load anyway and get the lists.")
         raise CheckpointError("\n".join(parts))
 
+    if new_keys:
+        logger.info("new %r task head, freshly initialised (%d tensors): %s", task, len(new_keys), new_keys)
     ours = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ours.items()}
-    if report.missing or momentum_missing:
+    if report.missing or momentum_missing or new_keys:
         model = TASK_MODELS[task](config)  # materialised with fresh weights for what the file lacks
         model.init_weights()
         model.load_state_dict(ours, strict=False)

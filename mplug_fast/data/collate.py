@@ -225,14 +225,18 @@ class GroundingCollator(_Collator):
 COLLATORS: dict[str, type[_Collator]] = {
     c.task: c for c in (PretrainCollator, VQACollator, CaptionCollator, RetrievalCollator, GroundingCollator)
 }
+COLLATORS["scst"] = CaptionCollator  # SCST: per-image caption samples; all gold captions pass as "captions"
 
 
 def build_collate(task: str, tokenizer: Tokenizer | None = None, **options: Any) -> Callable[[list], Batch]:
     """The collator of ``task`` (a callable for ``DataLoader(collate_fn=...)``); options go to its constructor
     (``max_length``, ``max_question_length``, ``prompt``)."""
-    if task not in COLLATORS:
-        raise ValueError(f"no collator for task {task!r}; available: {list(COLLATORS)}")
-    return COLLATORS[task](tokenizer, **options)
+    from mplug_fast.data.collate_pairs import PAIR_COLLATORS  # ve / nlvr (they subclass _Collator)
+
+    collators = {**COLLATORS, **PAIR_COLLATORS}
+    if task not in collators:
+        raise ValueError(f"no collator for task {task!r}; available: {list(collators)}")
+    return collators[task](tokenizer, **options)
 
 
 def move_to(batch: Batch, device: torch.device | str, non_blocking: bool = True) -> Batch:

@@ -311,10 +311,28 @@ class MPlugForGrounding(MPlug):
         return self.decode(box_ids, None, memory, memory_mask)
 
 
+class MPlugForSCST(MPlugForCaption):
+    """The caption model under the task name "scst" (same weights; objectives/scst.py trains it)."""
+
+    task = "scst"
+
+
 TASK_MODELS: dict[str, type[MPlug]] = {
     cls.task: cls
-    for cls in (MPlugForPretraining, MPlugForVQA, MPlugForCaption, MPlugForRetrieval, MPlugForGrounding)
+    for cls in (
+        MPlugForPretraining,
+        MPlugForVQA,
+        MPlugForCaption,
+        MPlugForRetrieval,
+        MPlugForGrounding,
+        MPlugForSCST,
+    )
 }
+
+# NLVR2 / SNLI-VE classification models (modeling/pairs.py) subclass MPlug, so they are imported after it.
+from mplug_fast.modeling.pairs import MPlugForNLVR, MPlugForVE  # noqa: E402
+
+TASK_MODELS.update({cls.task: cls for cls in (MPlugForNLVR, MPlugForVE)})
 
 
 def build_model(config: MPlugConfig, task: str = "pretrain", *, init: bool = True) -> MPlug:

@@ -171,12 +171,24 @@ class GroundingObjective(MomentumMixin, nn.Module):
 
     Official bug fixed: there the CE [B, 1, 4] times w_box [B, 4] times w_giou [B, 1] broadcasts to
     [B, B, 4], i.e. every sample's CE is weighted by the batch-mean weights and the per-sample focus is lost.
+
+    ``box_weighting=False`` (ours, not official) drops both weights: plain token CE. The weights are
+    |error| (normalised, ~0.1 once roughly placed) times 1 − GIoU, so they shrink the coordinate gradients
+    ~10x; from pretrained mPLUG weights that refines boxes, from scratch (the synthetic demo) it stalls
+    position learning.
     """
 
     def __init__(
-        self, model: nn.Module, *, prefix_id: int, coord_ids: Tensor, num_bins: int = GROUNDING_NUM_BINS
+        self,
+        model: nn.Module,
+        *,
+        prefix_id: int,
+        coord_ids: Tensor,
+        num_bins: int = GROUNDING_NUM_BINS,
+        box_weighting: bool = True,
     ):
         super().__init__()
+        self.box_weighting = box_weighting
         coord_ids = torch.as_tensor(coord_ids, dtype=torch.long)
         if coord_ids.numel() != num_bins + 1:
             raise ValueError(
@@ -209,9 +221,12 @@ class GroundingObjective(MomentumMixin, nn.Module):
         logits = self.model(batch["images"], batch["text_ids"], batch["text_mask"].bool(), ids)  # [B, 5, V]
         coord_logits = logits[:, :-1].index_select(-1, self.coord_ids).float()  # [B, 4, 337]
         ce = F.cross_entropy(coord_logits.transpose(1, 2), bins, reduction="none")  # [B, 4]
-        with torch.no_grad():
-            w_box, w_giou = grounding_weights(coord_logits.argmax(-1), boxes, self.num_bins)
-        loss = (ce * w_box * w_giou[:, None]).mean()
+        if self.box_weighting:
+            with torch.no_grad():
+                w_box, w_giou = grounding_weights(coord_logits.argmax(-1), boxes, self.num_bins)
+            loss = (ce * w_box * w_giou[:, None]).mean()
+        else:
+            loss = ce.mean()
         return {"loss": loss, "grounding": loss.detach(), "ce": ce.mean().detach()}
 
 
@@ -281,7 +296,7 @@ class RetrievalObjective(MomentumMixin, nn.Module):
         return {"loss": itc + itm, "itc": itc.detach(), "itm": itm.detach()}
 
 
-OBJECTIVES = ("pretrain", "vqa", "caption", "grounding", "retrieval")
+OBJECTIVES = ("pretrain", "vqa", "caption", "grounding", "retrieval", "nlvr", "ve", "scst")
 
 
 def build_objective(task: str, model: nn.Module, tokenizer=None, **options: Any) -> nn.Module:
@@ -301,6 +316,18 @@ def build_objective(task: str, model: nn.Module, tokenizer=None, **options: Any)
         return PretrainObjective.from_tokenizer(model, tokenizer, **options)
     if task == "grounding":
         return GroundingObjective.from_tokenizer(model, tokenizer, **options)
+    if task in ("nlvr", "ve"):  # cross-entropy on the classification head (objectives/classification.py)
+        from mplug_fast.objectives.classification import ClassificationObjective
+
+        return ClassificationObjective(model, **options)
+    if task == "scst":  # CIDEr-D self-critical training (objectives/scst.py); a data spec gives the DF table
+        from mplug_fast.objectives.scst import SCSTObjective, references_from_data
+
+        refs = options.pop("references_df", None)
+        if refs is None:
+            raise ValueError("the 'scst' objective needs references_df (the training references)")
+        refs = references_from_data(refs) if isinstance(refs, Mapping) else refs
+        return SCSTObjective(model, tokenizer, references_df=refs, **options)
     return {"vqa": VQAObjective, "caption": CaptionObjective, "retrieval": RetrievalObjective}[task](
         model, **options
     )

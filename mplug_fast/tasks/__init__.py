@@ -9,7 +9,7 @@ The CLI (``mplug-fast finetune`` / ``mplug-fast evaluate``) is ``mplug_fast.task
 
 from __future__ import annotations
 
-from mplug_fast.tasks import caption, grounding, retrieval, vqa
+from mplug_fast.tasks import caption, grounding, pairs, retrieval, scst, video, vqa
 from mplug_fast.tasks.base import Baseline, TaskSpec, official_dataset, synthetic_dataset
 
 TASKS: dict[str, TaskSpec] = {
@@ -29,6 +29,7 @@ TASKS: dict[str, TaskSpec] = {
         eval_options={"beam_size": 5, "min_length": 8, "max_length": 25},
         predictions_file="caption_result.json",  # COCO result format
     ),
+    "scst": scst.SPEC,  # caption SCST (CIDEr-D reward): the caption evaluation, baseline and data
     "retrieval": TaskSpec(
         name="retrieval",
         metric="r_mean",
@@ -44,6 +45,9 @@ TASKS: dict[str, TaskSpec] = {
         baseline=grounding.baseline,
         predictions_file="grounding_result.json",
     ),
+    "nlvr": pairs.NLVR_SPEC,  # NLVR2: statement over an image pair, True / False (accuracy)
+    "ve": pairs.VE_SPEC,  # SNLI-VE: entailment / neutral / contradiction (accuracy)
+    **video.SPECS,  # zero-shot video_qa / video_caption / video_retrieval (evaluate only, image checkpoints)
 }
 
 

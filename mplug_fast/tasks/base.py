@@ -80,6 +80,7 @@ def synthetic_dataset(
     min_objects: int = 1,
     max_objects: int = 4,
     seed: int = 0,
+    object_scale: float = 1.0,
     vqa_types: list[str] | None = None,
 ) -> Dataset:
     """The synthetic dataset of ``task``: split "train" reads scenes 0..num_scenes-1, any other split the
@@ -88,7 +89,11 @@ def synthetic_dataset(
     from mplug_fast.data import synthetic as syn
 
     world = syn.SyntheticWorld(
-        image_size=image_size, max_objects=max_objects, min_objects=min_objects, seed=seed
+        image_size=image_size,
+        max_objects=max_objects,
+        min_objects=min_objects,
+        seed=seed,
+        object_scale=object_scale,
     )
     n, start = (num_scenes, 0) if split == "train" else (eval_scenes, num_scenes)
     if task == "vqa":
@@ -99,6 +104,25 @@ def synthetic_dataset(
         return syn.RetrievalDataset(world, n, start)
     if task == "grounding":
         return syn.GroundingDataset(world, n, start)
+    if task in ("nlvr", "ve"):  # classification: data/synthetic/pairs.py
+        from mplug_fast.data.synthetic.pairs import pair_dataset
+
+        return pair_dataset(task, world, n, start)
+    if task.startswith("video_"):  # zero-shot video: moving-shapes videos of the same world
+        from mplug_fast.data.synthetic.video import synthetic_video_dataset
+
+        return synthetic_video_dataset(
+            task,
+            split,
+            image_size=image_size,
+            num_scenes=num_scenes,
+            eval_scenes=eval_scenes,
+            min_objects=min_objects,
+            max_objects=max_objects,
+            seed=seed,
+            vqa_types=vqa_types,
+            object_scale=object_scale,
+        )
     raise ValueError(f"no synthetic dataset for task {task!r}; available: {sorted(OFFICIAL_READERS)}")
 
 

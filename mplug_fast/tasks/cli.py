@@ -23,7 +23,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TASK_CHOICES = ("vqa", "caption", "retrieval", "grounding")
+TASK_CHOICES = (
+    "vqa",
+    "caption",
+    "retrieval",
+    "grounding",
+    "nlvr",
+    "ve",
+    "scst",
+    "video_qa",
+    "video_caption",
+    "video_retrieval",
+)
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, Any]:
@@ -40,7 +51,12 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
 
 
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="evaluation batch size (default 32)")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="evaluation batch size (default: the run config's eval.batch_size, else 32)",
+    )
     parser.add_argument(
         "--eval-limit",
         type=int,
@@ -62,7 +78,7 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_eval_options(task: str, options: dict[str, Any]) -> None:
+def check_eval_options(task: str, options: dict[str, Any], where: str = "--eval-option") -> None:
     """ValueError naming the unknown ones when ``options`` are not keyword options of the task's evaluate."""
     import inspect
 
@@ -73,7 +89,7 @@ def check_eval_options(task: str, options: dict[str, Any]) -> None:
     valid = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in fixed)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"--eval-option {unknown} unknown for task {task!r}; valid: {valid}")
+        raise ValueError(f"{where} {unknown} unknown for task {task!r}; valid: {valid}")
 
 
 def _config_overrides(args: argparse.Namespace) -> list[str]:
@@ -130,20 +146,28 @@ def run_evaluation(
     device: Any,
     out_dir: Path,
     metrics_name: str,
-    batch_size: int,
+    batch_size: int | None,
     limit: int | None,
     options: dict[str, Any],
     official_overrides: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluates ``model``, computes the baseline, writes ``out_dir/metrics_name`` and the predictions JSON;
-    returns the written record."""
+    returns the written record. Defaults, weakest first: the task's ``eval_options``, the run config's
+    ``eval`` section (``batch_size``, ``options``, ``official``), then the arguments (the CLI flags)."""
     from mplug_fast.tasks import get_task
     from mplug_fast.tasks.base import write_json
 
     spec = get_task(task)
+    run_eval = getattr(config, "eval", None)  # absent in configs stored before the eval section existed
+    if run_eval is not None:
+        check_eval_options(task, run_eval.options, "eval.options")
+        official_overrides = {**run_eval.official, **official_overrides}
+        if batch_size is None:
+            batch_size = run_eval.batch_size
+    batch_size = 32 if batch_size is None else batch_size
     dataset = eval_dataset(config, task, split, limit, official_overrides)
-    opts = {**spec.eval_options, **options}
+    opts = {**spec.eval_options, **(run_eval.options if run_eval is not None else {}), **options}
     try:
         result = spec.evaluate(
             model,
@@ -196,6 +220,9 @@ def _finetune(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     task = args.task
     try:
+        from mplug_fast.tasks.video import check_trainable
+
+        check_trainable(task)  # zero-shot video tasks are evaluate-only
         if args.config:
             raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
             named = ((raw or {}).get("model") or {}).get("task") if isinstance(raw, dict) else None
@@ -209,6 +236,7 @@ def _finetune(args: argparse.Namespace) -> int:
             )
         eval_options = _key_values(args.eval_option, "--eval-option")
         check_eval_options(task, eval_options)
+        check_eval_options(task, config.eval.options, "eval.options")  # fail before training, not after
         official_overrides = _key_values(args.eval_data, "--eval-data")
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mplug-fast finetune: {e}", file=sys.stderr)
@@ -267,9 +295,11 @@ def load_for_evaluation(checkpoint: str, task: str, config_path: str | None, ove
     """(model, run config, run directory, checkpoint file) from a trainer checkpoint file, a run directory
     (its newest ``checkpoints/step-*.pt``) or a ``save_pretrained`` directory (its run config: ``--config``,
     else ``../config.yaml`` beside it, else the defaults)."""
+    from mplug_fast.tasks.video import model_task
     from mplug_fast.train.checkpointing import latest_checkpoint, load_checkpoint
     from mplug_fast.train.config import apply_overrides, from_dict, load_config
 
+    task = model_task(task)  # a zero-shot video task runs (and loads) its image task's model
     path = Path(checkpoint)
     if path.is_dir() and (path / "config.json").is_file():
         from mplug_fast.checkpoint import from_pretrained

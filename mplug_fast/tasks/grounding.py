@@ -1,6 +1,7 @@
 """Visual grounding evaluation: boxes decoded greedily as 4 coordinate tokens
-(``mplug_fast.inference.ground_tokens``), read back as bin / 336 (normalised cx, cy, w, h of the square
-input), Acc@IoU≥0.5 (``mplug_fast.metrics.grounding_accuracy``) and mean IoU against the samples' ``box``.
+(``mplug_fast.inference.ground_tokens``), read back as bin / num_bins (official 336; normalised cx, cy, w, h
+of the square input), Acc@IoU≥0.5 (``mplug_fast.metrics.grounding_accuracy``) and mean IoU against the
+samples' ``box``.
 Predictions: ``[{"index", "image_id", "expression", "box", "gt"}]`` (normalised cx, cy, w, h)."""
 
 from __future__ import annotations
@@ -33,19 +34,20 @@ def evaluate(
     device: torch.device | str = "cpu",
     max_length: int = 20,
     threshold: float = 0.5,
+    num_bins: int = 336,
     output: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Acc@IoU≥``threshold`` (percent) and mean IoU of ``model`` (a grounding model) on ``dataset``
-    (samples: image, expression, box normalised cx, cy, w, h).
+    (samples: image, expression, box normalised cx, cy, w, h). ``num_bins``: the coordinate quantisation the
+    model was trained with (official 336; the objective's ``num_bins`` option).
 
     Returns: {"acc@0.5" (or the threshold's name), "miou" (percent), "count", "boxes" [N, 4] predictions}.
     """
     from mplug_fast.data.collate import GroundingCollator
     from mplug_fast.inference import coordinate_token_ids, ground_tokens
-    from mplug_fast.inference.grounding import GROUNDING_NUM_BINS
     from mplug_fast.metrics import grounding_accuracy
 
-    prefix, coord_ids = coordinate_token_ids(tokenizer)
+    prefix, coord_ids = coordinate_token_ids(tokenizer, num_bins)
     coord_ids = coord_ids.to(device)
     first = int(coord_ids[0])
     collator = GroundingCollator(tokenizer, max_length=max_length)
@@ -59,9 +61,7 @@ def evaluate(
             tokens = ground_tokens(
                 model, batch["images"], batch["text_ids"], batch["text_mask"], prefix, coord_ids
             )
-            boxes = (tokens - first).clamp(
-                0, GROUNDING_NUM_BINS
-            ).double().cpu() / GROUNDING_NUM_BINS  # [B, 4]
+            boxes = (tokens - first).clamp(0, num_bins).double().cpu() / num_bins  # [B, 4]
             gt = batch["boxes"].double().cpu()
             for i in range(boxes.shape[0]):
                 rows.append(

@@ -1,13 +1,14 @@
 """The run configuration of ``mplug-fast pretrain`` and every training run: YAML + ``--set`` overrides.
 
 A run config is a tree of dataclasses (``RunConfig``): ``model``, ``data``, ``objective``, ``optim``,
-``schedule``, ``precision``, ``distributed``, ``checkpoint``, ``logging`` plus a few top-level fields. YAML
-files give any subset of the fields; ``--set a.b=value`` overrides one field, its value parsed as YAML
-(``--set optim.lr=1e-4``, ``--set data.synthetic.image_size=32``,
+``schedule``, ``precision``, ``distributed``, ``checkpoint``, ``logging``, ``eval`` plus a few top-level
+fields. YAML files give any subset of the fields; ``--set a.b=value`` overrides one field, its value parsed
+as YAML (``--set optim.lr=1e-4``, ``--set data.synthetic.image_size=32``,
 ``--set model.overrides={fusion.stride: 6}``) and checked against the field's type. Unknown keys and wrong
-types are errors naming the field and the valid choices. ``model.overrides``, ``objective.options`` and
-``data.official`` are free-form mappings (passed on to ``MPlugConfig.replace``, ``build_objective`` and the
-official readers), so keys below them are not checked here.
+types are errors naming the field and the valid choices. ``model.overrides``, ``objective.options``,
+``data.official``, ``eval.options`` and ``eval.official`` are free-form mappings (passed on to
+``MPlugConfig.replace``, ``build_objective``, the official readers and the task's evaluate), so keys below
+them are not checked here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class ModelSection:
     preset: str = "tiny"  # tiny | base | large | huge
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"vision.image_size": 32}
     task: str = "pretrain"  # the task model of build_model (pretrain, vqa, caption, retrieval, grounding)
-    init_from: str | None = None  # a save_pretrained directory or an official checkpoint to start from
+    init_from: str | None = None  # a save_pretrained directory or an official checkpoint file (.pth)
+    init_strict: bool = True  # official checkpoint: every tensor must map (False: log missing / unused)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class SyntheticSection:
     min_objects: int = 1
     max_objects: int = 4
     seed: int = 0
+    object_scale: float = 1.0  # object sides x this (SyntheticWorld): > 1 = larger objects at low resolution
     vqa_types: list[str] | None = None  # restrict the VQA question types (None: all)
 
 
@@ -82,11 +85,14 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    """Per-step linear warm-up from ``warmup_start`` x lr, then cosine to ``min_lr`` at ``max_steps``."""
+    """Per-step linear warm-up from ``warmup_start`` x lr (or from ``warmup_lr``), then cosine to ``min_lr``
+    at ``max_steps`` (or at the end of ``epochs`` passes over the training data)."""
 
-    max_steps: int = 1000  # optimizer steps of the run
+    max_steps: int | None = 1000  # optimizer steps of the run; null: derived from epochs
+    epochs: float | None = None  # passes over the data (official `epochs`); used when max_steps is null
     warmup_steps: int = 0
     warmup_start: float = 0.0  # first warm-up lr as a fraction of each group's lr
+    warmup_lr: float | None = None  # first warm-up lr, the same for every group (official warmup_lr)
     min_lr: float = 0.0  # absolute floor of the cosine (capped at each group's lr)
 
 
@@ -95,6 +101,7 @@ class PrecisionSection:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast; fp16 adds a GradScaler
     grad_checkpointing: bool = False  # recompute the transformer layers in the backward pass
     compile: bool = False  # torch.compile the objective
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
 
 
 @dataclass
@@ -119,6 +126,16 @@ class LoggingSection:
 
 
 @dataclass
+class EvalSection:
+    """Defaults of the evaluation after ``mplug-fast finetune`` and of ``mplug-fast evaluate`` (their
+    ``--eval-batch-size`` / ``--eval-option`` / ``--eval-data`` flags override them)."""
+
+    batch_size: int | None = None  # None: the CLI default (32)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword options of the task's evaluate
+    official: dict[str, Any] = field(default_factory=dict)  # data.official overrides for the evaluation set
+
+
+@dataclass
 class RunConfig:
     """One training run."""
 
@@ -135,6 +152,7 @@ class RunConfig:
     distributed: DistributedSection = field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -161,11 +179,30 @@ def validate(cfg: RunConfig) -> None:
         (cfg.optim.lr >= 0, f"optim.lr must be >= 0, got {cfg.optim.lr}"),
         (cfg.optim.accum_steps >= 1, f"optim.accum_steps must be >= 1, got {cfg.optim.accum_steps}"),
         (len(cfg.optim.betas) == 2, f"optim.betas must have two values, got {cfg.optim.betas}"),
-        (cfg.schedule.max_steps >= 1, f"schedule.max_steps must be >= 1, got {cfg.schedule.max_steps}"),
         (
-            0 <= cfg.schedule.warmup_steps <= cfg.schedule.max_steps,
+            cfg.schedule.max_steps is not None or cfg.schedule.epochs is not None,
+            "schedule.max_steps is null and schedule.epochs is not set; give one of them",
+        ),
+        (
+            cfg.schedule.max_steps is None or cfg.schedule.max_steps >= 1,
+            f"schedule.max_steps must be >= 1, got {cfg.schedule.max_steps}",
+        ),
+        (
+            cfg.schedule.epochs is None or cfg.schedule.epochs > 0,
+            f"schedule.epochs must be > 0, got {cfg.schedule.epochs}",
+        ),
+        (
+            0 <= cfg.schedule.warmup_steps <= (cfg.schedule.max_steps or cfg.schedule.warmup_steps),
             f"schedule.warmup_steps must be in [0, max_steps={cfg.schedule.max_steps}], "
             f"got {cfg.schedule.warmup_steps}",
+        ),
+        (
+            cfg.schedule.warmup_lr is None or cfg.schedule.warmup_lr >= 0,
+            f"schedule.warmup_lr must be >= 0, got {cfg.schedule.warmup_lr}",
+        ),
+        (
+            cfg.eval.batch_size is None or cfg.eval.batch_size >= 1,
+            f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}",
         ),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),

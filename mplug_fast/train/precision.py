@@ -5,7 +5,8 @@
     with precision.autocast():  loss = ...     bf16/fp16 autocast on the run's device (fp32: no-op)
     precision.backward(loss)                   loss (scaled for fp16) .backward()
     norm = precision.clip(optimizer, params, max_norm)   unscales (fp16), clips, returns the total norm
-    precision.step(optimizer)                  optimizer.step (through the scaler for fp16: skipped on inf)
+    precision.step(optimizer)                  optimizer.step (through the scaler for fp16: skipped on inf);
+                                               returns whether the parameters moved
 
 Gradient checkpointing: the modeling has no flag for it, so ``enable_gradient_checkpointing`` wraps the
 ``forward`` of every transformer layer (the elements of ``nn.ModuleList``s named ``blocks`` / ``layers``) in
@@ -35,8 +36,7 @@ class Precision:
             raise ValueError(f"precision {dtype!r} is unknown; use one of {list(DTYPES)}")
         self.name, self.dtype = dtype, DTYPES[dtype]
         self.device_type = torch.device(device).type
-        if dtype == "fp16" and self.device_type == "cpu":
-            raise ValueError("fp16 training needs a GPU; use bf16 or fp32 on the CPU")
+        # fp16 on the CPU works (CPU autocast + GradScaler("cpu")) but is slow: it is there for tests
         self.scaler = torch.amp.GradScaler(self.device_type) if dtype == "fp16" else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -63,12 +63,16 @@ class Precision:
             )
         return torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """``optimizer.step()``; fp16: through the scaler, which skips the step when a gradient is not finite
+        and halves the scale. Returns whether the parameters were updated."""
+        if self.scaler is None:
             optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale  # update() lowers the scale exactly when it skipped
 
     def state_dict(self) -> dict:
         return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}

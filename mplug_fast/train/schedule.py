@@ -1,6 +1,6 @@
 """Per-step learning rate: linear warm-up, then cosine decay (each parameter group from its own base lr).
 
-    step < W:        lr = base * (s0 + (1 - s0) * (step + 1) / W)                s0 = warmup_start
+    step < W:        lr = a + (base - a) * (step + 1) / W      a = warmup_lr, or base * warmup_start
     W <= step <= T:  lr = m + (base - m) * (1 + cos(pi * (step - W) / (T - W))) / 2,   m = min(min_lr, base)
     step > T:        lr = m
 
@@ -26,13 +26,18 @@ def lr_at(
     max_steps: int,
     min_lr: float = 0.0,
     warmup_start: float = 0.0,
+    warmup_lr: float | None = None,
 ) -> float:
-    """The learning rate of update ``step`` (0-based) for a group whose base lr is ``base_lr``."""
+    """The learning rate of update ``step`` (0-based) for a group whose base lr is ``base_lr``; the warm-up
+    starts at ``warmup_lr`` (absolute, the same for every group, as the official ``warmup_lr``: a decrease
+    for a group whose lr is below it) or, when None, at ``warmup_start`` x ``base_lr``."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     floor = min(min_lr, base_lr)
     if step < warmup_steps:
-        return base_lr * (warmup_start + (1.0 - warmup_start) * (step + 1) / warmup_steps)
+        if warmup_lr is None:
+            return base_lr * (warmup_start + (1.0 - warmup_start) * (step + 1) / warmup_steps)
+        return warmup_lr + (base_lr - warmup_lr) * (step + 1) / warmup_steps
     if step >= max_steps or max_steps == warmup_steps:
         return floor if step >= max_steps else base_lr
     progress = (step - warmup_steps) / (max_steps - warmup_steps)
@@ -52,6 +57,7 @@ class WarmupCosine:
         max_steps: int,
         min_lr: float = 0.0,
         warmup_start: float = 0.0,
+        warmup_lr: float | None = None,
     ):
         if not 0 <= warmup_steps <= max_steps:
             raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= max_steps ({max_steps})")
@@ -59,7 +65,7 @@ class WarmupCosine:
             raise ValueError(f"warmup_start must be in [0, 1], got {warmup_start}")
         self.optimizer = optimizer
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
-        self.min_lr, self.warmup_start = min_lr, warmup_start
+        self.min_lr, self.warmup_start, self.warmup_lr = min_lr, warmup_start, warmup_lr
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
         self.last_step = 0
@@ -69,7 +75,15 @@ class WarmupCosine:
         """The learning rate of each group at ``step`` (default: the coming update)."""
         step = self.last_step if step is None else step
         return [
-            lr_at(step, g["base_lr"], self.warmup_steps, self.max_steps, self.min_lr, self.warmup_start)
+            lr_at(
+                step,
+                g["base_lr"],
+                self.warmup_steps,
+                self.max_steps,
+                self.min_lr,
+                self.warmup_start,
+                self.warmup_lr,
+            )
             for g in self.optimizer.param_groups
         ]
 

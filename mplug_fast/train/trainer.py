@@ -9,7 +9,8 @@ Per optimizer step: ``accum_steps`` micro-batches (loss / accum; DDP all-reduce 
 + schedule step. A non-finite loss or gradient norm (agreed over all ranks) skips the update: gradients are
 dropped, the step and the data still advance, the skip is counted; ``max_nonfinite`` skips in a row save a
 checkpoint and raise ``NonFiniteLossError``. (fp16: inf gradients with a finite loss are the GradScaler's
-business: it skips that update and lowers the scale.) Ctrl-C (SIGINT) finishes the current step, saves a
+business: it skips that update (logged as skipped, no momentum update, not counted as non-finite) and
+lowers the scale, logged as ``grad_scale``.) Ctrl-C (SIGINT) finishes the current step, saves a
 checkpoint and returns with status "interrupted" (a second Ctrl-C aborts at once).
 
 Outputs under ``output_dir``: ``config.yaml``, ``metrics.jsonl`` (one record per logged step, rank 0),
@@ -84,17 +85,52 @@ def seed_everything(seed: int) -> None:
 
 def build_model_from_config(config: RunConfig) -> nn.Module:
     """The task model of ``config.model`` (the synthetic world's image size becomes the model resolution
-    unless ``model.overrides`` sets ``vision.image_size``)."""
+    unless ``model.overrides`` sets ``vision.image_size``).
+
+    ``model.init_from``: a ``save_pretrained`` directory (its own config), or an official mPLUG checkpoint
+    file (``mplug_base.pth``, ...) read by ``load_official_checkpoint`` at the run's resolution and fusion
+    stride (the position table is resized to ``vision.image_size``; the rest of the shape comes from the
+    weights)."""
     from mplug_fast.config import get_config
     from mplug_fast.modeling import build_model
 
     overrides = dict(config.model.overrides)
     if config.data.source == "synthetic" and "vision.image_size" not in overrides:
         overrides["vision.image_size"] = config.data.synthetic.image_size
-    if config.model.init_from:
-        from mplug_fast.checkpoint import from_pretrained
+    init_from = config.model.init_from
+    if init_from:
+        if Path(init_from).is_dir():
+            from mplug_fast.checkpoint import from_pretrained
 
-        return from_pretrained(config.model.init_from, task=config.model.task)
+            return from_pretrained(init_from, task=config.model.task)
+        if not Path(init_from).is_file():
+            raise FileNotFoundError(
+                f"model.init_from {init_from!r} is neither a save_pretrained directory nor a checkpoint file"
+            )
+        from mplug_fast.checkpoint import load_official_checkpoint
+
+        wanted = get_config(config.model.preset, **overrides)
+        loaded = load_official_checkpoint(
+            init_from,
+            config.model.task,
+            image_res=wanted.vision.image_size,
+            stride=wanted.fusion.stride,
+            strict=config.model.init_strict,
+        )
+        if config.model.init_strict:
+            return loaded
+        model, report = loaded
+        if report.missing or report.unexpected:
+            logger.warning(
+                "model.init_from %s (init_strict false): %d tensors missing (fresh init), %d unused: "
+                "missing %s; unused %s",
+                init_from,
+                len(report.missing),
+                len(report.unexpected),
+                report.missing[:8],
+                report.unexpected[:8],
+            )
+        return model
     return build_model(get_config(config.model.preset, **overrides), config.model.task)
 
 
@@ -107,7 +143,15 @@ def build_objective_from_config(config: RunConfig, model: nn.Module, tokenizer: 
             f"mplug_fast.objectives.build_objective is not available ({e}); pass objective= to Trainer"
         ) from e
     name = config.objective.name or config.model.task
-    return build_objective(name, model, tokenizer, **config.objective.options)
+    options = dict(config.objective.options)
+    if name == "scst" and "references_df" not in options:  # the fixed CIDEr-D table: this run's training data
+        from dataclasses import asdict
+
+        source = config.data.source
+        options["references_df"] = {
+            source: asdict(config.data.synthetic) if source == "synthetic" else dict(config.data.official)
+        }
+    return build_objective(name, model, tokenizer, **options)
 
 
 def build_dataset_from_config(config: RunConfig, task: str, split: str = "train") -> Dataset:
@@ -125,9 +169,21 @@ def build_dataset_from_config(config: RunConfig, task: str, split: str = "train"
         builder = getattr(official, "build_dataset", None)
         if builder is not None:
             return builder(task, split=split, **config.data.official)
+        kwargs = dict(config.data.official)
+        if task == "grounding":  # RefCocoDataset: the TransVG training augmentation only for training
+            kwargs.setdefault("train", split == "train")
+        elif task == "scst":  # KarpathyCaptionDataset's per-image form: all gold captions of each image
+            kwargs["split"] = "test"
+        elif task != "pretrain":
+            kwargs.setdefault("split", split)
+        if task in ("nlvr", "ve"):  # NLVR2 / SNLI-VE readers: data/official_pairs.py
+            from mplug_fast.data.official_pairs import official_pair_dataset
+
+            return official_pair_dataset(task, **kwargs)
         readers = {
             "pretrain": "PretrainJsonDataset",
             "caption": "KarpathyCaptionDataset",
+            "scst": "KarpathyCaptionDataset",
             "vqa": "VQAJsonDataset",
             "retrieval": "RetrievalJsonDataset",
             "grounding": "RefCocoDataset",
@@ -135,7 +191,7 @@ def build_dataset_from_config(config: RunConfig, task: str, split: str = "train"
         if task not in readers or not hasattr(official, readers[task]):
             raise ValueError(f"no official-format reader for task {task!r} in mplug_fast.data.official")
         try:
-            return getattr(official, readers[task])(**config.data.official)
+            return getattr(official, readers[task])(**kwargs)
         except TypeError as e:
             raise ValueError(
                 f"data.official does not fit {readers[task]} ({e}); its keys are that reader's arguments"
@@ -143,9 +199,7 @@ def build_dataset_from_config(config: RunConfig, task: str, split: str = "train"
     from mplug_fast.data import synthetic as syn
 
     s = config.data.synthetic
-    world = syn.SyntheticWorld(
-        image_size=s.image_size, max_objects=s.max_objects, min_objects=s.min_objects, seed=s.seed
-    )
+    world = syn.SyntheticWorld.from_config(s)
     n, start = (s.num_scenes, 0) if split == "train" else (s.eval_scenes, s.num_scenes)
     if task == "pretrain":
         return syn.PretrainDataset(world, n, start)
@@ -153,10 +207,16 @@ def build_dataset_from_config(config: RunConfig, task: str, split: str = "train"
         return syn.VQADataset(world, n, start, types=tuple(s.vqa_types or syn.QA_TYPES))
     if task == "caption":
         return syn.CaptionDataset(world, n, start, split="train" if split == "train" else "test")
+    if task == "scst":  # one item per scene with all its captions (the SCST references), both splits
+        return syn.CaptionDataset(world, n, start, split="test")
     if task == "retrieval":
         return syn.RetrievalDataset(world, n, start)
     if task == "grounding":
         return syn.GroundingDataset(world, n, start)
+    if task in ("nlvr", "ve"):  # data/synthetic/pairs.py
+        from mplug_fast.data.synthetic.pairs import pair_dataset
+
+        return pair_dataset(task, world, n, start)
     raise ValueError(f"no synthetic dataset for task {task!r}")
 
 
@@ -206,11 +266,9 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.objective, o.lr, o.lr_visual, o.weight_decay, tuple(o.betas), o.eps, o.implementation
         )
-        s = config.schedule
-        self.scheduler = WarmupCosine(self.optimizer, s.warmup_steps, s.max_steps, s.min_lr, s.warmup_start)
         self.precision = Precision(config.precision.dtype, self.env.device)
         if config.precision.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, backend=config.precision.compile_backend)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
         self.dataset = dataset if dataset is not None else build_dataset_from_config(config, task, "train")
@@ -238,6 +296,15 @@ class Trainer:
             generator=self._loader_generator,
             persistent_workers=False,
         )
+        s = config.schedule
+        self.max_steps = s.max_steps if s.max_steps is not None else self._steps_for_epochs(s.epochs)
+        if s.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"schedule.warmup_steps={s.warmup_steps} exceeds the run's {self.max_steps} optimizer steps"
+            )
+        self.scheduler = WarmupCosine(
+            self.optimizer, s.warmup_steps, self.max_steps, s.min_lr, s.warmup_start, s.warmup_lr
+        )
         self._iter = None
         self.step, self.epoch, self.offset = 0, 0, 0
         self.nonfinite_total, self.nonfinite_in_row = 0, 0
@@ -246,6 +313,18 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._tb = None
+
+    def _steps_for_epochs(self, epochs: float) -> int:
+        """Optimizer steps of ``epochs`` passes: ceil(epochs x (this rank's batches per epoch // accum))."""
+        per_epoch = len(self.loader) // self.config.optim.accum_steps
+        if per_epoch < 1:
+            raise ValueError(
+                f"one epoch has {len(self.loader)} batches per rank, fewer than optim.accum_steps="
+                f"{self.config.optim.accum_steps}: set schedule.max_steps instead of schedule.epochs"
+            )
+        steps = max(1, math.ceil(epochs * per_epoch))
+        logger.info("schedule.epochs=%g: %d optimizer steps (%d per epoch)", epochs, steps, per_epoch)
+        return steps
 
     # ---- data ----------------------------------------------------------------------------------------
 
@@ -304,6 +383,7 @@ class Trainer:
         flags = all_reduce_flags(torch.tensor([float(bad), float(self._stop_requested)]), self.env)
         bad, self._stop_requested = bool(flags[0]), bool(flags[1])
         lrs = self.scheduler.lrs()
+        stepped = False
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             if self.precision.scaler is not None:
@@ -311,16 +391,18 @@ class Trainer:
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1
         else:
-            self.precision.step(self.optimizer)
+            stepped = self.precision.step(self.optimizer)  # False: the fp16 scaler skipped an inf gradient
             hook = getattr(self.objective, "after_optimizer_step", None)
-            if hook is not None:
+            if hook is not None and stepped:
                 hook()
             self.nonfinite_in_row = 0
         self.scheduler.step()
         self.step += 1
         metrics = {k: float(v) for k, v in sums.items()}
         metrics["grad_norm"] = float(grad_norm)
-        metrics["skipped"] = float(bad)
+        metrics["skipped"] = float(not stepped)
+        if self.precision.scaler is not None:
+            metrics["grad_scale"] = float(self.precision.scaler.get_scale())
         for group, lr in zip(self.optimizer.param_groups, lrs):
             metrics[f"lr/{group.get('name', len(metrics))}"] = lr
         return metrics
@@ -478,13 +560,14 @@ class Trainer:
         return signal.signal(signal.SIGINT, handler)
 
     def fit(self, resume: str | Path | None = None, max_steps: int | None = None) -> dict[str, Any]:
-        """Trains up to ``max_steps`` (default ``schedule.max_steps``) total optimizer steps.
+        """Trains up to ``max_steps`` (default ``schedule.max_steps``, or ``schedule.epochs`` worth) total
+        optimizer steps.
 
         Returns a summary: status ("finished" | "interrupted"), step, first/last logged metrics, steps/s,
         samples/s, non-finite count, the last checkpoint path.
         """
         cfg = self.config
-        max_steps = cfg.schedule.max_steps if max_steps is None else max_steps
+        max_steps = self.max_steps if max_steps is None else max_steps
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.output_dir / "config.yaml")

@@ -150,7 +150,7 @@ def test_shape_mismatch_and_non_mplug_files_are_clear_errors() -> None:
     with pytest.raises(CheckpointError, match="not an mPLUG checkpoint"):
         load_official_checkpoint({"encoder.weight": torch.zeros(2)}, "vqa")
     with pytest.raises(ValueError, match="unknown task"):
-        load_official_checkpoint(make_official_state_dict(BASE_LIKE), "nlvr")
+        load_official_checkpoint(make_official_state_dict(BASE_LIKE), "no_such_task")
 
 
 def test_truncated_and_missing_files(tmp_path) -> None:

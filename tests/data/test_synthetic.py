@@ -324,3 +324,24 @@ def test_majority_baseline(world):
     assert wb.per_type["exist"][1] == pytest.approx(0.5) and wb.per_type["spatial"][1] == pytest.approx(0.5)
     assert wb.prior_accuracy >= wb.accuracy and wb.prior_accuracy < 0.6  # the image is needed
     assert set(world.answer_list()) == {*COLORS, *SHAPES, *NUMBER_WORDS[:5], "yes", "no"}
+
+
+def test_object_scale_and_from_config():
+    """object_scale multiplies the object sides (boxes stay tight and inside); from_config reads a run
+    config's data.synthetic section (dataclass or mapping) and ignores its non-world keys."""
+    from mplug_fast.train.config import SyntheticSection
+
+    big = SyntheticWorld(image_size=32, max_objects=2, seed=3, object_scale=1.5)
+    assert big.sides == {"small": 8, "large": 14}  # round(0.17 * 1.5 * 32), round(0.30 * 1.5 * 32)
+    assert SyntheticWorld(image_size=32).sides == {"small": 5, "large": 10}
+    for i in range(30):
+        for o in big.scene(i).objects:
+            side = o.box[2] - o.box[0]
+            assert side == o.box[3] - o.box[1] == big.sides[o.size]
+            assert 0 <= o.box[0] and o.box[2] <= 32 and 0 <= o.box[1] and o.box[3] <= 32
+    section = SyntheticSection(image_size=32, max_objects=2, seed=3, object_scale=1.5, num_scenes=7)
+    for cfg in (section, vars(section)):
+        same = SyntheticWorld.from_config(cfg)
+        assert repr(same) == repr(big) and same.scene(5) == big.scene(5)
+    with pytest.raises(ValueError, match="object_scale"):
+        SyntheticWorld(image_size=32, object_scale=5.0)

@@ -517,6 +517,7 @@ EXPECTED_CHILDREN = {
     },
     "vqa": {"vision", "adapter", "text_encoder", "fusion", "decoder"},
     "caption": {"vision", "adapter", "decoder"},
+    "scst": {"vision", "adapter", "decoder"},
     "retrieval": {
         "vision",
         "adapter",
@@ -528,6 +529,8 @@ EXPECTED_CHILDREN = {
         "momentum",
     },
     "grounding": {"vision", "adapter", "text_encoder", "fusion", "decoder"},
+    "nlvr": {"vision", "adapter", "text_encoder", "fusion", "cls_head"},
+    "ve": {"vision", "adapter", "text_encoder", "fusion", "cls_head"},
 }
 EXPECTED_MOMENTUM = {
     "pretrain": {"vision", "adapter", "text_encoder", "fusion", "decoder", "vision_proj", "text_proj"},

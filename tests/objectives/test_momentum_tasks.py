@@ -176,6 +176,32 @@ def test_grounding_loss_is_weighted_per_sample(tokenizer, one_thread):
     assert not torch.allclose(buggy, out["loss"])
 
 
+def test_grounding_plain_ce_and_fewer_bins(tokenizer, one_thread):
+    """box_weighting=False is the unweighted token CE over the coordinate tokens; num_bins sets the
+    quantisation (32 bins: ids 345..377, bin floor(t * 32))."""
+    torch.manual_seed(0)
+    model = build_model(small_config(), "grounding").eval()
+    objective = build_objective("grounding", model, tokenizer, num_bins=32, box_weighting=False)
+    assert objective.coord_ids.tolist() == list(range(345, 378))
+    enc = tokenizer(["the red circle", "a triangle"], padding="longest")
+    boxes = torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.99, 0.05, 0.5, 0.3]])
+    batch = {
+        "images": torch.randn(2, 3, 64, 64),
+        "text_ids": enc["input_ids"],
+        "text_mask": enc["attention_mask"].bool(),
+        "boxes": boxes,
+    }
+    out = objective(batch)
+    ids, bins = objective.box_ids(boxes)
+    assert bins.tolist() == [[9, 12, 6, 6], [31, 1, 16, 9]]
+    logits = model(batch["images"], batch["text_ids"], batch["text_mask"], ids)[:, :-1]
+    coord = logits.index_select(-1, objective.coord_ids)
+    want = F.cross_entropy(coord.transpose(1, 2), bins)
+    torch.testing.assert_close(out["loss"], want, rtol=1e-5, atol=1e-6)
+    weighted = build_objective("grounding", model, tokenizer, num_bins=32)(batch)["loss"]
+    assert not torch.allclose(weighted, out["loss"])
+
+
 def test_retrieval_objective_runs_with_multi_positives(one_thread):
     torch.manual_seed(0)
     model = build_model(small_config(), "retrieval")
@@ -199,7 +225,7 @@ def test_retrieval_objective_runs_with_multi_positives(one_thread):
 def test_build_objective_errors(tokenizer):
     model = build_model(small_config(), "caption", init=False)
     with pytest.raises(ValueError, match="unknown objective"):
-        build_objective("nlvr", model)
+        build_objective("no_such_task", model)
     with pytest.raises(ValueError, match="needs the 'vqa' model"):
         build_objective("vqa", model)
     with pytest.raises(KeyError, match="caption_ids"):

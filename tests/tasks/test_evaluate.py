@@ -37,7 +37,7 @@ def _ids_output(tokenizer, texts: list[str], start: torch.Tensor) -> GenerationO
 
 def test_get_task_errors():
     with pytest.raises(ValueError, match="available"):
-        get_task("nlvr")
+        get_task("no_such_task")
 
 
 # ---- VQA -------------------------------------------------------------------------------------------------
@@ -245,6 +245,15 @@ def test_grounding_matches_manual_and_oracle(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(inference, "ground_tokens", oracle)
     perfect = spec.evaluate(model, data, tokenizer, batch_size=len(data))
     assert perfect["acc@0.5"] == pytest.approx(100.0) and perfect["miou"] > 90
+
+    def oracle_32(model, images, text_ids, text_mask, prefix_id, coord_ids):  # a model trained on 32 bins
+        assert coord_ids.numel() == 33
+        return coord_ids[torch.floor(batch["boxes"][: images.shape[0]] * 32).long()]
+
+    monkeypatch.setattr(inference, "ground_tokens", oracle_32)
+    coarse = spec.evaluate(model, data, tokenizer, batch_size=len(data), num_bins=32)
+    want = torch.floor(batch["boxes"].double() * 32) / 32
+    assert torch.equal(coarse["boxes"], want) and coarse["miou"] > 50
 
 
 def test_grounding_baseline_by_hand():

@@ -14,6 +14,14 @@ from mplug_fast.data.synthetic.datasets import (
     vqa_collate,
     world_majority_baseline,
 )
+from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset, pair_dataset
+from mplug_fast.data.synthetic.video import (
+    SyntheticVideoWorld,
+    VideoCaptionDataset,
+    VideoQADataset,
+    VideoRetrievalDataset,
+    synthetic_video_dataset,
+)
 from mplug_fast.data.synthetic.world import (
     COLORS,
     NUMBER_WORDS,
@@ -29,6 +37,11 @@ from mplug_fast.data.synthetic.world import (
 )
 
 __all__ = [
+    "SyntheticVideoWorld",
+    "VideoCaptionDataset",
+    "VideoQADataset",
+    "VideoRetrievalDataset",
+    "synthetic_video_dataset",
     "COLORS",
     "GROUNDING_NUM_BINS",
     "NUMBER_WORDS",
@@ -38,6 +51,9 @@ __all__ = [
     "SIZES",
     "CaptionDataset",
     "GroundingDataset",
+    "NLVRDataset",
+    "VEDataset",
+    "pair_dataset",
     "MajorityBaseline",
     "PretrainDataset",
     "Referring",

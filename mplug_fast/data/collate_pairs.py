@@ -1,0 +1,100 @@
+"""Collators of the classification tasks (hooked into ``mplug_fast.data.collate.build_collate``).
+
+    ve    {"images" [B,3,R,R], "text_ids" [B,L] long, "text_mask" [B,L] bool, "labels" [B] long}
+    nlvr  {"images" [B,2,3,R,R] (left, right), "text_ids", "text_mask", "labels" [B] long}
+
+Samples (synthetic ``VEDataset`` / ``NLVRDataset`` or the official readers of ``data.official_pairs``):
+VE ``image`` [3,R,R], ``sentence``, ``label`` (int); NLVR ``images`` [2,3,R,R], ``sentence``, ``label``.
+A batch where no sample has a ``label`` (unlabelled test data) has no ``labels``; the rest of each sample
+(``label_name``, ``type``, ``image_id``, ...) passes through as lists. Sentences are truncated to
+``max_length`` tokens (40: ALBEF / BLIP clean them to <= 30 words and tokenize without truncation).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mplug_fast.data.collate import Batch, Sample, _check_samples, _Collator, _stack_images
+from mplug_fast.data.tokenizer import Tokenizer
+
+DEFAULT_MAX_LENGTH = 40
+
+
+def _labels(samples: Sequence[Sample], who: str) -> Tensor | None:
+    have = [("label" in s and s["label"] is not None) for s in samples]
+    if not any(have):
+        return None
+    if not all(have):
+        raise ValueError(f"{who}: some samples have a 'label' and some do not")
+    try:
+        return torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{who}: 'label' must be an int class id per sample ({e})") from None
+
+
+class _PairCollator(_Collator):
+    """Shared: sentence encoding, optional labels; subclasses say how the images stack."""
+
+    image_key = "image"
+
+    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int | None = DEFAULT_MAX_LENGTH):
+        super().__init__(tokenizer)
+        self.max_length = max_length
+
+    @abc.abstractmethod
+    def _images(self, samples: Sequence[Sample]) -> Tensor:
+        """The batch's images tensor."""
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        who = type(self).__name__
+        _check_samples(samples, (self.image_key, "sentence"), who)
+        ids, mask = self._encode([s["sentence"] for s in samples], self.max_length)
+        batch: Batch = {"images": self._images(samples), "text_ids": ids, "text_mask": mask}
+        labels = _labels(samples, who)
+        if labels is not None:
+            batch["labels"] = labels
+        return self._with_metadata(samples, batch)
+
+
+class VECollator(_PairCollator):
+    """Visual entailment samples -> one image and one hypothesis per row."""
+
+    task = "ve"
+    image_key = "image"
+    consumed = frozenset({"image", "sentence", "label"})
+
+    def _images(self, samples: Sequence[Sample]) -> Tensor:
+        return _stack_images(samples)  # [B, 3, R, R]
+
+
+class NLVRCollator(_PairCollator):
+    """NLVR samples -> an image pair [2, 3, R, R] (left, right) and one statement per row."""
+
+    task = "nlvr"
+    image_key = "images"
+    consumed = frozenset({"images", "sentence", "label"})
+
+    def _images(self, samples: Sequence[Sample]) -> Tensor:
+        pairs = [s["images"] for s in samples]
+        bad = [
+            i for i, p in enumerate(pairs) if not (isinstance(p, Tensor) and p.dim() == 4 and p.shape[0] == 2)
+        ]
+        if bad:
+            got = pairs[bad[0]]
+            shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
+            raise TypeError(
+                f"NLVRCollator: sample {bad[0]}'s 'images' must be a [2, 3, R, R] tensor, got {shape}"
+            )
+        shapes = {tuple(p.shape) for p in pairs}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"NLVRCollator: image pairs of one batch must share a shape, got {sorted(shapes)}"
+            )
+        return torch.stack(pairs)  # [B, 2, 3, R, R]
+
+
+PAIR_COLLATORS: dict[str, type[_Collator]] = {c.task: c for c in (VECollator, NLVRCollator)}

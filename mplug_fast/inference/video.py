@@ -1,0 +1,236 @@
+"""Zero-shot video with image models (official_spec.md §5.8): the official video scripts run the image VQA,
+captioning and retrieval models unchanged on T frames.
+
+    frames [B, T, 3, R, R] --ViT, frames batched as B*T--> [B*T, Nv, D] --view--> [B, T, Nv, D]
+    QA / captioning / ITM   visual tokens concatenated over frames: [B, T*Nv, D] (no temporal embedding)
+    ITC                     per-frame CLS -> vision_proj -> mean over frames -> normalise: [B, E]
+
+    encode_video(model, videos)                               [B, T, Nv, D]
+    video_fused_memory(model, videos, ids, mask)              [v'; t'] over T*Nv + Lq tokens (QA memory)
+    video_qa_rank / video_qa_generate                         answer-list ranking / beam search
+    video_caption_generate                                    decoder over the raw frame tokens
+    video_features, video_retrieval_scores                    ITC top-k then ITM rerank (score = ITM + ITC)
+
+With T = 1 every function gives exactly its image counterpart (``fused_memory``, ``vqa_rank``,
+``caption_generate``, ``image_features``); tested in ``tests/inference/test_video.py``. The
+connected-attention fusion layers and the decoder cross-attention grow with T*Nv (official video QA: 16
+frames x 901 tokens = 14,416 keys).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mplug_fast.generation import CLS_ID, GenerationOutput, RankedAnswers, beam_search, greedy, rank_answers
+from mplug_fast.inference.retrieval import RetrievalScores, itm_scores
+from mplug_fast.modeling import MPlug
+from mplug_fast.modeling.text import as_bool_mask
+
+UNSCORED = -100.0  # official fill value outside the top-k
+
+
+def _check_videos(videos: Tensor) -> tuple[int, int]:
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(
+            f"videos must be [B, T, 3, R, R] (B videos of T frames; an image is T = 1), "
+            f"got {list(videos.shape)}"
+        )
+    if videos.shape[1] < 1:
+        raise ValueError("videos have no frames (T = 0)")
+    return videos.shape[0], videos.shape[1]
+
+
+def encode_video(model: MPlug, videos: Tensor, frame_batch_size: int | None = None) -> Tensor:
+    """Every frame through the ViT (+ adapter), independently: videos [B, T, 3, R, R] -> [B, T, Nv, D].
+
+    ``frame_batch_size`` caps the frames per ViT call (None: all B*T at once)."""
+    B, T = _check_videos(videos)
+    frames = videos.flatten(0, 1)  # [B*T, 3, R, R] view
+    if frame_batch_size is None or frame_batch_size >= B * T:
+        states = model.encode_image(frames)  # [B*T, Nv, D]
+    else:
+        chunks = frames.split(frame_batch_size)
+        states = torch.cat([model.encode_image(c) for c in chunks])  # copy: [B*T, Nv, D]
+    return states.view(B, T, *states.shape[1:])  # [B, T, Nv, D]
+
+
+def video_tokens(frame_states: Tensor) -> Tensor:
+    """Per-frame states [B, T, Nv, D] -> the frames' tokens one after another [B, T*Nv, D] (a view)."""
+    return frame_states.flatten(1, 2)
+
+
+def video_fused_memory(
+    model: MPlug, videos: Tensor, ids: Tensor, mask: Tensor | None, *, frame_batch_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The VQA decoder memory of a video: fuse(T*Nv frame tokens, question) -> ([v'; t'] [B, T*Nv + Lt, D],
+    mask bool [B, T*Nv + Lt]); ``MPlug.fused_memory`` with the frames' tokens in place of one image's."""
+    v = video_tokens(encode_video(model, videos, frame_batch_size))  # [B, T*Nv, D]
+    t = model.encode_text(ids, mask)  # [B, Lt, D]
+    v, t = model.fuse(v, t, mask)
+    t_mask = as_bool_mask(mask, ids.shape)
+    if t_mask is None:
+        t_mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    v_mask = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
+    return torch.cat([v, t], dim=1), torch.cat([v_mask, t_mask], dim=1)  # copy: [B, T*Nv + Lt, D]
+
+
+@torch.no_grad()
+def video_qa_rank(
+    model: MPlug,
+    videos: Tensor,
+    question_ids: Tensor,
+    question_mask: Tensor | None,
+    answer_ids: Tensor,
+    answer_mask: Tensor | None,
+    *,
+    k: int = 128,
+    double_count_first: bool = True,
+    frame_batch_size: int | None = None,
+) -> RankedAnswers:
+    """Video QA by answer-list ranking (official ``videoqa_mplug.py``: ``rank_answer`` with a VQA model).
+
+    Args: videos [B, T, 3, R, R]; question_ids / mask [B, Lq]; answer_ids / mask [A, La]
+    ("[CLS] answer [SEP] [SEP]"); k: candidates kept after the first-token filter (official 128).
+    Returns: `RankedAnswers` (indices [B, k] into the answer list, best first)."""
+    memory, memory_mask = video_fused_memory(
+        model, videos, question_ids, question_mask, frame_batch_size=frame_batch_size
+    )
+    return rank_answers(
+        model.decoder,
+        memory,
+        memory_mask,
+        answer_ids,
+        answer_mask,
+        k=min(k, answer_ids.shape[0]),
+        double_count_first=double_count_first,
+    )
+
+
+@torch.no_grad()
+def video_qa_generate(
+    model: MPlug,
+    videos: Tensor,
+    question_ids: Tensor,
+    question_mask: Tensor | None,
+    *,
+    beam_size: int = 5,
+    max_length: int = 10,
+    min_length: int = 1,
+    mode: Literal["official", "standard"] = "official",
+    frame_batch_size: int | None = None,
+) -> GenerationOutput:
+    """Open-ended video QA: beam search from [CLS] over the fused [frames; question] (``vqa_generate``)."""
+    memory, memory_mask = video_fused_memory(
+        model, videos, question_ids, question_mask, frame_batch_size=frame_batch_size
+    )
+    start = torch.full((videos.shape[0], 1), CLS_ID, dtype=torch.long, device=videos.device)
+    return beam_search(
+        model.decoder,
+        memory,
+        memory_mask,
+        start,
+        beam_size=beam_size,
+        max_length=max_length,
+        min_length=min_length,
+        mode=mode,
+    )
+
+
+@torch.no_grad()
+def video_caption_generate(
+    model: MPlug,
+    videos: Tensor,
+    prompt_ids: Tensor | None = None,
+    prompt_mask: Tensor | None = None,
+    *,
+    method: Literal["beam", "greedy"] = "beam",
+    beam_size: int = 5,
+    max_length: int = 25,
+    min_length: int = 8,
+    mode: Literal["official", "standard"] = "official",
+    frame_batch_size: int | None = None,
+) -> GenerationOutput:
+    """Video captioning (official ``videocap_mplug.py``): the caption decoder reads the raw concatenated frame
+    tokens [B, T*Nv, D], from [CLS] or a left-padded prompt [B, Lp] (official VATEX: "a picture of", beam 10,
+    min 15, max 25). Returns `GenerationOutput` (ids start with the prompt)."""
+    memory = video_tokens(encode_video(model, videos, frame_batch_size))  # [B, T*Nv, D]
+    if prompt_ids is None:
+        prompt_ids = torch.full((videos.shape[0], 1), CLS_ID, dtype=torch.long, device=videos.device)
+        prompt_mask = None
+    if method == "beam":
+        return beam_search(
+            model.decoder,
+            memory,
+            None,
+            prompt_ids,
+            prompt_mask,
+            beam_size=beam_size,
+            max_length=max_length,
+            min_length=min_length,
+            mode=mode,
+        )
+    if method == "greedy":
+        return greedy(
+            model.decoder, memory, None, prompt_ids, prompt_mask, max_length=max_length, min_length=min_length
+        )
+    raise ValueError(f"method must be 'beam' or 'greedy', got {method!r}")
+
+
+def video_features(model: MPlug, frame_states: Tensor) -> Tensor:
+    """Video ITC feature (official ``retrieval_vid_mplug.py``): normalize(mean_t vision_proj(CLS_t)).
+
+    frame_states: [B, T, Nv, D] (``encode_video``). Returns [B, embed_dim]. With T = 1 this is
+    ``model.image_features``."""
+    proj = model._require("vision_proj")
+    return F.normalize(proj(frame_states[:, :, 0]).mean(dim=1), dim=-1)  # [B, T, E] -> [B, E]
+
+
+@torch.no_grad()
+def video_retrieval_scores(
+    model: MPlug,
+    videos: Tensor,
+    text_ids: Tensor,
+    text_mask: Tensor | None,
+    *,
+    k: int = 128,
+    batch_size: int = 16,
+    add_itc: bool = True,
+) -> RetrievalScores:
+    """Scores every video against every text: ITC similarities, then ITM on each query's top-k.
+
+    Args:
+        model: a retrieval (or pretraining) image model.
+        videos: [Nv_, T, 3, R, R]; text_ids / text_mask: [Nt, L].
+        k: ITM-reranked candidates per query (official video k_test 128; clamped to the gallery).
+        batch_size: videos per ViT call and pairs per ITM call.
+        add_itc: score = ITM class-1 logit + ITC similarity (the official video variant; the image
+            retrieval score is the ITM logit alone).
+    Returns:
+        `RetrievalScores` with i2t [N, Nt] video -> text, t2i [Nt, N], itc [N, Nt]; -100 outside the top-k.
+    """
+    N, T = _check_videos(videos)
+    Nt = text_ids.shape[0]
+    if N == 0 or Nt == 0:
+        raise ValueError(f"need at least one video and one text, got {N} videos and {Nt} texts")
+    states = torch.cat([encode_video(model, videos[s : s + batch_size]) for s in range(0, N, batch_size)])
+    tokens = video_tokens(states)  # [N, T*Nv, D]
+    t = model.encode_text(text_ids, text_mask)  # [Nt, L, D]
+    itc = (video_features(model, states) @ model.text_features(t).t()).float()  # [N, Nt]
+    top_t = itc.topk(min(k, Nt), dim=1).indices  # [N, kt] texts of each video
+    top_v = itc.t().topk(min(k, N), dim=1).indices  # [Nt, kv] videos of each text
+    dev = itc.device
+    keys_v2t = (torch.arange(N, device=dev)[:, None] * Nt + top_t).reshape(-1)  # pair key v * Nt + j
+    keys_t2v = (top_v * Nt + torch.arange(Nt, device=dev)[:, None]).reshape(-1)
+    keys = torch.unique(torch.cat([keys_v2t, keys_t2v]))  # each pair fused once
+    scores = itm_scores(model, tokens, t, text_mask, keys // Nt, keys % Nt, batch_size)  # [P]
+    if add_itc:
+        scores = scores + itc.reshape(-1)[keys]
+    i2t = torch.full((N, Nt), UNSCORED, device=dev)
+    t2i = torch.full((Nt, N), UNSCORED, device=dev)
+    i2t.view(-1)[keys_v2t] = scores[torch.searchsorted(keys, keys_v2t)]
+    t2i.scatter_(1, top_v, scores[torch.searchsorted(keys, keys_t2v)].view(Nt, -1))
+    return RetrievalScores(i2t=i2t, t2i=t2i, itc=itc)

@@ -1,0 +1,371 @@
+"""Zero-shot video tasks (official_spec.md §5.8): image models evaluated on videos, never trained on them.
+
+    task             loads the checkpoint of  inference (mplug_fast.inference.video)     metric
+    video_qa         vqa                      answer-list ranking over T*Nv + Lq tokens  vqa_acc (exact match)
+    video_caption    caption                  beam search over T*Nv frame tokens         CIDEr, BLEU, ROUGE-L
+    video_retrieval  retrieval                mean-frame ITC top-k, ITM rerank (+ ITC)   r_mean, median ranks
+
+``mplug-fast evaluate --task video_qa --checkpoint <a vqa run>`` builds the image task's model from the
+checkpoint (``model_task``) and evaluates it on the video split (synthetic: moving-shapes videos of the run's
+world, ``mplug_fast.data.synthetic.video``). ``finetune`` refuses these tasks (``check_trainable``): the paper
+reports them zero-shot and the official code has no video training.
+
+Every evaluate takes ``num_frames`` (None: all the dataset's frames; else that many, uniformly sampled with
+``frame_sampling`` "official" or "middle", ``mplug_fast.data.video.sample_frame_indices``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mplug_fast.tasks.base import Baseline, TaskSpec, batches, eval_mode, write_json
+
+# zero-shot video task -> the image task whose model (and checkpoint) it runs
+VIDEO_MODEL_TASKS: dict[str, str] = {
+    "video_qa": "vqa",
+    "video_caption": "caption",
+    "video_retrieval": "retrieval",
+}
+
+
+def model_task(task: str) -> str:
+    """The model task of ``task``: the image task for a zero-shot video task, else ``task`` itself."""
+    return VIDEO_MODEL_TASKS.get(task, task)
+
+
+def check_trainable(task: str) -> None:
+    """ValueError for a zero-shot video task (evaluate its image task's checkpoint instead)."""
+    if task in VIDEO_MODEL_TASKS:
+        image = VIDEO_MODEL_TASKS[task]
+        raise ValueError(
+            f"--task {task} is zero-shot (evaluate only): finetune the image task instead "
+            f"(mplug-fast finetune --task {image} ...), then run mplug-fast evaluate --task {task} "
+            f"--checkpoint <that {image} run>"
+        )
+
+
+def _video_batches(
+    dataset: Dataset, batch_size: int, device: torch.device | str, num_frames: int | None, frame_sampling: str
+):
+    from mplug_fast.data.video import collate_videos, resample_frames
+
+    for batch in batches(dataset, collate_videos, batch_size, device):
+        if num_frames is not None:
+            batch["videos"] = resample_frames(batch["videos"], num_frames, frame_sampling)  # type: ignore[arg-type]
+        yield batch
+
+
+def _check_frames(num_frames: int | None, frame_sampling: str) -> None:
+    from mplug_fast.data.video import SAMPLING_MODES
+
+    if num_frames is not None and (
+        isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1
+    ):
+        raise ValueError(f"num_frames must be an int >= 1 or None (all frames), got {num_frames!r}")
+    if frame_sampling not in SAMPLING_MODES:
+        raise ValueError(f"frame_sampling must be one of {SAMPLING_MODES}, got {frame_sampling!r}")
+
+
+# ---- video QA ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_qa(
+    model: nn.Module,
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    answer_list: Sequence[str] | None = None,
+    k: int = 128,
+    max_question_length: int = 25,
+    num_frames: int | None = None,
+    frame_sampling: str = "official",
+    output: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Video QA accuracy of ``model`` (a vqa model) by answer-list ranking (official ``videoqa_mplug.py``).
+
+    Args:
+        dataset: video QA samples (``video`` [T, 3, R, R], ``question``, ``answers``; ``type``,
+            ``question_id`` when present).
+        answer_list: the candidates (official: the training answer vocabulary); None: the dataset's
+            ``answer_list()``, else the distinct answers of the dataset.
+        k: candidates kept after the first-token filter (official k_test 128).
+    Returns:
+        {"vqa_acc" (percent; exact match for one gold answer, VQA accuracy for several), "vqa_acc_kind",
+         "vqa_acc/<type>", "count", "num_frames", "predictions": {question_id: answer}}.
+    """
+    from mplug_fast.inference.video import video_qa_rank
+    from mplug_fast.tasks.vqa import answer_list_from, score_questions
+
+    _check_frames(num_frames, frame_sampling)
+    if answer_list is None:
+        answer_list = dataset.answer_list() if hasattr(dataset, "answer_list") else answer_list_from(dataset)
+    if not answer_list:
+        raise ValueError("video QA ranking needs a non-empty answer_list")
+    enc = tokenizer([a + "[SEP]" for a in answer_list], padding="longest")
+    a_ids, a_mask = enc.input_ids.to(device), enc.attention_mask.bool().to(device)
+    predictions: dict[Any, str] = {}
+    gold: dict[Any, list[str]] = {}
+    types: dict[Any, str] = {}
+    frames = 0
+    with eval_mode(model):
+        for batch in _video_batches(dataset, batch_size, device, num_frames, frame_sampling):
+            B, frames = batch["videos"].shape[:2]
+            q = tokenizer(
+                batch["question"], padding="longest", max_length=max_question_length, truncation=True
+            )
+            ranked = video_qa_rank(
+                model,
+                batch["videos"],
+                q.input_ids.to(device),
+                q.attention_mask.bool().to(device),
+                a_ids,
+                a_mask,
+                k=min(k, len(answer_list)),
+            )
+            qids = batch.get("question_id", list(range(len(predictions), len(predictions) + B)))
+            for i, best in enumerate(ranked.indices[:, 0].tolist()):
+                if qids[i] in predictions:
+                    raise ValueError(f"duplicate question_id {qids[i]!r} in the video QA evaluation set")
+                predictions[qids[i]] = answer_list[best]
+                answers = batch["answers"][i]
+                gold[qids[i]] = [answers] if isinstance(answers, str) else list(answers)
+                if "type" in batch:
+                    types[qids[i]] = batch["type"][i]
+    overall, per_type, kind = score_questions(predictions, gold, types or None)
+    result: dict[str, Any] = {"vqa_acc": overall, "vqa_acc_kind": kind, "count": len(predictions)}
+    result.update({f"vqa_acc/{t}": v for t, v in sorted(per_type.items())})
+    result["num_frames"] = int(frames)
+    if output is not None:
+        write_json([{"question_id": q, "answer": a} for q, a in predictions.items()], output)
+    result["predictions"] = predictions
+    return result
+
+
+def baseline_qa(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
+    """The majority training answer for every question (``tasks.vqa.baseline``: reads texts, not videos)."""
+    from mplug_fast.tasks.vqa import baseline
+
+    return baseline(train, evaluation, limit)
+
+
+# ---- video captioning ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_caption(
+    model: nn.Module,
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    prompt: str = "",
+    beam_size: int = 5,
+    max_length: int = 25,
+    min_length: int = 8,
+    num_frames: int | None = None,
+    frame_sampling: str = "official",
+    output: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Video caption metrics of ``model`` (a caption model) on test-form samples (``video``, ``captions`` =
+    all gold captions, ``video_id``). The prompt's tokens are cut from the generated text (official VATEX:
+    prompt "a picture of", beam 10, min 15, max 25).
+
+    Returns: {"BLEU_1".."BLEU_4", "ROUGE_L", "CIDEr", "count", "num_frames", "notes", "predictions"}.
+    """
+    from mplug_fast.inference.inputs import left_padded_prompts
+    from mplug_fast.inference.video import video_caption_generate
+    from mplug_fast.metrics import caption_scores
+
+    _check_frames(num_frames, frame_sampling)
+    prompt_ids = prompt_mask = None
+    if prompt.strip():
+        prompt_ids, prompt_mask = left_padded_prompts(tokenizer, [prompt], max_length)
+    start = 1 if prompt_ids is None else prompt_ids.shape[1]
+    predictions: dict[Any, str] = {}
+    gold: dict[Any, list[str]] = {}
+    frames = 0
+    with eval_mode(model):
+        for batch in _video_batches(dataset, batch_size, device, num_frames, frame_sampling):
+            if "captions" not in batch:
+                raise ValueError(
+                    "video caption evaluation needs test-form samples with 'captions'; "
+                    f"got keys {sorted(batch)}"
+                )
+            B, frames = batch["videos"].shape[:2]
+            p_ids = None if prompt_ids is None else prompt_ids.expand(B, -1).to(device)
+            p_mask = None if prompt_mask is None else prompt_mask.expand(B, -1).to(device)
+            out = video_caption_generate(
+                model,
+                batch["videos"],
+                p_ids,
+                p_mask,
+                beam_size=beam_size,
+                max_length=max_length,
+                min_length=min_length,
+            )
+            ids = batch.get("video_id", list(range(len(predictions), len(predictions) + B)))
+            for i in range(B):
+                if ids[i] in predictions:
+                    raise ValueError(f"duplicate video_id {ids[i]!r} in the video caption evaluation set")
+                text = tokenizer.decode(out.ids[i, 0, start:].tolist(), skip_special_tokens=True)
+                predictions[ids[i]] = text.strip()
+                captions = batch["captions"][i]
+                if isinstance(captions, str) or not captions:
+                    raise ValueError(
+                        f"video {ids[i]!r}: 'captions' must be a non-empty list, got {captions!r}"
+                    )
+                gold[ids[i]] = list(captions)
+    scores, notes = caption_scores(gold, {v: [c] for v, c in predictions.items()})
+    if output is not None:
+        write_json([{"video_id": v, "caption": c} for v, c in predictions.items()], output)
+    return {
+        **scores,
+        "count": len(predictions),
+        "num_frames": int(frames),
+        "notes": notes,
+        "predictions": predictions,
+    }
+
+
+def baseline_caption(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
+    """CIDEr-D of the most frequent training caption for every video (``tasks.caption.baseline``)."""
+    from mplug_fast.tasks.caption import baseline
+
+    return baseline(train, evaluation, limit)
+
+
+# ---- video-text retrieval ------------------------------------------------------------------------------
+
+
+def _gallery(dataset: Dataset) -> tuple[Sequence[str], Sequence[int], Sequence[Sequence[int]]]:
+    missing = [a for a in ("texts", "txt2vid", "vid2txt", "video") if not hasattr(dataset, a)]
+    if missing:
+        raise TypeError(
+            "video retrieval evaluation needs a gallery dataset with texts / txt2vid / vid2txt / video(k) "
+            f"(VideoRetrievalDataset); {type(dataset).__name__} lacks {missing}"
+        )
+    return dataset.texts, dataset.txt2vid, dataset.vid2txt
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: nn.Module,
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    k: int = 128,
+    max_length: int = 35,
+    add_itc: bool = True,
+    num_frames: int | None = None,
+    frame_sampling: str = "official",
+    output: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Video-text recall of ``model`` (a retrieval model) over the whole gallery (official
+    ``retrieval_vid_mplug.py``: texts up to 35 tokens, k_test 128, score = ITM logit + ITC similarity).
+
+    Returns:
+        {"txt_r1".."txt_r10", "txt_r_mean", "img_r1".., "img_r_mean", "r_mean" (percent; "txt" = video ->
+         text, "img" = text -> video, the image-retrieval names), "txt_medr", "img_medr" (median rank,
+         1 = first), the recalls prefixed "itc/" (mean-frame ITC alone), "num_videos", "num_texts",
+         "num_frames"}.
+    """
+    from mplug_fast.data.video import resample_frames
+    from mplug_fast.inference.video import video_retrieval_scores
+    from mplug_fast.metrics import retrieval_recall
+    from mplug_fast.metrics.retrieval import ranks_image_to_text, ranks_text_to_image
+
+    _check_frames(num_frames, frame_sampling)
+    texts, txt2vid, vid2txt = _gallery(dataset)
+    videos = torch.stack([dataset.video(j) for j in range(len(vid2txt))]).to(device)  # [N, T, 3, R, R]
+    if num_frames is not None:
+        videos = resample_frames(videos, num_frames, frame_sampling)  # type: ignore[arg-type]
+    enc = tokenizer(list(texts), padding="longest", max_length=max_length, truncation=True)
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.bool().to(device)
+    with eval_mode(model):
+        scores = video_retrieval_scores(model, videos, ids, mask, k=k, batch_size=batch_size, add_itc=add_itc)
+    result: dict[str, Any] = dict(retrieval_recall(scores.i2t, scores.t2i, vid2txt, txt2vid))
+    r_v = ranks_image_to_text(scores.i2t.double().cpu(), vid2txt)
+    r_t = ranks_text_to_image(scores.t2i.double().cpu(), txt2vid)
+    result["txt_medr"] = float((r_v + 1).double().median())
+    result["img_medr"] = float((r_t + 1).double().median())
+    itc = retrieval_recall(scores.itc, scores.itc.t(), vid2txt, txt2vid)
+    result.update({f"itc/{key}": v for key, v in itc.items()})
+    result["num_videos"], result["num_texts"], result["num_frames"] = (
+        len(vid2txt),
+        len(texts),
+        videos.shape[1],
+    )
+    if output is not None:
+        top_t, top_v = min(10, len(texts)), min(10, len(vid2txt))
+        write_json(
+            {
+                "v2t": [row.topk(top_t).indices.tolist() for row in scores.i2t.cpu()],
+                "t2v": [row.topk(top_v).indices.tolist() for row in scores.t2i.cpu()],
+            },
+            output,
+        )
+    return result
+
+
+def baseline_retrieval(train: Dataset, evaluation: Dataset) -> Baseline:
+    """The expected mean recall of a random ranking of the gallery (``tasks.retrieval.chance_recall``)."""
+    from mplug_fast.tasks.retrieval import chance_recall
+
+    texts, _, vid2txt = _gallery(evaluation)
+    value = chance_recall(vid2txt, len(texts))["r_mean"]
+    return Baseline("r_mean", value, f"random ranking of {len(vid2txt)} videos / {len(texts)} texts")
+
+
+# ---- the task registry entries (``mplug_fast.tasks.TASKS``) -------------------------------------------
+
+SPECS: dict[str, TaskSpec] = {
+    "video_qa": TaskSpec(
+        name="video_qa",
+        metric="vqa_acc",
+        evaluate=evaluate_qa,
+        baseline=baseline_qa,
+        eval_options={"k": 128},
+        predictions_file="video_qa_result.json",
+    ),
+    "video_caption": TaskSpec(
+        name="video_caption",
+        metric="CIDEr",
+        evaluate=evaluate_caption,
+        baseline=baseline_caption,
+        eval_options={"beam_size": 5, "min_length": 8, "max_length": 25},
+        predictions_file="video_caption_result.json",
+    ),
+    "video_retrieval": TaskSpec(
+        name="video_retrieval",
+        metric="r_mean",
+        evaluate=evaluate_retrieval,
+        baseline=baseline_retrieval,
+        eval_options={"k": 128},
+        predictions_file="video_retrieval_top10.json",
+    ),
+}
+
+__all__ = [
+    "SPECS",
+    "VIDEO_MODEL_TASKS",
+    "baseline_caption",
+    "baseline_qa",
+    "baseline_retrieval",
+    "check_trainable",
+    "evaluate_caption",
+    "evaluate_qa",
+    "evaluate_retrieval",
+    "model_task",
+]

@@ -1,0 +1,329 @@
+"""NLVR2 / SNLI-VE: heads, the NLVR pair batching, the CE objective, loading a pretrained model, evaluation,
+the majority baseline, the CLI and a learning check (micro / tiny models on the synthetic world).
+
+Oracles: the NLVR forward recomputed image by image with the public encode / fuse API (the fast path runs
+the two images as one 2B batch and the text encoder once); the CE written out as −log_softmax; accuracy,
+per-class accuracy and the majority baseline recounted from the predictions JSON and the dataset labels.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mplug_fast.checkpoint.io as checkpoint_io
+import mplug_fast.checkpoint.official as checkpoint_official
+from mplug_fast.cli import main
+from mplug_fast.data.collate import build_collate
+from mplug_fast.data.synthetic import SyntheticWorld
+from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset
+from mplug_fast.objectives import build_objective
+from mplug_fast.tasks import get_task
+from mplug_fast.tasks.pairs import baseline, evaluate
+from tests.tasks.conftest import micro_model
+from tests.train.helpers import IMAGE_SIZE, micro_overrides
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _text(tokenizer, sentences):
+    enc = tokenizer(sentences, padding="longest")
+    return enc.input_ids, enc.attention_mask.bool()
+
+
+def test_heads_shapes_and_errors(tokenizer):
+    ve, nlvr = micro_model("ve"), micro_model("nlvr")
+    ids, mask = _text(tokenizer, ["there is a red object", "the red circle is heavy", "a"])
+    images = torch.randn(3, 2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert ve(images[:, 0], ids, mask).shape == (3, 3) and ve.labels[2] == "entailment"
+    assert nlvr(images, ids, mask).shape == (3, 2) and nlvr.labels == ("False", "True")
+    assert ve.decoder is None and nlvr.decoder is None  # only vision, text encoder, fusion and the head
+    with pytest.raises(ValueError, match=r"\[B, 2, 3, R, R\]"):
+        nlvr(images[:, 0], ids, mask)
+    with pytest.raises(ValueError, match=r"text_ids must be \[B=2"):
+        nlvr(images[:2], ids, mask)
+    with pytest.raises(ValueError, match=r"\[B, 3, R, R\]"):
+        ve(images, ids, mask)
+
+
+@torch.no_grad()
+def test_nlvr_pair_batching_equals_one_image_at_a_time(tokenizer):
+    model = micro_model("nlvr", seed=1)
+    ids, mask = _text(tokenizer, ["both images contain a red object", "the left image", "a b c d e f g"])
+    images = torch.randn(3, 2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    t = model.encode_text(ids, mask)
+    cls = []
+    for side in range(2):  # oracle: each image separately, through the public API
+        _, fused = model.fuse(model.encode_image(images[:, side]), t, mask)
+        cls.append(fused[:, 0])
+    expected = model.cls_head(torch.cat(cls, dim=-1))
+    got = model(images, ids, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        model.pair_features(images, ids, mask), torch.stack(cls, 1), rtol=1e-5, atol=1e-6
+    )
+    # the order matters (the head sees [left; right]) and the rows are independent of each other
+    assert not torch.allclose(model(images.flip(1), ids, mask), got, atol=1e-4)
+    torch.testing.assert_close(
+        model(images[1:2], ids[1:2, : int(mask[1].sum())], mask[1:2, : int(mask[1].sum())]),
+        got[1:2],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@torch.no_grad()
+def test_ve_forward_is_the_fused_cls_through_the_head(tokenizer):
+    model = micro_model("ve", seed=2)
+    ids, mask = _text(
+        tokenizer, ["there is a red object", "the blue square is to the left of the red circle"]
+    )
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    _, fused = model.fuse(model.encode_image(images), model.encode_text(ids, mask), mask)
+    h = torch.relu(fused[:, 0] @ model.cls_head.fc1.weight.T + model.cls_head.fc1.bias)
+    expected = h @ model.cls_head.fc2.weight.T + model.cls_head.fc2.bias
+    torch.testing.assert_close(model(images, ids, mask), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["ve", "nlvr"])
+def test_objective_is_cross_entropy(task, tokenizer):
+    model = micro_model(task).train()
+    world = SyntheticWorld(image_size=IMAGE_SIZE, max_objects=2)
+    ds = VEDataset(world, 6) if task == "ve" else NLVRDataset(world, 6)
+    batch = build_collate(task, tokenizer)([ds[i] for i in range(6)])
+    objective = build_objective(task, model, tokenizer)
+    out = objective(batch)
+    with torch.no_grad():
+        logits = model(batch["images"], batch["text_ids"], batch["text_mask"])
+    expected = -logits.log_softmax(-1).gather(1, batch["labels"][:, None]).mean()
+    torch.testing.assert_close(out["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
+    assert out["acc"] == (logits.argmax(-1) == batch["labels"]).float().mean()
+    out["loss"].backward()
+    assert (
+        model.cls_head.fc2.weight.grad.abs().sum() > 0
+        and model.fusion.layers[0].parameters().__next__().grad is not None
+    )
+    with pytest.raises(ValueError, match="needs the 'nlvr' model"):
+        build_objective("nlvr", micro_model("ve"), tokenizer)
+    with pytest.raises(KeyError, match="labels"):
+        objective({k: v for k, v in batch.items() if k != "labels"})
+
+
+# Loading a model of another task with a new head needs the checkpoint/ change described in the NLVR / VE
+# report (until it is applied, these tests are skipped with that reason).
+_IO_NEW_HEADS = "new_head_prefixes" in inspect.getsource(checkpoint_io)
+_OFFICIAL_NEW_HEADS = "new_head_prefixes" in inspect.getsource(checkpoint_official)
+
+
+@pytest.mark.skipif(
+    not _IO_NEW_HEADS,
+    reason="from_pretrained does not yet initialise new task heads (the checkpoint/io.py change asked for "
+    "in the NLVR / VE report)",
+)
+@pytest.mark.parametrize("task", ["ve", "nlvr"])
+def test_loads_a_pretrained_model_with_a_fresh_head(task, tmp_path, caplog):
+    from mplug_fast.checkpoint import from_pretrained, save_pretrained
+
+    pretrained = micro_model("pretrain", seed=3)
+    save_pretrained(pretrained, tmp_path / "pre")
+    with caplog.at_level(logging.INFO, logger="mplug_fast.checkpoint.io"):
+        model = from_pretrained(tmp_path / "pre", task=task)
+    assert model.task == task
+    source = pretrained.state_dict()
+    for key, value in model.state_dict().items():
+        if key.startswith("cls_head."):
+            assert torch.isfinite(value).all() and value.device.type == "cpu"
+        else:
+            assert torch.equal(value, source[key]), key
+    new = [k for k in model.state_dict() if k.startswith("cls_head.")]
+    assert any(
+        "freshly initialised" in r.getMessage() and all(k in r.getMessage() for k in new)
+        for r in caplog.records
+    )
+    # and back: a VE model saved, loaded as itself, has every tensor (no fresh head)
+    save_pretrained(model, tmp_path / task)
+    again = from_pretrained(tmp_path / task)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+@pytest.mark.skipif(
+    not _OFFICIAL_NEW_HEADS,
+    reason="load_official_checkpoint does not yet skip new task heads (the checkpoint/official.py change "
+    "asked for in the NLVR / VE report)",
+)
+def test_loads_an_official_pretraining_checkpoint_with_a_fresh_head(caplog):
+    from mplug_fast.checkpoint import load_official_checkpoint
+    from tests.checkpoint.official_layout import OfficialDims, make_official_state_dict
+
+    state = make_official_state_dict(OfficialDims(), pretrain_layout=True)
+    with caplog.at_level(logging.INFO, logger="mplug_fast.checkpoint.official"):
+        model = load_official_checkpoint(state, "nlvr", stride=3)  # strict: only the head may be new
+    ours = model.state_dict()
+    assert torch.equal(
+        ours["text_encoder.embeddings.word.weight"],
+        state["text_encoder.bert.embeddings.word_embeddings.weight"],
+    )
+    assert torch.isfinite(ours["cls_head.fc1.weight"]).all() and ours["cls_head.fc1.weight"].std() > 0
+    assert any(
+        "freshly initialised" in r.getMessage() and "cls_head.fc2.bias" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize("task", ["ve", "nlvr"])
+def test_evaluate_counts_and_writes_predictions(task, tokenizer, tmp_path):
+    model = micro_model(task, seed=4)
+    world = SyntheticWorld(image_size=IMAGE_SIZE, max_objects=2)
+    ds = VEDataset(world, 11, start=50) if task == "ve" else NLVRDataset(world, 11, start=50)
+    out = tmp_path / "pred.json"
+    result = evaluate(model, ds, tokenizer, batch_size=4, output=out)
+    rows = json.loads(out.read_text())
+    names = model.labels
+    gold = [ds.label(i) for i in range(len(ds))]
+    pred = [names.index(r["prediction"]) for r in rows]
+    assert len(rows) == result["count"] == result["num_labelled"] == 11
+    assert [r["label"] for r in rows] == [names[g] for g in gold]
+    assert [r["sentence"] for r in rows] == [ds.statement(i)[-1].sentence for i in range(11)]
+    assert result["predictions"].tolist() == pred
+    assert result["accuracy"] == pytest.approx(100 * sum(p == g for p, g in zip(pred, gold)) / 11)
+    for c, name in enumerate(names):
+        of_c = [p for p, g in zip(pred, gold) if g == c]
+        assert result[f"acc_{name}"] == pytest.approx(100 * sum(p == c for p in of_c) / len(of_c))
+    assert sum(map(sum, result["confusion"])) == 11
+    # batching does not change predictions
+    assert evaluate(model, ds, tokenizer, batch_size=11)["predictions"].tolist() == pred
+
+
+def test_majority_baseline():
+    world = SyntheticWorld(image_size=IMAGE_SIZE, max_objects=2)
+    train = VEDataset(world, 7)  # labels 0 1 2 0 1 2 0 -> majority "contradiction"
+    evaluation = VEDataset(world, 5, start=100, labels=("contradiction", "entailment"))  # 0 2 0 2 0
+    b = baseline(train, evaluation)
+    assert b.metric == "accuracy" and b.value == pytest.approx(60.0) and "contradiction" in b.description
+    nl = baseline(NLVRDataset(world, 4), NLVRDataset(world, 3, start=9))  # tie 2 / 2 -> the lower id, False
+    assert nl.value == pytest.approx(100 * 2 / 3)
+    assert get_task("ve").baseline is baseline and get_task("nlvr").metric == "accuracy"
+
+
+def _finetune_args(task: str, out: Path, steps: int = 2) -> list[str]:
+    model = "{" + ", ".join(f"{k}: {v}" for k, v in micro_overrides().items()) + "}"
+    sets = [
+        f"model.overrides={model}",
+        "data.synthetic.image_size=16",
+        "data.synthetic.num_scenes=32",
+        "data.synthetic.eval_scenes=6",
+        "data.batch_size=4",
+        "schedule.warmup_steps=1",
+        "device=cpu",
+        "logging.every_steps=1",
+        "logging.progress=false",
+        "logging.plots=false",
+        "logging.tensorboard=false",
+    ]
+    args = ["finetune", "--task", task, "--config", str(CONFIGS / f"{task}_tiny_synthetic.yaml")]
+    args += ["--output-dir", str(out), "--max-steps", str(steps), "--eval-batch-size", "4"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+@pytest.mark.parametrize("task", ["ve", "nlvr"])
+def test_cli_finetune_then_evaluate(task, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_finetune_args(task, run)) == 0
+    record = json.loads((run / "metrics.json").read_text())
+    head = record["headline"]
+    assert record["task"] == task and record["step"] == 2 and head["metric"] == "accuracy"
+    assert head["value"] == record["metrics"]["accuracy"] and isinstance(head["baseline"], float)
+    assert record["metrics"]["count"] == 6
+    assert len(json.loads((run / f"{task}_result.json").read_text())) == 6
+    assert (run / "model" / "config.json").is_file()
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--task", task, "--checkpoint", str(run), "--output-dir", str(out)]) == 0
+    again = json.loads((out / "metrics_test.json").read_text())
+    assert again["metrics"]["accuracy"] == record["metrics"]["accuracy"]
+
+
+# ---- learning ---------------------------------------------------------------------------------------------
+
+
+def test_tiny_ve_finetune_beats_the_majority_class(tmp_path):
+    """A short tiny VE finetune (colour hypotheses, one-object 16 px scenes, 150 steps) beats the majority
+    class by a clear margin.
+
+    What it learns in this budget is the neutral class, whose template is recognisable from the text (as
+    SNLI's hypothesis-only artefacts): accuracy 2/3 vs 1/3. Entailment vs contradiction of "there is a red
+    object" is a pure interaction of the text colour and the image colour (each alone says nothing about the
+    label: both are balanced by construction), which this tiny model does not pick up within minutes on CPU;
+    so only the neutral class and the overall margin are asserted.
+    """
+    from mplug_fast.data import Tokenizer
+    from mplug_fast.train.config import load_config
+    from mplug_fast.train.trainer import Trainer
+
+    steps = 150
+    cfg = load_config(
+        CONFIGS / "ve_tiny_synthetic.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "device=cpu",
+            "logging.progress=false",
+            "logging.plots=false",
+            "logging.tensorboard=false",
+            f"schedule.max_steps={steps}",
+            f"schedule.warmup_steps={steps // 10}",
+            "data.synthetic.image_size=16",
+            "data.synthetic.max_objects=1",
+            "checkpoint.every_steps=100000",
+        ],
+    )
+    world = SyntheticWorld(image_size=16, max_objects=1)
+    train, held_out = (
+        VEDataset(world, 20000, types=("color",)),
+        VEDataset(world, 150, 10**6, types=("color",)),
+    )
+    trainer = Trainer(cfg, dataset=train)
+    start = time.perf_counter()
+    summary = trainer.fit()
+    seconds = time.perf_counter() - start
+    result = evaluate(trainer.objective.model, held_out, Tokenizer(), batch_size=75)
+    base = baseline(train, held_out)
+    print(
+        f"\nVE tiny finetune: {steps} steps in {seconds:.0f} s, loss {summary['first']['loss']:.3f} -> "
+        f"{summary['last']['loss']:.3f}; accuracy {result['accuracy']:.1f} vs majority {base.value:.1f}; "
+        + ", ".join(f"{n} {result[f'acc_{n}']:.0f}" for n in ("contradiction", "neutral", "entailment"))
+    )
+    assert summary["last"]["loss"] < 0.7 * summary["first"]["loss"]
+    assert result["accuracy"] >= base.value + 25.0, (result, base)
+    assert result["acc_neutral"] >= 90.0, result
+
+
+def test_official_readers_are_reachable_from_the_spec_and_the_trainer(tmp_path):
+    from PIL import Image
+
+    from mplug_fast.data.official_pairs import NLVR2JsonDataset, SNLIVEJsonDataset
+    from mplug_fast.train.config import load_config
+    from mplug_fast.train.trainer import build_dataset_from_config
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "1.jpg")
+    ve_ann = [{"image": "1", "sentence": "a", "label": "neutral"}]
+    nlvr_ann = [{"images": ["1.jpg", "1.jpg"], "sentence": "b", "label": "False"}]
+    (tmp_path / "ve.json").write_text(json.dumps(ve_ann))
+    (tmp_path / "nlvr.json").write_text(json.dumps(nlvr_ann))
+    for task, reader in (("ve", SNLIVEJsonDataset), ("nlvr", NLVR2JsonDataset)):
+        official = {"ann": str(tmp_path / f"{task}.json"), "image_root": str(tmp_path), "image_size": 16}
+        ds = get_task(task).official_dataset("test", **official)
+        assert isinstance(ds, reader) and ds.split == "test" and ds.label(0) == (1 if task == "ve" else 0)
+        cfg = load_config(CONFIGS / f"{task}_base.yaml", ["data.official=" + json.dumps(official)])
+        ds = build_dataset_from_config(cfg, task, "train")
+        assert isinstance(ds, reader) and ds.split == "train"
+        with pytest.raises(ValueError, match="do not fit"):
+            get_task(task).official_dataset("test", **official, bogus=1)
