@@ -131,6 +131,15 @@ def official_dataset(task: str, split: str = "train", **kwargs: Any) -> Dataset:
     reader's arguments (``ann``, ``image_root``, ``image_size``, ... ; grounding: ``split_file``)."""
     from mplug_fast.data import official
 
+    if task.startswith("video_"):  # evaluate-only zero-shot video readers (MSRVTT-QA, MSRVTT, VATEX)
+        from mplug_fast.data.official_video import OFFICIAL_VIDEO_READERS
+
+        if task not in OFFICIAL_VIDEO_READERS:
+            raise ValueError(f"no official-format reader for task {task!r}")
+        try:
+            return OFFICIAL_VIDEO_READERS[task](**{**kwargs, "split": split})
+        except TypeError as e:
+            raise ValueError(f"the official {task} options do not fit its reader ({e})") from e
     if task not in OFFICIAL_READERS:
         raise ValueError(
             f"no official-format reader for task {task!r}; available: {sorted(OFFICIAL_READERS)}"
