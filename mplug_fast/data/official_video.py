@@ -14,7 +14,6 @@ video tasks' evaluate functions read both: ``video`` float32 [T, 3, R, R] and th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,34 +23,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mplug_fast.data.official import DEFAULT_MAX_BAD_FRACTION, pre_caption, pre_question
+from mplug_fast.data.official_pairs import load_annotations  # JSON list / JSON lines / several files
 from mplug_fast.data.video import SamplingMode, load_video
 
 logger = logging.getLogger(__name__)
 PathLike = str | Path
-
-
-def read_json_or_jsonl(ann: PathLike | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Annotation rows from a JSON list file, a JSON-lines file, or an in-memory list of dicts."""
-    if not isinstance(ann, (str, Path)):
-        return [dict(row) for row in ann]
-    path = Path(ann)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if isinstance(data, list):
-        return data
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is neither a JSON list nor JSON lines ({e})") from e
-    return rows
 
 
 class _VideoFiles(Dataset):
@@ -113,7 +89,7 @@ class VideoQAJsonlDataset(_VideoFiles):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[Mapping[str, Any]],
+        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
         video_root: PathLike,
         num_frames: int = 16,
         image_size: int = 384,
@@ -124,7 +100,7 @@ class VideoQAJsonlDataset(_VideoFiles):
         split: str = "test",
     ):
         super().__init__(video_root, num_frames, image_size, video_ext, frame_sampling, max_bad_fraction)
-        rows = read_json_or_jsonl(ann)
+        rows = load_annotations(ann)
         for n, row in enumerate(rows):
             if not {"video_id", "question", "answer"} <= set(row):
                 raise ValueError(f"video QA annotation {n} lacks video_id / question / answer: {row}")
@@ -154,7 +130,7 @@ class VideoRetrievalJsonlDataset(_VideoFiles):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[Mapping[str, Any]],
+        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
         video_root: PathLike,
         num_frames: int = 12,
         image_size: int = 224,
@@ -165,7 +141,7 @@ class VideoRetrievalJsonlDataset(_VideoFiles):
         split: str = "test",
     ):
         super().__init__(video_root, num_frames, image_size, video_ext, frame_sampling, max_bad_fraction)
-        rows = read_json_or_jsonl(ann)
+        rows = load_annotations(ann)
         for n, row in enumerate(rows):
             if not {"clip_name", "caption"} <= set(row):
                 raise ValueError(f"video retrieval annotation {n} lacks clip_name / caption: {row}")
@@ -211,7 +187,7 @@ class VATEXCaptionDataset(_VideoFiles):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[Mapping[str, Any]],
+        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
         video_root: PathLike,
         num_frames: int = 8,
         image_size: int = 448,
@@ -222,7 +198,7 @@ class VATEXCaptionDataset(_VideoFiles):
         split: str = "test",
     ):
         super().__init__(video_root, num_frames, image_size, video_ext, frame_sampling, max_bad_fraction)
-        rows = read_json_or_jsonl(ann)
+        rows = load_annotations(ann)
         for n, row in enumerate(rows):
             if not {"videoID", "enCap"} <= set(row) or not row["enCap"]:
                 raise ValueError(f"VATEX annotation {n} lacks videoID / a non-empty enCap: {row}")

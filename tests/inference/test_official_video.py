@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mplug_fast.data.official_pairs import load_annotations
 from mplug_fast.data.official_video import (
     VATEXCaptionDataset,
     VideoQAJsonlDataset,
     VideoRetrievalJsonlDataset,
-    read_json_or_jsonl,
 )
 from mplug_fast.data.video import load_video
 from mplug_fast.tasks import get_task
@@ -43,16 +43,16 @@ def _jsonl(path, rows):
     return path
 
 
-def test_read_json_or_jsonl(tmp_path):
+def test_annotation_files(tmp_path):
     rows = [{"a": 1}, {"a": 2}]
-    assert read_json_or_jsonl(_jsonl(tmp_path / "x.jsonl", rows)) == rows
+    assert load_annotations(_jsonl(tmp_path / "x.jsonl", rows)) == rows
     (tmp_path / "y.json").write_text(json.dumps(rows))
-    assert read_json_or_jsonl(tmp_path / "y.json") == rows
+    assert load_annotations(tmp_path / "y.json") == rows
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
-        read_json_or_jsonl(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="line 2"):
+        load_annotations(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        read_json_or_jsonl(tmp_path / "missing.jsonl")
+        load_annotations(tmp_path / "missing.jsonl")
 
 
 def test_video_qa_reader_and_missing_policy(tmp_path, videos, tokenizer):
