@@ -28,7 +28,6 @@ from torch import Tensor
 from mplug_fast.generation import CLS_ID, GenerationOutput, RankedAnswers, beam_search, greedy, rank_answers
 from mplug_fast.inference.retrieval import RetrievalScores, itm_scores
 from mplug_fast.modeling import MPlug
-from mplug_fast.modeling.text import as_bool_mask
 
 UNSCORED = -100.0  # official fill value outside the top-k
 
@@ -69,13 +68,7 @@ def video_fused_memory(
     """The VQA decoder memory of a video: fuse(T*Nv frame tokens, question) -> ([v'; t'] [B, T*Nv + Lt, D],
     mask bool [B, T*Nv + Lt]); ``MPlug.fused_memory`` with the frames' tokens in place of one image's."""
     v = video_tokens(encode_video(model, videos, frame_batch_size))  # [B, T*Nv, D]
-    t = model.encode_text(ids, mask)  # [B, Lt, D]
-    v, t = model.fuse(v, t, mask)
-    t_mask = as_bool_mask(mask, ids.shape)
-    if t_mask is None:
-        t_mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    v_mask = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
-    return torch.cat([v, t], dim=1), torch.cat([v_mask, t_mask], dim=1)  # copy: [B, T*Nv + Lt, D]
+    return model.fused_memory_from_states(v, ids, mask)
 
 
 @torch.no_grad()

@@ -146,9 +146,15 @@ class MPlug(nn.Module):
 
     def fused_memory(self, images: Tensor, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """The VQA / grounding / PrefixLM decoder memory: ([v'; t'] [B, Nv+Lt, D], mask bool [B, Nv+Lt])."""
-        v = self.encode_image(images)
+        return self.fused_memory_from_states(self.encode_image(images), ids, mask)
+
+    def fused_memory_from_states(
+        self, image_states: Tensor, ids: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """`fused_memory` from already encoded visual tokens [B, Nv, D] (e.g. the concatenated frames of a
+        video, [B, T*Nv, D]): ([v'; t'] [B, Nv+Lt, D], mask bool [B, Nv+Lt])."""
         t = self.encode_text(ids, mask)
-        v, t = self.fuse(v, t, mask)
+        v, t = self.fuse(image_states, t, mask)
         B, Nv = v.shape[:2]
         t_mask = as_bool_mask(mask, ids.shape)
         if t_mask is None:
@@ -193,7 +199,7 @@ class MPlug(nn.Module):
 
 class MomentumView:
     """The momentum (EMA) copies behind the public API of `MPlug` (`encode_image`, `encode_text`, `fuse`,
-    `fused_memory`, `decode`, `image_features`, `text_features`, `mlm_logits`).
+    `fused_memory` (+ `_from_states`), `decode`, `image_features`, `text_features`, `mlm_logits`).
 
     `modules` maps component names to their EMA copies (a model's `momentum` ModuleDict, or copies an
     objective owns); a component without a copy raises a clear error when used. Call under `torch.no_grad()`.
@@ -204,6 +210,7 @@ class MomentumView:
     encode_text = MPlug.encode_text
     fuse = MPlug.fuse
     fused_memory = MPlug.fused_memory
+    fused_memory_from_states = MPlug.fused_memory_from_states
     decode = MPlug.decode
     image_features = MPlug.image_features
     text_features = MPlug.text_features

@@ -83,9 +83,10 @@ def synthetic_dataset(
     object_scale: float = 1.0,
     vqa_types: list[str] | None = None,
 ) -> Dataset:
-    """The synthetic dataset of ``task``: split "train" reads scenes 0..num_scenes-1, any other split the
-    held-out scenes num_scenes..num_scenes+eval_scenes-1 (captioning: the "test" form, all gold captions per
-    image). The keyword arguments are those of the run config's ``data.synthetic`` section."""
+    """The synthetic dataset of ``task`` (also the trainer's, for ``data.source: synthetic``): split "train"
+    reads scenes 0..num_scenes-1, any other split the held-out scenes num_scenes..num_scenes+eval_scenes-1
+    (captioning: the "test" form, all gold captions per image; SCST: that form for both splits). The keyword
+    arguments are those of the run config's ``data.synthetic`` section."""
     from mplug_fast.data import synthetic as syn
 
     world = syn.SyntheticWorld(
@@ -96,6 +97,10 @@ def synthetic_dataset(
         object_scale=object_scale,
     )
     n, start = (num_scenes, 0) if split == "train" else (eval_scenes, num_scenes)
+    if task == "pretrain":
+        return syn.PretrainDataset(world, n, start)
+    if task == "scst":  # one item per scene with all its captions (the SCST references), both splits
+        return syn.CaptionDataset(world, n, start, split="test")
     if task == "vqa":
         return syn.VQADataset(world, n, start, types=tuple(vqa_types or syn.QA_TYPES))
     if task == "caption":

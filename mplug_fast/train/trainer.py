@@ -196,28 +196,11 @@ def build_dataset_from_config(config: RunConfig, task: str, split: str = "train"
             raise ValueError(
                 f"data.official does not fit {readers[task]} ({e}); its keys are that reader's arguments"
             ) from e
-    from mplug_fast.data import synthetic as syn
+    from dataclasses import asdict
 
-    s = config.data.synthetic
-    world = syn.SyntheticWorld.from_config(s)
-    n, start = (s.num_scenes, 0) if split == "train" else (s.eval_scenes, s.num_scenes)
-    if task == "pretrain":
-        return syn.PretrainDataset(world, n, start)
-    if task == "vqa":
-        return syn.VQADataset(world, n, start, types=tuple(s.vqa_types or syn.QA_TYPES))
-    if task == "caption":
-        return syn.CaptionDataset(world, n, start, split="train" if split == "train" else "test")
-    if task == "scst":  # one item per scene with all its captions (the SCST references), both splits
-        return syn.CaptionDataset(world, n, start, split="test")
-    if task == "retrieval":
-        return syn.RetrievalDataset(world, n, start)
-    if task == "grounding":
-        return syn.GroundingDataset(world, n, start)
-    if task in ("nlvr", "ve"):  # data/synthetic/pairs.py
-        from mplug_fast.data.synthetic.pairs import pair_dataset
+    from mplug_fast.tasks.base import synthetic_dataset
 
-        return pair_dataset(task, world, n, start)
-    raise ValueError(f"no synthetic dataset for task {task!r}")
+    return synthetic_dataset(task, split, **asdict(config.data.synthetic))
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------
