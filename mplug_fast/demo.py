@@ -5,9 +5,11 @@
 Stages, each a run directory ``<out>/<stage>/`` of the shared trainer:
 
     pretrain    ITC + ITM + MLM + PrefixLM                      -> <out>/pretrain/model (save_pretrained)
-    vqa, caption, retrieval, grounding
+    vqa, caption, retrieval, grounding, ve
                 finetune from <out>/pretrain/model, then evaluate on the held-out scenes against the task's
                 model-free baseline (``mplug_fast.tasks.cli.run_evaluation``)  -> <out>/<task>/metrics.json
+    nlvr        the same, finetuned from <out>/ve/model (``UPSTREAM``): two-image statements need the
+                image-text matching that the VE stage learns first (configs/demo/nlvr.yaml says why)
 
 Every stage reads its run config from ``<config-dir>/<stage>.yaml`` (plain run configs: ``mplug-fast finetune
 --task vqa --config configs/demo/vqa.yaml`` runs one by hand); ``<config-dir>/demo.yaml`` (optional) holds the
@@ -16,10 +18,11 @@ the same model (preset, overrides, resolution), so a finetune can start from the
 ``--quick`` divides the steps (and warm-up, checkpoint interval) by ``quick.step_divisor`` and evaluates on
 the first ``quick.eval_scenes`` held-out scenes; its default output is ``runs/demo-quick``.
 
-Resuming: ``<out>/<stage>/stage.json`` records the stage's config hash (the pretrain hash is part of every
-finetune's) and how far it got. A finished stage with the same hashes is skipped; a stage whose training
-stopped (Ctrl-C: the trainer finishes the step and saves a checkpoint) resumes from its newest checkpoint; a
-trained stage whose evaluation settings changed is only re-evaluated; a changed config starts the stage over.
+Resuming: ``<out>/<stage>/stage.json`` records the stage's config hash (the hash of the stage it starts
+from is part of every finetune's) and how far it got. A finished stage with the same hashes is skipped; a
+stage whose training stopped (Ctrl-C: the trainer finishes the step and saves a checkpoint) resumes from its
+newest checkpoint; a trained stage whose evaluation settings changed is only re-evaluated; a changed config
+starts the stage over.
 ``--fresh`` deletes the demo's outputs first.
 
 Outputs: ``<out>/report.md`` (metric table, per-stage time and steps/s, loss curves, gallery),
@@ -40,10 +43,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-STAGES: tuple[str, ...] = ("pretrain", "vqa", "caption", "retrieval", "grounding")
+STAGES: tuple[str, ...] = ("pretrain", "vqa", "caption", "retrieval", "grounding", "ve", "nlvr")
 TASKS: tuple[str, ...] = STAGES[1:]
+GALLERY_TASKS: tuple[str, ...] = ("vqa", "caption", "retrieval", "grounding")  # drawn on the gallery scenes
+UPSTREAM: dict[str, str] = {"nlvr": "ve"}  # the stage a finetune starts from when not the pretrain stage
 STATE_FILE = "stage.json"  # per stage: hashes, status, time and steps
 RESUME_HINT = "`make demo` (or the same `mplug-fast demo` command) resumes where it stopped"
+
+
+def upstream(stage: str) -> str:
+    """The stage whose saved model a finetune stage starts from (``UPSTREAM``, else the pretrain stage)."""
+    return UPSTREAM.get(stage, "pretrain")
 
 
 class DemoError(ValueError):
@@ -153,7 +163,8 @@ def stage_config(
     overrides: list[str],
 ) -> Any:
     """The resolved run config of ``stage``: ``config_dir/<stage>.yaml`` + ``overrides`` (``--set``), with
-    ``output_dir = out/<stage>``, ``model.task = stage``, finetunes ``model.init_from = out/pretrain/model``,
+    ``output_dir = out/<stage>``, ``model.task = stage``, finetunes ``model.init_from =
+    out/<upstream>/model``,
     the task's objective defaults, and the ``--quick`` scaling."""
     from mplug_fast.train.config import ConfigError, load_config
 
@@ -162,7 +173,7 @@ def stage_config(
         raise DemoError(f"stage config {path} does not exist (expected one per stage: {list(STAGES)})")
     sets = [*overrides, f"output_dir={out / stage}", f"model.task={stage}"]
     if stage != "pretrain":
-        sets.append(f"model.init_from={out / 'pretrain' / 'model'}")
+        sets.append(f"model.init_from={out / upstream(stage) / 'model'}")
     try:
         config = load_config(path, sets)
         if quick:
@@ -464,7 +475,7 @@ def gallery_predictions(
     n = min(settings.gallery_images, world["eval_scenes"])
     w = SyntheticWorld.from_config(world)
     rows = [{"scene": w.scene(world["num_scenes"] + k)} for k in range(n)]
-    for task in TASKS:
+    for task in GALLERY_TASKS:
         spec = get_task(task)
         model = from_pretrained(out / task / "model", task=task)
         # retrieval ranks against the texts of more scenes than the gallery shows (its first n are these)
@@ -588,7 +599,8 @@ def write_report(
         notes.append(f"- {task} baseline: {head.get('baseline_description', 'not computed')}")
     lines += [
         "",
-        "VQA accuracy, mean recall and Acc@IoU≥0.5 are percentages; CIDEr-D is the pycocoevalcap scale.",
+        "VQA, VE and NLVR accuracy, mean recall and Acc@IoU≥0.5 are percentages; CIDEr-D is the "
+        "pycocoevalcap scale.",
         "",
         *notes,
         "",
@@ -657,8 +669,8 @@ def run_demo(
     }
     check_same_model(configs, config_dir)
     hashes: dict[str, str] = {"pretrain": train_hash(configs["pretrain"], None)}
-    for task in TASKS:
-        hashes[task] = train_hash(configs[task], hashes["pretrain"])
+    for task in TASKS:  # STAGES lists every upstream stage before the stages that start from it
+        hashes[task] = train_hash(configs[task], hashes[upstream(task)])
     states: dict[str, dict[str, Any]] = {}
     evals: dict[str, dict[str, Any]] = {}
     for i, stage in enumerate(STAGES, 1):

@@ -109,7 +109,8 @@ def test_quick_demo_report_and_skip_on_rerun(tmp_path, capsys):
     assert len(pngs) == 6 and all(Image.open(p).size[0] >= 256 for p in pngs)
     assert len(s["gallery"]) == 6 and all(row["caption"] and "answer" in row for row in s["gallery"])
     printed = capsys.readouterr().out
-    assert all(f"[{i}/5]" in printed for i in range(1, 6)) and "demo finished" in printed
+    n = len(demo.STAGES)
+    assert all(f"[{i}/{n}]" in printed for i in range(1, n + 1)) and "demo finished" in printed
 
     t0 = time.perf_counter()
     assert run(out, None, "--quick") == 0
@@ -203,9 +204,18 @@ def test_interrupted_evaluation_and_config_changes(tmp_path, monkeypatch, capsys
         "caption": "skipped (up to date)",
         "retrieval": "skipped (up to date)",
         "grounding": "ran",
+        "ve": "skipped (up to date)",
+        "nlvr": "skipped (up to date)",
     }
     assert summary(out)["stages"]["vqa"]["train_steps_run"] == 4
     assert summary(out)["tasks"]["vqa"] is not None
+
+    # nlvr starts from the ve stage: a changed ve config retrains both, nothing else
+    ve = yaml.safe_load((configs / "ve.yaml").read_text())
+    ve["optim"]["lr"] = 5e-4
+    (configs / "ve.yaml").write_text(yaml.safe_dump(ve))
+    assert run(out, configs) == 0
+    assert {k for k, v in this_run(out).items() if v == "ran"} == {"ve", "nlvr"}
 
     # a changed pretraining reruns everything (every finetune starts from it); so does --fresh
     pretrain = yaml.safe_load((configs / "pretrain.yaml").read_text())
@@ -233,7 +243,9 @@ def test_quick_scaling_reads_the_stage_configs(tmp_path):
             raw["data"]["synthetic"]["eval_scenes"], settings.quick_eval_scenes
         )
         assert full.output_dir == str(tmp_path / stage) and full.model.task == stage
-        assert full.model.init_from == (None if stage == "pretrain" else str(tmp_path / "pretrain" / "model"))
+        assert full.model.init_from == (
+            None if stage == "pretrain" else str(tmp_path / demo.upstream(stage) / "model")
+        )
         assert demo.model_signature(full) == demo.model_signature(
             demo.stage_config("pretrain", CONFIGS, tmp_path, quick=False, settings=settings, overrides=[])
         )
@@ -274,3 +286,5 @@ def test_full_demo_every_task_above_its_baseline(tmp_path):
     assert tasks["caption"]["value"] > tasks["caption"]["baseline"] + 1.0
     assert tasks["retrieval"]["value"] > 2 * tasks["retrieval"]["baseline"]
     assert tasks["grounding"]["value"] > tasks["grounding"]["baseline"] + 3
+    assert tasks["ve"]["value"] > tasks["ve"]["baseline"] + 30
+    assert tasks["nlvr"]["value"] > tasks["nlvr"]["baseline"] + 10

@@ -138,9 +138,21 @@ def from_pretrained(
     state = read_checkpoint(directory / WEIGHTS_NAME)
     with torch.device("meta"):
         model = TASK_MODELS[task](config)
-    expected = set(model.state_dict())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = set(shapes)
     fresh = tuple(getattr(model, "new_head_prefixes", ()))  # task heads no other task has (nlvr / ve)
     new = sorted(k for k in expected - set(state) if fresh and k.startswith(fresh))
+    if task != meta["task"]:  # another task's head of another shape (a VE model as NLVR): the whole head
+        for prefix in fresh:  # is new, not a mix of saved and fresh tensors
+            keys = sorted(k for k in expected if k.startswith(prefix))
+            if any(k in state and tuple(state[k].shape) != shapes[k] for k in keys):
+                logger.info(
+                    "the saved %r model's %s* has another shape in %r: the whole head is reinitialised",
+                    meta["task"],
+                    prefix,
+                    task,
+                )
+                new = sorted(set(new) | set(keys))
     missing = sorted(expected - set(state) - set(new))
     if missing:
         raise CheckpointError(

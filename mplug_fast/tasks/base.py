@@ -82,6 +82,8 @@ def synthetic_dataset(
     seed: int = 0,
     object_scale: float = 1.0,
     vqa_types: list[str] | None = None,
+    pair_types: list[str] | None = None,
+    ve_labels: list[str] | None = None,
 ) -> Dataset:
     """The synthetic dataset of ``task`` (also the trainer's, for ``data.source: synthetic``): split "train"
     reads scenes 0..num_scenes-1, any other split the held-out scenes num_scenes..num_scenes+eval_scenes-1
@@ -112,7 +114,12 @@ def synthetic_dataset(
     if task in ("nlvr", "ve"):  # classification: data/synthetic/pairs.py
         from mplug_fast.data.synthetic.pairs import pair_dataset
 
-        return pair_dataset(task, world, n, start)
+        options: dict[str, Any] = {} if pair_types is None else {"types": tuple(pair_types)}
+        if ve_labels is not None:
+            if task != "ve":
+                raise ValueError("data.synthetic.ve_labels applies to task 've' only")
+            options["labels"] = tuple(ve_labels)
+        return pair_dataset(task, world, n, start, **options)
     if task.startswith("video_"):  # zero-shot video: moving-shapes videos of the same world
         from mplug_fast.data.synthetic.video import synthetic_video_dataset
 

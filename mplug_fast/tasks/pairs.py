@@ -60,7 +60,8 @@ def evaluate(
 
     Returns: {"accuracy" (percent over labelled items; None when none is labelled), "acc_<class>" (percent per
     gold class, None for an absent class), "confusion" ([gold][predicted] counts), "count",
-    "num_labelled", "predictions" (long [N] class ids)}.
+    "num_labelled", "predictions" (long [N] class ids)}, and "acc_type_<type>" (percent per statement type)
+    when the items name their type (the synthetic datasets do).
     """
     from mplug_fast.data.collate import build_collate
 
@@ -68,11 +69,16 @@ def evaluate(
     collator = build_collate(model.task, tokenizer, max_length=max_length)
 
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:  # the collator consumes the sentences
-        return {**collator(samples), "sentence": [s["sentence"] for s in samples]}
+        return {
+            **collator(samples),
+            "sentence": [s["sentence"] for s in samples],
+            "type": [s.get("type") for s in samples],
+        }
 
     C = len(names)
     confusion = torch.zeros(C, C, dtype=torch.long)
     preds, rows = [], []
+    by_type: dict[str, list[int]] = {}  # statement type -> [right, labelled]
     with eval_mode(model):
         for batch in batches(dataset, collate, batch_size, device):
             probs = model(batch["images"], batch["text_ids"], batch["text_mask"]).float().softmax(-1).cpu()
@@ -83,6 +89,11 @@ def evaluate(
             pred_list, gold_list = pred.tolist(), None if gold is None else gold.tolist()
             image_ids = batch.get("image_id", [None] * len(pred))
             for b in range(len(pred)):
+                kind = batch["type"][b]
+                if kind is not None and gold_list is not None:
+                    tally = by_type.setdefault(kind, [0, 0])
+                    tally[0] += int(pred_list[b] == gold_list[b])
+                    tally[1] += 1
                 rows.append(
                     {
                         "index": len(rows),
@@ -102,6 +113,7 @@ def evaluate(
             f"acc_{name}": 100.0 * int(confusion[c, c]) / int(per_class[c]) if per_class[c] else None
             for c, name in enumerate(names)
         },
+        **{f"acc_type_{kind}": 100.0 * right / n for kind, (right, n) in sorted(by_type.items())},
         "confusion": confusion.tolist(),
         "count": len(rows),
         "num_labelled": labelled,

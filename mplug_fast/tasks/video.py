@@ -344,7 +344,8 @@ SPECS: dict[str, TaskSpec] = {
         metric="CIDEr",
         evaluate=evaluate_caption,
         baseline=baseline_caption,
-        eval_options={"beam_size": 5, "min_length": 8, "max_length": 25},
+        # official zero-shot VATEX prompt (spec §5; it also uses beam 10 / min 15 for its long captions)
+        eval_options={"prompt": "a picture of", "beam_size": 5, "min_length": 8, "max_length": 25},
         predictions_file="video_caption_result.json",
     ),
     "video_retrieval": TaskSpec(

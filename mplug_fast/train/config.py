@@ -46,6 +46,8 @@ class SyntheticSection:
     seed: int = 0
     object_scale: float = 1.0  # object sides x this (SyntheticWorld): > 1 = larger objects at low resolution
     vqa_types: list[str] | None = None  # restrict the VQA question types (None: all)
+    pair_types: list[str] | None = None  # restrict the VE / NLVR statement types (None: all)
+    ve_labels: list[str] | None = None  # VE label names used (None: contradiction, neutral, entailment)
 
 
 @dataclass

@@ -136,6 +136,20 @@ def test_labels_are_balanced(world, make, expected):
         assert ds[i]["label"] == ds.label(i)
 
 
+def test_both_color_pairs_do_not_give_the_label_away():
+    """True and False both_color items alike pair images that share a colour (with one object per scene:
+    the same colour), so "the two images look alike" says nothing about the label; only the named colour
+    does."""
+    one = SyntheticWorld(image_size=32, max_objects=1, object_scale=2.0)
+    ds = NLVRDataset(one, 400, types=("both_color",))
+    same = Counter()
+    for i in range(len(ds)):
+        left, right, st = ds.statement(i)
+        assert st.type == "both_color"
+        same[st.label] += left.objects[0].color == right.objects[0].color
+    assert same == {0: 200, 1: 200}
+
+
 def test_every_word_is_a_single_wordpiece(world):
     tok = Tokenizer()
     vocab = set(pair_vocabulary(world))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +152,34 @@ def test_loads_a_pretrained_model_with_a_fresh_head(task, tmp_path, caplog):
         assert torch.equal(value, again.state_dict()[key]), key
 
 
+def test_a_ve_model_loads_as_nlvr_with_the_whole_head_new(tmp_path, caplog):
+    """VE head [3, D] vs NLVR head [2, 2D]: every cls_head tensor is fresh (also fc1.bias, whose shape [D]
+    is the same in both), every other tensor is the VE model's."""
+    from mplug_fast.checkpoint import from_pretrained, save_pretrained
+
+    ve = micro_model("ve", seed=5)
+    with torch.no_grad():
+        ve.cls_head.fc1.bias.fill_(0.5)  # trained-looking, not the fresh init (zeros)
+    save_pretrained(ve, tmp_path / "ve")
+    with caplog.at_level(logging.INFO, logger="mplug_fast.checkpoint.io"):
+        nlvr = from_pretrained(tmp_path / "ve", task="nlvr")
+    assert "the whole head is reinitialised" in caplog.text
+    source = ve.state_dict()
+    for key, value in nlvr.state_dict().items():
+        if key.startswith("cls_head."):
+            assert torch.isfinite(value).all()
+            assert not (
+                key in source and source[key].shape == value.shape and torch.equal(source[key], value)
+            )
+        else:
+            assert torch.equal(value, source[key]), key
+    with pytest.raises(Exception, match="size mismatch|shape"):  # the same task keeps strict shapes
+        bad = micro_model("nlvr", seed=5)
+        bad.cls_head.fc2 = torch.nn.Linear(bad.cls_head.fc2.in_features, 3)
+        save_pretrained(bad, tmp_path / "bad")
+        from_pretrained(tmp_path / "bad", task="nlvr")
+
+
 @pytest.mark.skipif(
     not _OFFICIAL_NEW_HEADS,
     reason="load_official_checkpoint does not yet skip new task heads (the checkpoint/official.py change "
@@ -197,6 +224,12 @@ def test_evaluate_counts_and_writes_predictions(task, tokenizer, tmp_path):
         of_c = [p for p, g in zip(pred, gold) if g == c]
         assert result[f"acc_{name}"] == pytest.approx(100 * sum(p == c for p in of_c) / len(of_c))
     assert sum(map(sum, result["confusion"])) == 11
+    types = [ds.statement(i)[-1].type for i in range(11)]
+    per_type = {k: v for k, v in result.items() if k.startswith("acc_type_")}
+    assert sorted(per_type) == sorted(f"acc_type_{t}" for t in set(types))
+    for t in set(types):
+        of_t = [p == g for p, g, k in zip(pred, gold, types) if k == t]
+        assert per_type[f"acc_type_{t}"] == pytest.approx(100 * sum(of_t) / len(of_t))
     # batching does not change predictions
     assert evaluate(model, ds, tokenizer, batch_size=11)["predictions"].tolist() == pred
 
@@ -212,10 +245,11 @@ def test_majority_baseline():
     assert get_task("ve").baseline is baseline and get_task("nlvr").metric == "accuracy"
 
 
-def _finetune_args(task: str, out: Path, steps: int = 2) -> list[str]:
+def _finetune_args(task: str, out: Path, steps: int = 2, init_from: Path | None = None) -> list[str]:
     model = "{" + ", ".join(f"{k}: {v}" for k, v in micro_overrides().items()) + "}"
     sets = [
         f"model.overrides={model}",
+        f"model.init_from={'null' if init_from is None else init_from}",
         "data.synthetic.image_size=16",
         "data.synthetic.num_scenes=32",
         "data.synthetic.eval_scenes=6",
@@ -234,76 +268,30 @@ def _finetune_args(task: str, out: Path, steps: int = 2) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("task", ["ve", "nlvr"])
-def test_cli_finetune_then_evaluate(task, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(_finetune_args(task, run)) == 0
-    record = json.loads((run / "metrics.json").read_text())
-    head = record["headline"]
-    assert record["task"] == task and record["step"] == 2 and head["metric"] == "accuracy"
-    assert head["value"] == record["metrics"]["accuracy"] and isinstance(head["baseline"], float)
-    assert record["metrics"]["count"] == 6
-    assert len(json.loads((run / f"{task}_result.json").read_text())) == 6
-    assert (run / "model" / "config.json").is_file()
-    capsys.readouterr()
-    out = tmp_path / "eval"
-    assert main(["evaluate", "--task", task, "--checkpoint", str(run), "--output-dir", str(out)]) == 0
-    again = json.loads((out / "metrics_test.json").read_text())
-    assert again["metrics"]["accuracy"] == record["metrics"]["accuracy"]
+def test_cli_finetune_then_evaluate_ve_then_nlvr_from_it(tmp_path, capsys, caplog):
+    """The tiny configs' order: VE, then NLVR from the VE run's model (configs/nlvr_tiny_synthetic.yaml)."""
+    for task in ("ve", "nlvr"):
+        run = tmp_path / task
+        init = tmp_path / "ve" / "model" if task == "nlvr" else None
+        with caplog.at_level(logging.INFO, logger="mplug_fast.checkpoint.io"):
+            assert main(_finetune_args(task, run, init_from=init)) == 0
+        if task == "nlvr":  # the VE head [3, D] is replaced by a fresh NLVR head [2, 2D]; the rest loads
+            assert "has another shape in 'nlvr': the whole head is reinitialised" in caplog.text
+        record = json.loads((run / "metrics.json").read_text())
+        head = record["headline"]
+        assert record["task"] == task and record["step"] == 2 and head["metric"] == "accuracy"
+        assert head["value"] == record["metrics"]["accuracy"] and isinstance(head["baseline"], float)
+        assert record["metrics"]["count"] == 6
+        assert len(json.loads((run / f"{task}_result.json").read_text())) == 6
+        assert (run / "model" / "config.json").is_file()
+        capsys.readouterr()
+        out = tmp_path / f"{task}_eval"
+        assert main(["evaluate", "--task", task, "--checkpoint", str(run), "--output-dir", str(out)]) == 0
+        again = json.loads((out / "metrics_test.json").read_text())
+        assert again["metrics"]["accuracy"] == record["metrics"]["accuracy"]
 
 
 # ---- learning ---------------------------------------------------------------------------------------------
-
-
-def test_tiny_ve_finetune_beats_the_majority_class(tmp_path):
-    """A short tiny VE finetune (colour hypotheses, one-object 16 px scenes, 150 steps) beats the majority
-    class by a clear margin.
-
-    What it learns in this budget is the neutral class, whose template is recognisable from the text (as
-    SNLI's hypothesis-only artefacts): accuracy 2/3 vs 1/3. Entailment vs contradiction of "there is a red
-    object" is a pure interaction of the text colour and the image colour (each alone says nothing about the
-    label: both are balanced by construction), which this tiny model does not pick up within minutes on CPU;
-    so only the neutral class and the overall margin are asserted.
-    """
-    from mplug_fast.data import Tokenizer
-    from mplug_fast.train.config import load_config
-    from mplug_fast.train.trainer import Trainer
-
-    steps = 150
-    cfg = load_config(
-        CONFIGS / "ve_tiny_synthetic.yaml",
-        [
-            f"output_dir={tmp_path}",
-            "device=cpu",
-            "logging.progress=false",
-            "logging.plots=false",
-            "logging.tensorboard=false",
-            f"schedule.max_steps={steps}",
-            f"schedule.warmup_steps={steps // 10}",
-            "data.synthetic.image_size=16",
-            "data.synthetic.max_objects=1",
-            "checkpoint.every_steps=100000",
-        ],
-    )
-    world = SyntheticWorld(image_size=16, max_objects=1)
-    train, held_out = (
-        VEDataset(world, 20000, types=("color",)),
-        VEDataset(world, 150, 10**6, types=("color",)),
-    )
-    trainer = Trainer(cfg, dataset=train)
-    start = time.perf_counter()
-    summary = trainer.fit()
-    seconds = time.perf_counter() - start
-    result = evaluate(trainer.objective.model, held_out, Tokenizer(), batch_size=75)
-    base = baseline(train, held_out)
-    print(
-        f"\nVE tiny finetune: {steps} steps in {seconds:.0f} s, loss {summary['first']['loss']:.3f} -> "
-        f"{summary['last']['loss']:.3f}; accuracy {result['accuracy']:.1f} vs majority {base.value:.1f}; "
-        + ", ".join(f"{n} {result[f'acc_{n}']:.0f}" for n in ("contradiction", "neutral", "entailment"))
-    )
-    assert summary["last"]["loss"] < 0.7 * summary["first"]["loss"]
-    assert result["accuracy"] >= base.value + 25.0, (result, base)
-    assert result["acc_neutral"] >= 90.0, result
 
 
 def test_official_readers_are_reachable_from_the_spec_and_the_trainer(tmp_path):

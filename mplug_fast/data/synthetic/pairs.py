@@ -28,7 +28,11 @@ falls back to ``object`` (always possible).
 
 NLVR statements (types ``NLVR_TYPES``) over the pair (left = scene k, right = another scene of the range):
     side_color  "the left image contains a red object"             only the named image matters
-    both_color  "both images contain a red object"                 False: exactly one image has it
+    both_color  "both images contain a red object"                 False: at least one image lacks it;
+                                                                    True or False, the two images share
+                                                                    a colour (one object each: the same
+                                                                    colour), so the pair alone does not
+                                                                    give the label away
     count       "the right image has more objects than the left image"   False: it has fewer
 The right scene is the first scene after k (cyclically within the range) for which the wanted label can be
 written; when none of the next ``MAX_SEARCH`` can, the item falls back to ``side_color``.
@@ -207,7 +211,7 @@ class VEDataset(_SceneDataset):
 
 def nlvr_statement(left: Scene, right: Scene, truth: bool, kind: str, rng: random.Random) -> Statement | None:
     """A statement of ``kind`` about the (left, right) pair that is ``truth``, or None when the pair has
-    none (both_color: no shared / no unshared colour; count: equal object counts)."""
+    none (both_color: no shared colour; count: equal object counts)."""
     colors = [{o.color for o in s.objects} for s in (left, right)]
     lab = int(truth)
     if kind == "side_color":
@@ -215,10 +219,11 @@ def nlvr_statement(left: Scene, right: Scene, truth: bool, kind: str, rng: rando
         pool = colors[side] if truth else set(COLORS) - colors[side]
         c = rng.choice(sorted(pool))
         return Statement(f"the {('left', 'right')[side]} image contains {_a(c)} {c} object", lab, kind)
-    if kind == "both_color":
-        pool = colors[0] & colors[1] if truth else colors[0] ^ colors[1]
-        if not pool:
+    if kind == "both_color":  # only pairs that share a colour, True or False: the text decides
+        shared = colors[0] & colors[1]
+        if not shared:
             return None
+        pool = shared if truth else set(COLORS) - shared
         c = rng.choice(sorted(pool))
         return Statement(f"both images contain {_a(c)} {c} object", lab, kind)
     if kind == "count":
