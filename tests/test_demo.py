@@ -152,6 +152,8 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, capsys):
         "caption": "ran",
         "retrieval": "ran",
         "grounding": "ran",
+        "ve": "ran",
+        "nlvr": "ran",
     }
     vqa = summary(out)["stages"]["vqa"]
     assert vqa["steps"] == 4 and vqa["train_steps_run"] == 4

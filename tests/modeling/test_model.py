@@ -360,13 +360,14 @@ def test_fusion_stride_3_reproduced_by_hand_step_by_step(fusion_inputs):
 def test_fusion_matches_the_spec_pseudocode(fusion_inputs, layers, stride):
     """The module in float64 equals the float64 hand computation to rounding (the formula is exact); in fp32
     the bound scales with the output magnitude: every connected layer adds to v (|v| grows to ~14 with S=1)
-    and the peaky attention of these weights amplifies fp32 rounding (measured max |diff| 4e-5 for S=1)."""
+    and the peaky attention of these weights amplifies fp32 rounding (measured max |diff| 4e-5 for S=1, on
+    an Intel Xeon 4.2e-5 on text states of magnitude 3.6, hence 3e-5 x the magnitude)."""
     v, t, t_mask = fusion_inputs
     fusion = build_fusion(layers, stride)
     v_ref, t_ref = fusion_by_hand(fusion, stride, v, t, t_mask)
     v_out, t_out = fusion(v, t, t_mask)
-    assert_close(v_out, v_ref, 1e-5 * max(1.0, v_ref.abs().max().item()), f"fp32 image states S={stride}")
-    assert_close(t_out, t_ref, 1e-5 * max(1.0, t_ref.abs().max().item()), f"fp32 text states S={stride}")
+    assert_close(v_out, v_ref, 3e-5 * max(1.0, v_ref.abs().max().item()), f"fp32 image states S={stride}")
+    assert_close(t_out, t_ref, 3e-5 * max(1.0, t_ref.abs().max().item()), f"fp32 text states S={stride}")
     v64, t64 = fusion.double()(v.double(), t.double(), t_mask)
     assert_close(v64, v_ref, 1e-10, f"float64 image states S={stride}")
     assert_close(t64, t_ref, 1e-10, f"float64 text states S={stride}")
@@ -497,7 +498,8 @@ def test_decode_with_projected_memory_equals_repeated_memory(vqa, padded_memory)
     imgs = images(2)
     via_index = vqa(imgs, q, q_mask, answers, a_mask, memory_index)
     via_repeat = vqa(imgs[memory_index], q[memory_index], q_mask[memory_index], answers, a_mask)
-    assert_close(via_index, via_repeat, 1e-5, "VQA answer_index vs repeated questions")
+    scale = max(1.0, via_repeat.abs().max().item())  # logits ~10: fp32 sums in another order differ ~1e-5
+    assert_close(via_index, via_repeat, 1e-5 * scale, "VQA answer_index vs repeated questions")
 
 
 # ---- task models: components, shapes, errors ---------------------------------------------------------------
