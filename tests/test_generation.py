@@ -272,7 +272,9 @@ def test_official_beam_search_with_prompt_matches_literal(decoder):
     for b in range(B):
         n = int(out.lengths[b, 0])
         assert out.ids[b, 0, :n].tolist() == ref["predictions"][b][0].tolist()
-        assert abs(float(out.scores[b, 0]) - float(ref["scores"][b][0])) <= ATOL + RTOL * abs(ref["scores"][b][0])
+        assert abs(float(out.scores[b, 0]) - float(ref["scores"][b][0])) <= ATOL + RTOL * abs(
+            ref["scores"][b][0]
+        )
 
 
 @torch.no_grad()
