@@ -163,9 +163,8 @@ def stage_config(
     overrides: list[str],
 ) -> Any:
     """The resolved run config of ``stage``: ``config_dir/<stage>.yaml`` + ``overrides`` (``--set``), with
-    ``output_dir = out/<stage>``, ``model.task = stage``, finetunes ``model.init_from =
-    out/<upstream>/model``,
-    the task's objective defaults, and the ``--quick`` scaling."""
+    ``output_dir = out/<stage>``, ``model.task = stage``, for finetunes ``model.init_from =
+    out/<upstream(stage)>/model`` and the task's objective defaults, and the ``--quick`` scaling."""
     from mplug_fast.train.config import ConfigError, load_config
 
     path = config_dir / f"{stage}.yaml"
