@@ -171,7 +171,7 @@ def build_step(
 ) -> tuple[Callable[[], Any], int]:
     """(a zero-argument callable running one step of `workload`, number of samples it processes)."""
     from mplug_fast.config import get_config
-    from mplug_fast.modeling import build_model
+    from mplug_fast.tasks import build_model
 
     torch.manual_seed(0)
     config = get_config(setup.preset, **{"vision.image_size": setup.image_size, **setup.overrides})
@@ -190,7 +190,7 @@ def build_step(
 
 def _train_step(workload, model, batch, setup, autocast, compiled) -> Callable[[], Any]:
     from mplug_fast.data import Tokenizer
-    from mplug_fast.objectives import build_objective
+    from mplug_fast.tasks import build_objective
     from mplug_fast.train.optim import build_optimizer
 
     options = {}

@@ -1,4 +1,4 @@
-"""``python -m mplug_fast`` runs the ``mplug-fast`` command line."""
+"""``python -m mplug_fast`` = ``mplug-fast``."""
 
 from mplug_fast.cli import main
 

@@ -20,6 +20,8 @@ from mplug_fast.cli import main
 from tests.train.helpers import micro_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+SETTINGS = demo.load_settings(CONFIGS)  # the shipped demo: its stages, in run order
+STAGES, TASKS = tuple(SETTINGS.stages), SETTINGS.finetunes
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +35,7 @@ def _threads():
 def micro_configs(directory: Path, max_steps: int = 4) -> Path:
     """The shipped demo configs shrunk to a micro model, 16 px world, 4 steps, 4 evaluation scenes."""
     directory.mkdir(parents=True, exist_ok=True)
-    for stage in demo.STAGES:
+    for stage in STAGES:
         c = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text())
         c["model"]["overrides"] = {**micro_overrides(), "fusion.layers": 2, "fusion.stride": 1}
         c["data"]["synthetic"].update(image_size=16, num_scenes=32, eval_scenes=4)
@@ -56,6 +58,7 @@ def micro_configs(directory: Path, max_steps: int = 4) -> Path:
             },
         },
         "gallery": {"images": 2, "size": 32},
+        "stages": dict(SETTINGS.stages),
     }
     (directory / "demo.yaml").write_text(yaml.safe_dump(settings))
     return directory
@@ -87,7 +90,7 @@ def test_quick_demo_report_and_skip_on_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     assert run(out, None, "--quick") == 0
     s = summary(out)
-    assert s["mode"] == "quick" and sorted(s["tasks"]) == sorted(demo.TASKS)
+    assert s["mode"] == "quick" and sorted(s["tasks"]) == sorted(TASKS)
     for task, head in s["tasks"].items():
         assert head["metric"] and isinstance(head["value"], float) and isinstance(head["baseline"], float)
         assert (out / task / "metrics.json").is_file() and (out / task / "loss_curves.png").is_file()
@@ -97,19 +100,19 @@ def test_quick_demo_report_and_skip_on_rerun(tmp_path, capsys):
         )
         assert state["status"] == "finished" and state["steps"] == quick_steps, stage
     report = (out / "report.md").read_text()
-    for task in demo.TASKS:
+    for task in TASKS:
         assert re.search(rf"^\| {task} \| \S+ \| [\d.]+ \| [\d.]+ \| (\*\*yes\*\*|no) \|$", report, re.M), (
             task
         )
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert len(links) == len(demo.STAGES) + 6 and all((out / link).is_file() for link in links)
+    assert len(links) == len(STAGES) + 6 and all((out / link).is_file() for link in links)
     from PIL import Image
 
     pngs = sorted((out / "gallery").glob("scene_*.png"))
     assert len(pngs) == 6 and all(Image.open(p).size[0] >= 256 for p in pngs)
     assert len(s["gallery"]) == 6 and all(row["caption"] and "answer" in row for row in s["gallery"])
     printed = capsys.readouterr().out
-    n = len(demo.STAGES)
+    n = len(STAGES)
     assert all(f"[{i}/{n}]" in printed for i in range(1, n + 1)) and "demo finished" in printed
 
     t0 = time.perf_counter()
@@ -170,7 +173,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, capsys):
 
 
 def test_interrupted_evaluation_and_config_changes(tmp_path, monkeypatch, capsys):
-    import mplug_fast.tasks.cli as tasks_cli
+    import mplug_fast.demo.runner as tasks_cli
 
     configs = micro_configs(tmp_path / "configs")
     out = tmp_path / "demo"
@@ -234,7 +237,7 @@ def test_interrupted_evaluation_and_config_changes(tmp_path, monkeypatch, capsys
 
 def test_quick_scaling_reads_the_stage_configs(tmp_path):
     settings = demo.load_settings(CONFIGS)
-    for stage in demo.STAGES:
+    for stage in STAGES:
         raw = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text())
         full = demo.stage_config(stage, CONFIGS, tmp_path, quick=False, settings=settings, overrides=[])
         quick = demo.stage_config(stage, CONFIGS, tmp_path, quick=True, settings=settings, overrides=[])
@@ -246,7 +249,7 @@ def test_quick_scaling_reads_the_stage_configs(tmp_path):
         )
         assert full.output_dir == str(tmp_path / stage) and full.model.task == stage
         assert full.model.init_from == (
-            None if stage == "pretrain" else str(tmp_path / demo.upstream(stage) / "model")
+            None if stage == "pretrain" else str(tmp_path / SETTINGS.upstream(stage) / "model")
         )
         assert demo.model_signature(full) == demo.model_signature(
             demo.stage_config("pretrain", CONFIGS, tmp_path, quick=False, settings=settings, overrides=[])

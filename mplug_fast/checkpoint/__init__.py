@@ -6,23 +6,23 @@ from mplug_fast.checkpoint.init import (
     load_clip_visual,
     vision_config_from_clip,
 )
-from mplug_fast.checkpoint.io import CheckpointError, from_pretrained, read_checkpoint, save_pretrained
+from mplug_fast.checkpoint.io import CheckpointError, load_pretrained, read_checkpoint, save_pretrained
 from mplug_fast.checkpoint.keymap import ConversionReport
 from mplug_fast.checkpoint.official import (
     infer_official_config,
-    load_official_checkpoint,
+    load_official,
     to_official_state_dict,
 )
 
 __all__ = [
     "CheckpointError",
     "ConversionReport",
-    "from_pretrained",
     "infer_official_config",
+    "load_pretrained",
     "init_from_public_weights",
     "load_bert_weights",
     "load_clip_visual",
-    "load_official_checkpoint",
+    "load_official",
     "read_checkpoint",
     "save_pretrained",
     "to_official_state_dict",

@@ -1,7 +1,8 @@
 """Reading checkpoint files safely, and our own format (config JSON + safetensors).
 
 save_pretrained(model, "out/")      -> out/config.json, out/model.safetensors
-model = from_pretrained("out/")     -> the same task model, same weights
+model = load_pretrained("out/", new_model)   -> the same weights in new_model(config) (by task name:
+                                               mplug_fast.from_pretrained("out/"))
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mplug_fast.config import MPlugConfig
-from mplug_fast.modeling import TASK_MODELS, MPlug
+from mplug_fast.modeling import MPlug
 
 logger = logging.getLogger(__name__)
 
@@ -117,30 +118,44 @@ def save_pretrained(model: MPlug, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def from_pretrained(
+ModelFactory = Callable[[MPlugConfig], MPlug]
+"""config -> a model with its task label and torch's default init (the task layer's ``Task.new_model``)."""
+
+
+def read_pretrained_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a ``save_pretrained`` directory: {"format_version", "task", "config"}."""
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: not a directory written by save_pretrained")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not {"task", "config"} <= set(meta):
+        raise CheckpointError(f"{config_path} is not a save_pretrained config (needs 'task' and 'config')")
+    return meta
+
+
+def load_pretrained(
     directory: str | os.PathLike,
+    new_model: ModelFactory,
     *,
-    task: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> MPlug:
-    """Load a model written by `save_pretrained`. `task` defaults to the saved one; another task loads
-    the components it shares (e.g. a pretrained model as a VQA model) and reports the rest."""
+    """Load a model written by `save_pretrained` into ``new_model(config)``. A model of another task than
+    the saved one loads the components it shares (e.g. a pretrained model as a VQA model) and reports the
+    rest."""
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: not a directory written by save_pretrained")
-    meta = json.loads(config_path.read_text())
+    meta = read_pretrained_meta(directory)
     config = MPlugConfig.from_dict(meta["config"])
-    task = task or meta["task"]
-    if task not in TASK_MODELS:
-        raise ValueError(f"unknown task {task!r}; available: {sorted(TASK_MODELS)}")
     state = read_checkpoint(directory / WEIGHTS_NAME)
     with torch.device("meta"):
-        model = TASK_MODELS[task](config)
+        model = new_model(config)
+    task = model.task
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     expected = set(shapes)
-    fresh = tuple(getattr(model, "new_head_prefixes", ()))  # task heads no other task has (nlvr / ve)
+    fresh = tuple(getattr(model, "new_head_prefixes", ()))  # heads no other task has (the classifiers)
     new = sorted(k for k in expected - set(state) if fresh and k.startswith(fresh))
     if task != meta["task"]:  # another task's head of another shape (a VE model as NLVR): the whole head
         for prefix in fresh:  # is new, not a mix of saved and fresh tensors

@@ -1,7 +1,7 @@
 """Official mPLUG checkpoints (X-PLUG/mPLUG, AliceMind/mPLUG) <-> our models.
 
-    model = load_official_checkpoint("mplug_base.pth", task="vqa", bert_config="config_bert_stride3.json",
-                                     image_res=384)
+    model = load_official("mplug_base.pth", new_model, bert_config="config_bert_stride3.json", image_res=384)
+    # new_model: config -> the task model; by task name: mplug_fast.load_official_checkpoint(path, "vqa", ...)
     state = to_official_state_dict(model)          # the fine-tuned task layout, for going back
 
 Formats read (official_spec.md §2): a dict with `model` / `module` or a bare state dict; the
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mplug_fast.checkpoint.io import CheckpointError, read_checkpoint, unwrap_state_dict
+from mplug_fast.checkpoint.io import CheckpointError, ModelFactory, read_checkpoint, unwrap_state_dict
 from mplug_fast.checkpoint.keymap import (
     BERT_EMBEDDING_KEYS,
     BERT_LAYER_KEYS,
@@ -52,7 +52,7 @@ from mplug_fast.config import (
     VisionConfig,
     load_bert_config,
 )
-from mplug_fast.modeling import TASK_MODELS, MPlug
+from mplug_fast.modeling import MPlug
 from mplug_fast.modeling.vision import resize_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -369,9 +369,9 @@ def convert_official_state_dict(
     return ours, report
 
 
-def load_official_checkpoint(
+def load_official(
     path_or_state_dict: str | os.PathLike | Mapping[str, Any],
-    task: str,
+    new_model: ModelFactory,
     bert_config: Mapping[str, Any] | str | os.PathLike | None = None,
     image_res: int | None = None,
     stride: int | None = None,
@@ -380,12 +380,13 @@ def load_official_checkpoint(
     allow_pickle: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> MPlug | tuple[MPlug, ConversionReport]:
-    """Build the `task` model from an official mPLUG checkpoint.
+    """Build a task model (``new_model(config)``) from an official mPLUG checkpoint.
 
     Args:
         path_or_state_dict: a `.pth` file, or the loaded object (a dict with `model`/`module`,
             or a state dict).
-        task: one of `pretrain`, `vqa`, `caption`, `retrieval`, `grounding`.
+        new_model: config -> the task model with default init (``mplug_fast.tasks.get_task(name).new_model``;
+            ``mplug_fast.load_official_checkpoint`` takes the task name instead).
         bert_config: the official `config_bert*.json` (dict or path): heads, `fusion_layers`, `stride_layer`.
         image_res: input resolution; the position table is resized to it (default: the checkpoint's).
         stride: overrides `stride_layer` (S); without it and without `bert_config`: 3 for ViT-B, 6 for ViT-L.
@@ -396,15 +397,14 @@ def load_official_checkpoint(
     Returns:
         the model in eval mode (strict), or `(model, report)` (strict=False).
     """
-    if task not in TASK_MODELS:
-        raise ValueError(f"unknown task {task!r}; available: {sorted(TASK_MODELS)}")
     source = path_or_state_dict
     if isinstance(source, str | os.PathLike):
         source = read_checkpoint(Path(source), allow_pickle=allow_pickle)
     state = normalize_official_state_dict(unwrap_state_dict(source))
     config, offset = infer_official_config(state, bert_config=bert_config, image_res=image_res, stride=stride)
     with torch.device("meta"):
-        model = TASK_MODELS[task](config)
+        model = new_model(config)
+    task = model.task
     ours, report = convert_official_state_dict(state, model, offset)
 
     momentum_missing = [k for k in report.missing if k.startswith("momentum.")]
@@ -432,7 +432,7 @@ def load_official_checkpoint(
         logger.info("new %r task head, freshly initialised (%d tensors): %s", task, len(new_keys), new_keys)
     ours = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ours.items()}
     if report.missing or momentum_missing or new_keys:
-        model = TASK_MODELS[task](config)  # materialised with fresh weights for what the file lacks
+        model = new_model(config)  # materialised with fresh weights for what the file lacks
         model.init_weights()
         model.load_state_dict(ours, strict=False)
         if momentum_missing:

@@ -21,7 +21,7 @@ VQA ``image``, ``question``, ``answers``, ``weights``, grounding ``image``, ``ex
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -67,7 +67,6 @@ def _metadata(samples: Sequence[Sample], skip: set[str]) -> Batch:
 class _Collator(abc.ABC):
     """Shared plumbing: the tokenizer and the text encoding with bool masks."""
 
-    task = ""
     consumed: frozenset[str] = frozenset({"image"})
 
     def __init__(self, tokenizer: Tokenizer | None = None):
@@ -97,7 +96,6 @@ class _Collator(abc.ABC):
 class PretrainCollator(_Collator):
     """Image-caption pairs -> {"images", "text_ids", "text_mask"} (captions truncated to ``max_length``)."""
 
-    task = "pretrain"
     consumed = frozenset({"image", "caption"})
 
     def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 30):
@@ -120,7 +118,6 @@ class VQACollator(_Collator):
     has no ``weights``).
     """
 
-    task = "vqa"
     consumed = frozenset({"image", "question", "answers", "weights"})
 
     def __init__(self, tokenizer: Tokenizer | None = None, max_question_length: int | None = 25):
@@ -165,7 +162,6 @@ class CaptionCollator(_Collator):
     Test samples (``captions``: all gold captions, no ``caption``) give only the images and the metadata.
     """
 
-    task = "caption"
     consumed = frozenset({"image", "caption"})
 
     def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 25, prompt: str = ""):
@@ -186,7 +182,6 @@ class CaptionCollator(_Collator):
 class RetrievalCollator(_Collator):
     """Image-text pairs -> {"images", "text_ids", "text_mask", "image_ids"} (``image_id`` must be an int)."""
 
-    task = "retrieval"
     consumed = frozenset({"image", "caption", "image_id"})
 
     def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 30):
@@ -207,7 +202,6 @@ class RetrievalCollator(_Collator):
 class GroundingCollator(_Collator):
     """Referring expressions -> text [B, max_length] (padded to exactly ``max_length``) and boxes [B, 4]."""
 
-    task = "grounding"
     consumed = frozenset({"image", "expression", "box"})
 
     def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 20):
@@ -220,23 +214,6 @@ class GroundingCollator(_Collator):
         boxes = torch.stack([torch.as_tensor(s["box"], dtype=torch.float32).reshape(4) for s in samples])
         batch = {"images": _stack_images(samples), "text_ids": ids, "text_mask": mask, "boxes": boxes}
         return self._with_metadata(samples, batch)
-
-
-COLLATORS: dict[str, type[_Collator]] = {
-    c.task: c for c in (PretrainCollator, VQACollator, CaptionCollator, RetrievalCollator, GroundingCollator)
-}
-COLLATORS["scst"] = CaptionCollator  # SCST: per-image caption samples; all gold captions pass as "captions"
-
-
-def build_collate(task: str, tokenizer: Tokenizer | None = None, **options: Any) -> Callable[[list], Batch]:
-    """The collator of ``task`` (a callable for ``DataLoader(collate_fn=...)``); options go to its constructor
-    (``max_length``, ``max_question_length``, ``prompt``)."""
-    from mplug_fast.data.collate_pairs import PAIR_COLLATORS  # ve / nlvr (they subclass _Collator)
-
-    collators = {**COLLATORS, **PAIR_COLLATORS}
-    if task not in collators:
-        raise ValueError(f"no collator for task {task!r}; available: {list(collators)}")
-    return collators[task](tokenizer, **options)
 
 
 def move_to(batch: Batch, device: torch.device | str, non_blocking: bool = True) -> Batch:

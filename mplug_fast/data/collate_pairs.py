@@ -1,7 +1,7 @@
-"""Collators of the classification tasks (hooked into ``mplug_fast.data.collate.build_collate``).
+"""Collators of the classification tasks.
 
-    ve    {"images" [B,3,R,R], "text_ids" [B,L] long, "text_mask" [B,L] bool, "labels" [B] long}
-    nlvr  {"images" [B,2,3,R,R] (left, right), "text_ids", "text_mask", "labels" [B] long}
+    VECollator    {"images" [B,3,R,R], "text_ids" [B,L] long, "text_mask" [B,L] bool, "labels" [B] long}
+    NLVRCollator  {"images" [B,2,3,R,R] (left, right), "text_ids", "text_mask", "labels" [B] long}
 
 Samples (synthetic ``VEDataset`` / ``NLVRDataset`` or the official readers of ``data.official_pairs``):
 VE ``image`` [3,R,R], ``sentence``, ``label`` (int); NLVR ``images`` [2,3,R,R], ``sentence``, ``label``.
@@ -63,7 +63,6 @@ class _PairCollator(_Collator):
 class VECollator(_PairCollator):
     """Visual entailment samples -> one image and one hypothesis per row."""
 
-    task = "ve"
     image_key = "image"
     consumed = frozenset({"image", "sentence", "label"})
 
@@ -74,7 +73,6 @@ class VECollator(_PairCollator):
 class NLVRCollator(_PairCollator):
     """NLVR samples -> an image pair [2, 3, R, R] (left, right) and one statement per row."""
 
-    task = "nlvr"
     image_key = "images"
     consumed = frozenset({"images", "sentence", "label"})
 
@@ -95,6 +93,3 @@ class NLVRCollator(_PairCollator):
                 f"NLVRCollator: image pairs of one batch must share a shape, got {sorted(shapes)}"
             )
         return torch.stack(pairs)  # [B, 2, 3, R, R]
-
-
-PAIR_COLLATORS: dict[str, type[_Collator]] = {c.task: c for c in (VECollator, NLVRCollator)}

@@ -232,19 +232,3 @@ class NLVR2JsonDataset(_ImageDataset):
             elif not p.is_file():
                 self._mark_bad(p, "FileNotFoundError: no such file")
         return list(self.bad_images)
-
-
-OFFICIAL_PAIR_READERS = {"ve": SNLIVEJsonDataset, "nlvr": NLVR2JsonDataset}
-
-
-def official_pair_dataset(task: str, split: str = "train", **kwargs: Any):
-    """The official-format reader of ``task`` ("ve" / "nlvr") for ``split``; ``kwargs`` are its arguments."""
-    if task not in OFFICIAL_PAIR_READERS:
-        raise ValueError(
-            f"no official pair reader for task {task!r}; available: {sorted(OFFICIAL_PAIR_READERS)}"
-        )
-    reader = OFFICIAL_PAIR_READERS[task]
-    try:
-        return reader(**{**kwargs, "split": split})
-    except TypeError as e:
-        raise ValueError(f"the official {task} options do not fit {reader.__name__} ({e})") from e

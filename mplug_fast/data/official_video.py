@@ -216,10 +216,3 @@ class VATEXCaptionDataset(_VideoFiles):
             "captions": [pre_caption(c, self.max_words) for c in row["enCap"]],
             "video_id": row["videoID"],
         }
-
-
-OFFICIAL_VIDEO_READERS: dict[str, type[_VideoFiles]] = {
-    "video_qa": VideoQAJsonlDataset,
-    "video_retrieval": VideoRetrievalJsonlDataset,
-    "video_caption": VATEXCaptionDataset,
-}

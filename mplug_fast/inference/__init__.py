@@ -1,6 +1,6 @@
-"""Inference: task functions on tensors and the one-line `pipeline` API (official_spec.md §5).
+"""Inference on tensors: what each task's predict step runs (official_spec.md §5). The one-line user API
+is ``mplug_fast.pipeline``.
 
-pipeline(task, checkpoint, device=, dtype=, config=) -> Pipeline   answer / caption / ground / rank
 vqa_generate, vqa_rank, caption_generate                          generation on tensors
 ground_tokens, tokens_to_box, box_to_tokens, PadGeometry          grounding tokens <-> pixel boxes
 retrieval_scores, itm_scores                                      ITC top-k then ITM rerank
@@ -14,20 +14,16 @@ from mplug_fast.inference.grounding import (
     ground_tokens,
     tokens_to_box,
 )
-from mplug_fast.inference.pipeline import Pipeline, load_model, pipeline
 from mplug_fast.inference.retrieval import RetrievalScores, itm_scores, retrieval_scores
 
 __all__ = [
     "PadGeometry",
-    "Pipeline",
     "RetrievalScores",
     "box_to_tokens",
     "caption_generate",
     "coordinate_token_ids",
     "ground_tokens",
     "itm_scores",
-    "load_model",
-    "pipeline",
     "retrieval_scores",
     "tokens_to_box",
     "vqa_generate",

@@ -1,23 +1,24 @@
-"""nn.Modules only: no I/O, no training logic."""
+"""nn.Modules only: no I/O, no training logic, no task registry (the task layer picks the model class)."""
 
 from mplug_fast.modeling.mplug import (
-    TASK_MODELS,
+    MomentumView,
     MPlug,
     MPlugForCaption,
     MPlugForGrounding,
     MPlugForPretraining,
     MPlugForRetrieval,
     MPlugForVQA,
-    build_model,
 )
+from mplug_fast.modeling.pairs import MPlugForNLVR, MPlugForVE
 
 __all__ = [
-    "TASK_MODELS",
     "MPlug",
     "MPlugForCaption",
     "MPlugForGrounding",
+    "MPlugForNLVR",
     "MPlugForPretraining",
     "MPlugForRetrieval",
+    "MPlugForVE",
     "MPlugForVQA",
-    "build_model",
+    "MomentumView",
 ]

@@ -42,13 +42,15 @@ class MPlug(nn.Module):
     mlm_head (tied to the text encoder's word embeddings), momentum (ModuleDict of EMA copies).
     """
 
-    task: ClassVar[str] = "pretrain"
     components: ClassVar[tuple[str, ...]] = COMPONENTS
     momentum_components: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: MPlugConfig):
+    def __init__(self, config: MPlugConfig, *, task: str | None = None):
+        """config: the model shape; task: the name this model is saved and reported under (the task layer
+        sets it; default: the class name)."""
         super().__init__()
         self.config = config
+        self.task = task or type(self).__name__
         D, V = config.text.hidden_size, config.text.vocab_size
         has = set(self.components)
         self.vision = VisionTransformer(config.vision, config.attention_backend)
@@ -82,7 +84,7 @@ class MPlug(nn.Module):
         | momentum copies            | copies of the online weights                   |
 
         Real runs start from OpenAI CLIP + bert-base-uncased (`mplug_fast.checkpoint.init`) or an
-        official mPLUG checkpoint (`mplug_fast.checkpoint.load_official_checkpoint`).
+        official mPLUG checkpoint (`mplug_fast.load_official_checkpoint`).
         """
         for name, child in self.named_children():
             if name == "momentum":
@@ -192,7 +194,7 @@ class MPlug(nn.Module):
             owned = [n for n, _ in self.named_children()] + (["temp"] if self.temp is not None else [])
             raise AttributeError(
                 f"the {self.task!r} model has no {name!r} (it owns: {', '.join(owned)}); "
-                "build the task model that needs it (build_model(config, task))"
+                "build the task model that needs it (mplug_fast.build_model(config, task))"
             )
         return module
 
@@ -220,20 +222,18 @@ class MomentumView:
         self.modules = modules
         self.adapter = modules["adapter"] if "adapter" in modules else nn.Identity()
 
-    def __getattr__(self, name: str) -> nn.Module | None:
-        if name.startswith("__"):
-            raise AttributeError(name)
+    def __getattr__(self, name: str) -> nn.Module:
+        """A component's momentum copy; AttributeError (naming the copies there are) for any other name."""
         modules = self.__dict__.get("modules", {})
-        return modules[name] if name in modules else None
+        if name in modules:
+            return modules[name]
+        raise AttributeError(
+            f"there is no momentum copy of {name!r} (copies: {', '.join(modules)}); "
+            "add it to the model's momentum_components"
+        )
 
     def _require(self, name: str) -> nn.Module:
-        module = getattr(self, name)
-        if module is None:
-            raise AttributeError(
-                f"there is no momentum copy of {name!r} (copies: {', '.join(self.modules)}); "
-                "add it to the model's momentum_components"
-            )
-        return module
+        return getattr(self, name)
 
 
 class MPlugForPretraining(MPlug):
@@ -243,7 +243,6 @@ class MPlugForPretraining(MPlug):
     (`encode_image`, `encode_text`, `fuse`, `fused_memory`, `decode`, `mlm_logits`, `itm_logits`).
     """
 
-    task = "pretrain"
     components = COMPONENTS
     momentum_components = (
         "vision",
@@ -259,7 +258,6 @@ class MPlugForPretraining(MPlug):
 class MPlugForVQA(MPlug):
     """Question -> fusion -> decoder over [image; question] generates or ranks the answer."""
 
-    task = "vqa"
     components = ("text_encoder", "fusion", "decoder")
 
     def forward(
@@ -280,7 +278,6 @@ class MPlugForVQA(MPlug):
 class MPlugForCaption(MPlug):
     """Decoder over the raw image tokens (the official caption model's text encoder and fusion are dead)."""
 
-    task = "caption"
     components = ("decoder",)
 
     def forward(self, images: Tensor, caption_ids: Tensor, caption_mask: Tensor | None) -> Tensor:
@@ -291,7 +288,6 @@ class MPlugForCaption(MPlug):
 class MPlugForRetrieval(MPlug):
     """ITC (projections + temperature, momentum encoders) and ITM (fusion + itm_head)."""
 
-    task = "retrieval"
     components = ("text_encoder", "fusion", "retrieval_heads")
     momentum_components = ("vision", "adapter", "text_encoder", "vision_proj", "text_proj")
 
@@ -308,7 +304,6 @@ class MPlugForRetrieval(MPlug):
 class MPlugForGrounding(MPlug):
     """Referring expression -> fusion -> decoder emits [unused339] + 4 coordinate tokens."""
 
-    task = "grounding"
     components = ("text_encoder", "fusion", "decoder")
 
     def forward(self, images: Tensor, text_ids: Tensor, text_mask: Tensor | None, box_ids: Tensor) -> Tensor:
@@ -316,37 +311,3 @@ class MPlugForGrounding(MPlug):
         Returns logits [B, 5, V]."""
         memory, memory_mask = self.fused_memory(images, text_ids, text_mask)
         return self.decode(box_ids, None, memory, memory_mask)
-
-
-class MPlugForSCST(MPlugForCaption):
-    """The caption model under the task name "scst" (same weights; objectives/scst.py trains it)."""
-
-    task = "scst"
-
-
-TASK_MODELS: dict[str, type[MPlug]] = {
-    cls.task: cls
-    for cls in (
-        MPlugForPretraining,
-        MPlugForVQA,
-        MPlugForCaption,
-        MPlugForRetrieval,
-        MPlugForGrounding,
-        MPlugForSCST,
-    )
-}
-
-# NLVR2 / SNLI-VE classification models (modeling/pairs.py) subclass MPlug, so they are imported after it.
-from mplug_fast.modeling.pairs import MPlugForNLVR, MPlugForVE  # noqa: E402
-
-TASK_MODELS.update({cls.task: cls for cls in (MPlugForNLVR, MPlugForVE)})
-
-
-def build_model(config: MPlugConfig, task: str = "pretrain", *, init: bool = True) -> MPlug:
-    """The task model for `config`; `init=False` leaves torch's default init (e.g. before loading weights)."""
-    if task not in TASK_MODELS:
-        raise ValueError(f"unknown task {task!r}; available: {sorted(TASK_MODELS)}")
-    model = TASK_MODELS[task](config)
-    if init:
-        model.init_weights()
-    return model

@@ -64,13 +64,12 @@ def _check_text(text_ids: Tensor, batch: int, who: str) -> None:
 class MPlugForVE(MPlug):
     """Visual entailment: does the image entail, contradict or leave open the hypothesis? (3 classes)."""
 
-    task = "ve"
     components = ("text_encoder", "fusion")
     labels: ClassVar[tuple[str, ...]] = VE_LABELS
     new_head_prefixes: ClassVar[tuple[str, ...]] = ("cls_head.",)
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, *, task: str | None = None):
+        super().__init__(config, task=task)
         D = config.text.hidden_size
         self.cls_head = ClassifierHead(D, D, len(self.labels))
 
@@ -88,13 +87,12 @@ class MPlugForVE(MPlug):
 class MPlugForNLVR(MPlug):
     """NLVR2: is the statement true of the (left, right) image pair? (2 classes; design in the module doc)."""
 
-    task = "nlvr"
     components = ("text_encoder", "fusion")
     labels: ClassVar[tuple[str, ...]] = NLVR_LABELS
     new_head_prefixes: ClassVar[tuple[str, ...]] = ("cls_head.",)
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, *, task: str | None = None):
+        super().__init__(config, task=task)
         D = config.text.hidden_size
         self.cls_head = ClassifierHead(2 * D, D, len(self.labels))
 

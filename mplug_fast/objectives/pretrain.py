@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mplug_fast.modeling.mplug import MomentumView
+from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_temperature
 from mplug_fast.objectives.itm import Sampler, itm_loss
 from mplug_fast.objectives.mlm import mask_tokens, mlm_loss
@@ -87,7 +88,7 @@ class MomentumMixin:
         return warm_alpha(self.alpha, self.step, self.alpha_warmup_steps) if self.distill else 0.0
 
 
-class PretrainObjective(MomentumMixin, nn.Module):
+class PretrainObjective(MomentumMixin, Objective):
     """ITC + ITM + MLM + PrefixLM on a `MPlugForPretraining` (batch keys: images, text_ids, text_mask and
     optionally image_ids — then captions of the same image are positives for ITC and never ITM negatives).
 
@@ -126,9 +127,7 @@ class PretrainObjective(MomentumMixin, nn.Module):
     ):
         super().__init__()
         if getattr(model, "momentum", None) is None:
-            raise ValueError(
-                "PretrainObjective needs a model with momentum copies (build_model(config, 'pretrain'))"
-            )
+            raise ValueError("PretrainObjective needs a model with momentum copies (the pretrain task model)")
         unknown = set(weights or {}) - set(LOSSES)
         if unknown:
             raise ValueError(f"unknown loss weights {sorted(unknown)}; available: {list(LOSSES)}")

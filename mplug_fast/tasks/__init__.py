@@ -1,61 +1,106 @@
-"""Downstream tasks end to end: per task an ``evaluate`` function (inference + metrics + predictions JSON) and
-a `TaskSpec` (objective options, dataset builders, headline metric and its model-free baseline).
+"""Tasks: the one home of everything task-specific (model, options, loss, collate, data, evaluation,
+baseline), behind the `Task` protocol (``tasks/protocol.py``). ``TASKS`` is the only table of task names in
+the package; the trainer, the CLI, the pipeline and the demo ask it.
 
-    TASKS["vqa" | "caption" | "retrieval" | "grounding"] -> TaskSpec
-    get_task(name) -> TaskSpec
-
-The CLI (``mplug-fast finetune`` / ``mplug-fast evaluate``) is ``mplug_fast.tasks.cli``.
+    TASKS["vqa"] -> Task;  get_task(name) -> Task (a clear error listing the names)
+    build_model(config, task), build_objective(task, model, tokenizer, **options)
+    from_pretrained(dir, task=None), load_official_checkpoint(path, task, ...)
 """
 
 from __future__ import annotations
 
-from mplug_fast.tasks import caption, grounding, pairs, retrieval, scst, video, vqa
-from mplug_fast.tasks.base import Baseline, TaskSpec, official_dataset, synthetic_dataset
+import os
+from collections.abc import Mapping
+from typing import Any
 
-TASKS: dict[str, TaskSpec] = {
-    "vqa": TaskSpec(
-        name="vqa",
-        metric="vqa_acc",
-        evaluate=vqa.evaluate,
-        baseline=vqa.baseline,
-        eval_options={"method": "generate", "beam_size": 5, "max_answer_length": 10},
-        predictions_file="vqa_result.json",  # EvalAI format
-    ),
-    "caption": TaskSpec(
-        name="caption",
-        metric="CIDEr",
-        evaluate=caption.evaluate,
-        baseline=caption.baseline,
-        eval_options={"beam_size": 5, "min_length": 8, "max_length": 25},
-        predictions_file="caption_result.json",  # COCO result format
-    ),
-    "scst": scst.SPEC,  # caption SCST (CIDEr-D reward): the caption evaluation, baseline and data
-    "retrieval": TaskSpec(
-        name="retrieval",
-        metric="r_mean",
-        evaluate=retrieval.evaluate,
-        baseline=retrieval.baseline,
-        eval_options={"k": 256},
-        predictions_file="retrieval_top10.json",
-    ),
-    "grounding": TaskSpec(
-        name="grounding",
-        metric="acc@0.5",
-        evaluate=grounding.evaluate,
-        baseline=grounding.baseline,
-        predictions_file="grounding_result.json",
-    ),
-    "nlvr": pairs.NLVR_SPEC,  # NLVR2: statement over an image pair, True / False (accuracy)
-    "ve": pairs.VE_SPEC,  # SNLI-VE: entailment / neutral / contradiction (accuracy)
-    **video.SPECS,  # zero-shot video_qa / video_caption / video_retrieval (evaluate only, image checkpoints)
+import torch
+from torch import nn
+
+from mplug_fast.checkpoint import io as checkpoint_io
+from mplug_fast.checkpoint import official as checkpoint_official
+from mplug_fast.checkpoint.keymap import ConversionReport
+from mplug_fast.config import MPlugConfig
+from mplug_fast.modeling import MPlug
+from mplug_fast.objectives.base import Objective
+from mplug_fast.tasks.caption import CaptionTask
+from mplug_fast.tasks.classification import NLVR2Task, VisualEntailmentTask
+from mplug_fast.tasks.grounding import GroundingTask
+from mplug_fast.tasks.pretrain import PretrainTask
+from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError
+from mplug_fast.tasks.retrieval import RetrievalTask
+from mplug_fast.tasks.scst import SCSTTask
+from mplug_fast.tasks.video import VideoCaptionTask, VideoQATask, VideoRetrievalTask
+from mplug_fast.tasks.vqa import VQATask
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        PretrainTask(),
+        VQATask(),
+        CaptionTask(),
+        SCSTTask(),
+        RetrievalTask(),
+        GroundingTask(),
+        VisualEntailmentTask(),
+        NLVR2Task(),
+        VideoQATask(),
+        VideoCaptionTask(),
+        VideoRetrievalTask(),
+    )
 }
 
 
-def get_task(name: str) -> TaskSpec:
-    """The `TaskSpec` of ``name``; a ValueError lists the available tasks."""
+def get_task(name: str) -> Task:
+    """The `Task` called ``name``; a `TaskError` lists the available tasks."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
+        raise TaskError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Baseline", "TaskSpec", "get_task", "official_dataset", "synthetic_dataset"]
+def build_model(config: MPlugConfig, task: str = "pretrain", *, init: bool = True) -> MPlug:
+    """The model of ``task`` for ``config``; ``init=False`` leaves torch's default init (before loading)."""
+    return get_task(task).build_model(config, init=init)
+
+
+def build_objective(task: str, model: nn.Module, tokenizer: Any = None, **options: Any) -> Objective:
+    """The objective of ``task`` around ``model`` with ``options`` as the task's typed `Task.Options`."""
+    spec = get_task(task)
+    return spec.build_objective(model, tokenizer, spec.options(options))
+
+
+def from_pretrained(
+    directory: str | os.PathLike,
+    *,
+    task: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> MPlug:
+    """A ``save_pretrained`` directory as the model of ``task`` (default: the task it was saved as); another
+    task loads the components it shares (e.g. a pretrained model as a VQA model) and reports the rest."""
+    name = task or checkpoint_io.read_pretrained_meta(directory)["task"]
+    return checkpoint_io.load_pretrained(directory, get_task(name).new_model, device=device, dtype=dtype)
+
+
+def load_official_checkpoint(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    task: str,
+    *args: Any,
+    **kwargs: Any,
+) -> MPlug | tuple[MPlug, ConversionReport]:
+    """An official mPLUG checkpoint as the model of ``task`` (see
+    ``mplug_fast.checkpoint.official.load_official`` for the other arguments)."""
+    return checkpoint_official.load_official(path_or_state_dict, get_task(task).new_model, *args, **kwargs)
+
+
+__all__ = [
+    "TASKS",
+    "Baseline",
+    "DataSource",
+    "Task",
+    "TaskError",
+    "build_model",
+    "build_objective",
+    "from_pretrained",
+    "get_task",
+    "load_official_checkpoint",
+]

@@ -1,18 +1,38 @@
-"""Captioning evaluation: beam-search captions (official beam 5, min 8, max 25) scored with BLEU-1..4,
-ROUGE-L and CIDEr-D (``mplug_fast.metrics.caption_scores``, PTB-style tokenisation); predictions written in
-the COCO result format ``[{"image_id", "caption"}]``."""
+"""Captioning: the decoder over the raw image tokens (the official caption model's text encoder and fusion
+are dead weights).
+
+Training: `CaptionObjective`, token-mean CE (spec §5.2). Evaluation: beam-search captions (official beam 5,
+min 8, max 25) scored with BLEU-1..4, ROUGE-L and CIDEr-D (``mplug_fast.metrics.caption_scores``, PTB-style
+tokenisation); predictions written in the COCO result format ``[{"image_id", "caption"}]``.
+Data: the synthetic ``CaptionDataset`` or the official ``KarpathyCaptionDataset`` (train form: one sample
+per caption; test form: one per image with all its captions); batches from ``CaptionCollator``.
+"""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mplug_fast.tasks.base import Baseline, batches, eval_mode, item_text, write_json
+from mplug_fast.data import official
+from mplug_fast.data.collate import CaptionCollator
+from mplug_fast.data.synthetic import CaptionDataset
+from mplug_fast.inference.generate import caption_generate
+from mplug_fast.inference.inputs import left_padded_prompts
+from mplug_fast.metrics import caption_scores
+from mplug_fast.modeling import MPlugForCaption
+from mplug_fast.objectives.base import Objective
+from mplug_fast.objectives.losses import lm_loss
+from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
+from mplug_fast.tasks.evaluation import batches, eval_mode, item_text, write_json
+from mplug_fast.tasks.protocol import Baseline, DataSource, Task
+from mplug_fast.tasks.sources import call_reader, synthetic_scenes
 
 
 def _gold_captions(sample_captions: Any) -> list[str]:
@@ -44,10 +64,6 @@ def evaluate(
         {"BLEU_1".."BLEU_4", "ROUGE_L", "CIDEr" (fractions, as pycocoevalcap), "count", "notes",
          "predictions": {image_id: caption}}.
     """
-    from mplug_fast.data.collate import CaptionCollator
-    from mplug_fast.inference import caption_generate
-    from mplug_fast.inference.inputs import left_padded_prompts
-    from mplug_fast.metrics import caption_scores
 
     prompt_ids = prompt_mask = None
     if prompt.strip():
@@ -92,8 +108,11 @@ def evaluate(
 def most_frequent_caption(train: Dataset, limit: int = 2000) -> str:
     """The most frequent (lower-cased) caption of up to ``limit`` training samples (ties: first seen)."""
     texts = getattr(train, "texts", None)
-    if texts is None:
-        texts = [item_text(train, i, "caption") for i in range(min(limit, len(train)))]
+    if texts is None:  # one caption per item (train form), or all captions of an image (test form)
+        texts = []
+        for i in range(min(limit, len(train))):
+            text = item_text(train, i, "caption")
+            texts.extend([text] if isinstance(text, str) else text)
     counts = Counter(t.lower().strip() for t in texts[:limit])
     if not counts:
         raise ValueError("the training set has no captions")
@@ -102,7 +121,6 @@ def most_frequent_caption(train: Dataset, limit: int = 2000) -> str:
 
 def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
     """CIDEr-D of answering every evaluation image with the most frequent training caption."""
-    from mplug_fast.metrics import caption_scores
 
     caption = most_frequent_caption(train, limit)
     gold = {i: _gold_captions(item_text(evaluation, i, "captions")) for i in range(len(evaluation))}
@@ -110,3 +128,74 @@ def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline
     return Baseline(
         "CIDEr", scores["CIDEr"], f"the most frequent training caption {caption!r} for every image"
     )
+
+
+# ---- training --------------------------------------------------------------------------------------------
+
+
+class CaptionObjective(MomentumMixin, Objective):
+    """Captioning CE (spec §5.2): decoder over the image tokens, token-mean CE of caption_ids[1:].
+
+    Official: no label smoothing, no distillation, and the prompt tokens are part of the target (labels are
+    the ids with only padding ignored) — the defaults here. Options: `label_smoothing` (> 0 to smooth) and
+    `prompt_length` (number of target tokens after [CLS] excluded from the loss, as BLIP does).
+    """
+
+    def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0, prompt_length: int = 0):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0 or prompt_length < 0:
+            raise ValueError(
+                "need 0 <= label_smoothing < 1 and prompt_length >= 0, "
+                f"got {label_smoothing}, {prompt_length}"
+            )
+        self.model, self.label_smoothing, self.prompt_length = model, label_smoothing, prompt_length
+        self.alpha, self.distill, self.alpha_warmup_steps = 0.0, False, 0
+        self._init_momentum(model, None, 0.0)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """batch: images [B,3,R,R], caption_ids / caption_mask [B, L]. Returns {"loss", "caption"}."""
+        require_keys(batch, ("images", "caption_ids", "caption_mask"), "CaptionObjective")
+        ids, mask = batch["caption_ids"], batch["caption_mask"].bool()
+        logits = self.model(batch["images"], ids, mask)
+        loss = lm_loss(
+            logits, ids, mask, label_smoothing=self.label_smoothing, ignore_prefix=self.prompt_length
+        )
+        return {"loss": loss, "caption": loss.detach()}
+
+
+# ---- the task --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """`CaptionObjective` options (official: no label smoothing, the prompt is part of the target)."""
+
+    label_smoothing: float = 0.0
+    prompt_length: int = 0
+
+
+class CaptionTask(Task):
+    name = "caption"
+    metric = "CIDEr"
+    model_class = MPlugForCaption
+    collator = CaptionCollator
+    Options = CaptionOptions
+    eval_options = {"beam_size": 5, "min_length": 8, "max_length": 25}  # official caption inference
+    predictions_file = "caption_result.json"  # COCO result format
+    text_length = 25  # official caption length (spec §6)
+    pipeline_method = "caption"
+    aliases = ("captioning",)
+    evaluate = staticmethod(evaluate)
+    baseline = staticmethod(baseline)
+
+    def _objective(
+        self, model: nn.Module, tokenizer: Any, options: CaptionOptions, data: DataSource | None
+    ) -> Objective:
+        return CaptionObjective(model, **vars(options))
+
+    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
+        s = synthetic_scenes(split, **world)
+        return CaptionDataset(s.world, s.count, s.start, split="train" if split == "train" else "test")
+
+    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
+        return call_reader(official.KarpathyCaptionDataset, self.name, {**kwargs, "split": split})

@@ -1,4 +1,9 @@
-"""Image-text retrieval evaluation: ITC similarities for every pair, ITM rerank of each query's top-k
+"""Image-text retrieval: ITC (projections + temperature, momentum encoders) and ITM (fusion + itm_head).
+
+Training: `RetrievalObjective` (spec §5.4). Data: the synthetic ``RetrievalDataset`` or the official
+``RetrievalJsonDataset``; batches from ``RetrievalCollator``.
+
+Evaluation: ITC similarities for every pair, ITM rerank of each query's top-k
 (``mplug_fast.inference.retrieval_scores``), TR/IR recall@1/5/10 and their mean
 (``mplug_fast.metrics.retrieval_recall``); also the ITC-only recalls. Predictions: each query's top 10."""
 
@@ -6,14 +11,27 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mplug_fast.tasks.base import Baseline, eval_mode, write_json
+from mplug_fast.data import official
+from mplug_fast.data.collate import RetrievalCollator
+from mplug_fast.data.synthetic import RetrievalDataset
+from mplug_fast.inference.retrieval import retrieval_scores
+from mplug_fast.metrics import retrieval_recall
+from mplug_fast.modeling import MPlugForRetrieval
+from mplug_fast.objectives.base import Objective
+from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_temperature
+from mplug_fast.objectives.itm import Sampler, itm_loss
+from mplug_fast.objectives.pretrain import MomentumMixin, batch_image_ids, require_keys
+from mplug_fast.tasks.evaluation import eval_mode, write_json
+from mplug_fast.tasks.protocol import Baseline, DataSource, Task
+from mplug_fast.tasks.sources import call_reader, synthetic_scenes
 
 RECALL_KS = (1, 5, 10)
 
@@ -48,8 +66,6 @@ def evaluate(
         {"txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", ..., "r_mean" (percent, ITC + ITM rerank),
          the same keys prefixed "itc/" (ITC similarities alone), "num_images", "num_texts"}.
     """
-    from mplug_fast.inference import retrieval_scores
-    from mplug_fast.metrics import retrieval_recall
 
     texts, txt2img, img2txt = _gallery(dataset)
     images = torch.stack([dataset.image(j) for j in range(len(img2txt))]).to(device)
@@ -94,3 +110,114 @@ def baseline(train: Dataset, evaluation: Dataset) -> Baseline:
     texts, _, img2txt = _gallery(evaluation)
     value = chance_recall(img2txt, len(texts))["r_mean"]
     return Baseline("r_mean", value, f"random ranking of {len(img2txt)} images / {len(texts)} texts")
+
+
+# ---- training --------------------------------------------------------------------------------------------
+
+
+class RetrievalObjective(MomentumMixin, Objective):
+    """Retrieval finetuning (spec §5.4): ITC with the queue, momentum distillation and multi-positive targets
+    by image id, + ITM with hard negatives (never an image with the same id). The temperature is clamped
+    (the official retrieval model does not: a documented deviation)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        momentum: float = 0.995,
+        alpha: float = 0.4,
+        distill: bool = True,
+        alpha_warmup_steps: int = 0,
+        temp_range: tuple[float, float] = (0.001, 0.5),
+        global_batch: int | None = None,
+        sampler: Sampler | None = None,
+    ):
+        super().__init__()
+        if model.momentum is None:
+            raise ValueError(
+                "RetrievalObjective needs a model with momentum copies (the retrieval task model)"
+            )
+        self.model = model
+        self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
+        self.temp_range, self.sampler = temp_range, sampler
+        self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._init_momentum(model, model.momentum, momentum)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """batch: images, text_ids / text_mask [B, L], image_ids [B]. Returns {"loss", "itc", "itm"}."""
+        require_keys(batch, ("images", "text_ids", "text_mask"), "RetrievalObjective")
+        model = self.model
+        ids, mask = batch["text_ids"], batch["text_mask"].bool()
+        image_ids = batch_image_ids(batch, ids.device)
+        if image_ids is None:
+            raise KeyError(
+                "RetrievalObjective needs 'image_ids' [B] (captions of one image are all positives)"
+            )
+        alpha = self.alpha_now()
+        if self.training:
+            self.step += 1
+        clamp_temperature(model.temp, *self.temp_range)
+        v = model.encode_image(batch["images"])
+        t = model.encode_text(ids, mask)
+        with torch.no_grad():
+            m = model.momentum_view()
+            img_m = m.image_features(m.encode_image(batch["images"]))
+            txt_m = m.text_features(m.encode_text(ids, mask))
+        itc, extras = self.itc(
+            model.image_features(v),
+            model.text_features(t),
+            img_m,
+            txt_m,
+            model.temp,
+            alpha,
+            image_ids,
+            enqueue=self.training,
+        )
+        itm, _ = itm_loss(
+            model, v, t, mask, extras["sim_i2t"], extras["sim_t2i"], extras["positives"], self.sampler
+        )
+        return {"loss": itc + itm, "itc": itc.detach(), "itm": itm.detach()}
+
+
+# ---- the task --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """`RetrievalObjective` options (official: queue 65536, momentum 0.995, alpha 0.4, distillation on)."""
+
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    momentum: float = 0.995
+    alpha: float = 0.4
+    distill: bool = True
+    alpha_warmup_steps: int = 0
+    temp_range: tuple[float, float] = (0.001, 0.5)
+    global_batch: int | None = None
+
+
+class RetrievalTask(Task):
+    name = "retrieval"
+    metric = "r_mean"
+    model_class = MPlugForRetrieval
+    collator = RetrievalCollator
+    Options = RetrievalOptions
+    eval_options = {"k": 256}
+    predictions_file = "retrieval_top10.json"
+    pipeline_method = "rank"
+    limitable = False  # the official gallery is the split
+    evaluate = staticmethod(evaluate)
+    baseline = staticmethod(baseline)
+
+    def _objective(
+        self, model: nn.Module, tokenizer: Any, options: RetrievalOptions, data: DataSource | None
+    ) -> Objective:
+        return RetrievalObjective(model, **{**vars(options), "temp_range": tuple(options.temp_range)})
+
+    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
+        s = synthetic_scenes(split, **world)
+        return RetrievalDataset(s.world, s.count, s.start)
+
+    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
+        return call_reader(official.RetrievalJsonDataset, self.name, {**kwargs, "split": split})

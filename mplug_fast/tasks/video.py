@@ -6,9 +6,9 @@
     video_retrieval  retrieval                mean-frame ITC top-k, ITM rerank (+ ITC)   r_mean, median ranks
 
 ``mplug-fast evaluate --task video_qa --checkpoint <a vqa run>`` builds the image task's model from the
-checkpoint (``model_task``) and evaluates it on the video split (synthetic: moving-shapes videos of the run's
-world, ``mplug_fast.data.synthetic.video``). ``finetune`` refuses these tasks (``check_trainable``): the paper
-reports them zero-shot and the official code has no video training.
+checkpoint (the task's ``image_task``) and evaluates it on the video split (synthetic: moving-shapes videos
+of the run's world, ``mplug_fast.data.synthetic.video``). ``train`` refuses these tasks (``trainable``
+False): the paper reports them zero-shot and the official code has no video training.
 
 Every evaluate takes ``num_frames`` (None: all the dataset's frames; else that many, uniformly sampled with
 ``frame_sampling`` "official" or "middle", ``mplug_fast.data.video.sample_frame_indices``).
@@ -16,44 +16,47 @@ Every evaluate takes ``num_frames`` (None: all the dataset's frames; else that m
 
 from __future__ import annotations
 
+import abc
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mplug_fast.tasks.base import Baseline, TaskSpec, batches, eval_mode, write_json
-
-# zero-shot video task -> the image task whose model (and checkpoint) it runs
-VIDEO_MODEL_TASKS: dict[str, str] = {
-    "video_qa": "vqa",
-    "video_caption": "caption",
-    "video_retrieval": "retrieval",
-}
-
-
-def model_task(task: str) -> str:
-    """The model task of ``task``: the image task for a zero-shot video task, else ``task`` itself."""
-    return VIDEO_MODEL_TASKS.get(task, task)
-
-
-def check_trainable(task: str) -> None:
-    """ValueError for a zero-shot video task (evaluate its image task's checkpoint instead)."""
-    if task in VIDEO_MODEL_TASKS:
-        image = VIDEO_MODEL_TASKS[task]
-        raise ValueError(
-            f"--task {task} is zero-shot (evaluate only): finetune the image task instead "
-            f"(mplug-fast finetune --task {image} ...), then run mplug-fast evaluate --task {task} "
-            f"--checkpoint <that {image} run>"
-        )
+from mplug_fast.config import MPlugConfig
+from mplug_fast.data.official_video import (
+    VATEXCaptionDataset,
+    VideoQAJsonlDataset,
+    VideoRetrievalJsonlDataset,
+)
+from mplug_fast.data.synthetic.video import (
+    DEFAULT_NUM_FRAMES,
+    VIDEO_QA_TYPES,
+    SyntheticVideoWorld,
+    VideoCaptionDataset,
+    VideoQADataset,
+    VideoRetrievalDataset,
+)
+from mplug_fast.data.video import SAMPLING_MODES, collate_videos, resample_frames
+from mplug_fast.inference.inputs import left_padded_prompts
+from mplug_fast.inference.video import video_caption_generate, video_qa_rank, video_retrieval_scores
+from mplug_fast.metrics import caption_scores, retrieval_recall
+from mplug_fast.metrics.retrieval import ranks_image_to_text, ranks_text_to_image
+from mplug_fast.modeling import MPlug
+from mplug_fast.objectives.base import Objective
+from mplug_fast.tasks import caption as caption_task
+from mplug_fast.tasks import retrieval as retrieval_task
+from mplug_fast.tasks import vqa as vqa_task
+from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
+from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError
+from mplug_fast.tasks.sources import SyntheticScenes, call_reader, synthetic_scenes
 
 
 def _video_batches(
     dataset: Dataset, batch_size: int, device: torch.device | str, num_frames: int | None, frame_sampling: str
 ):
-    from mplug_fast.data.video import collate_videos, resample_frames
 
     for batch in batches(dataset, collate_videos, batch_size, device):
         if num_frames is not None:
@@ -62,7 +65,6 @@ def _video_batches(
 
 
 def _check_frames(num_frames: int | None, frame_sampling: str) -> None:
-    from mplug_fast.data.video import SAMPLING_MODES
 
     if num_frames is not None and (
         isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1
@@ -102,12 +104,12 @@ def evaluate_qa(
         {"vqa_acc" (percent; exact match for one gold answer, VQA accuracy for several), "vqa_acc_kind",
          "vqa_acc/<type>", "count", "num_frames", "predictions": {question_id: answer}}.
     """
-    from mplug_fast.inference.video import video_qa_rank
-    from mplug_fast.tasks.vqa import answer_list_from, score_questions
 
     _check_frames(num_frames, frame_sampling)
     if answer_list is None:
-        answer_list = dataset.answer_list() if hasattr(dataset, "answer_list") else answer_list_from(dataset)
+        answer_list = (
+            dataset.answer_list() if hasattr(dataset, "answer_list") else vqa_task.answer_list_from(dataset)
+        )
     if not answer_list:
         raise ValueError("video QA ranking needs a non-empty answer_list")
     enc = tokenizer([a + "[SEP]" for a in answer_list], padding="longest")
@@ -140,7 +142,7 @@ def evaluate_qa(
                 gold[qids[i]] = [answers] if isinstance(answers, str) else list(answers)
                 if "type" in batch:
                     types[qids[i]] = batch["type"][i]
-    overall, per_type, kind = score_questions(predictions, gold, types or None)
+    overall, per_type, kind = vqa_task.score_questions(predictions, gold, types or None)
     result: dict[str, Any] = {"vqa_acc": overall, "vqa_acc_kind": kind, "count": len(predictions)}
     result.update({f"vqa_acc/{t}": v for t, v in sorted(per_type.items())})
     result["num_frames"] = int(frames)
@@ -152,9 +154,7 @@ def evaluate_qa(
 
 def baseline_qa(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
     """The majority training answer for every question (``tasks.vqa.baseline``: reads texts, not videos)."""
-    from mplug_fast.tasks.vqa import baseline
-
-    return baseline(train, evaluation, limit)
+    return vqa_task.baseline(train, evaluation, limit)
 
 
 # ---- video captioning ----------------------------------------------------------------------------------
@@ -182,9 +182,6 @@ def evaluate_caption(
 
     Returns: {"BLEU_1".."BLEU_4", "ROUGE_L", "CIDEr", "count", "num_frames", "notes", "predictions"}.
     """
-    from mplug_fast.inference.inputs import left_padded_prompts
-    from mplug_fast.inference.video import video_caption_generate
-    from mplug_fast.metrics import caption_scores
 
     _check_frames(num_frames, frame_sampling)
     prompt_ids = prompt_mask = None
@@ -239,9 +236,7 @@ def evaluate_caption(
 
 def baseline_caption(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
     """CIDEr-D of the most frequent training caption for every video (``tasks.caption.baseline``)."""
-    from mplug_fast.tasks.caption import baseline
-
-    return baseline(train, evaluation, limit)
+    return caption_task.baseline(train, evaluation, limit)
 
 
 # ---- video-text retrieval ------------------------------------------------------------------------------
@@ -281,10 +276,6 @@ def evaluate_retrieval(
          1 = first), the recalls prefixed "itc/" (mean-frame ITC alone), "num_videos", "num_texts",
          "num_frames"}.
     """
-    from mplug_fast.data.video import resample_frames
-    from mplug_fast.inference.video import video_retrieval_scores
-    from mplug_fast.metrics import retrieval_recall
-    from mplug_fast.metrics.retrieval import ranks_image_to_text, ranks_text_to_image
 
     _check_frames(num_frames, frame_sampling)
     texts, txt2vid, vid2txt = _gallery(dataset)
@@ -321,52 +312,112 @@ def evaluate_retrieval(
 
 def baseline_retrieval(train: Dataset, evaluation: Dataset) -> Baseline:
     """The expected mean recall of a random ranking of the gallery (``tasks.retrieval.chance_recall``)."""
-    from mplug_fast.tasks.retrieval import chance_recall
 
     texts, _, vid2txt = _gallery(evaluation)
-    value = chance_recall(vid2txt, len(texts))["r_mean"]
+    value = retrieval_task.chance_recall(vid2txt, len(texts))["r_mean"]
     return Baseline("r_mean", value, f"random ranking of {len(vid2txt)} videos / {len(texts)} texts")
 
 
-# ---- the task registry entries (``mplug_fast.tasks.TASKS``) -------------------------------------------
+# ---- the tasks -------------------------------------------------------------------------------------------
 
-SPECS: dict[str, TaskSpec] = {
-    "video_qa": TaskSpec(
-        name="video_qa",
-        metric="vqa_acc",
-        evaluate=evaluate_qa,
-        baseline=baseline_qa,
-        eval_options={"k": 128},
-        predictions_file="video_qa_result.json",
-    ),
-    "video_caption": TaskSpec(
-        name="video_caption",
-        metric="CIDEr",
-        evaluate=evaluate_caption,
-        baseline=baseline_caption,
-        # official zero-shot VATEX prompt (spec §5; it also uses beam 10 / min 15 for its long captions)
-        eval_options={"prompt": "a picture of", "beam_size": 5, "min_length": 8, "max_length": 25},
-        predictions_file="video_caption_result.json",
-    ),
-    "video_retrieval": TaskSpec(
-        name="video_retrieval",
-        metric="r_mean",
-        evaluate=evaluate_retrieval,
-        baseline=baseline_retrieval,
-        eval_options={"k": 128},
-        predictions_file="video_retrieval_top10.json",
-    ),
-}
 
-__all__ = [
-    "SPECS",
-    "VIDEO_MODEL_TASKS",
-    "baseline_caption",
-    "baseline_qa",
-    "baseline_retrieval",
-    "check_trainable",
-    "evaluate_caption",
-    "evaluate_qa",
-    "evaluate_retrieval",
-    "model_task",
-]
+class _VideoTask(Task):
+    """A zero-shot video task: the model (and checkpoint) of ``image_task``, evaluated on videos."""
+
+    trainable = False
+    image_task: ClassVar[Task]
+    eval_options = {"k": 128}
+
+    @property
+    def model_class(self) -> type[MPlug]:  # type: ignore[override]
+        return self.image_task.model_class
+
+    @property
+    def checkpoint_task(self) -> Task:
+        return self.image_task
+
+    def new_model(self, config: MPlugConfig) -> MPlug:
+        """The image task's model (a video task loads that task's checkpoints)."""
+        return self.image_task.new_model(config)
+
+    def _objective(
+        self, model: nn.Module, tokenizer: Any, options: Any, data: DataSource | None
+    ) -> Objective:
+        raise TaskError(self.not_trainable_reason())
+
+    def not_trainable_reason(self) -> str:
+        image = self.image_task.name
+        return (
+            f"task {self.name} is zero-shot (evaluate only): finetune the image task instead "
+            f"(mplug-fast train --task {image} ...), then run mplug-fast evaluate --task {self.name} "
+            f"--checkpoint <that {image} run>"
+        )
+
+    def collate(self, tokenizer: Any = None, **options: Any) -> Callable[[list], dict[str, Any]]:
+        """Videos are collated without text processing (`collate_videos`); tokenizer and options unused."""
+        return collate_videos
+
+    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
+        """Moving-shapes videos of the run's synthetic world (``mplug_fast.data.synthetic.video``)."""
+        s = synthetic_scenes(split, **world)
+        video_world = SyntheticVideoWorld(
+            s.world.image_size,
+            s.world.max_objects,
+            s.world.min_objects,
+            s.world.seed,
+            DEFAULT_NUM_FRAMES,
+            object_scale=s.world.object_scale,
+        )
+        return self._videos(video_world, s, split)
+
+    @abc.abstractmethod
+    def _videos(self, world: SyntheticVideoWorld, scenes: SyntheticScenes, split: str) -> Dataset:
+        """The task's video dataset over ``scenes``."""
+
+    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
+        return call_reader(self.reader, self.name, {**kwargs, "split": split})
+
+
+class VideoQATask(_VideoTask):
+    name = "video_qa"
+    metric = "vqa_acc"
+    image_task = vqa_task.VQATask()
+    predictions_file = "video_qa_result.json"
+    reader = VideoQAJsonlDataset
+    evaluate = staticmethod(evaluate_qa)
+    baseline = staticmethod(baseline_qa)
+
+    def _videos(self, world: SyntheticVideoWorld, scenes: SyntheticScenes, split: str) -> Dataset:
+        types = [t for t in (scenes.vqa_types or VIDEO_QA_TYPES) if t in VIDEO_QA_TYPES] or list(
+            VIDEO_QA_TYPES
+        )
+        return VideoQADataset(world, scenes.count, scenes.start, types=types)
+
+
+class VideoCaptionTask(_VideoTask):
+    name = "video_caption"
+    metric = "CIDEr"
+    image_task = caption_task.CaptionTask()
+    # official zero-shot VATEX prompt (spec §5; it also uses beam 10 / min 15 for its long captions)
+    eval_options = {"prompt": "a picture of", "beam_size": 5, "min_length": 8, "max_length": 25}
+    predictions_file = "video_caption_result.json"
+    reader = VATEXCaptionDataset
+    evaluate = staticmethod(evaluate_caption)
+    baseline = staticmethod(baseline_caption)
+
+    def _videos(self, world: SyntheticVideoWorld, scenes: SyntheticScenes, split: str) -> Dataset:
+        form = "train" if split == "train" else "test"
+        return VideoCaptionDataset(world, scenes.count, scenes.start, split=form)
+
+
+class VideoRetrievalTask(_VideoTask):
+    name = "video_retrieval"
+    metric = "r_mean"
+    image_task = retrieval_task.RetrievalTask()
+    predictions_file = "video_retrieval_top10.json"
+    reader = VideoRetrievalJsonlDataset
+    evaluate = staticmethod(evaluate_retrieval)
+    baseline = staticmethod(baseline_retrieval)
+
+    def _videos(self, world: SyntheticVideoWorld, scenes: SyntheticScenes, split: str) -> Dataset:
+        return VideoRetrievalDataset(world, scenes.count, scenes.start)

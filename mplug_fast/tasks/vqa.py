@@ -1,18 +1,37 @@
-"""VQA evaluation: answers by beam-search generation (official) or by ranking an answer list, scored with
-the official VQA accuracy; predictions written in the EvalAI format ``[{"question_id", "answer"}]``."""
+"""VQA: question -> fusion -> decoder over [image; question] generates (or ranks) the answer.
+
+Training: `VQAObjective`, the weighted-answer decoder loss (spec §5.1), distillation from momentum copies.
+Evaluation: answers by beam-search generation (official) or by ranking an answer list, scored with the
+official VQA accuracy; predictions written in the EvalAI format ``[{"question_id", "answer"}]``.
+Data: the synthetic ``VQADataset`` or the official ``VQAJsonDataset``; batches from ``VQACollator``.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mplug_fast.tasks.base import Baseline, batches, eval_mode, item_text
+from mplug_fast.data import official
+from mplug_fast.data.collate import VQACollator
+from mplug_fast.data.synthetic import QA_TYPES, VQADataset
+from mplug_fast.inference.generate import vqa_generate, vqa_rank
+from mplug_fast.metrics import write_vqa_results
+from mplug_fast.metrics.vqa import exact_match, vqa_score
+from mplug_fast.modeling import MomentumView, MPlugForVQA
+from mplug_fast.objectives.base import Objective
+from mplug_fast.objectives.losses import lm_loss
+from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
+from mplug_fast.tasks.evaluation import batches, eval_mode, item_text
+from mplug_fast.tasks.protocol import Baseline, DataSource, Task
+from mplug_fast.tasks.sources import call_reader, synthetic_scenes
 
 
 def score_questions(
@@ -27,8 +46,6 @@ def score_questions(
     world, VG, GQA) gets the normalised exact match (``exact_match``) -- the official formula would give it 0
     even when right, as no other annotator is left. ``kind`` is "official", "exact" or "mixed".
     """
-    from mplug_fast.metrics.vqa import exact_match, vqa_score
-
     if not predictions:
         raise ValueError("no predictions to score")
     per_q = {
@@ -78,10 +95,6 @@ def evaluate(
          "vqa_acc/<type>": percent per question type (when samples have ``type``),
          "count": questions, "predictions": {question_id: answer}}.
     """
-    from mplug_fast.data.collate import VQACollator
-    from mplug_fast.inference import vqa_generate, vqa_rank
-    from mplug_fast.metrics import write_vqa_results
-
     if method not in ("generate", "rank"):
         raise ValueError(f"method must be 'generate' or 'rank', got {method!r}")
     answers_t = None
@@ -145,3 +158,106 @@ def answer_list_from(dataset: Dataset, limit: int = 5000) -> list[str]:
     """The distinct answers of (up to ``limit``) samples of ``dataset``, most frequent first (a rank list)."""
     counts = Counter(a for i in range(min(limit, len(dataset))) for a in item_text(dataset, i, "answers"))
     return [a for a, _ in counts.most_common()]
+
+
+# ---- training --------------------------------------------------------------------------------------------
+
+
+class VQAObjective(MomentumMixin, Objective):
+    """VQA: loss = Σ_n weight_n · seqloss_n / B over the N answers of the B questions (spec §5.1).
+
+    The question memory [v'; t'] is computed once per question; each answer's decoder rows read it through
+    `answer_index` (no per-answer copies). seqloss = per-sequence summed token loss.
+
+    Distillation (decision): the official code builds and updates a momentum model every step but never
+    passes alpha to the decoder, so the branch costs a full forward and changes nothing (spec §10.2). Here
+    `distill=True` (default, alpha 0.4 as the official yaml) really mixes in the momentum decoder's soft
+    labels: seqloss = Σ_t (1 − alpha)·CE + alpha·soft-CE over the vocabulary. The EMA copies (vision,
+    adapter, text encoder, fusion — never updated officially, a bug — and decoder) live in this objective,
+    created from the model's weights at construction (load the weights first, or call `copy_to_momentum`).
+    `distill=False` reproduces what the official run effectively optimises, at half the cost.
+    """
+
+    MOMENTUM = ("vision", "adapter", "text_encoder", "fusion", "decoder")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        distill: bool = True,
+        alpha: float = 0.4,
+        momentum: float = 0.995,
+        alpha_warmup_steps: int = 0,
+    ):
+        super().__init__()
+        self.model = model
+        self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
+        self.momentum = None
+        if distill:
+            self.momentum = nn.ModuleDict({n: copy.deepcopy(getattr(model, n)) for n in self.MOMENTUM})
+            self.momentum.requires_grad_(False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._init_momentum(model, self.momentum, momentum)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """batch: images [B,3,R,R], question_ids/mask [B,Lq], answer_ids/mask [N,La], answer_index [N],
+        answer_weights [N]. Returns {"loss", "vqa"}."""
+        keys = ("images", "question_ids", "question_mask", "answer_ids", "answer_mask", "answer_index")
+        require_keys(batch, (*keys, "answer_weights"), "VQAObjective")
+        images, q_ids, q_mask, a_ids, a_mask, index = (batch[k] for k in keys)
+        q_mask, a_mask = q_mask.bool(), a_mask.bool()
+        weights = batch["answer_weights"].to(torch.float32)
+        alpha = self.alpha_now()
+        if self.training:
+            self.step += 1
+        memory, memory_mask = self.model.fused_memory(images, q_ids, q_mask)
+        logits = self.model.decode(a_ids, a_mask, memory, memory_mask, memory_index=index)
+        soft = None
+        if self.momentum is not None and alpha > 0:
+            with torch.no_grad():
+                m = MomentumView(self.momentum)
+                memory_m, _ = m.fused_memory(images, q_ids, q_mask)
+                soft = m.decode(a_ids, a_mask, memory_m, memory_mask, memory_index=index)
+        seq = lm_loss(logits, a_ids, a_mask, soft_logits=soft, alpha=alpha, reduction="sequence")  # [N]
+        loss = (weights * seq).sum() / images.shape[0]
+        return {"loss": loss, "vqa": loss.detach()}
+
+
+# ---- the task --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VQAOptions:
+    """`VQAObjective` options (official yaml: distill true, alpha 0.4, momentum 0.995)."""
+
+    distill: bool = True
+    alpha: float = 0.4
+    momentum: float = 0.995
+    alpha_warmup_steps: int = 0
+
+
+class VQATask(Task):
+    name = "vqa"
+    metric = "vqa_acc"
+    model_class = MPlugForVQA
+    collator = VQACollator
+    Options = VQAOptions
+    eval_options = {"method": "generate", "beam_size": 5, "max_answer_length": 10}
+    predictions_file = "vqa_result.json"  # EvalAI format
+    length_option = "max_question_length"
+    text_length = 25  # official question length (spec §6)
+    pipeline_method = "answer"
+    evaluate = staticmethod(evaluate)
+    baseline = staticmethod(baseline)
+
+    def _objective(
+        self, model: nn.Module, tokenizer: Any, options: VQAOptions, data: DataSource | None
+    ) -> Objective:
+        return VQAObjective(model, **vars(options))
+
+    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
+        s = synthetic_scenes(split, **world)
+        return VQADataset(s.world, s.count, s.start, types=s.vqa_types or tuple(QA_TYPES))
+
+    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
+        return call_reader(official.VQAJsonDataset, self.name, {**kwargs, "split": split})

@@ -1,7 +1,8 @@
-"""The training loop: any objective module (``forward(batch) -> {"loss": ..., parts...}``) on any data.
+"""The training loop: an `Objective` (``forward(batch) -> {"loss": ..., parts...}``) on a dataset. It knows
+no task: ``mplug_fast.train.build`` turns a run config into the parts.
 
-    trainer = Trainer(config)              # builds model, objective, data, optimizer from a RunConfig
-    trainer = Trainer(config, objective=obj, dataset=ds, collate_fn=fn)   # or bring your own
+    trainer = Trainer(config, objective, dataset, collate_fn)   # built parts (see build.build_parts)
+    trainer = Trainer.from_config(config)                       # the same, built from the run config
     summary = trainer.fit(resume="latest")
 
 Per optimizer step: ``accum_steps`` micro-batches (loss / accum; DDP all-reduce only on the last through
@@ -25,7 +26,6 @@ workers are reseeded per epoch and after a resume).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -39,19 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from mplug_fast.data.collate import build_collate, move_to
-from mplug_fast.train.checkpointing import (
-    atomic_save,
-    checkpoint_path,
-    load_checkpoint,
-    prune_checkpoints,
-    resolve_resume,
-    rng_state,
-    set_rng_state,
-)
+from mplug_fast.data.collate import move_to
+from mplug_fast.data.dataset import EpochAware
+from mplug_fast.objectives.base import Objective
+from mplug_fast.train.build import build_parts
+from mplug_fast.train.checkpointer import CheckpointManager, rng_state, set_rng_state
 from mplug_fast.train.config import RunConfig
 from mplug_fast.train.distributed import (
     DistEnv,
@@ -63,6 +59,7 @@ from mplug_fast.train.distributed import (
     unwrap,
     wrap_model,
 )
+from mplug_fast.train.metrics_log import MetricsLog
 from mplug_fast.train.optim import build_optimizer
 from mplug_fast.train.precision import Precision, enable_gradient_checkpointing
 from mplug_fast.train.schedule import WarmupCosine
@@ -80,163 +77,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---- building blocks from the config -------------------------------------------------------------------
-
-
-def build_model_from_config(config: RunConfig) -> nn.Module:
-    """The task model of ``config.model`` (the synthetic world's image size becomes the model resolution
-    unless ``model.overrides`` sets ``vision.image_size``).
-
-    ``model.init_from``: a ``save_pretrained`` directory (its own config), or an official mPLUG checkpoint
-    file (``mplug_base.pth``, ...) read by ``load_official_checkpoint`` at the run's resolution and fusion
-    stride (the position table is resized to ``vision.image_size``; the rest of the shape comes from the
-    weights)."""
-    from mplug_fast.config import get_config
-    from mplug_fast.modeling import build_model
-
-    overrides = dict(config.model.overrides)
-    if config.data.source == "synthetic" and "vision.image_size" not in overrides:
-        overrides["vision.image_size"] = config.data.synthetic.image_size
-    init_from = config.model.init_from
-    if init_from:
-        if Path(init_from).is_dir():
-            from mplug_fast.checkpoint import from_pretrained
-
-            return from_pretrained(init_from, task=config.model.task)
-        if not Path(init_from).is_file():
-            raise FileNotFoundError(
-                f"model.init_from {init_from!r} is neither a save_pretrained directory nor a checkpoint file"
-            )
-        from mplug_fast.checkpoint import load_official_checkpoint
-
-        wanted = get_config(config.model.preset, **overrides)
-        loaded = load_official_checkpoint(
-            init_from,
-            config.model.task,
-            image_res=wanted.vision.image_size,
-            stride=wanted.fusion.stride,
-            strict=config.model.init_strict,
-        )
-        if config.model.init_strict:
-            return loaded
-        model, report = loaded
-        if report.missing or report.unexpected:
-            logger.warning(
-                "model.init_from %s (init_strict false): %d tensors missing (fresh init), %d unused: "
-                "missing %s; unused %s",
-                init_from,
-                len(report.missing),
-                len(report.unexpected),
-                report.missing[:8],
-                report.unexpected[:8],
-            )
-        return model
-    return build_model(get_config(config.model.preset, **overrides), config.model.task)
-
-
-def build_objective_from_config(config: RunConfig, model: nn.Module, tokenizer: Any) -> nn.Module:
-    """``mplug_fast.objectives.build_objective(name, model, tokenizer, **options)``."""
-    try:
-        from mplug_fast.objectives import build_objective
-    except ImportError as e:
-        raise ImportError(
-            f"mplug_fast.objectives.build_objective is not available ({e}); pass objective= to Trainer"
-        ) from e
-    name = config.objective.name or config.model.task
-    options = dict(config.objective.options)
-    if name == "scst" and "references_df" not in options:  # the fixed CIDEr-D table: this run's training data
-        from dataclasses import asdict
-
-        source = config.data.source
-        options["references_df"] = {
-            source: asdict(config.data.synthetic) if source == "synthetic" else dict(config.data.official)
-        }
-    return build_objective(name, model, tokenizer, **options)
-
-
-def build_dataset_from_config(config: RunConfig, task: str, split: str = "train") -> Dataset:
-    """The synthetic dataset of ``task`` (train: scenes 0..num_scenes-1, eval: the next eval_scenes), or for
-    ``data.source: official`` the reader of ``mplug_fast.data.official`` for the task (PretrainJsonDataset,
-    KarpathyCaptionDataset, VQAJsonDataset, RetrievalJsonDataset, RefCocoDataset) built with
-    ``data.official`` as its keyword arguments (ann, image_root, image_size, split, ...)."""
-    if config.data.source == "official":
-        try:
-            from mplug_fast.data import official
-        except ImportError as e:
-            raise ImportError(
-                f"data.source 'official' needs mplug_fast.data.official, which cannot be imported ({e})"
-            ) from e
-        builder = getattr(official, "build_dataset", None)
-        if builder is not None:
-            return builder(task, split=split, **config.data.official)
-        kwargs = dict(config.data.official)
-        if task == "grounding":  # RefCocoDataset: the TransVG training augmentation only for training
-            kwargs.setdefault("train", split == "train")
-        elif task == "scst":  # KarpathyCaptionDataset's per-image form: all gold captions of each image
-            kwargs["split"] = "test"
-        elif task != "pretrain":
-            kwargs.setdefault("split", split)
-        if task in ("nlvr", "ve"):  # NLVR2 / SNLI-VE readers: data/official_pairs.py
-            from mplug_fast.data.official_pairs import official_pair_dataset
-
-            return official_pair_dataset(task, **kwargs)
-        readers = {
-            "pretrain": "PretrainJsonDataset",
-            "caption": "KarpathyCaptionDataset",
-            "scst": "KarpathyCaptionDataset",
-            "vqa": "VQAJsonDataset",
-            "retrieval": "RetrievalJsonDataset",
-            "grounding": "RefCocoDataset",
-        }
-        if task not in readers or not hasattr(official, readers[task]):
-            raise ValueError(f"no official-format reader for task {task!r} in mplug_fast.data.official")
-        try:
-            return getattr(official, readers[task])(**kwargs)
-        except TypeError as e:
-            raise ValueError(
-                f"data.official does not fit {readers[task]} ({e}); its keys are that reader's arguments"
-            ) from e
-    from dataclasses import asdict
-
-    from mplug_fast.tasks.base import synthetic_dataset
-
-    return synthetic_dataset(task, split, **asdict(config.data.synthetic))
-
-
 # ---- the trainer ---------------------------------------------------------------------------------------
 
 
 class Trainer:
-    """Trains ``objective`` (an ``nn.Module`` with ``forward(batch) -> dict`` holding "loss") on ``dataset``.
+    """Trains ``objective`` on ``dataset`` as ``config`` says (optimisation, schedule, precision,
+    distribution, checkpoints, logging).
 
     Args:
-        config: the run config (optimisation, schedule, precision, distribution, checkpoints, logging).
-        objective: the module to train; None builds model + objective from ``config``.
-        dataset: samples (dicts); None builds it from ``config.data``.
-        collate_fn: samples -> batch; None = ``build_collate(task)``.
+        config: the run config.
+        objective: the `Objective` to train (it holds its model).
+        dataset: samples (dicts); ``collate_fn`` turns a list of them into a batch.
         env: the process group view; None = ``init_distributed`` from the torchrun environment.
+        seed: seed every RNG with ``config.seed + rank`` first (False when the caller already did, before
+            building the parts: `from_config`).
     """
 
     def __init__(
         self,
         config: RunConfig,
-        objective: nn.Module | None = None,
-        dataset: Dataset | None = None,
-        collate_fn: Callable[[list], dict] | None = None,
+        objective: Objective,
+        dataset: Dataset,
+        collate_fn: Callable[[list], dict],
         env: DistEnv | None = None,
+        *,
+        seed: bool = True,
     ):
+        if not isinstance(objective, Objective):
+            raise TypeError(
+                f"Trainer trains an mplug_fast.objectives.Objective, got {type(objective).__name__} "
+                "(subclass Objective: forward(batch) -> {'loss': ...}, after_optimizer_step())"
+            )
         self.config = config
         self.env = env or init_distributed(config.device, config.distributed.backend)
-        seed_everything(config.seed + self.env.rank)
-        task = config.objective.name or config.model.task
-        self.tokenizer = None
-        if objective is None or collate_fn is None:
-            from mplug_fast.data import Tokenizer
-
-            self.tokenizer = Tokenizer()
-        if objective is None:
-            model = build_model_from_config(config)
-            objective = build_objective_from_config(config, model, self.tokenizer)
+        if seed:
+            seed_everything(config.seed + self.env.rank)
         self.objective = objective.to(self.env.device)
         if config.precision.grad_checkpointing:
             wrapped = enable_gradient_checkpointing(self.objective)
@@ -253,12 +128,7 @@ class Trainer:
         if config.precision.compile:
             self.model = torch.compile(self.model, backend=config.precision.compile_backend)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-
-        self.dataset = dataset if dataset is not None else build_dataset_from_config(config, task, "train")
-        if collate_fn is None:
-            options = {} if config.data.max_length is None else {_length_option(task): config.data.max_length}
-            collate_fn = build_collate(task, self.tokenizer, **options)
-        self.collate_fn = collate_fn
+        self.dataset, self.collate_fn = dataset, collate_fn
         self.sampler = ResumableSampler(
             len(self.dataset), self.env.rank, self.env.world_size, config.data.shuffle, config.seed
         )
@@ -293,9 +163,20 @@ class Trainer:
         self.nonfinite_total, self.nonfinite_in_row = 0, 0
         self._stop_requested = False
         self.output_dir = Path(config.output_dir)
-        self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.metrics_path = self.output_dir / "metrics.jsonl"
-        self._tb = None
+        self.checkpoints = CheckpointManager(
+            self.output_dir / "checkpoints", config.checkpoint.keep_last, config.checkpoint.every_steps
+        )
+        self.checkpoint_dir = self.checkpoints.directory
+        self.metrics = MetricsLog(self.output_dir, tensorboard=config.logging.tensorboard)
+        self.metrics_path = self.metrics.path
+
+    @classmethod
+    def from_config(cls, config: RunConfig, env: DistEnv | None = None) -> Trainer:
+        """A trainer of the parts `build_parts` makes of ``config`` (seeded before they are built)."""
+        env = env or init_distributed(config.device, config.distributed.backend)
+        seed_everything(config.seed + env.rank)
+        parts = build_parts(config)
+        return cls(config, parts.objective, parts.dataset, parts.collate_fn, env, seed=False)
 
     def _steps_for_epochs(self, epochs: float) -> int:
         """Optimizer steps of ``epochs`` passes: ceil(epochs x (this rank's batches per epoch // accum))."""
@@ -313,7 +194,7 @@ class Trainer:
 
     def _new_iterator(self) -> None:
         self.sampler.set_position(self.epoch, self.offset)
-        if hasattr(self.dataset, "set_epoch"):  # e.g. the official pretraining list's caption draw
+        if isinstance(self.dataset, EpochAware):  # e.g. the official pretraining list's caption draw
             self.dataset.set_epoch(self.epoch)
         self._loader_generator.manual_seed(self.config.seed * 1_000_003 + self.epoch * 7919 + self.env.rank)
         self._iter = iter(self.loader)
@@ -375,9 +256,8 @@ class Trainer:
             self.nonfinite_in_row += 1
         else:
             stepped = self.precision.step(self.optimizer)  # False: the fp16 scaler skipped an inf gradient
-            hook = getattr(self.objective, "after_optimizer_step", None)
-            if hook is not None and stepped:
-                hook()
+            if stepped:
+                self.objective.after_optimizer_step()
             self.nonfinite_in_row = 0
         self.scheduler.step()
         self.step += 1
@@ -425,10 +305,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = self.state_dict()
-        path = checkpoint_path(self.checkpoint_dir, self.step)
+        path = self.checkpoints.directory / f"step-{self.step:08d}.pt"
         if self.env.is_main:
-            atomic_save(state, path)
-            prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep_last)
+            path = self.checkpoints.save(state, self.step)
             if self.config.logging.plots:
                 self.plot()
         barrier(self.env)
@@ -469,63 +348,26 @@ class Trainer:
 
     def resume(self, resume: str | Path | None) -> Path | None:
         """Loads the checkpoint named by ``resume`` ("latest", "auto", a file or a directory)."""
-        path = resolve_resume(None if resume is None else str(resume), self.checkpoint_dir)
+        path = self.checkpoints.resolve(resume)
         if path is None:
             return None
-        self.load_state_dict(load_checkpoint(path))
-        if self.env.is_main and self.metrics_path.is_file():  # drop records past the resumed step
-            kept = [
-                line
-                for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step
-            ]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        self.load_state_dict(self.checkpoints.load(path))
+        if self.env.is_main:  # drop records past the resumed step
+            self.metrics.truncate_after(self.step)
         return path
 
     # ---- logging -------------------------------------------------------------------------------------
 
     def _log(self, record: dict[str, Any]) -> None:
-        if not self.env.is_main:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
+        if self.env.is_main:
+            self.metrics.write(record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return self.metrics.read()
 
     def plot(self) -> Path | None:
-        """``loss_curves.png``: one panel per logged loss (``loss`` and its parts) against the step."""
-        records = self.read_metrics()
-        keys = [k for k in (records[0] if records else {}) if k == "loss" or k.startswith("loss")]
-        if not keys:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        cols = min(3, len(keys))
-        rows = math.ceil(len(keys) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-        for ax, key in zip(axes.flat, keys):
-            pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
-            if pts:
-                ax.plot(*zip(*pts))
-            ax.set_title(key)
-            ax.set_xlabel("step")
-        for ax in list(axes.flat)[len(keys) :]:
-            ax.axis("off")
-        fig.tight_layout()
-        path = self.output_dir / "loss_curves.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        return path
+        """``loss_curves.png`` (see `MetricsLog.plot`)."""
+        return self.metrics.plot()
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -554,21 +396,13 @@ class Trainer:
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.output_dir / "config.yaml")
-            if cfg.logging.tensorboard and self._tb is None:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
-                except ImportError:
-                    self._tb = None
+            self.metrics.open()
         resumed_from = self.resume(resume)
         barrier(self.env)
         self.model.train()
         previous = self._install_sigint()
         progress = None
         if cfg.logging.progress and self.env.is_main:
-            from tqdm.auto import tqdm
-
             progress = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         samples_per_step = cfg.data.batch_size * cfg.optim.accum_steps * self.env.world_size
         window: dict[str, float] = {}
@@ -616,8 +450,7 @@ class Trainer:
                 if self._stop_requested:
                     status = "interrupted"
                     break
-                every = cfg.checkpoint.every_steps
-                if every and self.step % every == 0 and self.step < max_steps:
+                if self.checkpoints.due(self.step, max_steps):
                     ckpt = self.save_checkpoint()
             if status == "interrupted" or self.step > start_step or resumed_from is None:
                 ckpt = self.save_checkpoint()
@@ -626,8 +459,7 @@ class Trainer:
                 progress.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-            if self._tb is not None:
-                self._tb.flush()
+            self.metrics.flush()
         elapsed = time.perf_counter() - start_time
         steps = self.step - start_step
         return {
@@ -642,7 +474,3 @@ class Trainer:
             "checkpoint": str(ckpt) if ckpt else None,
             "resumed_from": str(resumed_from) if resumed_from else None,
         }
-
-
-def _length_option(task: str) -> str:
-    return "max_question_length" if task == "vqa" else "max_length"

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from mplug_fast.data import Tokenizer
-from mplug_fast.data.collate import build_collate
 from mplug_fast.data.official_pairs import NLVR2JsonDataset, SNLIVEJsonDataset, load_annotations
 from mplug_fast.data.synthetic import SyntheticWorld
 from mplug_fast.data.synthetic.pairs import (
@@ -27,6 +26,7 @@ from mplug_fast.data.synthetic.pairs import (
     pair_vocabulary,
 )
 from mplug_fast.data.transforms import test_transform
+from mplug_fast.tasks import get_task
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
@@ -203,13 +203,13 @@ def test_options_are_checked(world):
 def test_collators(world):
     tok = Tokenizer()
     ve = VEDataset(world, 6)
-    batch = build_collate("ve", tok)([ve[i] for i in range(4)])
+    batch = get_task("ve").collate(tok)([ve[i] for i in range(4)])
     assert batch["images"].shape == (4, 3, 32, 32) and batch["labels"].tolist() == [0, 1, 2, 0]
     assert batch["text_ids"].shape == batch["text_mask"].shape and batch["text_mask"].dtype == torch.bool
     assert tok.decode(batch["text_ids"][1], skip_special_tokens=True) == ve[1]["sentence"]
     assert batch["type"] == [ve[i]["type"] for i in range(4)] and "sentence" not in batch
     nl = NLVRDataset(world, 6)
-    batch = build_collate("nlvr", tok, max_length=6)([nl[i] for i in range(3)])
+    batch = get_task("nlvr").collate(tok, max_length=6)([nl[i] for i in range(3)])
     assert batch["images"].shape == (3, 2, 3, 32, 32) and batch["labels"].tolist() == [0, 1, 0]
     assert batch["text_ids"].shape[1] <= 6 and batch["right_image_id"] == [
         nl[i]["right_image_id"] for i in range(3)
@@ -217,13 +217,13 @@ def test_collators(world):
 
     samples = [nl[i] for i in range(2)]
     unlabelled = [{k: v for k, v in s.items() if k != "label"} for s in samples]
-    assert "labels" not in build_collate("nlvr", tok)(unlabelled)
+    assert "labels" not in get_task("nlvr").collate(tok)(unlabelled)
     with pytest.raises(ValueError, match="some samples have a 'label'"):
-        build_collate("nlvr", tok)([samples[0], unlabelled[1]])
+        get_task("nlvr").collate(tok)([samples[0], unlabelled[1]])
     with pytest.raises(TypeError, match=r"must be a \[2, 3, R, R\] tensor"):
-        build_collate("nlvr", tok)([{**samples[0], "images": samples[0]["images"][0]}])
+        get_task("nlvr").collate(tok)([{**samples[0], "images": samples[0]["images"][0]}])
     with pytest.raises(KeyError, match="lacks"):
-        build_collate("ve", tok)([{"image": ve[0]["image"]}])
+        get_task("ve").collate(tok)([{"image": ve[0]["image"]}])
 
 
 # ---- official-format readers -------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_nlvr2_reader(tmp_path):
         ref = test_transform(16)
         assert torch.equal(s["images"][0], ref(Image.open(root / "dev" / "a.png").convert("RGB")))
         assert torch.equal(s["images"][1], ref(Image.open(root / "dev" / "b.png").convert("RGB")))
-        batch = build_collate("nlvr")([ds[i] for i in range(3)])
+        batch = get_task("nlvr").collate()([ds[i] for i in range(3)])
         assert batch["images"].shape == (3, 2, 3, 16, 16) and batch["labels"].tolist() == [1, 0, 1]
 
 
@@ -282,7 +282,7 @@ def test_snli_ve_reader(tmp_path):
     samples = [ds[i] for i in range(3)]
     assert [s["image_id"] for s in samples] == [0, 1, 0]  # "100" and "100.jpg" are the same file
     assert samples[0]["sentence"] == "a man is sleeping" and samples[1]["label_name"] == "entailment"
-    batch = build_collate("ve")(samples)
+    batch = get_task("ve").collate()(samples)
     assert batch["images"].shape == (3, 3, 16, 16) and batch["labels"].tolist() == [0, 2, 1]
 
     unlabelled = SNLIVEJsonDataset([{"image": "200", "sentence": "x"}], root, split="test", image_size=16)

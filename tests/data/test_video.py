@@ -19,7 +19,6 @@ from mplug_fast.data.synthetic.video import (
     VideoCaptionDataset,
     VideoQADataset,
     VideoRetrievalDataset,
-    synthetic_video_dataset,
 )
 from mplug_fast.data.synthetic.world import COLORS, SyntheticWorld
 from mplug_fast.data.transforms import test_transform
@@ -32,6 +31,7 @@ from mplug_fast.data.video import (
     resample_frames,
     sample_frame_indices,
 )
+from mplug_fast.tasks import get_task
 
 # ---- frame sampling ------------------------------------------------------------------------------------
 
@@ -262,12 +262,12 @@ def test_datasets(world):
     ret = VideoRetrievalDataset(world, 3)
     assert len(ret.texts) == 6 and ret.txt2vid == [0, 0, 1, 1, 2, 2] and ret.vid2txt[1] == [2, 3]
     assert torch.equal(ret[3]["video"], ret.video(1)) and ret[3]["caption"] == ret.texts[3]
-    ds = synthetic_video_dataset(
-        "video_qa", "test", image_size=16, num_scenes=10, eval_scenes=2, vqa_types=["color", "spatial"]
+    ds = get_task("video_qa").synthetic_dataset(
+        "test", image_size=16, num_scenes=10, eval_scenes=2, vqa_types=["color", "spatial"]
     )
     assert isinstance(ds, VideoQADataset) and ds.types == ("color",) and ds.start == 10 and len(ds) == 2
-    with pytest.raises(ValueError, match="available: video_qa"):
-        synthetic_video_dataset("video_grounding")
+    with pytest.raises(ValueError, match="available: .*video_qa"):
+        get_task("video_grounding")
     with pytest.raises(ValueError, match="num_frames must be an int >= 2"):
         SyntheticVideoWorld(num_frames=1)
     with pytest.raises(ValueError, match="use num_frames <= 10"):

@@ -12,7 +12,7 @@ import torch
 
 import mplug_fast
 from mplug_fast.data import Tokenizer
-from mplug_fast.modeling import build_model
+from mplug_fast.tasks import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")

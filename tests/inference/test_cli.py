@@ -32,10 +32,21 @@ def _run(capsys, argv):
 
 
 def test_caption_cli(workdir, capsys, models, tokenizer):
-    from mplug_fast.inference import Pipeline
+    from mplug_fast.pipeline import Pipeline
 
     a, b = str(workdir / "a.png"), str(workdir / "b.jpg")
-    argv = ["caption", a, b, "--checkpoint", str(workdir / "caption"), "--beams", "2", "--max-length", "5"]
+    argv = [
+        "predict",
+        "caption",
+        a,
+        b,
+        "--checkpoint",
+        str(workdir / "caption"),
+        "--beams",
+        "2",
+        "--max-length",
+        "5",
+    ]
     doc = json.loads(_run(capsys, [*argv, "--min-length", "1", "--json"]))
     expected = Pipeline(models["caption"], tokenizer, beam_size=2, max_length=5, min_length=1).caption([a, b])
     assert [d["caption"] for d in doc] == expected and [d["image"] for d in doc] == [a, b]
@@ -44,31 +55,48 @@ def test_caption_cli(workdir, capsys, models, tokenizer):
 
 
 def test_vqa_ground_rank_cli(workdir, capsys, models, tokenizer):
-    from mplug_fast.inference import Pipeline
+    from mplug_fast.pipeline import Pipeline
 
     a = str(workdir / "a.png")
-    doc = json.loads(_run(capsys, ["vqa", a, "what is it?", "--checkpoint", str(workdir / "vqa"), "--json"]))
+    doc = json.loads(
+        _run(capsys, ["predict", "vqa", a, "what is it?", "--checkpoint", str(workdir / "vqa"), "--json"])
+    )
     assert doc["answer"] == Pipeline(models["vqa"], tokenizer).answer(a, "what is it?")
     doc = json.loads(
-        _run(capsys, ["ground", a, "the left block", "--checkpoint", str(workdir / "grounding"), "--json"])
+        _run(
+            capsys,
+            ["predict", "ground", a, "the left block", "--checkpoint", str(workdir / "grounding"), "--json"],
+        )
     )
     box = doc["box_xyxy"]
     assert len(box) == 4 and 0 <= box[0] <= box[2] <= 56 and 0 <= box[1] <= box[3] <= 40
-    out = _run(capsys, ["ground", a, "the left block", "--checkpoint", str(workdir / "grounding")])
+    out = _run(capsys, ["predict", "ground", a, "the left block", "--checkpoint", str(workdir / "grounding")])
     assert [float(x) for x in out.split()] == box
-    argv = ["rank", "--images", a, str(workdir / "b.jpg"), "--texts", "a dog", "two cats", "--k", "1"]
+    argv = [
+        "predict",
+        "rank",
+        "--images",
+        a,
+        str(workdir / "b.jpg"),
+        "--texts",
+        "a dog",
+        "two cats",
+        "--k",
+        "1",
+    ]
     doc = json.loads(_run(capsys, [*argv, "--checkpoint", str(workdir / "retrieval"), "--json"]))
     assert np.array(doc["i2t"]).shape == (2, 2) and np.array(doc["t2i"]).shape == (2, 2)
     assert len(doc["best_text_per_image"]) == 2
 
 
 def test_cli_in_a_fresh_process(workdir):
-    """`python -m mplug_fast caption` in a new interpreter (what an installed `mplug-fast` runs)."""
+    """`python -m mplug_fast predict caption` in a new interpreter (what an installed `mplug-fast` runs)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",
         "mplug_fast",
+        "predict",
         "caption",
         str(workdir / "a.png"),
         "--checkpoint",
@@ -86,7 +114,10 @@ def test_cli_in_a_fresh_process(workdir):
 
 
 def test_cli_user_errors_exit_2(workdir, capsys):
-    assert main(["vqa", str(workdir / "missing.png"), "what?", "--checkpoint", str(workdir / "vqa")]) == 2
+    assert (
+        main(["predict", "vqa", str(workdir / "missing.png"), "what?", "--checkpoint", str(workdir / "vqa")])
+        == 2
+    )
     assert "missing.png" in capsys.readouterr().err
-    assert main(["vqa", str(workdir / "a.png"), " ", "--checkpoint", str(workdir / "vqa")]) == 2
+    assert main(["predict", "vqa", str(workdir / "a.png"), " ", "--checkpoint", str(workdir / "vqa")]) == 2
     assert "question is empty" in capsys.readouterr().err

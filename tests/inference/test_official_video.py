@@ -18,7 +18,6 @@ from mplug_fast.data.official_video import (
 )
 from mplug_fast.data.video import load_video
 from mplug_fast.tasks import get_task
-from mplug_fast.tasks.base import official_dataset
 
 R = 16
 
@@ -78,8 +77,7 @@ def test_video_qa_reader_and_missing_policy(tmp_path, videos, tokenizer):
         _micro("vqa"), ds, tokenizer, batch_size=2, answer_list=["red", "blue"]
     )
     assert result["count"] == 2 and set(result["predictions"].values()) <= {"red", "blue"}
-    via_task = official_dataset(
-        "video_qa",
+    via_task = get_task("video_qa").official_dataset(
         "test",
         ann=str(ann),
         video_root=str(videos),
@@ -89,7 +87,7 @@ def test_video_qa_reader_and_missing_policy(tmp_path, videos, tokenizer):
     )
     assert isinstance(via_task, VideoQAJsonlDataset) and len(via_task) == 2
     with pytest.raises(ValueError, match="do not fit"):
-        official_dataset("video_qa", "test", ann=str(ann), video_root=str(videos), no_such_option=1)
+        get_task("video_qa").official_dataset("test", ann=str(ann), video_root=str(videos), no_such_option=1)
 
 
 def test_msrvtt_retrieval_gallery(tmp_path, videos, tokenizer):

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 import mplug_fast
-from mplug_fast.inference import Pipeline, caption_generate
-from mplug_fast.inference.pipeline import load_model
+from mplug_fast.inference import caption_generate
+from mplug_fast.pipeline import Pipeline, load_model
 
 
 def _image(seed: int, size=(40, 56)) -> np.ndarray:

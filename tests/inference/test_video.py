@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mplug_fast.data import Tokenizer
 from mplug_fast.generation import beam_search, rank_answers
 from mplug_fast.inference import caption_generate, retrieval_scores, vqa_generate, vqa_rank
 from mplug_fast.inference.video import (
@@ -187,7 +188,7 @@ def test_bad_video_shape(models, tokenizer):
 
 def _micro(task: str):
     from mplug_fast.config import get_config
-    from mplug_fast.modeling import build_model
+    from mplug_fast.tasks import build_model
     from tests.train.helpers import micro_overrides
 
     torch.manual_seed(0)
@@ -256,7 +257,7 @@ def test_cli_evaluates_an_image_checkpoint_on_videos(
 def test_finetune_refuses_video_tasks(capsys):
     from mplug_fast.cli import main
 
-    assert main(["finetune", "--task", "video_qa", "--max-steps", "1"]) == 2
+    assert main(["train", "--task", "video_qa", "--max-steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "zero-shot" in err and "--task vqa" in err
 
@@ -309,7 +310,7 @@ def test_image_vqa_model_answers_video_colour_questions_zero_shot(tmp_path):
             "data.synthetic.vqa_types=[color]",
         ],
     )
-    model, tok = trainer.objective.model.eval(), trainer.tokenizer
+    model, tok = trainer.objective.model.eval(), Tokenizer()
     videos = SyntheticVideoWorld(image_size=world.image_size, max_objects=1, seed=world.seed, num_frames=8)
     n = 200
     ds = VideoQADataset(videos, n, start=EVAL_START, types=("color",))

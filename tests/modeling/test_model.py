@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from mplug_fast.config import MPlugConfig, base, large, tiny
 from mplug_fast.modeling import (
-    TASK_MODELS,
     MPlugForCaption,
     MPlugForGrounding,
     MPlugForPretraining,
@@ -44,10 +43,14 @@ from mplug_fast.modeling.fusion import (
     ConnectedAttentionLayer,
     SkipConnectedFusion,
 )
+from mplug_fast.tasks import TASKS
 
 A, C = "asymmetric", "connected"
 V_TINY = tiny().text.vocab_size
 NV_TINY = tiny().vision.num_tokens  # 17
+
+# task -> model class of every task that builds its own model (the zero-shot video tasks borrow theirs)
+TASK_MODELS = {name: task.model_class for name, task in TASKS.items() if task.checkpoint_task is task}
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ FUSION_EMBEDDINGS = 23_837_184
 
 def meta_model(task: str, config: MPlugConfig):
     with torch.device("meta"):
-        return TASK_MODELS[task](config)
+        return TASKS[task].new_model(config)
 
 
 @pytest.mark.parametrize("res", sorted(VISION_B16))
@@ -386,8 +389,8 @@ def vqa() -> MPlugForVQA:
 def task_models() -> dict:
     torch.manual_seed(0)
     models = {}
-    for task, cls in TASK_MODELS.items():
-        model = cls(tiny())
+    for task in TASK_MODELS:
+        model = TASKS[task].new_model(tiny())
         model.init_weights()
         models[task] = model.eval()
     return models

@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mplug_fast.modeling import build_model
-from mplug_fast.objectives import build_objective
+from mplug_fast.tasks import build_model, build_objective
 
 from .conftest import small_config
 

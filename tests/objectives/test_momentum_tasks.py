@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from mplug_fast.data import Tokenizer
-from mplug_fast.modeling import build_model
-from mplug_fast.objectives import build_objective, momentum_update, parameter_pairs
-from mplug_fast.objectives.tasks import box_cxcywh_to_xyxy, generalized_iou, grounding_weights
+from mplug_fast.metrics.grounding import box_cxcywh_to_xyxy
+from mplug_fast.objectives import momentum_update, parameter_pairs
+from mplug_fast.tasks import build_model, build_objective
+from mplug_fast.tasks.grounding import generalized_iou, grounding_weights
 
 from .conftest import small_config
 

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from mplug_fast.data import SyntheticWorld, Tokenizer
-from mplug_fast.data.collate import build_collate
 from mplug_fast.data.synthetic.datasets import PretrainDataset
-from mplug_fast.modeling import build_model
-from mplug_fast.objectives import build_objective
 from mplug_fast.objectives.pretrain import warm_alpha
+from mplug_fast.tasks import build_model, build_objective, get_task
 
 from .conftest import small_config
 
@@ -38,7 +36,7 @@ def test_pretraining_losses_fall_on_the_synthetic_world(one_thread):
         "pretrain", model, tokenizer, queue_size=B, momentum=0.9, alpha_warmup_steps=20
     )
     dataset = PretrainDataset(SyntheticWorld(image_size=64, seed=0, max_objects=1), num_scenes=16)
-    collate = build_collate("pretrain", tokenizer)
+    collate = get_task("pretrain").collate(tokenizer)
     items = [dataset[i] for i in range(len(dataset))]
     optimizer = torch.optim.AdamW(
         [p for p in objective.parameters() if p.requires_grad], lr=1e-3, weight_decay=0

@@ -27,7 +27,7 @@ def tokenizer():
 
 def micro_model(task: str, seed: int = 0):
     from mplug_fast.config import get_config
-    from mplug_fast.modeling import build_model
+    from mplug_fast.tasks import build_model
 
     torch.manual_seed(seed)
     return build_model(get_config("tiny", **micro_overrides()), task).eval()

@@ -52,7 +52,7 @@ def _finetune_args(task: str, out: Path, steps: int = 2) -> list[str]:
     ]
     if task == "retrieval":
         sets.append("objective.options.queue_size=8")
-    args = ["finetune", "--task", task, "--config", str(CONFIGS / f"{task}_tiny_synthetic.yaml")]
+    args = ["train", "--task", task, "--config", str(CONFIGS / f"{task}_tiny_synthetic.yaml")]
     args += ["--output-dir", str(out), "--max-steps", str(steps), "--eval-batch-size", "4"]
     for s in sets:
         args += ["--set", s]

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import mplug_fast.inference as inference
-from mplug_fast.data.collate import build_collate
+import mplug_fast.tasks.caption as caption_task
+import mplug_fast.tasks.grounding as grounding_task
+import mplug_fast.tasks.vqa as vqa_task
 from mplug_fast.generation import GenerationOutput
 from mplug_fast.metrics import caption_scores, grounding_accuracy, retrieval_recall, vqa_accuracy
 from mplug_fast.metrics.vqa import exact_match
@@ -48,7 +50,7 @@ def test_vqa_generate_matches_manual(tokenizer, tmp_path):
     model = micro_model("vqa")
     data = spec.synthetic_dataset("test", **WORLD)
     out = spec.evaluate(model, data, tokenizer, batch_size=4, beam_size=2, output=tmp_path / "r.json")
-    batch = build_collate("vqa", tokenizer)(_samples(data))
+    batch = get_task("vqa").collate(tokenizer)(_samples(data))
     gen = inference.vqa_generate(
         model, batch["images"], batch["question_ids"], batch["question_mask"], beam_size=2
     )
@@ -78,7 +80,7 @@ def test_vqa_rank_and_oracle(tokenizer, monkeypatch):
     data = spec.synthetic_dataset("test", **WORLD)
     answers = ["yes", "no", "red", "two", "circle", "left"]
     out = spec.evaluate(model, data, tokenizer, batch_size=3, method="rank", answer_list=answers, k=4)
-    batch = build_collate("vqa", tokenizer)(_samples(data))
+    batch = get_task("vqa").collate(tokenizer)(_samples(data))
     enc = tokenizer([a + "[SEP]" for a in answers], padding="longest")
     ranked = inference.vqa_rank(
         model,
@@ -102,7 +104,7 @@ def test_vqa_rank_and_oracle(tokenizer, monkeypatch):
             tokenizer, [a[0] for a in batch["answers"]], torch.full((len(batch["answers"]), 1), 101)
         )
 
-    monkeypatch.setattr(inference, "vqa_generate", oracle)
+    monkeypatch.setattr(vqa_task, "vqa_generate", oracle)
     assert spec.evaluate(model, data, tokenizer, batch_size=len(data))["vqa_acc"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="answer_list"):
         spec.evaluate(model, data, tokenizer, method="rank")
@@ -167,7 +169,7 @@ def test_caption_matches_manual_and_oracle(tokenizer, tmp_path, monkeypatch):
         B = images.shape[0]
         return _ids_output(tokenizer, [s["captions"][0] for s in samples[:B]], torch.full((B, 1), 101))
 
-    monkeypatch.setattr(inference, "caption_generate", oracle)
+    monkeypatch.setattr(caption_task, "caption_generate", oracle)
     perfect = spec.evaluate(model, data, tokenizer, batch_size=len(data))
     assert perfect["BLEU_1"] == pytest.approx(1.0)
     base = spec.baseline(spec.synthetic_dataset("train", **WORLD), data)
@@ -227,7 +229,7 @@ def test_grounding_matches_manual_and_oracle(tokenizer, tmp_path, monkeypatch):
     model = micro_model("grounding")
     data = spec.synthetic_dataset("test", **WORLD)
     out = spec.evaluate(model, data, tokenizer, batch_size=4, output=tmp_path / "g.json")
-    batch = build_collate("grounding", tokenizer)(_samples(data))
+    batch = get_task("grounding").collate(tokenizer)(_samples(data))
     prefix, coords = inference.coordinate_token_ids(tokenizer)
     tokens = inference.ground_tokens(
         model, batch["images"], batch["text_ids"], batch["text_mask"], prefix, coords
@@ -242,7 +244,7 @@ def test_grounding_matches_manual_and_oracle(tokenizer, tmp_path, monkeypatch):
         bins = torch.floor(batch["boxes"][: images.shape[0]] * 336).long()
         return coord_ids[bins]
 
-    monkeypatch.setattr(inference, "ground_tokens", oracle)
+    monkeypatch.setattr(grounding_task, "ground_tokens", oracle)
     perfect = spec.evaluate(model, data, tokenizer, batch_size=len(data))
     assert perfect["acc@0.5"] == pytest.approx(100.0) and perfect["miou"] > 90
 
@@ -250,7 +252,7 @@ def test_grounding_matches_manual_and_oracle(tokenizer, tmp_path, monkeypatch):
         assert coord_ids.numel() == 33
         return coord_ids[torch.floor(batch["boxes"][: images.shape[0]] * 32).long()]
 
-    monkeypatch.setattr(inference, "ground_tokens", oracle_32)
+    monkeypatch.setattr(grounding_task, "ground_tokens", oracle_32)
     coarse = spec.evaluate(model, data, tokenizer, batch_size=len(data), num_bins=32)
     want = torch.floor(batch["boxes"].double() * 32) / 32
     assert torch.equal(coarse["boxes"], want) and coarse["miou"] > 50
@@ -270,7 +272,7 @@ def test_item_text_fast_paths_match_the_samples(tmp_path):
     from PIL import Image
 
     from mplug_fast.data.official import KarpathyCaptionDataset, VQAJsonDataset
-    from mplug_fast.tasks.base import item_text
+    from mplug_fast.tasks.evaluation import item_text
 
     Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.png")
     caps = [{"image": "a.png", "caption": ["A Cat", "two dogs"], "image_id": 3}]

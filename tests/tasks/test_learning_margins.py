@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mplug_fast.data import Tokenizer
 from mplug_fast.tasks import get_task
 from mplug_fast.train.config import load_config
 from mplug_fast.train.trainer import Trainer
@@ -42,15 +43,14 @@ def finetune_and_evaluate(
         ],
     )
     spec = get_task(task)
-    cfg.objective.options = {**spec.objective_options, **cfg.objective.options}
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_config(cfg)
     start = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - start
     world = {**asdict(cfg.data.synthetic), "eval_scenes": EVAL_SCENES}
     test = spec.synthetic_dataset("test", **world)
     options = {**spec.eval_options, **eval_options}
-    result = spec.evaluate(trainer.objective.model, test, trainer.tokenizer, batch_size=50, **options)
+    result = spec.evaluate(trainer.objective.model, test, Tokenizer(), batch_size=50, **options)
     base = spec.baseline(spec.synthetic_dataset("train", **world), test)
     print(f"\n{task}: {spec.metric} {result[spec.metric]:.3f} vs baseline {base.value:.3f} ({seconds:.0f} s)")
     if save_to is not None:

@@ -19,12 +19,10 @@ import torch
 import mplug_fast.checkpoint.io as checkpoint_io
 import mplug_fast.checkpoint.official as checkpoint_official
 from mplug_fast.cli import main
-from mplug_fast.data.collate import build_collate
 from mplug_fast.data.synthetic import SyntheticWorld
 from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset
-from mplug_fast.objectives import build_objective
-from mplug_fast.tasks import get_task
-from mplug_fast.tasks.pairs import baseline, evaluate
+from mplug_fast.tasks import build_objective, get_task
+from mplug_fast.tasks.classification import baseline, evaluate
 from tests.tasks.conftest import micro_model
 from tests.train.helpers import IMAGE_SIZE, micro_overrides
 
@@ -95,7 +93,7 @@ def test_objective_is_cross_entropy(task, tokenizer):
     model = micro_model(task).train()
     world = SyntheticWorld(image_size=IMAGE_SIZE, max_objects=2)
     ds = VEDataset(world, 6) if task == "ve" else NLVRDataset(world, 6)
-    batch = build_collate(task, tokenizer)([ds[i] for i in range(6)])
+    batch = get_task(task).collate(tokenizer)([ds[i] for i in range(6)])
     objective = build_objective(task, model, tokenizer)
     out = objective(batch)
     with torch.no_grad():
@@ -127,7 +125,8 @@ _OFFICIAL_NEW_HEADS = "new_head_prefixes" in inspect.getsource(checkpoint_offici
 )
 @pytest.mark.parametrize("task", ["ve", "nlvr"])
 def test_loads_a_pretrained_model_with_a_fresh_head(task, tmp_path, caplog):
-    from mplug_fast.checkpoint import from_pretrained, save_pretrained
+    from mplug_fast.checkpoint import save_pretrained
+    from mplug_fast.tasks import from_pretrained
 
     pretrained = micro_model("pretrain", seed=3)
     save_pretrained(pretrained, tmp_path / "pre")
@@ -155,7 +154,8 @@ def test_loads_a_pretrained_model_with_a_fresh_head(task, tmp_path, caplog):
 def test_a_ve_model_loads_as_nlvr_with_the_whole_head_new(tmp_path, caplog):
     """VE head [3, D] vs NLVR head [2, 2D]: every cls_head tensor is fresh (also fc1.bias, whose shape [D]
     is the same in both), every other tensor is the VE model's."""
-    from mplug_fast.checkpoint import from_pretrained, save_pretrained
+    from mplug_fast.checkpoint import save_pretrained
+    from mplug_fast.tasks import from_pretrained
 
     ve = micro_model("ve", seed=5)
     with torch.no_grad():
@@ -186,7 +186,7 @@ def test_a_ve_model_loads_as_nlvr_with_the_whole_head_new(tmp_path, caplog):
     "asked for in the NLVR / VE report)",
 )
 def test_loads_an_official_pretraining_checkpoint_with_a_fresh_head(caplog):
-    from mplug_fast.checkpoint import load_official_checkpoint
+    from mplug_fast.tasks import load_official_checkpoint
     from tests.checkpoint.official_layout import OfficialDims, make_official_state_dict
 
     state = make_official_state_dict(OfficialDims(), pretrain_layout=True)
@@ -261,7 +261,7 @@ def _finetune_args(task: str, out: Path, steps: int = 2, init_from: Path | None 
         "logging.plots=false",
         "logging.tensorboard=false",
     ]
-    args = ["finetune", "--task", task, "--config", str(CONFIGS / f"{task}_tiny_synthetic.yaml")]
+    args = ["train", "--task", task, "--config", str(CONFIGS / f"{task}_tiny_synthetic.yaml")]
     args += ["--output-dir", str(out), "--max-steps", str(steps), "--eval-batch-size", "4"]
     for s in sets:
         args += ["--set", s]
@@ -298,8 +298,8 @@ def test_official_readers_are_reachable_from_the_spec_and_the_trainer(tmp_path):
     from PIL import Image
 
     from mplug_fast.data.official_pairs import NLVR2JsonDataset, SNLIVEJsonDataset
+    from mplug_fast.train.build import build_dataset as build_dataset_from_config
     from mplug_fast.train.config import load_config
-    from mplug_fast.train.trainer import build_dataset_from_config
 
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "1.jpg")
     ve_ann = [{"image": "1", "sentence": "a", "label": "neutral"}]

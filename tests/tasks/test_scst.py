@@ -19,7 +19,7 @@ import torch
 
 from mplug_fast.data.synthetic import CaptionDataset, SyntheticWorld
 from mplug_fast.generation import GenerationOutput, beam_search
-from mplug_fast.objectives.scst import SCSTObjective, advantages, document_frequencies
+from mplug_fast.tasks.scst import SCSTObjective, advantages, document_frequencies
 from tests.tasks.conftest import micro_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -263,12 +263,10 @@ def test_bad_input_errors(tokenizer, images):
 
 
 def test_scst_model_objective_and_data_wiring(tokenizer, tmp_path):
-    from mplug_fast.checkpoint import from_pretrained, save_pretrained
-    from mplug_fast.data.collate import build_collate
-    from mplug_fast.objectives import build_objective
-    from mplug_fast.tasks import get_task
+    from mplug_fast.checkpoint import save_pretrained
+    from mplug_fast.tasks import build_objective, from_pretrained, get_task
+    from mplug_fast.train.build import build_dataset as build_dataset_from_config
     from mplug_fast.train.config import load_config
-    from mplug_fast.train.trainer import build_dataset_from_config
 
     caption = micro_model("caption")
     save_pretrained(caption, tmp_path / "ce")
@@ -289,7 +287,7 @@ def test_scst_model_objective_and_data_wiring(tokenizer, tmp_path):
     config = load_config(CONFIGS / "scst_tiny_synthetic.yaml", ["data.synthetic.num_scenes=8"])
     train = build_dataset_from_config(config, "scst")
     assert len(train) == 8 and train[3]["captions"] == SyntheticWorld(32, max_objects=3).scene(3).captions
-    batch = build_collate("scst", tokenizer)([train[i] for i in range(3)])
+    batch = get_task("scst").collate(tokenizer)([train[i] for i in range(3)])
     assert batch["images"].shape[0] == 3 and batch["captions"][1] == train[1]["captions"]
     task = get_task("scst")
     assert task.metric == "CIDEr" and task.evaluate is get_task("caption").evaluate
@@ -317,7 +315,7 @@ def test_finetune_scst_cli_from_a_caption_model(tmp_path, capsys):
         "logging.plots=false",
         "logging.tensorboard=false",
     ]
-    args = ["finetune", "--task", "scst", "--config", str(CONFIGS / "scst_tiny_synthetic.yaml")]
+    args = ["train", "--task", "scst", "--config", str(CONFIGS / "scst_tiny_synthetic.yaml")]
     args += ["--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--eval-batch-size", "3"]
     args += ["--eval-option", "beam_size=2", "--eval-option", "max_length=6", "--eval-option", "min_length=1"]
     for s in sets:
@@ -365,8 +363,8 @@ def test_scst_raises_cider_over_the_ce_start(tmp_path):
 
     from mplug_fast.config import get_config
     from mplug_fast.data.collate import CaptionCollator
-    from mplug_fast.modeling import build_model
-    from mplug_fast.objectives import CaptionObjective, build_objective
+    from mplug_fast.tasks import build_model, build_objective
+    from mplug_fast.tasks.caption import CaptionObjective
 
     start = time.perf_counter()
     world = SyntheticWorld(image_size=32, max_objects=2)

@@ -11,9 +11,8 @@ from torch import Tensor, nn
 
 from mplug_fast.config import get_config
 from mplug_fast.data import Tokenizer
-from mplug_fast.data.collate import build_collate
 from mplug_fast.data.synthetic import SyntheticWorld, VQADataset
-from mplug_fast.modeling import build_model
+from mplug_fast.tasks import build_model, get_task
 from mplug_fast.train.config import from_dict
 
 IMAGE_SIZE = 16
@@ -117,7 +116,7 @@ def dataset(n: int = 24) -> MemoryDataset:
 
 
 def collate():
-    return build_collate("vqa", tokenizer())
+    return get_task("vqa").collate(tokenizer())
 
 
 def run_config(tmp_path, **sections: Any):

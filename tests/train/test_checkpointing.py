@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mplug_fast.train import checkpointing as ck
+from mplug_fast.train import checkpointer as ck
 
 
 def _state(step: int) -> dict:
@@ -40,7 +40,7 @@ def test_kill_during_write_keeps_previous(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal, torch
-        from mplug_fast.train import checkpointing as ck
+        from mplug_fast.train import checkpointer as ck
         d = {str(tmp_path)!r}
         ck.atomic_save({{"step": 1, "w": torch.ones(256, 256)}}, ck.checkpoint_path(d, 1))
         real_save = torch.save

@@ -69,12 +69,26 @@ def test_pretrain_cli_runs_and_resumes(tmp_path, capsys):
 
 
 def test_pretrain_cli_errors(tmp_path, capsys):
-    assert main(["pretrain", "--config", CONFIG, "--set", "optim.lrr=1"]) == 2
+    assert main(["train", "--task", "pretrain", "--config", CONFIG, "--set", "optim.lrr=1"]) == 2
     assert "unknown key 'optim.lrr'" in capsys.readouterr().err
-    assert main(["pretrain", "--config", CONFIG, "--set", "model.task=vqa"]) == 2
+    assert main(["train", "--task", "pretrain", "--config", CONFIG, "--set", "model.task=vqa"]) == 2
     assert "mplug-fast train" in capsys.readouterr().err
-    assert main(["pretrain", "--config", str(tmp_path / "none.yaml")]) == 2
-    assert main(["pretrain", "--config", CONFIG, "--set", "schedule.max_steps=50", "--print-config"]) == 0
+    assert main(["train", "--task", "pretrain", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "pretrain",
+                "--config",
+                CONFIG,
+                "--set",
+                "schedule.max_steps=50",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     assert "max_steps: 50" in capsys.readouterr().out
     assert main([*_args(tmp_path, 1), "--resume"]) == 2  # nothing to resume from
     assert "no checkpoint" in capsys.readouterr().err

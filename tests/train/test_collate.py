@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mplug_fast.data.collate import build_collate, move_to
+from mplug_fast.data.collate import move_to
 from mplug_fast.data.synthetic import (
     CaptionDataset,
     GroundingDataset,
@@ -13,6 +13,7 @@ from mplug_fast.data.synthetic import (
     RetrievalDataset,
     SyntheticWorld,
 )
+from mplug_fast.tasks import get_task
 from tests.train.helpers import tokenizer
 
 WORLD = SyntheticWorld(image_size=16, max_objects=2)
@@ -34,7 +35,7 @@ def test_vqa_flattens_answers():
         {"image": _image(), "question": "is there a circle?", "answers": ["yes"], "question_id": 5},
     ]
     samples[0]["question_id"] = 4
-    b = build_collate("vqa", tok)(samples)
+    b = get_task("vqa").collate(tok)(samples)
     assert b["images"].shape == (2, 3, 16, 16)
     assert b["question_mask"].dtype == torch.bool and b["answer_mask"].dtype == torch.bool
     assert b["answer_index"].tolist() == [0, 0, 1] and b["answer_weights"].tolist() == pytest.approx(
@@ -46,25 +47,27 @@ def test_vqa_flattens_answers():
     assert b["question_ids"].tolist()[1][: b["question_mask"][1].sum()] == tok.encode("is there a circle?")
     assert b["question_id"] == [4, 5] and b["answers"] == [["red", "dark red"], ["yes"]]
     long_q = {"image": _image(), "question": " ".join(["word"] * 40), "answers": ["yes"]}
-    assert build_collate("vqa", tok)([long_q])["question_ids"].shape[1] == 25  # official truncation
+    assert get_task("vqa").collate(tok)([long_q])["question_ids"].shape[1] == 25  # official truncation
 
 
 def test_other_tasks():
     tok = tokenizer()
-    p = build_collate("pretrain", tok)([PretrainDataset(WORLD, 3)[i] for i in range(3)])
+    p = get_task("pretrain").collate(tok)([PretrainDataset(WORLD, 3)[i] for i in range(3)])
     assert set(p) >= {"images", "text_ids", "text_mask"} and p["text_mask"].dtype == torch.bool
     assert (p["text_ids"][:, 0] == tok.cls_token_id).all()
-    c = build_collate("caption", tok, prompt="a picture of ")([CaptionDataset(WORLD, 2)[i] for i in range(2)])
+    c = get_task("caption").collate(tok, prompt="a picture of ")(
+        [CaptionDataset(WORLD, 2)[i] for i in range(2)]
+    )
     n = int(c["caption_mask"][0].sum())
     ids = c["caption_ids"][0, :n].tolist()
     assert ids[-2:] == [tok.sep_token_id] * 2 and ids[1:4] == tok.encode(
         "a picture of", add_special_tokens=False
     )
-    test = build_collate("caption", tok)([CaptionDataset(WORLD, 2, split="test")[i] for i in range(2)])
+    test = get_task("caption").collate(tok)([CaptionDataset(WORLD, 2, split="test")[i] for i in range(2)])
     assert "caption_ids" not in test and len(test["captions"][0]) >= 4
-    r = build_collate("retrieval", tok)([RetrievalDataset(WORLD, 2)[i] for i in range(4)])
+    r = get_task("retrieval").collate(tok)([RetrievalDataset(WORLD, 2)[i] for i in range(4)])
     assert r["image_ids"].tolist() == [0, 0, 1, 1] and r["image_ids"].dtype == torch.long
-    g = build_collate("grounding", tok)([GroundingDataset(WORLD, 2)[i] for i in range(2)])
+    g = get_task("grounding").collate(tok)([GroundingDataset(WORLD, 2)[i] for i in range(2)])
     assert g["text_ids"].shape == (2, 20) and g["boxes"].shape == (2, 4) and g["boxes"].dtype == torch.float32
     assert move_to(g, "cpu")["boxes"] is not None
 
@@ -72,14 +75,14 @@ def test_other_tasks():
 def test_errors():
     tok = tokenizer()
     with pytest.raises(ValueError, match="no collator for task 'nope'"):
-        build_collate("nope", tok)
+        get_task("nope").collate(tok)
     with pytest.raises(ValueError, match="empty batch"):
-        build_collate("pretrain", tok)([])
+        get_task("pretrain").collate(tok)([])
     with pytest.raises(KeyError, match=r"lacks \['caption'\]"):
-        build_collate("pretrain", tok)([{"image": _image()}])
+        get_task("pretrain").collate(tok)([{"image": _image()}])
     with pytest.raises(TypeError, match=r"must be a \[3, R, R\] tensor"):
-        build_collate("pretrain", tok)([{"image": "file.jpg", "caption": "x"}])
+        get_task("pretrain").collate(tok)([{"image": "file.jpg", "caption": "x"}])
     with pytest.raises(ValueError, match="2 answers but 1 weights"):
-        build_collate("vqa", tok)(
+        get_task("vqa").collate(tok)(
             [{"image": _image(), "question": "q", "answers": ["a", "b"], "weights": [1.0]}]
         )

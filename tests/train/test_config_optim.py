@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mplug_fast.config import get_config
-from mplug_fast.modeling import build_model
+from mplug_fast.tasks import build_model
 from mplug_fast.train.config import ConfigError, RunConfig, from_dict, load_config
 from mplug_fast.train.optim import build_optimizer, param_groups
 from mplug_fast.train.schedule import WarmupCosine, lr_at
@@ -191,8 +191,8 @@ def test_official_data_source(tmp_path):
 
     from PIL import Image
 
-    from mplug_fast.data.collate import build_collate
-    from mplug_fast.train.trainer import build_dataset_from_config
+    from mplug_fast.tasks import get_task
+    from mplug_fast.train.build import build_dataset as build_dataset_from_config
 
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.jpg")
     (tmp_path / "p.json").write_text(json.dumps([{"image": "a.jpg", "caption": "A red thing!"}]))
@@ -201,7 +201,7 @@ def test_official_data_source(tmp_path):
         [f"data.official={{ann: {tmp_path / 'p.json'}, image_root: {tmp_path}, image_size: 32}}"],
     )
     ds = build_dataset_from_config(cfg, "pretrain")
-    batch = build_collate("pretrain")([ds[0]])
+    batch = get_task("pretrain").collate()([ds[0]])
     assert type(ds).__name__ == "PretrainJsonDataset" and batch["images"].shape == (1, 3, 32, 32)
     bad = load_config(None, ["data.source=official", "data.official={nonsense: 1}"])
     with pytest.raises(ValueError, match="does not fit PretrainJsonDataset"):

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mplug_fast.data.collate import build_collate
+from mplug_fast.data import Tokenizer
 from mplug_fast.data.synthetic import QA_TYPES, SyntheticWorld, VQADataset, majority_baseline
 from mplug_fast.generation import rank_answers
+from mplug_fast.tasks import get_task
 from mplug_fast.train.config import load_config
 from mplug_fast.train.trainer import Trainer
 
@@ -50,7 +51,7 @@ def vqa_accuracy(
     """
     model.eval()
     ds = VQADataset(world, n, start=start, types=types)
-    collate = build_collate("vqa", tokenizer)
+    collate = get_task("vqa").collate(tokenizer)
     answers = world.answer_list()
     enc = tokenizer([a + "[SEP]" for a in answers])
     hits: dict[str, list[bool]] = {}
@@ -80,7 +81,7 @@ def train_and_evaluate(tmp_path: Path, overrides: list[str]):
             *overrides,
         ],
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_config(cfg)
     start = time.perf_counter()
     summary = trainer.fit()
     seconds = time.perf_counter() - start
@@ -118,7 +119,7 @@ def test_tiny_vqa_learns_colour_from_the_image(tmp_path):
             "data.synthetic.vqa_types=[color]",
         ],
     )
-    model, tok = trainer.objective.model, trainer.tokenizer
+    model, tok = trainer.objective.model, Tokenizer()
     acc, per_type = vqa_accuracy(model, tok, world, EVAL_QUESTIONS, EVAL_START, types)
     _, shuffled = vqa_accuracy(model, tok, world, EVAL_QUESTIONS, EVAL_START, types, shuffle_images=True)
     _report("VQA colour from the image", steps, seconds, summary, acc, base, per_type, shuffled)
@@ -135,7 +136,7 @@ def test_tiny_vqa_full_config(tmp_path):
     """The shipped config as is (one-object scenes, every question type, 1500 steps: ~4.5 min on 2 busy
     cores) beats the majority answer and learns colour from the image (measured: 0.85 vs prior 0.18)."""
     summary, seconds, world, types, base, trainer = train_and_evaluate(tmp_path, [])
-    model, tok = trainer.objective.model, trainer.tokenizer
+    model, tok = trainer.objective.model, Tokenizer()
     acc, per_type = vqa_accuracy(model, tok, world, EVAL_QUESTIONS, EVAL_START, types)
     _, shuffled = vqa_accuracy(model, tok, world, EVAL_QUESTIONS, EVAL_START, types, shuffle_images=True)
     steps = trainer.config.schedule.max_steps

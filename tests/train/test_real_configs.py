@@ -19,8 +19,9 @@ import pytest
 import torch
 import yaml
 
+from mplug_fast.train.build import build_model as build_model_from_config
+from mplug_fast.train.build import build_objective as build_objective_from_config
 from mplug_fast.train.config import RunConfig, from_dict, load_config
-from mplug_fast.train.trainer import build_model_from_config, build_objective_from_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -142,7 +143,7 @@ def test_config_builds_model_and_objective_on_meta(path: Path):
 def _reader(task: str):
     """The official reader class of ``task``, or None where the task builds its data another way."""
     from mplug_fast.data import official
-    from mplug_fast.tasks.base import OFFICIAL_READERS
+    from mplug_fast.tasks.evaluation import OFFICIAL_READERS
 
     readers = {"pretrain": "PretrainJsonDataset", "scst": "KarpathyCaptionDataset", **OFFICIAL_READERS}
     try:
@@ -158,14 +159,14 @@ def _reader(task: str):
 def test_config_options_fit_their_consumers(path: Path):
     """data.official (train and evaluation), data.max_length, eval.options: accepted by the reader's, the
     collator's and the evaluate function's signatures (a typo would otherwise surface hours into a run)."""
-    from mplug_fast.data.collate import build_collate
+    from mplug_fast.tasks import get_task
     from mplug_fast.tasks.cli import check_eval_options
     from mplug_fast.train.trainer import _length_option
 
     cfg = load_config(path)
     task = cfg.objective.name or cfg.model.task
     options = {} if cfg.data.max_length is None else {_length_option(task): cfg.data.max_length}
-    build_collate(task, _tokenizer(), **options)
+    get_task(task).collate(_tokenizer(), **options)
     if task != "pretrain":
         check_eval_options(task, cfg.eval.options, f"{path.name} eval.options")
     if cfg.data.source != "official":
@@ -350,8 +351,8 @@ def test_real_config_has_the_official_settings(name: str):
 def test_eval_section_gives_the_evaluation_defaults(tmp_path, monkeypatch):
     """Weakest first: the task's eval_options, the config's eval section, the CLI arguments."""
     from mplug_fast import tasks
-    from mplug_fast.tasks.base import Baseline
-    from mplug_fast.tasks.cli import run_evaluation
+    from mplug_fast.tasks.evaluation import Baseline
+    from mplug_fast.train.evaluation import run_evaluation
 
     seen: dict[str, Any] = {}
 

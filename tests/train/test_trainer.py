@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from mplug_fast.train.checkpointing import list_checkpoints, load_checkpoint
+from mplug_fast.train.checkpointer import list_checkpoints, load_checkpoint
 from mplug_fast.train.trainer import NonFiniteLossError, Trainer
 from tests.train.helpers import collate, dataset, make_objective, run_config, state_equal
 

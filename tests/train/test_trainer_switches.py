@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mplug_fast.train.checkpointing import load_checkpoint
+from mplug_fast.train.checkpointer import load_checkpoint
 from mplug_fast.train.precision import enable_gradient_checkpointing
 from mplug_fast.train.trainer import Trainer
 from tests.train.helpers import collate, dataset, make_objective, run_config, state_equal
@@ -58,8 +58,7 @@ class _SameBatch(torch.utils.data.Dataset):
 def _vqa_objective(seed: int = 0) -> torch.nn.Module:
     """The library's VQA objective (no momentum copies) on the micro model."""
     from mplug_fast.config import get_config
-    from mplug_fast.modeling import build_model
-    from mplug_fast.objectives import build_objective
+    from mplug_fast.tasks import build_model, build_objective
     from tests.train.helpers import micro_overrides
 
     torch.manual_seed(seed)
@@ -194,8 +193,7 @@ def test_grad_checkpointing_same_loss_and_grads_with_dropout():
 
 def test_grad_checkpointing_leaves_momentum_copies_alone():
     from mplug_fast.config import get_config
-    from mplug_fast.modeling import build_model
-    from mplug_fast.objectives import build_objective
+    from mplug_fast.tasks import build_model, build_objective
     from tests.train.helpers import micro_overrides
 
     model = build_model(get_config("tiny", **micro_overrides()), "vqa")
@@ -236,8 +234,8 @@ def test_epochs_give_max_steps_and_absolute_warmup_lr(tmp_path):
 
 def test_init_from_official_checkpoint_file(tmp_path):
     """``model.init_from`` naming a .pth file loads it with the run's resolution and stride."""
-    from mplug_fast.checkpoint import load_official_checkpoint
-    from mplug_fast.train.trainer import build_model_from_config
+    from mplug_fast.tasks import load_official_checkpoint
+    from mplug_fast.train.build import build_model as build_model_from_config
     from tests.checkpoint.official_layout import OfficialDims, make_official_state_dict
 
     sd = make_official_state_dict(OfficialDims(slots=6, fusion_layers=6))  # 4x4 grid of 8 px patches

@@ -14,13 +14,12 @@ from mplug_fast.data.synthetic.datasets import (
     vqa_collate,
     world_majority_baseline,
 )
-from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset, pair_dataset
+from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset
 from mplug_fast.data.synthetic.video import (
     SyntheticVideoWorld,
     VideoCaptionDataset,
     VideoQADataset,
     VideoRetrievalDataset,
-    synthetic_video_dataset,
 )
 from mplug_fast.data.synthetic.world import (
     COLORS,
@@ -41,7 +40,6 @@ __all__ = [
     "VideoCaptionDataset",
     "VideoQADataset",
     "VideoRetrievalDataset",
-    "synthetic_video_dataset",
     "COLORS",
     "GROUNDING_NUM_BINS",
     "NUMBER_WORDS",
@@ -53,7 +51,6 @@ __all__ = [
     "GroundingDataset",
     "NLVRDataset",
     "VEDataset",
-    "pair_dataset",
     "MajorityBaseline",
     "PretrainDataset",
     "Referring",

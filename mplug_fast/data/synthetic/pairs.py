@@ -291,12 +291,3 @@ class NLVRDataset(_SceneDataset):
             "image_id": left.index,
             "right_image_id": right.index,
         }
-
-
-def pair_dataset(task: str, world: SyntheticWorld, num_scenes: int, start: int = 0, **options: Any):
-    """The synthetic dataset of ``task`` ("ve" or "nlvr") over scenes start .. start + num_scenes - 1."""
-    if task == "ve":
-        return VEDataset(world, num_scenes, start, **options)
-    if task == "nlvr":
-        return NLVRDataset(world, num_scenes, start, **options)
-    raise ValueError(f"no synthetic pair dataset for task {task!r}; available: 've', 'nlvr'")

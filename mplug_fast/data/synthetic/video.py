@@ -18,7 +18,6 @@ Guarantees (tested in ``tests/data/test_video.py``):
 
     SyntheticVideoWorld(image_size, max_objects, min_objects, seed, num_frames)  .scene(i) -> VideoScene
     VideoQADataset / VideoCaptionDataset / VideoRetrievalDataset  items {"video": [T, 3, R, R], ...}
-    synthetic_video_dataset(task, split, **world)                 the task registry's builder
 """
 
 from __future__ import annotations
@@ -50,7 +49,6 @@ from mplug_fast.data.video import VideoTransform
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 VIDEO_QA_TYPES: tuple[str, ...] = ("color", "shape", "count", "exist", "motion", "direction")
 STATIC_QA_TYPES: tuple[str, ...] = ("color", "shape", "count", "exist")  # true in every frame
-VIDEO_TASKS: tuple[str, ...] = ("video_qa", "video_caption", "video_retrieval")
 DEFAULT_NUM_FRAMES = 8
 
 
@@ -424,48 +422,14 @@ class VideoRetrievalDataset(_VideoDataset):
         return {"video": self.video(k), "caption": self.texts[i], "video_id": k}
 
 
-def synthetic_video_dataset(
-    task: str,
-    split: str = "test",
-    *,
-    image_size: int = 64,
-    num_scenes: int = 20000,
-    eval_scenes: int = 500,
-    min_objects: int = 1,
-    max_objects: int = 4,
-    seed: int = 0,
-    vqa_types: Sequence[str] | None = None,
-    num_frames: int = DEFAULT_NUM_FRAMES,
-    object_scale: float = 1.0,
-) -> _VideoDataset:
-    """The synthetic video dataset of ``task`` (``video_qa``, ``video_caption``, ``video_retrieval``): split
-    "train" reads videos 0..num_scenes-1, any other split the held-out num_scenes..num_scenes+eval_scenes-1.
-    The keywords are a run config's ``data.synthetic`` section; ``vqa_types`` keeps the video QA types it
-    names ("spatial" is dropped: it changes over a video) and means all of ``VIDEO_QA_TYPES`` when None."""
-    world = SyntheticVideoWorld(
-        image_size, max_objects, min_objects, seed, num_frames, object_scale=object_scale
-    )
-    n, start = (num_scenes, 0) if split == "train" else (eval_scenes, num_scenes)
-    if task == "video_qa":
-        types = [t for t in (vqa_types or VIDEO_QA_TYPES) if t in VIDEO_QA_TYPES] or list(VIDEO_QA_TYPES)
-        return VideoQADataset(world, n, start, types=types)
-    if task == "video_caption":
-        return VideoCaptionDataset(world, n, start, split="train" if split == "train" else "test")
-    if task == "video_retrieval":
-        return VideoRetrievalDataset(world, n, start)
-    raise ValueError(f"no synthetic video dataset for task {task!r}; available: {', '.join(VIDEO_TASKS)}")
-
-
 __all__ = [
     "DIRECTIONS",
     "STATIC_QA_TYPES",
     "VIDEO_QA_TYPES",
-    "VIDEO_TASKS",
     "MovingObject",
     "SyntheticVideoWorld",
     "VideoCaptionDataset",
     "VideoQADataset",
     "VideoRetrievalDataset",
     "VideoScene",
-    "synthetic_video_dataset",
 ]

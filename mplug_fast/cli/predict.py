@@ -1,13 +1,12 @@
-"""`mplug-fast caption | vqa | ground | rank`: the pipeline from the command line.
+"""`mplug-fast predict caption | vqa | ground | rank`: the pipeline from the command line.
 
-    mplug-fast caption IMG [IMG ...]            --checkpoint DIR_OR_PTH [--beams 5 --max-length 25]
-    mplug-fast vqa IMG "question"               --checkpoint ...
-    mplug-fast ground IMG "referring expression" --checkpoint ...   -> x0 y0 x1 y1 in pixels
-    mplug-fast rank --images IMG ... --texts TEXT ...   -> the best text per image and image per text
+    mplug-fast predict caption IMG [IMG ...]            --checkpoint DIR_OR_PTH [--beams 5 --max-length 25]
+    mplug-fast predict vqa IMG "question"               --checkpoint ...
+    mplug-fast predict ground IMG "referring expression" --checkpoint ...   -> x0 y0 x1 y1 in pixels
+    mplug-fast predict rank --images IMG ... --texts TEXT ...   -> the best text per image and image per text
 
 Common options: --checkpoint (official .pth or a save_pretrained directory), --config (a preset name or
 a config file; alone: random weights, for demos), --device, --dtype, --json (one JSON document on stdout).
-Heavy imports happen inside the command functions.
 """
 
 from __future__ import annotations
@@ -17,20 +16,11 @@ import functools
 import json
 import sys
 
+from mplug_fast.cli.common import EXPECTED_ERRORS, user_errors
+from mplug_fast.pipeline import Pipeline, pipeline
 
-def _user_errors(fn):
-    """Bad input (missing or unreadable image, empty question, unknown preset) -> a one-line message on
-    stderr and exit code 2 instead of a traceback."""
-
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (FileNotFoundError, IsADirectoryError, ValueError, TypeError) as e:
-            print(f"mplug-fast {args.command}: error: {e}", file=sys.stderr)
-            return 2
-
-    return run
+# Bad input (missing or unreadable image, empty question, unknown preset) -> one line and exit code 2.
+_user_errors = functools.partial(user_errors, expected=(*EXPECTED_ERRORS, TypeError))
 
 
 def _add_common(parser: argparse.ArgumentParser, generation: bool = True) -> None:
@@ -51,9 +41,7 @@ def _add_common(parser: argparse.ArgumentParser, generation: bool = True) -> Non
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-def _pipeline(task: str, args: argparse.Namespace, **options):
-    from mplug_fast.inference.pipeline import pipeline
-
+def _pipeline(task: str, args: argparse.Namespace, **options) -> Pipeline:
     if args.checkpoint is None and args.config is None:
         raise SystemExit(f"mplug-fast {args.command}: give --checkpoint (or --config for random weights)")
     return pipeline(
@@ -132,7 +120,11 @@ def _rank(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Adds caption, vqa, ground and rank to the `mplug-fast` sub-parsers."""
+    """Adds ``predict`` with its caption, vqa, ground and rank sub-commands."""
+    predict = commands.add_parser(
+        "predict", help="run a model on images and text: caption, vqa, ground, rank"
+    )
+    commands = predict.add_subparsers(dest="command", required=True, metavar="WHAT")
     p = commands.add_parser("caption", help="caption images")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files")
     p.add_argument("--prompt", default="", help="decoder prompt, e.g. 'a picture of'")

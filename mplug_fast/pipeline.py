@@ -55,17 +55,23 @@ from mplug_fast.inference.inputs import (
     tokenize,
 )
 from mplug_fast.inference.retrieval import RetrievalScores, retrieval_scores
-from mplug_fast.modeling import TASK_MODELS, MPlug, build_model
+from mplug_fast.modeling import (
+    MPlug,
+    MPlugForCaption,
+    MPlugForGrounding,
+    MPlugForPretraining,
+    MPlugForRetrieval,
+    MPlugForVQA,
+)
+from mplug_fast.tasks import TASKS, from_pretrained, get_task, load_official_checkpoint
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("vqa", "caption", "grounding", "retrieval")
-TASK_ALIASES = {"answer": "vqa", "captioning": "caption", "ground": "grounding", "rank": "retrieval"}
-METHOD_TASKS = {  # pipeline method -> model tasks that own what it runs
-    "answer": ("vqa", "pretrain"),
-    "caption": ("caption",),
-    "ground": ("grounding",),
-    "rank": ("retrieval", "pretrain"),
+METHOD_MODELS: dict[str, tuple[type[MPlug], ...]] = {  # pipeline method -> the models that own what it runs
+    "answer": (MPlugForVQA, MPlugForPretraining),
+    "caption": (MPlugForCaption,),
+    "ground": (MPlugForGrounding,),
+    "rank": (MPlugForRetrieval, MPlugForPretraining),
 }
 DTYPES = {
     "float32": torch.float32,
@@ -77,8 +83,6 @@ DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-# Longest texts (tokens with [CLS] and [SEP]) before truncation: the official training lengths (spec §6).
-MAX_TEXT_LENGTH = {"vqa": 25, "caption": 25, "grounding": 20, "retrieval": 30, "pretrain": 30}
 
 
 def _first(*values):
@@ -116,8 +120,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
 ) -> MPlug:
     """The `task` model (eval mode) from a checkpoint (see the module docstring) on `device` / `dtype`."""
-    if task not in TASK_MODELS:
-        raise ValueError(f"unknown task {task!r}; available: {sorted(TASK_MODELS)}")
+    spec = get_task(task)
     torch_dtype = resolve_dtype(dtype)
     if checkpoint is None:
         if config is None:
@@ -132,7 +135,7 @@ def load_model(
             task,
             config if isinstance(config, (str, Path)) else "given",
         )
-        model = build_model(cfg, task)
+        model = spec.build_model(cfg)
     else:
         path = Path(checkpoint)
         if not path.exists():
@@ -140,12 +143,8 @@ def load_model(
         if path.is_file() and path.name == "model.safetensors":
             path = path.parent
         if path.is_dir():
-            from mplug_fast.checkpoint import from_pretrained
-
             model = from_pretrained(path, task=task)
         else:
-            from mplug_fast.checkpoint import load_official_checkpoint
-
             image_res = None if config is None else resolve_config(config).vision.image_size
             model = load_official_checkpoint(path, task, image_res=image_res)
     return model.to(device=device, dtype=torch_dtype).eval()
@@ -196,7 +195,7 @@ class Pipeline:
         self.prompt = prompt
         self.k_test = k_test
         self.double_count_first = double_count_first
-        self.max_text_length = max_text_length or MAX_TEXT_LENGTH.get(self.task, 30)
+        self.max_text_length = max_text_length or self._text_length(model)
         self.batch_size = batch_size
         self.image_size = model.config.vision.image_size
         self.test_transform = TestTransform(self.image_size)
@@ -217,9 +216,17 @@ class Pipeline:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @staticmethod
+    def _text_length(model: MPlug) -> int:
+        """The official training text length of the model's task (30 when the task is not registered)."""
+        try:
+            return get_task(model.task).text_length
+        except ValueError:
+            return 30
+
     def _require(self, method: str) -> None:
-        if self.task not in METHOD_TASKS[method]:
-            wanted = METHOD_TASKS[method][0]
+        if not isinstance(self.model, METHOD_MODELS[method]):
+            wanted = next(t.name for t in TASKS.values() if t.pipeline_method == method)
             raise TypeError(
                 f"{method}() needs a {wanted!r} model; this pipeline holds a {self.task!r} model "
                 f"(build mplug_fast.pipeline({wanted!r}, ...))"
@@ -394,6 +401,16 @@ class Pipeline:
         )
 
 
+def pipeline_task(name: str) -> str:
+    """The registered task behind a pipeline name: a task with a `Task.pipeline_method`, by its name or by
+    that method's name ("answer" -> "vqa", "ground" -> "grounding", ...)."""
+    served = {t.name: t for t in TASKS.values() if t.pipeline_method is not None}
+    for task in served.values():
+        if name in (task.name, task.pipeline_method, *task.aliases):
+            return task.name
+    raise ValueError(f"unknown pipeline task {name!r}; available: {', '.join(served)}")
+
+
 def pipeline(
     task: str,
     checkpoint: str | os.PathLike | None = None,
@@ -406,8 +423,6 @@ def pipeline(
     """A ready-to-use `Pipeline` for `task` ("vqa", "caption", "grounding", "retrieval"; aliases "answer",
     "ground", "rank"). `checkpoint`: official `.pth`, `save_pretrained` directory, or None with `config=`
     (random weights). `options` go to `Pipeline` (beam_size, max_length, prompt, answer_list, ...)."""
-    name = TASK_ALIASES.get(task, task)
-    if name not in TASKS:
-        raise ValueError(f"unknown pipeline task {task!r}; available: {', '.join(TASKS)}")
+    name = pipeline_task(task)
     model = load_model(name, checkpoint, config=config, device=device, dtype=dtype)
     return Pipeline(model, **options)

@@ -136,3 +136,36 @@ def resolve_resume(resume: str | None, directory: str | Path) -> Path | None:
     if not p.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
     return p
+
+
+class CheckpointManager:
+    """Owns a run's ``checkpoints/`` folder: where step files go, how many are kept, what a resume reads.
+
+    Args:
+        directory: the folder of ``step-*.pt`` files.
+        keep_last: the newest N checkpoints kept after each save (0: keep all).
+        every_steps: save every N optimizer steps (0: only at the end and on a stop).
+    """
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, every_steps: int = 0):
+        self.directory, self.keep_last, self.every_steps = Path(directory), keep_last, every_steps
+
+    def due(self, step: int, max_steps: int) -> bool:
+        """Whether the interval asks for a checkpoint after ``step`` (the final one is saved by the loop)."""
+        return bool(self.every_steps) and step % self.every_steps == 0 and step < max_steps
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        """Writes ``state`` as ``step-<step>.pt`` atomically, then prunes to the newest ``keep_last``."""
+        path = atomic_save(state, checkpoint_path(self.directory, step))
+        prune_checkpoints(self.directory, self.keep_last)
+        return path
+
+    def resolve(self, resume: str | Path | None) -> Path | None:
+        """``--resume`` ("latest", "auto", a file or a directory; None: no resume) -> a checkpoint path."""
+        return resolve_resume(None if resume is None else str(resume), self.directory)
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        return load_checkpoint(path)
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.directory)

@@ -1,0 +1,51 @@
+"""``mplug-fast info``: versions (Python, torch, triton, CUDA), the tasks, and which attention backends can
+run here, with the reason for each one that cannot."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+import torch
+
+import mplug_fast
+from mplug_fast.ops import available_backends
+from mplug_fast.tasks import TASKS
+
+
+def _version(module_name: str) -> str:
+    """``module.__version__``, or why it cannot be imported."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        return f"not installed ({e.__class__.__name__}: {e})"
+    return str(getattr(module, "__version__", "unknown"))
+
+
+def info(args: argparse.Namespace) -> int:
+    """Prints the environment, the tasks and the attention-backend availability table."""
+    print(f"mplug_fast  {mplug_fast.__version__}")
+    print(f"python      {platform.python_version()} ({platform.python_implementation()}, {sys.executable})")
+    print(f"torch       {torch.__version__}")
+    print(f"triton      {_version('triton')}")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        print(f"cuda        {torch.version.cuda} ({torch.cuda.device_count()} device(s): {names})")
+    else:
+        print("cuda        not available")
+    print(f"tasks       {', '.join(TASKS)}")
+    print("attention backends:")
+    backends = available_backends()
+    width = max((len(name) for name in backends), default=0)
+    for name, reason in backends.items():
+        print(f"  {name:<{width}}  {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "info", help="print versions, the tasks and the attention backends available here"
+    )
+    p.set_defaults(func=info)

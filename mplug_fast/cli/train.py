@@ -1,0 +1,141 @@
+"""``mplug-fast train``: train any task (pretraining is a task) from a run config, then evaluate it.
+
+    mplug-fast train --task vqa --config vqa_tiny_synthetic [--set optim.lr=1e-4 ...] [--resume [PATH]]
+    mplug-fast train --config pretrain_tiny_synthetic        # the task the config names
+    torchrun --nproc-per-node 2 -m mplug_fast train --task ...   (evaluation runs on rank 0)
+
+``--task`` sets ``model.task`` (a config naming another task is an error). After a finished run, on rank 0,
+the run folder gets ``model/`` (``save_pretrained``) and, for tasks with an evaluation, ``metrics.json``
+(metrics, headline metric vs baseline) and the task's predictions JSON: synthetic data is evaluated on the
+``data.synthetic.eval_scenes`` held-out scenes, official data on ``data.official`` with ``--eval-data
+key=value`` overrides (e.g. ``--eval-data ann=test.json``). ``--no-eval`` trains only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from mplug_fast.checkpoint import save_pretrained
+from mplug_fast.cli.common import (
+    add_config_flags,
+    add_eval_flags,
+    config_overrides,
+    fail,
+    key_values,
+)
+from mplug_fast.data import Tokenizer
+from mplug_fast.tasks import TASKS, get_task
+from mplug_fast.train.config import ConfigError, RunConfig, load_config
+from mplug_fast.train.distributed import cleanup_distributed
+from mplug_fast.train.evaluation import run_evaluation
+from mplug_fast.train.trainer import NonFiniteLossError, Trainer
+
+EXIT_NONFINITE, EXIT_INTERRUPTED = 3, 130
+
+
+def resolve_run_config(args: argparse.Namespace) -> RunConfig:
+    """The run config of ``--config`` + ``--set`` with ``--task`` applied and checked."""
+    task = args.task
+    overrides = config_overrides(args)
+    if task is not None:
+        named = _config_task(args.config) if args.config else None
+        if named not in (None, task):
+            raise ConfigError(f"{args.config} trains model.task {named!r}, not --task {task!r}")
+        overrides = [f"model.task={task}", *overrides]
+    config = load_config(args.config, overrides)
+    task = task or config.model.task
+    spec = get_task(task)
+    if not spec.trainable:
+        raise ConfigError(spec.not_trainable_reason())
+    if (config.objective.name or task) != task:
+        raise ConfigError(
+            f"--task {task} needs objective.name {task!r} (or none), got {config.objective.name!r}"
+        )
+    spec.options(config.objective.options, where=args.config or "objective.options")  # fail before training
+    spec.check_eval_options(config.eval.options, "eval.options")
+    return config
+
+
+def train(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = resolve_run_config(args)
+        task = get_task(config.model.task)
+        eval_options = key_values(args.eval_option, "--eval-option")
+        task.check_eval_options(eval_options)
+        official_overrides = key_values(args.eval_data, "--eval-data")
+    except (FileNotFoundError, ValueError) as e:
+        return fail(args.command, e)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    record = None
+    try:
+        trainer = Trainer.from_config(config)
+        summary = trainer.fit(resume=args.resume)
+        if trainer.env.is_main and summary["status"] == "finished":
+            model = trainer.objective.model
+            out_dir = Path(config.output_dir)
+            save_pretrained(model, out_dir / "model")
+            if not args.no_eval and task.evaluable:
+                record = run_evaluation(
+                    model,
+                    Tokenizer(),
+                    config,
+                    task.name,
+                    split="test",
+                    device=trainer.env.device,
+                    out_dir=out_dir,
+                    metrics_name="metrics.json",
+                    batch_size=args.eval_batch_size,
+                    limit=args.eval_limit,
+                    options=eval_options,
+                    official_overrides=official_overrides,
+                    extra={"step": summary["step"], "checkpoint": summary["checkpoint"]},
+                )
+    except NonFiniteLossError as e:
+        print(f"mplug-fast {args.command}: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except (FileNotFoundError, ValueError) as e:
+        return fail(args.command, e)
+    finally:
+        cleanup_distributed()
+    if trainer.env.is_main:
+        print(json.dumps({"train": summary, "eval": record}, indent=1, default=str))
+    return 0 if summary["status"] == "finished" else EXIT_INTERRUPTED
+
+
+def _config_task(path: str) -> str | None:
+    """The ``model.task`` a run-config file names (None when it names none or is not a file)."""
+    if not Path(path).is_file():
+        return None
+    raw = yaml.safe_load(Path(path).read_text())
+    return ((raw or {}).get("model") or {}).get("task") if isinstance(raw, dict) else None
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "train", help="train a task from a run config (pretraining is a task), then evaluate"
+    )
+    p.add_argument(
+        "--task", choices=[name for name, t in TASKS.items() if t.trainable], help="default: the config's"
+    )
+    add_config_flags(p)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="PATH",
+        help="continue from the newest checkpoint of the output dir, or from PATH (a file or directory)",
+    )
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_eval_flags(p)
+    p.set_defaults(func=train)

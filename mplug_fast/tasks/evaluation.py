@@ -1,0 +1,103 @@
+"""The evaluation plumbing every task's `evaluate` shares: ordered device batches, eval mode, dataset
+limits, reading an item's text without rendering its image, the predictions JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from mplug_fast.data.collate import move_to
+
+# ---- evaluation plumbing ------------------------------------------------------------------------------
+
+
+def limit_dataset(dataset: Dataset, limit: int | None) -> Dataset:
+    """The first ``limit`` items of ``dataset`` (all when None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return Subset(dataset, range(limit))
+
+
+def batches(
+    dataset: Dataset, collate_fn: Callable[[list], dict], batch_size: int, device: torch.device | str
+) -> Iterator[dict[str, Any]]:
+    """The dataset in order, collated, with tensors on ``device``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    for batch in loader:
+        yield move_to(batch, device, non_blocking=False)
+
+
+class eval_mode:
+    """``with eval_mode(model):`` — model.eval() inside, the previous train/eval mode restored after."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Writes ``obj`` as JSON to ``path`` atomically (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def item_text(dataset: Dataset, i: int, key: str) -> Any:
+    """``dataset[i][key]`` without rendering / loading the image where the dataset allows it (synthetic VQA,
+    caption and retrieval; official VQA and caption). ``gt_answers``: the human answers of a VQA sample."""
+    ann = getattr(dataset, "ann", None)
+    if key in ("answers", "gt_answers") and isinstance(ann, list) and hasattr(dataset, "question_text"):
+        answer = ann[i].get("answer")  # official VQAJsonDataset: the raw human answers
+        if answer is not None:
+            return [answer] if isinstance(answer, str) else list(answer)
+    gold, items = getattr(dataset, "gold", None), getattr(dataset, "_items", None)
+    if key in ("caption", "captions") and gold is not None and items is not None:  # KarpathyCaptionDataset
+        k, c = items[i]
+        if key == "captions":
+            return list(gold[k])
+        if c >= 0:
+            return dataset.prompt + gold[k][c]
+    if key in ("question", "answers", "gt_answers") and hasattr(dataset, "question"):
+        _, qa = dataset.question(i)
+        return qa.question if key == "question" else [qa.answer]
+    per_scene = getattr(dataset, "captions_per_scene", None)
+    if key in ("caption", "captions") and per_scene is not None and hasattr(dataset, "_scene"):
+        if getattr(dataset, "split", "train") == "test":  # synthetic CaptionDataset, test form
+            return dataset._scene(i).captions
+        if hasattr(dataset, "texts"):  # synthetic RetrievalDataset
+            return dataset.texts[i]
+        return dataset._scene(i // per_scene).captions[i % per_scene]  # CaptionDataset, train form
+    if key == "gt_answers":
+        sample = dataset[i]
+        return sample.get("gt_answers", sample["answers"])
+    return dataset[i][key]

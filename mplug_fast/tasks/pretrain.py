@@ -1,0 +1,69 @@
+"""Pretraining: ITC (momentum queue) + ITM (hard negatives) + MLM + PrefixLM on image-text pairs (spec §4).
+
+Training: ``PretrainObjective`` (``mplug_fast.objectives.pretrain``) on the model with every component and
+momentum copies. Data: the synthetic ``PretrainDataset`` or the official ``PretrainJsonDataset`` (a list of
+{image, caption} files); batches from ``PretrainCollator``. Pretraining has no evaluation of its own: its
+models are evaluated by finetuning (``model.init_from``) or zero-shot through the retrieval task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from mplug_fast.data import official
+from mplug_fast.data.collate import PretrainCollator
+from mplug_fast.data.synthetic import PretrainDataset
+from mplug_fast.modeling import MPlugForPretraining
+from mplug_fast.objectives.base import Objective
+from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE
+from mplug_fast.objectives.pretrain import PretrainObjective
+from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError
+from mplug_fast.tasks.sources import call_reader, synthetic_scenes
+
+
+@dataclass(frozen=True)
+class PretrainOptions:
+    """`PretrainObjective` options (official: queue 65536, momentum 0.995, alpha 0.4, MLM 15 %)."""
+
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    momentum: float = 0.995
+    alpha: float = 0.4
+    distill: bool = True
+    alpha_warmup_steps: int = 0
+    mlm_probability: float = 0.15
+    temp_range: tuple[float, float] = (0.001, 0.5)
+    weights: Mapping[str, float] | None = None  # per-loss weights (itc, itm, mlm, prefix_lm); 0 skips one
+    global_batch: int | None = None
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+    metric = "loss"
+    evaluable = False
+    model_class = MPlugForPretraining
+    collator = PretrainCollator
+    Options = PretrainOptions
+
+    def _objective(
+        self, model: nn.Module, tokenizer: Any, options: PretrainOptions, data: DataSource | None
+    ) -> Objective:
+        values = {**vars(options), "temp_range": tuple(options.temp_range)}
+        return PretrainObjective.from_tokenizer(model, tokenizer, **values)
+
+    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
+        s = synthetic_scenes(split, **world)
+        return PretrainDataset(s.world, s.count, s.start)
+
+    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
+        return call_reader(official.PretrainJsonDataset, self.name, kwargs)
+
+    def evaluate(self, model: nn.Module, dataset: Dataset, tokenizer: Any, **options: Any) -> dict[str, Any]:
+        raise TaskError("pretraining has no evaluation of its own: finetune its model or evaluate retrieval")
+
+    def baseline(self, train: Dataset, evaluation: Dataset) -> Baseline:
+        raise TaskError("pretraining has no evaluation metric, hence no baseline")

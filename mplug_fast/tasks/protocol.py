@@ -1,0 +1,203 @@
+"""The Task protocol: the one home of everything task-specific.
+
+A task is one object in ``mplug_fast/tasks/<name>.py``, registered once in ``mplug_fast.tasks.TASKS``. The
+trainer, the CLI, the pipeline and the demo ask the registry; none of them holds a table of task names.
+
+    task = TASKS["vqa"]
+    model = task.build_model(config)                       # backbone + the heads the task needs
+    options = task.options({"alpha": 0.4}, where="run.yaml")   # typed `Options` (unknown keys are errors)
+    objective = task.build_objective(model, tokenizer, options, data)   # the loss: forward(batch) -> dict
+    collate = task.collate(tokenizer, max_length=30)       # samples -> batch (options: the collator's)
+    train = task.synthetic_dataset("train", image_size=64) # or task.official_dataset("train", ann=...)
+    result = task.evaluate(model, test, tokenizer, device="cpu", **task.eval_options)  # predict + score
+    base = task.baseline(train, test)                      # a model-free reference of `task.metric`
+
+Adding a task = one new file with a `Task` subclass + one line in ``tasks/__init__.py`` (worked example in
+``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from mplug_fast.config import MPlugConfig
+from mplug_fast.modeling import MPlug
+from mplug_fast.objectives.base import Objective
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A model-free reference value of a task's headline metric, and how it was obtained."""
+
+    metric: str
+    value: float
+    description: str
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a task that has none."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a run's training data comes from: ``source`` "synthetic" (``synthetic``: the world's options)
+    or "official" (``official``: the reader's keyword arguments). Tasks whose loss needs the training data
+    itself (SCST's CIDEr-D document frequencies) read it from here."""
+
+    source: str = "synthetic"
+    synthetic: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    official: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class TaskError(ValueError):
+    """A task cannot do what was asked (unknown option, no reader, not trainable)."""
+
+
+class Task(abc.ABC):
+    """One task. Subclasses set the class attributes and implement the abstract methods.
+
+    Class attributes:
+        name: the registry key (also the label saved with the task's models).
+        metric: the headline key of `evaluate`'s result (higher is better).
+        model_class: the `MPlug` variant (backbone + heads) the task trains and evaluates.
+        collator: the collator class (``collator(tokenizer, **options)`` turns samples into a batch).
+        Options: a frozen dataclass of the task's training options (the run config's ``objective.options``).
+        eval_options: the defaults of `evaluate`'s keyword options (overridable per call).
+        predictions_file: the name of the predictions JSON `evaluate` writes under a run directory.
+        eval_split: the split the synthetic / official builders are asked for when evaluating.
+        trainable: False for evaluate-only tasks (zero-shot video).
+        evaluable: False for tasks without an evaluation of their own (pretraining).
+        limitable: False where an official evaluation set cannot be cut short (a retrieval gallery).
+        length_option: the collate keyword the run config's ``data.max_length`` sets.
+        text_length: the official training text length in tokens (the pipeline's truncation default).
+        pipeline_method: the `mplug_fast.pipeline` method the task's model serves (None: not served), also
+            a name the pipeline accepts for the task; aliases: more such names.
+    """
+
+    name: ClassVar[str]
+    metric: ClassVar[str]
+    model_class: ClassVar[type[MPlug]]
+    Options: ClassVar[type] = NoOptions
+    collator: ClassVar[Callable[..., Callable[[list], dict[str, Any]]]]
+    eval_options: ClassVar[Mapping[str, Any]] = {}
+    predictions_file: ClassVar[str] = "predictions.json"
+    eval_split: ClassVar[str] = "test"
+    trainable: ClassVar[bool] = True
+    evaluable: ClassVar[bool] = True
+    limitable: ClassVar[bool] = True
+    length_option: ClassVar[str] = "max_length"
+    text_length: ClassVar[int] = 30
+    pipeline_method: ClassVar[str | None] = None
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    def __repr__(self) -> str:
+        return f"<task {self.name!r}>"
+
+    # ---- model ---------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_task(self) -> Task:
+        """The task whose models (and run checkpoints) this task loads: itself, or for a zero-shot task the
+        task it borrows its model from."""
+        return self
+
+    def new_model(self, config: MPlugConfig) -> MPlug:
+        """The task model with torch's default init (for loaders that fill the weights)."""
+        return self.model_class(config, task=self.name)
+
+    def build_model(self, config: MPlugConfig, *, init: bool = True) -> MPlug:
+        """The task model with fresh weights (`MPlug.init_weights`); ``init=False`` leaves torch's default."""
+        model = self.new_model(config)
+        if init:
+            model.init_weights()
+        return model
+
+    # ---- training ------------------------------------------------------------------------------------
+
+    def options(self, values: Mapping[str, Any] | None = None, *, where: str = "") -> Any:
+        """The typed `Options` from a mapping (the run config's ``objective.options``); an unknown key or a
+        value of the wrong kind is a `TaskError` naming the option, the task and ``where`` (the file)."""
+        values = dict(values or {})
+        fields = {f.name: f for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(values) - set(fields))
+        at = f" in {where}" if where else ""
+        if unknown:
+            raise TaskError(
+                f"objective.options {unknown} unknown for task {self.name!r}{at}; valid: {sorted(fields)}"
+            )
+        try:
+            return self.Options(**values)
+        except (TypeError, ValueError) as e:
+            raise TaskError(f"objective.options of task {self.name!r}{at}: {e}") from None
+
+    def build_objective(
+        self, model: nn.Module, tokenizer: Any, options: Any = None, data: DataSource | None = None
+    ) -> Objective:
+        """The training loss around ``model`` (built by `build_model`): an `Objective`."""
+        if not self.trainable:
+            raise TaskError(self.not_trainable_reason())
+        options = self.options() if options is None else options
+        if not isinstance(options, self.Options):
+            raise TaskError(f"task {self.name!r} needs {self.Options.__name__} options, got {options!r}")
+        if model.task != self.name or not isinstance(model, self.model_class):
+            raise TaskError(
+                f"the {self.name!r} objective needs the {self.name!r} model "
+                f"({self.model_class.__name__}), got a {model.task!r} model"
+            )
+        return self._objective(model, tokenizer, options, data)
+
+    def not_trainable_reason(self) -> str:
+        """Why `build_objective` refuses this task (for tasks with ``trainable`` False)."""
+        return f"task {self.name!r} is evaluate-only; it has no training objective"
+
+    @abc.abstractmethod
+    def _objective(
+        self, model: nn.Module, tokenizer: Any, options: Any, data: DataSource | None
+    ) -> Objective:
+        """Builds the objective (arguments already checked by `build_objective`; ``data``: the run's data
+        source, None outside a run)."""
+
+    def collate(self, tokenizer: Any = None, **options: Any) -> Callable[[list], dict[str, Any]]:
+        """samples -> batch (a ``DataLoader`` ``collate_fn``): ``collator(tokenizer, **options)``; the run
+        config's ``data.max_length`` is the option named `length_option`."""
+        return self.collator(tokenizer, **options)
+
+    # ---- data ----------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
+        """The task's dataset on the synthetic world (``world``: the run config's ``data.synthetic``): split
+        "train" reads scenes 0..num_scenes-1, any other split the held-out scenes after them."""
+
+    @abc.abstractmethod
+    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
+        """The task's official-format reader for ``split`` (``kwargs``: the reader's arguments)."""
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, dataset: Dataset, tokenizer: Any, **options: Any) -> dict[str, Any]:
+        """Predict on ``dataset`` and score: ``{metric: value, ..., "predictions": ...}``; keyword options
+        ``batch_size``, ``device``, ``output`` (predictions JSON path) and the task's own."""
+
+    @abc.abstractmethod
+    def baseline(self, train: Dataset, evaluation: Dataset) -> Baseline:
+        """A model-free reference value of `metric` (majority answer, chance recall, constant box, ...)."""
+
+    def check_eval_options(self, options: Mapping[str, Any], where: str = "--eval-option") -> None:
+        """TaskError naming the unknown ones when ``options`` are not keyword options of `evaluate`."""
+        params = inspect.signature(self.evaluate).parameters
+        fixed = {"model", "dataset", "tokenizer", "batch_size", "device", "output"}
+        valid = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in fixed)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TaskError(f"{where} {unknown} unknown for task {self.name!r}; valid: {valid}")

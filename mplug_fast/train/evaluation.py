@@ -1,0 +1,168 @@
+"""Evaluating a run: the evaluation set a run config names, a model loaded from what a run leaves behind,
+and ``metrics.json`` (the task's metrics, its headline metric against the model-free baseline).
+
+    model, config, run_dir, source = load_for_evaluation("runs/vqa", "vqa")
+    record = run_evaluation(model, tokenizer, config, "vqa", split="test", device="cpu", out_dir=run_dir,
+                            metrics_name="metrics_test.json")
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mplug_fast.tasks import from_pretrained, get_task
+from mplug_fast.tasks.evaluation import limit_dataset, write_json
+from mplug_fast.train.build import build_model
+from mplug_fast.train.checkpointer import latest_checkpoint, load_checkpoint
+from mplug_fast.train.config import RunConfig, apply_overrides, from_dict, load_config
+
+DEFAULT_EVAL_BATCH_SIZE = 32
+
+
+def eval_dataset(
+    config: RunConfig, task: str, split: str, limit: int | None, official_overrides: dict[str, Any]
+) -> Dataset:
+    """The evaluation set of a run config: synthetic held-out scenes (capped at ``limit``) or the official
+    reader with ``data.official`` updated by ``official_overrides``."""
+    spec = get_task(task)
+    if config.data.source == "synthetic":
+        world = asdict(config.data.synthetic)
+        if split == "train":
+            raise ValueError("--split train is not supported on the synthetic world (use test or val)")
+        if limit is not None:
+            world["eval_scenes"] = min(world["eval_scenes"], limit)
+        return spec.synthetic_dataset(split, **world)
+    dataset = spec.official_dataset(split, **{**config.data.official, **official_overrides})
+    if limit is not None and not spec.limitable:
+        raise ValueError(
+            f"--eval-limit does not apply to {task} on official data (the whole split is the set)"
+        )
+    return limit_dataset(dataset, limit)
+
+
+def train_dataset_for_baseline(config: RunConfig, task: str) -> Dataset:
+    """The training set the baseline is computed from (majority answer, most frequent caption, ...)."""
+    spec = get_task(task)
+    if config.data.source == "synthetic":
+        return spec.synthetic_dataset("train", **asdict(config.data.synthetic))
+    return spec.official_dataset("train", **config.data.official)
+
+
+def run_evaluation(
+    model: nn.Module,
+    tokenizer: Any,
+    config: RunConfig,
+    task: str,
+    *,
+    split: str,
+    device: torch.device | str,
+    out_dir: Path,
+    metrics_name: str,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    options: dict[str, Any] | None = None,
+    official_overrides: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluates ``model``, computes the baseline, writes ``out_dir/metrics_name`` and the predictions JSON;
+    returns the written record. Defaults, weakest first: the task's ``eval_options``, the run config's
+    ``eval`` section (``batch_size``, ``options``, ``official``), then the arguments (the CLI flags)."""
+    spec = get_task(task)
+    options, official_overrides = dict(options or {}), dict(official_overrides or {})
+    run_eval = config.eval
+    spec.check_eval_options(run_eval.options, "eval.options")
+    spec.check_eval_options(options)
+    official_overrides = {**run_eval.official, **official_overrides}
+    if batch_size is None:
+        batch_size = run_eval.batch_size or DEFAULT_EVAL_BATCH_SIZE
+    dataset = eval_dataset(config, task, split, limit, official_overrides)
+    opts = {**spec.eval_options, **run_eval.options, **options}
+    try:
+        result = spec.evaluate(
+            model,
+            dataset,
+            tokenizer,
+            batch_size=batch_size,
+            device=device,
+            output=out_dir / spec.predictions_file,
+            **opts,
+        )
+    except TypeError as e:
+        raise ValueError(f"--eval-option: {e} (options given: {sorted(opts)})") from e
+    metrics = {
+        k: v for k, v in result.items() if isinstance(v, (int, float, str, list)) and k != "predictions"
+    }
+    try:
+        base = spec.baseline(train_dataset_for_baseline(config, task), dataset)
+        baseline = {"value": base.value, "description": base.description}
+    except Exception as e:  # the baseline is informative only: a reader without answers must not fail the run
+        baseline = {"value": None, "description": f"not computed ({type(e).__name__}: {e})"}
+    value = metrics.get(spec.metric)
+    record = {
+        "task": task,
+        "split": split,
+        **(extra or {}),
+        "metrics": metrics,
+        "headline": {
+            "metric": spec.metric,
+            "value": value,
+            "baseline": baseline["value"],
+            "baseline_description": baseline["description"],
+            "above_baseline": None
+            if baseline["value"] is None or value is None
+            else value > baseline["value"],
+        },
+        "eval_options": {"batch_size": batch_size, "limit": limit, **opts},
+        "predictions_file": str(out_dir / spec.predictions_file),
+    }
+    write_json(record, out_dir / metrics_name)
+    return record
+
+
+def load_for_evaluation(
+    checkpoint: str | Path, task: str, config_path: str | None = None, overrides: list[str] | None = None
+) -> tuple[nn.Module, RunConfig, Path, Path]:
+    """(model, run config, run directory, what was loaded) from a trainer checkpoint file, a run directory
+    (its newest ``checkpoints/step-*.pt``) or a ``save_pretrained`` directory (its run config: ``--config``,
+    else ``../config.yaml`` beside it, else the defaults). A zero-shot video task loads its image task's
+    model."""
+    overrides = list(overrides or [])
+    model_name = get_task(task).checkpoint_task.name
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "config.json").is_file():
+        model = from_pretrained(path, task=model_name)
+        run_config = config_path or (
+            path.parent / "config.yaml" if (path.parent / "config.yaml").is_file() else None
+        )
+        config = load_config(run_config, [f"model.task={model_name}", *overrides])
+        return model, config, path.parent, path
+    if path.is_dir():
+        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"{path} holds no checkpoints/step-*.pt, step-*.pt or save_pretrained config.json"
+            )
+        path = found
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
+    state = load_checkpoint(path)
+    if "objective" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a trainer checkpoint (no 'objective' / 'config' entries)")
+    if config_path:
+        config = load_config(config_path, [f"model.task={model_name}", *overrides])
+    else:
+        config = from_dict(apply_overrides(state["config"], overrides))
+    if config.model.task != model_name:
+        raise ValueError(f"{path} holds a {config.model.task!r} model, not the {model_name!r} model")
+    config.model.init_from = None  # the checkpoint has every weight
+    model = build_model(config)
+    weights = {k[len("model.") :]: v for k, v in state["objective"].items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=True)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return model, config, run_dir, path
