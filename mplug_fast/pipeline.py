@@ -35,15 +35,9 @@ import torch
 from torch import Tensor
 
 from mplug_fast.config import MPlugConfig, get_config
+from mplug_fast.data.grounding_transform import IMAGENET_MEAN, IMAGENET_STD, GroundingTransform
 from mplug_fast.data.tokenizer import Tokenizer
-from mplug_fast.data.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    GroundingTransform,
-    TestTransform,
-)
+from mplug_fast.data.transforms import CLIP_MEAN, CLIP_STD, TestTransform
 from mplug_fast.inference.generate import caption_generate, vqa_generate, vqa_rank
 from mplug_fast.inference.grounding import PadGeometry, coordinate_token_ids, ground_tokens, tokens_to_box
 from mplug_fast.inference.inputs import (

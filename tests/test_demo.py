@@ -173,22 +173,22 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, capsys):
 
 
 def test_interrupted_evaluation_and_config_changes(tmp_path, monkeypatch, capsys):
-    import mplug_fast.demo.runner as tasks_cli
+    import mplug_fast.demo.runner as demo_runner
 
     configs = micro_configs(tmp_path / "configs")
     out = tmp_path / "demo"
-    original = tasks_cli.run_evaluation
+    original = demo_runner.run_evaluation
 
     def run_evaluation(model, tokenizer, config, task, **kwargs):
         if task == "caption":
             raise KeyboardInterrupt
         return original(model, tokenizer, config, task, **kwargs)
 
-    monkeypatch.setattr(tasks_cli, "run_evaluation", run_evaluation)
+    monkeypatch.setattr(demo_runner, "run_evaluation", run_evaluation)
     assert run(out, configs) == 130
     assert "make demo" in capsys.readouterr().err
     assert json.loads((out / "caption" / demo.STATE_FILE).read_text())["status"] == "trained"
-    monkeypatch.setattr(tasks_cli, "run_evaluation", original)
+    monkeypatch.setattr(demo_runner, "run_evaluation", original)
 
     assert run(out, configs) == 0  # caption: evaluated from its saved model, not trained again
     caption = summary(out)["stages"]["caption"]

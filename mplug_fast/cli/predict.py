@@ -82,7 +82,7 @@ def _vqa(args: argparse.Namespace) -> int:
     if args.answer_list:
         with open(args.answer_list) as f:
             answer_list = json.load(f)
-    pipe = _pipeline("vqa", args, answer_list=answer_list, **_generation_options(args))
+    pipe = _pipeline("answer", args, answer_list=answer_list, **_generation_options(args))
     answer = pipe.answer(args.image, args.question)
     _emit(args, {"image": args.image, "question": args.question, "answer": answer}, [answer])
     return 0
@@ -90,7 +90,7 @@ def _vqa(args: argparse.Namespace) -> int:
 
 @_user_errors
 def _ground(args: argparse.Namespace) -> int:
-    pipe = _pipeline("grounding", args)
+    pipe = _pipeline("ground", args)
     box = [round(c, 2) for c in pipe.ground(args.image, args.expression)]
     _emit(
         args, {"image": args.image, "expression": args.expression, "box_xyxy": box}, [" ".join(map(str, box))]
@@ -100,7 +100,7 @@ def _ground(args: argparse.Namespace) -> int:
 
 @_user_errors
 def _rank(args: argparse.Namespace) -> int:
-    pipe = _pipeline("retrieval", args)
+    pipe = _pipeline("rank", args)
     scores = pipe.rank(list(args.images), list(args.texts), k=args.k)
     best_text = scores.i2t.argmax(dim=1).tolist()
     best_image = scores.t2i.argmax(dim=1).tolist()

@@ -1,20 +1,20 @@
 """Data: tokenizer, image loading and transforms (spec §7), and a synthetic world for smoke runs."""
 
+from mplug_fast.data.grounding_transform import GroundingTransform
 from mplug_fast.data.official import (
     KarpathyCaptionDataset,
     PretrainJsonDataset,
-    RefCocoDataset,
-    RetrievalJsonDataset,
     VQAJsonDataset,
     pre_caption,
     pre_question,
 )
+from mplug_fast.data.official_grounding import RefCocoDataset
+from mplug_fast.data.official_retrieval import RetrievalJsonDataset
 from mplug_fast.data.synthetic import SyntheticWorld
 from mplug_fast.data.tokenizer import TokenizedBatch, Tokenizer
 from mplug_fast.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
-    GroundingTransform,
     RandomAugment,
     TestTransform,
     TrainTransform,

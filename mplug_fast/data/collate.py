@@ -32,8 +32,6 @@ from mplug_fast.data.tokenizer import Tokenizer
 Sample = dict[str, Any]
 Batch = dict[str, Any]
 
-TASKS = ("pretrain", "vqa", "caption", "retrieval", "grounding")
-
 
 def _check_samples(samples: Sequence[Sample], required: Sequence[str], who: str) -> None:
     if not samples:

@@ -50,13 +50,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mplug_fast.data.synthetic.datasets import box_to_bins
-from mplug_fast.data.transforms import GroundingTransform, load_image, test_transform, train_transform
+from mplug_fast.data.transforms import load_image, test_transform, train_transform
 
 PathLike = str | Path
 Transform = Callable[[Image.Image], Tensor]
@@ -132,7 +130,7 @@ def load_json_list(ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, An
     return out
 
 
-def _require(entry: Mapping[str, Any], keys: Sequence[str], where: str, index: int) -> None:
+def require_fields(entry: Mapping[str, Any], keys: Sequence[str], where: str, index: int) -> None:
     missing = [k for k in keys if k not in entry]
     if missing:
         raise KeyError(f"{where}: entry {index} lacks {missing} (has {sorted(entry)})")
@@ -141,7 +139,7 @@ def _require(entry: Mapping[str, Any], keys: Sequence[str], where: str, index: i
 # ---- robust image loading ----------------------------------------------------------------------------------
 
 
-class _ImageDataset(Dataset, abc.ABC):
+class ImageDataset(Dataset, abc.ABC):
     """Plumbing shared by the readers: image paths per item, robust loading with substitution.
 
     Subclasses set ``self._paths`` (one resolved path per item) and implement ``_sample(i, image)``.
@@ -231,7 +229,7 @@ class _ImageDataset(Dataset, abc.ABC):
         return list(self.bad_images)
 
 
-def _default_transform(transform: Transform | None, train: bool, image_size: int, scale: tuple) -> Transform:
+def default_transform(transform: Transform | None, train: bool, image_size: int, scale: tuple) -> Transform:
     if transform is not None:
         return transform
     return train_transform(image_size, scale=scale) if train else test_transform(image_size)
@@ -240,7 +238,7 @@ def _default_transform(transform: Transform | None, train: bool, image_size: int
 # ---- pretraining -------------------------------------------------------------------------------------------
 
 
-class PretrainJsonDataset(_ImageDataset):
+class PretrainJsonDataset(ImageDataset):
     """Pretraining image-text list (the ALBEF/mPLUG ``pretrain_dataset``): [{"image", "caption"}].
 
     A list of captions yields one per item, drawn from ``random.Random(f"{seed}:{epoch}:{index}")``
@@ -261,9 +259,9 @@ class PretrainJsonDataset(_ImageDataset):
         super().__init__(image_root, max_bad_fraction)
         self.ann = load_json_list(ann)
         for i, e in enumerate(self.ann):
-            _require(e, ("image", "caption"), "pretraining list", i)
+            require_fields(e, ("image", "caption"), "pretraining list", i)
         self._paths = [self._resolve(e["image"]) for e in self.ann]
-        self.transform = _default_transform(transform, True, image_size, (0.2, 1.0))
+        self.transform = default_transform(transform, True, image_size, (0.2, 1.0))
         self.max_words, self.seed, self.epoch = max_words, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -283,7 +281,7 @@ class PretrainJsonDataset(_ImageDataset):
 # ---- captioning --------------------------------------------------------------------------------------------
 
 
-class KarpathyCaptionDataset(_ImageDataset):
+class KarpathyCaptionDataset(ImageDataset):
     """COCO Karpathy captioning (``split`` "train": one item per sentence; "test"/"val": one per image).
 
     Accepts mPLUG's entries {"filename", "filepath", "sentences": [{"raw"}]} (image at
@@ -318,12 +316,12 @@ class KarpathyCaptionDataset(_ImageDataset):
         self.gold: list[list[str]] = []
         for k, e in enumerate(entries):
             if "sentences" in e:
-                _require(e, ("filename",), "caption annotation", k)
+                require_fields(e, ("filename",), "caption annotation", k)
                 folder = folder_map.get(e.get("filepath", ""), e.get("filepath", ""))
                 path = self._resolve(str(Path(folder) / e["filename"]))
                 caps = [s["raw"] if isinstance(s, Mapping) else s for s in e["sentences"]]
             else:
-                _require(e, ("image", "caption"), "caption annotation", k)
+                require_fields(e, ("image", "caption"), "caption annotation", k)
                 path = self._resolve(e["image"])
                 caps = [e["caption"]] if isinstance(e["caption"], str) else list(e["caption"])
             if not caps:
@@ -339,7 +337,7 @@ class KarpathyCaptionDataset(_ImageDataset):
         else:
             self._items = [(k, -1) for k in range(len(self.images))]
         self._paths = [self.images[k] for k, _ in self._items]
-        self.transform = _default_transform(transform, split == "train", image_size, (0.5, 1.0))
+        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
 
     def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
         k, c = self._items[i]
@@ -352,7 +350,7 @@ class KarpathyCaptionDataset(_ImageDataset):
 # ---- VQA ---------------------------------------------------------------------------------------------------
 
 
-class VQAJsonDataset(_ImageDataset):
+class VQAJsonDataset(ImageDataset):
     """VQA v2 / VG / GQA questions in the official JSON format.
 
     Args:
@@ -390,7 +388,7 @@ class VQAJsonDataset(_ImageDataset):
         roots_p = {k: Path(v) for k, v in (roots or {}).items()}
         self._paths = []
         for i, e in enumerate(self.ann):
-            _require(
+            require_fields(
                 e, ("image", "question") + (("answer",) if split == "train" else ()), "VQA annotation", i
             )
             name = e.get("dataset", "vqa")
@@ -401,7 +399,7 @@ class VQAJsonDataset(_ImageDataset):
             self._paths.append(self._resolve(e["image"], roots_p.get(name)))
         ids = {p: k for k, p in enumerate(dict.fromkeys(self._paths))}
         self._image_ids = [ids[p] for p in self._paths]
-        self.transform = _default_transform(transform, split == "train", image_size, (0.5, 1.0))
+        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
 
     def question_text(self, i: int) -> str:
         e = self.ann[i]
@@ -431,145 +429,4 @@ class VQAJsonDataset(_ImageDataset):
 # ---- retrieval ---------------------------------------------------------------------------------------------
 
 
-class RetrievalJsonDataset(_ImageDataset):
-    """COCO / Flickr30k Karpathy retrieval.
-
-    train: [{"image", "caption", "image_id"}] -> one item per pair; image ids (any hashable) are mapped to
-    0..N-1 in first-seen order (as the official ``re_train_dataset``), so positives share an id.
-    val/test: [{"image", "caption": [..]}] -> one item per (image, caption) pair, and for evaluation
-    ``texts`` / ``txt2img`` / ``img2txt`` / ``image(k)`` / ``num_images``, like the synthetic
-    ``RetrievalDataset``. Captions go through ``pre_caption`` (30 words).
-    """
-
-    def __init__(
-        self,
-        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
-        image_root: PathLike | None = None,
-        split: str = "train",
-        image_size: int = 384,
-        transform: Transform | None = None,
-        max_words: int = DEFAULT_MAX_WORDS,
-        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-    ):
-        super().__init__(image_root, max_bad_fraction)
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
-        self.split = split
-        entries = load_json_list(ann)
-        self.texts: list[str] = []
-        self.txt2img: list[int] = []
-        self.img2txt: list[list[int]] = []
-        self.image_paths: list[Path] = []
-        id_map: dict[Any, int] = {}
-        for k, e in enumerate(entries):
-            _require(e, ("image", "caption"), "retrieval annotation", k)
-            path = self._resolve(e["image"])
-            if split == "train":
-                key = e.get("image_id", str(path))
-                if key not in id_map:
-                    id_map[key] = len(id_map)
-                    self.image_paths.append(path)
-                    self.img2txt.append([])
-                img = id_map[key]
-                caps = [e["caption"]]
-            else:
-                img = len(self.image_paths)
-                self.image_paths.append(path)
-                self.img2txt.append([])
-                caps = [e["caption"]] if isinstance(e["caption"], str) else list(e["caption"])
-            for c in caps:
-                self.img2txt[img].append(len(self.texts))
-                self.texts.append(pre_caption(c, max_words))
-                self.txt2img.append(img)
-        self._paths = [self.image_paths[k] for k in self.txt2img]
-        self.transform = _default_transform(transform, split == "train", image_size, (0.5, 1.0))
-
-    @property
-    def num_images(self) -> int:
-        return len(self.image_paths)
-
-    def image(self, k: int) -> Tensor:
-        """The transformed image k (evaluation: iterate k over ``num_images``); a bad image raises."""
-        img = self._try_load(self.image_paths[k])
-        if img is None:
-            raise RuntimeError(f"image {k} ({self.image_paths[k]}) is missing or unreadable")
-        return self.transform(img)
-
-    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
-        return {"image": self.transform(image), "caption": self.texts[i], "image_id": self.txt2img[i]}
-
-
 # ---- grounding ---------------------------------------------------------------------------------------------
-
-XYXY_DATASETS = ("referit", "flickr")  # TransVG: these split files hold xyxy boxes, the others xywh
-
-
-class RefCocoDataset(_ImageDataset):
-    """RefCOCO / RefCOCO+ / RefCOCOg (and ReferIt / Flickr) grounding from TransVG split files.
-
-    Args:
-        split_file: ``<split_root>/<ds>/<ds>_<split>.pth`` (a pickled list of tuples), or an in-memory list.
-        image_root: folder of the images (official: ``data_root/other/images/mscoco/images/train2014``).
-        dataset: "unc" / "unc+" / "gref" / "gref_umd" (xywh boxes), "referit" / "flickr" (xyxy boxes).
-        train: the TransVG training augmentation (``GroundingTransform(train=True)``) or the eval transform.
-        transform: a ``GroundingTransform``-like callable (image, box_xyxy, text) -> GroundingSample.
-        truncate_boxes: cast boxes to int like the official loader.
-    """
-
-    def __init__(
-        self,
-        split_file: PathLike | Sequence[Sequence[Any]],
-        image_root: PathLike | None = None,
-        dataset: str = "unc",
-        train: bool = False,
-        image_size: int = 336,
-        transform: GroundingTransform | None = None,
-        truncate_boxes: bool = False,
-        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-    ):
-        super().__init__(image_root, max_bad_fraction)
-        if isinstance(split_file, (str, Path)):
-            p = Path(split_file)
-            if not p.is_file():
-                raise FileNotFoundError(f"grounding split file {str(p)!r} does not exist")
-            records = torch.load(p, weights_only=True)
-        else:
-            records = list(split_file)
-        self.dataset = dataset
-        self.records: list[tuple[Path, list[float], str]] = []
-        for k, r in enumerate(records):
-            r = tuple(r)
-            if dataset == "flickr" and len(r) == 3:
-                file, box, phrase = r
-            elif len(r) >= 4:
-                file, _, box, phrase = r[:4]
-            else:
-                raise ValueError(
-                    f"grounding record {k} has {len(r)} fields; expected (file, _, bbox, phrase, ...)"
-                )
-            box = [float(b) for b in box]
-            if len(box) != 4:
-                raise ValueError(f"grounding record {k}: bbox must have 4 numbers, got {box}")
-            if truncate_boxes:
-                box = [float(int(b)) for b in box]
-            if dataset not in XYXY_DATASETS:
-                box = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
-            self.records.append((self._resolve(str(file)), box, str(phrase).lower()))
-        self._paths = [r[0] for r in self.records]
-        self.transform = transform if transform is not None else GroundingTransform(image_size, train=train)
-
-    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
-        _, box, phrase = self.records[i]
-        s = self.transform(image, box, phrase)
-        S = s.image.shape[-1]
-        cx, cy, w, h = s.box.tolist()
-        xyxy = torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dtype=torch.float32) * S
-        return {
-            "image": s.image,
-            "expression": s.text,
-            "box": s.box,
-            "box_xyxy": xyxy,
-            "box_bins": box_to_bins(s.box),
-            "image_mask": s.image_mask,
-            "image_id": i,
-        }

@@ -36,12 +36,12 @@ from PIL import Image
 from mplug_fast.data.official import (
     DEFAULT_MAX_BAD_FRACTION,
     DEFAULT_MAX_WORDS,
+    ImageDataset,
     PathLike,
     Transform,
-    _default_transform,
-    _ImageDataset,
-    _require,
+    default_transform,
     pre_caption,
+    require_fields,
 )
 
 VE_LABELS: tuple[str, ...] = ("contradiction", "neutral", "entailment")  # = modeling.pairs.VE_LABELS
@@ -97,7 +97,7 @@ def parse_label(value: Any, names: Sequence[str], where: str) -> int:
     raise ValueError(f"{where}: label {value!r} is not one of {list(names)} (or an id 0..{len(names) - 1})")
 
 
-class SNLIVEJsonDataset(_ImageDataset):
+class SNLIVEJsonDataset(ImageDataset):
     """SNLI-VE (ALBEF / BLIP ``ve_*.json``): one item per (image, hypothesis)."""
 
     label_names = VE_LABELS
@@ -121,7 +121,7 @@ class SNLIVEJsonDataset(_ImageDataset):
         self._labels: list[int | None] = []
         self._paths = []
         for i, e in enumerate(self.ann):
-            _require(e, ("image", "sentence"), "SNLI-VE annotation", i)
+            require_fields(e, ("image", "sentence"), "SNLI-VE annotation", i)
             name = str(e["image"])
             self._paths.append(self._resolve(name if Path(name).suffix else name + image_ext))
             label = e.get("label")
@@ -132,7 +132,7 @@ class SNLIVEJsonDataset(_ImageDataset):
             raise ValueError(f"SNLI-VE train entry {self._labels.index(None)} has no 'label'")
         ids = {p: k for k, p in enumerate(dict.fromkeys(self._paths))}
         self._image_ids = [ids[p] for p in self._paths]
-        self.transform = _default_transform(transform, split == "train", image_size, (0.5, 1.0))
+        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
 
     def label(self, i: int) -> int | None:
         """The label id of item i (None: unlabelled), without loading the image."""
@@ -149,7 +149,7 @@ class SNLIVEJsonDataset(_ImageDataset):
         return out
 
 
-class NLVR2JsonDataset(_ImageDataset):
+class NLVR2JsonDataset(ImageDataset):
     """NLVR2 (ALBEF / BLIP ``nlvr_*.json``): one item per (left image, right image, statement)."""
 
     label_names = NLVR_LABELS
@@ -172,7 +172,7 @@ class NLVR2JsonDataset(_ImageDataset):
         self._paths, self._right_paths = [], []
         self._labels: list[int | None] = []
         for i, e in enumerate(self.ann):
-            _require(e, ("images", "sentence"), "NLVR2 annotation", i)
+            require_fields(e, ("images", "sentence"), "NLVR2 annotation", i)
             images = e["images"]
             if isinstance(images, str) or len(images) != 2:
                 raise ValueError(f"NLVR2 entry {i}: 'images' must be a list [left, right], got {images!r}")
@@ -186,7 +186,7 @@ class NLVR2JsonDataset(_ImageDataset):
             raise ValueError(f"NLVR2 train entry {self._labels.index(None)} has no 'label'")
         ids = {p: k for k, p in enumerate(dict.fromkeys(self._paths + self._right_paths))}
         self._image_ids = [(ids[a], ids[b]) for a, b in zip(self._paths, self._right_paths, strict=True)]
-        self.transform = _default_transform(transform, split == "train", image_size, (0.5, 1.0))
+        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
 
     @property
     def num_distinct_images(self) -> int:
@@ -225,7 +225,7 @@ class NLVR2JsonDataset(_ImageDataset):
         return out
 
     def check_images(self, decode: bool = False) -> list[str]:
-        """Scans every distinct image of both sides (see ``_ImageDataset.check_images``)."""
+        """Scans every distinct image of both sides (see ``ImageDataset.check_images``)."""
         for p in dict.fromkeys(self._paths + self._right_paths):
             if decode:
                 self._try_load(p)

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mplug_fast.data import official
 from mplug_fast.data.collate import CaptionCollator
+from mplug_fast.data.official import KarpathyCaptionDataset
 from mplug_fast.data.synthetic import CaptionDataset
 from mplug_fast.inference.generate import caption_generate
 from mplug_fast.inference.inputs import left_padded_prompts
@@ -32,7 +32,7 @@ from mplug_fast.objectives.losses import lm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, item_text, write_json
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task
-from mplug_fast.tasks.sources import call_reader, synthetic_scenes
+from mplug_fast.tasks.sources import synthetic_scenes
 
 
 def _gold_captions(sample_captions: Any) -> list[str]:
@@ -179,6 +179,7 @@ class CaptionTask(Task):
     metric = "CIDEr"
     model_class = MPlugForCaption
     collator = CaptionCollator
+    reader = KarpathyCaptionDataset
     Options = CaptionOptions
     eval_options = {"beam_size": 5, "min_length": 8, "max_length": 25}  # official caption inference
     predictions_file = "caption_result.json"  # COCO result format
@@ -196,6 +197,3 @@ class CaptionTask(Task):
     def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
         s = synthetic_scenes(split, **world)
         return CaptionDataset(s.world, s.count, s.start, split="train" if split == "train" else "test")
-
-    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
-        return call_reader(official.KarpathyCaptionDataset, self.name, {**kwargs, "split": split})

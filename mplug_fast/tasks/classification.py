@@ -32,7 +32,7 @@ from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task
-from mplug_fast.tasks.sources import call_reader, synthetic_scenes
+from mplug_fast.tasks.sources import synthetic_scenes
 
 CLASSIFIERS = (MPlugForVE, MPlugForNLVR)
 BASELINE_LIMIT = 20000  # training labels read for the majority class (label(i) is cheap on every reader)
@@ -207,15 +207,11 @@ class _ClassificationTask(Task):
     Options = ClassificationOptions
     evaluate = staticmethod(evaluate)
     baseline = staticmethod(baseline)
-    reader: type[Dataset]
 
     def _objective(
         self, model: nn.Module, tokenizer: Any, options: ClassificationOptions, data: DataSource | None
     ) -> Objective:
         return ClassificationObjective(model, **vars(options))
-
-    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
-        return call_reader(self.reader, self.name, {**kwargs, "split": split})
 
 
 class VisualEntailmentTask(_ClassificationTask):

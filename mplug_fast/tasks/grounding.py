@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mplug_fast.data import official
 from mplug_fast.data.collate import GroundingCollator
+from mplug_fast.data.official_grounding import RefCocoDataset
 from mplug_fast.data.synthetic import GroundingDataset
 from mplug_fast.inference import coordinate_token_ids, ground_tokens
 from mplug_fast.inference.grounding import GROUNDING_NUM_BINS
@@ -33,8 +33,8 @@ from mplug_fast.modeling import MPlugForGrounding
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task
-from mplug_fast.tasks.sources import call_reader, synthetic_scenes
+from mplug_fast.tasks.protocol import Baseline, DataSource, Task, call_reader
+from mplug_fast.tasks.sources import synthetic_scenes
 
 
 def mean_iou(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> float:
@@ -236,6 +236,7 @@ class GroundingTask(Task):
     metric = "acc@0.5"
     model_class = MPlugForGrounding
     collator = GroundingCollator
+    reader = RefCocoDataset
     Options = GroundingOptions
     predictions_file = "grounding_result.json"
     text_length = 20  # official expression length (spec §6)
@@ -253,4 +254,5 @@ class GroundingTask(Task):
         return GroundingDataset(s.world, s.count, s.start)
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
-        return call_reader(official.RefCocoDataset, self.name, {"train": split == "train", **kwargs})
+        """TransVG split files: ``train`` (the training augmentation) follows the split."""
+        return call_reader(self.reader, self.name, {"train": split == "train", **kwargs})

@@ -15,15 +15,15 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from mplug_fast.data import official
 from mplug_fast.data.collate import PretrainCollator
+from mplug_fast.data.official import PretrainJsonDataset
 from mplug_fast.data.synthetic import PretrainDataset
 from mplug_fast.modeling import MPlugForPretraining
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE
 from mplug_fast.objectives.pretrain import PretrainObjective
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError
-from mplug_fast.tasks.sources import call_reader, synthetic_scenes
+from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError, call_reader
+from mplug_fast.tasks.sources import synthetic_scenes
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class PretrainTask(Task):
     evaluable = False
     model_class = MPlugForPretraining
     collator = PretrainCollator
+    reader = PretrainJsonDataset
     Options = PretrainOptions
 
     def _objective(
@@ -60,7 +61,8 @@ class PretrainTask(Task):
         return PretrainDataset(s.world, s.count, s.start)
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
-        return call_reader(official.PretrainJsonDataset, self.name, kwargs)
+        """The pretraining list has no splits (``split`` is ignored)."""
+        return call_reader(self.reader, self.name, kwargs)
 
     def evaluate(self, model: nn.Module, dataset: Dataset, tokenizer: Any, **options: Any) -> dict[str, Any]:
         raise TaskError("pretraining has no evaluation of its own: finetune its model or evaluate retrieval")

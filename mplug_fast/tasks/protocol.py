@@ -70,6 +70,7 @@ class Task(abc.ABC):
         metric: the headline key of `evaluate`'s result (higher is better).
         model_class: the `MPlug` variant (backbone + heads) the task trains and evaluates.
         collator: the collator class (``collator(tokenizer, **options)`` turns samples into a batch).
+        reader: the official-format dataset class (``reader(**data.official, split=...)``).
         Options: a frozen dataclass of the task's training options (the run config's ``objective.options``).
         eval_options: the defaults of `evaluate`'s keyword options (overridable per call).
         predictions_file: the name of the predictions JSON `evaluate` writes under a run directory.
@@ -88,6 +89,7 @@ class Task(abc.ABC):
     model_class: ClassVar[type[MPlug]]
     Options: ClassVar[type] = NoOptions
     collator: ClassVar[Callable[..., Callable[[list], dict[str, Any]]]]
+    reader: ClassVar[Callable[..., Dataset]]
     eval_options: ClassVar[Mapping[str, Any]] = {}
     predictions_file: ClassVar[str] = "predictions.json"
     eval_split: ClassVar[str] = "test"
@@ -178,9 +180,9 @@ class Task(abc.ABC):
         """The task's dataset on the synthetic world (``world``: the run config's ``data.synthetic``): split
         "train" reads scenes 0..num_scenes-1, any other split the held-out scenes after them."""
 
-    @abc.abstractmethod
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
-        """The task's official-format reader for ``split`` (``kwargs``: the reader's arguments)."""
+        """The task's official-format reader (`reader`) for ``split`` (``kwargs``: the reader's arguments)."""
+        return call_reader(self.reader, self.name, {**kwargs, "split": split})
 
     # ---- evaluation ----------------------------------------------------------------------------------
 
@@ -201,3 +203,12 @@ class Task(abc.ABC):
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise TaskError(f"{where} {unknown} unknown for task {self.name!r}; valid: {valid}")
+
+
+def call_reader(reader: Callable[..., Dataset], task: str, kwargs: Mapping[str, Any]) -> Dataset:
+    """``reader(**kwargs)``; a TypeError from wrong keyword arguments becomes a `TaskError` naming it."""
+    try:
+        return reader(**kwargs)
+    except TypeError as e:
+        name = getattr(reader, "__name__", "the reader")
+        raise TaskError(f"the official {task} options do not fit {name} ({e})") from e

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mplug_fast.data import official
 from mplug_fast.data.collate import RetrievalCollator
+from mplug_fast.data.official_retrieval import RetrievalJsonDataset
 from mplug_fast.data.synthetic import RetrievalDataset
 from mplug_fast.inference.retrieval import retrieval_scores
 from mplug_fast.metrics import retrieval_recall
@@ -31,7 +31,7 @@ from mplug_fast.objectives.itm import Sampler, itm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, batch_image_ids, require_keys
 from mplug_fast.tasks.evaluation import eval_mode, write_json
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task
-from mplug_fast.tasks.sources import call_reader, synthetic_scenes
+from mplug_fast.tasks.sources import synthetic_scenes
 
 RECALL_KS = (1, 5, 10)
 
@@ -202,6 +202,7 @@ class RetrievalTask(Task):
     metric = "r_mean"
     model_class = MPlugForRetrieval
     collator = RetrievalCollator
+    reader = RetrievalJsonDataset
     Options = RetrievalOptions
     eval_options = {"k": 256}
     predictions_file = "retrieval_top10.json"
@@ -218,6 +219,3 @@ class RetrievalTask(Task):
     def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
         s = synthetic_scenes(split, **world)
         return RetrievalDataset(s.world, s.count, s.start)
-
-    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
-        return call_reader(official.RetrievalJsonDataset, self.name, {**kwargs, "split": split})

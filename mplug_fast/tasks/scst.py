@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mplug_fast.data import official
 from mplug_fast.data.official import KarpathyCaptionDataset
 from mplug_fast.data.synthetic import CaptionDataset, SyntheticWorld
 from mplug_fast.generation import CLS_ID, GenerationOutput, beam_search, sample
@@ -65,8 +64,8 @@ from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import IGNORE, lm_targets
 from mplug_fast.objectives.pretrain import require_keys
 from mplug_fast.tasks.caption import CaptionTask
-from mplug_fast.tasks.protocol import DataSource, TaskError
-from mplug_fast.tasks.sources import call_reader, synthetic_scenes
+from mplug_fast.tasks.protocol import DataSource, TaskError, call_reader
+from mplug_fast.tasks.sources import synthetic_scenes
 
 Candidates = Literal["sample", "beam"]
 BaselineKind = Literal["others", "all"]
@@ -370,4 +369,4 @@ class SCSTTask(CaptionTask):
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
         """The per-image form of the Karpathy reader (all gold captions of each image), for both splits."""
-        return call_reader(official.KarpathyCaptionDataset, self.name, {**kwargs, "split": "test"})
+        return call_reader(self.reader, self.name, {**kwargs, "split": "test"})

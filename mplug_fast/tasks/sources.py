@@ -1,16 +1,10 @@
-"""Dataset sources every task shares: the synthetic world's scenes of a split, and calling an official
-reader with a run config's keyword arguments."""
+"""The synthetic world's scenes of a split, as every task's ``synthetic_dataset`` reads them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from torch.utils.data import Dataset
 
 from mplug_fast.data.synthetic import SyntheticWorld
-from mplug_fast.tasks.protocol import TaskError
 
 
 @dataclass(frozen=True)
@@ -54,12 +48,3 @@ def synthetic_scenes(
     return SyntheticScenes(
         world, count, start, as_tuple(vqa_types), as_tuple(pair_types), as_tuple(ve_labels)
     )
-
-
-def call_reader(reader: Callable[..., Dataset], task: str, kwargs: Mapping[str, Any]) -> Dataset:
-    """``reader(**kwargs)``; a TypeError from wrong keyword arguments becomes a `TaskError` naming it."""
-    try:
-        return reader(**kwargs)
-    except TypeError as e:
-        name = getattr(reader, "__name__", "the reader")
-        raise TaskError(f"the official {task} options do not fit {name} ({e})") from e

@@ -51,7 +51,7 @@ from mplug_fast.tasks import retrieval as retrieval_task
 from mplug_fast.tasks import vqa as vqa_task
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError
-from mplug_fast.tasks.sources import SyntheticScenes, call_reader, synthetic_scenes
+from mplug_fast.tasks.sources import SyntheticScenes, synthetic_scenes
 
 
 def _video_batches(
@@ -373,9 +373,6 @@ class _VideoTask(Task):
     @abc.abstractmethod
     def _videos(self, world: SyntheticVideoWorld, scenes: SyntheticScenes, split: str) -> Dataset:
         """The task's video dataset over ``scenes``."""
-
-    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
-        return call_reader(self.reader, self.name, {**kwargs, "split": split})
 
 
 class VideoQATask(_VideoTask):

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mplug_fast.data import official
 from mplug_fast.data.collate import VQACollator
+from mplug_fast.data.official import VQAJsonDataset
 from mplug_fast.data.synthetic import QA_TYPES, VQADataset
 from mplug_fast.inference.generate import vqa_generate, vqa_rank
 from mplug_fast.metrics import write_vqa_results
@@ -31,7 +31,7 @@ from mplug_fast.objectives.losses import lm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, item_text
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task
-from mplug_fast.tasks.sources import call_reader, synthetic_scenes
+from mplug_fast.tasks.sources import synthetic_scenes
 
 
 def score_questions(
@@ -241,6 +241,7 @@ class VQATask(Task):
     metric = "vqa_acc"
     model_class = MPlugForVQA
     collator = VQACollator
+    reader = VQAJsonDataset
     Options = VQAOptions
     eval_options = {"method": "generate", "beam_size": 5, "max_answer_length": 10}
     predictions_file = "vqa_result.json"  # EvalAI format
@@ -258,6 +259,3 @@ class VQATask(Task):
     def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
         s = synthetic_scenes(split, **world)
         return VQADataset(s.world, s.count, s.start, types=s.vqa_types or tuple(QA_TYPES))
-
-    def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
-        return call_reader(official.VQAJsonDataset, self.name, {**kwargs, "split": split})

@@ -12,13 +12,13 @@ from PIL import Image
 from mplug_fast.data.official import (
     KarpathyCaptionDataset,
     PretrainJsonDataset,
-    RefCocoDataset,
-    RetrievalJsonDataset,
     VQAJsonDataset,
     pre_caption,
     pre_question,
     vqa_answer_weights,
 )
+from mplug_fast.data.official_grounding import RefCocoDataset
+from mplug_fast.data.official_retrieval import RetrievalJsonDataset
 from mplug_fast.data.synthetic import vqa_collate
 from mplug_fast.data.transforms import test_transform
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mplug_fast.data import grounding_transform as G
 from mplug_fast.data import transforms as T
 
 
@@ -378,7 +379,7 @@ def _scene_with_box(W: int = 200, H: int = 120, box=(30, 20, 90, 70)) -> Image.I
     return Image.fromarray(a)
 
 
-def _red_bbox(sample: T.GroundingSample, mean=T.CLIP_MEAN, std=T.CLIP_STD) -> tuple[int, int, int, int]:
+def _red_bbox(sample: G.GroundingSample, mean=T.CLIP_MEAN, std=T.CLIP_STD) -> tuple[int, int, int, int]:
     rgb = T.denormalize(sample.image, mean, std)  # [3, S, S] in [0, 1] (padding = the mean colour)
     red = (rgb[0] > 0.6) & (rgb[1] < 0.35) & sample.image_mask
     ys, xs = torch.nonzero(red, as_tuple=True)
@@ -387,14 +388,14 @@ def _red_bbox(sample: T.GroundingSample, mean=T.CLIP_MEAN, std=T.CLIP_STD) -> tu
 
 def test_swap_left_right():
     assert (
-        T.swap_left_right("the man on the left, right of the dog") == "the man on the right, left of the dog"
+        G.swap_left_right("the man on the left, right of the dog") == "the man on the right, left of the dog"
     )
-    assert T.swap_left_right("leftmost bright light") == "rightmost bright light"
+    assert G.swap_left_right("leftmost bright light") == "rightmost bright light"
 
 
 def test_grounding_eval_transform_resizes_pads_and_maps_the_box():
     img = _scene_with_box()
-    tf = T.GroundingTransform(64)
+    tf = G.GroundingTransform(64)
     s = tf(img, (30, 20, 90, 70), "the red box")
     assert (
         s.image.shape == (3, 64, 64) and s.image_mask.shape == (64, 64) and s.image_mask.dtype == torch.bool
@@ -409,7 +410,7 @@ def test_grounding_eval_transform_resizes_pads_and_maps_the_box():
     x0, y0, x1, y1 = 30 * r, 20 * r + 13, 90 * r, 70 * r + 13
     torch.testing.assert_close(s.box, torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]) / 64)
     assert s.text == "the red box"
-    official = T.GroundingTransform(64, mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD)(img, (30, 20, 90, 70))
+    official = G.GroundingTransform(64, mean=G.IMAGENET_MEAN, std=G.IMAGENET_STD)(img, (30, 20, 90, 70))
     assert not torch.equal(official.image, s.image)
     with pytest.raises(ValueError, match="box_xyxy"):
         tf(img, (5, 5, 1, 1))
@@ -417,7 +418,7 @@ def test_grounding_eval_transform_resizes_pads_and_maps_the_box():
 
 def test_grounding_train_transform_keeps_box_on_the_object():
     img = _scene_with_box(300, 200, (100, 60, 180, 140))
-    tf = T.GroundingTransform(64, train=True, color_jitter=False)
+    tf = G.GroundingTransform(64, train=True, color_jitter=False)
     flipped = 0
     for k in range(25):
         s = tf(img, (100, 60, 180, 140), "a red box", rng=random.Random(k))
@@ -434,5 +435,5 @@ def test_grounding_train_transform_keeps_box_on_the_object():
     b = tf(img, (100, 60, 180, 140), "x", rng=random.Random(3))
     torch.testing.assert_close(a.image, b.image, rtol=0, atol=0)
     assert torch.equal(a.box, b.box)
-    jitter = T.GroundingTransform(64, train=True, seed=0)
+    jitter = G.GroundingTransform(64, train=True, seed=0)
     assert jitter(img, (100, 60, 180, 140), "x").image.shape == (3, 64, 64)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from mplug_fast.data.grounding_transform import GroundingTransform
 from mplug_fast.data.tokenizer import DEFAULT_VOCAB_PATH
-from mplug_fast.data.transforms import GroundingTransform
 from mplug_fast.inference.grounding import (
     GROUNDING_NUM_BINS,
     PadGeometry,

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from mplug_fast.config import get_config
 from mplug_fast.data import Tokenizer
 from mplug_fast.data.synthetic import SyntheticWorld, VQADataset
+from mplug_fast.objectives.base import Objective
 from mplug_fast.tasks import build_model, get_task
 from mplug_fast.train.config import from_dict
 
@@ -40,8 +41,8 @@ def micro_overrides(dropout: float = 0.0) -> dict[str, Any]:
     }
 
 
-class VQALoss(nn.Module):
-    """A test objective written here, independent of ``mplug_fast.objectives``: the weighted per-answer
+class VQALoss(Objective):
+    """A test objective written here, independent of the VQA task's: the weighted per-answer
     summed token CE of ``MPlugForVQA`` / number of questions, plus a buffer and an after-step hook so that
     checkpoints must carry objective state."""
 

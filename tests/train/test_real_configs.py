@@ -140,42 +140,22 @@ def test_config_builds_model_and_objective_on_meta(path: Path):
     assert n > 0
 
 
-def _reader(task: str):
-    """The official reader class of ``task``, or None where the task builds its data another way."""
-    from mplug_fast.data import official
-    from mplug_fast.tasks.evaluation import OFFICIAL_READERS
-
-    readers = {"pretrain": "PretrainJsonDataset", "scst": "KarpathyCaptionDataset", **OFFICIAL_READERS}
-    try:
-        from mplug_fast.data.official_pairs import OFFICIAL_PAIR_READERS
-    except ImportError:
-        OFFICIAL_PAIR_READERS = {}
-    if task in OFFICIAL_PAIR_READERS:
-        return OFFICIAL_PAIR_READERS[task]
-    return getattr(official, readers[task]) if task in readers else None
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_options_fit_their_consumers(path: Path):
     """data.official (train and evaluation), data.max_length, eval.options: accepted by the reader's, the
     collator's and the evaluate function's signatures (a typo would otherwise surface hours into a run)."""
     from mplug_fast.tasks import get_task
-    from mplug_fast.tasks.cli import check_eval_options
-    from mplug_fast.train.trainer import _length_option
 
     cfg = load_config(path)
-    task = cfg.objective.name or cfg.model.task
-    options = {} if cfg.data.max_length is None else {_length_option(task): cfg.data.max_length}
-    get_task(task).collate(_tokenizer(), **options)
-    if task != "pretrain":
-        check_eval_options(task, cfg.eval.options, f"{path.name} eval.options")
+    task = get_task(cfg.objective.name or cfg.model.task)
+    options = {} if cfg.data.max_length is None else {task.length_option: cfg.data.max_length}
+    task.collate(_tokenizer(), **options)
+    if task.evaluable:
+        task.check_eval_options(cfg.eval.options, f"{path.name} eval.options")
     if cfg.data.source != "official":
         assert not cfg.eval.official, "eval.official is for data.source official"
         return
-    reader = _reader(task)
-    if reader is None:
-        pytest.skip(f"no official reader class known for task {task!r}")
-    signature = inspect.signature(reader)
+    signature = inspect.signature(task.reader)
     signature.bind(**cfg.data.official)
     signature.bind(**{**cfg.data.official, **cfg.eval.official})
     for key in ("ann", "split_file"):

@@ -1,0 +1,88 @@
+"""The official grounding reader: RefCOCO / RefCOCO+ / RefCOCOg (and ReferIt / Flickr) from TransVG split
+files (see mplug_fast.data.official for the shared image handling)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mplug_fast.data.grounding_transform import GroundingTransform
+from mplug_fast.data.official import DEFAULT_MAX_BAD_FRACTION, ImageDataset, PathLike
+from mplug_fast.data.synthetic.datasets import box_to_bins
+
+XYXY_DATASETS = ("referit", "flickr")  # TransVG: these split files hold xyxy boxes, the others xywh
+
+
+class RefCocoDataset(ImageDataset):
+    """RefCOCO / RefCOCO+ / RefCOCOg (and ReferIt / Flickr) grounding from TransVG split files.
+
+    Args:
+        split_file: ``<split_root>/<ds>/<ds>_<split>.pth`` (a pickled list of tuples), or an in-memory list.
+        image_root: folder of the images (official: ``data_root/other/images/mscoco/images/train2014``).
+        dataset: "unc" / "unc+" / "gref" / "gref_umd" (xywh boxes), "referit" / "flickr" (xyxy boxes).
+        train: the TransVG training augmentation (``GroundingTransform(train=True)``) or the eval transform.
+        transform: a ``GroundingTransform``-like callable (image, box_xyxy, text) -> GroundingSample.
+        truncate_boxes: cast boxes to int like the official loader.
+    """
+
+    def __init__(
+        self,
+        split_file: PathLike | Sequence[Sequence[Any]],
+        image_root: PathLike | None = None,
+        dataset: str = "unc",
+        train: bool = False,
+        image_size: int = 336,
+        transform: GroundingTransform | None = None,
+        truncate_boxes: bool = False,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    ):
+        super().__init__(image_root, max_bad_fraction)
+        if isinstance(split_file, (str, Path)):
+            p = Path(split_file)
+            if not p.is_file():
+                raise FileNotFoundError(f"grounding split file {str(p)!r} does not exist")
+            records = torch.load(p, weights_only=True)
+        else:
+            records = list(split_file)
+        self.dataset = dataset
+        self.records: list[tuple[Path, list[float], str]] = []
+        for k, r in enumerate(records):
+            r = tuple(r)
+            if dataset == "flickr" and len(r) == 3:
+                file, box, phrase = r
+            elif len(r) >= 4:
+                file, _, box, phrase = r[:4]
+            else:
+                raise ValueError(
+                    f"grounding record {k} has {len(r)} fields; expected (file, _, bbox, phrase, ...)"
+                )
+            box = [float(b) for b in box]
+            if len(box) != 4:
+                raise ValueError(f"grounding record {k}: bbox must have 4 numbers, got {box}")
+            if truncate_boxes:
+                box = [float(int(b)) for b in box]
+            if dataset not in XYXY_DATASETS:
+                box = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+            self.records.append((self._resolve(str(file)), box, str(phrase).lower()))
+        self._paths = [r[0] for r in self.records]
+        self.transform = transform if transform is not None else GroundingTransform(image_size, train=train)
+
+    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
+        _, box, phrase = self.records[i]
+        s = self.transform(image, box, phrase)
+        S = s.image.shape[-1]
+        cx, cy, w, h = s.box.tolist()
+        xyxy = torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dtype=torch.float32) * S
+        return {
+            "image": s.image,
+            "expression": s.text,
+            "box": s.box,
+            "box_xyxy": xyxy,
+            "box_bins": box_to_bins(s.box),
+            "image_mask": s.image_mask,
+            "image_id": i,
+        }

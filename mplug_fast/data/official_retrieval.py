@@ -1,0 +1,92 @@
+"""The official retrieval reader (COCO / Flickr30k in the ALBEF format): image-text pairs for training, a
+gallery (texts, txt2img, img2txt, image(k)) for evaluation (see mplug_fast.data.official for the shared
+image handling)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch import Tensor
+
+from mplug_fast.data.official import (
+    DEFAULT_MAX_BAD_FRACTION,
+    DEFAULT_MAX_WORDS,
+    ImageDataset,
+    PathLike,
+    Transform,
+    default_transform,
+    load_json_list,
+    pre_caption,
+    require_fields,
+)
+
+
+class RetrievalJsonDataset(ImageDataset):
+    """COCO / Flickr30k Karpathy retrieval.
+
+    train: [{"image", "caption", "image_id"}] -> one item per pair; image ids (any hashable) are mapped to
+    0..N-1 in first-seen order (as the official ``re_train_dataset``), so positives share an id.
+    val/test: [{"image", "caption": [..]}] -> one item per (image, caption) pair, and for evaluation
+    ``texts`` / ``txt2img`` / ``img2txt`` / ``image(k)`` / ``num_images``, like the synthetic
+    ``RetrievalDataset``. Captions go through ``pre_caption`` (30 words).
+    """
+
+    def __init__(
+        self,
+        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        image_root: PathLike | None = None,
+        split: str = "train",
+        image_size: int = 384,
+        transform: Transform | None = None,
+        max_words: int = DEFAULT_MAX_WORDS,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    ):
+        super().__init__(image_root, max_bad_fraction)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
+        self.split = split
+        entries = load_json_list(ann)
+        self.texts: list[str] = []
+        self.txt2img: list[int] = []
+        self.img2txt: list[list[int]] = []
+        self.image_paths: list[Path] = []
+        id_map: dict[Any, int] = {}
+        for k, e in enumerate(entries):
+            require_fields(e, ("image", "caption"), "retrieval annotation", k)
+            path = self._resolve(e["image"])
+            if split == "train":
+                key = e.get("image_id", str(path))
+                if key not in id_map:
+                    id_map[key] = len(id_map)
+                    self.image_paths.append(path)
+                    self.img2txt.append([])
+                img = id_map[key]
+                caps = [e["caption"]]
+            else:
+                img = len(self.image_paths)
+                self.image_paths.append(path)
+                self.img2txt.append([])
+                caps = [e["caption"]] if isinstance(e["caption"], str) else list(e["caption"])
+            for c in caps:
+                self.img2txt[img].append(len(self.texts))
+                self.texts.append(pre_caption(c, max_words))
+                self.txt2img.append(img)
+        self._paths = [self.image_paths[k] for k in self.txt2img]
+        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_paths)
+
+    def image(self, k: int) -> Tensor:
+        """The transformed image k (evaluation: iterate k over ``num_images``); a bad image raises."""
+        img = self._try_load(self.image_paths[k])
+        if img is None:
+            raise RuntimeError(f"image {k} ({self.image_paths[k]}) is missing or unreadable")
+        return self.transform(img)
+
+    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
+        return {"image": self.transform(image), "caption": self.texts[i], "image_id": self.txt2img[i]}
