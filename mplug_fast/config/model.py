@@ -5,12 +5,14 @@ The official code spreads the configuration over a BERT json (`config_bert.json`
 `MPlugConfig` holds everything the modules need; `MPlugConfig.from_official` builds one
 from those two sources. Presets:
 
+    micro  D=64, one layer per stack (2 fusion, S = 1), 32 px in 4 px patches: the demo and CPU smoke runs
     tiny   D=256, 4 layers per stack, 64 px images: what CPU tests and CI train
     base   CLIP ViT-B/16 @ 384, 6 text, 6 fusion (S = 3), 12 decoder layers  (mPLUG-Base)
     large  CLIP ViT-L/14 @ 336 + 1024->768 adapter, S = 6                    (mPLUG-Large)
     huge   CLIP ViT-L/14 @ 336, 24 text layers                               (mPLUG-Huge, never released)
 
-Derive variants with `dataclasses.replace` or `MPlugConfig.replace(**{"vision.image_size": 256})`.
+Derive variants with `dataclasses.replace` or `MPlugConfig.replace(**{"vision.image_size": 256})`. Plain
+data (YAML, JSON, dotted overrides) goes through the one coercion engine, `mplug_fast.config.coerce`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from mplug_fast.config.coerce import (
+    ConfigError,
+    coerce,
+    field_annotation,
+    from_mapping,
+    load_yaml,
+    set_dotted,
+    to_mapping,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -170,30 +184,13 @@ class MPlugConfig:
 
     # ----------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_mapping(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MPlugConfig:
-        """Strict inverse of `to_dict`: unknown keys and wrong types are errors naming the field."""
-        sections = {
-            "vision": VisionConfig,
-            "text": TextConfig,
-            "fusion": FusionConfig,
-            "decoder": DecoderConfig,
-        }
-        if not isinstance(data, Mapping):
-            raise TypeError(f"config must be a mapping, got {type(data).__name__}")
-        top_fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - top_fields)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(top_fields)}")
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in sections:
-                kwargs[key] = _build_section(key, sections[key], value)
-            else:
-                kwargs[key] = _check_type(key, _field_type(cls, key), value)
-        return cls(**kwargs)
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "") -> MPlugConfig:
+        """Strict inverse of `to_dict`: unknown keys and wrong types are `ConfigError`s naming the dotted
+        field (and ``where``, the source file, when given)."""
+        return from_mapping(cls, data, where=where)
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -203,12 +200,11 @@ class MPlugConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> MPlugConfig:
-        text = Path(path_or_text).read_text() if _looks_like_path(path_or_text) else str(path_or_text)
-        return cls.from_dict(json.loads(text))
+        if _looks_like_path(path_or_text):
+            return cls.from_dict(json.loads(Path(path_or_text).read_text()), where=str(path_or_text))
+        return cls.from_dict(json.loads(str(path_or_text)))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        import yaml
-
         text = yaml.safe_dump(self.to_dict(), sort_keys=True)
         if path is not None:
             Path(path).write_text(text)
@@ -216,28 +212,23 @@ class MPlugConfig:
 
     @classmethod
     def from_yaml(cls, path_or_text: str | Path) -> MPlugConfig:
-        import yaml
+        if _looks_like_path(path_or_text):
+            return cls.from_dict(load_yaml(Path(path_or_text).read_text()) or {}, where=str(path_or_text))
+        return cls.from_dict(load_yaml(str(path_or_text)) or {})
 
-        text = Path(path_or_text).read_text() if _looks_like_path(path_or_text) else str(path_or_text)
-        return cls.from_dict(yaml.safe_load(text) or {})
-
-    def replace(self, **overrides: Any) -> MPlugConfig:
-        """Copy with overrides; dotted names reach into sections: `replace(**{"fusion.stride": 6})`."""
+    def replace(self, *, where: str = "", **overrides: Any) -> MPlugConfig:
+        """Copy with overrides; dotted names reach into sections: `replace(**{"fusion.stride": 6})`; a
+        mapping given for a section merges into it (`replace(fusion={"stride": 6})`)."""
         data = self.to_dict()
         for dotted, value in overrides.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                if part not in node or not isinstance(node[part], dict):
-                    raise ValueError(f"unknown config section {part!r} in override {dotted!r}")
-                node = node[part]
-            if leaf not in node:
-                raise ValueError(f"unknown config field {dotted!r}; valid: {sorted(node)}")
-            if isinstance(node[leaf], dict) and isinstance(value, Mapping):
-                node[leaf] = {**node[leaf], **value}  # a section override merges into the section
-            else:
-                node[leaf] = value
-        return MPlugConfig.from_dict(data)
+            path = dotted.split(".")
+            if isinstance(value, Mapping) and dataclasses.is_dataclass(field_annotation(MPlugConfig, path)):
+                section = data
+                for part in path:
+                    section = section[part]
+                value = {**section, **value}  # a section override merges into the section
+            set_dotted(MPlugConfig, data, path, value, where=where)
+        return MPlugConfig.from_dict(data, where=where)
 
     # ----------------------------------------------------------------------------------- official configs
     @classmethod
@@ -299,6 +290,25 @@ class MPlugConfig:
         return cls(vision=vision, text=text, fusion=fusion, decoder=decoder)
 
 
+def check_overrides(overrides: Any, *, name: str = "overrides", where: str = "") -> None:
+    """ConfigError unless every key of ``overrides`` (dotted ``{"vision.image_size": 32}`` or nested
+    ``{"fusion": {"stride": 6}}``) names an `MPlugConfig` field and its value has the field's type.
+
+    Checks names and types only: values are validated when the overrides meet a preset (`get_config`)."""
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"{where + ': ' if where else ''}{name} must be a mapping, got {overrides!r}")
+    for key, value in overrides.items():
+        path = str(key).split(".")
+        try:
+            annotation = field_annotation(MPlugConfig, path)
+        except ConfigError as e:
+            raise ConfigError(f"{where + ': ' if where else ''}{name}: {e}") from None
+        if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):
+            check_overrides({f"{key}.{k}": v for k, v in value.items()}, name=name, where=where)
+        else:
+            coerce(annotation, value, name=f"{name}.{key}", where=where)
+
+
 def load_bert_config(bert_config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     """An official `config_bert*.json` as a dict (accepts a dict or a path)."""
     if isinstance(bert_config, Mapping):
@@ -319,43 +329,28 @@ def _looks_like_path(value: str | Path) -> bool:
     return "\n" not in value and value.strip().lower().endswith((".json", ".yaml", ".yml"))
 
 
-def _field_type(cls: type, name: str) -> Any:
-    return {f.name: f.type for f in dataclasses.fields(cls)}[name]
-
-
-def _check_type(name: str, annotation: Any, value: Any) -> Any:
-    """Validate one scalar field against its (string) annotation; ints are accepted for floats."""
-    ann = str(annotation)
-    if value is None:
-        if "None" in ann:
-            return None
-        raise TypeError(f"config field {name!r} must not be None")
-    if ann.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"config field {name!r} must be an int, got {value!r}")
-    elif ann.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"config field {name!r} must be a number, got {value!r}")
-        value = float(value)
-    elif ann.startswith("str"):
-        if not isinstance(value, str):
-            raise TypeError(f"config field {name!r} must be a string, got {value!r}")
-    return value
-
-
-def _build_section(section: str, cls: type, value: Any) -> Any:
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise TypeError(f"config section {section!r} must be a mapping, got {type(value).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - names)
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in config section {section!r}; valid keys: {sorted(names)}")
-    return cls(**{k: _check_type(f"{section}.{k}", _field_type(cls, k), v) for k, v in value.items()})
-
-
 # --------------------------------------------------------------------------------------------- presets
+def micro() -> MPlugConfig:
+    """The demo's model, far below `tiny`: D=64, 2 heads, one layer per stack except two fusion layers with
+    S=1 (layer 0 asymmetric co-attention, layer 1 connected attention), 32 px images in 4 px patches
+    (Nv = 65), no dropout. It trains from scratch in minutes on a CPU (`make demo`, the
+    ``*_tiny_synthetic`` runs, the CPU tests)."""
+    return MPlugConfig(
+        vision=VisionConfig(width=64, layers=1, heads=2, patch_size=4, image_size=32, attention_dropout=0.0),
+        text=TextConfig(
+            hidden_size=64,
+            heads=2,
+            intermediate_size=256,
+            encoder_layers=1,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        ),
+        fusion=FusionConfig(layers=2, stride=1),
+        decoder=DecoderConfig(layers=1),
+        embed_dim=32,
+    )
+
+
 def tiny() -> MPlugConfig:
     """D=256, 4 heads, 4 layers per stack (fusion S=3: one connected layer), 64 px, patch 16 (17 tokens)."""
     return MPlugConfig(
@@ -383,17 +378,17 @@ def large() -> MPlugConfig:
 
 
 def huge() -> MPlugConfig:
-    """mPLUG-Huge as described in the README (ViT-L/14, 24 text layers). Weights were never released
-    (AliceMind#71), so everything else follows the large model."""
+    """mPLUG-Huge as the official README describes it (ViT-L/14, 24 text layers). Its weights were never
+    released, so everything else follows the large model."""
     return dataclasses.replace(large(), text=TextConfig(encoder_layers=24))
 
 
-PRESETS = {"tiny": tiny, "base": base, "large": large, "huge": huge}
+PRESETS = {"micro": micro, "tiny": tiny, "base": base, "large": large, "huge": huge}
 
 
 def get_config(name: str, **overrides: Any) -> MPlugConfig:
     """A preset by name, with optional dotted overrides (`get_config("base", **{"fusion.stride": 6})`)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     config = PRESETS[name]()
     return config.replace(**overrides) if overrides else config
