@@ -9,10 +9,10 @@ Stages, each a run directory ``<out>/<stage>/`` of the shared trainer:
                 finetune from <out>/pretrain/model, then evaluate on the held-out scenes against the task's
                 model-free baseline (``mplug_fast.tasks.cli.run_evaluation``)  -> <out>/<task>/metrics.json
     nlvr        the same, finetuned from <out>/ve/model (``UPSTREAM``): two-image statements need the
-                image-text matching that the VE stage learns first (configs/demo/nlvr.yaml says why)
+                image-text matching that the VE stage learns first (docs/experiments.md says why)
 
 Every stage reads its run config from ``<config-dir>/<stage>.yaml`` (plain run configs: ``mplug-fast finetune
---task vqa --config configs/demo/vqa.yaml`` runs one by hand); ``<config-dir>/demo.yaml`` (optional) holds the
+--task vqa --config demo/vqa`` runs one by hand); ``<config-dir>/demo.yaml`` (optional) holds the
 demo's own settings (`DemoSettings`: evaluation options, ``--quick`` scaling, gallery). All stages must build
 the same model (preset, overrides, resolution), so a finetune can start from the pretrained weights.
 ``--quick`` divides the steps (and warm-up, checkpoint interval) by ``quick.step_divisor`` and evaluates on
@@ -757,11 +757,11 @@ def run_demo(
 
 
 def default_config_dir(given: str | None) -> Path:
-    """``given``, else ``configs/demo`` of the working directory, else the one beside the package sources."""
+    """``given``, else ``configs/demo`` of the working directory, else the shipped one (package data)."""
     if given:
         return Path(given)
     local = Path("configs/demo")
-    return local if local.is_dir() else Path(__file__).resolve().parents[1] / "configs" / "demo"
+    return local if local.is_dir() else Path(__file__).resolve().parent / "configs" / "demo"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -805,7 +805,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config-dir",
         help="stage configs <stage>.yaml + demo.yaml (default: configs/demo of the working directory, else "
-        "of the source tree)",
+        "the shipped mplug_fast/configs/demo)",
     )
     p.add_argument(
         "--threads",

@@ -20,7 +20,7 @@ from mplug_fast.tasks import get_task
 from mplug_fast.train.config import load_config
 from mplug_fast.train.trainer import Trainer
 
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs" / "demo"
 EVAL_SCENES = 100
 
 

@@ -28,7 +28,7 @@ from mplug_fast.tasks.pairs import baseline, evaluate
 from tests.tasks.conftest import micro_model
 from tests.train.helpers import IMAGE_SIZE, micro_overrides
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs"
 
 
 def _text(tokenizer, sentences):

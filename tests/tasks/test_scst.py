@@ -22,7 +22,7 @@ from mplug_fast.generation import GenerationOutput, beam_search
 from mplug_fast.objectives.scst import SCSTObjective, advantages, document_frequencies
 from tests.tasks.conftest import micro_model
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs"
 VOCAB = Path(__file__).resolve().parents[2] / "mplug_fast" / "data" / "vocab" / "bert-base-uncased-vocab.txt"
 
 # Six training images (already PTB-tokenised text, so tokenisation is the identity); the batch is images 0, 1.

@@ -8,7 +8,7 @@ from pathlib import Path
 from mplug_fast.cli import main
 from tests.train.helpers import micro_overrides
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "pretrain_tiny_synthetic.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "mplug_fast" / "configs" / "pretrain_tiny_synthetic.yaml")
 
 
 def _args(tmp_path, steps: int) -> list[str]:

@@ -28,7 +28,7 @@ from mplug_fast.generation import rank_answers
 from mplug_fast.train.config import load_config
 from mplug_fast.train.trainer import Trainer
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "vqa_tiny_synthetic.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs" / "vqa_tiny_synthetic.yaml"
 EVAL_QUESTIONS = 300
 EVAL_START = 1_000_000  # far from the training scenes
 

@@ -22,7 +22,7 @@ import yaml
 from mplug_fast.train.config import RunConfig, from_dict, load_config
 from mplug_fast.train.trainer import build_model_from_config, build_objective_from_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 REAL_TASK_CONFIGS = (
     "vqa_base.yaml",
