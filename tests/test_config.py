@@ -1,6 +1,6 @@
 """MPlugConfig: presets, strict (de)serialisation, validation messages, dotted overrides, official configs.
 
-Oracles: the numbers of official_spec.md §1.1-§1.6 (ViT variants, layer splits, strides, token counts) and
+Oracles: the numbers of docs/fidelity.md §1.1-§1.6 (ViT variants, layer splits, strides, token counts) and
 the fusion rule of §1.4 (layer j is connected iff j != 0 and j % S == 0), written out here independently.
 """
 
@@ -29,7 +29,7 @@ from mplug_fast.config import (
 
 A, C = "asymmetric", "connected"
 
-# The official configs/config_bert.json (BERT-base + the mPLUG keys), official_spec.md §1.6.
+# The official configs/config_bert.json (BERT-base + the mPLUG keys), docs/fidelity.md §1.6.
 OFFICIAL_CONFIG_BERT = {
     "architectures": ["BertForMaskedLM"],
     "attention_probs_dropout_prob": 0.1,

@@ -1,8 +1,9 @@
-"""Every ``configs/*.yaml`` loads, builds its model and objective on the meta device, and its options fit
-the readers / evaluate functions they are passed to; the real task configs carry the official settings.
+"""Every shipped run config (``mplug_fast/configs/*.yaml``) loads, builds its model and objective on the meta
+device, and its options fit the readers / evaluate functions they are passed to; the real task configs carry
+the official settings.
 
-Oracles: the parameter counts of official_spec.md §12 (per module, so any resolution / stride / task can be
-composed from them) and the settings of official_spec.md §5, §9 and paper_and_peers.md §1.3, restated here
+Oracles: the parameter counts of docs/fidelity.md §12 (per module, so any resolution / stride / task can be
+composed from them) and the settings of docs/fidelity.md §5, §9 and §13, restated here
 by hand (not read from the YAML files).
 """
 
@@ -34,7 +35,7 @@ REAL_TASK_CONFIGS = (
     "grounding_refcoco_base.yaml",
 )
 
-# ---- parameter counts composed from official_spec.md §12 --------------------------------------------------
+# ---- parameter counts composed from docs/fidelity.md §12 --------------------------------------------------
 
 VISION_B16_224 = 86_192_640  # CLIP ViT-B/16 visual @224 (197 tokens), incl. visual.proj [768, 512]
 VISION_L14_224 = 303_966_208  # CLIP ViT-L/14 visual @224 (257 tokens), incl. visual.proj [1024, 768]
@@ -214,7 +215,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "model.preset": "base",
         "model.task": "vqa",
         "model.init_from": "data/mplug_base.pth",
-        "image_size": 384,  # paper_and_peers §1.3: 577 tokens
+        "image_size": 384,  # fidelity §13: 577 tokens
         "stride": 3,  # config_bert_stride3.json
         "optim.lr": 3e-5,
         "optim.lr_visual": 5e-6,
