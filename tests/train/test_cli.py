@@ -23,6 +23,8 @@ def _args(tmp_path, steps: int) -> list[str]:
         "--max-steps",
         str(steps),
         "--set",
+        "model.preset=micro",
+        "--set",
         f"model.overrides={model}",
         "--set",
         "data.synthetic.image_size=16",

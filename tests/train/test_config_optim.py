@@ -156,7 +156,7 @@ def test_shipped_configs_load(name):
 
 
 def _pretrain_model() -> nn.Module:
-    return build_model(get_config("tiny", **micro_overrides()), "pretrain")
+    return build_model(get_config("micro", **micro_overrides()), "pretrain")
 
 
 def test_param_groups_split_and_no_decay():
