@@ -14,7 +14,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mplug_fast", "mplug_fast.*"]),
-    package_data={"mplug_fast.data": ["vocab/*"]},  # bert-base-uncased vocab.txt + its NOTICE
+    package_data={
+        "mplug_fast.data": ["vocab/*"],  # bert-base-uncased vocab.txt + its NOTICE
+        "mplug_fast": ["configs/*.yaml", "configs/*/*.yaml"],  # the shipped run configs (--config NAME)
+    },
     include_package_data=False,
     install_requires=[
         "torch>=2.4",

@@ -1,31 +1,35 @@
 """MPlugConfig: presets, strict (de)serialisation, validation messages, dotted overrides, official configs.
 
-Oracles: the numbers of official_spec.md §1.1-§1.6 (ViT variants, layer splits, strides, token counts) and
+Oracles: the numbers of docs/fidelity.md §1.1-§1.6 (ViT variants, layer splits, strides, token counts) and
 the fusion rule of §1.4 (layer j is connected iff j != 0 and j % S == 0), written out here independently.
 """
 
 import dataclasses
 import json
+import re
 
 import pytest
 
 from mplug_fast.config import (
     PRESETS,
+    ConfigError,
     DecoderConfig,
     FusionConfig,
     MPlugConfig,
     TextConfig,
     VisionConfig,
     base,
+    check_overrides,
     get_config,
     huge,
     large,
+    micro,
     tiny,
 )
 
 A, C = "asymmetric", "connected"
 
-# The official configs/config_bert.json (BERT-base + the mPLUG keys), official_spec.md §1.6.
+# The official configs/config_bert.json (BERT-base + the mPLUG keys), docs/fidelity.md §1.6.
 OFFICIAL_CONFIG_BERT = {
     "architectures": ["BertForMaskedLM"],
     "attention_probs_dropout_prob": 0.1,
@@ -59,7 +63,7 @@ OFFICIAL_CONFIG_BERT_STRIDE3 = {**OFFICIAL_CONFIG_BERT, "gradient_checkpointing"
 
 
 def test_every_preset_builds_and_get_config_finds_it():
-    assert set(PRESETS) == {"tiny", "base", "large", "huge"}
+    assert set(PRESETS) == {"micro", "tiny", "base", "large", "huge"}
     for name, factory in PRESETS.items():
         config = factory()
         assert isinstance(config, MPlugConfig)
@@ -67,7 +71,7 @@ def test_every_preset_builds_and_get_config_finds_it():
 
 
 def test_get_config_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown preset 'bse'.*base.*huge.*large.*tiny"):
+    with pytest.raises(ValueError, match=r"unknown preset 'bse'.*base.*huge.*large.*micro.*tiny"):
         get_config("bse")
 
 
@@ -122,6 +126,36 @@ def test_tiny_preset_is_small_and_has_one_connected_layer():
         == 4
     )
     assert config.fusion.layer_types == (A, A, A, C)
+
+
+def test_micro_preset_is_the_demo_model_with_both_layer_types():
+    """The model the demo and the CPU smoke configs train (it replaced a block of 15 overrides on tiny)."""
+    config = micro()
+    v, t = config.vision, config.text
+    assert (v.width, v.layers, v.heads, v.patch_size, v.image_size, v.num_tokens) == (64, 1, 2, 4, 32, 65)
+    assert (t.hidden_size, t.heads, t.intermediate_size, t.encoder_layers) == (64, 2, 256, 1)
+    assert (v.attention_dropout, t.hidden_dropout, t.attention_dropout) == (0.0, 0.0, 0.0)
+    assert config.fusion.layer_types == (A, C) and config.decoder.layers == 1 and config.embed_dim == 32
+    assert config == tiny().replace(
+        **{
+            "vision.width": 64,
+            "vision.layers": 1,
+            "vision.heads": 2,
+            "vision.patch_size": 4,
+            "vision.image_size": 32,
+            "vision.attention_dropout": 0.0,
+            "text.hidden_size": 64,
+            "text.heads": 2,
+            "text.intermediate_size": 256,
+            "text.encoder_layers": 1,
+            "text.hidden_dropout": 0.0,
+            "text.attention_dropout": 0.0,
+            "fusion.layers": 2,
+            "fusion.stride": 1,
+            "decoder.layers": 1,
+            "embed_dim": 32,
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -228,47 +262,61 @@ def test_missing_config_file_is_a_file_not_found_error(loader, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "data, error, pattern",
+    "data, pattern",
     [
-        ({"visoin": {}}, ValueError, r"unknown config keys \['visoin'\].*valid keys.*vision"),
-        (
-            {"vision": {"widht": 768}},
-            ValueError,
-            r"unknown keys \['widht'\] in config section 'vision'.*width",
-        ),
-        ({"fusion": {"strid": 3}}, ValueError, r"'fusion'.*stride"),
-        ({"vision": {"width": "768"}}, TypeError, r"'vision\.width' must be an int"),
-        ({"vision": {"width": 768.0}}, TypeError, r"'vision\.width' must be an int"),
-        ({"fusion": {"stride": True}}, TypeError, r"'fusion\.stride' must be an int"),
-        ({"text": {"layer_norm_eps": "1e-12"}}, TypeError, r"'text\.layer_norm_eps' must be a number"),
-        ({"decoder": {"layers": None}}, TypeError, r"'decoder\.layers' must not be None"),
-        ({"embed_dim": 1.5}, TypeError, r"'embed_dim' must be an int"),
-        ({"attention_backend": 3}, TypeError, r"'attention_backend' must be a string"),
-        ({"vision": 5}, TypeError, r"section 'vision' must be a mapping"),
+        ({"visoin": {}}, r"unknown key 'visoin'; valid keys of the config: \[.*'vision'"),
+        ({"vision": {"widht": 768}}, r"unknown key 'vision\.widht'; valid keys of vision: \[.*'width'"),
+        ({"fusion": {"strid": 3, "layrs": 2}}, r"unknown keys \['fusion\.strid', 'fusion\.layrs'\].*stride"),
+        ({"vision": {"width": "768"}}, r"vision\.width must be an integer, got str '768'"),
+        ({"vision": {"width": 768.0}}, r"vision\.width must be an integer, got float 768\.0"),
+        ({"fusion": {"stride": True}}, r"fusion\.stride must be an integer, got bool True"),
+        ({"text": {"layer_norm_eps": "small"}}, r"text\.layer_norm_eps must be a number, got str 'small'"),
+        ({"text": {"layer_norm_eps": [1e-12]}}, r"text\.layer_norm_eps must be a number, got list"),
+        ({"decoder": {"layers": None}}, r"decoder\.layers may not be null"),
+        ({"embed_dim": 1.5}, r"embed_dim must be an integer"),
+        ({"attention_backend": 3}, r"attention_backend must be a string, got int 3"),
+        ({"vision": 5}, r"vision must be a mapping, got int 5"),
         (
             {"vision": {"image_size": 380}},
-            ValueError,
             r"vision\.image_size 380 is not divisible by vision\.patch_size 16",
         ),
-        ({"fusion": {"stride": 0}}, ValueError, r"fusion\.stride must be > 0, got 0"),
-        ({"fusion": {"layers": -1}}, ValueError, r"fusion\.layers must be > 0"),
-        ({"vision": {"width": 770}}, ValueError, r"vision\.width 770 is not divisible by vision\.heads 12"),
-        (
-            {"text": {"hidden_size": 770}},
-            ValueError,
-            r"text\.hidden_size 770 is not divisible by text\.heads 12",
-        ),
-        ({"text": {"hidden_dropout": 1.0}}, ValueError, r"text\.hidden_dropout must be in \[0, 1\)"),
-        ({"attention_backend": "flash"}, ValueError, r"attention_backend 'flash' is unknown.*sdpa"),
+        ({"fusion": {"stride": 0}}, r"fusion\.stride must be > 0, got 0"),
+        ({"fusion": {"layers": -1}}, r"fusion\.layers must be > 0"),
+        ({"vision": {"width": 770}}, r"vision\.width 770 is not divisible by vision\.heads 12"),
+        ({"text": {"hidden_size": 770}}, r"text\.hidden_size 770 is not divisible by text\.heads 12"),
+        ({"text": {"hidden_dropout": 1.0}}, r"text\.hidden_dropout must be in \[0, 1\)"),
+        ({"attention_backend": "flash"}, r"attention_backend 'flash' is unknown.*sdpa"),
     ],
 )
-def test_bad_values_raise_naming_the_field(data, error, pattern):
-    with pytest.raises(error, match=pattern):
+def test_bad_values_raise_naming_the_field(data, pattern):
+    with pytest.raises(ConfigError, match=pattern):
         MPlugConfig.from_dict(data)
+    # A ConfigError is a ValueError (and a TypeError, as the wrong-type errors were before).
+    assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, TypeError)
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("vision:\n  image_sise: 32\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown key 'vision\.image_sise'"):
+        MPlugConfig.from_yaml(path)
+    path = tmp_path / "model.json"
+    path.write_text('{"fusion": {"stride": "3"}}')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: fusion\.stride must be an integer"):
+        MPlugConfig.from_json(path)
+    path.write_text('{"fusion": {"stride": 0}}')  # value checks of __post_init__ name the file too
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: fusion\.stride must be > 0"):
+        MPlugConfig.from_json(path)
+
+
+def test_yaml_number_strings_are_floats():
+    """YAML 1.1 reads 1e-6 (no dot) as a string; float fields accept it."""
+    config = MPlugConfig.from_yaml("text:\n  layer_norm_eps: 1e-6\n")
+    assert config.text.layer_norm_eps == 1e-6
 
 
 def test_from_dict_rejects_non_mappings():
-    with pytest.raises(TypeError, match="config must be a mapping"):
+    with pytest.raises(ConfigError, match="the config must be a mapping"):
         MPlugConfig.from_dict([("vision", {})])
 
 
@@ -305,25 +353,42 @@ def test_replace_with_dotted_names():
 @pytest.mark.parametrize(
     "dotted, pattern",
     [
-        ("fusion.strid", r"unknown config field 'fusion\.strid'.*stride"),
-        ("fusio.stride", r"unknown config section 'fusio'"),
-        ("strde", r"unknown config field 'strde'"),
-        ("embed_dim.x", r"unknown config section 'embed_dim'"),
-        ("fusion.stride.x", r"unknown config section 'stride'"),
+        ("fusion.strid", r"unknown key 'fusion\.strid'; valid keys of fusion: \['layers', 'stride'\]"),
+        ("fusio.stride", r"unknown key 'fusio'; valid keys of the config"),
+        ("strde", r"unknown key 'strde'"),
+        ("embed_dim.x", r"'embed_dim' is a value, not a section"),
+        ("fusion.stride.x", r"'fusion\.stride' is a value, not a section"),
     ],
 )
 def test_replace_bad_dotted_names_raise(dotted, pattern):
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(ConfigError, match=pattern):
         base().replace(**{dotted: 6})
 
 
 def test_replace_values_are_type_checked_and_validated():
-    with pytest.raises(TypeError, match=r"'fusion\.stride' must be an int"):
+    with pytest.raises(ConfigError, match=r"fusion\.stride must be an integer, got str '6'"):
         base().replace(**{"fusion.stride": "6"})
-    with pytest.raises(ValueError, match=r"fusion\.stride must be > 0"):
+    with pytest.raises(ConfigError, match=r"fusion\.stride must be > 0"):
         base().replace(**{"fusion.stride": 0})
-    with pytest.raises(ValueError, match=r"vision\.image_size 380"):
+    with pytest.raises(ConfigError, match=r"vision\.image_size 380"):
         base().replace(**{"vision.image_size": 380})
+
+
+def test_replace_merges_a_section_mapping():
+    config = base().replace(fusion={"stride": 6})
+    assert config.fusion == FusionConfig(layers=6, stride=6)
+    with pytest.raises(ConfigError, match=r"unknown key 'fusion\.strde'"):
+        base().replace(fusion={"strde": 6})
+
+
+def test_check_overrides_checks_names_and_types_only():
+    check_overrides({"vision.image_size": 32, "fusion": {"stride": 6}, "vision.patch_size": 14})
+    with pytest.raises(ConfigError, match=r"^x\.yaml: model\.overrides: unknown key 'vision\.image_sise'"):
+        check_overrides({"vision.image_sise": 32}, name="model.overrides", where="x.yaml")
+    with pytest.raises(ConfigError, match=r"model\.overrides\.fusion\.stride must be an integer"):
+        check_overrides({"fusion": {"stride": "6"}}, name="model.overrides")
+    with pytest.raises(ConfigError, match=r"model\.overrides: 'embed_dim' is a value"):
+        check_overrides({"embed_dim.x": 1}, name="model.overrides")
 
 
 # ---- official configs --------------------------------------------------------------------------------------

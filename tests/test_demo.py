@@ -19,7 +19,7 @@ from mplug_fast import demo
 from mplug_fast.cli import main
 from tests.train.helpers import micro_overrides
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parents[1] / "mplug_fast" / "configs" / "demo"
 SETTINGS = demo.load_settings(CONFIGS)  # the shipped demo: its stages, in run order
 STAGES, TASKS = tuple(SETTINGS.stages), SETTINGS.finetunes
 

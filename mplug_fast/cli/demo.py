@@ -13,16 +13,17 @@ import torch
 from mplug_fast.demo.runner import run_demo
 from mplug_fast.demo.settings import DemoError, DemoInterrupted
 from mplug_fast.demo.state import fresh
+from mplug_fast.train.config import CONFIG_ROOT
 
 RESUME_HINT = "`make demo` (or the same `mplug-fast demo` command) resumes where it stopped"
 
 
 def default_config_dir(given: str | None) -> Path:
-    """``given``, else ``configs/demo`` of the working directory, else the one beside the package sources."""
+    """``given``, else ``configs/demo`` of the working directory, else the shipped one (package data)."""
     if given:
         return Path(given)
     local = Path("configs/demo")
-    return local if local.is_dir() else Path(__file__).resolve().parents[2] / "configs" / "demo"
+    return local if local.is_dir() else CONFIG_ROOT / "demo"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -62,7 +63,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config-dir",
         help="stage configs <stage>.yaml + demo.yaml (default: configs/demo of the working directory, else "
-        "of the source tree)",
+        "the shipped mplug_fast/configs/demo)",
     )
     p.add_argument(
         "--threads",

@@ -19,8 +19,6 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
-
 from mplug_fast.checkpoint import save_pretrained
 from mplug_fast.cli.common import (
     add_config_flags,
@@ -31,7 +29,7 @@ from mplug_fast.cli.common import (
 )
 from mplug_fast.data import Tokenizer
 from mplug_fast.tasks import TASKS, get_task
-from mplug_fast.train.config import ConfigError, RunConfig, load_config
+from mplug_fast.train.config import ConfigError, RunConfig, load_config, read_config_file
 from mplug_fast.train.distributed import cleanup_distributed
 from mplug_fast.train.evaluation import run_evaluation
 from mplug_fast.train.trainer import NonFiniteLossError, Trainer
@@ -111,12 +109,11 @@ def train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "finished" else EXIT_INTERRUPTED
 
 
-def _config_task(path: str) -> str | None:
-    """The ``model.task`` a run-config file names (None when it names none or is not a file)."""
-    if not Path(path).is_file():
-        return None
-    raw = yaml.safe_load(Path(path).read_text())
-    return ((raw or {}).get("model") or {}).get("task") if isinstance(raw, dict) else None
+def _config_task(path_or_name: str) -> str | None:
+    """The ``model.task`` a run config (a file or a shipped name) names (None when it names none)."""
+    raw, _ = read_config_file(path_or_name)
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return model.get("task") if isinstance(model, dict) else None
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ the stage it names, then is evaluated on the held-out scenes against its task's 
 trainer with ``model/`` (``save_pretrained``) and, for finetunes, ``metrics.json``.
 
 Every stage reads its run config from ``<config-dir>/<stage>.yaml`` (plain run configs: ``mplug-fast train
---task vqa --config <config-dir>/vqa.yaml`` runs one by hand); ``demo.yaml`` also holds the demo's own
+--task vqa --config demo/vqa`` runs the shipped one by hand); ``demo.yaml`` also holds the demo's own
 settings (`DemoSettings`: evaluation options, ``--quick`` scaling, gallery). All stages must build the same
 model (preset, overrides, resolution), so a finetune can start from the pretrained weights. ``--quick``
 divides the steps (and warm-up, checkpoint interval) by ``quick.step_divisor`` and evaluates on the first

@@ -8,7 +8,6 @@ models are evaluated by finetuning (``model.init_from``) or zero-shot through th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,7 @@ class PretrainOptions:
     alpha_warmup_steps: int = 0
     mlm_probability: float = 0.15
     temp_range: tuple[float, float] = (0.001, 0.5)
-    weights: Mapping[str, float] | None = None  # per-loss weights (itc, itm, mlm, prefix_lm); 0 skips one
+    weights: dict[str, float] | None = None  # per-loss weights (itc, itm, mlm, prefix_lm); 0 skips one
     global_batch: int | None = None
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mplug_fast.config import MPlugConfig
+from mplug_fast.config.coerce import from_mapping
 from mplug_fast.modeling import MPlug
 from mplug_fast.objectives.base import Objective
 
@@ -126,20 +127,10 @@ class Task(abc.ABC):
     # ---- training ------------------------------------------------------------------------------------
 
     def options(self, values: Mapping[str, Any] | None = None, *, where: str = "") -> Any:
-        """The typed `Options` from a mapping (the run config's ``objective.options``); an unknown key or a
-        value of the wrong kind is a `TaskError` naming the option, the task and ``where`` (the file)."""
-        values = dict(values or {})
-        fields = {f.name: f for f in dataclasses.fields(self.Options)}
-        unknown = sorted(set(values) - set(fields))
-        at = f" in {where}" if where else ""
-        if unknown:
-            raise TaskError(
-                f"objective.options {unknown} unknown for task {self.name!r}{at}; valid: {sorted(fields)}"
-            )
-        try:
-            return self.Options(**values)
-        except (TypeError, ValueError) as e:
-            raise TaskError(f"objective.options of task {self.name!r}{at}: {e}") from None
+        """The typed `Options` from a mapping (the run config's ``objective.options``), every key and value
+        checked by the config engine: an unknown option or a value of the wrong type is a `ConfigError`
+        naming ``objective.options.<key>``, what it accepts, and ``where`` (the file)."""
+        return from_mapping(self.Options, dict(values or {}), where=where, prefix="objective.options")
 
     def build_objective(
         self, model: nn.Module, tokenizer: Any, options: Any = None, data: DataSource | None = None

@@ -341,7 +341,7 @@ class SCSTOptions:
     beam_mode: Literal["official", "standard"] = "official"
     prompt: str = ""
     seed: int | None = None
-    references_df: Mapping[str, Any] | None = None
+    references_df: dict[str, Any] | None = None
 
 
 class SCSTTask(CaptionTask):

@@ -2,36 +2,46 @@
 
 A run config is a tree of dataclasses (``RunConfig``): ``model``, ``data``, ``objective``, ``optim``,
 ``schedule``, ``precision``, ``distributed``, ``checkpoint``, ``logging``, ``eval`` plus a few top-level
-fields. YAML files give any subset of the fields; ``--set a.b=value`` overrides one field, its value parsed
-as YAML (``--set optim.lr=1e-4``, ``--set data.synthetic.image_size=32``,
-``--set model.overrides={fusion.stride: 6}``) and checked against the field's type. Unknown keys and wrong
-types are errors naming the field and the valid choices. ``model.overrides``, ``objective.options``,
-``data.official``, ``eval.options`` and ``eval.official`` are free-form mappings (passed on to
-``MPlugConfig.replace``, ``build_objective``, the official readers and the task's evaluate), so keys below
-them are not checked here.
+fields. A YAML file gives any subset of the fields and maps 1:1 onto them; ``--set a.b=value`` overrides one
+field, its value parsed as YAML (``--set optim.lr=1e-4``, ``--set data.synthetic.image_size=32``,
+``--set model.overrides={fusion.stride: 6}``). Both go through the one coercion engine
+(`mplug_fast.config.coerce`): unknown keys and wrong types are `ConfigError`s naming the dotted field, the
+valid choices and the file (or the ``--set``). ``model.overrides`` is checked against the `MPlugConfig`
+fields. ``objective.options``, ``data.official``, ``eval.options`` and ``eval.official`` are mappings
+passed on to the objective, the official readers and the task's evaluate, which check their keys.
+
+``load_config`` takes a path or the name of a config shipped in ``mplug_fast/configs``
+(``vqa_tiny_synthetic``, ``demo/vqa``); `shipped_configs` lists them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from mplug_fast.config import PRESETS, ConfigError, check_overrides, from_mapping, load_yaml, to_mapping
+from mplug_fast.config import apply_overrides as _apply_overrides
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"  # the shipped run configs (package data)
+
 
 @dataclass
 class ModelSection:
     """Which model: a preset of ``mplug_fast.config`` with dotted overrides, and the task it is built for."""
 
-    preset: str = "tiny"  # tiny | base | large | huge
+    preset: str = "tiny"  # a preset of mplug_fast.config.PRESETS: micro | tiny | base | large | huge
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"vision.image_size": 32}
     task: str = "pretrain"  # the task model of build_model (pretrain, vqa, caption, retrieval, grounding)
     init_from: str | None = None  # a save_pretrained directory or an official checkpoint file (.pth)
     init_strict: bool = True  # official checkpoint: every tensor must map (False: log missing / unused)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"model.preset {self.preset!r} is unknown; available: {sorted(PRESETS)}")
+        check_overrides(self.overrides, name="model.overrides")
 
 
 @dataclass
@@ -73,7 +83,7 @@ class ObjectiveSection:
 
 @dataclass
 class OptimSection:
-    """AdamW with two learning rates (official ``create_two_optimizer``, spec §9)."""
+    """AdamW with two learning rates (official ``create_two_optimizer``, docs/fidelity.md §9)."""
 
     lr: float = 1e-4  # everything but the visual encoder (official lr1)
     lr_visual: float | None = None  # the visual encoder (official lr2); None = lr
@@ -160,17 +170,13 @@ class RunConfig:
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_mapping(self)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
-
-
-class ConfigError(ValueError):
-    """A run config with an unknown key, a wrong type or an invalid value."""
 
 
 def validate(cfg: RunConfig) -> None:
@@ -220,177 +226,62 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(message)
 
 
-# ---- typed construction from plain data ----------------------------------------------------------------
+# ---- loading -------------------------------------------------------------------------------------------
 
 
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def _coerce(name: str, annotation: Any, value: Any) -> Any:
-    """``value`` checked against ``annotation`` (and converted losslessly: int -> float, dict -> section)."""
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, name)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"{name} may not be null (expected {_type_name(annotation)})")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(name, option, value)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {errors}")
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices:
-            raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(annotation) or (Any,)
-        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name} must be a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{name}: unsupported field type {annotation!r}")  # a bug in this module
-
-
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
-    """``cls(**data)`` with every field checked; nested mappings build nested sections."""
-    if isinstance(data, cls):
-        return data
-    if data is None:
-        data = {}
-    where = prefix or "the run config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {names}")
-    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def from_dict(data: dict[str, Any] | None) -> RunConfig:
-    """A ``RunConfig`` from plain data (missing fields keep their defaults)."""
-    return _build(RunConfig, data or {})
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b=value"`` -> (["a", "b"], YAML-parsed value)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.path=value (e.g. optim.lr=1e-4)")
-    key, _, raw = text.partition("=")
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
-    if isinstance(value, str) and _looks_like_float(value):
-        value = float(value)  # YAML 1.1 reads "1e-4" as a string
-    return key.split("."), value
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
-
-
-def _fix_yaml_floats(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _fix_yaml_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_yaml_floats(v) for v in node]
-    if isinstance(node, str) and _looks_like_float(node):
-        return float(node)
-    return node
+def from_dict(data: dict[str, Any] | None, *, where: str = "") -> RunConfig:
+    """A ``RunConfig`` from plain data (missing fields keep their defaults); errors name ``where``."""
+    return from_mapping(RunConfig, data, where=where)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``data`` (plain nested dicts) with each ``a.b=value`` applied; unknown sections/keys are errors."""
-    data = _fix_yaml_floats(dict(data))
-    for text in overrides:
-        path, value = parse_override(text)
-        cls: Any = RunConfig
-        node = data
-        for depth, part in enumerate(path):
-            dotted = ".".join(path[: depth + 1])
-            if cls is None:  # inside a free-form mapping: anything goes
-                if depth == len(path) - 1:
-                    node[part] = value
-                else:
-                    node = node.setdefault(part, {})
-                continue
-            names = {f.name for f in dataclasses.fields(cls)}
-            if part not in names:
-                where = ".".join(path[:depth]) or "the run config"
-                raise ConfigError(
-                    f"unknown key {dotted!r} in --set {text!r}; valid keys of {where}: {sorted(names)}"
-                )
-            annotation = typing.get_type_hints(cls)[part]
-            if depth == len(path) - 1:
-                node[part] = value
-                break
-            if dataclasses.is_dataclass(annotation):
-                cls = annotation
-            elif typing.get_origin(annotation) is dict or (
-                typing.get_origin(annotation) in (typing.Union, types.UnionType)
-                and any(typing.get_origin(a) is dict for a in typing.get_args(annotation))
-            ):
-                cls = None
-            else:
-                raise ConfigError(
-                    f"{'.'.join(path[: depth + 1])!r} is a value, not a section (in --set {text!r})"
-                )
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-    return data
+    """A copy of ``data`` (plain nested dicts) with each ``a.b=value`` applied; unknown keys and wrong types
+    are errors naming the override."""
+    return _apply_overrides(RunConfig, data, overrides)
+
+
+def shipped_configs() -> list[str]:
+    """Names of the run configs shipped in ``mplug_fast/configs`` (``vqa_tiny_synthetic``, ``demo/vqa``)."""
+    return sorted(p.relative_to(CONFIG_ROOT).with_suffix("").as_posix() for p in CONFIG_ROOT.rglob("*.yaml"))
+
+
+def resolve_config_path(path_or_name: str | Path) -> Path:
+    """A run config file: ``path_or_name`` when it is a file, else the shipped config of that name (``.yaml``
+    and a leading ``configs/`` optional). FileNotFoundError listing the shipped names when neither exists."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removesuffix(".yml")
+    for prefix in ("mplug_fast/configs/", "configs/"):
+        name = name.removeprefix(prefix)
+    shipped = CONFIG_ROOT / f"{name}.yaml"
+    if shipped.is_file() and not name.startswith(("/", "../")):
+        return shipped
+    raise FileNotFoundError(
+        f"run config {str(path_or_name)!r} is neither a file nor a shipped config name; "
+        f"shipped configs: {', '.join(shipped_configs())}"
+    )
+
+
+def read_config_file(path_or_name: str | Path) -> tuple[dict[str, Any], Path]:
+    """(the YAML mapping, its path) of a run config file or shipped config name."""
+    path = resolve_config_path(path_or_name)
+    try:
+        loaded = load_yaml(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"run config {str(path)!r} must be a YAML mapping, got {type(loaded).__name__}")
+    return loaded or {}, path
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """A run config from a YAML file (None: all defaults) with ``--set`` overrides applied."""
+    """A run config from a YAML file or shipped config name (None: all defaults) with ``--set`` overrides
+    applied. Errors name the file (or the override)."""
     data: dict[str, Any] = {}
+    where = ""
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"run config {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"run config {str(path)!r} must be a YAML mapping, got {type(loaded).__name__}")
-        data = loaded or {}
-    return from_dict(apply_overrides(data, list(overrides or [])))
+        data, resolved = read_config_file(path)
+        where = str(resolved)
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(data, where=where)

@@ -192,7 +192,7 @@ def _micro(task: str):
     from tests.train.helpers import micro_overrides
 
     torch.manual_seed(0)
-    return build_model(get_config("tiny", **micro_overrides()), task).eval()
+    return build_model(get_config("micro", **micro_overrides()), task).eval()
 
 
 def test_evaluate_functions_on_synthetic_videos(tokenizer):

@@ -30,4 +30,4 @@ def micro_model(task: str, seed: int = 0):
     from mplug_fast.tasks import build_model
 
     torch.manual_seed(seed)
-    return build_model(get_config("tiny", **micro_overrides()), task).eval()
+    return build_model(get_config("micro", **micro_overrides()), task).eval()

@@ -11,7 +11,7 @@ import pytest
 from mplug_fast.cli import main
 from tests.train.helpers import micro_overrides
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs"
 EVAL = {
     "vqa": ["--eval-option", "beam_size=2"],
     "caption": [

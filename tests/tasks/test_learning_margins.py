@@ -1,5 +1,5 @@
 """Issue 6: each downstream task's tiny finetune on the synthetic world beats its model-free baseline by an
-asserted margin (the demo's world and model: ``configs/demo/<task>.yaml``, trained from scratch here).
+asserted margin (the demo's world and model: the ``demo/<task>`` configs, trained from scratch here).
 
 VE and NLVR2 run in the demo's order (NLVR2 from the VE model). VQA's learnability is asserted in
 ``tests/train/test_learnability.py`` (colour read from the image, with a shuffled-image control); SCST's gain
@@ -21,14 +21,14 @@ from mplug_fast.tasks import get_task
 from mplug_fast.train.config import load_config
 from mplug_fast.train.trainer import Trainer
 
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs" / "demo"
 EVAL_SCENES = 100
 
 
 def finetune_and_evaluate(
     task: str, tmp_path: Path, overrides: list[str], save_to: Path | None = None, **eval_options
 ):
-    """Trains ``configs/demo/<task>.yaml`` from scratch (unless ``overrides`` set ``model.init_from``) with
+    """Trains the ``demo/<task>`` config from scratch (unless ``overrides`` set ``model.init_from``) with
     ``overrides``; returns (evaluation result, baseline); ``save_to``: also ``save_pretrained`` the model."""
     cfg = load_config(
         DEMO / f"{task}.yaml",
@@ -83,7 +83,7 @@ def test_retrieval_beats_random_ranking(tmp_path, two_threads):
 
 
 def test_ve_then_nlvr_beat_the_majority_class(tmp_path, two_threads):
-    """VE from scratch, then NLVR2 from the VE model (the demo's order: configs/demo/nlvr.yaml says why).
+    """VE from scratch, then NLVR2 from the VE model (the demo's order: docs/experiments.md says why).
 
     VE here keeps the image-grounded classes only (contradiction vs entailment of "there is a red object"),
     so the margin cannot come from the text-detectable neutral template: the model must compare the text
@@ -94,7 +94,7 @@ def test_ve_then_nlvr_beat_the_majority_class(tmp_path, two_threads):
     ve, ve_base = finetune_and_evaluate(
         "ve",
         tmp_path / "ve",
-        ["schedule.max_steps=600"],  # contradiction vs entailment (configs/demo/ve.yaml)
+        ["schedule.max_steps=600"],  # contradiction vs entailment (mplug_fast/configs/demo/ve.yaml)
         save_to=ve_dir,
     )
     assert ve_base == 50.0

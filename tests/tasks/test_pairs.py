@@ -26,7 +26,7 @@ from mplug_fast.tasks.classification import baseline, evaluate
 from tests.tasks.conftest import micro_model
 from tests.train.helpers import IMAGE_SIZE, micro_overrides
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs"
 
 
 def _text(tokenizer, sentences):
@@ -269,7 +269,7 @@ def _finetune_args(task: str, out: Path, steps: int = 2, init_from: Path | None 
 
 
 def test_cli_finetune_then_evaluate_ve_then_nlvr_from_it(tmp_path, capsys, caplog):
-    """The tiny configs' order: VE, then NLVR from the VE run's model (configs/nlvr_tiny_synthetic.yaml)."""
+    """The tiny configs' order: VE, then NLVR from the VE run's model (nlvr_tiny_synthetic)."""
     for task in ("ve", "nlvr"):
         run = tmp_path / task
         init = tmp_path / "ve" / "model" if task == "nlvr" else None

@@ -22,7 +22,7 @@ from mplug_fast.generation import GenerationOutput, beam_search
 from mplug_fast.tasks.scst import SCSTObjective, advantages, document_frequencies
 from tests.tasks.conftest import micro_model
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs"
 VOCAB = Path(__file__).resolve().parents[2] / "mplug_fast" / "data" / "vocab" / "bert-base-uncased-vocab.txt"
 
 # Six training images (already PTB-tokenised text, so tokenisation is the identity); the batch is images 0, 1.
@@ -352,7 +352,7 @@ def _caption_cider(model, dataset, tokenizer) -> float:
 
 
 def test_scst_raises_cider_over_the_ce_start(tmp_path):
-    """The overrides of configs/caption_tiny_synthetic.yaml (D=64, 32 px in 8 px patches), two-object
+    """The model of caption_tiny_synthetic.yaml (D=64, 32 px in 8 px patches), two-object
     scenes; 300 CE steps from scratch (lr 1e-3, one-cycle), then 100 SCST steps (5 beam candidates per
     image, 16 images, Adam lr 5e-5). Greedy CIDEr-D on 200 held-out scenes: 1.186 after CE -> 1.664 after
     SCST (after 20, 40, 60, 80 steps: 1.224, 1.370, 1.307, 1.417). Findings: with 5 *sampled* candidates
@@ -369,10 +369,10 @@ def test_scst_raises_cider_over_the_ce_start(tmp_path):
     start = time.perf_counter()
     world = SyntheticWorld(image_size=32, max_objects=2)
     tokenizer = _compact_tokenizer(tmp_path / "vocab.txt", world)
-    overrides = yaml.safe_load((CONFIGS / "caption_tiny_synthetic.yaml").read_text())["model"]["overrides"]
-    overrides = {**overrides, "vision.image_size": 32, "text.vocab_size": tokenizer.vocab_size}
+    section = yaml.safe_load((CONFIGS / "caption_tiny_synthetic.yaml").read_text())["model"]
+    overrides = {**section["overrides"], "vision.image_size": 32, "text.vocab_size": tokenizer.vocab_size}
     torch.manual_seed(0)
-    model = build_model(get_config("tiny", **overrides), "scst")  # the caption model under the SCST task
+    model = build_model(get_config(section["preset"], **overrides), "scst")  # the caption model, SCST task
     collate = CaptionCollator(tokenizer)
     held_out = CaptionDataset(world, 200, 2000, split="test")
     loader_rng = torch.Generator().manual_seed(0)

@@ -20,23 +20,18 @@ IMAGE_SIZE = 16
 
 
 def micro_overrides(dropout: float = 0.0) -> dict[str, Any]:
-    """A model far below the tiny preset (D=32, one layer per stack, 16 px, 5 image tokens)."""
+    """Overrides of the ``micro`` preset for the unit tests: D=32 (2 heads, one layer per stack, one fusion
+    layer), 16 px images in 8 px patches (5 image tokens), 64 text positions; ``dropout`` on the text hidden
+    states. Use with ``get_config("micro", **micro_overrides())`` or a run config with ``preset: micro``."""
     return {
         "vision.width": 32,
-        "vision.layers": 1,
-        "vision.heads": 2,
         "vision.patch_size": 8,
         "vision.image_size": IMAGE_SIZE,
-        "vision.attention_dropout": 0.0,
         "text.hidden_size": 32,
-        "text.heads": 2,
         "text.intermediate_size": 64,
-        "text.encoder_layers": 1,
         "text.max_position_embeddings": 64,
         "text.hidden_dropout": dropout,
-        "text.attention_dropout": 0.0,
         "fusion.layers": 1,
-        "decoder.layers": 1,
         "embed_dim": 16,
     }
 
@@ -80,7 +75,7 @@ class VQALoss(Objective):
 
 def make_objective(seed: int = 0, dropout: float = 0.0, nan_at: set[int] | None = None) -> VQALoss:
     torch.manual_seed(seed)
-    return VQALoss(build_model(get_config("tiny", **micro_overrides(dropout)), "vqa"), nan_at)
+    return VQALoss(build_model(get_config("micro", **micro_overrides(dropout)), "vqa"), nan_at)
 
 
 _TOKENIZER: Tokenizer | None = None
@@ -126,7 +121,7 @@ def run_config(tmp_path, **sections: Any):
         "output_dir": str(tmp_path),
         "device": "cpu",
         "seed": 7,
-        "model": {"task": "vqa"},
+        "model": {"task": "vqa", "preset": "micro"},
         "data": {"batch_size": 4, "shuffle": True},
         "optim": {"lr": 1e-3, "lr_visual": 5e-4, "weight_decay": 0.01, "grad_clip": 1.0},
         "schedule": {"max_steps": 4, "warmup_steps": 1},

@@ -8,7 +8,7 @@ from pathlib import Path
 from mplug_fast.cli import main
 from tests.train.helpers import micro_overrides
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "pretrain_tiny_synthetic.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "mplug_fast" / "configs" / "pretrain_tiny_synthetic.yaml")
 
 
 def _args(tmp_path, steps: int) -> list[str]:
@@ -22,6 +22,8 @@ def _args(tmp_path, steps: int) -> list[str]:
         str(tmp_path),
         "--max-steps",
         str(steps),
+        "--set",
+        "model.preset=micro",
         "--set",
         f"model.overrides={model}",
         "--set",

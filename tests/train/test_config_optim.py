@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,19 @@ from torch import nn
 
 from mplug_fast.config import get_config
 from mplug_fast.tasks import build_model
-from mplug_fast.train.config import ConfigError, RunConfig, from_dict, load_config
+from mplug_fast.train.config import (
+    ConfigError,
+    RunConfig,
+    from_dict,
+    load_config,
+    resolve_config_path,
+    shipped_configs,
+)
 from mplug_fast.train.optim import build_optimizer, param_groups
 from mplug_fast.train.schedule import WarmupCosine, lr_at
 from tests.train.helpers import micro_overrides
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs"
 
 
 # ---- config --------------------------------------------------------------------------------------------
@@ -69,13 +77,69 @@ def test_override_errors(override, message):
 def test_yaml_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  learning_rate: 1\n")
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\] in optim"):
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(bad))}: unknown key 'optim.learning_rate'; valid"
+    ):
+        load_config(bad)
+    bad.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(bad))}: optim.lr must be a number, got str 'fast'"
+    ):
         load_config(bad)
     bad.write_text("- 1\n")
     with pytest.raises(ConfigError, match="must be a YAML mapping"):
         load_config(bad)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_model_overrides_and_preset_are_checked_at_load(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("model:\n  preset: micro\n  overrides:\n    vision.image_sise: 32\n")
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{re.escape(str(bad))}: model.overrides: unknown key 'vision.image_sise'; valid keys",
+    ):
+        load_config(bad)
+    bad.write_text("model:\n  overrides:\n    fusion: {stride: three}\n")
+    with pytest.raises(
+        ConfigError, match=r"model.overrides.fusion.stride must be an integer, got str 'three'"
+    ):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"model.overrides: unknown key 'fusion.strid'"):
+        load_config(None, ["model.overrides.fusion.strid=6"])
+    with pytest.raises(ConfigError, match=r"model.preset 'tinny' is unknown; available: \['base', 'huge'"):
+        load_config(None, ["model.preset=tinny"])
+
+
+def test_yaml_exponent_numbers_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; the config loader reads it as a number everywhere."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1e-4\nobjective:\n  options:\n    alpha: 4e-1\n")
+    cfg = load_config(path, ["eval.options.temperature=1e-3"])
+    assert cfg.optim.lr == 1e-4 and cfg.objective.options["alpha"] == 0.4
+    assert cfg.eval.options["temperature"] == 1e-3
+
+
+def test_shipped_config_names():
+    names = shipped_configs()
+    assert "vqa_tiny_synthetic" in names and "demo/vqa" in names and "vqa_base" in names
+    assert resolve_config_path("vqa_tiny_synthetic") == CONFIGS / "vqa_tiny_synthetic.yaml"
+    assert resolve_config_path("demo/vqa.yaml") == CONFIGS / "demo" / "vqa.yaml"
+    assert resolve_config_path("configs/vqa_base.yaml") == CONFIGS / "vqa_base.yaml"  # the old repo path
+    assert load_config("demo/vqa").model.task == "vqa"
+    with pytest.raises(
+        FileNotFoundError, match=r"'vqa_tiny' is neither a file nor a shipped .*vqa_tiny_synthetic"
+    ):
+        load_config("vqa_tiny")
+
+
+def test_micro_preset_replaces_the_pasted_model():
+    """The demo and tiny-synthetic configs name the micro preset instead of pasting its fields."""
+    for name in ("demo/vqa", "demo/pretrain", "ve_tiny_synthetic", "nlvr_tiny_synthetic"):
+        cfg = load_config(name)
+        assert cfg.model.preset == "micro" and cfg.model.overrides == {}, name
+    assert get_config("micro").vision.num_tokens == 65
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -92,7 +156,7 @@ def test_shipped_configs_load(name):
 
 
 def _pretrain_model() -> nn.Module:
-    return build_model(get_config("tiny", **micro_overrides()), "pretrain")
+    return build_model(get_config("micro", **micro_overrides()), "pretrain")
 
 
 def test_param_groups_split_and_no_decay():

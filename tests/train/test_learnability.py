@@ -5,7 +5,7 @@ prior (answers ranked over the world's answer list with ``mplug_fast.generation.
 accuracy collapses to chance when each question is paired with another scene's image: what it learned is
 read from the pixels, not from the question text or the answer prior.
 
-Findings behind the settings (``configs/vqa_tiny_synthetic.yaml``): with 8 px patches on 32 px images a
+Findings behind the settings (the ``vqa_tiny_synthetic`` config): with 8 px patches on 32 px images a
 5-10 px object shares its patch with the grey background and colour stays at chance after 300 steps
 (0.29 vs prior 0.15 on one-object scenes); 4 px patches learn it (0.96 at lr 1e-3, 0.89 at 2e-3). With
 colour and shape questions mixed, 3e-3 learns colour faster than 1e-3 (0.99 vs 0.38 after 400 steps), but
@@ -29,7 +29,7 @@ from mplug_fast.tasks import get_task
 from mplug_fast.train.config import load_config
 from mplug_fast.train.trainer import Trainer
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "vqa_tiny_synthetic.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs" / "vqa_tiny_synthetic.yaml"
 EVAL_QUESTIONS = 300
 EVAL_START = 1_000_000  # far from the training scenes
 

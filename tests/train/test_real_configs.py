@@ -1,8 +1,9 @@
-"""Every ``configs/*.yaml`` loads, builds its model and objective on the meta device, and its options fit
-the readers / evaluate functions they are passed to; the real task configs carry the official settings.
+"""Every shipped run config (``mplug_fast/configs/*.yaml``) loads, builds its model and objective on the meta
+device, and its options fit the readers / evaluate functions they are passed to; the real task configs carry
+the official settings.
 
-Oracles: the parameter counts of official_spec.md §12 (per module, so any resolution / stride / task can be
-composed from them) and the settings of official_spec.md §5, §9 and paper_and_peers.md §1.3, restated here
+Oracles: the parameter counts of docs/fidelity.md §12 (per module, so any resolution / stride / task can be
+composed from them) and the settings of docs/fidelity.md §5, §9 and §13, restated here
 by hand (not read from the YAML files).
 """
 
@@ -23,7 +24,7 @@ from mplug_fast.train.build import build_model as build_model_from_config
 from mplug_fast.train.build import build_objective as build_objective_from_config
 from mplug_fast.train.config import RunConfig, from_dict, load_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "mplug_fast" / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 REAL_TASK_CONFIGS = (
     "vqa_base.yaml",
@@ -35,7 +36,7 @@ REAL_TASK_CONFIGS = (
     "grounding_refcoco_base.yaml",
 )
 
-# ---- parameter counts composed from official_spec.md §12 --------------------------------------------------
+# ---- parameter counts composed from docs/fidelity.md §12 --------------------------------------------------
 
 VISION_B16_224 = 86_192_640  # CLIP ViT-B/16 visual @224 (197 tokens), incl. visual.proj [768, 512]
 VISION_L14_224 = 303_966_208  # CLIP ViT-L/14 visual @224 (257 tokens), incl. visual.proj [1024, 768]
@@ -195,7 +196,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "model.preset": "base",
         "model.task": "vqa",
         "model.init_from": "data/mplug_base.pth",
-        "image_size": 384,  # paper_and_peers §1.3: 577 tokens
+        "image_size": 384,  # fidelity §13: 577 tokens
         "stride": 3,  # config_bert_stride3.json
         "optim.lr": 3e-5,
         "optim.lr_visual": 5e-6,

@@ -62,7 +62,7 @@ def _vqa_objective(seed: int = 0) -> torch.nn.Module:
     from tests.train.helpers import micro_overrides
 
     torch.manual_seed(seed)
-    return build_objective("vqa", build_model(get_config("tiny", **micro_overrides()), "vqa"), distill=False)
+    return build_objective("vqa", build_model(get_config("micro", **micro_overrides()), "vqa"), distill=False)
 
 
 @pytest.mark.parametrize(
@@ -196,7 +196,7 @@ def test_grad_checkpointing_leaves_momentum_copies_alone():
     from mplug_fast.tasks import build_model, build_objective
     from tests.train.helpers import micro_overrides
 
-    model = build_model(get_config("tiny", **micro_overrides()), "vqa")
+    model = build_model(get_config("micro", **micro_overrides()), "vqa")
     objective = build_objective("vqa", model, distill=True)
     online = sum(len(x) for x in (model.vision.blocks, model.text_encoder.layers, model.fusion.layers))
     online += len(model.decoder.layers)

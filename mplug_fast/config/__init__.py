@@ -1,0 +1,58 @@
+"""Configuration: the model's dataclasses and presets (`model`) and the one coercion engine (`coerce`) that
+every config of the package (model, run, task options) is built with."""
+
+from mplug_fast.config.coerce import (
+    ConfigError,
+    apply_overrides,
+    coerce,
+    field_annotation,
+    from_mapping,
+    load_yaml,
+    parse_override,
+    set_dotted,
+    to_mapping,
+)
+from mplug_fast.config.model import (
+    ATTENTION_BACKENDS,
+    PRESETS,
+    DecoderConfig,
+    FusionConfig,
+    MPlugConfig,
+    TextConfig,
+    VisionConfig,
+    base,
+    check_overrides,
+    get_config,
+    huge,
+    large,
+    load_bert_config,
+    micro,
+    tiny,
+)
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "PRESETS",
+    "ConfigError",
+    "DecoderConfig",
+    "FusionConfig",
+    "MPlugConfig",
+    "TextConfig",
+    "VisionConfig",
+    "apply_overrides",
+    "base",
+    "check_overrides",
+    "coerce",
+    "field_annotation",
+    "from_mapping",
+    "get_config",
+    "huge",
+    "large",
+    "load_bert_config",
+    "load_yaml",
+    "micro",
+    "parse_override",
+    "set_dotted",
+    "tiny",
+    "to_mapping",
+]
