@@ -184,7 +184,9 @@ def attention_key(
     dtype, head dim, mask kind, dropout, needs grad)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     mask = mask_kind(key_padding_mask is not None, causal)
-    return (q.device.type, q.dtype, int(q.shape[-1]), mask, dropout_p > 0.0, needs_grad)
+    # a branch, not bool(): it specialises a symbolic condition (dropout_p traced as a SymFloat) to a constant
+    dropout = True if dropout_p > 0.0 else False  # noqa: SIM210
+    return (q.device.type, q.dtype, int(q.shape[-1]), mask, dropout, needs_grad)
 
 
 # Evaluated eagerly by torch.compile (all arguments are Python constants) and put in the graph as a

@@ -158,6 +158,8 @@ def fused_key(x: Tensor, *others: Tensor, dropout: bool = False) -> tuple:
         dtype = torch.promote_types(dtype, t.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others))
     width = int(x.shape[-1]) if x.dim() > 0 else 1
+    # a branch, not bool(): it specialises a symbolic condition (dropout_p traced as a SymFloat) to a constant
+    dropout = True if dropout else False  # noqa: SIM210
     return (x.device.type, dtype, width, dropout, needs_grad)
 
 
