@@ -7,8 +7,8 @@ Parameter names are ours (`qkv`, `q_proj`, `kv_proj`, `out_proj`, `fc1`, `fc2`, 
 `mplug_fast.checkpoint` maps the official names onto them (q/k/v are stored fused).
 
 Backends are chosen once per module, not per call (as timm's `fused_attn` and nanoGPT's `self.flash`):
-each attention module keeps the attention backend it resolved per (device, dtype, head dim, mask kind,
-dropout, needs grad) in a `BackendCache` (`mplug_fast.ops.registry`), from its `backend` (the model config's
+each attention module keeps the attention backend it resolved per (device kind, dtype, mask kind, dropout,
+autograd recording) in a `BackendCache` (`mplug_fast.ops.registry`), from its `backend` (the model config's
 choice, below `MPLUG_FAST_ATTENTION`); the modules with fused epilogues do the same for the fused backend,
 from their `fused_backend` attribute (None by default; `set_fused_backend(model, name)` sets it on every
 module and clears the caches) > `MPLUG_FAST_FUSED` > automatic (`triton` on CUDA, `reference` on CPU).
@@ -17,6 +17,8 @@ MLPs `act(fc1(x))` through its `bias_act` (fc1's GEMM without its bias, the bias
 kernel) when the fused backend is `triton`; `reference` runs the plain modules (`nn.LayerNorm`,
 `nn.Dropout`, `nn.GELU`, `QuickGELU`), exactly the unfused computation. Parameters and state-dict keys are
 the same either way. Call `clear_backend_caches(model)` after changing `MPLUG_FAST_*` in a running process.
+The per-call cost is a dict lookup keyed by cheap tensor properties (`is_cuda`, `is_cpu`, `dtype`); "needs
+grad" is taken as "autograd is recording" (the module's parameters require grad).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mplug_fast.modeling.kv_cache import KVCache
-from mplug_fast.ops.attention import attention_key, resolve_attention, run_attention
+from mplug_fast.ops.attention import resolve_attention, run_attention
 from mplug_fast.ops.fused import FUSED, fused_key, resolve_fused
-from mplug_fast.ops.registry import BackendCache
+from mplug_fast.ops.registry import BackendCache, mask_kind
 
 
 class QuickGELU(nn.Module):
@@ -66,8 +68,16 @@ class _Attention(nn.Module):
         q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh].  key_padding_mask: bool [Bk, Lk], True = attend.
         Returns [B, H, Lq, Dh]."""
         dropout_p = self.attn_dropout if self.training else 0.0
-        key = attention_key(q, k, v, key_padding_mask, causal, dropout_p)
-        name = self.backends.get(key, lambda: resolve_attention(*key, None, self.backend))
+        padded, dropout, grad = key_padding_mask is not None, dropout_p > 0.0, torch.is_grad_enabled()
+        key = (q.is_cuda, q.is_cpu, q.dtype, padded, causal, dropout, grad)  # cheap tensor properties only
+
+        def resolve() -> str:
+            mask = mask_kind(padded, causal)
+            return resolve_attention(
+                q.device.type, q.dtype, self.head_dim, mask, dropout, grad, None, self.backend
+            )
+
+        name = self.backends.get(key, resolve)
         return run_attention(
             name,
             q,
@@ -200,18 +210,23 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> [..., D]."""
-        name = fused_backend(self, x, self.fc1.weight, self.fc1.bias)
+        name = fused_backend(self, x, self.fc1)
         if name == "reference":
             return self.fc2(self.act(self.fc1(x)))
         h = F.linear(x, self.fc1.weight)  # [..., hidden], bias added by the kernel
         return self.fc2(FUSED[name].bias_act(h, self.fc1.bias, self.activation))
 
 
-def fused_backend(module: nn.Module, x: Tensor, *others: Tensor, dropout: bool = False) -> str:
-    """The fused backend of `module` for inputs like these, resolved once per static key and kept in
-    `module.fused_backends` (from `module.fused_backend`, else `MPLUG_FAST_FUSED`, else automatic)."""
-    key = fused_key(x, *others, dropout=dropout)
-    return module.fused_backends.get(key, lambda: resolve_fused(*key, module.fused_backend))
+def fused_backend(module: nn.Module, x: Tensor, params: nn.Module, dropout: bool = False) -> str:
+    """The fused backend of `module` for an epilogue over x [*, D] with the weight and bias of `params`
+    (the LayerNorm or fc1), resolved once per static key and kept in `module.fused_backends` (from
+    `module.fused_backend`, else `MPLUG_FAST_FUSED`, else automatic). On a hit no parameter is read."""
+    key = (x.is_cuda, x.is_cpu, x.dtype, dropout, torch.is_grad_enabled())  # cheap tensor properties only
+
+    def resolve() -> str:
+        return resolve_fused(*fused_key(x, params.weight, params.bias, dropout=dropout), module.fused_backend)
+
+    return module.fused_backends.get(key, resolve)
 
 
 def residual_norm(
@@ -220,7 +235,7 @@ def residual_norm(
     """`norm(residual + dropout(out))`, fused (the backend's `residual_layer_norm`) when `module`'s fused
     backend is `triton`. out, residual: [*, D] -> [*, D]."""
     drop = dropout.training and dropout.p > 0.0
-    name = fused_backend(module, out, residual, norm.weight, norm.bias, dropout=drop)
+    name = fused_backend(module, out, norm, dropout=drop)
     if name == "reference":
         return norm(residual + dropout(out))
     return FUSED[name].residual_layer_norm(
