@@ -149,10 +149,13 @@ class Registry:
 
     def resolve(self, inputs: Inputs, *, backend: str | None = None, config: str | None = None) -> str:
         """The backend that runs calls with these static properties (order: see the module docstring)."""
-        requests = (("backend=", backend), (f"{self.env_var}=", self.env_choice()), ("config ", config))
-        for source, name in requests:
-            if name is None:
-                continue
+        if backend is not None:
+            source, name = "backend=", backend
+        elif (env := self.env_choice()) is not None:  # read only when no backend is passed
+            source, name = f"{self.env_var}=", env
+        else:
+            source, name = "config ", config
+        if name is not None:
             if name not in self.backends:
                 raise ValueError(f"unknown {self.op} backend {name!r}; choose one of {self.names()}")
             reasons = self.backends[name].reasons(inputs)
