@@ -21,7 +21,8 @@ from mplug_fast.generation import (
     token_bias,
 )
 from mplug_fast.modeling.decoder import TextDecoder
-from mplug_fast.modeling.layers import KVCache, init_bert_weights
+from mplug_fast.modeling.kv_cache import KVCache
+from mplug_fast.modeling.layers import init_bert_weights
 
 CLS, SEP, PAD = 101, 102, 0
 ATOL = 1e-5

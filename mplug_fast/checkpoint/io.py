@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mplug_fast.config import MPlugConfig
+from mplug_fast.io import atomic_path, atomic_write_json
 from mplug_fast.modeling import MPlug
 
 logger = logging.getLogger(__name__)
@@ -91,17 +91,6 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_pretrained(model: MPlug, directory: str | os.PathLike) -> Path:
     """Write `config.json` (task + config) and `model.safetensors`; each file is replaced atomically."""
     from safetensors.torch import save_file
@@ -109,11 +98,10 @@ def save_pretrained(model: MPlug, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": FORMAT_VERSION, "task": model.task, "config": model.config.to_dict()}
-    _atomic_write(
-        directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
-    )
+    atomic_write_json(directory / CONFIG_NAME, meta, indent=2)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"task": model.task}))
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, tmp, metadata={"task": model.task})
     logger.info("saved %s model (%d tensors) to %s", model.task, len(state), directory)
     return directory
 

@@ -1,6 +1,14 @@
 """Evaluation metrics: VQA accuracy, caption metrics (BLEU, ROUGE-L, CIDEr-D, METEOR/SPICE wrappers),
 retrieval recall, grounding box utilities and accuracy. Pure Python / torch; no network, Java optional."""
 
+from mplug_fast.metrics.boxes import (
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_iou_aligned,
+    box_xyxy_to_cxcywh,
+    generalized_box_iou,
+    generalized_box_iou_aligned,
+)
 from mplug_fast.metrics.caption import (
     CiderD,
     bleu,
@@ -12,13 +20,7 @@ from mplug_fast.metrics.caption import (
     rouge_l,
     spice,
 )
-from mplug_fast.metrics.grounding import (
-    box_cxcywh_to_xyxy,
-    box_iou,
-    box_xyxy_to_cxcywh,
-    generalized_box_iou,
-    grounding_accuracy,
-)
+from mplug_fast.metrics.grounding import grounding_accuracy
 from mplug_fast.metrics.retrieval import retrieval_recall
 from mplug_fast.metrics.vqa import normalize_answer, vqa_accuracy, vqa_score, write_vqa_results
 
@@ -27,10 +29,12 @@ __all__ = [
     "bleu",
     "box_cxcywh_to_xyxy",
     "box_iou",
+    "box_iou_aligned",
     "box_xyxy_to_cxcywh",
     "caption_scores",
     "cider_d",
     "generalized_box_iou",
+    "generalized_box_iou_aligned",
     "grounding_accuracy",
     "meteor",
     "normalize_answer",

@@ -14,13 +14,14 @@ the logits of the same padded batch recomputed in full, not those of the unpadde
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from mplug_fast.config import MPlugConfig
 from mplug_fast.modeling.heads import LMHead
-from mplug_fast.modeling.layers import KVCache, TransformerLayer
-from mplug_fast.modeling.text import BertEmbeddings, as_bool_mask, bert_layer_args
+from mplug_fast.modeling.kv_cache import KVCache
+from mplug_fast.modeling.layers import TransformerLayer
+from mplug_fast.modeling.masks import as_bool_mask
+from mplug_fast.modeling.text import BertEmbeddings, bert_layer_args
 
 MemoryKV = list[tuple[Tensor, Tensor]]  # per layer: (k, v), each [Bm, H, M, Dh]
 
@@ -62,8 +63,7 @@ class TextDecoder(nn.Module):
             raise ValueError("TextDecoder needs exactly one of `memory` or `memory_kv`")
         N, L = ids.shape
         mask = as_bool_mask(mask, ids.shape)
-        if memory_mask is not None and memory_mask.dtype != torch.bool:
-            memory_mask = memory_mask != 0
+        memory_mask = as_bool_mask(memory_mask)
         offset = 0
         if cache is not None:
             if memory_kv is None:

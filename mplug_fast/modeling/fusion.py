@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mplug_fast.config import MPlugConfig
-from mplug_fast.modeling.layers import TransformerLayer, residual_norm
+from mplug_fast.modeling.layers import TransformerLayer
 from mplug_fast.modeling.text import bert_layer_args
-from mplug_fast.ops.attention import attention
 
 
 class AsymmetricCoAttentionLayer(TransformerLayer):
@@ -49,59 +48,22 @@ class AsymmetricCoAttentionLayer(TransformerLayer):
 
 
 class ConnectedAttentionLayer(TransformerLayer):
-    """Joint self-attention + FFN over [image; text]; the image gets an extra residual.
+    """Joint self-attention + FFN over [image; text]; the image gets an extra residual."""
 
-    Two equal computations (tests/modeling/test_connected_layer.py): `split=False` (default) concatenates the
-    hidden states [v; t] once and runs the plain layer; `split=True` never materialises [v; t]: each side is
-    projected to q/k/v on its own, only the per-head q/k/v are joined for the one attention call, and the
-    out-projection, residual LayerNorms and MLP run per side. The split path moves 3x more data in its
-    concatenation and runs two smaller GEMMs per weight; it does not pay on CPU
-    (benchmarks/results/cpu-connected-layer.json), so it is off by default.
-    """
-
-    def __init__(self, config: MPlugConfig, split: bool = False):
+    def __init__(self, config: MPlugConfig):
         super().__init__(
             **bert_layer_args(config.text), cross_attention=False, backend=config.attention_backend
         )
-        self.split = split
 
     def forward(
         self, v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """v: [B, Nv, D]; t: [B, Lt, D]; masks bool (True = attend). Returns (v + y[:, :Nv], y[:, Nv:])."""
-        if self.split:
-            return self._forward_split(v, t, v_mask, t_mask)
         Nv = v.shape[1]
         x = torch.cat([v, t], dim=1)  # copy: [B, Nv + Lt, D]
         mask = joint_mask(v, t, v_mask, t_mask)  # [B, Nv + Lt] or None
         y = super().forward(x, mask)  # [B, Nv + Lt, D]
         return v + y[:, :Nv], y[:, Nv:]
-
-    def _forward_split(
-        self, v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """The same layer without the [v; t] hidden states (see the class docstring)."""
-        B, Nv, D = v.shape
-        H, Dh = self.attn.num_heads, self.attn.head_dim
-
-        def heads(x: Tensor) -> Tensor:  # [B, L, D] -> q, k, v stacked: [3, B, H, L, Dh] (view)
-            return self.attn.qkv(x).view(B, x.shape[1], 3, H, Dh).permute(2, 0, 3, 1, 4)
-
-        q, k, val = torch.cat([heads(v), heads(t)], dim=3).unbind(0)  # copy: 3 x [B, H, Nv + Lt, Dh]
-        out = attention(
-            q,
-            k,
-            val,
-            key_padding_mask=joint_mask(v, t, v_mask, t_mask),
-            dropout_p=self.attn.attn_dropout if self.training else 0.0,
-            config_backend=self.attn.backend,
-        ).transpose(1, 2)  # [B, Nv + Lt, H, Dh] (view)
-        outs = []
-        for x, o in ((v, out[:, :Nv]), (t, out[:, Nv:])):
-            a = self.attn.out_proj(o.reshape(B, x.shape[1], D))  # [B, L, D]
-            x = residual_norm(self, a, x, self.norm_attn, self.dropout)
-            outs.append(residual_norm(self, self.mlp(x), x, self.norm_mlp, self.dropout))
-        return v + outs[0], outs[1]
 
 
 def joint_mask(v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | None) -> Tensor | None:
@@ -121,13 +83,13 @@ class SkipConnectedFusion(nn.Module):
 
     The image states do not change between two connected layers, so the cross-attention K/V of a run
     of consecutive asymmetric layers come from one wide GEMM ([B*Nv, D] x [D, run * 2D]) instead of one
-    GEMM per layer (`fuse_image_kv`, on by default; the per-layer path stays for comparison).
+    GEMM per layer. The weights stay per layer (`layers[j].cross.kv_proj`, the official key mapping); the
+    GEMM concatenates them on the fly.
     """
 
-    def __init__(self, config: MPlugConfig, fuse_image_kv: bool = True):
+    def __init__(self, config: MPlugConfig):
         super().__init__()
         self.config = config.fusion
-        self.fuse_image_kv = fuse_image_kv
         self.layers = nn.ModuleList(
             ConnectedAttentionLayer(config)
             if config.fusion.is_connected(j)
@@ -173,7 +135,7 @@ class SkipConnectedFusion(nn.Module):
             if isinstance(layer, ConnectedAttentionLayer):
                 v, t = layer(v, t, v_mask, t_mask)
                 continue
-            if self.fuse_image_kv and j in self.asymmetric_runs:
+            if j in self.asymmetric_runs:
                 image_kv = self.project_image_kv(v, self.asymmetric_runs[j])  # v is fixed within the run
             v, t = layer(v, t, v_mask, t_mask, image_kv.get(j))
         return v, t

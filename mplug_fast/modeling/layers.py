@@ -6,13 +6,19 @@ LayerNorm eps 1e-12) and, for attention and MLP, by the CLIP ViT (pre-LN, QuickG
 Parameter names are ours (`qkv`, `q_proj`, `kv_proj`, `out_proj`, `fc1`, `fc2`, `norm_*`);
 `mplug_fast.checkpoint` maps the official names onto them (q/k/v are stored fused).
 
-Fused epilogues (`mplug_fast.ops.fused`): the post-LN residual blocks run `LN(x + dropout(f(x)))` through
-`residual_layer_norm` and the MLPs `act(fc1(x))` through `bias_gelu` / `bias_quick_gelu` (fc1's GEMM without
-its bias, the bias added in the activation kernel) when the fused backend is `triton`. The backend is chosen
-per call as in `mplug_fast.ops.fused.select_backend`: the module's `fused_backend` attribute (None by default;
-`set_fused_backend(model, name)` sets it on every module) > `MPLUG_FAST_FUSED` > automatic (`triton` on CUDA,
-`reference` on CPU). The `reference` choice runs the plain modules (`nn.LayerNorm`, `nn.Dropout`, `nn.GELU`,
-`QuickGELU`), exactly the unfused computation. Parameters and state-dict keys are the same either way.
+Backends are chosen once per module, not per call (as timm's `fused_attn` and nanoGPT's `self.flash`):
+each attention module keeps the attention backend it resolved per (device kind, dtype, mask kind, dropout,
+autograd recording) in a `BackendCache` (`mplug_fast.ops.registry`), from its `backend` (the model config's
+choice, below `MPLUG_FAST_ATTENTION`); the modules with fused epilogues do the same for the fused backend,
+from their `fused_backend` attribute (None by default; `set_fused_backend(model, name)` sets it on every
+module and clears the caches) > `MPLUG_FAST_FUSED` > automatic (`triton` on CUDA, `reference` on CPU).
+The post-LN residual blocks run `LN(x + dropout(f(x)))` through the backend's `residual_layer_norm` and the
+MLPs `act(fc1(x))` through its `bias_act` (fc1's GEMM without its bias, the bias added in the activation
+kernel) when the fused backend is `triton`; `reference` runs the plain modules (`nn.LayerNorm`,
+`nn.Dropout`, `nn.GELU`, `QuickGELU`), exactly the unfused computation. Parameters and state-dict keys are
+the same either way. Call `clear_backend_caches(model)` after changing `MPLUG_FAST_*` in a running process.
+The per-call cost is a dict lookup keyed by cheap tensor properties (`is_cuda`, `is_cpu`, `dtype`); "needs
+grad" is taken as "autograd is recording" (the module's parameters require grad).
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mplug_fast.ops.attention import attention
-from mplug_fast.ops.fused import bias_gelu, bias_quick_gelu, residual_layer_norm, select_backend
+from mplug_fast.modeling.kv_cache import KVCache
+from mplug_fast.ops.attention import resolve_attention, run_attention
+from mplug_fast.ops.fused import FUSED, fused_key, resolve_fused
+from mplug_fast.ops.registry import BackendCache, mask_kind
 
 
 class QuickGELU(nn.Module):
@@ -32,94 +40,57 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class KVCache:
-    """Preallocated self-attention keys/values of a stack of layers, for incremental decoding.
+class _Attention(nn.Module):
+    """What self- and cross-attention share: head split, dropout, and the backend resolved once per static
+    key (`attend`)."""
 
-    One buffer per tensor for all layers, `k`, `v`: [layers, N, H, Lmax, Dh] (slot `i` is layer i's
-    [N, H, Lmax, Dh]), allocated on the first `update` with the dtype/device of the projected keys, and a
-    key-padding mask `mask`: bool [N, Lmax] (True = attend). Positions [0, length) are valid. Every step
-    writes in place (slice assignment); nothing is concatenated. `reorder(index)` selects rows (beam
-    search, or expanding one prompt per sample to its beams).
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, backend: str | None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_dropout = attn_dropout
+        self.backend = backend  # the config's choice (None: MPLUG_FAST_ATTENTION, else automatic)
+        self.backends = BackendCache()
 
-    Per decoding call: `append_mask(new_mask, N, L, device)`, every layer `update(i, k, v)`, `advance(L)`.
-    """
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        kv_index: Tensor | None = None,
+    ) -> Tensor:
+        """`ops.attention` with this module's backend.
 
-    def __init__(self, num_layers: int, max_length: int):
-        if num_layers < 1 or max_length < 1:
-            raise ValueError(
-                f"KVCache needs num_layers >= 1 and max_length >= 1, got {num_layers}, {max_length}"
+        q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh].  key_padding_mask: bool [Bk, Lk], True = attend.
+        Returns [B, H, Lq, Dh]."""
+        dropout_p = self.attn_dropout if self.training else 0.0
+        padded, dropout, grad = key_padding_mask is not None, dropout_p > 0.0, torch.is_grad_enabled()
+        key = (q.is_cuda, q.is_cpu, q.dtype, padded, causal, dropout, grad)  # cheap tensor properties only
+
+        def resolve() -> str:
+            mask = mask_kind(padded, causal)
+            return resolve_attention(
+                q.device.type, q.dtype, self.head_dim, mask, dropout, grad, None, self.backend
             )
-        self.num_layers = num_layers
-        self.max_length = max_length
-        self.length = 0
-        self.k: Tensor | None = None  # [layers, N, H, Lmax, Dh]
-        self.v: Tensor | None = None
-        self.mask: Tensor | None = None  # bool [N, Lmax]
-        self.padded = False  # True once a mask was appended: attention then needs the key-padding mask
 
-    @property
-    def batch_size(self) -> int | None:
-        """N (None before the first write)."""
-        return None if self.mask is None else self.mask.shape[0]
-
-    def append_mask(
-        self, mask: Tensor | None, batch_size: int, new_length: int, device: torch.device
-    ) -> None:
-        """Record the padding mask of `new_length` tokens about to be written (None = all real tokens)."""
-        end = self.length + new_length
-        if end > self.max_length:
-            raise ValueError(
-                f"KVCache holds {self.max_length} positions; {self.length} are used and {new_length} more "
-                "were given: build the cache with a larger max_length"
-            )
-        if self.mask is None:
-            self.mask = torch.ones(batch_size, self.max_length, dtype=torch.bool, device=device)
-        elif self.mask.shape[0] != batch_size:
-            raise ValueError(f"KVCache holds {self.mask.shape[0]} rows, got {batch_size}; reorder it first")
-        if mask is not None:
-            self.mask[:, self.length : end] = mask
-            self.padded = True
-
-    def key_mask(self, new_length: int) -> Tensor | None:
-        """bool [N, length + new_length] over the cached and new keys, or None when nothing was padded."""
-        return self.mask[:, : self.length + new_length] if self.padded else None
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write layer `layer`'s new k, v [N, H, L, Dh] at [length, length + L); return views over
-        [0, length + L), each [N, H, length + L, Dh]."""
-        N, H, L, Dh = k.shape
-        if self.k is None:
-            shape = (self.num_layers, N, H, self.max_length, Dh)
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        end = self.length + L
-        if end > self.max_length:
-            raise ValueError(f"KVCache overflow: {end} positions > max_length {self.max_length}")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, new_length: int) -> None:
-        """Mark `new_length` more positions valid (after every layer has written them)."""
-        self.length += new_length
-
-    def reorder(self, index: Tensor) -> None:
-        """Row i becomes old row index[i]; index: long [N'] (N' may differ from N, e.g. prompt -> beams)."""
-        if self.k is None:
-            return
-        L = self.length
-        if index.shape[0] == self.k.shape[1]:
-            # Same row count (a beam-search step): rewrite only the valid prefix, in place.
-            self.k[:, :, :, :L] = self.k[:, index, :, :L]  # gather copy, then in-place write
-            self.v[:, :, :, :L] = self.v[:, index, :, :L]
-            self.mask[:, :L] = self.mask[index, :L]
-        else:
-            self.k = self.k.index_select(1, index)  # copy: [layers, N', H, Lmax, Dh]
-            self.v = self.v.index_select(1, index)
-            self.mask = self.mask.index_select(0, index)  # [N', Lmax]
+        name = self.backends.get(key, resolve)
+        return run_attention(
+            name,
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            dropout_p=dropout_p,
+            kv_index=kv_index,
+        )
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(_Attention):
     """Multi-head self-attention with a fused QKV projection.
 
     Args:
@@ -129,13 +100,7 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, attn_dropout: float = 0.0, backend: str | None = None):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.attn_dropout = attn_dropout
-        self.backend = backend
+        super().__init__(dim, num_heads, attn_dropout, backend)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
@@ -160,19 +125,11 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # views: [B, H, cache.length + L, Dh]
             causal = causal and L > 1  # a single new query sees the whole cache: no causal mask needed
-        out = attention(
-            q,
-            k,
-            v,
-            key_padding_mask=key_padding_mask,
-            causal=causal,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            config_backend=self.backend,
-        )
+        out = self.attend(q, k, v, key_padding_mask, causal)  # [B, H, L, Dh]
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Multi-head cross-attention: queries from `x`, keys/values from a memory (one fused K/V GEMM).
 
     `project_kv(memory)` can be called once and its result passed as `kv=` to every later call
@@ -187,13 +144,7 @@ class CrossAttention(nn.Module):
     def __init__(
         self, dim: int, memory_dim: int, num_heads: int, attn_dropout: float = 0.0, backend: str | None = None
     ):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.attn_dropout = attn_dropout
-        self.backend = backend
+        super().__init__(dim, num_heads, attn_dropout, backend)
         self.q_proj = nn.Linear(dim, dim)
         self.kv_proj = nn.Linear(memory_dim, 2 * dim)
         self.out_proj = nn.Linear(dim, dim)
@@ -231,34 +182,19 @@ class CrossAttention(nn.Module):
                 raise ValueError(f"{B} query rows are not {Bm} memory rows x groups of {G}")
             q = self.q_proj(x).view(Bm, G, L, H, Dh).permute(0, 3, 1, 2, 4)  # [Bm, H, G, L, Dh]
             q = q.reshape(Bm, H, G * L, Dh)  # copy
-            out = attention(
-                q,
-                k,
-                v,
-                key_padding_mask=memory_mask,
-                dropout_p=self.attn_dropout if self.training else 0.0,
-                config_backend=self.backend,
-            )  # [Bm, H, G*L, Dh]
+            out = self.attend(q, k, v, memory_mask)  # [Bm, H, G*L, Dh]
             out = out.view(Bm, H, G, L, Dh).permute(0, 2, 3, 1, 4).reshape(B, L, D)  # copy: [B, L, D]
             return self.out_proj(out)
         q = self.q_proj(x).view(B, L, H, Dh).transpose(1, 2)  # [B, H, L, Dh]
-        out = attention(
-            q,
-            k,
-            v,
-            key_padding_mask=memory_mask,
-            kv_index=kv_index,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            config_backend=self.backend,
-        )
+        out = self.attend(q, k, v, memory_mask, kv_index=kv_index)  # [B, H, L, Dh]
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
 
 
 class MLP(nn.Module):
     """fc1 -> activation -> fc2 (the residual and its dropout belong to the caller).
 
-    With the `triton` fused backend, fc1 runs without its bias and `bias_gelu` / `bias_quick_gelu` adds it
-    inside the activation kernel (one pass over the [*, hidden] activation instead of two).
+    With the `triton` fused backend, fc1 runs without its bias and the backend's `bias_act` adds it inside
+    the activation kernel (one pass over the [*, hidden] activation instead of two).
     """
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
@@ -267,51 +203,64 @@ class MLP(nn.Module):
             raise ValueError(f"activation must be 'gelu' or 'quick_gelu', got {activation!r}")
         self.activation = activation
         self.fused_backend: str | None = None  # None: MPLUG_FAST_FUSED, else automatic (see the module doc)
+        self.fused_backends = BackendCache()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU() if activation == "gelu" else QuickGELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> [..., D]."""
-        if select_backend(x, self.fc1.bias, backend=self.fused_backend) == "reference":
+        name = fused_backend(self, x, self.fc1)
+        if name == "reference":
             return self.fc2(self.act(self.fc1(x)))
         h = F.linear(x, self.fc1.weight)  # [..., hidden], bias added by the kernel
-        if self.activation == "gelu":
-            h = bias_gelu(h, self.fc1.bias, backend="triton")
-        else:
-            h = bias_quick_gelu(h, self.fc1.bias, backend="triton")
-        return self.fc2(h)
+        return self.fc2(FUSED[name].bias_act(h, self.fc1.bias, self.activation))
+
+
+def fused_backend(module: nn.Module, x: Tensor, params: nn.Module, dropout: bool = False) -> str:
+    """The fused backend of `module` for an epilogue over x [*, D] with the weight and bias of `params`
+    (the LayerNorm or fc1), resolved once per static key and kept in `module.fused_backends` (from
+    `module.fused_backend`, else `MPLUG_FAST_FUSED`, else automatic). On a hit no parameter is read."""
+    key = (x.is_cuda, x.is_cpu, x.dtype, dropout, torch.is_grad_enabled())  # cheap tensor properties only
+
+    def resolve() -> str:
+        return resolve_fused(*fused_key(x, params.weight, params.bias, dropout=dropout), module.fused_backend)
+
+    return module.fused_backends.get(key, resolve)
 
 
 def residual_norm(
     module: nn.Module, out: Tensor, residual: Tensor, norm: nn.LayerNorm, dropout: nn.Dropout
 ) -> Tensor:
-    """`norm(residual + dropout(out))`, fused (`residual_layer_norm`) when `module.fused_backend` (or the
-    environment / device) selects `triton`. out, residual: [*, D] -> [*, D]."""
-    backend = select_backend(out, residual, norm.weight, norm.bias, backend=module.fused_backend)
-    if backend == "reference":
+    """`norm(residual + dropout(out))`, fused (the backend's `residual_layer_norm`) when `module`'s fused
+    backend is `triton`. out, residual: [*, D] -> [*, D]."""
+    drop = dropout.training and dropout.p > 0.0
+    name = fused_backend(module, out, norm, dropout=drop)
+    if name == "reference":
         return norm(residual + dropout(out))
-    return residual_layer_norm(
-        out,
-        residual,
-        norm.weight,
-        norm.bias,
-        norm.eps,
-        dropout_p=dropout.p,
-        training=dropout.training,
-        backend="triton",
+    return FUSED[name].residual_layer_norm(
+        out, residual, norm.weight, norm.bias, norm.eps, dropout.p, dropout.training
     )
+
+
+def clear_backend_caches(model: nn.Module) -> nn.Module:
+    """Forget the backends every module of `model` resolved (e.g. after changing `MPLUG_FAST_*`)."""
+    for module in model.modules():
+        for cache in (getattr(module, "backends", None), getattr(module, "fused_backends", None)):
+            if isinstance(cache, BackendCache):
+                cache.clear()
+    return model
 
 
 def set_fused_backend(model: nn.Module, backend: str | None) -> nn.Module:
     """Set `fused_backend` ("reference", "triton" or None = environment / automatic) on every module of
-    `model` that has fused epilogues; returns `model`."""
-    if backend is not None and backend not in ("reference", "triton"):
-        raise ValueError(f"unknown fused backend {backend!r}; valid: reference, triton, None")
+    `model` that has fused epilogues, and clear the resolved choices; returns `model`."""
+    if backend is not None and backend not in FUSED.backends:
+        raise ValueError(f"unknown fused backend {backend!r}; valid: {', '.join(FUSED.names())}, None")
     for module in model.modules():
-        if hasattr(module, "fused_backend"):
+        if isinstance(module, MLP | TransformerLayer):
             module.fused_backend = backend
-    return model
+    return clear_backend_caches(model)
 
 
 class TransformerLayer(nn.Module):
@@ -354,6 +303,7 @@ class TransformerLayer(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.fused_backend: str | None = None  # None: MPLUG_FAST_FUSED, else automatic (see the module doc)
+        self.fused_backends = BackendCache()
 
     def forward(
         self,

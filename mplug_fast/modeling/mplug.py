@@ -27,7 +27,8 @@ from mplug_fast.modeling.decoder import MemoryKV, TextDecoder
 from mplug_fast.modeling.fusion import SkipConnectedFusion
 from mplug_fast.modeling.heads import LMHead
 from mplug_fast.modeling.layers import init_bert_weights
-from mplug_fast.modeling.text import TextEncoder, as_bool_mask
+from mplug_fast.modeling.masks import as_bool_mask
+from mplug_fast.modeling.text import TextEncoder
 from mplug_fast.modeling.vision import VisionTransformer, build_adapter
 
 COMPONENTS = ("text_encoder", "fusion", "decoder", "retrieval_heads", "mlm_head")

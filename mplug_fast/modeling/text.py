@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from mplug_fast.config import MPlugConfig, TextConfig
 from mplug_fast.modeling.layers import TransformerLayer
+from mplug_fast.modeling.masks import as_bool_mask
 
 
 class BertEmbeddings(nn.Module):
@@ -75,14 +76,3 @@ class TextEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return x
-
-
-def as_bool_mask(mask: Tensor | None, shape: torch.Size | tuple[int, ...]) -> Tensor | None:
-    """Accept 0/1 integer or bool padding masks [B, L]; return bool (True = attend) or None."""
-    if mask is None:
-        return None
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(
-            f"attention mask must have the shape of the ids {list(shape)}, got {list(mask.shape)}"
-        )
-    return mask if mask.dtype == torch.bool else mask != 0

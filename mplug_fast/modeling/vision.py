@@ -58,10 +58,10 @@ def resize_pos_embed(pos_embed: Tensor, grid: int | tuple[int, int], num_prefix_
 class VisionBlock(nn.Module):
     """Pre-LN CLIP block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (QuickGELU).
 
-    The MLP's fc1 bias + QuickGELU run fused (`bias_quick_gelu`) with the `triton` fused backend (see
-    `mplug_fast.modeling.layers`). The residual adds are not fused with the next LayerNorm: a pre-LN block
-    needs both the sum (the residual stream) and its normalisation, and `residual_layer_norm` returns only
-    the latter, so fusing would add a pass instead of saving one.
+    The MLP's fc1 bias + QuickGELU run fused (the fused backend's `bias_act`) with the `triton` fused
+    backend (see `mplug_fast.modeling.layers`). The residual adds are not fused with the next LayerNorm: a
+    pre-LN block needs both the sum (the residual stream) and its normalisation, and `residual_layer_norm`
+    returns only the latter, so fusing would add a pass instead of saving one.
     """
 
     def __init__(self, config: VisionConfig, backend: str | None = None):

@@ -1,87 +1,54 @@
-"""One attention entry point for the whole model, with a backend registry.
+"""One attention entry point for the whole model, over the backends of `ATTENTION` (`ops/registry.py`).
 
     attention(q, k, v, *, key_padding_mask=None, causal=False, dropout_p=0.0, scale=None,
-              kv_index=None, backend=None) -> [B, H, Lq, Dh]
+              kv_index=None, backend=None, config_backend=None) -> [B, H, Lq, Dh]
 
 Layout `[B, H, L, Dh]` (SDPA's). `k, v` may have fewer rows than `q` (`Bk`); `kv_index [B]` maps
 each query row to its K/V row so beams and answer candidates share one image's K/V.
 Mask semantics are those of `mplug_fast.ops.reference` (bool, True = attend; causal aligned at
 the bottom right; rows with no key give 0).
 
-Backend choice: the `backend` argument > the `MPLUG_FAST_ATTENTION` environment variable (read
-once per process) > the model config (passed by the modules as `config_backend`) > the first available
-backend of the automatic order that supports the inputs: `CUDA_PRIORITY` for CUDA tensors, `PRIORITY`
-otherwise. A backend asked for explicitly that cannot run the inputs is an error listing its reasons;
-automatic selection skips it and logs why once.
+Backend choice (`Registry.resolve`): `backend=` > `MPLUG_FAST_ATTENTION` > the model config
+(`config_backend=`) > the first backend of `attention_priority(device type, dtype, needs grad)` that can
+run the inputs. The modules (`modeling/layers.py`) resolve once per (device, dtype, needs grad, mask kind)
+and call `run_attention(name, ...)` afterwards; `attention(...)` resolves on every call (a functional
+entry point for scripts and tests).
 
-Backends: `reference` (the oracle), `sdpa` (torch) and `triton` (our FlashAttention-2 kernels,
+Backends: `reference` (the oracle), `sdpa` (torch), `triton` (our FlashAttention-2 kernels,
 `mplug_fast.ops.triton.attention`, with the split-K short-query variant `mplug_fast.ops.triton.decode`,
-imported lazily so that `import mplug_fast` never needs triton). On CPU tensors the Triton kernels only
-run under the slow interpreter (`TRITON_INTERPRET=1`), so `triton` comes last in `PRIORITY` (never chosen
-automatically there, since `reference` runs everything) but still runs when asked for by name; on CUDA
-tensors it comes first. `flash_attn` and `xformers` (`mplug_fast.ops.external`, registered at the bottom
-of this module; the packages are imported only when one of them runs) follow it on CUDA.
+imported on first use so that `import mplug_fast` never needs triton), and `flash_attn`, `xformers`
+(`ops/external.py`; the packages are imported only when one of them runs). On CPU tensors the Triton
+kernels only run under the slow interpreter (`TRITON_INTERPRET=1`), so `triton` comes last there (never
+chosen automatically, since `reference` runs everything) but still runs when asked for by name; on CUDA
+tensors it comes first.
 """
 
 from __future__ import annotations
-
-import abc
-import functools
-import importlib.util
-import logging
-import os
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mplug_fast.ops.external import FlashAttnBackend, XFormersBackend
 from mplug_fast.ops.reference import attention_mask_ref, attention_ref
+from mplug_fast.ops.registry import AttentionBackend, Inputs, Registry, mask_kind, triton_kernels_status
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "ATTENTION",
+    "BACKENDS",
+    "ENV_VAR",
+    "AttentionBackend",
+    "attention",
+    "attention_key",
+    "attention_priority",
+    "available_backends",
+    "resolve_attention",
+    "run_attention",
+    "select_backend",
+]
 
 ENV_VAR = "MPLUG_FAST_ATTENTION"
-
-
-class AttentionBackend(abc.ABC):
-    """A backend: availability, per-input support reasons, and the call."""
-
-    NAME: ClassVar[str]
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """None when the backend can be used in this process, else why not."""
-        return None
-
-    @classmethod
-    def not_supported_reasons(
-        cls,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        dropout_p: float,
-        kv_index: Tensor | None,
-        key_padding_mask: Tensor | None = None,
-        causal: bool = False,
-    ) -> list[str]:
-        """Why this backend cannot run these inputs (empty: it can). Must not synchronise with the device."""
-        return []
-
-    @staticmethod
-    @abc.abstractmethod
-    def run(
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        key_padding_mask: Tensor | None,
-        causal: bool,
-        dropout_p: float,
-        scale: float | None,
-        kv_index: Tensor | None,
-    ) -> Tensor:
-        """softmax(q k^T * scale) v under the masks: [B, H, Lq, D]."""
+TRITON_MODULES = ("mplug_fast.ops.triton.attention",)
 
 
 class ReferenceBackend(AttentionBackend):
@@ -123,25 +90,6 @@ class SdpaBackend(AttentionBackend):
         return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
 
 
-# dynamo calls it eagerly (it cannot trace imports) and takes the str as a constant; the cache sits in a
-# separate function because dynamo traces through an lru_cache wrapper (with a warning) instead.
-@torch.compiler.assume_constant_result
-def _triton_status() -> str:
-    """Import the Triton kernels (once); "compiled", "interpreted", or why they cannot be used."""
-    return _triton_status_cached()
-
-
-@functools.cache
-def _triton_status_cached() -> str:
-    if importlib.util.find_spec("triton") is None:
-        return "package not installed (pip install triton)"
-    try:
-        kernels = importlib.import_module("mplug_fast.ops.triton.attention")
-    except ImportError as e:
-        return f"cannot import the kernels: {e}"
-    return "interpreted" if kernels.INTERPRETED else "compiled"
-
-
 class TritonBackend(AttentionBackend):
     """Our FlashAttention-2 Triton kernels (`mplug_fast.ops.triton.attention`), imported on first use."""
 
@@ -151,7 +99,7 @@ class TritonBackend(AttentionBackend):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        status = _triton_status()
+        status = triton_kernels_status(*TRITON_MODULES)
         if status == "interpreted":
             return None
         if status == "compiled":
@@ -159,30 +107,35 @@ class TritonBackend(AttentionBackend):
         return status
 
     @classmethod
-    def not_supported_reasons(cls, q, k, v, *, dropout_p, kv_index, key_padding_mask=None, causal=False):
-        reasons = []
-        if q.shape[-1] not in cls.SUPPORTED_HEAD_DIMS:
-            reasons.append(
-                f"head_dim={q.shape[-1]} (supported: {', '.join(map(str, cls.SUPPORTED_HEAD_DIMS))})"
-            )
-        if q.dtype not in cls.SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype:
-            reasons.append(
-                f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (supported: one of fp32, fp16, bf16)"
-            )
-        if not q.is_cuda:
-            if _triton_status() != "interpreted":
-                reasons.append(f"{q.device.type} tensors need the interpreter (TRITON_INTERPRET=1)")
-            elif q.dtype == torch.bfloat16:
+    def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
+        reasons = cls.kernel_limits(inputs)
+        if inputs.device_type != "cuda":
+            if triton_kernels_status(*TRITON_MODULES) != "interpreted":
+                reasons.append(f"{inputs.device_type} tensors need the interpreter (TRITON_INTERPRET=1)")
+            elif inputs.dtype == torch.bfloat16:
                 reasons.append(
                     "bf16 on CPU: bf16 tl.dot is wrong in the Triton interpreter (triton-lang/triton#11584)"
                 )
+        return reasons
+
+    @classmethod
+    def kernel_limits(cls, inputs: Inputs) -> list[str]:
+        """The kernels' own limits (head dim, dtype): the one place where a limits check exported by
+        `ops/triton` (dtype / shared memory per device) is called."""
+        reasons = []
+        if inputs.dim not in cls.SUPPORTED_HEAD_DIMS:
+            dims = ", ".join(map(str, cls.SUPPORTED_HEAD_DIMS))
+            reasons.append(f"head_dim={inputs.dim} (supported: {dims})")
+        if inputs.dtype not in cls.SUPPORTED_DTYPES:
+            reasons.append(f"dtype {inputs.dtype} (supported: fp32, fp16, bf16)")
         return reasons
 
     @staticmethod
     def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
         """The main kernel, or the split-K one (`triton/decode.py`) when `num_splits_for` says the main grid
         would leave the GPU idle: Lq <= 64, Lk >= 256 and B * H * ceil(Lq / 16..64) < the SM count."""
-        from mplug_fast.ops.triton.attention import flash_attention  # imported by _triton_status already
+        # Deferred: triton is an optional dependency (imported by `triton_kernels_status` on resolution).
+        from mplug_fast.ops.triton.attention import flash_attention
         from mplug_fast.ops.triton.decode import num_splits_for, splitk_attention
 
         kwargs = dict(
@@ -199,73 +152,59 @@ class TritonBackend(AttentionBackend):
         return flash_attention(q, k, v, **kwargs)
 
 
-BACKENDS: dict[str, type[AttentionBackend]] = {
-    b.NAME: b for b in (ReferenceBackend, SdpaBackend, TritonBackend)
-}
-# Automatic order for CPU (and other non-CUDA) tensors: the Triton interpreter is for tests only, so
-# `triton` is last (pass backend="triton" to run it); and for CUDA tensors.
-PRIORITY: tuple[str, ...] = ("sdpa", "reference", "triton")
-CUDA_PRIORITY: tuple[str, ...] = ("triton", "sdpa", "reference")
+def attention_priority(device_type: str, dtype: torch.dtype, needs_grad: bool) -> tuple[str, ...]:
+    """The automatic order. CUDA: our Triton kernels, then the external libraries, then torch. Elsewhere:
+    torch, the reference, and last the backends that never run there automatically (the external ones are
+    CUDA only; Triton only under its interpreter, for tests). The order does not depend on the dtype or on
+    gradients today: the backends' reasons cover those (the signature keeps them in the key)."""
+    if device_type == "cuda":
+        return ("triton", "flash_attn", "xformers", "sdpa", "reference")
+    return ("sdpa", "reference", "flash_attn", "xformers", "triton")
 
 
-def register_backend(
-    backend: type[AttentionBackend], *, priority: int | None = None, cuda_priority: int | None = None
-) -> None:
-    """Add a backend (used by optional kernel modules); `priority` / `cuda_priority` are its indices in the
-    automatic orders for CPU and CUDA tensors (None: last)."""
-    global PRIORITY, CUDA_PRIORITY
-
-    def insert(order: tuple[str, ...], index: int | None) -> tuple[str, ...]:
-        names = [name for name in order if name != backend.NAME]
-        names.insert(len(names) if index is None else index, backend.NAME)
-        return tuple(names)
-
-    BACKENDS[backend.NAME] = backend
-    PRIORITY = insert(PRIORITY, priority)
-    CUDA_PRIORITY = insert(CUDA_PRIORITY, cuda_priority)
+ATTENTION = Registry(
+    "attention",
+    ENV_VAR,
+    (ReferenceBackend, SdpaBackend, TritonBackend, FlashAttnBackend, XFormersBackend),
+    attention_priority,
+)
+BACKENDS = ATTENTION.backends  # name -> backend class (the registry's table, not a copy)
 
 
 def available_backends() -> dict[str, str | None]:
-    """Every known backend -> None when usable here, else the reason it is not."""
-    return {name: BACKENDS[name].unavailable_reason() for name in PRIORITY}
+    """Every attention backend -> None when usable here, else the reason it is not (CUDA order)."""
+    names = attention_priority("cuda", torch.float16, False)
+    return {name: ATTENTION[name].unavailable_reason() for name in names}
 
 
-@torch.compiler.assume_constant_result  # a constant under torch.compile (see _triton_status)
-def env_backend() -> str | None:
-    """`MPLUG_FAST_ATTENTION`, read once per process (call `env_backend.cache_clear()` to re-read)."""
-    return _read_env_backend()
+def attention_key(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, dropout_p: float
+) -> tuple:
+    """The static properties of a call, as the positional arguments of `resolve_attention`: (device type,
+    dtype, head dim, mask kind, dropout, needs grad)."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    mask = mask_kind(key_padding_mask is not None, causal)
+    # a branch, not bool(): it specialises a symbolic condition (dropout_p traced as a SymFloat) to a constant
+    dropout = True if dropout_p > 0.0 else False  # noqa: SIM210
+    return (q.device.type, q.dtype, int(q.shape[-1]), mask, dropout, needs_grad)
 
 
-@functools.cache
-def _read_env_backend() -> str | None:
-    value = os.environ.get(ENV_VAR, "").strip() or None
-    if value is not None and value not in BACKENDS:
-        raise ValueError(
-            f"{ENV_VAR}={value!r} is not a known attention backend; choose one of {sorted(BACKENDS)}"
-        )
-    return value
-
-
-env_backend.cache_clear = _read_env_backend.cache_clear  # type: ignore[attr-defined]
-
-
-def _describe(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, causal: bool) -> str:
-    mask = "key_padding" if key_padding_mask is not None else "none"
-    return (
-        f"q: {list(q.shape)} {q.dtype} {q.device}   k, v: {list(k.shape)}   mask: {mask}   causal: {causal}"
-    )
-
-
-def _log_once(message: str) -> None:
-    """Log a backend decision once per process; silent while torch.compile traces (no graph break)."""
-    if torch.compiler.is_compiling():
-        return
-    _log_once_eager(message)
-
-
-@functools.cache
-def _log_once_eager(message: str) -> None:
-    logger.info(message)
+# Evaluated eagerly by torch.compile (all arguments are Python constants) and put in the graph as a
+# constant: the environment read, the imports and the logging of the resolution never enter a graph.
+@torch.compiler.assume_constant_result
+def resolve_attention(
+    device_type: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    mask: str,
+    dropout: bool,
+    needs_grad: bool,
+    backend: str | None = None,
+    config_backend: str | None = None,
+) -> str:
+    """The backend name for calls with these static properties (order: see the module docstring)."""
+    inputs = Inputs(device_type, dtype, head_dim, mask, dropout, needs_grad)
+    return ATTENTION.resolve(inputs, backend=backend, config=config_backend)
 
 
 def select_backend(
@@ -276,44 +215,37 @@ def select_backend(
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
     dropout_p: float = 0.0,
-    kv_index: Tensor | None = None,
     backend: str | None = None,
     config_backend: str | None = None,
 ) -> str:
-    """The backend `attention` would use for these inputs (see the module docstring for the order)."""
-    requested = backend or env_backend() or config_backend
-    if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(f"unknown attention backend {requested!r}; choose one of {sorted(BACKENDS)}")
-        impl = BACKENDS[requested]
-        reasons = [r for r in [impl.unavailable_reason()] if r]
-        reasons += impl.not_supported_reasons(
-            q, k, v, dropout_p=dropout_p, kv_index=kv_index, key_padding_mask=key_padding_mask, causal=causal
-        )
-        if reasons:
-            raise RuntimeError(
-                f"attention backend {requested!r} cannot run these inputs: {'; '.join(reasons)}\n"
-                f"     {_describe(q, k, key_padding_mask, causal)}\n"
-                f"Available here: {[n for n, r in available_backends().items() if r is None]}"
-            )
-        return requested
-    skipped = []
-    for name in CUDA_PRIORITY if q.is_cuda else PRIORITY:
-        impl = BACKENDS[name]
-        reasons = [r for r in [impl.unavailable_reason()] if r]
-        reasons += impl.not_supported_reasons(
-            q, k, v, dropout_p=dropout_p, kv_index=kv_index, key_padding_mask=key_padding_mask, causal=causal
-        )
-        if not reasons:
-            for skipped_name, why in skipped:
-                _log_once(f"attention backend {skipped_name!r} skipped: {why}")
-            _log_once(f"attention backend: {name} (automatic)")
-            return name
-        skipped.append((name, "; ".join(reasons)))
-    lines = "\n".join(f"`{n}`: {why}" for n, why in skipped)
-    raise RuntimeError(
-        f"No attention backend can run these inputs:\n     {_describe(q, k, key_padding_mask, causal)}\n"
-        f"{lines}"
+    """The backend `attention` would use for these inputs."""
+    key = attention_key(q, k, v, key_padding_mask, causal, dropout_p)
+    return resolve_attention(*key, backend, config_backend)
+
+
+def run_attention(
+    name: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    kv_index: Tensor | None = None,
+) -> Tensor:
+    """Run the already resolved backend `name` (arguments and result as in `attention`)."""
+    _check_inputs(q, k, v, key_padding_mask, kv_index)
+    return ATTENTION[name].run(
+        q,
+        k,
+        v,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        dropout_p=dropout_p,
+        scale=scale,
+        kv_index=kv_index,
     )
 
 
@@ -333,7 +265,7 @@ def attention(
     """Scaled dot-product attention.
 
     Args:
-        q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh] (Bk == B unless `kv_index` is given).
+        q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh] (Bk == B unless `kv_index` is given); one dtype.
         key_padding_mask: bool [Bk, Lk], True = attend.
         causal: query i attends keys j <= i + Lk - Lq.
         dropout_p: attention-probability dropout; pass 0.0 in eval (the modules do).
@@ -352,11 +284,11 @@ def attention(
         key_padding_mask=key_padding_mask,
         causal=causal,
         dropout_p=dropout_p,
-        kv_index=kv_index,
         backend=backend,
         config_backend=config_backend,
     )
-    return BACKENDS[name].run(
+    return run_attention(
+        name,
         q,
         k,
         v,
@@ -380,6 +312,8 @@ def _check_inputs(
         raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
     if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} disagree on heads or head dim")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if kv_index is None:
         if q.shape[0] != k.shape[0]:
             raise ValueError(
@@ -398,6 +332,3 @@ def _check_inputs(
                 f"key_padding_mask must be [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
                 f"got {list(key_padding_mask.shape)}"
             )
-
-
-import mplug_fast.ops.external  # noqa: E402, F401  (registers flash_attn and xformers; imports neither package)

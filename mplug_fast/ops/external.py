@@ -1,10 +1,9 @@
 """Attention backends over external kernel libraries: `flash_attn` (FlashAttention-2) and `xformers`.
 
-Registered into `mplug_fast.ops.attention` by `register_backend` when that module is imported; neither package
-is imported here: `unavailable_reason` looks the package up (`importlib.util.find_spec`, package metadata)
-without importing it, and `run` imports it on first use. On a machine without CUDA or without the package,
-`available_backends()` says which. Automatic order: right after `triton` on CUDA tensors; on other devices
-just before `triton` (they are never available there).
+Listed in `mplug_fast.ops.attention.ATTENTION` (its `attention_priority` puts them right after `triton` on
+CUDA tensors). Neither package is imported here: `unavailable_reason` looks the package up
+(`importlib.util.find_spec`, package metadata) without importing it, and `run` imports it on first use. On a
+machine without CUDA or without the package, `available_backends()` says which.
 
 How mPLUG's attention maps onto them (semantics of `mplug_fast.ops.reference`):
 
@@ -35,9 +34,8 @@ import importlib.util
 import torch
 from torch import Tensor
 
-import mplug_fast.ops.attention as attention_module
-from mplug_fast.ops.attention import AttentionBackend, register_backend
 from mplug_fast.ops.reference import attention_mask_ref
+from mplug_fast.ops.registry import AttentionBackend, Inputs
 
 __all__ = ["FlashAttnBackend", "XFormersBackend"]
 
@@ -90,16 +88,16 @@ class FlashAttnBackend(AttentionBackend):
         return _cuda_reason("flash-attn")
 
     @classmethod
-    def not_supported_reasons(cls, q, k, v, *, dropout_p, kv_index, key_padding_mask=None, causal=False):
+    def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
         reasons = []
-        if not q.is_cuda:
-            reasons.append(f"needs CUDA tensors, got {q.device.type}")
-        if q.dtype not in cls.SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype:
-            reasons.append(f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (flash-attn supports fp16, bf16)")
-        head_dim = q.shape[-1]
+        if inputs.device_type != "cuda":
+            reasons.append(f"needs CUDA tensors, got {inputs.device_type}")
+        if inputs.dtype not in cls.SUPPORTED_DTYPES:
+            reasons.append(f"dtype {inputs.dtype} (flash-attn supports fp16, bf16)")
+        head_dim = inputs.dim
         if head_dim % 8 != 0 or head_dim > 256:
             reasons.append(f"head_dim={head_dim} (flash-attn: a multiple of 8, at most 256)")
-        if causal and key_padding_mask is not None:
+        if inputs.mask == "key_padding+causal":
             reasons.append(
                 "causal with key padding (varlen aligns the diagonal to each row's unpadded key count, "
                 "not to the padded positions)"
@@ -108,7 +106,7 @@ class FlashAttnBackend(AttentionBackend):
 
     @staticmethod
     def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
-        from flash_attn import flash_attn_func, flash_attn_varlen_func
+        from flash_attn import flash_attn_func, flash_attn_varlen_func  # optional package, imported on use
 
         k, v, key_padding_mask = _gather_kv(k, v, key_padding_mask, kv_index)
         B, H, Lq, D = q.shape
@@ -151,12 +149,12 @@ class XFormersBackend(AttentionBackend):
         return _cuda_reason("xformers")
 
     @classmethod
-    def not_supported_reasons(cls, q, k, v, *, dropout_p, kv_index, key_padding_mask=None, causal=False):
+    def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
         reasons = []
-        if not q.is_cuda:
-            reasons.append(f"needs CUDA tensors, got {q.device.type}")
-        if q.dtype not in cls.SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype:
-            reasons.append(f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (xformers: fp32, fp16, bf16)")
+        if inputs.device_type != "cuda":
+            reasons.append(f"needs CUDA tensors, got {inputs.device_type}")
+        if inputs.dtype not in cls.SUPPORTED_DTYPES:
+            reasons.append(f"dtype {inputs.dtype} (xformers: fp32, fp16, bf16)")
         return reasons
 
     @staticmethod
@@ -178,16 +176,3 @@ class XFormersBackend(AttentionBackend):
         if mask is not None:  # rows with no visible key: the finite fill gave their mean; mPLUG wants 0
             out = out.masked_fill(~mask.expand(B, 1, Lq, Lk).any(dim=-1, keepdim=True), 0.0)
         return out
-
-
-def _register() -> None:
-    """On CUDA right after `triton`; elsewhere just before it (`triton` stays last: the interpreter)."""
-    for backend in (FlashAttnBackend, XFormersBackend):
-        register_backend(
-            backend,
-            priority=attention_module.PRIORITY.index("triton"),
-            cuda_priority=attention_module.CUDA_PRIORITY.index("triton") + 1 + (backend is XFormersBackend),
-        )
-
-
-_register()

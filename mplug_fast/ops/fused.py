@@ -19,138 +19,168 @@ Backends:
   generator on the tensor's device, so `torch.manual_seed` makes runs repeatable; the mask differs from the
   reference's (a different RNG) but has the same law.
 
-Backend choice: the `backend` argument > the `MPLUG_FAST_FUSED` environment variable (read once per
-process) > automatic: `triton` for CUDA tensors when it can run them, else `reference` (on CPU tensors
-the kernels only run under the slow interpreter, `TRITON_INTERPRET=1`: tests pass `backend="triton"`).
-A backend asked for by argument or environment that cannot run the inputs is an error with the reasons;
-the automatic choice falls back to `reference` and logs why, once.
+Backend choice (`Registry.resolve`, `ops/registry.py`): the `backend` argument > the `MPLUG_FAST_FUSED`
+environment variable > the first of `fused_priority(device type, dtype, needs grad)` that can run the inputs:
+`triton` for CUDA tensors, else `reference` (on CPU tensors the kernels only run under the slow interpreter,
+`TRITON_INTERPRET=1`: tests pass `backend="triton"`). A backend asked for that cannot run the inputs is an
+error with the reasons; the automatic choice falls back to `reference` and logs why, once. The modules
+(`modeling/layers.py`) resolve once per (device, dtype, needs grad) with `fused_key` + `resolve_fused` and
+then call the backend's methods (`FUSED[name].residual_layer_norm(...)`); the functions below resolve on
+every call (functional entry points).
 """
 
 from __future__ import annotations
-
-import functools
-import importlib
-import logging
-import os
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from mplug_fast.ops.reference import bias_gelu_ref, bias_quick_gelu_ref, residual_layer_norm_ref
+from mplug_fast.ops.registry import Backend, Inputs, Registry, triton_kernels_status
 
 __all__ = [
-    "BACKENDS",
     "ENV_VAR",
+    "FUSED",
     "bias_gelu",
     "bias_quick_gelu",
-    "env_backend",
+    "fused_key",
+    "fused_priority",
+    "resolve_fused",
     "residual_layer_norm",
     "select_backend",
     "triton_unavailable_reason",
 ]
 
-logger = logging.getLogger(__name__)
-
 ENV_VAR = "MPLUG_FAST_FUSED"
-BACKENDS = ("reference", "triton")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_MODULES = ("mplug_fast.ops.triton.layer_norm", "mplug_fast.ops.triton.activation")
 
 
-@functools.cache
-def _read_env_backend() -> str | None:
-    name = os.environ.get(ENV_VAR, "").strip().lower() or None
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={name!r} is not a fused backend; valid: {', '.join(BACKENDS)}")
-    return name
+class FusedBackend(Backend):
+    """A fused-epilogue backend: the three epilogues, arguments checked by the public functions below."""
+
+    @staticmethod
+    def residual_layer_norm(x, residual, weight, bias, eps, dropout_p, training) -> Tensor:
+        """LayerNorm(residual + dropout(x)); dropout only when `training` (see `residual_layer_norm`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def bias_act(x: Tensor, bias: Tensor, activation: str) -> Tensor:
+        """activation: "gelu", "gelu_tanh" or "quick_gelu"."""
+        raise NotImplementedError
 
 
-# Not the cached function itself: dynamo traces through an lru_cache wrapper (with a warning) instead of
-# taking the marked function's result as a constant.
-@torch.compiler.assume_constant_result
-def env_backend() -> str | None:
-    """`MPLUG_FAST_FUSED` (read once per process; `env_backend.cache_clear()` rereads it), None when unset."""
-    return _read_env_backend()
+class ReferenceFused(FusedBackend):
+    """The unfused torch twins of `ops/reference.py`: any device and dtype."""
+
+    NAME = "reference"
+
+    @staticmethod
+    def residual_layer_norm(x, residual, weight, bias, eps, dropout_p, training):
+        return residual_layer_norm_ref(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training)
+
+    @staticmethod
+    def bias_act(x, bias, activation):
+        if activation == "quick_gelu":
+            return bias_quick_gelu_ref(x, bias)
+        return bias_gelu_ref(x, bias, "none" if activation == "gelu" else "tanh")
 
 
-env_backend.cache_clear = _read_env_backend.cache_clear
+class TritonFused(FusedBackend):
+    """Our kernels (`ops/triton/layer_norm.py`, `ops/triton/activation.py`), reached through `torch.ops`
+    (custom ops registered when `triton_kernels_status` imported them): torch.compile traces that."""
+
+    NAME = "triton"
+    SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    MAX_WIDTH = 16384  # one program per row
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        status = triton_kernels_status(*TRITON_MODULES)
+        return None if status in ("compiled", "interpreted") else status
+
+    @classmethod
+    def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
+        reasons = []
+        interpreted = triton_kernels_status(*TRITON_MODULES) == "interpreted"
+        if inputs.device_type == "cuda" and interpreted:
+            reasons.append(
+                "TRITON_INTERPRET=1 was set when the kernels were imported: they run on CPU tensors only"
+            )
+        elif inputs.device_type != "cuda" and not interpreted:
+            reasons.append(
+                f"{inputs.device_type} tensors need a CUDA device or the Triton interpreter "
+                "(TRITON_INTERPRET=1)"
+            )
+        return reasons + cls.kernel_limits(inputs)
+
+    @classmethod
+    def kernel_limits(cls, inputs: Inputs) -> list[str]:
+        """The kernels' own limits (dtype, row width): the one place where a limits check exported by
+        `ops/triton` is called."""
+        reasons = []
+        if inputs.dtype not in cls.SUPPORTED_DTYPES:
+            reasons.append(f"dtype {inputs.dtype} (supported: fp32, fp16, bf16)")
+        if inputs.dim > cls.MAX_WIDTH:
+            reasons.append(f"last dim {inputs.dim} > {cls.MAX_WIDTH} (one program per row)")
+        return reasons
+
+    @staticmethod
+    def residual_layer_norm(x, residual, weight, bias, eps, dropout_p, training):
+        p = float(dropout_p) if training else 0.0
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if p > 0.0 else None
+        ln_fwd = torch.ops.mplug_fast.residual_layer_norm_fwd
+        out, _, _ = ln_fwd(x, residual, weight, bias, seed, float(eps), p)  # (out, mean, rstd)
+        return out
+
+    @staticmethod
+    def bias_act(x, bias, activation):
+        return torch.ops.mplug_fast.bias_act_fwd(x, bias, activation)
 
 
-@functools.cache
-def _triton_modules() -> tuple[ModuleType, ModuleType] | str:
-    """(layer_norm, activation) kernel modules, or why they cannot be imported (cached: imported once)."""
-    try:
-        return (
-            importlib.import_module("mplug_fast.ops.triton.layer_norm"),
-            importlib.import_module("mplug_fast.ops.triton.activation"),
-        )
-    except ImportError as e:
-        return f"cannot import the Triton kernels: {e}"
+def fused_priority(device_type: str, dtype: torch.dtype, needs_grad: bool) -> tuple[str, ...]:
+    """`triton` first on CUDA tensors; elsewhere `reference` (the Triton interpreter is for tests only)."""
+    return ("triton", "reference") if device_type == "cuda" else ("reference", "triton")
 
 
-@torch.compiler.assume_constant_result
-def _triton_interpreted() -> bool | None:
-    """None when the kernels cannot be imported, else whether they run under the interpreter."""
-    modules = _triton_modules()
-    return None if isinstance(modules, str) else bool(modules[0].INTERPRETED)
+FUSED = Registry("fused epilogue", ENV_VAR, (ReferenceFused, TritonFused), fused_priority)
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """None when the Triton kernels can run on `device` in this process, else why not."""
-    interpreted = _triton_interpreted()
-    if interpreted is None:
-        return _triton_modules()  # the import error
-    if device.type == "cuda" and not interpreted:
-        return None
-    if device.type != "cuda" and interpreted:
-        return None  # the interpreter runs on CPU tensors (slowly: tests only)
-    if interpreted:
-        return "TRITON_INTERPRET=1 was set when the kernels were imported: they run on CPU tensors only"
-    return f"{device.type} tensors need a CUDA device or the Triton interpreter (TRITON_INTERPRET=1)"
+    reasons = TritonFused.reasons(Inputs(device.type, torch.float32, 1))
+    return "; ".join(reasons) if reasons else None
 
 
-def _triton_reasons(x: Tensor, *others: Tensor) -> list[str]:
-    reason = triton_unavailable_reason(x.device)
-    reasons = [reason] if reason is not None else []
-    for t in (x, *others):
-        if t.dtype not in TRITON_DTYPES:
-            reasons.append(f"dtype {t.dtype} (supported: fp32, fp16, bf16)")
-            break
-    if x.dim() > 0 and x.shape[-1] > 16384:
-        reasons.append(f"last dim {x.shape[-1]} > 16384 (one program per row)")
-    return reasons
+def fused_key(x: Tensor, *others: Tensor, dropout: bool = False) -> tuple:
+    """The static properties of an epilogue call, as the positional arguments of `resolve_fused`: (device
+    type, dtype (all inputs promoted), row width, dropout, needs grad)."""
+    dtype = x.dtype
+    for t in others:
+        dtype = torch.promote_types(dtype, t.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others))
+    width = int(x.shape[-1]) if x.dim() > 0 else 1
+    # a branch, not bool(): it specialises a symbolic condition (dropout_p traced as a SymFloat) to a constant
+    dropout = True if dropout else False  # noqa: SIM210
+    return (x.device.type, dtype, width, dropout, needs_grad)
 
 
-@functools.cache
-def _log_fallback(device_type: str, reasons: tuple[str, ...]) -> None:
-    logger.info(
-        "fused ops on %s tensors: using `reference`, not `triton`: %s", device_type, "; ".join(reasons)
-    )
+# Evaluated eagerly by torch.compile and put in the graph as a constant (see `ops/attention.py`).
+@torch.compiler.assume_constant_result
+def resolve_fused(
+    device_type: str,
+    dtype: torch.dtype,
+    width: int,
+    dropout: bool,
+    needs_grad: bool,
+    backend: str | None = None,
+) -> str:
+    """The fused backend for calls with these static properties."""
+    inputs = Inputs(device_type, dtype, width, "none", dropout, needs_grad)
+    return FUSED.resolve(inputs, backend=backend)
 
 
 def select_backend(x: Tensor, *others: Tensor, backend: str | None = None) -> str:
     """The backend that runs these inputs (see the module docstring for the order)."""
-    name = backend if backend is not None else env_backend()
-    if name is not None:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown fused backend {name!r}; valid: {', '.join(BACKENDS)}")
-        if name == "triton":
-            reasons = _triton_reasons(x, *others)
-            if reasons:
-                source = "backend=" if backend is not None else f"{ENV_VAR}="
-                raise RuntimeError(
-                    f"{source}'triton' cannot run these inputs (x: {list(x.shape)} {x.dtype} {x.device}): "
-                    + "; ".join(reasons)
-                    + ". Use backend='reference'."
-                )
-        return name
-    if not x.is_cuda:
-        return "reference"
-    reasons = _triton_reasons(x, *others)
-    if reasons:
-        _log_fallback(x.device.type, tuple(reasons))
-        return "reference"
-    return "triton"
+    return resolve_fused(*fused_key(x, *others), backend)
 
 
 def residual_layer_norm(
@@ -176,14 +206,8 @@ def residual_layer_norm(
     """
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    p = float(dropout_p) if training else 0.0
-    if select_backend(x, residual, weight, bias, backend=backend) == "reference":
-        return residual_layer_norm_ref(x, residual, weight, bias, eps, dropout_p=p, training=training)
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device) if p > 0.0 else None
-    # The custom ops are reached through torch.ops (registered when select_backend imported the kernels):
-    # torch.compile traces that, not importlib.
-    out, _, _ = torch.ops.mplug_fast.residual_layer_norm_fwd(x, residual, weight, bias, seed, float(eps), p)
-    return out
+    name = resolve_fused(*fused_key(x, residual, weight, bias, dropout=training and dropout_p > 0), backend)
+    return FUSED[name].residual_layer_norm(x, residual, weight, bias, eps, float(dropout_p), training)
 
 
 def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none", *, backend: str | None = None) -> Tensor:
@@ -197,9 +221,8 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none", *, backend: st
     """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    if select_backend(x, bias, backend=backend) == "reference":
-        return bias_gelu_ref(x, bias, approximate)
-    return torch.ops.mplug_fast.bias_act_fwd(x, bias, "gelu" if approximate == "none" else "gelu_tanh")
+    name = resolve_fused(*fused_key(x, bias), backend)
+    return FUSED[name].bias_act(x, bias, "gelu" if approximate == "none" else "gelu_tanh")
 
 
 def bias_quick_gelu(x: Tensor, bias: Tensor, *, backend: str | None = None) -> Tensor:
@@ -211,6 +234,5 @@ def bias_quick_gelu(x: Tensor, bias: Tensor, *, backend: str | None = None) -> T
     Returns:
         [*, N] in x's dtype.
     """
-    if select_backend(x, bias, backend=backend) == "reference":
-        return bias_quick_gelu_ref(x, bias)
-    return torch.ops.mplug_fast.bias_act_fwd(x, bias, "quick_gelu")
+    name = resolve_fused(*fused_key(x, bias), backend)
+    return FUSED[name].bias_act(x, bias, "quick_gelu")

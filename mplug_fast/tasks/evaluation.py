@@ -3,9 +3,7 @@ limits, reading an item's text without rendering its image, the predictions JSON
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mplug_fast.data.collate import move_to
+from mplug_fast.io import atomic_write_json
 
 # ---- evaluation plumbing ------------------------------------------------------------------------------
 
@@ -59,17 +58,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Writes ``obj`` as JSON to ``path`` atomically (parent folders created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(path, obj)
 
 
 def item_text(dataset: Dataset, i: int, key: str) -> Any:

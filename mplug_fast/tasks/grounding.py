@@ -28,7 +28,7 @@ from mplug_fast.data.synthetic import GroundingDataset
 from mplug_fast.inference import coordinate_token_ids, ground_tokens
 from mplug_fast.inference.grounding import GROUNDING_NUM_BINS
 from mplug_fast.metrics import grounding_accuracy
-from mplug_fast.metrics.grounding import box_cxcywh_to_xyxy, box_iou_aligned
+from mplug_fast.metrics.boxes import box_cxcywh_to_xyxy, box_iou_aligned, generalized_box_iou_aligned
 from mplug_fast.modeling import MPlugForGrounding
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
@@ -119,20 +119,6 @@ def baseline(train: Dataset, evaluation: Dataset, limit: int = 500) -> Baseline:
 # ---- training --------------------------------------------------------------------------------------------
 
 
-def generalized_iou(a: Tensor, b: Tensor) -> Tensor:
-    """Elementwise GIoU of xyxy boxes a, b [..., 4] -> [...], finite for degenerate boxes and without a host
-    sync (for the loss weights; ``metrics.grounding.generalized_box_iou_aligned`` validates its inputs)."""
-    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
-    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area_a + area_b - inter
-    iou = inter / union.clamp(min=1e-9)
-    lt_c, rb_c = torch.minimum(a[..., :2], b[..., :2]), torch.maximum(a[..., 2:], b[..., 2:])
-    hull = (rb_c - lt_c).clamp(min=0).prod(-1)
-    return iou - (hull - union) / hull.clamp(min=1e-9)
-
-
 def grounding_weights(
     pred_bins: Tensor, target: Tensor, num_bins: int = GROUNDING_NUM_BINS
 ) -> tuple[Tensor, Tensor]:
@@ -140,7 +126,11 @@ def grounding_weights(
     box (bins / num_bins, cxcywh) against the normalised target boxes [B, 4]."""
     pred = pred_bins.float() / num_bins
     w_box = (pred - target).abs().clamp(0, 5)
-    w_giou = 1.0 - generalized_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))
+    # finite for degenerate boxes, no host sync (no validation) inside the training step
+    giou = generalized_box_iou_aligned(
+        box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target), eps=1e-9, validate=False
+    )
+    w_giou = 1.0 - giou
     return w_box, w_giou
 
 

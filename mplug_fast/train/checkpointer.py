@@ -12,7 +12,6 @@ the previous checkpoints intact and at worst a stray temp file (ignored, removed
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from mplug_fast.io import atomic_torch_save
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 
@@ -46,35 +47,10 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported (e.g. Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file + flush + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """``torch.save(obj)`` to ``path`` atomically (``mplug_fast.io.atomic_torch_save``; parent created)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_torch_save(obj, path)
 
 
 def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:

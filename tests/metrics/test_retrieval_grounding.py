@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 
-from mplug_fast.metrics.grounding import (
+from mplug_fast.metrics.boxes import (
     box_cxcywh_to_xyxy,
     box_iou,
     box_iou_aligned,
     box_xyxy_to_cxcywh,
     generalized_box_iou,
-    grounding_accuracy,
+    generalized_box_iou_aligned,
 )
+from mplug_fast.metrics.grounding import grounding_accuracy
 from mplug_fast.metrics.retrieval import retrieval_recall
 
 
@@ -108,3 +109,19 @@ def test_grounding_accuracy_clamps_predictions():
     assert grounding_accuracy(pred2, gt2) == 1.0
     with pytest.raises(ValueError, match=r"\[B, 4\]"):
         grounding_accuracy(pred, gt[:1])
+
+
+def test_giou_with_eps_is_finite_on_degenerate_boxes_and_equal_elsewhere():
+    """The loss form (eps=1e-9, no validation: no host sync) vs the metric form (eps=0)."""
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.5, 0.5, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5], [0.6, 0.6, 0.8, 0.9]])
+    metric = generalized_box_iou_aligned(a, b)
+    loss_form = generalized_box_iou_aligned(a, b, eps=1e-9, validate=False)
+    assert loss_form[0].item() == pytest.approx(metric[0].item(), abs=1e-7)
+    assert metric[1].isnan() and torch.isfinite(loss_form).all()
+    assert loss_form[1].item() == 0.0  # two identical points: no overlap area, no hull: IoU 0, penalty 0
+    assert -1.0 <= loss_form[2].item() < 0.0  # a point outside a box: negative GIoU
+    assert box_iou_aligned(a[1], b[1]).isnan() and box_iou_aligned(a[1], b[1], eps=1e-9).item() == 0.0
+    with pytest.raises(ValueError, match="x1 < x0"):
+        generalized_box_iou_aligned(a.flip(-1), b)
+    generalized_box_iou_aligned(a.flip(-1), b, validate=False)  # not checked: no host sync

@@ -73,11 +73,9 @@ class GraphCounter:
 @pytest.fixture(autouse=True)
 def _fresh_dynamo(monkeypatch):
     monkeypatch.delenv(fused.ENV_VAR, raising=False)
-    fused.env_backend.cache_clear()
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    fused.env_backend.cache_clear()
 
 
 def compiled_training_step(model: torch.nn.Module, backend) -> callable:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import mplug_fast
-from mplug_fast.modeling.layers import MLP, TransformerLayer, set_fused_backend
+from mplug_fast.modeling.layers import MLP, TransformerLayer, clear_backend_caches, set_fused_backend
 from mplug_fast.ops import fused
 
 _unavailable = fused.triton_unavailable_reason(torch.device("cpu"))
@@ -131,9 +131,6 @@ def max_errors(got, ref) -> tuple[float, float, str]:
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     monkeypatch.delenv(fused.ENV_VAR, raising=False)
-    fused.env_backend.cache_clear()
-    yield
-    fused.env_backend.cache_clear()
 
 
 def test_reference_is_the_default_on_cpu_and_keeps_the_state_dict():
@@ -168,6 +165,16 @@ def test_fused_epilogues_equal_the_unfused_model_in_train_mode(task):
     assert grad_err <= TOL, f"{task}: grads differ by {grad_err:.3e} (in {worst})"
 
 
+def resolved_fused_backends(model: torch.nn.Module) -> set[str]:
+    """The fused backends the modules of `model` resolved (and cached)."""
+    return {
+        name
+        for m in model.modules()
+        if isinstance(m, MLP | TransformerLayer)
+        for name in m.fused_backends.names.values()
+    }
+
+
 @needs_triton
 def test_fused_epilogues_equal_the_unfused_model_in_eval_mode_via_the_environment(monkeypatch):
     """Eval mode, fused backend from MPLUG_FAST_FUSED (the modules' attribute left at None)."""
@@ -175,9 +182,11 @@ def test_fused_epilogues_equal_the_unfused_model_in_eval_mode_via_the_environmen
     model = micro_model("caption", config).eval()
     inputs = task_inputs("caption", config)
     ref = run_model(model, inputs)
+    assert resolved_fused_backends(model) == {"reference"}
     monkeypatch.setenv(fused.ENV_VAR, "triton")
-    fused.env_backend.cache_clear()
-    got = run_model(model, inputs)
+    assert resolved_fused_backends(model) == {"reference"}, "resolved once per module, not per call"
+    got = run_model(clear_backend_caches(model), inputs)
+    assert resolved_fused_backends(model) == {"triton"}
     out_err, grad_err, worst = max_errors(got, ref)
     assert out_err <= TOL, f"caption eval: outputs differ by {out_err:.3e}"
     assert grad_err <= TOL, f"caption eval: grads differ by {grad_err:.3e} (in {worst})"

@@ -21,14 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mplug_fast.ops.attention import (
+    ATTENTION,
     BACKENDS,
-    PRIORITY,
     attention,
+    attention_key,
     available_backends,
-    env_backend,
     select_backend,
 )
 from mplug_fast.ops.reference import attention_ref
+from mplug_fast.ops.registry import Inputs
 
 attention_module = importlib.import_module("mplug_fast.ops.attention")
 
@@ -104,13 +105,15 @@ def run_with_grads(fn, q, k, v, grad_out_seed=1, **kwargs):
     return out.detach(), dq, dk, dv
 
 
+def inputs_of(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0) -> Inputs:
+    """The static properties the registry decides on, for these tensors."""
+    return Inputs(*attention_key(q, k, v, key_padding_mask, causal, dropout_p))
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    """No MPLUG_FAST_ATTENTION from the outside; the cached env read is cleared before and after each test."""
+    """No MPLUG_FAST_ATTENTION from the outside."""
     monkeypatch.delenv(attention_module.ENV_VAR, raising=False)
-    env_backend.cache_clear()
-    yield
-    env_backend.cache_clear()
 
 
 MASK_KINDS = ["none", "padding", "causal", "causal+padding"]
@@ -158,8 +161,10 @@ def test_backend_matches_reference_fp32(backend, Lq, Lk, mask_kind):
     causal = "causal" in mask_kind
     got = run_with_grads(attention, q, k, v, key_padding_mask=mask, causal=causal, backend=backend)
     ref = run_with_grads(attention_ref, q, k, v, key_padding_mask=mask, causal=causal)
+    impl = BACKENDS[backend]
+    tol = {"atol": impl.ATOL[torch.float32], "rtol": impl.RTOL[torch.float32]}  # the backend's own budget
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
-        assert_close(a, b, **FP32_TOL, what=f"{backend} {name} Lq={Lq} Lk={Lk} {mask_kind}")
+        assert_close(a, b, **tol, what=f"{backend} {name} Lq={Lq} Lk={Lk} {mask_kind}")
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS_UNDER_TEST])
@@ -309,7 +314,9 @@ def test_available_backends_reports_reference_and_sdpa_usable():
     available = available_backends()
     assert isinstance(available, dict)
     assert available["reference"] is None and available["sdpa"] is None
-    assert set(available) == set(PRIORITY) and set(PRIORITY) <= set(BACKENDS)
+    assert set(available) == set(BACKENDS)
+    assert set(ATTENTION.priority("cpu", torch.float32, False)) == set(BACKENDS)
+    assert set(ATTENTION.priority("cuda", torch.float16, True)) == set(BACKENDS)
 
 
 def test_explicit_reference_backend_is_used(monkeypatch):
@@ -333,10 +340,7 @@ def test_automatic_selection_takes_the_first_usable_backend_in_priority_order():
     q, k, v, _ = make_inputs(1, 1, 4, 4, 8)
     chosen = select_backend(q, k, v)
     usable = [
-        n
-        for n in PRIORITY
-        if BACKENDS[n].unavailable_reason() is None
-        and not BACKENDS[n].not_supported_reasons(q, k, v, dropout_p=0.0, kv_index=None)
+        n for n in ATTENTION.priority("cpu", q.dtype, False) if not BACKENDS[n].reasons(inputs_of(q, k, v))
     ]
     assert chosen == usable[0]
 
@@ -350,32 +354,34 @@ def test_unknown_backend_lists_the_valid_ones():
 def test_env_var_selects_the_backend(monkeypatch):
     q, k, v, _ = make_inputs(1, 1, 4, 4, 8)
     monkeypatch.setenv(attention_module.ENV_VAR, "reference")
-    env_backend.cache_clear()
-    assert env_backend() == "reference"
+    assert ATTENTION.env_choice() == "reference"
     assert select_backend(q, k, v) == "reference"
     assert select_backend(q, k, v, backend="sdpa") == "sdpa"  # the argument wins over the environment
+    assert select_backend(q, k, v, config_backend="sdpa") == "reference"  # the environment wins over config
     monkeypatch.setenv(attention_module.ENV_VAR, "sdpa")
-    env_backend.cache_clear()
-    assert select_backend(q, k, v) == "sdpa"
-
-
-def test_env_var_is_read_once_until_the_cache_is_cleared(monkeypatch):
-    q, k, v, _ = make_inputs(1, 1, 4, 4, 8)
-    monkeypatch.setenv(attention_module.ENV_VAR, "reference")
-    env_backend.cache_clear()
-    assert select_backend(q, k, v) == "reference"
-    monkeypatch.setenv(attention_module.ENV_VAR, "sdpa")
-    assert select_backend(q, k, v) == "reference"  # cached
-    env_backend.cache_clear()
-    assert select_backend(q, k, v) == "sdpa"
+    assert select_backend(q, k, v) == "sdpa"  # read at resolution time (modules keep what they resolved)
+    monkeypatch.delenv(attention_module.ENV_VAR)
+    assert select_backend(q, k, v, config_backend="reference") == "reference"  # config over priority
 
 
 def test_invalid_env_var_is_an_error(monkeypatch):
     q, k, v, _ = make_inputs(1, 1, 4, 4, 8)
     monkeypatch.setenv(attention_module.ENV_VAR, "cudnn")
-    env_backend.cache_clear()
     with pytest.raises(ValueError, match=r"MPLUG_FAST_ATTENTION='cudnn'.*reference.*sdpa"):
         attention(q, k, v)
+    assert select_backend(q, k, v, backend="sdpa") == "sdpa"  # an explicit backend does not read it
+
+
+def test_no_backend_fits_lists_every_backends_reasons(monkeypatch):
+    q, k, v, _ = make_inputs(1, 1, 4, 4, 8)
+    monkeypatch.setattr(ATTENTION, "priority_fn", lambda device, dtype, grad: ("triton",))
+    monkeypatch.setattr(BACKENDS["triton"], "unavailable_reason", classmethod(lambda cls: "not here"))
+    with pytest.raises(NotImplementedError) as error:
+        attention(q, k, v)
+    message = str(error.value)
+    assert message.startswith("No attention backend can run these inputs:")
+    assert "`triton` cannot run them: not here" in message
+    assert "Pass backend=, or set MPLUG_FAST_ATTENTION, to one of" in message
 
 
 def test_explicit_backend_that_cannot_run_raises_with_reasons(monkeypatch):
@@ -383,8 +389,8 @@ def test_explicit_backend_that_cannot_run_raises_with_reasons(monkeypatch):
         NAME = "picky"
 
         @classmethod
-        def not_supported_reasons(cls, q, k, v, *, dropout_p, kv_index, key_padding_mask=None, causal=False):
-            return ["head_dim=8 (supported: 64)"]
+        def not_supported_reasons(cls, inputs):
+            return [f"head_dim={inputs.dim} (supported: 64)"]
 
     monkeypatch.setitem(BACKENDS, "picky", Picky)
     q, k, v, _ = make_inputs(1, 1, 4, 4, 8)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mplug_fast.ops.attention import BACKENDS, attention, available_backends, select_backend
+from mplug_fast.ops.attention import ATTENTION, BACKENDS, attention, available_backends, select_backend
 from mplug_fast.ops.reference import attention_ref
-from tests.ops.test_attention import assert_close, make_inputs, run_with_grads
+from tests.ops.test_attention import assert_close, inputs_of, make_inputs, run_with_grads
 
 attention_module = importlib.import_module("mplug_fast.ops.attention")
 external = importlib.import_module("mplug_fast.ops.external")
@@ -30,9 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     monkeypatch.delenv(attention_module.ENV_VAR, raising=False)
-    attention_module.env_backend.cache_clear()
-    yield
-    attention_module.env_backend.cache_clear()
 
 
 def _pretend_installed(monkeypatch, installed: bool, version: str | None = None):
@@ -74,25 +71,20 @@ def test_unavailable_reasons(monkeypatch):
 
 def test_not_supported_reasons():
     q, k, v, mask = make_inputs(1, 1, 4, 4, 12, padding=True)
-    reasons = FLASH.not_supported_reasons(
-        q, k, v, dropout_p=0.0, kv_index=None, key_padding_mask=mask, causal=True
-    )
+    reasons = FLASH.not_supported_reasons(inputs_of(q, k, v, mask, causal=True))
     assert reasons == [
         "needs CUDA tensors, got cpu",
-        "dtypes q torch.float32, k torch.float32, v torch.float32 (flash-attn supports fp16, bf16)",
+        "dtype torch.float32 (flash-attn supports fp16, bf16)",
         "head_dim=12 (flash-attn: a multiple of 8, at most 256)",
         "causal with key padding (varlen aligns the diagonal to each row's unpadded key count, not to the "
         "padded positions)",
     ]
-    assert (
-        FLASH.not_supported_reasons(q, k, v, dropout_p=0.0, kv_index=None, key_padding_mask=mask)[-1]
-        != (reasons[-1])
-    ), "padding alone is supported"
-    assert XFORMERS.not_supported_reasons(
-        q.double(), k.double(), v.double(), dropout_p=0.0, kv_index=None
-    ) == [
+    assert FLASH.not_supported_reasons(inputs_of(q, k, v, mask))[-1] != reasons[-1], (
+        "padding alone is supported"
+    )
+    assert XFORMERS.not_supported_reasons(inputs_of(q.double(), k.double(), v.double())) == [
         "needs CUDA tensors, got cpu",
-        "dtypes q torch.float64, k torch.float64, v torch.float64 (xformers: fp32, fp16, bf16)",
+        "dtype torch.float64 (xformers: fp32, fp16, bf16)",
     ]
 
 
@@ -103,26 +95,24 @@ def test_explicit_request_of_an_unavailable_backend_is_a_clear_error(monkeypatch
                        r"\(pip install flash-attn; needs CUDA\); needs CUDA tensors, got cpu"):  # fmt: skip
         attention(q, k, v, backend="flash_attn")
     monkeypatch.setenv(attention_module.ENV_VAR, "xformers")
-    attention_module.env_backend.cache_clear()
     with pytest.raises(RuntimeError, match=r"'xformers' cannot run these inputs: package not installed"):
         attention(q, k, v)
 
 
 def test_automatic_mode_skips_them(monkeypatch):
     q, k, v, _ = make_inputs(1, 1, 4, 4, 16)
-    monkeypatch.setattr(
-        attention_module, "PRIORITY", ("flash_attn", "xformers", "sdpa", "reference", "triton")
-    )
+    order = ("flash_attn", "xformers", "sdpa", "reference", "triton")
+    monkeypatch.setattr(ATTENTION, "priority_fn", lambda device, dtype, grad: order)
     assert select_backend(q, k, v) == "sdpa"
     # and picks one as soon as it can run the inputs
     monkeypatch.setattr(FLASH, "unavailable_reason", classmethod(lambda cls: None))
-    monkeypatch.setattr(FLASH, "not_supported_reasons", classmethod(lambda cls, *a, **kw: []))
+    monkeypatch.setattr(FLASH, "not_supported_reasons", classmethod(lambda cls, inputs: []))
     assert select_backend(q, k, v) == "flash_attn"
 
 
 def test_automatic_order():
-    assert attention_module.CUDA_PRIORITY[:3] == ("triton", "flash_attn", "xformers")
-    assert attention_module.PRIORITY[-1] == "triton"
+    assert ATTENTION.priority("cuda", torch.float16, False)[:3] == ("triton", "flash_attn", "xformers")
+    assert ATTENTION.priority("cpu", torch.float32, True)[-1] == "triton"
     assert {"flash_attn", "xformers"} <= set(available_backends())
 
 

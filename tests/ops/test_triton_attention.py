@@ -22,9 +22,10 @@ import importlib
 import pytest
 import torch
 
-from mplug_fast.ops.attention import BACKENDS, CUDA_PRIORITY, PRIORITY, attention, select_backend
+from mplug_fast.modeling.layers import clear_backend_caches
+from mplug_fast.ops.attention import ATTENTION, BACKENDS, attention, select_backend
 from mplug_fast.ops.reference import attention_ref
-from tests.ops.test_attention import assert_close, make_inputs, oracle_attention, run_with_grads
+from tests.ops.test_attention import assert_close, inputs_of, make_inputs, oracle_attention, run_with_grads
 
 attention_module = importlib.import_module("mplug_fast.ops.attention")
 TRITON = BACKENDS["triton"]
@@ -42,9 +43,6 @@ BF16_ON_CPU = "bf16 tl.dot is wrong in the Triton interpreter (triton-lang/trito
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     monkeypatch.delenv(attention_module.ENV_VAR, raising=False)
-    attention_module.env_backend.cache_clear()
-    yield
-    attention_module.env_backend.cache_clear()
 
 
 def triton_attention(q, k, v, **kwargs):
@@ -354,24 +352,24 @@ def test_torch_compile_fullgraph_with_dropout():
 
 def test_reasons_and_automatic_order():
     q, k, v, _ = make_inputs(1, 1, 4, 4, 16)
-    assert TRITON.not_supported_reasons(q, k, v, dropout_p=0.0, kv_index=None) == []
+    assert TRITON.not_supported_reasons(inputs_of(q, k, v)) == []
     assert select_backend(q, k, v) == "sdpa", "the interpreter must never be chosen automatically on CPU"
-    assert PRIORITY[-1] == "triton" and CUDA_PRIORITY[0] == "triton"
-    assert TRITON.not_supported_reasons(q, k, v, dropout_p=0.1, kv_index=None) == [], "dropout is supported"
+    assert ATTENTION.priority("cpu", torch.float32, False)[-1] == "triton"
+    assert ATTENTION.priority("cuda", torch.float32, False)[0] == "triton"
+    assert TRITON.not_supported_reasons(inputs_of(q, k, v, dropout_p=0.1)) == [], "dropout is supported"
     q8, k8, v8, _ = make_inputs(1, 1, 4, 4, 8)
     with pytest.raises(RuntimeError, match=r"head_dim=8 \(supported: 16, 32, 64, 80, 96, 128\)"):
         attention(q8, k8, v8, backend="triton")
     bf = [t.bfloat16() for t in (q, k, v)]
     with pytest.raises(RuntimeError, match=r"bf16 on CPU.*triton-lang/triton#11584"):
         attention(*bf, backend="triton")
-    with pytest.raises(RuntimeError, match=r"dtypes q torch.float64"):
+    with pytest.raises(RuntimeError, match=r"dtype torch.float64 \(supported: fp32, fp16, bf16\)"):
         attention(q.double(), k.double(), v.double(), backend="triton")
 
 
 def test_env_var_selects_triton(monkeypatch):
     q, k, v, _ = make_inputs(1, 1, 4, 4, 16)
     monkeypatch.setenv(attention_module.ENV_VAR, "triton")
-    attention_module.env_backend.cache_clear()
     assert select_backend(q, k, v) == "triton"
 
 
@@ -399,7 +397,7 @@ def test_tiny_vqa_with_triton_equals_the_reference_backend(monkeypatch):
 
     def run(backend: str):
         monkeypatch.setenv(attention_module.ENV_VAR, backend)
-        attention_module.env_backend.cache_clear()
+        clear_backend_caches(model)  # the modules keep the backend they resolved
         model.zero_grad(set_to_none=True)
         logits = model(images, question, question_mask, answers, None, answer_index)
         logits.square().mean().backward()
@@ -407,6 +405,9 @@ def test_tiny_vqa_with_triton_equals_the_reference_backend(monkeypatch):
         return logits.detach(), grads
 
     logits, grads = run("triton")
+    assert {
+        name for m in model.modules() if hasattr(m, "backends") for name in m.backends.names.values()
+    } == {"triton"}
     ref_logits, ref_grads = run("reference")
     assert_close(logits, ref_logits, atol=1e-4, rtol=0, what="tiny VQA logits")
     assert grads.keys() == ref_grads.keys()

@@ -37,9 +37,6 @@ FP32_TOL = {"atol": 1e-5, "rtol": 1e-5}
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     monkeypatch.delenv(attention_module.ENV_VAR, raising=False)
-    attention_module.env_backend.cache_clear()
-    yield
-    attention_module.env_backend.cache_clear()
 
 
 def splitk(num_splits):
