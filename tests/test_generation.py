@@ -1,7 +1,7 @@
 """Incremental decoding and `mplug_fast.generation` on the tiny preset (random weights, eval, fp32).
 
 Oracles: a full recomputation of the decoder (no cache), and a literal transcription of the official
-beam search (official_spec.md §5.6, `TextGenerator._fast_translate_batch`) that re-runs the decoder on
+beam search (fidelity §5.6, `TextGenerator._fast_translate_batch`) that re-runs the decoder on
 the whole prefix with the memory tiled per beam.
 """
 
@@ -137,7 +137,7 @@ def test_cached_with_shared_memory_and_reorder(decoder):
 def official_beam_search(
     decoder, memory, memory_mask, start_ids, beam_size, max_length, min_length, out_size=1, alpha=0.6
 ):
-    """`TextGenerator._fast_translate_batch` as in official_spec §5.6, line by line (no cache, memory tiled).
+    """`TextGenerator._fast_translate_batch` as in fidelity §5.6, line by line (no cache, memory tiled).
     log_softmax replaces log(softmax) (the same up to rounding)."""
     K, device = beam_size, memory.device
     B = memory.shape[0]

@@ -1,4 +1,4 @@
-"""Initialisation from public weights, as the official code starts training (official_spec.md §1.2-1.5).
+"""Initialisation from public weights, as the official code starts training (docs/fidelity.md §1.2-1.5).
 
     vision        <- OpenAI CLIP's visual tower (`clip.load(...)` state dict) or a Hugging Face CLIP
     text encoder  <- bert-base-uncased embeddings + layers 0..E-1

@@ -4,7 +4,7 @@
     # new_model: config -> the task model; by task name: mplug_fast.load_official_checkpoint(path, "vqa", ...)
     state = to_official_state_dict(model)          # the fine-tuned task layout, for going back
 
-Formats read (official_spec.md §2): a dict with `model` / `module` or a bare state dict; the
+Formats read (docs/fidelity.md §2): a dict with `model` / `module` or a bare state dict; the
 pretraining layout (`text_encoder.bert.*`, `fusion_encoder.fusion.*` or `fusion_encoder.bert.*`) and
 the fine-tuned task layout (`text_encoder.*`, `fusion_encoder.*`). The fusion is stored with
 `num_hidden_layers` slots of which the last `fusion_layers` run: our fusion layer j is slot

@@ -1,4 +1,4 @@
-"""Data: tokenizer, image loading and transforms (spec §7), and a synthetic world for smoke runs."""
+"""Data: tokenizer, image loading and transforms (fidelity §7), and a synthetic world for smoke runs."""
 
 from mplug_fast.data.grounding_transform import GroundingTransform
 from mplug_fast.data.official import (

@@ -8,7 +8,7 @@
     retrieval  {"images", "text_ids", "text_mask", "image_ids" [B] long}
     grounding  {"images", "text_ids", "text_mask", "boxes" [B,4] float normalised cx, cy, w, h}
 
-Lengths follow the official code (official_spec.md §6): questions truncated to 25 tokens, answers untruncated,
+Lengths follow the official code (docs/fidelity.md §6): questions truncated to 25 tokens, answers untruncated,
 captions 25, retrieval 30, grounding 20 (padded to exactly 20), pretraining captions 30. Each collator also
 passes through the sample's metadata (``image_id``, ``question_id``, ``answers``, ``captions``, ``type``,
 ...) as lists under their own names, so evaluation can read them; the protocol keys win on a clash.

@@ -1,4 +1,4 @@
-"""The grounding (TransVG) image pipeline (spec §7): resize the longer side, pad to a square, random
+"""The grounding (TransVG) image pipeline (fidelity §7): resize the longer side, pad to a square, random
 crop / flip (with the text's left and right swapped) / colour jitter in training; the boxes follow every
 step."""
 
@@ -23,7 +23,8 @@ from mplug_fast.data.transforms import (
     to_tensor,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what the official grounding *eval* normalises with (spec §7: a bug)
+# the official grounding *eval* normalises with these (fidelity §7: a bug)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,7 +59,7 @@ class GroundingSample(NamedTuple):
 
 
 class GroundingTransform:
-    """TransVG's grounding pipeline (spec §7, ``dataset/vg_transforms.py``): image + xyxy box + phrase ->
+    """TransVG's grounding pipeline (fidelity §7, ``dataset/vg_transforms.py``): image + xyxy box + phrase ->
     ``GroundingSample`` padded to S x S (S = 336 officially).
 
     Eval: long side -> S (bilinear), ToTensor, normalise, centred zero padding.

@@ -1,4 +1,4 @@
-"""Readers for the official mPLUG annotation formats (official_spec.md §8) as ``torch.utils.data.Dataset``s.
+"""Readers for the official mPLUG annotation formats (docs/fidelity.md §8) as ``torch.utils.data.Dataset``s.
 
 Each dataset yields the same sample dicts as the synthetic datasets (``mplug_fast.data.synthetic.datasets``),
 so the collators, trainers and evaluators take either:
@@ -24,7 +24,7 @@ Text: ``pre_caption`` / ``pre_question`` are the official cleaners (ALBEF lineag
 characters , . ' ! ? " ( ) * # : ; ~, turn - and / into spaces (pre_caption also maps "<person>" to "person",
 collapses repeated whitespace and strips), then keep at most ``max_words`` space-separated words. Pretraining
 and retrieval captions go through ``pre_caption`` (30 words), questions through ``pre_question`` (30 words);
-caption-finetuning targets are only lower-cased (spec §5.2), like the official code.
+caption-finetuning targets are only lower-cased (docs/fidelity.md §5.2), like the official code.
 
 Images: ``image_root`` / relative path (absolute paths are used as they are), loaded with
 ``mplug_fast.data.transforms.load_image`` and transformed by ``transform`` (default: the official

@@ -1,6 +1,6 @@
 """Readers for the NLVR2 and SNLI-VE annotation files of the ALBEF / BLIP releases
 (``nlvr_{train,dev,test}.json``, ``ve_{train,dev,test}.json``), the files the mPLUG code base's (unused)
-NLVR / VE dataset classes read (official_spec.md §8). Same sample dicts as the synthetic ``VEDataset`` /
+NLVR / VE dataset classes read (docs/fidelity.md §8). Same sample dicts as the synthetic ``VEDataset`` /
 ``NLVRDataset``:
 
     NLVR2JsonDataset  [{"images": [left, right], "sentence", "label": "True" | "False"}]

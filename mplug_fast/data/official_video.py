@@ -1,4 +1,4 @@
-"""Readers for the official zero-shot video annotation formats (official_spec §8), for the evaluate-only
+"""Readers for the official zero-shot video annotation formats (fidelity §8), for the evaluate-only
 tasks ``video_qa``, ``video_retrieval`` and ``video_caption`` (``mplug_fast.tasks.video``).
 
     VideoQAJsonlDataset       MSRVTT-QA / MSVD-QA jsonl   {"video_id", "question", "answer"}

@@ -1,6 +1,6 @@
 """The bert-base-uncased WordPiece tokenizer, id-for-id equal to the one the official mPLUG code uses.
 
-The official code (spec §6) tokenizes with transformers 4.14's slow Python ``BertTokenizer`` loaded from
+The official code (fidelity §6) tokenizes with transformers 4.14's slow Python ``BertTokenizer`` loaded from
 ``bert-base-uncased``. ``Tokenizer`` builds the same pipeline on the Rust ``tokenizers`` library, which is
 fast enough to call inside the training loop, and does not depend on ``transformers`` (a test-time oracle
 only):
@@ -276,7 +276,7 @@ class Tokenizer:
         """Id of ``[unused{n}]`` (bert-base-uncased: n in 0..993; n + 1 for n < 99, n + 5 for n >= 99).
 
         Visual grounding uses ``[unused339]`` (344) as the box prefix and ``[unused340..676]`` (345..681) as
-        the 337 coordinate bins (spec §5.5).
+        the 337 coordinate bins (docs/fidelity.md §5.5).
         """
         token = f"[unused{operator.index(n)}]"
         if token not in self._vocab:

@@ -1,4 +1,4 @@
-"""Image loading and the official mPLUG image transforms (spec §7), on Pillow + torch (no torchvision).
+"""Image loading and the official mPLUG image transforms (fidelity §7), on Pillow + torch (no torchvision).
 
     test_transform(R)    Resize((R, R), bicubic) -> ToTensor -> Normalize(CLIP mean/std)      (every eval)
     train_transform(R)   RandomResizedCrop(R, scale, bicubic) -> RandomHorizontalFlip(0.5)
@@ -229,7 +229,7 @@ class TestTransform:
 
 
 def test_transform(image_size: int) -> TestTransform:
-    """The official evaluation transform at ``image_size`` (spec §7): callable image -> float32 [3, R, R]."""
+    """The official evaluation transform at ``image_size`` (fidelity §7): image -> float32 [3, R, R]."""
     return TestTransform(image_size)
 
 
@@ -474,7 +474,7 @@ def train_transform(
     randaugment: bool = True,
     seed: int | random.Random | None = None,
 ) -> TrainTransform:
-    """The official training transform (spec §7); scale (0.2, 1.0) pre-training, (0.5, 1.0) fine-tuning."""
+    """The official training transform (fidelity §7); scale (0.2, 1.0) pre-training, (0.5, 1.0) finetuning."""
     return TrainTransform(image_size, scale=scale, hflip=hflip, randaugment=randaugment, seed=seed)
 
 

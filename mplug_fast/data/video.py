@@ -1,4 +1,4 @@
-"""Video input for zero-shot video tasks (official_spec.md §5.8): uniform frame sampling, frame loading and
+"""Video input for zero-shot video tasks (docs/fidelity.md §5.8): uniform frame sampling, frame loading and
 the per-frame test transform.
 
     sample_frame_indices(length, num_frames, mode)   which frames of a clip of any length

@@ -4,7 +4,7 @@ One concept per module: `beam.py` (official + standard beam search), `sampling.p
 `ranking.py` (sequence log-likelihoods, answer-list ranking), `state.py` (the decoder side of a batch being
 decoded), `outputs.py` (result types, token ids). The public names are re-exported here.
 
-    beam_search(decoder, memory, memory_mask, start_ids, ...)    official_spec.md §5.6 ("official") or
+    beam_search(decoder, memory, memory_mask, start_ids, ...)    docs/fidelity.md §5.6 ("official") or
                                                                  a standard beam search ("standard")
     greedy(decoder, memory, memory_mask, start_ids, ...)         grounding (§5.5, with `logit_bias`)
     sample(decoder, memory, memory_mask, start_ids, ...)         temperature / top-k / top-p sampling

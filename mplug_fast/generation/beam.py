@@ -1,4 +1,4 @@
-"""Beam search: the official mPLUG beam search (official_spec.md §5.6) and a standard one.
+"""Beam search: the official mPLUG beam search (docs/fidelity.md §5.6) and a standard one.
 
 Samples finish independently: when a sample closes (official: its top beam emits [SEP]; standard: no
 running beam can improve it) its rows, memory K/V rows and cache rows leave the batch before the next step.
@@ -60,7 +60,7 @@ def beam_search(
         start_ids: long [B, Lp] ([CLS] or a left-padded prompt); start_mask: [B, Lp] 1 = token.
         beam_size: K.  max_length: generation steps T (tokens after the start ids).
         min_length: [SEP] is forbidden (log-prob -1e20) at steps < min_length.
-        mode: "official": official_spec §5.6 exactly -- each step scores = (log p + running) / lp with the
+        mode: "official": fidelity §5.6 exactly -- each step scores = (log p + running) / lp with the
             GNMT lp ((5 + step + 1) / 6) ** length_penalty, top-K over K x V, running = score * lp; at the
             first step only beam 0 is live; a beam that emits [SEP] is recorded as a hypothesis with its
             penalized score but stays in the beam and keeps being extended; when a sample's top beam
@@ -144,7 +144,7 @@ def _official(
     exact,
     logit_bias,
 ) -> GenerationOutput:
-    """official_spec §5.6 (`TextGenerator._fast_translate_batch`), batched; see `beam_search`.
+    """fidelity §5.6 (`TextGenerator._fast_translate_batch`), batched; see `beam_search`.
 
     `seq`, `running`, `logits` hold the open samples only (`open_ids` [Bo]: their sample numbers); the
     recorded hypotheses `hyp_*` are indexed by sample."""

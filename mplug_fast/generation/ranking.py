@@ -1,4 +1,4 @@
-"""Scoring given sequences: teacher-forced log-likelihoods and answer-list ranking (official_spec.md §5.7)."""
+"""Scoring given sequences: teacher-forced log-likelihoods and answer-list ranking (docs/fidelity.md §5.7)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def rank_answers(
     k: int = 128,
     double_count_first: bool = True,
 ) -> RankedAnswers:
-    """Answer-list ranking (official `rank_answer`, official_spec §5.7).
+    """Answer-list ranking (official `rank_answer`, fidelity §5.7).
 
     1. One decoder step on [CLS] (answer_ids[0, 0]) per question: log p(first answer token) of every
        answer, log_softmax over the full vocabulary -> [Q, A]; the top k answers per question.

@@ -1,4 +1,4 @@
-"""Token-by-token decoding: greedy (grounding, official_spec.md §5.5) and ancestral sampling (SCST).
+"""Token-by-token decoding: greedy (grounding, docs/fidelity.md §5.5) and ancestral sampling (SCST).
 
 A row stops at its [SEP] (then gets pad_id); a sample whose rows all ended leaves the batch.
 """

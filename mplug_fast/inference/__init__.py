@@ -1,4 +1,4 @@
-"""Inference on tensors: what each task's predict step runs (official_spec.md §5). The one-line user API
+"""Inference on tensors: what each task's predict step runs (docs/fidelity.md §5). The one-line user API
 is ``mplug_fast.pipeline``.
 
 vqa_generate, vqa_rank, caption_generate                          generation on tensors

@@ -1,4 +1,4 @@
-"""VQA and captioning inference on tensors (official_spec.md §5.1, §5.2, §5.7).
+"""VQA and captioning inference on tensors (docs/fidelity.md §5.1, §5.2, §5.7).
 
     vqa_generate(model, images, question_ids, question_mask)     beam search over [v'; t'] (beam 5, max 10)
     vqa_rank(model, images, question_ids, question_mask, answers) answer-list ranking with shared K/V

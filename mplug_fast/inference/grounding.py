@@ -1,4 +1,4 @@
-"""Visual grounding inference: the decoder writes a box as coordinate tokens (official_spec.md §5.5).
+"""Visual grounding inference: the decoder writes a box as coordinate tokens (docs/fidelity.md §5.5).
 
 Token layout (bert-base-uncased vocab, checked by `coordinate_token_ids` against the vocab file):
 

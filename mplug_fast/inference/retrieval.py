@@ -1,4 +1,4 @@
-"""Image-text retrieval scoring (official_spec.md §5.4): ITC similarities for every pair, then ITM on the
+"""Image-text retrieval scoring (docs/fidelity.md §5.4): ITC similarities for every pair, then ITM on the
 top-k of each query.
 
     1. every image -> ViT -> CLS -> vision_proj -> normalise; every text -> text encoder -> CLS ->

@@ -1,4 +1,4 @@
-"""Zero-shot video with image models (official_spec.md §5.8): the official video scripts run the image VQA,
+"""Zero-shot video with image models (docs/fidelity.md §5.8): the official video scripts run the image VQA,
 captioning and retrieval models unchanged on T frames.
 
     frames [B, T, 3, R, R] --ViT, frames batched as B*T--> [B*T, Nv, D] --view--> [B, T, Nv, D]

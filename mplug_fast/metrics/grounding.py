@@ -1,4 +1,4 @@
-"""The grounding metric Acc@IoU>=0.5 (spec §5.5, TransVG's evaluation): `grounding_accuracy`, as the
+"""The grounding metric Acc@IoU>=0.5 (fidelity §5.5, TransVG's evaluation): `grounding_accuracy`, as the
 official evaluation (cxcywh -> xyxy, predictions clamped to [0, 1], the fraction with IoU >= 0.5). The box
 utilities are in `boxes.py`.
 """

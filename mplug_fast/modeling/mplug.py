@@ -5,7 +5,7 @@
     (v, t) --skip-connected fusion--> (v', t')                                   fuse
     decoder(ids, mask, memory, memory_mask) -> logits [N, L, V]                  decode
 
-Each task model owns only the components its task runs (official_spec.md §1.7 minus the dead
+Each task model owns only the components its task runs (docs/fidelity.md §1.7 minus the dead
 weights): captioning's decoder reads the raw image tokens, VQA / grounding decoders read the fused
 [image; text]. Momentum (EMA) copies exist only where the task trains with them (pretraining and
 retrieval ITC); the official VQA momentum branch changes nothing in its loss and is not built here

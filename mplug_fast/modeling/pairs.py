@@ -1,7 +1,7 @@
 """Classification heads on the fusion output: visual entailment (SNLI-VE) and two-image reasoning (NLVR2).
 
 The official mPLUG release reports SNLI-VE and NLVR2 results but ships no model code for them
-(official_spec.md §8); these heads follow the recipe its peers use (ALBEF / BLIP / UNITER: a 2-layer MLP,
+(docs/fidelity.md §8); these heads follow the recipe its peers use (ALBEF / BLIP / UNITER: a 2-layer MLP,
 Linear -> ReLU -> Linear, on the fused text [CLS]). Written here from that description.
 
     VE:    image [B,3,R,R] + hypothesis [B,L] -> fusion -> t'[:, 0] [B,D] -> MLP -> logits [B,3]

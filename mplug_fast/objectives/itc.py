@@ -1,4 +1,4 @@
-"""Image-text contrastive loss (ITC / ITA) with momentum keys, feature queues and soft targets (spec §4).
+"""Image-text contrastive loss (ITC / ITA) with momentum keys, feature queues and soft targets (fidelity §4).
 
     keys      = [momentum features of the global batch ; queue]               [K', E], K' = W*B + Q
     sim_i2t   = image_feat @ text_keysᵀ / temp,  sim_t2i = text_feat @ image_keysᵀ / temp      [B, K']

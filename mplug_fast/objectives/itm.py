@@ -1,4 +1,4 @@
-"""Image-text matching with hard negatives sampled from the ITC similarities (spec §4).
+"""Image-text matching with hard negatives sampled from the ITC similarities (docs/fidelity.md §4).
 
 For each local text one negative image, for each local image one negative text, drawn from the *global*
 batch with probability softmax(sim) over the non-positive entries (a positive — the pair itself or any

@@ -23,7 +23,7 @@ def distilled_token_loss(
 
     logits / soft_logits: [..., V]; targets: long [...] (IGNORE entries give 0). The distillation term is
     taken over the vocabulary axis (the official decoder takes its log-softmax over the sequence axis, a
-    bug inherited from ALBEF, spec §3.4: fixed here).
+    bug inherited from ALBEF, docs/fidelity.md §3.4: fixed here).
     """
     V = logits.shape[-1]
     flat = logits.reshape(-1, V).float()

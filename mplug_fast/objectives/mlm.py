@@ -1,4 +1,4 @@
-"""Masked language modelling on the fusion output (spec §4, ALBEF / TiMiX recipe).
+"""Masked language modelling on the fusion output (docs/fidelity.md §4, ALBEF / TiMiX recipe).
 
 Masking: each real token is selected with probability p (0.15); never [PAD], [CLS] or [SEP] (the inferred
 official recipe can select [SEP]; predicting the fixed end marker teaches nothing, so it is excluded here).

@@ -1,6 +1,6 @@
 """Momentum (EMA) encoders: p_m <- m * p_m + (1 - m) * p with one foreach call over all pairs.
 
-The official `_momentum_update` loops over parameter pairs in Python (spec §9); here the pairs are
+The official `_momentum_update` loops over parameter pairs in Python (docs/fidelity.md §9); here the pairs are
 gathered into two flat lists and updated by `torch._foreach_lerp_` (p_m + (1 - m) (p - p_m)), a
 handful of fused multi-tensor kernels whatever the number of parameters.
 """

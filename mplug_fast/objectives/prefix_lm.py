@@ -1,4 +1,4 @@
-"""PrefixLM (spec §4, TiMiX): split each caption at a random *word*, encode the prefix with the image, and
+"""PrefixLM (fidelity §4, TiMiX): split each caption at a random *word*, encode the prefix with the image, and
 let the decoder generate the rest.
 
 For a caption of n words, k is uniform in [0, n − 1]: prefix = words[:k] (possibly empty), target =
@@ -8,7 +8,7 @@ beginning with "##"), so the collated [CLS] caption [SEP] ids serve directly:
     prefix ids  [CLS] w_1 .. w_k [SEP]            -> text encoder -> fusion with the image -> memory [v'; t']
     target ids  [CLS] w_k+1 .. w_n [SEP]          -> decoder (causal) over the memory, token-mean CE
 
-(the official targets end with a doubled [SEP], spec §10.7; here a single [SEP]). Both outputs keep the
+(the official targets end with a doubled [SEP], fidelity §10.7; here a single [SEP]). Both outputs keep the
 input width L (no host sync to trim). Distillation: momentum decoder logits over the momentum memory.
 """
 

@@ -1,4 +1,4 @@
-"""The pretraining objective: ITC + ITM + MLM + PrefixLM with momentum distillation (spec §4).
+"""The pretraining objective: ITC + ITM + MLM + PrefixLM with momentum distillation (docs/fidelity.md §4).
 
     objective = PretrainObjective(model, tokenizer)        # model: MPlugForPretraining
     out = objective(batch)                                 # {"loss", "itc", "itm", "mlm", "prefix_lm"}
@@ -11,7 +11,7 @@ re-encodes the masked text and fuses it with the same image states; PrefixLM enc
 fuses it with the image and decodes the rest. The momentum model (`model.momentum_view()`) encodes the
 image and the text once for the ITC keys and then gives the soft targets of MLM and PrefixLM.
 
-Alpha warm-up (spec §4): alpha_t = alpha * min(1, step / alpha_warmup_steps), with `step` the number of
+Alpha warm-up (fidelity §4): alpha_t = alpha * min(1, step / alpha_warmup_steps), with `step` the number of
 training forwards done so far (a buffer, so it resumes); the official runs warm up over the first epoch
 (alpha_warmup_steps = iterations per epoch); 0 = no warm-up.
 """

@@ -1,9 +1,9 @@
 """Captioning: the decoder over the raw image tokens (the official caption model's text encoder and fusion
 are dead weights).
 
-Training: `CaptionObjective`, token-mean CE (spec §5.2). Evaluation: beam-search captions (official beam 5,
-min 8, max 25) scored with BLEU-1..4, ROUGE-L and CIDEr-D (``mplug_fast.metrics.caption_scores``, PTB-style
-tokenisation); predictions written in the COCO result format ``[{"image_id", "caption"}]``.
+Training: `CaptionObjective`, token-mean CE (fidelity §5.2). Evaluation: beam-search captions (official
+beam 5, min 8, max 25) scored with BLEU-1..4, ROUGE-L and CIDEr-D (``mplug_fast.metrics.caption_scores``,
+PTB-style tokenisation); predictions written in the COCO result format ``[{"image_id", "caption"}]``.
 Data: the synthetic ``CaptionDataset`` or the official ``KarpathyCaptionDataset`` (train form: one sample
 per caption; test form: one per image with all its captions); batches from ``CaptionCollator``.
 """
@@ -134,7 +134,7 @@ def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline
 
 
 class CaptionObjective(MomentumMixin, Objective):
-    """Captioning CE (spec §5.2): decoder over the image tokens, token-mean CE of caption_ids[1:].
+    """Captioning CE (docs/fidelity.md §5.2): decoder over the image tokens, token-mean CE of caption_ids[1:].
 
     Official: no label smoothing, no distillation, and the prompt tokens are part of the target (labels are
     the ids with only padding ignored) — the defaults here. Options: `label_smoothing` (> 0 to smooth) and
@@ -183,7 +183,7 @@ class CaptionTask(Task):
     Options = CaptionOptions
     eval_options = {"beam_size": 5, "min_length": 8, "max_length": 25}  # official caption inference
     predictions_file = "caption_result.json"  # COCO result format
-    text_length = 25  # official caption length (spec §6)
+    text_length = 25  # official caption length (docs/fidelity.md §6)
     pipeline_method = "caption"
     aliases = ("captioning",)
     evaluate = staticmethod(evaluate)

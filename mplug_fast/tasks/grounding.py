@@ -1,6 +1,7 @@
 """Visual grounding: referring expression -> fusion -> decoder emits [unused339] + 4 coordinate tokens.
 
-Training: `GroundingObjective` (coordinate-token CE weighted by the argmax box's L1 and 1 − GIoU, spec §5.5).
+Training: `GroundingObjective` (coordinate-token CE weighted by the argmax box's L1 and 1 − GIoU,
+fidelity §5.5).
 Data: the synthetic ``GroundingDataset`` or the official ``RefCocoDataset``; batches from
 ``GroundingCollator``.
 
@@ -135,7 +136,7 @@ def grounding_weights(
 
 
 class GroundingObjective(MomentumMixin, Objective):
-    """Grounding as coordinate tokens (spec §5.5): decoder input [unused339] + 4 bin tokens over the fused
+    """Grounding as coordinate tokens (fidelity §5.5): decoder input [unused339] + 4 bin tokens over the fused
     [image; expression]; CE over the 337 coordinate tokens only (the official prob mask adds −10000 to every
     other logit: the same softmax); per-token CE weighted (no grad) by the argmax box's L1 error per
     coordinate and its 1 − GIoU per sample:
@@ -229,7 +230,7 @@ class GroundingTask(Task):
     reader = RefCocoDataset
     Options = GroundingOptions
     predictions_file = "grounding_result.json"
-    text_length = 20  # official expression length (spec §6)
+    text_length = 20  # official expression length (docs/fidelity.md §6)
     pipeline_method = "ground"
     evaluate = staticmethod(evaluate)
     baseline = staticmethod(baseline)

@@ -1,4 +1,5 @@
-"""Pretraining: ITC (momentum queue) + ITM (hard negatives) + MLM + PrefixLM on image-text pairs (spec §4).
+"""Pretraining: ITC (momentum queue) + ITM (hard negatives) + MLM + PrefixLM on image-text pairs
+(fidelity §4).
 
 Training: ``PretrainObjective`` (``mplug_fast.objectives.pretrain``) on the model with every component and
 momentum copies. Data: the synthetic ``PretrainDataset`` or the official ``PretrainJsonDataset`` (a list of

@@ -1,6 +1,6 @@
 """Image-text retrieval: ITC (projections + temperature, momentum encoders) and ITM (fusion + itm_head).
 
-Training: `RetrievalObjective` (spec §5.4). Data: the synthetic ``RetrievalDataset`` or the official
+Training: `RetrievalObjective` (fidelity §5.4). Data: the synthetic ``RetrievalDataset`` or the official
 ``RetrievalJsonDataset``; batches from ``RetrievalCollator``.
 
 Evaluation: ITC similarities for every pair, ITM rerank of each query's top-k
@@ -116,9 +116,9 @@ def baseline(train: Dataset, evaluation: Dataset) -> Baseline:
 
 
 class RetrievalObjective(MomentumMixin, Objective):
-    """Retrieval finetuning (spec §5.4): ITC with the queue, momentum distillation and multi-positive targets
-    by image id, + ITM with hard negatives (never an image with the same id). The temperature is clamped
-    (the official retrieval model does not: a documented deviation)."""
+    """Retrieval finetuning (fidelity §5.4): ITC with the queue, momentum distillation and multi-positive
+    targets by image id, + ITM with hard negatives (never an image with the same id). The temperature is
+    clamped (the official retrieval model does not: a documented deviation)."""
 
     def __init__(
         self,

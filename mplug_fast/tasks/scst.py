@@ -1,4 +1,4 @@
-"""Caption SCST: self-critical sequence training with an in-process CIDEr-D reward (spec §5.3), the
+"""Caption SCST: self-critical sequence training with an in-process CIDEr-D reward (fidelity §5.3), the
 CIDEr-D-optimised continuation of a CE-finetuned caption model.
 
 As a task, everything but the loss is the captioning task's: the model (the caption model's weights, saved
@@ -25,7 +25,7 @@ it by the candidate's number of scored tokens (the official code divides its bea
 token ids, [CLS] included: one token more). Rewards and baselines are constants: the gradient flows only
 through the log-probs.
 
-Differences from the official ``caption_mplug_scst.py`` (spec §5.3, §10.7, §10.11), by design:
+Differences from the official ``caption_mplug_scst.py`` (docs/fidelity.md §5.3, §10.7, §10.11), by design:
     * the official code back-propagates through the beam search's own scores (the whole search graph is
       kept; the score is the cumulative log-prob over the GNMT length penalty, with the min-length [SEP]
       mask); here the search runs under ``no_grad`` with the KV cache and the chosen ids are re-scored in

@@ -1,4 +1,4 @@
-"""Zero-shot video tasks (official_spec.md §5.8): image models evaluated on videos, never trained on them.
+"""Zero-shot video tasks (docs/fidelity.md §5.8): image models evaluated on videos, never trained on them.
 
     task             loads the checkpoint of  inference (mplug_fast.inference.video)     metric
     video_qa         vqa                      answer-list ranking over T*Nv + Lq tokens  vqa_acc (exact match)
@@ -395,7 +395,7 @@ class VideoCaptionTask(_VideoTask):
     name = "video_caption"
     metric = "CIDEr"
     image_task = caption_task.CaptionTask()
-    # official zero-shot VATEX prompt (spec §5; it also uses beam 10 / min 15 for its long captions)
+    # official zero-shot VATEX prompt (fidelity §5; it also uses beam 10 / min 15 for its long captions)
     eval_options = {"prompt": "a picture of", "beam_size": 5, "min_length": 8, "max_length": 25}
     predictions_file = "video_caption_result.json"
     reader = VATEXCaptionDataset

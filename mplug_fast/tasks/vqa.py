@@ -1,6 +1,6 @@
 """VQA: question -> fusion -> decoder over [image; question] generates (or ranks) the answer.
 
-Training: `VQAObjective`, the weighted-answer decoder loss (spec §5.1), distillation from momentum copies.
+Training: `VQAObjective`, the weighted-answer decoder loss (fidelity §5.1), distillation from momentum copies.
 Evaluation: answers by beam-search generation (official) or by ranking an answer list, scored with the
 official VQA accuracy; predictions written in the EvalAI format ``[{"question_id", "answer"}]``.
 Data: the synthetic ``VQADataset`` or the official ``VQAJsonDataset``; batches from ``VQACollator``.
@@ -164,13 +164,13 @@ def answer_list_from(dataset: Dataset, limit: int = 5000) -> list[str]:
 
 
 class VQAObjective(MomentumMixin, Objective):
-    """VQA: loss = Σ_n weight_n · seqloss_n / B over the N answers of the B questions (spec §5.1).
+    """VQA: loss = Σ_n weight_n · seqloss_n / B over the N answers of the B questions (docs/fidelity.md §5.1).
 
     The question memory [v'; t'] is computed once per question; each answer's decoder rows read it through
     `answer_index` (no per-answer copies). seqloss = per-sequence summed token loss.
 
     Distillation (decision): the official code builds and updates a momentum model every step but never
-    passes alpha to the decoder, so the branch costs a full forward and changes nothing (spec §10.2). Here
+    passes alpha to the decoder, so the branch costs a full forward and changes nothing (fidelity §10.2). Here
     `distill=True` (default, alpha 0.4 as the official yaml) really mixes in the momentum decoder's soft
     labels: seqloss = Σ_t (1 − alpha)·CE + alpha·soft-CE over the vocabulary. The EMA copies (vision,
     adapter, text encoder, fusion — never updated officially, a bug — and decoder) live in this objective,
@@ -246,7 +246,7 @@ class VQATask(Task):
     eval_options = {"method": "generate", "beam_size": 5, "max_answer_length": 10}
     predictions_file = "vqa_result.json"  # EvalAI format
     length_option = "max_question_length"
-    text_length = 25  # official question length (spec §6)
+    text_length = 25  # official question length (docs/fidelity.md §6)
     pipeline_method = "answer"
     evaluate = staticmethod(evaluate)
     baseline = staticmethod(baseline)

@@ -8,7 +8,7 @@ Parameter groups (only ``requires_grad`` parameters; the frozen momentum copies 
     rest / no_decay     biases, norms (LayerNorm/RMSNorm...), nn.Embedding tables, pos/cls
                         embeddings, scalar parameters (the ITC temperature)                     lr, wd 0
 
-This departs from the official ``create_two_optimizer`` (spec §9), which decays everything but names with
+This departs from the official ``create_two_optimizer`` (fidelity §9), which decays everything but names with
 ``bias`` / ``LayerNorm.weight`` (so CLIP's norms, the embeddings and ``temp`` were decayed): the issue asks
 for the usual exclusions. The visual lr goes to ``vision.*`` only; the large model's adapter (official
 ``visn_fc``) gets ``lr`` as in the official code.

@@ -5,9 +5,9 @@
     step > T:        lr = m
 
 ``step`` counts optimizer steps from 0 (the lr used by update number ``step + 1``); the first update
-already moves (base / W) and update W uses the full base lr. The official schedule
-(spec §9) warms up per 100 iterations and decays per epoch; this one moves every step, which is smoother and
-independent of the epoch length. The state is the step counter alone, so a resumed run gets exactly the same
+already moves (base / W) and update W uses the full base lr. The official schedule (fidelity §9) warms up
+per 100 iterations and decays per epoch; this one moves every step, which is smoother and independent of
+the epoch length. The state is the step counter alone, so a resumed run gets exactly the same
 learning rates.
 """
 

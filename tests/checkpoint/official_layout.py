@@ -1,7 +1,7 @@
 """An independent model of the official mPLUG checkpoint, for the loader tests.
 
 `make_official_state_dict` writes random tensors under the official key names and shapes of
-official_spec.md §2 (the whole CLIP with its text tower, 12 fusion slots, tied decoder head, momentum
+fidelity §2 (the whole CLIP with its text tower, 12 fusion slots, tied decoder head, momentum
 copies, queues, grounding buffers). `official_forward_*` compute the official forward (§3) directly
 from those raw keys with additive -10000 masks, sequence-first CLIP attention with `in_proj_weight`, and
 the fusion loop of §3.3. Nothing here uses mplug_fast's modules or key maps: it is the oracle.

@@ -115,7 +115,7 @@ def test_sizes_and_special_ids(tok):
 
 @pytest.mark.parametrize("text", ["yes[SEP]", "yes [SEP]", " yes  [SEP] "])
 def test_literal_sep_stays_one_token(tok, text):
-    """Official decoder targets are `answer + '[SEP]'` -> [CLS] answer [SEP] [SEP] (spec §6, §12)."""
+    """Official decoder targets are `answer + '[SEP]'` -> [CLS] answer [SEP] [SEP] (fidelity §6, §12)."""
     yes = tok.convert_tokens_to_ids("yes")
     assert tok(text).input_ids.tolist() == [[101, yes, 102, 102]]
     assert tok.tokenize("[sep]") == ["[", "sep", "]"]  # case-sensitive, as in the official code

@@ -1,4 +1,4 @@
-"""The mPLUG model: parameter counts against official_spec.md §12, the skip-connected fusion against a hand
+"""The mPLUG model: parameter counts against fidelity §12, the skip-connected fusion against a hand
 computation of §1.4 / §3.3, invariants (padding, batch order, causality, shared memory K/V), the task
 models' components and shapes, input checks, and a train-mode backward.
 
@@ -156,7 +156,7 @@ def bert_layer_by_hand(
 
 
 def fusion_by_hand(fusion: SkipConnectedFusion, stride: int, v: Tensor, t: Tensor, t_mask: Tensor) -> tuple:
-    """official_spec.md §3.3, in float64, with the layer kind decided by the rule (not by the module)."""
+    """fidelity §3.3, in float64, with the layer kind decided by the rule (not by the module)."""
     v, t = v.double(), t.double()
     Nv = v.shape[1]
     v_mask = torch.ones(v.shape[:2], dtype=torch.bool)
@@ -169,7 +169,7 @@ def fusion_by_hand(fusion: SkipConnectedFusion, stride: int, v: Tensor, t: Tenso
     return v, t
 
 
-# ---- parameter counts (official_spec.md §12), built on the meta device -------------------------------------
+# ---- parameter counts (fidelity §12), built on the meta device -------------------------------------
 
 # official per-module counts (§12)
 VISION_B16 = {224: 86_192_640, 256: 86_238_720, 384: 86_484_480}  # incl. visual.proj [768, 512]

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from mplug_fast.data.synthetic.world import QA, QA_TYPES, Scene, SyntheticWorld
 from mplug_fast.data.transforms import test_transform
 
-GROUNDING_NUM_BINS = 336  # official image_res for the coordinate bins (spec §5.5): bins 0..336
+GROUNDING_NUM_BINS = 336  # official image_res for the coordinate bins (docs/fidelity.md §5.5): bins 0..336
 
 
 def box_to_bins(box_cxcywh: Sequence[float] | Tensor, num_bins: int = GROUNDING_NUM_BINS) -> Tensor:

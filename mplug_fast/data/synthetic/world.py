@@ -116,7 +116,7 @@ class Scene:
         return img
 
     def box_cxcywh(self, obj: SceneObject) -> tuple[float, float, float, float]:
-        """The object's box as normalised (cx, cy, w, h) in [0, 1] (spec §5.5 target format)."""
+        """The object's box as normalised (cx, cy, w, h) in [0, 1] (docs/fidelity.md §5.5 target format)."""
         return box_xyxy_to_cxcywh(obj.box, self.image_size)
 
 
