@@ -1,4 +1,4 @@
-"""The run configuration of ``mplug-fast pretrain`` and every training run: YAML + ``--set`` overrides.
+"""The run configuration of ``mplug-fast train`` and every training run: YAML + ``--set`` overrides.
 
 A run config is a tree of dataclasses (``RunConfig``): ``model``, ``data``, ``objective``, ``optim``,
 ``schedule``, ``precision``, ``distributed``, ``checkpoint``, ``logging``, ``eval`` plus a few top-level
@@ -139,7 +139,7 @@ class LoggingSection:
 
 @dataclass
 class EvalSection:
-    """Defaults of the evaluation after ``mplug-fast finetune`` and of ``mplug-fast evaluate`` (their
+    """Defaults of the evaluation after ``mplug-fast train`` and of ``mplug-fast evaluate`` (their
     ``--eval-batch-size`` / ``--eval-option`` / ``--eval-data`` flags override them)."""
 
     batch_size: int | None = None  # None: the CLI default (32)
