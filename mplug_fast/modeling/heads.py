@@ -1,4 +1,5 @@
-"""Output heads: the BERT LM head (decoder, MLM) with its weight tied to the word embeddings."""
+"""Output heads: the BERT LM head (decoder, MLM) with its weight tied to the word embeddings, and the
+classifier MLP of the classification tasks."""
 
 from __future__ import annotations
 
@@ -24,3 +25,21 @@ class LMHead(nn.Module):
         """h: [..., D]; word_embeddings: [V, D] -> logits [..., V]."""
         h = self.norm(F.gelu(self.dense(h)))
         return F.linear(h, word_embeddings, self.bias)
+
+
+class ClassifierHead(nn.Module):
+    """fc1 -> ReLU -> fc2: [..., in_dim] -> [..., num_classes] (the ALBEF / BLIP `cls_head` shape)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, num_classes: int):
+        super().__init__()
+        if min(in_dim, hidden_dim) < 1 or num_classes < 2:
+            raise ValueError(
+                f"need in_dim, hidden_dim >= 1, num_classes >= 2; got {in_dim}, {hidden_dim}, {num_classes}"
+            )
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., in_dim] -> logits [..., num_classes]."""
+        return self.fc2(self.act(self.fc1(x)))

@@ -30,30 +30,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor
 
+from mplug_fast.modeling.heads import ClassifierHead
 from mplug_fast.modeling.mplug import MPlug
 
 VE_LABELS: tuple[str, ...] = ("contradiction", "neutral", "entailment")
 NLVR_LABELS: tuple[str, ...] = ("False", "True")
-
-
-class ClassifierHead(nn.Module):
-    """fc1 -> ReLU -> fc2: [..., in_dim] -> [..., num_classes] (the ALBEF / BLIP `cls_head` shape)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, num_classes: int):
-        super().__init__()
-        if min(in_dim, hidden_dim) < 1 or num_classes < 2:
-            raise ValueError(
-                f"need in_dim, hidden_dim >= 1, num_classes >= 2; got {in_dim}, {hidden_dim}, {num_classes}"
-            )
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden_dim, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [..., in_dim] -> logits [..., num_classes]."""
-        return self.fc2(self.act(self.fc1(x)))
 
 
 def _check_text(text_ids: Tensor, batch: int, who: str) -> None:
