@@ -1,7 +1,7 @@
 # make test   - create .venv with the pinned CPU set (requirements/ci.txt), install mplug_fast, run the tests
 # make demo   - the end-to-end demo: pretrain + finetune + evaluate on the synthetic world -> runs/demo/report.md
 #               (resumable: run it again after Ctrl-C; DEMO_ARGS="--quick" / "--fresh" / "--threads 1" pass through)
-# make lint   - ruff
+# make lint   - ruff and the import-linter layers contract (also checked by make test)
 # make bench  - the pytest-benchmark cases (tests/benchmarks) and benchmarks/end_to_end.py --quick
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,6 +26,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 DEMO_ARGS ?=
 

@@ -15,7 +15,6 @@ the momentum copies behind the same encode / fuse / decode API.
 
 from __future__ import annotations
 
-import copy
 from typing import ClassVar
 
 import torch
@@ -28,6 +27,7 @@ from mplug_fast.modeling.fusion import SkipConnectedFusion
 from mplug_fast.modeling.heads import LMHead
 from mplug_fast.modeling.layers import init_bert_weights
 from mplug_fast.modeling.masks import as_bool_mask
+from mplug_fast.modeling.momentum import MomentumCopies
 from mplug_fast.modeling.text import TextEncoder
 from mplug_fast.modeling.vision import VisionTransformer, build_adapter
 
@@ -65,12 +65,7 @@ class MPlug(nn.Module):
         self.itm_head = nn.Linear(D, 2) if heads else None
         self.temp = nn.Parameter(torch.tensor(INIT_TEMPERATURE)) if heads else None
         self.mlm_head = LMHead(D, V, config.text.layer_norm_eps) if "mlm_head" in has else None
-        self.momentum = None
-        if self.momentum_components:
-            self.momentum = nn.ModuleDict(
-                {name: copy.deepcopy(getattr(self, name)) for name in self.momentum_components}
-            )
-            self.momentum.requires_grad_(False)
+        self.momentum = MomentumCopies(self, self.momentum_components) if self.momentum_components else None
 
     # ----------------------------------------------------------------------------------- init
     @torch.no_grad()
@@ -104,11 +99,8 @@ class MPlug(nn.Module):
     @torch.no_grad()
     def copy_to_momentum(self) -> None:
         """Set every momentum copy to the online weights."""
-        if self.momentum is None:
-            return
-        for name, module in self.momentum.items():
-            for p_m, p in zip(module.parameters(), getattr(self, name).parameters(), strict=True):
-                p_m.copy_(p)
+        if self.momentum is not None:
+            self.momentum.reset(self)
 
     # ----------------------------------------------------------------------------------- public API
     def encode_image(self, images: Tensor) -> Tensor:

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mplug_fast.modeling.momentum import check_frozen, momentum_update, parameter_pairs
 from mplug_fast.modeling.mplug import MomentumView
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_temperature
 from mplug_fast.objectives.itm import Sampler, itm_loss
 from mplug_fast.objectives.mlm import mask_tokens, mlm_loss
-from mplug_fast.objectives.momentum import check_frozen, momentum_update, parameter_pairs
 from mplug_fast.objectives.prefix_lm import continuation_table, prefix_lm_loss, split_prefix
 
 LOSSES = ("itc", "itm", "mlm", "prefix_lm")

@@ -8,7 +8,6 @@ Data: the synthetic ``VQADataset`` or the official ``VQAJsonDataset``; batches f
 
 from __future__ import annotations
 
-import copy
 import os
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
@@ -26,6 +25,7 @@ from mplug_fast.inference.generate import vqa_generate, vqa_rank
 from mplug_fast.metrics import write_vqa_results
 from mplug_fast.metrics.vqa import exact_match, vqa_score
 from mplug_fast.modeling import MomentumView, MPlugForVQA
+from mplug_fast.modeling.momentum import MomentumCopies
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import lm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
@@ -192,10 +192,7 @@ class VQAObjective(MomentumMixin, Objective):
         super().__init__()
         self.model = model
         self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
-        self.momentum = None
-        if distill:
-            self.momentum = nn.ModuleDict({n: copy.deepcopy(getattr(model, n)) for n in self.MOMENTUM})
-            self.momentum.requires_grad_(False)
+        self.momentum = MomentumCopies(model, self.MOMENTUM) if distill else None
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._init_momentum(model, self.momentum, momentum)
 

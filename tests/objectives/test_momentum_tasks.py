@@ -230,7 +230,7 @@ def test_retrieval_objective_runs_with_multi_positives(one_thread):
 
 def test_build_objective_errors(tokenizer):
     model = build_model(small_config(), "caption", init=False)
-    with pytest.raises(ValueError, match="unknown objective"):
+    with pytest.raises(ValueError, match="unknown task"):
         build_objective("no_such_task", model)
     with pytest.raises(ValueError, match="needs the 'vqa' model"):
         build_objective("vqa", model)

@@ -1,4 +1,9 @@
-"""Momentum (EMA) encoders: p_m <- m * p_m + (1 - m) * p with one foreach call over all pairs.
+"""Momentum (EMA) copies: the one home of the frozen copies momentum distillation reads, and of their update
+p_m <- m * p_m + (1 - m) * p with one foreach call over all pairs.
+
+`MomentumCopies` holds copies of some of a model's components; whoever trains with momentum distillation owns
+one (the pretraining and retrieval models keep theirs as ``model.momentum``, where the official checkpoints
+store the ``_m`` weights; the VQA objective keeps its own).
 
 The official `_momentum_update` loops over parameter pairs in Python (docs/fidelity.md §9); here the pairs are
 gathered into two flat lists and updated by `torch._foreach_lerp_` (p_m + (1 - m) (p - p_m)), a
@@ -7,6 +12,7 @@ handful of fused multi-tensor kernels whatever the number of parameters.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -53,3 +59,33 @@ def check_frozen(momentum: Mapping[str, nn.Module]) -> None:
     bad = [f"{n}.{k}" for n, m in momentum.items() for k, p in m.named_parameters() if p.requires_grad]
     if bad:
         raise ValueError(f"momentum parameters must have requires_grad=False, got it on {bad[:5]}...")
+
+
+class MomentumCopies(nn.ModuleDict):
+    """Frozen EMA copies of the components ``names`` of ``online`` (a module read by attribute), keyed by
+    name, so their state-dict keys are ``<name>.*`` under wherever the holder puts them.
+
+    Args:
+        online: the module whose components are copied.
+        names: the components (attributes of ``online``) to copy; each must exist.
+    """
+
+    def __init__(self, online: nn.Module, names: Iterable[str]):
+        missing = [n for n in names if getattr(online, n, None) is None]
+        if missing:
+            raise ValueError(f"no component {missing} to copy for momentum distillation")
+        super().__init__({n: copy.deepcopy(getattr(online, n)) for n in names})
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def ema_step(self, online: Mapping[str, nn.Module] | nn.Module, decay: float) -> None:
+        """p_m <- decay * p_m + (1 - decay) * p for every copied parameter (foreach ops)."""
+        src, dst = parameter_pairs(online, self)
+        momentum_update(src, dst, decay)
+
+    @torch.no_grad()
+    def reset(self, online: Mapping[str, nn.Module] | nn.Module) -> None:
+        """Every copy set to the online weights (after loading weights into the online model)."""
+        src, dst = parameter_pairs(online, self)
+        if dst:
+            torch._foreach_copy_(dst, src)
