@@ -437,7 +437,8 @@ def draw_dropout_seed(device: torch.device | str) -> Tensor:
 
 def dropout_keep_mask(seed: Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> Tensor:
     """The keep-mask the kernels apply for `seed`: bool [B, H, Lq, Lk] (True = kept, scaled by
-    `dropout_scale(dropout_p)`), computed by a kernel that calls the same RNG function on the same elements."""
+    `dropout_scale(dropout_p)`), computed by a kernel that calls the same RNG function on the same
+    elements."""
     _check_dropout(dropout_p, seed, seed)
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=seed.device)
     if keep.numel() == 0:

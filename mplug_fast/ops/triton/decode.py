@@ -16,7 +16,8 @@ GPU is mostly idle. Here the key axis is cut into `num_splits` ranges (whole key
   (+inf when no split saw a key, as in the main kernel).
 
 The query block is `max(16, next_pow2(Lq))` rows (16 is the smallest `tl.dot` tile), as in the main kernel for
-Lq <= 32; 4 warps, the forward table's pipeline depth (`tiles.py`). Grids are 1-D over query blocks x B x H
+Lq <= 32; key tile, warps and pipeline depth are the forward's (`tiles.py`), and every split covers a whole
+number of key tiles. Grids are 1-D over query blocks x B x H
 (axis 1 = splits), so the batch is not limited to 65535.
 
 Semantics are those of the main kernel (and `attention_ref`): key padding, bottom-right causal, `kv_index`
@@ -55,7 +56,7 @@ __all__ = ["MAX_QUERIES", "MIN_KEYS", "num_splits_for", "splitk_attention"]
 
 MAX_QUERIES = 64  # the split-K kernel is used for Lq <= MAX_QUERIES ...
 MIN_KEYS = 256  # ... and Lk >= MIN_KEYS
-BLOCK_N = 64  # keys per tile; every split covers a whole number of key tiles
+BLOCK_N = 64  # keys per split unit in the heuristic (two units at least per split)
 DEFAULT_SMS = 132  # SMs assumed off CUDA (H100/H200 SXM): only the interpreter runs there
 
 
@@ -205,8 +206,9 @@ def _splitk_fwd(
         return out, lse
     block_d = _block_d(D)
     block_m = _block_m(Lq)
-    stages = tile_for("fwd", block_d, q.dtype, q.device).num_stages
-    keys_per_split = triton.cdiv(triton.cdiv(max(Lk, 1), BLOCK_N), num_splits) * BLOCK_N
+    tile = tile_for("fwd", block_d, q.dtype, q.device, Lq)  # the forward's key tile, warps and stages
+    block_n = tile.block_n
+    keys_per_split = triton.cdiv(triton.cdiv(max(Lk, 1), block_n), num_splits) * block_n
     num_splits = triton.cdiv(max(Lk, 1), keys_per_split)  # no empty trailing split
     o_part = torch.empty((num_splits, B, H, Lq, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((num_splits, B, H, Lq), dtype=torch.float32, device=q.device)
@@ -223,8 +225,8 @@ def _splitk_fwd(
             B, H, Bk, Lq, Lk, D, scale * LOG2E.value, threshold, drop_scale, keys_per_split,
             HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
             DROPOUT=dropout,
-            BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-            num_warps=4, num_stages=stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
         _splitk_combine_kernel[(m_blocks * B * H,)](
             o_part, lse_part, out, lse,
@@ -278,8 +280,8 @@ def splitk_attention(
     Args:
         q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh].  key_padding_mask: bool [Bk, Lk], True = attend.
         kv_index: int32/int64 [B], the K/V row of each query row.
-        num_splits: key splits (each a whole number of 64-key tiles; capped at the tile count); default
-            `num_splits_for(...)`, at least 2.
+        num_splits: key splits (each a whole number of the forward's key tiles; capped at the tile
+            count); default `num_splits_for(...)`, at least 2.
     Returns:
         [B, H, Lq, Dh] in q's dtype (contiguous).
     """

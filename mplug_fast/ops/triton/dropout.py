@@ -1,4 +1,4 @@
-"""Dropout keep-masks from Philox, 16 decisions per Philox call, shared by the attention and LayerNorm kernels.
+"""Dropout keep-masks from Philox, 16 decisions per call, shared by the attention and LayerNorm kernels.
 
 The kept/dropped decision of element (row, col) of a logical `[rows, N]` matrix:
 

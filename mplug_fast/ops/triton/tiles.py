@@ -109,7 +109,7 @@ _TABLE: dict[tuple[str, str, int, int], tuple[Tile, int]] = {
     ("sm_80", "fwd", 64, 4): (Tile(64, 32, 8, 2), 40960),
     ("sm_80", "dq", 64, 4): (Tile(64, 32, 8, 2), 57344),
     ("sm_80", "dkdv", 64, 4): (Tile(64, 32, 8, 2), 66048),
-    ("sm_80", "fwd", 128, 4): (Tile(64, 32, 8, 2), 73728),
+    ("sm_80", "fwd", 128, 4): (Tile(64, 32, 4, 2), 74752),
     ("sm_80", "dq", 128, 4): (Tile(64, 32, 8, 2), 114688),
     ("sm_80", "dkdv", 128, 4): (Tile(32, 32, 4, 2), 82176),
 }
@@ -216,6 +216,7 @@ def attention_unsupported_reasons(
                 need = SHARED.get((arch, kernel, _block_d(head_dim), _operand_bytes(dtype)), 0)
                 if need > limit:
                     reasons.append(
-                        f"{kernel} tile needs {need // 1024} KiB of shared memory, {device} allows {limit // 1024} KiB"
+                        f"{kernel} tile needs {need // 1024} KiB of shared memory, {device} allows "
+                        f"{limit // 1024} KiB"
                     )
     return reasons
