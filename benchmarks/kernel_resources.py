@@ -384,7 +384,7 @@ def write(rows: list[Row], out: Path, note: str = "") -> None:
         "",
         note,
         "",
-        "| kernel | dtype | target | regs | spill st/ld (B) | smem (KiB) | SASS loop | fits | config | case |",
+        "| kernel | dtype | target | regs | spills (B) | smem (KiB) | SASS loop | fits | config | case |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -397,8 +397,16 @@ def write(rows: list[Row], out: Path, note: str = "") -> None:
 
 
 _T16 = {
-    "fwd": ((128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2),
-            (128, 32, 8, 2), (64, 32, 4, 2)),
+    "fwd": (
+        (128, 128, 8, 2),
+        (128, 64, 8, 3),
+        (128, 64, 8, 2),
+        (64, 64, 4, 3),
+        (64, 64, 4, 2),
+        (64, 64, 8, 2),
+        (128, 32, 8, 2),
+        (64, 32, 4, 2),
+    ),
     "dq": ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2)),
     "dkdv": ((64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2)),
 }
@@ -427,8 +435,8 @@ def sweep(targets: list[int], block_ds=(64, 128), log=print, done=frozenset()) -
                             if (arch, kind, block_d, nbytes, tuple(asdict(tile).values())) in done:
                                 continue
                             tiles.TILES[(arch, kind, block_d, nbytes)] = tile
-                            case = _attention_case("sweep", dtype, 4, 2, 256, 256, block_d, mask=True, causal=True,
-                                                   dropout=0.1, kv_rows=2)  # fmt: skip
+                            flags = dict(mask=True, causal=True, dropout=0.1, kv_rows=2)
+                            case = _attention_case("sweep", dtype, 4, 2, 256, 256, block_d, **flags)
                             with recording() as launches:
                                 with torch.autograd.set_grad_enabled(False):
                                     _run_quiet(case)

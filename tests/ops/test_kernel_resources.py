@@ -1,5 +1,5 @@
-"""The compile gate: every Triton launch the dispatcher can make at mPLUG's shapes compiles for sm_80 (A100) and
-sm_90 (H100/H200) with shared memory inside the target's limit and no register spills.
+"""The compile gate: every Triton launch the dispatcher can make at mPLUG's shapes compiles for sm_80 (A100)
+and sm_90 (H100/H200) with shared memory inside the target's limit and no register spills.
 
 No GPU is needed: `benchmarks/kernel_resources.py` records the launchers' real launches and compiles them with
 Triton's own toolchain (ptxas -v for registers and spills). It runs in a subprocess because this test

@@ -467,7 +467,7 @@ def test_tiny_vqa_with_triton_equals_the_reference_backend(monkeypatch):
     assert worst[0] <= 1e-4, f"tiny VQA grads: max |diff| {worst[0]:.3e} in {worst[1]}"
 
 
-# ---- launch safety and tiles ---------------------------------------------------------------------------------
+# ---- launch safety and tiles -------------------------------------------------------------------------------
 
 
 def test_kv_index_out_of_range_is_a_clear_error_on_the_host():
