@@ -94,8 +94,6 @@ class TritonBackend(AttentionBackend):
     """Our FlashAttention-2 Triton kernels (`mplug_fast.ops.triton.attention`), imported on first use."""
 
     NAME = "triton"
-    SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # 80, 96: padded to 128-wide tiles inside the kernels
-    SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -120,15 +118,21 @@ class TritonBackend(AttentionBackend):
 
     @classmethod
     def kernel_limits(cls, inputs: Inputs) -> list[str]:
-        """The kernels' own limits (head dim, dtype): the one place where a limits check exported by
-        `ops/triton` (dtype / shared memory per device) is called."""
-        reasons = []
-        if inputs.dim not in cls.SUPPORTED_HEAD_DIMS:
-            dims = ", ".join(map(str, cls.SUPPORTED_HEAD_DIMS))
-            reasons.append(f"head_dim={inputs.dim} (supported: {dims})")
-        if inputs.dtype not in cls.SUPPORTED_DTYPES:
-            reasons.append(f"dtype {inputs.dtype} (supported: fp32, fp16, bf16)")
-        return reasons
+        """The kernels' own limits (`ops.triton.tiles.attention_unsupported_reasons`): head dim, dtype, and on
+        CUDA the compute capability, TF32 for fp32 and whether the tiles fit the device's shared memory."""
+        try:  # deferred: the ops.triton package imports the optional triton
+            from mplug_fast.ops.triton.tiles import attention_unsupported_reasons
+        except ImportError as e:
+            return [f"cannot import the Triton kernels ({e})"]
+        return attention_unsupported_reasons(
+            dtype=inputs.dtype,
+            head_dim=inputs.dim,
+            device=inputs.device_type,
+            has_mask="key_padding" in inputs.mask,
+            causal="causal" in inputs.mask,
+            dropout=float(inputs.dropout),
+            needs_grad=inputs.needs_grad,
+        )
 
     @staticmethod
     def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):

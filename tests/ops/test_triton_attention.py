@@ -17,6 +17,7 @@ iteration: shapes stay small. bf16 runs on CUDA only (`-m gpu`): bf16 tl.dot is 
 | triton fp16 / bf16 vs reference fp32        | low   | 2 * |reference_lowp - reference_fp32| + 1e-3       |
 """
 
+import contextlib
 import importlib
 
 import pytest
@@ -192,26 +193,71 @@ def test_fp16_forward_and_grads_within_twice_the_reference_fp16_error():
         assert err <= budget, f"triton fp16 {name}: max |diff| {err:.3e} > budget {budget:.3e}"
 
 
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """torch.set_float32_matmul_precision for a block (the kernels read it at launch)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def cuda_budget_check(fn, q, k, v, dtype, what, **kwargs):
+    """fn on CUDA vs the fp32 reference: max |diff| <= 2 x the error of the reference run in the low
+    precision + atol. fp32 runs with TF32 dots (the only fp32 path the kernels take on CUDA), whose 10-bit
+    mantissa is fp16's: its budget is the fp16 reference's error."""
+    with float32_matmul_precision("high"):
+        got = run_with_grads(fn, q, k, v, **kwargs)
+    ref32 = run_with_grads(attention_ref, q.float(), k.float(), v.float(), **kwargs)
+    lo_dtype = torch.float16 if dtype == torch.float32 else dtype
+    low = run_with_grads(
+        attention_ref, q.to(lo_dtype), k.to(lo_dtype), v.to(lo_dtype), upcast=False, **kwargs
+    )
+    for name, a, r, lo in zip(("out", "dq", "dk", "dv"), got, ref32, low):
+        assert a.dtype == dtype
+        err = (a.float() - r).abs().max().item()
+        budget = 2 * (lo.float() - r).abs().max().item() + 1e-3
+        assert err <= budget, f"{what} {dtype} {name}: max |diff| {err:.3e} > budget {budget:.3e}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=BF16_ON_CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B, H, Lq, Lk, Dh, mask_kind", [CASES[0], CASES[5], CASES[8], CASES[10], CASES[11]])
 def test_cuda_within_twice_the_reference_error(B, H, Lq, Lk, Dh, mask_kind, dtype):
-    """On CUDA (compiled kernels): every dtype; fp32 against the reference's own fp32 error budget too."""
+    """On CUDA (compiled kernels): every dtype (fp32 through TF32), against the fp32 reference."""
     q, k, v, mask = make_inputs(B, H, Lq, Lk, Dh, padding="padding" in mask_kind, dtype=dtype)
     q, k, v = q.cuda(), k.cuda(), v.cuda()
     mask = None if mask is None else mask.cuda()
-    causal = "causal" in mask_kind
-    got = run_with_grads(triton_attention, q, k, v, key_padding_mask=mask, causal=causal)
-    ref32 = run_with_grads(
-        attention_ref, q.float(), k.float(), v.float(), key_padding_mask=mask, causal=causal
+    cuda_budget_check(
+        triton_attention,
+        q,
+        k,
+        v,
+        dtype,
+        f"triton {mask_kind}",
+        key_padding_mask=mask,
+        causal="causal" in mask_kind,
     )
-    low = run_with_grads(attention_ref, q, k, v, key_padding_mask=mask, causal=causal, upcast=False)
-    for name, a, r, lo in zip(("out", "dq", "dk", "dv"), got, ref32, low):
-        assert a.dtype == dtype
-        err = (a.float() - r).abs().max().item()
-        budget = 2 * (lo.float() - r).abs().max().item() + (1e-3 if dtype != torch.float32 else 1e-5)
-        assert err <= budget, f"triton {dtype} {name} {mask_kind}: max |diff| {err:.3e} > budget {budget:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_refuses_ieee_fp32_and_says_why():
+    """Under torch's default fp32 matmul precision the kernels would need IEEE fp32 dots (FMA, spills): the
+    support function names it and the launcher refuses instead of launching."""
+    q = torch.randn(1, 2, 16, 64, device="cuda")
+    with float32_matmul_precision("highest"):
+        reasons = _kernels().attention_unsupported_reasons(dtype=torch.float32, head_dim=64, device=q.device)
+        assert any("float32" in r for r in reasons), reasons
+        with pytest.raises(NotImplementedError, match="float32"):
+            triton_attention(q, q, q)
+    with float32_matmul_precision("high"):
+        assert (
+            _kernels().attention_unsupported_reasons(dtype=torch.float32, head_dim=64, device=q.device) == []
+        )
 
 
 # ---- dropout ----------------------------------------------------------------------------------------------
@@ -229,7 +275,8 @@ def run_dropout_against_reference(q, k, v, dropout_p, torch_seed=123, **kwargs):
     torch.manual_seed(torch_seed)
     seed = _kernels().draw_dropout_seed(q.device)  # the same draw as inside flash_attention
     keep = _kernels().dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2], dropout_p)
-    ref = run_with_grads(attention_ref, q, k, v, dropout_p=dropout_p, dropout_mask=keep, **kwargs)
+    p_eff = 1 - 1 / _kernels().dropout_scale(dropout_p)  # the kernels round p to a multiple of 1/256
+    ref = run_with_grads(attention_ref, q, k, v, dropout_p=p_eff, dropout_mask=keep, **kwargs)
     errors = {}
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         assert_close(a, b, **FP32_TOL, what=f"triton dropout {name}")
@@ -275,7 +322,11 @@ def test_dropout_keep_mask_is_the_mask_the_forward_kernel_applies():
     keep = _kernels().dropout_keep_mask(_kernels().draw_dropout_seed("cpu"), B, H, Lq, Lk, p)
     assert torch.equal(out > 0, keep), f"{int(((out > 0) != keep).sum())} entries differ"
     assert_close(
-        out[keep], torch.full_like(out[keep], 1 / ((1 - p) * Lk)), atol=1e-6, rtol=1e-6, what="scale"
+        out[keep],
+        torch.full_like(out[keep], _kernels().dropout_scale(p) / Lk),
+        atol=1e-6,
+        rtol=1e-6,
+        what="scale",
     )
 
 
@@ -289,9 +340,11 @@ def test_dropout_keep_rate_and_independence():
     for p in (0.1, 0.5, 0.9):
         keep = ops.dropout_keep_mask(seed, B, H, Lq, Lk, p)
         rate = keep.float().mean().item()
+        kept = 1 / ops.dropout_scale(p)  # 1 - p, with p rounded to a multiple of 1/256
+        assert abs(kept - (1 - p)) <= 0.5 / 256
         sigma = (p * (1 - p) / n) ** 0.5
-        assert abs(rate - (1 - p)) < 5 * sigma, (
-            f"p={p}: keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+        assert abs(rate - kept) < 5 * sigma, (
+            f"p={p}: keep rate {rate:.4f}, expected {kept} +- {5 * sigma:.4f}"
         )
     keep = ops.dropout_keep_mask(seed, B, H, Lq, Lk, 0.5)
     assert torch.equal(keep, ops.dropout_keep_mask(seed, B, H, Lq, Lk, 0.5))
@@ -413,3 +466,57 @@ def test_tiny_vqa_with_triton_equals_the_reference_backend(monkeypatch):
     assert grads.keys() == ref_grads.keys()
     worst = max(((grads[n] - ref_grads[n]).abs().max().item(), n) for n in grads)
     assert worst[0] <= 1e-4, f"tiny VQA grads: max |diff| {worst[0]:.3e} in {worst[1]}"
+
+
+# ---- launch safety and tiles -------------------------------------------------------------------------------
+
+
+def test_kv_index_out_of_range_is_a_clear_error_on_the_host():
+    q, k, v, _ = make_inputs(3, 2, 5, 7, 16, Bk=2)
+    for bad in ([0, 1, 2], [-1, 0, 1]):
+        with pytest.raises(ValueError, match="kv_index values must be in"):
+            triton_attention(q, k, v, kv_index=torch.tensor(bad))
+
+
+def test_grid_is_one_dimensional_so_the_batch_is_not_limited_to_65535(monkeypatch):
+    """B * H programs go on grid axis 0 (limit 2^31 - 1), not on axis 1 or 2 (limit 65535)."""
+    ops = _kernels()
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(ops, "_attn_fwd_kernel", Recorder())
+    B, H, L = 70000, 2, 3
+    q = torch.zeros(B, H, L, 16)
+    ops._attn_fwd(q, q, q, None, None, False, 0.25)
+    assert grids == [(B * H,)], grids
+
+
+def test_short_queries_get_a_query_tile_that_fits():
+    tiles = importlib.import_module("mplug_fast.ops.triton.tiles")
+    for Lq, want in ((1, 16), (16, 16), (25, 32), (32, 32), (35, 64)):
+        for kind in ("fwd", "dq", "dkdv"):
+            got = tiles.tile_for(kind, 64, torch.float16, "cpu", Lq).block_m
+            assert got == min(want, tiles.TILES[("sm_90", kind, 64, 2)].block_m), (kind, Lq, got)
+    assert tiles.tile_for("fwd", 64, torch.float16, "cpu", 577) == tiles.TILES[("sm_90", "fwd", 64, 2)]
+
+
+def test_tile_table_covers_every_target_kernel_head_dim_and_dtype():
+    tiles = importlib.import_module("mplug_fast.ops.triton.tiles")
+    for arch in ("sm_80", "sm_90"):
+        for kind in ("fwd", "dq", "dkdv"):
+            for block_d in (16, 32, 64, 128):
+                for nbytes in (2, 4):
+                    t = tiles.TILES[(arch, kind, block_d, nbytes)]
+                    assert t.block_m >= 16 and t.block_n >= 16 and t.block_n % 16 == 0
+                    assert tiles.SHARED[(arch, kind, block_d, nbytes)] <= tiles.SHARED_LIMIT[arch]
+
+
+def test_unsupported_reasons_name_head_dim_and_dtype():
+    ops = _kernels()
+    assert ops.attention_unsupported_reasons(dtype=torch.float16, head_dim=64, device="cpu") == []
+    reasons = ops.attention_unsupported_reasons(dtype=torch.float64, head_dim=72, device="cpu")
+    assert len(reasons) == 2 and "head_dim=72" in reasons[0] and "float64" in reasons[1], reasons

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mplug_fast.ops.triton.layer_norm import cast_rtne
+from mplug_fast.ops.triton.layer_norm import _on_device, cast_rtne
 
 __all__ = ["ACTIVATIONS", "INTERPRETED", "bias_act", "bias_act_bwd", "bias_act_fwd"]
 
@@ -161,16 +161,11 @@ def _bias_act_fwd(x: Tensor, bias: Tensor, activation: str) -> Tensor:
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     numel, N = x.numel(), x.shape[-1]
     if numel > 0:
-        _bias_act_fwd_kernel[(triton.cdiv(numel, FWD_BLOCK),)](
-            x,
-            bias.contiguous(),
-            out,
-            numel,
-            N,
-            ACT=ACTIVATIONS[activation],
-            BLOCK=FWD_BLOCK,
-            INTERPRETED_K=INTERPRETED,
-        )
+        with _on_device(x):
+            _bias_act_fwd_kernel[(triton.cdiv(numel, FWD_BLOCK),)](
+                x, bias.contiguous(), out, numel, N,
+                ACT=ACTIVATIONS[activation], BLOCK=FWD_BLOCK, INTERPRETED_K=INTERPRETED,
+            )  # fmt: skip
     return out
 
 
@@ -186,10 +181,11 @@ def _bias_act_bwd(dout: Tensor, x: Tensor, bias: Tensor, activation: str) -> tup
     rows_per_program = triton.cdiv(triton.cdiv(rows, G), BWD_BLOCK_M) * BWD_BLOCK_M  # whole tiles
     G = triton.cdiv(rows, rows_per_program)
     db_partial = torch.empty((G, N), dtype=torch.float32, device=x.device)
-    _bias_act_bwd_kernel[(G, col_blocks)](
-        dout, x, bias.contiguous(), dx, db_partial, rows, N, rows_per_program,
-        ACT=ACTIVATIONS[activation], BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, INTERPRETED_K=INTERPRETED,
-    )  # fmt: skip
+    with _on_device(x):
+        _bias_act_bwd_kernel[(G, col_blocks)](
+            dout, x, bias.contiguous(), dx, db_partial, rows, N, rows_per_program,
+            ACT=ACTIVATIONS[activation], BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, INTERPRETED_K=INTERPRETED,
+        )  # fmt: skip
     return dx, db_partial.sum(0).to(bias.dtype)
 
 

@@ -1,14 +1,16 @@
-"""FlashAttention-2 in Triton: forward and backward, registered as `torch.library` custom ops.
+"""FlashAttention-2 in Triton: forward and backward launchers, registered as `torch.library` custom ops.
 
     flash_attention(q, k, v, *, key_padding_mask=None, causal=False, dropout_p=0.0, scale=None,
                     kv_index=None) -> out
 
-Same signature and semantics as `mplug_fast.ops.reference.attention_ref` (dropout: same distribution,
-a different RNG; see below):
+Same signature and semantics as `mplug_fast.ops.reference.attention_ref` (dropout: same distribution up to
+p rounded to a multiple of 1/256, a different RNG; see below). The kernels are in `attention_kernels.py`,
+their tile sizes and what they support in `tiles.py`:
 
 * Layout `[B, H, L, Dh]`; q `[B, H, Lq, Dh]`, k/v `[Bk, H, Lk, Dh]`; any strides with a contiguous last
   dim (other tensors are copied once by the launcher).
-* `Lq != Lk` and arbitrary lengths: ragged tails are handled with masked loads, never padded copies.
+* `Lq != Lk` and arbitrary lengths: ragged tails are handled with masked loads, never padded copies;
+  short queries (Lq <= 32) get a 16- or 32-row query tile instead of the table's 64/128.
 * `key_padding_mask`: bool `[Bk, Lk]`, True = attend; read in place as bytes by the kernels.
 * `causal`: bottom-right aligned, query i sees keys j <= i + Lk - Lq; blocks above the diagonal are skipped.
 * `kv_index`: long/int `[B]`, query row b reads K/V row `kv_index[b]` by pointer arithmetic (no gather).
@@ -16,336 +18,85 @@ a different RNG; see below):
   exp(s - LSE) = 0 in the backward).
 * Head dims 16..128: the head dim is padded to the next power of two inside the kernels with masked
   loads (16, 32, 64, 128 exact; 80 and 96 run on 128-wide tiles).
-* dtypes fp32, fp16, bf16; softmax statistics and accumulators in fp32. fp32 inputs use IEEE dots when
-  `torch.get_float32_matmul_precision() == "highest"` (torch's default), TF32 otherwise.
-
-Kernels (FlashAttention-2, Dao 2023, Algorithms 1 and 2):
-
-* `_attn_fwd_kernel`: one program per (query block, head, batch row); online softmax over key blocks;
-  writes O and the row log-sum-exp LSE `[B, H, Lq]` fp32 (natural log).
-* `_attn_bwd_dq_kernel`: one program per (query block, head, batch row); computes
-  delta = rowsum(dO * O) for its rows (the FA2 "preprocess", fused here), stores it, and accumulates dQ
-  over key blocks.
-* `_attn_bwd_dkdv_kernel`: one program per (key block, head, query batch row); accumulates dK, dV over
-  query blocks, reading the delta written by the dQ kernel (launched first on the same stream). No atomics.
+* dtypes fp16, bf16, and fp32; softmax statistics and accumulators in fp32. fp32 inputs use TF32 dots when
+  torch allows them (`torch.get_float32_matmul_precision() != "highest"`), IEEE dots otherwise, which only the
+  CPU interpreter runs: on CUDA the launcher refuses them (`attention_unsupported_reasons` says so, and the
+  dispatcher routes them to SDPA).
+* Launches run on q's device (`torch.cuda.device(q.device)`), with the tiles of `tiles.TILES` for its
+  architecture; a device whose shared memory cannot hold them is refused with a clear error.
 
 Caution:
 
-* Dropout on the attention probabilities: Philox (`tl.rand`) keyed by an int64 seed tensor (drawn from
-  torch's generator, so `torch.manual_seed` reproduces it) and the global index
-  ((b * H + h) * Lq + i) * Lk + j of the score element; the backward kernels recompute the same keep-mask.
-  Kept entries are scaled by 1 / (1 - p); the softmax normaliser (and so the LSE) is that of the undropped
-  probabilities.
-  `dropout_keep_mask` materialises the mask for a seed (tests and debugging).
+* Dropout on the attention probabilities (`dropout.py`): Philox keyed by an int64 seed tensor (drawn from
+  torch's generator, so `torch.manual_seed` reproduces it), one call per 16 scores of a row, each decided by
+  one byte; element (b, h, i, j) is row (b * H + h) * Lq + i, column j of a [B * H * Lq, Lk] matrix. The
+  drop probability is p rounded to a multiple of 1/256 and kept entries are scaled by `dropout_scale(p)`; the
+  softmax normaliser (and so the LSE) is that of the undropped probabilities. `dropout_keep_mask`
+  materialises the mask for a seed (tests and debugging).
 * With `kv_index`, dK/dV are computed per query row b into an fp32 `[B, H, Lk, Dh]` buffer and summed into
   `[Bk, H, Lk, Dh]` with `index_add_`: B/Bk times the dK/dV memory of the shared layout.
 * The LSE output is not differentiable (its gradient is ignored).
-* `kv_index` values are not range-checked (that would need a host sync): values outside [0, Bk) read out
-  of bounds.
+* `kv_index` is range-checked on the host when it is a CPU tensor, and with `MPLUG_FAST_DEBUG=1` on the
+  device (`torch._assert_async`, no host sync); otherwise the kernels clamp it into [0, Bk), so a bad index
+  reads a wrong row instead of faulting.
 * bf16 `tl.dot` is wrong in the Triton CPU interpreter (triton-lang/triton#11584): bf16 is checked on CUDA
   only; the backend refuses bf16 CPU tensors.
-* Block sizes come from `_BLOCKS`: not tuned on GPU yet (measured under the CPU interpreter, and checked
-  to fit sm_90 shared memory by ahead-of-time compilation; the autotune candidates are listed next to it).
-  The kernels compile for sm_90 in every flag combination but have not been run on a GPU yet.
+* The tiles were chosen by compiling for sm_80 and sm_90 (`benchmarks/kernel_resources.py`); they have not
+  been timed on a GPU yet. `MPLUG_FAST_TRITON_AUTOTUNE=1` makes the launchers autotune over
+  `tiles.autotune_candidates` instead (on a GPU, once per shape bucket).
 * The CPU interpreter (`TRITON_INTERPRET=1`, set before this module is imported) costs ~3 ms per tile
   iteration: for tests only.
 """
 
+import contextlib
 import math
+import os
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
+
+from mplug_fast.ops.triton.attention_kernels import (
+    LN2,
+    LOG2E,
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_fwd_kernel,
+    _dropout_mask_kernel,
+)
+from mplug_fast.ops.triton.dropout import dropout_scale, dropout_threshold
+from mplug_fast.ops.triton.tiles import (
+    SUPPORTED_HEAD_DIMS,
+    Tile,
+    attention_unsupported_reasons,
+    autotune_candidates,
+    tile_for,
+)
 
 __all__ = [
     "INTERPRETED",
+    "LN2",
+    "LOG2E",
     "SUPPORTED_HEAD_DIMS",
+    "attention_unsupported_reasons",
     "draw_dropout_seed",
     "dropout_keep_mask",
+    "dropout_scale",
     "flash_attention",
 ]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
-
-# Globals read by the kernels must be constexpr (triton rejects plain Python floats there).
-LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the kernels use exp2 on scores times scale * log2(e)
-LN2 = tl.constexpr(0.6931471805599453)  # ln(2): LSE is stored in natural-log units
-
-
-# ---- kernels -----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _visible(rows, cols, Lq, Lk, mask_row_ptr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
-    """Bool [BLOCK_M, BLOCK_N] (or broadcastable): key col is in range, not padding, and causally visible."""
-    ok = (cols < Lk)[None, :] & (rows >= 0)[:, None]  # rows >= 0 always holds: it only broadcasts to 2-D
-    if HAS_MASK:
-        keep = tl.load(mask_row_ptr + cols, mask=cols < Lk, other=0)
-        ok = ok & (keep != 0)[None, :]
-    if CAUSAL:
-        ok = ok & (cols[None, :] <= rows[:, None] + (Lk - Lq))
-    return ok
-
-
-@triton.jit
-def _dropout_keep(seed, bh, rows, cols, Lq, Lk, dropout_p):
-    """Bool [BLOCK_M, BLOCK_N]: keep score (bh // H, bh % H, row, col) of the [B, H, Lq, Lk] score matrix.
-
-    Philox (`tl.rand`) keyed by the seed and the element's global index (int64), so every kernel that touches
-    an element (forward, both backward kernels, the split-K forward, `dropout_keep_mask`) draws the same
-    number.
-    """
-    offs = (bh * Lq + rows.to(tl.int64))[:, None] * Lk + cols[None, :]
-    return tl.rand(seed, offs) >= dropout_p
-
-
-@triton.jit
-def _attend_key_range(
-    q, m_i, l_i, acc, lo, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
-    Lq, Lk, qk_scale, seed, bh, dropout_p, drop_scale,
-    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Online-softmax pass of one query block over keys [lo, hi) (shared by the main and split-K forwards).
-
-    m_i [BLOCK_M]: running max of the scores (log2 units); l_i [BLOCK_M]: running sum of exp2(s - m_i);
-    acc [BLOCK_M, BLOCK_D]: unnormalised output. Returns the updated (m_i, l_i, acc)."""
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(_visible(rows, cols, Lq, Lk, mask_row, HAS_MASK, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped entries too
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, rows, cols, Lq, Lk, dropout_p), p * drop_scale, 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, MASK, KV_INDEX, SEED, OUT, LSE,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_mb,
-    stride_ob, stride_oh, stride_om,
-    H, Lq, Lk, D, qk_scale, dropout_p, drop_scale,
-    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
-    off_bk = tl.load(KV_INDEX + off_b).to(tl.int64) if HAS_KV_INDEX else off_b  # K/V row of this query row
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(rows < Lq)[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    k_base = K + off_bk * stride_kb + off_h * stride_kh
-    v_base = V + off_bk * stride_vb + off_h * stride_vh
-    mask_row = MASK + off_bk * stride_mb
-    seed = tl.load(SEED) if DROPOUT else 0
-    bh = off_b * H + off_h
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Lk
-    if CAUSAL:  # the last key any row of this block sees is (pid_m + 1) * BLOCK_M - 1 + Lk - Lq
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
-    m_i, l_i, acc = _attend_key_range(
-        q, m_i, l_i, acc, 0, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
-        Lq, Lk, qk_scale, seed, bh, dropout_p, drop_scale,
-        BLOCK_N, HAS_MASK, CAUSAL, DROPOUT, PRECISION,
-    )  # fmt: skip
-
-    empty = l_i == 0.0  # no visible key: output 0, LSE +inf
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(rows < Lq)[:, None] & d_ok[None, :])
-    tl.store(LSE + (off_b * H + off_h) * Lq + rows, lse, mask=rows < Lq)
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, MASK, KV_INDEX, SEED, OUT, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_mb,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    H, Lq, Lk, D, scale, qk_scale, dropout_p, drop_scale,
-    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
-    off_bk = tl.load(KV_INDEX + off_b).to(tl.int64) if HAS_KV_INDEX else off_b
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    row_mask = (rows < Lq)[:, None] & d_ok[None, :]
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )
-    o = tl.load(
-        OUT + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BLOCK_M]: rowsum(dO * O), the FA2 preprocess
-    row_stat = (off_b * H + off_h) * Lq + rows
-    tl.store(DELTA + row_stat, delta, mask=rows < Lq)
-    lse2 = tl.load(LSE + row_stat, mask=rows < Lq, other=float("inf")) * LOG2E  # +inf: p = 0
-
-    k_base = K + off_bk * stride_kb + off_h * stride_kh
-    v_base = V + off_bk * stride_vb + off_h * stride_vh
-    mask_row = MASK + off_bk * stride_mb
-    seed = tl.load(SEED) if DROPOUT else 0
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(_visible(rows, cols, Lq, Lk, mask_row, HAS_MASK, CAUSAL), s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(dropped P)
-        if DROPOUT:  # dL/dP = keep * dL/d(dropped P) / (1 - p); delta = rowsum(dO * O) still holds
-            keep = _dropout_keep(seed, off_b * H + off_h, rows, cols, Lq, Lk, dropout_p)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq = dq * scale
-    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_mask)
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, MASK, KV_INDEX, SEED, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_mb,
-    stride_dob, stride_doh, stride_dom,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    H, Lq, Lk, D, scale, qk_scale, dropout_p, drop_scale,
-    HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    pid_n = tl.program_id(0)
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)  # the query row; dK/dV go to row off_b of DK/DV ([B, H, Lk, D])
-    off_bk = tl.load(KV_INDEX + off_b).to(tl.int64) if HAS_KV_INDEX else off_b
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
-    k = tl.load(
-        K + off_bk * stride_kb + off_h * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + off_bk * stride_vb + off_h * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    stat_base = (off_b * H + off_h) * Lq
-    mask_row = MASK + off_bk * stride_mb
-    seed = tl.load(SEED) if DROPOUT else 0
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = 0
-    if CAUSAL:  # the first query that sees key pid_n * BLOCK_N is pid_n * BLOCK_N - (Lk - Lq)
-        lo = tl.maximum(pid_n * BLOCK_N + Lq - Lk, 0) // BLOCK_M * BLOCK_M
-    for start_m in range(lo, Lq, BLOCK_M):
-        rows = start_m + offs_m
-        row_mask = (rows < Lq)[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=row_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=row_mask, other=0.0)
-        lse2 = tl.load(LSE + stat_base + rows, mask=rows < Lq, other=float("inf")) * LOG2E
-        delta = tl.load(DELTA + stat_base + rows, mask=rows < Lq, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(_visible(rows, cols, Lq, Lk, mask_row, HAS_MASK, CAUSAL), s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
-        if DROPOUT:
-            keep = _dropout_keep(seed, off_b * H + off_h, rows, cols, Lq, Lk, dropout_p)
-            p_drop = tl.where(keep, p * drop_scale, 0.0)
-            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=PRECISION)
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    dk = dk * scale
-    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
 # Set by triton at definition time: the CPU interpreter replaces JITFunction with InterpretedFunction.
 INTERPRETED = not isinstance(_attn_fwd_kernel, triton.runtime.JITFunction)
+_DEBUG = os.environ.get("MPLUG_FAST_DEBUG", "0") not in ("", "0")
+_AUTOTUNE = os.environ.get("MPLUG_FAST_TRITON_AUTOTUNE", "0") not in ("", "0") and not INTERPRETED
 
 
-# ---- launchers ---------------------------------------------------------------------------------------------
-
-# (BLOCK_M, BLOCK_N) by padded head dim (BLOCK_D). Not tuned on GPU yet. Measured so far:
-# * CPU interpreter (B=1, H=2, L=256, causal, fwd+bwd): fewer, larger tiles are faster there (32x32: 2.9 s,
-#   64x64: 1.0 s, 128x128: 0.3 s at Dh=128), so the tests use the largest tiles the GPU can hold;
-# * shared memory of the kernels compiled ahead of time for sm_90 (H200: 227 KiB per block): at 64x64,
-#   Dh=128 needs <= 73 KiB in fp16/bf16 but 209 KiB in fp32; 128x64 at Dh=128 exceeds the limit in fp32
-#   (354 KiB), so fp32 at BLOCK_D=128 keeps 64x64 and the 16-bit dtypes are the ones to tune upwards.
-# Candidates to autotune on the GPU: BLOCK_M in (64, 128), BLOCK_N in (32, 64, 128), num_warps in (4, 8),
-# num_stages in (2, 3, 4).
-_BLOCKS = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 64)}
+# ---- launch helpers ----------------------------------------------------------------------------------------
 
 
-def _blocks(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D) for a head dim: BLOCK_D is the next power of two (>= 16)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n = _BLOCKS[block_d]
-    return block_m, block_n, block_d
+def _block_d(head_dim: int) -> int:
+    """The padded head dim of the tiles: the next power of two (>= 16)."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -353,6 +104,55 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
+
+
+def _on_device(t: Tensor):
+    """Make t's CUDA device current for the launch (a no-op for CPU tensors under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _refuse_unsupported(q: Tensor, needs_grad: bool) -> None:
+    """Raise rather than launch a configuration that cannot run on q's device."""
+    if not q.is_cuda:
+        return
+    reasons = attention_unsupported_reasons(
+        dtype=q.dtype, head_dim=q.shape[-1], device=q.device, needs_grad=needs_grad
+    )
+    if reasons:
+        raise NotImplementedError("Triton attention cannot run these inputs: " + "; ".join(reasons))
+
+
+def _launch(kernel, kind: str, tile: Tile, n_blocks_of, args: tuple, flags: dict, q: Tensor) -> None:
+    """Launch `kernel` with the table's tile, or autotune over the candidates (MPLUG_FAST_TRITON_AUTOTUNE=1).
+
+    n_blocks_of(BLOCK_M, BLOCK_N) -> the number of programs (the grid is 1-D)."""
+    if _AUTOTUNE:
+        tuned = _autotuned(kernel, kind, flags["BLOCK_D"], q.dtype, q.device)
+        tuned[lambda meta: (n_blocks_of(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **flags)
+        return
+    grid = (n_blocks_of(tile.block_m, tile.block_n),)
+    kernel[grid](
+        *args, **flags,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+
+
+_AUTOTUNED: dict = {}
+
+
+def _autotuned(kernel, kind: str, block_d: int, dtype: torch.dtype, device: torch.device):
+    """`triton.autotune` of `kernel` over `tiles.autotune_candidates`, keyed on the lengths (cached)."""
+    key = (kernel, kind, block_d, dtype, torch.cuda.get_device_capability(device))
+    if key not in _AUTOTUNED:
+        configs = [
+            triton.Config(
+                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps, num_stages=t.num_stages
+            )
+            for t in autotune_candidates(kind, block_d, dtype, device)
+        ]
+        # dQ writes DELTA, which the dK/dV kernel reads: restore nothing, every config rewrites it whole.
+        _AUTOTUNED[key] = triton.autotune(configs, key=["Lq", "Lk"])(kernel)
+    return _AUTOTUNED[key]
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -378,12 +178,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if kv_index is None and q.shape[0] != k.shape[0]:
         raise ValueError(f"q has {q.shape[0]} rows but k/v have {k.shape[0]}; pass kv_index")
-    if kv_index is not None and (
-        kv_index.shape != (q.shape[0],) or kv_index.dtype not in (torch.int64, torch.int32)
-    ):
-        raise ValueError(
-            f"kv_index must be int32/int64 [{q.shape[0]}], got {kv_index.dtype} {list(kv_index.shape)}"
-        )
+    if kv_index is not None:
+        _check_kv_index(kv_index, q.shape[0], k.shape[0], q.device)
     if key_padding_mask is not None and (
         key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2])
     ):
@@ -391,6 +187,23 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_
             f"key_padding_mask must be bool [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
             f"got {key_padding_mask.dtype} {list(key_padding_mask.shape)}"
         )
+
+
+def _check_kv_index(kv_index: Tensor, B: int, Bk: int, device: torch.device) -> None:
+    """Shape, dtype, device; values in [0, Bk) checked on the host for CPU tensors, and asynchronously on the
+    device with MPLUG_FAST_DEBUG=1 (the kernels clamp out-of-range values either way)."""
+    if kv_index.shape != (B,) or kv_index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"kv_index must be int32/int64 [{B}], got {kv_index.dtype} {list(kv_index.shape)}")
+    if kv_index.device != device:
+        raise ValueError(f"kv_index is on {kv_index.device}, q on {device}: put it on q's device")
+    if B == 0:
+        return
+    if not kv_index.is_cuda:
+        lo, hi = int(kv_index.min()), int(kv_index.max())
+        if lo < 0 or hi >= Bk:
+            raise ValueError(f"kv_index values must be in [0, {Bk}) (the K/V rows), got min {lo}, max {hi}")
+    elif _DEBUG:
+        torch._assert_async(((kv_index >= 0) & (kv_index < Bk)).all(), "kv_index out of range [0, Bk)")
 
 
 def _check_dropout(dropout_p: float, seed: Tensor | None, q: Tensor) -> None:
@@ -405,11 +218,15 @@ def _check_dropout(dropout_p: float, seed: Tensor | None, q: Tensor) -> None:
         )
 
 
-def _dropout_args(dropout_p: float, seed: Tensor | None, dummy: Tensor) -> tuple[Tensor, float, float]:
-    """(seed pointer, p, 1 / (1 - p)) for the kernels; `dummy` stands for the seed without dropout."""
-    if dropout_p == 0.0:
-        return dummy, 0.0, 1.0
-    return seed, float(dropout_p), 1.0 / (1.0 - dropout_p)
+def _dropout_args(
+    dropout_p: float, seed: Tensor | None, dummy: Tensor
+) -> tuple[Tensor, bool, int, float, float]:
+    """(seed pointer, DROPOUT flag, byte threshold, 1 / keep probability, keep probability) for the kernels;
+    `dummy` stands for the seed without dropout."""
+    threshold = dropout_threshold(dropout_p)
+    if threshold == 0:
+        return dummy, False, 0, 1.0, 1.0
+    return seed, True, threshold, dropout_scale(dropout_p), (256 - threshold) / 256
 
 
 def _mask_arg(key_padding_mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, int]:
@@ -427,29 +244,33 @@ def _attn_fwd(
     """Launch the forward kernel. Returns out [B, H, Lq, Dh] (q's dtype, contiguous), LSE [B, H, Lq] fp32."""
     _check(q, k, v, key_padding_mask, kv_index)
     _check_dropout(dropout_p, seed, q)
+    _refuse_unsupported(q, needs_grad=False)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Lq, D = q.shape
-    Lk = k.shape[2]
+    Bk, _, Lk, _ = k.shape
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, block_d = _blocks(D)
+    block_d = _block_d(D)
     mask, stride_mb = _mask_arg(key_padding_mask, q)
-    seed_arg, p_drop, drop_scale = _dropout_args(dropout_p, seed, q)
-    grid = (triton.cdiv(Lq, block_m), H, B)
-    _attn_fwd_kernel[grid](
+    seed_arg, dropout, threshold, drop_scale, _ = _dropout_args(dropout_p, seed, q)
+    args = (
         q, k, v, mask, q if kv_index is None else kv_index, seed_arg, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         stride_mb,
         out.stride(0), out.stride(1), out.stride(2),
-        H, Lq, Lk, D, scale * LOG2E.value, p_drop, drop_scale,
-        HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
-        DROPOUT=p_drop > 0.0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        H, Bk, Lq, Lk, D, scale * LOG2E.value, threshold, drop_scale,
     )  # fmt: skip
+    flags = dict(
+        HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
+        DROPOUT=dropout, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    tile = tile_for("fwd", block_d, q.dtype, q.device, Lq)
+    with _on_device(q):
+        _launch(_attn_fwd_kernel, "fwd", tile, lambda bm, bn: triton.cdiv(Lq, bm) * B * H, args, flags, q)
     return out, lse
 
 
@@ -461,33 +282,31 @@ def _attn_bwd(
     dq [B, H, Lq, Dh], dk, dv [Bk, H, Lk, Dh] in the inputs' dtype."""
     _check(q, k, v, key_padding_mask, kv_index)
     _check_dropout(dropout_p, seed, q)
+    _refuse_unsupported(q, needs_grad=True)
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     B, H, Lq, D = q.shape
     Bk, _, Lk, _ = k.shape
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
-    if kv_index is None:
-        dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=k.device)
-        dv = torch.empty((B, H, Lk, D), dtype=v.dtype, device=v.device)
-    else:  # per query row, fp32; summed over the rows sharing a K/V row below
-        dk = torch.empty((B, H, Lk, D), dtype=torch.float32, device=k.device)
-        dv = torch.empty((B, H, Lk, D), dtype=torch.float32, device=v.device)
+    # with kv_index: per query row, fp32; summed over the rows sharing a K/V row below
+    grad_dtype = k.dtype if kv_index is None else torch.float32
+    dk = torch.empty((B, H, Lk, D), dtype=grad_dtype, device=k.device)
+    dv = torch.empty((B, H, Lk, D), dtype=grad_dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_()
         dk.zero_()
         dv.zero_()
     else:
         delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-        block_m, block_n, block_d = _blocks(D)
+        block_d = _block_d(D)
         mask, stride_mb = _mask_arg(key_padding_mask, q)
         index = q if kv_index is None else kv_index
-        seed_arg, p_drop, drop_scale = _dropout_args(dropout_p, seed, q)
+        seed_arg, dropout, threshold, drop_scale, keep_prob = _dropout_args(dropout_p, seed, q)
         flags = dict(
             HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
-            DROPOUT=p_drop > 0.0,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+            DROPOUT=dropout, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
         )  # fmt: skip
-        _attn_bwd_dq_kernel[(triton.cdiv(Lq, block_m), H, B)](
+        dq_args = (
             q, k, v, mask, index, seed_arg, out, dout, lse, delta, dq,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -496,10 +315,9 @@ def _attn_bwd(
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            H, Lq, Lk, D, scale, scale * LOG2E.value, p_drop, drop_scale,
-            **flags,
+            H, Bk, Lq, Lk, D, scale, scale * LOG2E.value, threshold, drop_scale, keep_prob,
         )  # fmt: skip
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](
+        dkdv_args = (
             q, k, v, mask, index, seed_arg, dout, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -508,9 +326,24 @@ def _attn_bwd(
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            H, Lq, Lk, D, scale, scale * LOG2E.value, p_drop, drop_scale,
-            **flags,
+            H, Bk, Lq, Lk, D, scale, scale * LOG2E.value, threshold, drop_scale, keep_prob,
         )  # fmt: skip
+        dq_tile = tile_for("dq", block_d, q.dtype, q.device, Lq)
+        dkdv_tile = tile_for("dkdv", block_d, q.dtype, q.device, Lq)
+        with _on_device(q):
+            _launch(
+                _attn_bwd_dq_kernel,
+                "dq",
+                dq_tile,
+                lambda bm, bn: triton.cdiv(Lq, bm) * B * H,
+                dq_args,
+                flags,
+                q,
+            )
+            _launch(
+                _attn_bwd_dkdv_kernel, "dkdv", dkdv_tile, lambda bm, bn: triton.cdiv(Lk, bn) * B * H,
+                dkdv_args, flags, q,
+            )  # fmt: skip
     if kv_index is not None:  # [B, H, Lk, D] fp32 -> [Bk, H, Lk, D]: sum over query rows sharing a K/V row
         dk = torch.zeros((Bk, H, Lk, D), dtype=torch.float32, device=k.device).index_add_(0, kv_index, dk)
         dv = torch.zeros((Bk, H, Lk, D), dtype=torch.float32, device=v.device).index_add_(0, kv_index, dv)
@@ -596,16 +429,6 @@ flash_attn_fwd.register_autograd(attention_backward, setup_context=setup_attenti
 # ---- dropout mask (debugging and tests) --------------------------------------------------------------------
 
 
-@triton.jit
-def _dropout_mask_kernel(SEED, KEEP, H, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    bh = tl.program_id(2).to(tl.int64)
-    keep = _dropout_keep(tl.load(SEED), bh, rows, cols, Lq, Lk, dropout_p)
-    ptrs = KEEP + (bh * Lq + rows.to(tl.int64))[:, None] * Lk + cols[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
-
-
 def draw_dropout_seed(device: torch.device | str) -> Tensor:
     """An int64 [1] seed from torch's generator for `device`, so `torch.manual_seed` makes dropout
     reproducible (and the draw is an ordinary traced op under torch.compile)."""
@@ -613,14 +436,18 @@ def draw_dropout_seed(device: torch.device | str) -> Tensor:
 
 
 def dropout_keep_mask(seed: Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> Tensor:
-    """The keep-mask the kernels apply for `seed`: bool [B, H, Lq, Lk] (True = kept, scaled by 1 / (1 - p)),
-    computed by a kernel that calls the same RNG function on the same element indices."""
+    """The keep-mask the kernels apply for `seed`: bool [B, H, Lq, Lk] (True = kept, scaled by
+    `dropout_scale(dropout_p)`), computed by a kernel that calls the same RNG function on the same
+    elements."""
     _check_dropout(dropout_p, seed, seed)
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=seed.device)
     if keep.numel() == 0:
         return keep.bool()
-    grid = (triton.cdiv(Lq, 64), triton.cdiv(Lk, 64), B * H)
-    _dropout_mask_kernel[grid](seed, keep, H, Lq, Lk, float(dropout_p), BLOCK_M=64, BLOCK_N=64)
+    n_rows = B * H * Lq
+    with _on_device(seed):
+        _dropout_mask_kernel[(triton.cdiv(n_rows, 64), triton.cdiv(Lk, 64))](
+            seed, keep, n_rows, Lk, dropout_threshold(dropout_p), BLOCK_M=64, BLOCK_N=64
+        )
     return keep.bool()
 
 

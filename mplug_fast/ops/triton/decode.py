@@ -8,15 +8,17 @@ decoding (Lq = 1 per step, beams sharing one image's K/V through `kv_index`). Th
 (`attention.py`) launches B * H * ceil(Lq / 64) programs, each walking every key block: with a small batch the
 GPU is mostly idle. Here the key axis is cut into `num_splits` ranges (whole key blocks each):
 
-* `_splitk_fwd_kernel`: one program per (split, query block, batch row x head); online softmax over its key
+* `_splitk_fwd_kernel`: one program per (query block x batch row x head, split); online softmax over its key
   range; writes the split's normalised partial output `[S, B, H, Lq, Dh]` fp32 and its LSE `[S, B, H, Lq]`
   (-inf for a split that sees no key);
-* `_splitk_combine_kernel`: one program per (query block, batch row x head);
+* `_splitk_combine_kernel`: one program per query block x batch row x head;
   out = sum_s w_s O_s / sum_s w_s with w_s = exp(LSE_s - max LSE), LSE = max + log(sum w_s)
   (+inf when no split saw a key, as in the main kernel).
 
-The query block is `max(16, next_pow2(Lq))` rows (16 is the smallest `tl.dot` tile), not 64: at Lq = 1 the
-main kernel computes 64 query rows per tile, this one 16.
+The query block is `max(16, next_pow2(Lq))` rows (16 is the smallest `tl.dot` tile), as in the main kernel for
+Lq <= 32; key tile, warps and pipeline depth are the forward's (`tiles.py`), and every split covers a whole
+number of key tiles. Grids are 1-D over query blocks x B x H
+(axis 1 = splits), so the batch is not limited to 65535.
 
 Semantics are those of the main kernel (and `attention_ref`): key padding, bottom-right causal, `kv_index`
 read by pointer arithmetic, rows without keys give 0, dropout with the same RNG function on the same
@@ -34,26 +36,27 @@ import triton.language as tl
 from torch import Tensor
 
 from mplug_fast.ops.triton.attention import (
-    LN2,
-    LOG2E,
-    _attend_key_range,
-    _blocks,
+    _block_d,
     _check,
     _check_dropout,
     _dropout_args,
     _last_dim_contiguous,
     _mask_arg,
+    _on_device,
     _precision,
+    _refuse_unsupported,
     attention_backward,
     draw_dropout_seed,
     setup_attention_context,
 )
+from mplug_fast.ops.triton.attention_kernels import LN2, LOG2E, _attend_key_range, _kv_row
+from mplug_fast.ops.triton.tiles import tile_for
 
 __all__ = ["MAX_QUERIES", "MIN_KEYS", "num_splits_for", "splitk_attention"]
 
 MAX_QUERIES = 64  # the split-K kernel is used for Lq <= MAX_QUERIES ...
 MIN_KEYS = 256  # ... and Lk >= MIN_KEYS
-BLOCK_N = 64  # keys per tile; every split covers a whole number of key tiles
+BLOCK_N = 64  # keys per split unit in the heuristic (two units at least per split)
 DEFAULT_SMS = 132  # SMs assumed off CUDA (H100/H200 SXM): only the interpreter runs there
 
 
@@ -64,16 +67,18 @@ def _splitk_fwd_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb,
-    B, H, Lq, Lk, D, qk_scale, dropout_p, drop_scale, keys_per_split,
+    B, H, Bk, Lq, Lk, D, qk_scale, drop_threshold, drop_scale, keys_per_split,
     HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)  # off_b * H + off_h
+    pid = tl.program_id(0)  # over (query block, batch row x head): 1-D, so B * H is not limited to 65535
+    pid_s = tl.program_id(1)
+    m_blocks = tl.cdiv(Lq, BLOCK_M)
+    pid_m = pid % m_blocks
+    bh = (pid // m_blocks).to(tl.int64)  # off_b * H + off_h
     off_b = bh // H
     off_h = bh % H
-    off_bk = tl.load(KV_INDEX + off_b).to(tl.int64) if HAS_KV_INDEX else off_b
+    off_bk = _kv_row(KV_INDEX, off_b, Bk, HAS_KV_INDEX)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -95,7 +100,7 @@ def _splitk_fwd_kernel(
         hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Lk - Lq)
     m_i, l_i, acc = _attend_key_range(
         q, m_i, l_i, acc, lo, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
-        Lq, Lk, qk_scale, seed, bh, dropout_p, drop_scale,
+        Lq, Lk, qk_scale, seed, bh, drop_threshold,
         BLOCK_N, HAS_MASK, CAUSAL, DROPOUT, PRECISION,
     )  # fmt: skip
 
@@ -104,7 +109,7 @@ def _splitk_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     part = pid_s * B * H + bh  # [S, B, H, ...] layout, contiguous
     o_ptrs = O_PART + (part * Lq + rows)[:, None] * D + offs_d[None, :]
-    tl.store(o_ptrs, acc / l_safe[:, None], mask=(rows < Lq)[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, acc * (drop_scale / l_safe)[:, None], mask=(rows < Lq)[:, None] & d_ok[None, :])
     tl.store(LSE_PART + part * Lq + rows, lse, mask=rows < Lq)
 
 
@@ -115,8 +120,10 @@ def _splitk_combine_kernel(
     B, H, Lq, D, num_splits,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    m_blocks = tl.cdiv(Lq, BLOCK_M)
+    pid_m = pid % m_blocks
+    bh = (pid // m_blocks).to(tl.int64)
     off_b = bh // H
     off_h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,41 +194,46 @@ def _splitk_fwd(
     """Launch the split and combine kernels. Returns out [B, H, Lq, Dh] (q's dtype), LSE [B, H, Lq] fp32."""
     _check(q, k, v, key_padding_mask, kv_index)
     _check_dropout(dropout_p, seed, q)
+    _refuse_unsupported(q, needs_grad=False)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Lq, D = q.shape
-    Lk = k.shape[2]
+    Bk, _, Lk, _ = k.shape
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    _, _, block_d = _blocks(D)
+    block_d = _block_d(D)
     block_m = _block_m(Lq)
-    keys_per_split = triton.cdiv(triton.cdiv(max(Lk, 1), BLOCK_N), num_splits) * BLOCK_N
+    tile = tile_for("fwd", block_d, q.dtype, q.device, Lq)  # the forward's key tile, warps and stages
+    block_n = tile.block_n
+    keys_per_split = triton.cdiv(triton.cdiv(max(Lk, 1), block_n), num_splits) * block_n
     num_splits = triton.cdiv(max(Lk, 1), keys_per_split)  # no empty trailing split
     o_part = torch.empty((num_splits, B, H, Lq, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((num_splits, B, H, Lq), dtype=torch.float32, device=q.device)
     mask, stride_mb = _mask_arg(key_padding_mask, q)
-    seed_arg, p_drop, drop_scale = _dropout_args(dropout_p, seed, q)
+    seed_arg, dropout, threshold, drop_scale, _ = _dropout_args(dropout_p, seed, q)
     m_blocks = triton.cdiv(Lq, block_m)
-    _splitk_fwd_kernel[(num_splits, m_blocks, B * H)](
-        q, k, v, mask, q if kv_index is None else kv_index, seed_arg, o_part, lse_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        stride_mb,
-        B, H, Lq, Lk, D, scale * LOG2E.value, p_drop, drop_scale, keys_per_split,
-        HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
-        DROPOUT=p_drop > 0.0,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-    )  # fmt: skip
-    _splitk_combine_kernel[(m_blocks, B * H)](
-        o_part, lse_part, out, lse,
-        out.stride(0), out.stride(1), out.stride(2),
-        B, H, Lq, D, num_splits,
-        BLOCK_M=block_m, BLOCK_D=block_d,
-    )  # fmt: skip
+    with _on_device(q):
+        _splitk_fwd_kernel[(m_blocks * B * H, num_splits)](
+            q, k, v, mask, q if kv_index is None else kv_index, seed_arg, o_part, lse_part,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            stride_mb,
+            B, H, Bk, Lq, Lk, D, scale * LOG2E.value, threshold, drop_scale, keys_per_split,
+            HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
+            DROPOUT=dropout,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )  # fmt: skip
+        _splitk_combine_kernel[(m_blocks * B * H,)](
+            o_part, lse_part, out, lse,
+            out.stride(0), out.stride(1), out.stride(2),
+            B, H, Lq, D, num_splits,
+            BLOCK_M=block_m, BLOCK_D=block_d,
+        )  # fmt: skip
     return out, lse
 
 
@@ -268,8 +280,8 @@ def splitk_attention(
     Args:
         q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh].  key_padding_mask: bool [Bk, Lk], True = attend.
         kv_index: int32/int64 [B], the K/V row of each query row.
-        num_splits: key splits (each a whole number of 64-key tiles; capped at the tile count); default
-            `num_splits_for(...)`, at least 2.
+        num_splits: key splits (each a whole number of the forward's key tiles; capped at the tile
+            count); default `num_splits_for(...)`, at least 2.
     Returns:
         [B, H, Lq, Dh] in q's dtype (contiguous).
     """

@@ -9,8 +9,9 @@ computes `LayerNorm(residual + dropout(x))` over the last dim, in one read of `x
   (the dtype of `residual + x` in eager PyTorch), which is the input dtype when both match.
 * dtypes fp32, fp16, bf16 (each tensor may differ); all arithmetic in fp32 (statistics, normalisation,
   gradients); `weight`/`bias` gradients are accumulated in fp32 and returned in their own dtype.
-* Dropout: element (row, col) is kept iff `tl.rand(seed, row * D + col) > dropout_p` (Philox, counter =
-  logical element index, independent of strides); kept values are scaled by `1 / (1 - dropout_p)`. The seed
+* Dropout: `dropout.keep_tile` on the logical `[rows, D]` matrix (one Philox call per 16 columns of a row,
+  one byte per decision, independent of strides): the drop probability is p rounded to a multiple of 1/256,
+  kept values are scaled by `dropout_scale(p)` (1 / (1 - p) for that rounded p). The seed
   is an int64 `[1]` tensor drawn by the caller (`mplug_fast.ops.fused`) from torch's generator, so the
   op itself is deterministic; the backward regenerates the mask from the seed (no mask is stored).
   `dropout_p == 1` drops everything (scale 0).
@@ -34,10 +35,14 @@ Caution:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from mplug_fast.ops.triton.dropout import dropout_scale, dropout_threshold, keep_tile
 
 __all__ = [
     "INTERPRETED",
@@ -72,14 +77,18 @@ def cast_rtne(y, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _h_row(x_row_ptr, r_row_ptr, seed_ptr, row, cols, D, dropout_p, drop_scale, HAS_DROPOUT: tl.constexpr):
+def _h_row(
+    x_row_ptr, r_row_ptr, seed_ptr, row, cols, D, drop_threshold, drop_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """h = residual + dropout(x) for one row, fp32 [BLOCK] (0 beyond D); also returns the keep mask."""
     in_row = cols < D
     x = tl.load(x_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
     r = tl.load(r_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-        keep = tl.rand(seed, row * D + cols) > dropout_p  # row is int64: no overflow past 2**31 elements
+        rows = tl.zeros([1], tl.int64) + row  # int64: no overflow past 2**31 elements
+        keep = tl.reshape(keep_tile(seed, rows, 0, (D + 15) // 16, drop_threshold, BLOCK), [BLOCK])
         x = tl.where(keep, x * drop_scale, 0.0)
     else:
         keep = in_row
@@ -90,14 +99,23 @@ def _h_row(x_row_ptr, r_row_ptr, seed_ptr, row, cols, D, dropout_p, drop_scale, 
 def _ln_fwd_kernel(
     X, R, W, B, Y, Mean, Rstd, Seed,
     stride_x, stride_r, stride_y,
-    D, eps, dropout_p, drop_scale,
+    D, eps, drop_threshold, drop_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_K: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < D
     h, _ = _h_row(
-        X + row * stride_x, R + row * stride_r, Seed, row, cols, D, dropout_p, drop_scale, HAS_DROPOUT
+        X + row * stride_x,
+        R + row * stride_r,
+        Seed,
+        row,
+        cols,
+        D,
+        drop_threshold,
+        drop_scale,
+        HAS_DROPOUT,
+        BLOCK,
     )
     mean = tl.sum(h, axis=0) / D
     diff = tl.where(in_row, h - mean, 0.0)
@@ -115,7 +133,7 @@ def _ln_fwd_kernel(
 def _ln_bwd_kernel(
     DY, X, R, W, Mean, Rstd, Seed, DX, DR, DW_partial, DB_partial,
     stride_dy, stride_x, stride_r, stride_dx, stride_dr,
-    rows, D, rows_per_program, dropout_p, drop_scale,
+    rows, D, rows_per_program, drop_threshold, drop_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -130,7 +148,16 @@ def _ln_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for row in range(row_start, row_end):
         h, keep = _h_row(
-            X + row * stride_x, R + row * stride_r, Seed, row, cols, D, dropout_p, drop_scale, HAS_DROPOUT
+            X + row * stride_x,
+            R + row * stride_r,
+            Seed,
+            row,
+            cols,
+            D,
+            drop_threshold,
+            drop_scale,
+            HAS_DROPOUT,
+            BLOCK,
         )
         mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
@@ -170,18 +197,28 @@ def _num_programs(device: torch.device, rows: int) -> int:
     return max(1, min(rows, 16))  # the interpreter: the cost is per row, the partials are tiny
 
 
+def _on_device(t: Tensor):
+    """Make t's CUDA device current for the launch (a no-op for CPU tensors under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _rows_2d(t: Tensor, D: int) -> Tensor:
     """[*, D] -> [rows, D] with a unit last-dim stride (a view when possible, else one copy)."""
     t = t.reshape(-1, D)
     return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
 
 
-def _dropout_args(dropout_p: float, seed: Tensor | None, dummy: Tensor) -> tuple[bool, Tensor, float]:
-    has_dropout = dropout_p > 0.0
-    if has_dropout and seed is None:
+def _dropout_args(dropout_p: float, seed: Tensor | None, dummy: Tensor) -> tuple[bool, Tensor, int, float]:
+    """(HAS_DROPOUT, seed pointer, byte threshold, scale of kept values); `dummy` stands for the seed."""
+    if dropout_p > 0.0 and seed is None:
         raise ValueError(f"dropout_p={dropout_p} needs a seed tensor (int64 [1]), got None")
-    drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
-    return has_dropout, (seed if has_dropout else dummy), drop_scale
+    threshold = dropout_threshold(dropout_p)
+    has_dropout = threshold > 0
+    return has_dropout, (seed if has_dropout else dummy), threshold, dropout_scale(dropout_p)
+
+
+def _block(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))  # >= 16: one Philox group of dropout decisions
 
 
 def _check(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, dropout_p: float) -> None:
@@ -226,14 +263,15 @@ def _ln_fwd(
     mean = torch.empty((rows,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows > 0 and D > 0:
-        has_dropout, seed_arg, drop_scale = _dropout_args(dropout_p, seed, mean)
-        BLOCK = triton.next_power_of_2(D)
-        _ln_fwd_kernel[(rows,)](
-            x2, r2, weight.contiguous(), bias.contiguous(), y, mean, rstd, seed_arg,
-            x2.stride(0), r2.stride(0), y.stride(0),
-            D, eps, dropout_p, drop_scale,
-            HAS_DROPOUT=has_dropout, BLOCK=BLOCK, INTERPRETED_K=INTERPRETED, num_warps=_num_warps(BLOCK),
-        )  # fmt: skip
+        has_dropout, seed_arg, threshold, drop_scale = _dropout_args(dropout_p, seed, mean)
+        BLOCK = _block(D)
+        with _on_device(x):
+            _ln_fwd_kernel[(rows,)](
+                x2, r2, weight.contiguous(), bias.contiguous(), y, mean, rstd, seed_arg,
+                x2.stride(0), r2.stride(0), y.stride(0),
+                D, eps, threshold, drop_scale,
+                HAS_DROPOUT=has_dropout, BLOCK=BLOCK, INTERPRETED_K=INTERPRETED, num_warps=_num_warps(BLOCK),
+            )  # fmt: skip
     return y.view(x.shape), mean, rstd
 
 
@@ -260,14 +298,15 @@ def _ln_bwd(
     G = triton.cdiv(rows, rows_per_program)  # no empty program
     dw_partial = torch.empty((G, D), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((G, D), dtype=torch.float32, device=x.device)
-    has_dropout, seed_arg, drop_scale = _dropout_args(dropout_p, seed, mean)
-    BLOCK = triton.next_power_of_2(D)
-    _ln_bwd_kernel[(G,)](
-        dy2, x2, r2, weight.contiguous(), mean, rstd, seed_arg, dx, dr, dw_partial, db_partial,
-        dy2.stride(0), x2.stride(0), r2.stride(0), dx.stride(0), dr.stride(0),
-        rows, D, rows_per_program, dropout_p, drop_scale,
-        HAS_DROPOUT=has_dropout, BLOCK=BLOCK, INTERPRETED_K=INTERPRETED, num_warps=_num_warps(BLOCK),
-    )  # fmt: skip
+    has_dropout, seed_arg, threshold, drop_scale = _dropout_args(dropout_p, seed, mean)
+    BLOCK = _block(D)
+    with _on_device(x):
+        _ln_bwd_kernel[(G,)](
+            dy2, x2, r2, weight.contiguous(), mean, rstd, seed_arg, dx, dr, dw_partial, db_partial,
+            dy2.stride(0), x2.stride(0), r2.stride(0), dx.stride(0), dr.stride(0),
+            rows, D, rows_per_program, threshold, drop_scale,
+            HAS_DROPOUT=has_dropout, BLOCK=BLOCK, INTERPRETED_K=INTERPRETED, num_warps=_num_warps(BLOCK),
+        )  # fmt: skip
     dw = dw_partial.sum(0).to(weight.dtype)
     db = db_partial.sum(0).to(bias.dtype)
     return dx.view(x.shape), dr.view(x.shape), dw, db
