@@ -10,12 +10,16 @@ targets; the queue keeps the ids). Differences from the official code, on purpos
 * the keys hold the momentum features of the *whole* global batch (all-gathered), not only the local one,
   so W ranks x B samples give exactly the loss of one process with W*B samples;
 * the queue starts empty and unfilled slots are masked out (ALBEF fills it with random unit vectors that
-  act as meaningless negatives until overwritten);
+  act as meaningless negatives until overwritten); to resume from a released checkpoint with its queue
+  (and so get the official loss on the same weights and batch), load it with
+  ``ITCLoss.load_official_queue(official_queue_state(checkpoint))``: every slot is then a key, as there;
 * the temperature is clamped to [temp_min, temp_max] under no_grad before every forward (ALBEF / TiMiX; the
   official retrieval model does not clamp).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,41 @@ class FeatureQueue(nn.Module):
     def valid(self) -> Tensor:
         """bool [Q]: slots holding a feature."""
         return torch.arange(self.size, device=self.ids.device) < self.filled
+
+    @torch.no_grad()
+    def load_official(
+        self,
+        image_queue: Tensor,
+        text_queue: Tensor,
+        idx_queue: Tensor | None = None,
+        queue_ptr: Tensor | None = None,
+    ) -> None:
+        """Take the official queue buffers, in their layout: image_queue / text_queue [E, Q] (features as
+        columns), idx_queue [1, Q] (image ids; negative = none, official init -100), queue_ptr [1].
+
+        The queue is resized to Q and every slot counts as filled (the official loss uses all Q columns).
+        Without idx_queue (pretraining checkpoints) no slot has an image id: all queued keys are negatives.
+        """
+        dim = self.image.shape[1]
+        if image_queue.dim() != 2 or image_queue.shape != text_queue.shape or image_queue.shape[0] != dim:
+            raise ValueError(
+                f"official queues must be [embed_dim={dim}, Q] each, got image_queue "
+                f"{list(image_queue.shape)} and text_queue {list(text_queue.shape)}"
+            )
+        size = image_queue.shape[1]
+        ids = torch.full((size,), -1, dtype=torch.long)
+        if idx_queue is not None:
+            if idx_queue.numel() != size:
+                raise ValueError(f"idx_queue has {idx_queue.numel()} entries for a queue of {size} slots")
+            ids = idx_queue.reshape(size).long().clamp(min=-1)  # any negative id = no image
+        ptr = int(queue_ptr.reshape(-1)[0]) % size if queue_ptr is not None and size else 0
+        device, dtype = self.image.device, self.image.dtype
+        self.size = size
+        self.image = image_queue.t().contiguous().to(device, dtype)
+        self.text = text_queue.t().contiguous().to(device, dtype)
+        self.ids = ids.to(device)
+        self.ptr = torch.tensor(ptr, dtype=torch.long, device=device)
+        self.filled = torch.tensor(size, dtype=torch.long, device=device)
 
     @torch.no_grad()
     def enqueue(self, image: Tensor, text: Tensor, ids: Tensor) -> None:
@@ -110,6 +149,17 @@ class ITCLoss(nn.Module):
     def __init__(self, embed_dim: int, queue_size: int = DEFAULT_QUEUE_SIZE, global_batch: int | None = None):
         super().__init__()
         self.queue = FeatureQueue(queue_size, embed_dim, global_batch)
+
+    def load_official_queue(self, state: Mapping[str, Tensor]) -> None:
+        """Resume with a released checkpoint's queue: `state` holds the official buffers ``image_queue``,
+        ``text_queue`` (required), ``idx_queue``, ``queue_ptr`` (optional), e.g. from
+        ``mplug_fast.checkpoint.official.official_queue_state``. Default (not called): an empty queue."""
+        missing = [k for k in ("image_queue", "text_queue") if k not in state]
+        if missing:
+            raise KeyError(f"official queue state lacks {missing}; keys given: {sorted(state)}")
+        self.queue.load_official(
+            state["image_queue"], state["text_queue"], state.get("idx_queue"), state.get("queue_ptr")
+        )
 
     def forward(
         self,
