@@ -11,6 +11,7 @@ from mplug_fast.checkpoint.keymap import ConversionReport
 from mplug_fast.checkpoint.official import (
     infer_official_config,
     load_official,
+    official_queue_state,
     to_official_state_dict,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "ConversionReport",
     "infer_official_config",
     "load_pretrained",
+    "official_queue_state",
     "init_from_public_weights",
     "load_bert_weights",
     "load_clip_visual",

@@ -12,7 +12,8 @@ j + offset, offset = slots - fusion_layers (6 in the released configs, read from
 
 Dropped on purpose, listed in the report's `ignored`: the CLIP text tower and `visual.proj`, fusion
 slots 0..offset-1, the fusion embeddings, the cross-attention of connected layers, `position_ids`,
-grounding buffers (rebuilt from the vocabulary), ITC queues (owned by the trainer), components the
+grounding buffers (rebuilt from the vocabulary), ITC queues (owned by the objective: a fresh run starts
+with an empty queue; `official_queue_state` returns them for `ITCLoss.load_official_queue`), components the
 task does not run, and `_m` momentum copies of tasks that train without them. Anything else that
 does not map is an error (strict) or returned in `unexpected` (strict=False).
 """
@@ -265,7 +266,7 @@ def _ignored_reason(key: str, model: MPlug, offset: int) -> str | None:
         key,
     )
     if key in _QUEUE_KEYS:
-        return "ITC queue (owned by the pretraining / retrieval objective)"
+        return "ITC queue (owned by the objective; see official_queue_state)"
     if key in _GROUNDING_BUFFERS:
         return "grounding buffer (rebuilt from the vocabulary)"
     if base.startswith("visual_encoder.") and not base.startswith("visual_encoder.visual."):
@@ -472,3 +473,22 @@ def to_official_state_dict(
                 out[head + "decoder.weight"] = out[word + ".weight"]
                 out[head + "decoder.bias"] = out[head + "bias"]
     return out
+
+
+def official_queue_state(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any], *, allow_pickle: bool = False
+) -> dict[str, Tensor]:
+    """The ITC queue buffers of an official checkpoint, official layout: `image_queue`, `text_queue` [E, Q],
+    and when present `idx_queue` [1, Q] (retrieval) and `queue_ptr` [1]. For resuming official retrieval or
+    pretraining with its queue: ``objective.itc.load_official_queue(official_queue_state(path))``."""
+    source = path_or_state_dict
+    if isinstance(source, str | os.PathLike):
+        source = read_checkpoint(Path(source), allow_pickle=allow_pickle)
+    state = unwrap_state_dict(source)
+    queue = {k: state[k] for k in sorted(_QUEUE_KEYS) if k in state}
+    if "image_queue" not in queue or "text_queue" not in queue:
+        where = f" in {path_or_state_dict}" if isinstance(path_or_state_dict, str | os.PathLike) else ""
+        raise CheckpointError(
+            f"no ITC queue (image_queue / text_queue){where}: not a pretrain/retrieval checkpoint"
+        )
+    return queue

@@ -16,10 +16,12 @@ Normalisation, as the official evaluation does it (``normalize_answer``):
     4. contractions written without an apostrophe are restored ("dont" -> "don't", "whats" -> "what's").
 
 Quirks of the official code, all reproduced with ``official=True`` (the default):
-    * the prediction gets steps 1-4, but the ground-truth answers get only step 1, plus step 2 when the
-      annotators disagree (more than one distinct answer); so with unanimous answers "two" the prediction
-      "two" (normalised to "2") scores 0. The released VQA v2 annotations are already normalised, which is
-      why this rarely shows. ``official=False`` applies all steps to both sides.
+    * the prediction gets steps 1-4, but the ground-truth answers get none of them, only step 2 when the
+      annotators disagree (more than one distinct raw answer); so with unanimous answers "two" the prediction
+      "two" (normalised to "2") scores 0, and a ground truth with leading or trailing whitespace ("2 ") or a
+      newline never matches (the prediction is stripped, the ground truth is not). The released VQA v2
+      annotations are already normalised, which is why this rarely shows. ``official=False`` applies all
+      steps to both sides.
     * the contraction table has keys that can never match (capitalised "Im", "Ive", "Id've", "I'dve" --
       the text is lower-cased first), identity entries ("let's", "she's", "'ow'sat") and one reversed entry
       ("somebody'd" -> "somebodyd").
@@ -224,17 +226,18 @@ def vqa_score(prediction: str, gt_answers: Sequence[str], official: bool = True)
     Args:
         prediction: the model's answer (raw text).
         gt_answers: the annotators' answers, duplicates included (they are the votes).
-        official: True = the official normalisation asymmetry (see the module docstring); False = both sides
-            fully normalised.
+        official: True = the official normalisation asymmetry (see the module docstring: ground truths are
+            not whitespace-stripped); False = both sides fully normalised (symmetric).
     """
     if isinstance(gt_answers, str) or len(gt_answers) == 0:
         raise ValueError(f"gt_answers must be a non-empty list of strings, got {gt_answers!r}")
-    gts = [_clean_whitespace(a) for a in gt_answers]
     pred = normalize_answer(prediction)
     if not official:
-        gts = [normalize_answer(a) for a in gts]
-    elif len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+        gts = [normalize_answer(a) for a in gt_answers]
+    elif len(set(gt_answers)) > 1:  # the official compares raw ground truths: no whitespace cleaning
+        gts = [process_punctuation(a) for a in gt_answers]
+    else:
+        gts = list(gt_answers)
     matches = [g == pred for g in gts]
     total = sum(matches)
     # leave annotator i out: the matches among the others are total - matches[i]

@@ -6,16 +6,24 @@
     loss      = ( CE_soft(sim_i2t, targets_i2t) + CE_soft(sim_t2i, targets_t2i) ) / 2   (mean over rows)
 
 Positives: the pair itself (no image ids) or every key with the same image id (retrieval's multi-positive
-targets; the queue keeps the ids). Differences from the official code, on purpose:
+targets; the queue keeps the ids): the official semantics, right for real data where two images rarely
+share a caption. With ``same_text_positive=True`` a key whose text is token-for-token identical to the
+row's own text is a positive too (``text_identity`` hashes the tokens; the queue keeps the hashes): for
+data where many images share one caption (a synthetic world of a few shapes and colours), where identical
+texts labelled as negatives are contradictory targets. Differences from the official code, on purpose:
 * the keys hold the momentum features of the *whole* global batch (all-gathered), not only the local one,
   so W ranks x B samples give exactly the loss of one process with W*B samples;
 * the queue starts empty and unfilled slots are masked out (ALBEF fills it with random unit vectors that
-  act as meaningless negatives until overwritten);
+  act as meaningless negatives until overwritten); to resume from a released checkpoint with its queue
+  (and so get the official loss on the same weights and batch), load it with
+  ``ITCLoss.load_official_queue(official_queue_state(checkpoint))``: every slot is then a key, as there;
 * the temperature is clamped to [temp_min, temp_max] under no_grad before every forward (ALBEF / TiMiX; the
   official retrieval model does not clamp).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +38,12 @@ class FeatureQueue(nn.Module):
     """FIFO of momentum features and image ids, as buffers (saved in the state dict).
 
     Buffers: image [Q, E], text [Q, E] (unit rows), ids long [Q] (-1 = none), ptr long [] (next slot),
-    filled long [] (number of valid slots). The write position is computed on the device, so enqueueing
-    never synchronises with the host. Q must be a multiple of every global batch enqueued.
+    filled long [] (number of valid slots), and with ``text_hashes`` text_hashes long [Q] (-1 = none).
+    The write position is computed on the device, so enqueueing never synchronises with the host. Q must be
+    a multiple of every global batch enqueued.
     """
 
-    def __init__(self, size: int, dim: int, global_batch: int | None = None):
+    def __init__(self, size: int, dim: int, global_batch: int | None = None, text_hashes: bool = False):
         super().__init__()
         if size < 0 or dim < 1:
             raise ValueError(f"queue size must be >= 0 and dim >= 1, got size={size}, dim={dim}")
@@ -44,6 +53,9 @@ class FeatureQueue(nn.Module):
         self.register_buffer("image", torch.zeros(size, dim))
         self.register_buffer("text", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        # long [Q] text identities (same_text_positive), -1 = none; None (no buffer) otherwise
+        hashes = torch.full((size,), -1, dtype=torch.long) if text_hashes else None
+        self.register_buffer("text_hashes", hashes)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
@@ -62,8 +74,46 @@ class FeatureQueue(nn.Module):
         return torch.arange(self.size, device=self.ids.device) < self.filled
 
     @torch.no_grad()
-    def enqueue(self, image: Tensor, text: Tensor, ids: Tensor) -> None:
-        """image, text: [N, E] (global batch, already gathered); ids: long [N]. Overwrites the oldest N."""
+    def load_official(
+        self,
+        image_queue: Tensor,
+        text_queue: Tensor,
+        idx_queue: Tensor | None = None,
+        queue_ptr: Tensor | None = None,
+    ) -> None:
+        """Take the official queue buffers, in their layout: image_queue / text_queue [E, Q] (features as
+        columns), idx_queue [1, Q] (image ids; negative = none, official init -100), queue_ptr [1].
+
+        The queue is resized to Q and every slot counts as filled (the official loss uses all Q columns).
+        Without idx_queue (pretraining checkpoints) no slot has an image id: all queued keys are negatives.
+        """
+        dim = self.image.shape[1]
+        if image_queue.dim() != 2 or image_queue.shape != text_queue.shape or image_queue.shape[0] != dim:
+            raise ValueError(
+                f"official queues must be [embed_dim={dim}, Q] each, got image_queue "
+                f"{list(image_queue.shape)} and text_queue {list(text_queue.shape)}"
+            )
+        size = image_queue.shape[1]
+        ids = torch.full((size,), -1, dtype=torch.long)
+        if idx_queue is not None:
+            if idx_queue.numel() != size:
+                raise ValueError(f"idx_queue has {idx_queue.numel()} entries for a queue of {size} slots")
+            ids = idx_queue.reshape(size).long().clamp(min=-1)  # any negative id = no image
+        ptr = int(queue_ptr.reshape(-1)[0]) % size if queue_ptr is not None and size else 0
+        device, dtype = self.image.device, self.image.dtype
+        self.size = size
+        self.image = image_queue.t().contiguous().to(device, dtype)
+        self.text = text_queue.t().contiguous().to(device, dtype)
+        self.ids = ids.to(device)
+        if self.text_hashes is not None:  # the official queue has no text identities
+            self.text_hashes = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.ptr = torch.tensor(ptr, dtype=torch.long, device=device)
+        self.filled = torch.tensor(size, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def enqueue(self, image: Tensor, text: Tensor, ids: Tensor, text_hashes: Tensor | None = None) -> None:
+        """image, text: [N, E] (global batch, already gathered); ids, text_hashes: long [N]. Overwrites the
+        oldest N."""
         if self.size == 0:
             return
         n = image.shape[0]
@@ -72,8 +122,29 @@ class FeatureQueue(nn.Module):
         self.image.index_copy_(0, slots, image.to(self.image.dtype))
         self.text.index_copy_(0, slots, text.to(self.text.dtype))
         self.ids.index_copy_(0, slots, ids)
+        if self.text_hashes is not None:
+            if text_hashes is None:
+                text_hashes = torch.full_like(ids, -1)
+            self.text_hashes.index_copy_(0, slots, text_hashes)
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+
+
+_HASH_MODULI = ((2147483647, 16807), (2147483629, 48271))  # (prime < 2^31, base): products fit in int64
+
+
+def text_identity(ids: Tensor, mask: Tensor) -> Tensor:
+    """long [B] hash of each row's tokens (ids long [B, L], mask [B, L] 1 = token): equal for texts that are
+    token-for-token identical whatever their padding, in [0, 2^62); two different texts collide with
+    probability about 2^-62. Two polynomial hashes, sum over l of (token_l + 1) * base^(l + 1) mod p."""
+    L = ids.shape[1]
+    tokens = (ids.long() + 1) * mask.long()  # padding -> 0, every real token >= 1
+    out = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+    for j, (p, base) in enumerate(_HASH_MODULI):
+        weights = torch.tensor([pow(base, l + 1, p) for l in range(L)], dtype=torch.long, device=ids.device)
+        h = ((tokens % p) * weights % p).sum(1) % p
+        out = out + (h << (31 * j))
+    return out
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -105,11 +176,31 @@ class ITCLoss(nn.Module):
         embed_dim: E, the projection width.
         queue_size: Q slots (0 = no queue); must be a multiple of the global batch.
         global_batch: checked against Q at construction when given (else at the first forward).
+        same_text_positive: False (official) = positives by image id only; True = a key whose text is
+            identical to the row's text is a positive too (forward then needs ``text_hashes``).
     """
 
-    def __init__(self, embed_dim: int, queue_size: int = DEFAULT_QUEUE_SIZE, global_batch: int | None = None):
+    def __init__(
+        self,
+        embed_dim: int,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        global_batch: int | None = None,
+        same_text_positive: bool = False,
+    ):
         super().__init__()
-        self.queue = FeatureQueue(queue_size, embed_dim, global_batch)
+        self.same_text_positive = same_text_positive
+        self.queue = FeatureQueue(queue_size, embed_dim, global_batch, text_hashes=same_text_positive)
+
+    def load_official_queue(self, state: Mapping[str, Tensor]) -> None:
+        """Resume with a released checkpoint's queue: `state` holds the official buffers ``image_queue``,
+        ``text_queue`` (required), ``idx_queue``, ``queue_ptr`` (optional), e.g. from
+        ``mplug_fast.checkpoint.official.official_queue_state``. Default (not called): an empty queue."""
+        missing = [k for k in ("image_queue", "text_queue") if k not in state]
+        if missing:
+            raise KeyError(f"official queue state lacks {missing}; keys given: {sorted(state)}")
+        self.queue.load_official(
+            state["image_queue"], state["text_queue"], state.get("idx_queue"), state.get("queue_ptr")
+        )
 
     def forward(
         self,
@@ -121,6 +212,7 @@ class ITCLoss(nn.Module):
         alpha: float,
         image_ids: Tensor | None = None,
         enqueue: bool = True,
+        text_hashes: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Local rows against global keys.
 
@@ -131,6 +223,8 @@ class ITCLoss(nn.Module):
             alpha: distillation weight (0 = one-hot / multi-positive targets only).
             image_ids: long [B] or None (then only the pair itself is positive).
             enqueue: push the gathered momentum features into the queue after computing the loss.
+            text_hashes: long [B] text identities (``text_identity(text_ids, text_mask)``); required with
+                ``same_text_positive``, ignored otherwise.
         Returns:
             (loss, extras) with extras["sim_i2t"], ["sim_t2i"] [B, W*B] (online vs momentum batch keys,
             detached) and ["positives"] bool [B, W*B]: what ITM samples hard negatives from.
@@ -154,6 +248,13 @@ class ITCLoss(nn.Module):
                 positives = torch.zeros(B, gB + q.size, dtype=torch.bool, device=image_feat.device)
                 rows = torch.arange(B, device=image_feat.device)
                 positives[rows, rank * B + rows] = True
+            hashes_all = None
+            if self.same_text_positive:
+                if text_hashes is None:
+                    raise ValueError("ITCLoss(same_text_positive=True) needs text_hashes [B] in forward")
+                hashes_all = all_gather(text_hashes)
+                key_hashes = torch.cat([hashes_all, q.text_hashes.to(hashes_all.device)])
+                positives = positives | ((text_hashes[:, None] == key_hashes[None, :]) & valid)
             t_det = temp.detach()
             t_i2t = soft_targets(positives, image_feat_m @ text_keys.t() / t_det, alpha, valid)
             t_t2i = soft_targets(positives, text_feat_m @ image_keys.t() / t_det, alpha, valid)
@@ -162,7 +263,7 @@ class ITCLoss(nn.Module):
         loss = (soft_cross_entropy(sim_i2t, t_i2t, valid) + soft_cross_entropy(sim_t2i, t_t2i, valid)) / 2
         if enqueue:
             fill = ids_all if ids_all is not None else torch.full((gB,), -1, device=img_m_all.device)
-            self.queue.enqueue(img_m_all, txt_m_all, fill.long())
+            self.queue.enqueue(img_m_all, txt_m_all, fill.long(), hashes_all)
         extras = {
             "sim_i2t": sim_i2t[:, :gB].detach(),
             "sim_t2i": sim_t2i[:, :gB].detach(),

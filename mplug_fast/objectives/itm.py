@@ -2,7 +2,8 @@
 
 For each local text one negative image, for each local image one negative text, drawn from the *global*
 batch with probability softmax(sim) over the non-positive entries (a positive — the pair itself or any
-sample with the same image id — has weight exactly 0, so it is never drawn). All rows are sampled by one
+sample with the same image id, and with ``ITCLoss(same_text_positive=True)`` any sample with the identical
+text — has weight exactly 0, so it is never drawn). All rows are sampled by one
 `torch.multinomial` call per direction (the official code loops over samples with `.item()`). The
 negatives' encoder states are all-gathered *with* gradient, so on W ranks the loss and the gradients equal
 those of one process with the global batch. Positives and both kinds of negatives go through the fusion in

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mplug_fast.modeling.momentum import check_frozen, momentum_update, parameter_pairs
 from mplug_fast.modeling.mplug import MomentumView
 from mplug_fast.objectives.base import Objective
-from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_temperature
+from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_temperature, text_identity
 from mplug_fast.objectives.itm import Sampler, itm_loss
 from mplug_fast.objectives.mlm import mask_tokens, mlm_loss
 from mplug_fast.objectives.prefix_lm import continuation_table, prefix_lm_loss, split_prefix
@@ -102,6 +102,8 @@ class PretrainObjective(MomentumMixin, Objective):
         mlm_probability: 0.15. temp_range: the temperature clamp (0.001, 0.5).
         weights: per-loss weights (default 1 each); a weight of 0 skips that loss.
         sampler: ITM hard-negative sampler (default `torch.multinomial`).
+        same_text_positive: False (official) = ITC positives by image id only; True = identical texts are
+            positives too, for ITC and as never-drawn ITM negatives (data where images share captions).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class PretrainObjective(MomentumMixin, Objective):
         weights: Mapping[str, float] | None = None,
         global_batch: int | None = None,
         sampler: Sampler | None = None,
+        same_text_positive: bool = False,
     ):
         super().__init__()
         if getattr(model, "momentum", None) is None:
@@ -138,7 +141,7 @@ class PretrainObjective(MomentumMixin, Objective):
         self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
         self.temp_range = temp_range
         self.sampler = sampler
-        self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch)
+        self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch, same_text_positive)
         if continuation is None:
             continuation = torch.zeros(vocab_size, dtype=torch.bool)
         self.register_buffer("continuation", continuation.bool(), persistent=False)
@@ -198,6 +201,7 @@ class PretrainObjective(MomentumMixin, Objective):
                 alpha,
                 image_ids,
                 enqueue=self.training,
+                text_hashes=text_identity(ids, mask) if self.itc.same_text_positive else None,
             )
             if w["itm"]:
                 out["itm"], _ = itm_loss(

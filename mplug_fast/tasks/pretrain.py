@@ -39,6 +39,7 @@ class PretrainOptions:
     temp_range: tuple[float, float] = (0.001, 0.5)
     weights: dict[str, float] | None = None  # per-loss weights (itc, itm, mlm, prefix_lm); 0 skips one
     global_batch: int | None = None
+    same_text_positive: bool = False  # official: ITC positives by image id only; True: identical texts too
 
 
 class PretrainTask(Task):

@@ -26,7 +26,7 @@ from mplug_fast.inference.retrieval import retrieval_scores
 from mplug_fast.metrics import retrieval_recall
 from mplug_fast.modeling import MPlugForRetrieval
 from mplug_fast.objectives.base import Objective
-from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_temperature
+from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_temperature, text_identity
 from mplug_fast.objectives.itm import Sampler, itm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, batch_image_ids, require_keys
 from mplug_fast.tasks.evaluation import eval_mode, write_json
@@ -132,6 +132,7 @@ class RetrievalObjective(MomentumMixin, Objective):
         temp_range: tuple[float, float] = (0.001, 0.5),
         global_batch: int | None = None,
         sampler: Sampler | None = None,
+        same_text_positive: bool = False,
     ):
         super().__init__()
         if model.momentum is None:
@@ -141,7 +142,7 @@ class RetrievalObjective(MomentumMixin, Objective):
         self.model = model
         self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
         self.temp_range, self.sampler = temp_range, sampler
-        self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch)
+        self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch, same_text_positive)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._init_momentum(model, model.momentum, momentum)
 
@@ -174,6 +175,7 @@ class RetrievalObjective(MomentumMixin, Objective):
             alpha,
             image_ids,
             enqueue=self.training,
+            text_hashes=text_identity(ids, mask) if self.itc.same_text_positive else None,
         )
         itm, _ = itm_loss(
             model, v, t, mask, extras["sim_i2t"], extras["sim_t2i"], extras["positives"], self.sampler
@@ -195,6 +197,7 @@ class RetrievalOptions:
     alpha_warmup_steps: int = 0
     temp_range: tuple[float, float] = (0.001, 0.5)
     global_batch: int | None = None
+    same_text_positive: bool = False  # official: ITC positives by image id only; True: identical texts too
 
 
 class RetrievalTask(Task):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -71,6 +72,52 @@ def test_official_quirks():
     assert vqa_score("dog", ["dog!"] * 9 + ["cat"]) == 0.0
     # a single answer: leave-one-out set empty -> always 0 (use exact_match)
     assert vqa_score("yes", ["yes"]) == 0.0 and exact_match("Yes", ["yes"]) == 1.0
+
+
+def official_loop_score(pred: str, gts: list[str]) -> float:
+    """The official evaluation's per-question steps written out literally: the prediction is cleaned of
+    newlines/tabs, stripped and fully normalised; the ground truths are used raw, with punctuation processing
+    only when the raw answers disagree; annotator i is left out by position."""
+    res = normalize_answer(pred)
+    answers = [process_punctuation(a) for a in gts] if len(set(gts)) > 1 else list(gts)
+    accs = []
+    for i in range(len(answers)):
+        others = [a for j, a in enumerate(answers) if j != i]
+        accs.append(min(1.0, sum(a == res for a in others) / 3))
+    return sum(accs) / len(accs)
+
+
+def test_official_gold_whitespace_is_not_stripped():
+    # padded gold answers never match in the official evaluation: only the prediction is stripped
+    assert vqa_score("2", ["2 "] * 10) == 0.0
+    assert vqa_score(" 2 ", [" 2"] * 10) == 0.0
+    assert vqa_score("2", ["2\n"] * 10) == 0.0
+    # mixed padding: raw answers disagree -> punctuation processing only, "2 " stays "2 "; 4 exact "2" remain
+    gts = ["2 "] * 6 + ["2"] * 4
+    assert vqa_score("2", gts) == pytest.approx(brute_force_score("2", gts))
+    assert vqa_score("2", gts) == pytest.approx(1.0)
+    gts = ["2 "] * 8 + ["2"] * 2
+    assert vqa_score("2", gts) == pytest.approx(0.6)  # 2 matches: 8 * (2/3) + 2 * (1/3), over 10
+    # the symmetric normalisation strips both sides
+    assert vqa_score("2", ["2 "] * 10, official=False) == 1.0
+    assert vqa_score("2", ["2 "] * 8 + ["2"] * 2, official=False) == 1.0
+
+
+def test_official_matches_literal_loop_on_adversarial_answers():
+    rng = random.Random(0)
+    base = ["2", "two", "yes", "Yes", "dog", "the dog", "hot-dog", "dog!", "red", "t-shirt", "1,000", "dont"]
+    pads = ["", " ", "  ", "\t", "\n", " \n"]
+
+    def noisy() -> str:
+        return rng.choice(pads) + rng.choice(base) + rng.choice(pads)
+
+    n_padded_gold = 0
+    for _ in range(2000):
+        gts = [noisy() for _ in range(10)] if rng.random() < 0.5 else [noisy()] * 10
+        pred = noisy()
+        n_padded_gold += any(g != g.strip() for g in gts)
+        assert vqa_score(pred, gts) == pytest.approx(official_loop_score(pred, gts), abs=1e-12), (pred, gts)
+    assert n_padded_gold > 500  # the quirk is exercised
 
 
 def test_vqa_accuracy_aggregate_and_types():
