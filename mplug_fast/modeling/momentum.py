@@ -78,12 +78,6 @@ class MomentumCopies(nn.ModuleDict):
         self.requires_grad_(False)
 
     @torch.no_grad()
-    def ema_step(self, online: Mapping[str, nn.Module] | nn.Module, decay: float) -> None:
-        """p_m <- decay * p_m + (1 - decay) * p for every copied parameter (foreach ops)."""
-        src, dst = parameter_pairs(online, self)
-        momentum_update(src, dst, decay)
-
-    @torch.no_grad()
     def reset(self, online: Mapping[str, nn.Module] | nn.Module) -> None:
         """Every copy set to the online weights (after loading weights into the online model)."""
         src, dst = parameter_pairs(online, self)

@@ -18,14 +18,13 @@ training forwards done so far (a buffer, so it resumes); the official runs warm 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mplug_fast.modeling.momentum import check_frozen, momentum_update, parameter_pairs
+from mplug_fast.modeling.momentum import MomentumCopies, check_frozen, momentum_update, parameter_pairs
 from mplug_fast.modeling.mplug import MomentumView
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_temperature, text_identity
@@ -149,9 +148,8 @@ class PretrainObjective(MomentumMixin, Objective):
         # MLM distillation needs momentum MLM logits (ALBEF: text_encoder_m is a BertForMaskedLM). The model
         # momentum copies stop at the encoders / decoder (the official checkpoint layout), so the EMA copy of
         # the MLM head lives here; the tied word embeddings come from the momentum text encoder.
-        self.momentum_heads = nn.ModuleDict()
-        if "mlm_head" not in model.momentum and model.mlm_head is not None:
-            self.momentum_heads["mlm_head"] = copy.deepcopy(model.mlm_head).requires_grad_(False)
+        heads = ["mlm_head"] if "mlm_head" not in model.momentum and model.mlm_head is not None else []
+        self.momentum_heads = MomentumCopies(model, heads)
         self._momentum_all = {**dict(model.momentum.items()), **dict(self.momentum_heads.items())}
         self._init_momentum(model, self._momentum_all, momentum)
 

@@ -52,10 +52,6 @@ class eval_mode:
         self.model.train(self.was_training)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Writes ``obj`` as JSON to ``path`` atomically (parent folders created)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

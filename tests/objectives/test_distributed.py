@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mplug_fast.tasks import build_model, build_objective
+from mplug_fast.tasks import build_model
+from mplug_fast.tasks.retrieval import RetrievalObjective
 
 from .conftest import small_config
 
@@ -39,7 +40,7 @@ def _batch(step: int) -> dict[str, torch.Tensor]:
 def _run(rank: int, world: int) -> dict[str, list]:
     torch.manual_seed(0)
     model = build_model(small_config(), "retrieval")
-    objective = build_objective("retrieval", model, queue_size=8, sampler=lambda w: w.argmax(1))
+    objective = RetrievalObjective(model, queue_size=8, sampler=lambda w: w.argmax(1))
     params = dict(model.named_parameters())
     B = GLOBAL_B // world
     losses, grads = [], []
