@@ -7,6 +7,7 @@ kernels are defined), ``HF_HUB_OFFLINE=1`` keeps the transformers oracles from r
 """
 
 import os
+import signal
 
 import torch
 
@@ -22,6 +23,15 @@ import pytest  # noqa: E402
 def _seed() -> None:
     """Every test starts from the same torch RNG state."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def default_sigint():
+    """Ctrl-C tests start from Python's default SIGINT handler whatever the suite was started with (a
+    background job or ``nohup`` runs it with SIGINT ignored), and leave the handler as they found it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

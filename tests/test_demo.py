@@ -124,7 +124,7 @@ def test_quick_demo_report_and_skip_on_rerun(tmp_path, capsys):
 # ---- stage logic on micro configs --------------------------------------------------------------------------
 
 
-def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, capsys):
+def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, capsys, default_sigint):
     """Ctrl-C (a real SIGINT) at step 2 of the VQA stage: exit 130 with the resume hint, a checkpoint; the
     next call skips pretraining, resumes VQA at step 2 and ends with the weights of an uninterrupted run."""
     from mplug_fast.train.trainer import Trainer

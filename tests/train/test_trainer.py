@@ -103,7 +103,7 @@ def test_nonfinite_in_a_row_stops_with_checkpoint(tmp_path):
     assert [r["skipped"] for r in records] == [0, 0, 1, 1]  # the stopping step itself is not logged
 
 
-def test_ctrl_c_saves_and_exits(tmp_path):
+def test_ctrl_c_saves_and_exits(tmp_path, default_sigint):
     cfg = run_config(tmp_path, schedule={"max_steps": 10})
     t = _trainer(cfg)
     forward = t.objective.forward
