@@ -60,7 +60,7 @@ def micro_configs(directory: Path, max_steps: int = 4) -> Path:
         "gallery": {"images": 2, "size": 32},
         "stages": dict(SETTINGS.stages),
     }
-    (directory / "demo.yaml").write_text(yaml.safe_dump(settings))
+    (directory / "demo.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     return directory
 
 
@@ -198,7 +198,7 @@ def test_interrupted_evaluation_and_config_changes(tmp_path, monkeypatch, capsys
     # a changed evaluation option re-evaluates that task only; a changed training option retrains that stage
     settings = yaml.safe_load((configs / "demo.yaml").read_text())
     settings["eval"]["options"]["vqa"]["beam_size"] = 1
-    (configs / "demo.yaml").write_text(yaml.safe_dump(settings))
+    (configs / "demo.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     grounding = yaml.safe_load((configs / "grounding.yaml").read_text())
     grounding["optim"]["lr"] = 5e-4
     (configs / "grounding.yaml").write_text(yaml.safe_dump(grounding))

@@ -120,9 +120,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "train", help="train a task from a run config (pretraining is a task), then evaluate"
     )
-    p.add_argument(
-        "--task", choices=[name for name, t in TASKS.items() if t.trainable], help="default: the config's"
-    )
+    # every task name is accepted, so an evaluate-only task gets its reason (and what to train instead)
+    p.add_argument("--task", choices=list(TASKS), help="the task to train (default: the config's model.task)")
     add_config_flags(p)
     p.add_argument(
         "--resume",

@@ -93,6 +93,14 @@ def load_settings(config_dir: Path) -> DemoSettings:
     options = settings.eval_options
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
         raise DemoError(f"{path}: eval.options must map a task to its options, got {options!r}")
+    for key, field_name in SETTING_KEYS.items():
+        value = getattr(settings, field_name)
+        if field_name in ("eval_options", "gallery_world") or (
+            field_name == "eval_batch_size" and value is None
+        ):
+            continue
+        if type(value) is not int or value < 1:
+            raise DemoError(f"{path}: {key} must be an integer >= 1, got {value!r}")
     settings = dataclasses.replace(settings, stages=_stages(stages, path))
     finetunes = settings.finetunes
     if sorted(set(options) - set(finetunes)):
@@ -104,33 +112,24 @@ def load_settings(config_dir: Path) -> DemoSettings:
         raise DemoError(
             f"{path}: gallery.world {settings.gallery_world!r} is not a stage of {list(settings.stages)}"
         )
-
     for task, task_options in options.items():
         try:
             get_task(task).check_eval_options(task_options)
         except ValueError as e:
             raise DemoError(f"{path}: eval.options.{task}: {e}") from None
-    for key, field_name in SETTING_KEYS.items():
-        value = getattr(settings, field_name)
-        if field_name in ("eval_options", "gallery_world") or (
-            field_name == "eval_batch_size" and value is None
-        ):
-            continue
-        if type(value) is not int or value < 1:
-            raise DemoError(f"{path}: {key} must be an integer >= 1, got {value!r}")
     return settings
 
 
 def _stages(raw: Any, path: Path) -> dict[str, str | None]:
-    """demo.yaml's ``stages`` (stage -> the stage it starts from, null for the first), checked: every stage a
-    trainable task, exactly one first stage and it comes first, every other one after the stage it starts
-    from, every finetune an evaluable task."""
+    """demo.yaml's ``stages`` (stage -> the stage it starts from, null for the one trained from scratch) in
+    run order: every stage after the stage it starts from, otherwise in the file's order. Checked: every
+    stage a trainable task, exactly one starting from scratch, every start a stage, no cycle, every finetune
+    an evaluable task."""
     if not isinstance(raw, dict) or not raw:
         raise DemoError(
-            f"{path}: 'stages' must map each stage (a task) to the stage it starts from (null: the first), "
-            f"in run order; got {raw!r}"
+            f"{path}: 'stages' must map each stage (a task) to the stage it starts from "
+            f"(null: from scratch); got {raw!r}"
         )
-    seen: list[str] = []
     for stage, start in raw.items():
         try:
             task = get_task(stage)
@@ -138,13 +137,18 @@ def _stages(raw: Any, path: Path) -> dict[str, str | None]:
             raise DemoError(f"{path}: stages: {e}") from None
         if not task.trainable:
             raise DemoError(f"{path}: stages: {stage!r} cannot be trained ({task.not_trainable_reason()})")
-        if (start is None) != (not seen):
-            raise DemoError(
-                f"{path}: stages: only the first stage starts from scratch (null); {stage!r} does not fit"
-            )
-        if start is not None and start not in seen:
-            raise DemoError(f"{path}: stages: {stage!r} starts from {start!r}, which is not an earlier stage")
+        if start is not None and start not in raw:
+            raise DemoError(f"{path}: stages: {stage!r} starts from {start!r}, which is not a stage")
         if start is not None and not task.evaluable:
             raise DemoError(f"{path}: stages: {stage!r} has no evaluation; only the first stage may lack one")
-        seen.append(stage)
-    return dict(raw)
+    roots = [stage for stage, start in raw.items() if start is None]
+    if len(roots) != 1:
+        raise DemoError(f"{path}: stages: exactly one stage starts from scratch (null), got {roots}")
+    ordered: dict[str, str | None] = {}
+    while len(ordered) < len(raw):
+        ready = [s for s, start in raw.items() if s not in ordered and (start is None or start in ordered)]
+        if not ready:
+            cycle = sorted(set(raw) - set(ordered))
+            raise DemoError(f"{path}: stages: {cycle} start from each other (a cycle)")
+        ordered.update((s, raw[s]) for s in ready)
+    return ordered

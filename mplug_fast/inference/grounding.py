@@ -36,10 +36,10 @@ def coordinate_token_ids(tokenizer: Tokenizer, num_bins: int = GROUNDING_NUM_BIN
     Raises ValueError when the coordinate ids are not consecutive (the decoding below reads bin b as
     id - first id, as the official code does)."""
     prefix = tokenizer.unused_token_id(PREFIX_UNUSED)
-    ids = torch.tensor([tokenizer.unused_token_id(PREFIX_UNUSED + 1 + b) for b in range(num_bins + 1)])
-    if not torch.equal(ids, torch.arange(int(ids[0]), int(ids[0]) + num_bins + 1)):
+    ids = [tokenizer.unused_token_id(PREFIX_UNUSED + 1 + b) for b in range(num_bins + 1)]
+    if ids != list(range(ids[0], ids[0] + num_bins + 1)):  # checked on the host (any default device)
         raise ValueError("the vocab's [unused340..] coordinate tokens are not consecutive ids")
-    return prefix, ids
+    return prefix, torch.tensor(ids)
 
 
 @dataclass(frozen=True)

@@ -196,20 +196,19 @@ def _micro(task: str):
 
 
 def test_evaluate_functions_on_synthetic_videos(tokenizer):
-    from mplug_fast.data.synthetic.video import synthetic_video_dataset
     from mplug_fast.tasks import get_task
 
     world = {"image_size": 16, "num_scenes": 10, "eval_scenes": 3, "max_objects": 2}
-    qa = synthetic_video_dataset("video_qa", "test", **world)
+    qa = get_task("video_qa").synthetic_dataset("test", **world)
     result = get_task("video_qa").evaluate(_micro("vqa"), qa, tokenizer, batch_size=2, num_frames=3)
     assert result["count"] == 3 and result["num_frames"] == 3 and 0 <= result["vqa_acc"] <= 100
     assert set(result["predictions"].values()) <= set(qa.answer_list())
-    cap = synthetic_video_dataset("video_caption", "test", **world)
+    cap = get_task("video_caption").synthetic_dataset("test", **world)
     result = get_task("video_caption").evaluate(
         _micro("caption"), cap, tokenizer, batch_size=2, beam_size=2, max_length=6, min_length=2
     )
     assert result["count"] == 3 and result["num_frames"] == 8 and "CIDEr" in result
-    ret = synthetic_video_dataset("video_retrieval", "test", **world)
+    ret = get_task("video_retrieval").synthetic_dataset("test", **world)
     result = get_task("video_retrieval").evaluate(_micro("retrieval"), ret, tokenizer, k=2, num_frames=2)
     assert result["num_videos"] == 3 and result["num_texts"] == 6 and 1 <= result["img_medr"] <= 3
     assert 0 <= result["r_mean"] <= 100 and "itc/r_mean" in result

@@ -15,6 +15,8 @@ def _args(tmp_path, steps: int) -> list[str]:
     overrides = micro_overrides(dropout=0.1)
     model = "{" + ", ".join(f"{k}: {v}" for k, v in overrides.items()) + "}"
     return [
+        "train",
+        "--task",
         "pretrain",
         "--config",
         CONFIG,
@@ -49,7 +51,7 @@ def _args(tmp_path, steps: int) -> list[str]:
 
 def test_pretrain_cli_runs_and_resumes(tmp_path, capsys):
     assert main(_args(tmp_path, 3)) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = json.loads(capsys.readouterr().out)["train"]
     assert summary["status"] == "finished" and summary["step"] == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -62,7 +64,7 @@ def test_pretrain_cli_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "loss_curves.png").is_file()
 
     assert main([*_args(tmp_path, 4), "--resume"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = json.loads(capsys.readouterr().out)["train"]
     assert (
         summary["resumed_from"].endswith("step-00000003.pt")
         and summary["step"] == 4

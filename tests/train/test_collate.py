@@ -74,7 +74,7 @@ def test_other_tasks():
 
 def test_errors():
     tok = tokenizer()
-    with pytest.raises(ValueError, match="no collator for task 'nope'"):
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
         get_task("nope").collate(tok)
     with pytest.raises(ValueError, match="empty batch"):
         get_task("pretrain").collate(tok)([])

@@ -268,5 +268,5 @@ def test_official_data_source(tmp_path):
     batch = get_task("pretrain").collate()([ds[0]])
     assert type(ds).__name__ == "PretrainJsonDataset" and batch["images"].shape == (1, 3, 32, 32)
     bad = load_config(None, ["data.source=official", "data.official={nonsense: 1}"])
-    with pytest.raises(ValueError, match="does not fit PretrainJsonDataset"):
+    with pytest.raises(ValueError, match="do not fit PretrainJsonDataset"):
         build_dataset_from_config(bad, "pretrain")

@@ -332,7 +332,7 @@ def test_real_config_has_the_official_settings(name: str):
 def test_eval_section_gives_the_evaluation_defaults(tmp_path, monkeypatch):
     """Weakest first: the task's eval_options, the config's eval section, the CLI arguments."""
     from mplug_fast import tasks
-    from mplug_fast.tasks.evaluation import Baseline
+    from mplug_fast.tasks.protocol import Baseline
     from mplug_fast.train.evaluation import run_evaluation
 
     seen: dict[str, Any] = {}
@@ -354,13 +354,14 @@ def test_eval_section_gives_the_evaluation_defaults(tmp_path, monkeypatch):
         )
         return {"vqa_acc": 50.0}
 
-    spec = dataclasses.replace(
-        tasks.TASKS["vqa"],
-        evaluate=fake_evaluate,
-        baseline=lambda train, evaluation: Baseline("vqa_acc", 10.0, "constant"),
-        eval_options={"method": "generate", "beam_size": 5},
-    )
-    monkeypatch.setitem(tasks.TASKS, "vqa", spec)
+    class FakeVQA(type(tasks.TASKS["vqa"])):
+        evaluate = staticmethod(fake_evaluate)
+        eval_options = {"method": "generate", "beam_size": 5}
+
+        def baseline(self, train, evaluation):
+            return Baseline("vqa_acc", 10.0, "constant")
+
+    monkeypatch.setitem(tasks.TASKS, "vqa", FakeVQA())
     cfg = from_dict(
         {
             "model": {"task": "vqa"},
