@@ -416,7 +416,7 @@ def test_reasons_and_automatic_order():
     bf = [t.bfloat16() for t in (q, k, v)]
     with pytest.raises(RuntimeError, match=r"bf16 on CPU.*triton-lang/triton#11584"):
         attention(*bf, backend="triton")
-    with pytest.raises(RuntimeError, match=r"dtype torch.float64 \(supported: fp32, fp16, bf16\)"):
+    with pytest.raises(RuntimeError, match=r"dtype torch.float64 \(supported: float32, float16, bfloat16\)"):
         attention(q.double(), k.double(), v.double(), backend="triton")
 
 
