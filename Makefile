@@ -3,11 +3,12 @@
 #               (resumable: run it again after Ctrl-C; DEMO_ARGS="--quick" / "--fresh" / "--threads 1" pass through)
 # make lint   - ruff and the import-linter layers contract (also checked by make test)
 # make bench  - the pytest-benchmark cases (tests/benchmarks) and benchmarks/end_to_end.py --quick
+# make kernels - the full Triton compile gate (fp16, bf16, fp32 for sm_80 and sm_90); make test compiles bf16
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint demo bench clean distclean
+.PHONY: all test lint demo bench kernels clean distclean
 
 all: test
 
@@ -23,6 +24,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m benchmark tests/benchmarks
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/end_to_end.py --quick --out .benchmarks/end-to-end-quick.json
+
+kernels: $(STAMP)
+	MPLUG_FAST_KERNEL_GATE=full $(PY) -m pytest -q tests/ops/test_kernel_resources.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
