@@ -53,8 +53,7 @@ class eval_mode:
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Writes ``obj`` as JSON to ``path`` atomically (parent folders created)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Writes ``obj`` as JSON to ``path`` atomically, parent folders created (``mplug_fast.io``)."""
     return atomic_write_json(path, obj)
 
 

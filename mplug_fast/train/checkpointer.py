@@ -47,10 +47,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (``mplug_fast.io.atomic_torch_save``; parent created)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return atomic_torch_save(obj, path)
+atomic_save = atomic_torch_save  # torch.save(obj, path) atomically, parent folders created (mplug_fast.io)
 
 
 def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
