@@ -1,8 +1,13 @@
 """The metrics sink of a run: ``metrics.jsonl`` (one record per logged step), TensorBoard scalars when the
-package is installed, and the ``loss_curves.png`` plot (when matplotlib is installed)."""
+package is installed, and the ``loss_curves.png`` plot.
+
+matplotlib is optional (the ``plot`` extra): without it a run trains, evaluates and logs as usual, and only
+the plot is skipped, announced by one log line per process.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -10,6 +15,23 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the Agg backend, or None (logged once) when matplotlib is not installed."""
+    try:
+        import matplotlib  # optional dependency (the plot extra): deferred
+    except ImportError:
+        logger.warning(
+            "matplotlib is not installed: no loss_curves.png (pip install 'mplug_fast[plot]'; "
+            "metrics.jsonl has every logged value)"
+        )
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 class MetricsLog:
@@ -66,16 +88,13 @@ class MetricsLog:
             self._tb.flush()
 
     def plot(self) -> Path | None:
-        """``loss_curves.png``: one panel per logged loss (``loss`` and its parts) against the step."""
+        """``loss_curves.png``: one panel per logged loss (``loss`` and its parts) against the step; None
+        when nothing is logged yet or matplotlib is not installed."""
         records = self.read()
         keys = [k for k in (records[0] if records else {}) if k == "loss" or k.startswith("loss")]
-        if not keys:
+        plt = _pyplot() if keys else None
+        if plt is None:
             return None
-        import matplotlib  # optional dependency (the plot extra): deferred
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         cols = min(3, len(keys))
         rows = math.ceil(len(keys) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
