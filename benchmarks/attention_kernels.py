@@ -42,6 +42,7 @@ from mplug_fast.ops.attention import BACKENDS, attention, available_backends
 from mplug_fast.ops.reference import attention_ref
 
 H, DH = 12, 64
+OUT_DIR = Path(__file__).resolve().parents[1] / ".benchmarks"  # default output: untracked (.gitignore)
 TRITON_VARIANTS = ("triton-main", "triton-splitk")
 
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch 1, 3 repeats: a CPU smoke run")
     parser.add_argument("--backends", default=None, help="comma-separated (default: every available one)")
     parser.add_argument(
-        "--out", default=None, help="JSON path (default: benchmarks/results/<device>-attention.json)"
+        "--out", default=None, help="JSON path (default: .benchmarks/<device>-attention.json, untracked)"
     )
     args = parser.parse_args(argv)
 
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
     result = {"env": environment(device), "skipped_backends": skipped, "records": records}
-    out = Path(args.out or f"benchmarks/results/{device.type}-attention.json")
+    out = Path(args.out or OUT_DIR / f"{device.type}-attention.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -34,7 +34,8 @@ runs, one thread) takes a few minutes. One thread by default on CPU: the numbers
 reproducible on a shared machine (with more threads than free cores, OpenMP barriers make steps 10-50x
 slower); `--threads 0` uses torch's default, `--threads N` sets N.
 Output: JSON (machine info from common.py + records) and a Markdown table (stdout and next to the JSON
-as .md). Default output: benchmarks/results/<cpu|gpu>-end-to-end.json.
+as .md). Default output: .benchmarks/<cpu|gpu>-end-to-end.json (untracked; `--out benchmarks/results/...`
+for numbers meant to be committed).
 """
 
 from __future__ import annotations
@@ -52,7 +53,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table, summarize, synchronize, time_ms, write_json  # noqa: E402
+from common import (  # noqa: E402
+    OUT_DIR,
+    machine_info,
+    markdown_table,
+    summarize,
+    synchronize,
+    time_ms,
+    write_json,
+)
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of the CUDA device name; first match
 # wins, so the more specific names come first.
@@ -358,7 +367,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="tiny preset cut to 1 layer per stack, 64 px, 1 timed run (smoke)",
     )
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<dev>-end-to-end.json)")
+    p.add_argument("--out", default=None, help="JSON path (default .benchmarks/<dev>-end-to-end.json)")
     return p.parse_args(argv)
 
 
@@ -405,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
         "wall_s": time.perf_counter() - t_start,
     }
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"{device.type}-end-to-end.json")
+    out = Path(args.out or OUT_DIR / f"{device.type}-end-to-end.json")
     if device.type not in ("cpu", "cuda"):
         out = out.with_name(out.name.replace(device.type, "other"))
     write_json(out, result)

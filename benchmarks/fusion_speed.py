@@ -2,7 +2,7 @@
 
     python benchmarks/fusion_speed.py                   # CPU: fp32, batch 1 (~10 min on 2 busy cores)
     python benchmarks/fusion_speed.py --device cuda     # GPU: bf16, batch 32, every shape end to end
-    python benchmarks/fusion_speed.py --quick           # < 2 min on 2 CPU cores: 2 shapes, 2-layer encoders
+    python benchmarks/fusion_speed.py --quick           # 2 fusion shapes, 2-layer encoders (a few minutes)
 
 Styles at equal width (768) and depth (6 fusion layers), see `fusion_baselines.py`:
     skip-S3     the released mPLUG-Base fusion (layer 3 connected, the rest asymmetric co-attention)
@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python benchmarks/fusion_speed.py` or import
 
 from common import (  # noqa: E402
+    OUT_DIR,
     cuda_peak_bytes,
     machine_info,
     markdown_table,
@@ -124,10 +125,10 @@ class Settings:
 def default_settings(device: torch.device, quick: bool, smoke: bool) -> Settings:
     if smoke:
         return Settings(1, 1, 1, 1, ("smoke",), ("smoke",), ("smoke",), {**NO_DROPOUT, **SMOKE_DIMS})
-    if quick:  # full-width fusion at the pretraining shape; end to end with 2-layer encoders and decoder
-        return Settings(
-            1, 2, 1, 1, ("pretrain",), ("pretrain",), ("pretrain",), {**NO_DROPOUT, **QUICK_LAYERS}
-        )
+    if quick:  # full-width fusion at the ViT-B shapes (257, 577 image tokens); end to end with 2-layer
+        # encoders and decoder at the pretraining shape
+        base = ("pretrain", "finetune_base")
+        return Settings(1, 2, 1, 1, base, ("pretrain",), base, {**NO_DROPOUT, **QUICK_LAYERS})
     every = ("pretrain", "finetune_base", "large", "highres")
     fusion = ("pretrain", "finetune_base", "highres")  # large's fusion module has finetune_base's shape
     if device.type == "cuda":
@@ -556,11 +557,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default on CPU: 1)")
     parser.add_argument(
-        "--quick", action="store_true", help="2 shapes, 2-layer encoders / decoder, 2 repeats"
+        "--quick",
+        action="store_true",
+        help="fusion at 2 shapes (pretrain, finetune_base), end to end at pretrain with 2-layer encoders / "
+        "decoder, 2 repeats",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny widths, one repeat (the test suite's run)")
     parser.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/<device>-fusion.json)"
+        "--out", default=None, help="JSON path (default .benchmarks/<device>-fusion.json, untracked)"
     )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
@@ -580,9 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         result["command"] = "python benchmarks/fusion_speed.py " + " ".join(
             sys.argv[1:] if argv is None else argv
         )
-    default = (
-        f"benchmarks/results/{torch.device(args.device).type}-fusion{'-quick' if args.quick else ''}.json"
-    )
+    default = OUT_DIR / f"{torch.device(args.device).type}-fusion{'-quick' if args.quick else ''}.json"
     out = Path(args.out or default)
     write_json(out, result)
     text = tables(result)

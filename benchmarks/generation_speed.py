@@ -23,7 +23,7 @@ loop takes minutes at batch 8: its correctness run is timed too (it warms nothin
 length), plus `--official-repeats` more runs at batch 1 only; `no_cache` gets `--no-cache-repeats` at
 batch 1 and one run at larger batches. Every sample of a batch runs to max_length (random weights), so
 dropping finished samples from the batch is not exercised here (tests/test_generation.py checks it).
-Writes benchmarks/results/cpu-generation.json (or --out).
+Writes .benchmarks/cpu-generation.json (untracked) or --out (e.g. benchmarks/results/cpu-generation.json).
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ import mplug_fast
 from mplug_fast.generation import SEP_ID, beam_search
 from mplug_fast.modeling.decoder import TextDecoder
 from mplug_fast.modeling.layers import init_bert_weights
+
+OUT_DIR = Path(__file__).resolve().parents[1] / ".benchmarks"  # default output: untracked (.gitignore)
 
 
 @torch.no_grad()
@@ -160,7 +162,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["caption", "vqa"], choices=["caption", "vqa"])
     parser.add_argument("--skip-official", action="store_true", help="do not time the official loop")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu-generation.json")
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "cpu-generation.json")
     args = parser.parse_args()
 
     if args.threads is not None:

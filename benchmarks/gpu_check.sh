@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (device machine: H100/H200, torch, triton 3.6, no internet). Under 8 minutes:
-# the step timeouts sum to 465 s. Every result lands in $OUT (or benchmarks/results).
+# the step timeouts sum to 465 s. Every result lands in $OUT (default .benchmarks/gpu, untracked).
 #   bash benchmarks/gpu_check.sh
 # Nothing is installed: the package is used from the working tree (PYTHONPATH), the machine's python3
 # already has torch, triton, pytest, hypothesis, transformers, safetensors, tokenizers, pyyaml, tqdm.
@@ -18,7 +18,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 # tests/conftest.py does setdefault("TRITON_INTERPRET", "1") only without CUDA; an explicit 0 keeps the
 # kernels compiled here whatever happens.
 export TRITON_INTERPRET=0
-OUT="${OUT:-benchmarks/results}"
+OUT="${OUT:-.benchmarks/gpu}"
 mkdir -p "$OUT"
 PY="${PY:-python3}"
 status=0

@@ -1,6 +1,7 @@
 """Compile every Triton launch the kernels make at mPLUG's shapes for real NVIDIA targets, on a CPU machine.
 
-    python benchmarks/kernel_resources.py    # the table -> benchmarks/results/kernel-resources.{json,md}
+    python benchmarks/kernel_resources.py    # the table -> .benchmarks/kernel-resources.{json,md}
+    python benchmarks/kernel_resources.py --out benchmarks/results/kernel-resources   # the committed table
     python benchmarks/kernel_resources.py --targets 90 --only attn_fwd --out /tmp/r
     python benchmarks/kernel_resources.py --sweep /tmp/sweep.jsonl   # candidates for `tiles.TILES`
 
@@ -50,6 +51,7 @@ from mplug_fast.ops.triton import attention as attn
 from mplug_fast.ops.triton import attention_kernels as attn_k
 
 # Per-block shared memory limits (opt-in maximum, bytes): A100 163 KiB, H100/H200 227 KiB.
+OUT_DIR = Path(__file__).resolve().parents[1] / ".benchmarks"  # default output: untracked (.gitignore)
 SHARED_LIMIT = {80: 166912, 90: 232448}
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _CACHE = (
@@ -473,7 +475,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
     ap.add_argument("--only", help="only kernels whose name contains this")
     ap.add_argument("--no-fused", action="store_true", help="attention kernels only")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kernel-resources"))
+    ap.add_argument("--out", type=Path, default=OUT_DIR / "kernel-resources")
     ap.add_argument("--note", default="")
     ap.add_argument("--sweep", type=Path, help="compile the candidate tiles instead; JSON lines to this file")
     args = ap.parse_args(argv)

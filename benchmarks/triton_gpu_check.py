@@ -36,6 +36,7 @@ from mplug_fast.ops.reference import attention_ref
 from mplug_fast.ops.triton import activation, attention, decode, layer_norm, tiles
 from mplug_fast.ops.triton import attention_kernels as attn_k
 
+OUT_DIR = Path(__file__).resolve().parents[1] / ".benchmarks"  # default output: untracked (.gitignore)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -292,7 +293,7 @@ def resources() -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu-triton.json"))
+    ap.add_argument("--out", type=Path, default=OUT_DIR / "gpu-triton.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "autotune"])
     args = ap.parse_args(argv)

@@ -116,7 +116,8 @@ def test_committed_table_is_current(compiled):
     got = {_key(r): r for r in compiled["rows"]}
     want = {_key(r): r for r in committed["rows"] if r["dtype"] in DTYPES}
     assert got.keys() == want.keys(), (
-        f"benchmarks/results/kernel-resources.json is stale: rerun benchmarks/kernel_resources.py "
+        f"benchmarks/results/kernel-resources.json is stale: rerun benchmarks/kernel_resources.py --out "
+        f"benchmarks/results/kernel-resources "
         f"(new: {sorted(got.keys() - want.keys())[:5]}, gone: {sorted(want.keys() - got.keys())[:5]})"
     )
     if committed["triton"] != compiled["triton"]:
