@@ -1,9 +1,6 @@
 """The metrics sink of a run: ``metrics.jsonl`` (one record per logged step), TensorBoard scalars when the
-package is installed, and the ``loss_curves.png`` plot.
-
-matplotlib is optional (the ``plot`` extra): without it a run trains, evaluates and logs as usual, and only
-the plot is skipped, announced by one log line per process.
-"""
+package is installed, and the ``loss_curves.png`` plot (matplotlib, the optional ``plot`` extra: without it
+the plot alone is skipped, said once in the log)."""
 
 from __future__ import annotations
 
