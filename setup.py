@@ -50,6 +50,7 @@ setup(
             "pycocoevalcap",
             "pycocotools",
             "matplotlib",
+            "nvidia-ml-py",  # benchmarks/common.py: a GPU's clocks and driver in the results
         ],
     },
     entry_points={"console_scripts": ["mplug-fast = mplug_fast.cli:main"]},

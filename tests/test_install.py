@@ -15,11 +15,14 @@ PACKAGE = ROOT / "mplug_fast"
 # distribution name -> the module the package imports for it (when they differ)
 IMPORT_NAME = {
     "flash-attn": "flash_attn",
+    "import-linter": "importlinter",
+    "nvidia-ml-py": "pynvml",
     "pillow": "PIL",
     "pyyaml": "yaml",
     "tensorboard": "torch.utils.tensorboard",
 }
-TOOL_EXTRAS = ("dev",)  # test and lint tools: imported by tests/, not by the package
+TOOL_EXTRAS = ("dev",)  # test, lint and benchmark tools: used in the checkout (tests/, benchmarks/)
+LOCAL_MODULES = {"mplug_fast", "tests", "common", "fusion_baselines"}  # benchmarks/ imports its own files
 
 
 def _setup_lists() -> tuple[list[str], dict[str, list[str]]]:
@@ -38,10 +41,10 @@ def _module(requirement: str) -> str:
     return IMPORT_NAME.get(name.lower(), name.replace("-", "_"))
 
 
-def _package_imports() -> dict[str, str]:
-    """Every module the package imports (statements, `import_module` / `find_spec` names) -> one file."""
+def _imports(*folders: Path) -> dict[str, str]:
+    """Every module the files import (statements, `import_module` / `find_spec` names) -> one such file."""
     found: dict[str, str] = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted(p for folder in folders for p in folder.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names: list[str] = []
             if isinstance(node, ast.Import):
@@ -64,25 +67,33 @@ def _imported(module: str, imports: dict[str, str]) -> bool:
     return any(name == module or name.startswith(module + ".") for name in imports)
 
 
+def _unprovided(imports: dict[str, str], requirements: list[str]) -> dict[str, str]:
+    """The third-party top-level modules in `imports` that no requirement provides -> a file importing it."""
+    provided = {_module(r).split(".")[0] for r in requirements}
+    tops = {name.split(".")[0]: where for name, where in imports.items()}
+    return {
+        top: where
+        for top, where in tops.items()
+        if top not in sys.stdlib_module_names and top not in LOCAL_MODULES and top not in provided
+    }
+
+
 def test_every_extra_is_imported_and_every_optional_import_has_an_extra():
     base, extras = _setup_lists()
-    imports = _package_imports()
+    imports = _imports(PACKAGE)
     for extra, requirements in extras.items():
         if extra in TOOL_EXTRAS:
             continue
         for req in requirements:
             assert _imported(_module(req), imports), f"extra {extra!r}: nothing in mplug_fast imports {req!r}"
-    provided = {_module(r).split(".")[0] for r in base}
-    provided |= {_module(r) for extra, reqs in extras.items() if extra not in TOOL_EXTRAS for r in reqs}
-    third_party = {
-        name.split(".")[0]: where
-        for name, where in imports.items()
-        if name.split(".")[0] not in sys.stdlib_module_names and name.split(".")[0] != "mplug_fast"
-    }
-    missing = {top: where for top, where in third_party.items() if top not in provided}
+    package_extras = [r for extra, reqs in extras.items() if extra not in TOOL_EXTRAS for r in reqs]
+    missing = _unprovided(imports, base + package_extras)
     assert not missing, (
         f"imported by the package but neither a dependency nor an extra in setup.py: {missing}"
     )
+    checkout = _imports(ROOT / "tests", ROOT / "benchmarks")
+    missing = _unprovided(checkout, base + package_extras + [r for e in TOOL_EXTRAS for r in extras[e]])
+    assert not missing, f"imported by tests/ or benchmarks/ but in no requirement of setup.py: {missing}"
 
 
 def test_base_install_trains_without_matplotlib(tmp_path):
