@@ -2,7 +2,7 @@
 
     python benchmarks/fusion_speed.py                   # CPU: fp32, batch 1 (~10 min on 2 busy cores)
     python benchmarks/fusion_speed.py --device cuda     # GPU: bf16, batch 32, every shape end to end
-    python benchmarks/fusion_speed.py --quick           # 2 fusion shapes, 2-layer encoders (a few minutes)
+    python benchmarks/fusion_speed.py --quick           # fusion at 2 shapes, end to end with 2-layer stacks
 
 Styles at equal width (768) and depth (6 fusion layers), see `fusion_baselines.py`:
     skip-S3     the released mPLUG-Base fusion (layer 3 connected, the rest asymmetric co-attention)
