@@ -90,9 +90,11 @@ def write_report(
         "seconds over all threads (with one thread on an idle machine it is about the wall time).",
     ]
     lines += ["", "## Loss curves", ""]
-    for stage in states:
-        if (out / stage / "loss_curves.png").is_file():
-            lines += [f"**{stage}**", "", f"![{stage} loss curves]({stage}/loss_curves.png)", ""]
+    curves = [stage for stage in states if (out / stage / "loss_curves.png").is_file()]
+    for stage in curves:
+        lines += [f"**{stage}**", "", f"![{stage} loss curves]({stage}/loss_curves.png)", ""]
+    if not curves:  # matplotlib is optional (the plot extra); each stage's metrics.jsonl has the values
+        lines += ["None drawn: the plots need matplotlib (`pip install 'mplug_fast[plot]'`).", ""]
     lines += [
         "## Gallery",
         "",
