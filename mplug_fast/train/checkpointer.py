@@ -50,11 +50,13 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 atomic_save = atomic_torch_save  # torch.save(obj, path) atomically, parent folders created (mplug_fast.io)
 
 
-def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
-    """Deletes all but the newest ``keep_last`` checkpoints and any stray temp files; returns them."""
+def prune_checkpoints(directory: str | Path, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Deletes all but ``keep`` (the checkpoint just saved) and the newest others by step, ``keep_last`` in
+    all, and any stray temp files; returns them."""
     directory = Path(directory)
     removed = []
-    for _, p in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+    others = [p for _, p in list_checkpoints(directory) if keep is None or p != Path(keep)]
+    for p in others[: max(len(others) - keep_last + (keep is not None), 0)] if keep_last > 0 else []:
         p.unlink(missing_ok=True)
         removed.append(p)
     for p in directory.glob(".step-*.pt.tmp"):
@@ -128,9 +130,10 @@ class CheckpointManager:
         return bool(self.every_steps) and step % self.every_steps == 0 and step < max_steps
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        """Writes ``state`` as ``step-<step>.pt`` atomically, then prunes to the newest ``keep_last``."""
+        """Writes ``state`` as ``step-<step>.pt`` atomically, then (once it is durable) prunes to it and the
+        newest ``keep_last - 1`` others by step."""
         path = atomic_save(state, checkpoint_path(self.directory, step))
-        prune_checkpoints(self.directory, self.keep_last)
+        prune_checkpoints(self.directory, self.keep_last, keep=path)
         return path
 
     def resolve(self, resume: str | Path | None) -> Path | None:
