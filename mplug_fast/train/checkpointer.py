@@ -5,9 +5,9 @@ A checkpoint is one ``torch.save`` file ``<dir>/step-<00000123>.pt`` holding a d
     step, objective (model + objective state: momentum copies, queues), optimizer, scheduler, precision
     (GradScaler), rng (python, numpy, torch, cuda; one entry per rank), data (epoch, offset), extra
 
-Writes are atomic: the bytes go to ``.step-<n>.pt.tmp`` in the same directory, are flushed and fsync'ed,
-then ``os.replace``d onto the final name (and the directory fsync'ed), so a crash or kill mid-write leaves
-the previous checkpoints intact and at worst a stray temp file (ignored, removed by the next save).
+Writes are atomic (`mplug_fast.io`): a kill mid-write leaves the previous checkpoints intact and at worst a
+stray ``.step-<n>.pt.tmp`` (ignored, removed by the next save). Pruning runs once the new file is durable and
+never removes it.
 """
 
 from __future__ import annotations
@@ -139,9 +139,6 @@ class CheckpointManager:
     def resolve(self, resume: str | Path | None) -> Path | None:
         """``--resume`` ("latest", "auto", a file or a directory; None: no resume) -> a checkpoint path."""
         return resolve_resume(None if resume is None else str(resume), self.directory)
-
-    def load(self, path: str | Path) -> dict[str, Any]:
-        return load_checkpoint(path)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)

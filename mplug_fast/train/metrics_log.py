@@ -32,15 +32,16 @@ class MetricsLog:
         self.tensorboard = tensorboard
         self._tb = None
 
-    def open(self) -> None:
-        """Creates the run folder and, when asked for and installed, the TensorBoard writer."""
+    def open(self, purge_step: int | None = None) -> None:
+        """Creates the run folder and, when asked for and installed, the TensorBoard writer (``purge_step``:
+        a resumed run's step; TensorBoard hides the events logged past it)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.tensorboard and self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # optional dependency: deferred
             except ImportError:
                 return
-            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
         """One record (``step`` and scalars) as a JSON line and as TensorBoard scalars."""

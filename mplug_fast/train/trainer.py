@@ -53,7 +53,7 @@ from mplug_fast.data.collate import move_to
 from mplug_fast.data.dataset import EpochAware
 from mplug_fast.objectives.base import Objective
 from mplug_fast.train.build import build_parts
-from mplug_fast.train.checkpointer import CheckpointManager, rng_state, set_rng_state
+from mplug_fast.train.checkpointer import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from mplug_fast.train.config import RunConfig
 from mplug_fast.train.distributed import (
     DistEnv,
@@ -181,9 +181,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", config.checkpoint.keep_last, config.checkpoint.every_steps
         )
-        self.checkpoint_dir = self.checkpoints.directory
         self.metrics = MetricsLog(self.output_dir, tensorboard=config.logging.tensorboard)
-        self.metrics_path = self.metrics.path
 
     @classmethod
     def from_config(cls, config: RunConfig, env: DistEnv | None = None) -> Trainer:
@@ -325,7 +323,7 @@ class Trainer:
         if self.env.is_main:
             path = self.checkpoints.save(state, self.step)
             if self.config.logging.plots:
-                self.plot()
+                self.metrics.plot()
         barrier(self.env)
         return path
 
@@ -369,7 +367,7 @@ class Trainer:
         if resume is None:
             self._claim_run_folder()
         if path is not None:
-            self.load_state_dict(self.checkpoints.load(path))
+            self.load_state_dict(load_checkpoint(path))
             logger.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
         if self.env.is_main:
             self.metrics.truncate_after(self.step)
@@ -399,13 +397,6 @@ class Trainer:
         if self.env.is_main:
             self.metrics.write(record)
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        return self.metrics.read()
-
-    def plot(self) -> Path | None:
-        """``loss_curves.png`` (see `MetricsLog.plot`)."""
-        return self.metrics.plot()
-
     # ---- the loop ------------------------------------------------------------------------------------
 
     def _install_sigint(self):
@@ -433,7 +424,7 @@ class Trainer:
         resumed_from = self.resume(resume)
         if self.env.is_main:
             cfg.to_yaml(self.output_dir / "config.yaml")
-            self.metrics.open()
+            self.metrics.open(purge_step=self.step if resumed_from else None)
         barrier(self.env)
         self.model.train()
         previous = self._install_sigint()

@@ -89,7 +89,7 @@ def _records(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, caplog):
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, caplog, capsys):
     def args(folder) -> list[str]:  # 4 steps, checkpoint every 2, dropout on (the RNG state matters)
         cheaper = ["--set", "logging.plots=false", "--set", "objective.options.weights={prefix_lm: 0}"]
         return [*_args(folder, 4), "--no-eval", *cheaper]  # ITC (queue), ITM (hard negatives), MLM
@@ -121,3 +121,8 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, capl
         assert state_equal(final[0][key], final[1][key]) == [], key
     assert [r["loss"] for r in _records(run)] == [r["loss"] for r in _records(ref)]
     assert not list((run / "checkpoints").glob(".*.tmp")) and (run / "model" / "config.json").is_file()
+
+    capsys.readouterr()
+    assert main(args(run)) == 2  # a new run (no --resume) in this run's folder
+    (error,) = capsys.readouterr().err.splitlines()
+    assert str(run) in error and "--resume" in error and "--overwrite" in error
