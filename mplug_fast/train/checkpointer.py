@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic writes, keep-last-N, RNG capture, resume.
+"""Training checkpoints: atomic writes, keep-last-N, RNG capture, resume; the files of a run folder.
 
 A checkpoint is one ``torch.save`` file ``<dir>/step-<00000123>.pt`` holding a dict:
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,21 @@ import torch
 from mplug_fast.io import atomic_torch_save
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
+# what a run writes in its folder: the trainer's files, the CLI's model and summaries (`clear_run_folder`)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "loss_curves.png", "metrics.json", "summary.json")
+RUN_FOLDERS = ("checkpoints", "tensorboard", "model")
+
+
+class RunFolderError(ValueError):
+    """A new run was started in a folder that holds another run."""
+
+
+def clear_run_folder(output_dir: str | Path) -> None:
+    """Removes a run's own files (`RUN_FILES`, `RUN_FOLDERS`) from ``output_dir``; other files stay."""
+    for name in RUN_FILES:
+        (Path(output_dir) / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -63,6 +79,13 @@ def prune_checkpoints(directory: str | Path, keep_last: int, keep: Path | None =
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch (CPU and every CUDA device) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

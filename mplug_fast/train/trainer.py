@@ -19,7 +19,7 @@ checkpoint and returns with status "interrupted" (a second Ctrl-C aborts at once
 Outputs under ``output_dir``: ``config.yaml``, ``metrics.jsonl`` (one record per logged step, rank 0),
 ``checkpoints/step-*.pt``, ``loss_curves.png``, ``tensorboard/`` (when installed), each written atomically.
 A run folder holds one run: a run started without ``resume`` in a folder with another run's checkpoints or
-metrics raises `RunFolderError` unless ``config.overwrite`` (then `RUN_FILES` are removed first); a resume
+metrics raises `RunFolderError` unless ``config.overwrite`` (then `clear_run_folder` first); a resume
 from step N drops the metrics records past N (the loss curve never runs backwards).
 
 Exact resume: the checkpoint holds the data position (epoch + samples consumed on each rank), every RNG
@@ -33,8 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
-import shutil
 import signal
 import threading
 import time
@@ -42,7 +40,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -53,7 +50,15 @@ from mplug_fast.data.collate import move_to
 from mplug_fast.data.dataset import EpochAware
 from mplug_fast.objectives.base import Objective
 from mplug_fast.train.build import build_parts
-from mplug_fast.train.checkpointer import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from mplug_fast.train.checkpointer import (
+    CheckpointManager,
+    RunFolderError,
+    clear_run_folder,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from mplug_fast.train.config import RunConfig
 from mplug_fast.train.distributed import (
     DistEnv,
@@ -75,21 +80,6 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses: the run stopped (its last checkpoint is kept)."""
-
-
-class RunFolderError(ValueError):
-    """A new run was started in a folder that holds another run."""
-
-
-# what a run writes in its folder (removed by ``overwrite``): the trainer's files, the CLI's model + summaries
-RUN_FILES = ("config.yaml", "metrics.jsonl", "loss_curves.png", "metrics.json", "summary.json")
-RUN_FOLDERS = ("checkpoints", "tensorboard", "model")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------
@@ -386,10 +376,7 @@ class Trainer:
         barrier(self.env)  # every rank has looked before rank 0 removes
         if self.env.is_main:
             logger.warning("overwrite: removing the previous run's files in %s", self.output_dir)
-            for name in RUN_FILES:
-                (self.output_dir / name).unlink(missing_ok=True)
-            for name in RUN_FOLDERS:
-                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+            clear_run_folder(self.output_dir)
 
     # ---- logging -------------------------------------------------------------------------------------
 
@@ -489,24 +476,20 @@ class Trainer:
             self.metrics.flush()
         elapsed = time.perf_counter() - start_time
         steps = self.step - start_step
-        logger.info(
-            "%s at step %d: %d steps in %.1f s since %s (%.3g steps/s, %.3g samples/s)",
-            status,
-            self.step,
-            steps,
-            elapsed,
-            f"the resume at step {start_step}" if resumed_from else "the start",
+        rate, since = (
             steps / max(elapsed, 1e-9),
-            steps * samples_per_step / max(elapsed, 1e-9),
+            f"the resume at step {start_step}" if resumed_from else "the start",
         )
+        message = "%s at step %d: %d steps in %.1f s since %s (%.3g steps/s, %.3g samples/s)"
+        logger.info(message, status, self.step, steps, elapsed, since, rate, rate * samples_per_step)
         return {
             "status": status,
             "step": self.step,
             "steps": steps,
             "first": first,
             "last": last,
-            "steps_per_s": steps / max(elapsed, 1e-9),
-            "samples_per_s": steps * samples_per_step / max(elapsed, 1e-9),
+            "steps_per_s": rate,
+            "samples_per_s": rate * samples_per_step,
             "nonfinite_total": self.nonfinite_total,
             "checkpoint": str(ckpt) if ckpt else None,
             "resumed_from": str(resumed_from) if resumed_from else None,

@@ -11,9 +11,15 @@ import torch
 
 from mplug_fast.cli import main
 from mplug_fast.config import ConfigError
-from mplug_fast.train.checkpointer import CheckpointManager, atomic_save, checkpoint_path, list_checkpoints
+from mplug_fast.train.checkpointer import (
+    CheckpointManager,
+    RunFolderError,
+    atomic_save,
+    checkpoint_path,
+    list_checkpoints,
+)
 from mplug_fast.train.config import load_config
-from mplug_fast.train.trainer import RunFolderError, Trainer
+from mplug_fast.train.trainer import Trainer
 from tests.train.helpers import collate, dataset, make_objective, run_config
 
 
