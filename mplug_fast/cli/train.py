@@ -8,16 +8,20 @@
 the run folder gets ``model/`` (``save_pretrained``) and, for tasks with an evaluation, ``metrics.json``
 (metrics, headline metric vs baseline) and the task's predictions JSON: synthetic data is evaluated on the
 ``data.synthetic.eval_scenes`` held-out scenes, official data on ``data.official`` with ``--eval-data
-key=value`` overrides (e.g. ``--eval-data ann=test.json``). ``--no-eval`` trains only.
+key=value`` overrides (e.g. ``--eval-data ann=test.json``). ``--no-eval`` trains only. A new run refuses an
+output folder holding another run unless ``--overwrite``. stdout gets a short summary (the headline metric,
+the run folder, the model); the full record is the run folder's ``summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from mplug_fast.checkpoint import save_pretrained
 from mplug_fast.cli.common import (
@@ -28,6 +32,7 @@ from mplug_fast.cli.common import (
     key_values,
 )
 from mplug_fast.data import Tokenizer
+from mplug_fast.io import atomic_write_json
 from mplug_fast.tasks import TASKS, get_task
 from mplug_fast.train.config import ConfigError, RunConfig, load_config, read_config_file
 from mplug_fast.train.distributed import cleanup_distributed
@@ -70,6 +75,7 @@ def train(args: argparse.Namespace) -> int:
         official_overrides = key_values(args.eval_data, "--eval-data")
     except (FileNotFoundError, ValueError) as e:
         return fail(args.command, e)
+    config.overwrite = config.overwrite or args.overwrite
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
@@ -80,7 +86,7 @@ def train(args: argparse.Namespace) -> int:
         if trainer.env.is_main and summary["status"] == "finished":
             model = trainer.objective.model
             out_dir = Path(config.output_dir)
-            save_pretrained(model, out_dir / "model")
+            save_model(model, out_dir / "model")
             if not args.no_eval and task.evaluable:
                 record = run_evaluation(
                     model,
@@ -105,8 +111,38 @@ def train(args: argparse.Namespace) -> int:
     finally:
         cleanup_distributed()
     if trainer.env.is_main:
-        print(json.dumps({"train": summary, "eval": record}, indent=1, default=str))
+        report(summary, record, Path(config.output_dir))
     return 0 if summary["status"] == "finished" else EXIT_INTERRUPTED
+
+
+def save_model(model: Any, path: Path) -> None:
+    """``save_pretrained`` into a temporary sibling folder, then renamed onto ``path``: a kill leaves the old
+    model folder or the new one, never a partial one."""
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def report(summary: dict[str, Any], record: dict[str, Any] | None, out_dir: Path) -> None:
+    """Writes ``summary.json`` (the training summary and the evaluation record) and prints a few lines."""
+    atomic_write_json(out_dir / "summary.json", {"train": summary, "eval": record})
+    loss = (summary["last"] or {}).get("loss")
+    print(
+        f"{summary['status']} at step {summary['step']} ({summary['steps']} steps in this run, "
+        f"{summary['steps_per_s']:.3g} steps/s)" + ("" if loss is None else f", loss {loss:.4g}")
+    )
+    if record is not None:
+        head = record["headline"]
+        print(f"{record['task']} {head['metric']}: {head['value']} (baseline {head['baseline']})")
+    print(f"run folder: {out_dir} (summary.json, metrics.jsonl, checkpoints/)")
+    if summary["status"] == "finished":
+        print(f"model: {out_dir / 'model'}")
+    else:
+        print(f"checkpoint: {summary['checkpoint']} (continue with --resume)")
 
 
 def _config_task(path_or_name: str) -> str | None:
@@ -130,6 +166,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=None,
         metavar="PATH",
         help="continue from the newest checkpoint of the output dir, or from PATH (a file or directory)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="a new run replaces another run's files in the output dir"
     )
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

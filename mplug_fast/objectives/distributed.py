@@ -58,20 +58,6 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def gather_batch_size(batch: int) -> int:
-    """The global batch W * B; every rank must hold the same B (checked when distributed)."""
-    _, size = world()
-    if size == 1:
-        return batch
-    sizes = all_gather(torch.tensor([batch], device=_device()))
-    if bool((sizes != batch).any()):
-        raise ValueError(
-            f"every rank must hold the same local batch for the all-gathered ITC/ITM, got {sizes.tolist()} "
-            "(drop the last incomplete batch: DataLoader(drop_last=True))"
-        )
-    return batch * size
-
-
 def gather_padded(x: Tensor, length: int, fill: float | int | bool, with_grad: bool) -> Tensor:
     """Gather [B, L, ...] tensors whose L may differ per rank: pad dim 1 to the global `length` first."""
     if x.shape[1] < length:

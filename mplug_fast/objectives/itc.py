@@ -40,7 +40,8 @@ class FeatureQueue(nn.Module):
     Buffers: image [Q, E], text [Q, E] (unit rows), ids long [Q] (-1 = none), ptr long [] (next slot),
     filled long [] (number of valid slots), and with ``text_hashes`` text_hashes long [Q] (-1 = none).
     The write position is computed on the device, so enqueueing never synchronises with the host. Q must be
-    a multiple of every global batch enqueued.
+    a multiple of every global batch enqueued. With ``hold`` set (the trainer sets it) `enqueue` only records
+    the features; `flush` writes them once the step is known to be finite, or drops them.
     """
 
     def __init__(self, size: int, dim: int, global_batch: int | None = None, text_hashes: bool = False):
@@ -58,6 +59,7 @@ class FeatureQueue(nn.Module):
         self.register_buffer("text_hashes", hashes)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.hold, self.pending = False, []
 
     def check_batch(self, global_batch: int) -> None:
         """A queue of Q slots takes whole global batches only: Q % (W * B) == 0."""
@@ -113,8 +115,11 @@ class FeatureQueue(nn.Module):
     @torch.no_grad()
     def enqueue(self, image: Tensor, text: Tensor, ids: Tensor, text_hashes: Tensor | None = None) -> None:
         """image, text: [N, E] (global batch, already gathered); ids, text_hashes: long [N]. Overwrites the
-        oldest N."""
+        oldest N (with ``hold``: recorded for `flush`)."""
         if self.size == 0:
+            return
+        if self.hold:
+            self.pending.append((image, text, ids, text_hashes))
             return
         n = image.shape[0]
         self.check_batch(n)
@@ -128,6 +133,17 @@ class FeatureQueue(nn.Module):
             self.text_hashes.index_copy_(0, slots, text_hashes)
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+
+    @torch.no_grad()
+    def flush(self, keep: bool) -> None:
+        """Writes (``keep``) or drops the updates recorded under ``hold``, in their order."""
+        pending, self.pending, hold = self.pending, [], self.hold
+        self.hold = False
+        try:
+            for update in pending if keep else ():
+                self.enqueue(*update)
+        finally:
+            self.hold = hold
 
 
 _HASH_MODULI = ((2147483647, 16807), (2147483629, 48271))  # (prime < 2^31, base): products fit in int64

@@ -47,7 +47,9 @@ def negative_weights(sim: Tensor, positives: Tensor) -> Tensor:
             f"ITM cannot draw a hard negative for rows {rows[:8]}: every sample of the global batch shares "
             "their image id; use larger batches or fewer captions of one image per batch"
         )
-    return F.softmax(sim.float().masked_fill(positives, float("-inf")), dim=1)
+    # A non-finite similarity (a step the trainer will skip) must not crash the draw: it counts as 0.
+    sim = sim.float().nan_to_num(0.0, 0.0, 0.0)
+    return F.softmax(sim.masked_fill(positives, float("-inf")), dim=1)
 
 
 def sample_negatives(

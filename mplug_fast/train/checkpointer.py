@@ -1,19 +1,20 @@
-"""Training checkpoints: atomic writes, keep-last-N, RNG capture, resume.
+"""Training checkpoints: atomic writes, keep-last-N, RNG capture, resume; the files of a run folder.
 
 A checkpoint is one ``torch.save`` file ``<dir>/step-<00000123>.pt`` holding a dict:
 
     step, objective (model + objective state: momentum copies, queues), optimizer, scheduler, precision
     (GradScaler), rng (python, numpy, torch, cuda; one entry per rank), data (epoch, offset), extra
 
-Writes are atomic: the bytes go to ``.step-<n>.pt.tmp`` in the same directory, are flushed and fsync'ed,
-then ``os.replace``d onto the final name (and the directory fsync'ed), so a crash or kill mid-write leaves
-the previous checkpoints intact and at worst a stray temp file (ignored, removed by the next save).
+Writes are atomic (`mplug_fast.io`): a kill mid-write leaves the previous checkpoints intact and at worst a
+stray ``.step-<n>.pt.tmp`` (ignored, removed by the next save). Pruning runs once the new file is durable and
+never removes it.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,21 @@ import torch
 from mplug_fast.io import atomic_torch_save
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
+# what a run writes in its folder: the trainer's files, the CLI's model and summaries (`clear_run_folder`)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "loss_curves.png", "metrics.json", "summary.json")
+RUN_FOLDERS = ("checkpoints", "tensorboard", "model")
+
+
+class RunFolderError(ValueError):
+    """A new run was started in a folder that holds another run."""
+
+
+def clear_run_folder(output_dir: str | Path) -> None:
+    """Removes a run's own files (`RUN_FILES`, `RUN_FOLDERS`) from ``output_dir``; other files stay."""
+    for name in RUN_FILES:
+        (Path(output_dir) / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -50,17 +66,26 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 atomic_save = atomic_torch_save  # torch.save(obj, path) atomically, parent folders created (mplug_fast.io)
 
 
-def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
-    """Deletes all but the newest ``keep_last`` checkpoints and any stray temp files; returns them."""
+def prune_checkpoints(directory: str | Path, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Deletes all but ``keep`` (the checkpoint just saved) and the newest others by step, ``keep_last`` in
+    all, and any stray temp files; returns them."""
     directory = Path(directory)
     removed = []
-    for _, p in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+    others = [p for _, p in list_checkpoints(directory) if keep is None or p != Path(keep)]
+    for p in others[: max(len(others) - keep_last + (keep is not None), 0)] if keep_last > 0 else []:
         p.unlink(missing_ok=True)
         removed.append(p)
     for p in directory.glob(".step-*.pt.tmp"):
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch (CPU and every CUDA device) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -128,17 +153,15 @@ class CheckpointManager:
         return bool(self.every_steps) and step % self.every_steps == 0 and step < max_steps
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        """Writes ``state`` as ``step-<step>.pt`` atomically, then prunes to the newest ``keep_last``."""
+        """Writes ``state`` as ``step-<step>.pt`` atomically, then (once it is durable) prunes to it and the
+        newest ``keep_last - 1`` others by step."""
         path = atomic_save(state, checkpoint_path(self.directory, step))
-        prune_checkpoints(self.directory, self.keep_last)
+        prune_checkpoints(self.directory, self.keep_last, keep=path)
         return path
 
     def resolve(self, resume: str | Path | None) -> Path | None:
         """``--resume`` ("latest", "auto", a file or a directory; None: no resume) -> a checkpoint path."""
         return resolve_resume(None if resume is None else str(resume), self.directory)
-
-    def load(self, path: str | Path) -> dict[str, Any]:
-        return load_checkpoint(path)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)

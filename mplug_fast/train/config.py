@@ -24,6 +24,7 @@ import yaml
 
 from mplug_fast.config import PRESETS, ConfigError, check_overrides, from_mapping, load_yaml, to_mapping
 from mplug_fast.config import apply_overrides as _apply_overrides
+from mplug_fast.io import atomic_write_text
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"  # the shipped run configs (package data)
 
@@ -155,6 +156,7 @@ class RunConfig:
     seed: int = 42
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     max_nonfinite: int = 10  # stop after this many consecutive non-finite losses
+    overwrite: bool = False  # a new run may replace another run's files in output_dir (else an error)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
@@ -175,55 +177,58 @@ class RunConfig:
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
 
-def validate(cfg: RunConfig) -> None:
-    """Value checks that types alone do not catch."""
-    checks = [
-        (cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}"),
-        (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
-        (cfg.optim.lr >= 0, f"optim.lr must be >= 0, got {cfg.optim.lr}"),
-        (cfg.optim.accum_steps >= 1, f"optim.accum_steps must be >= 1, got {cfg.optim.accum_steps}"),
-        (len(cfg.optim.betas) == 2, f"optim.betas must have two values, got {cfg.optim.betas}"),
+def _ranges(cfg: RunConfig) -> list[tuple[str, Any, bool, str]]:
+    """(key, value, whether it is in range, the range) of every run-config value with a valid range."""
+    o, s, d = cfg.optim, cfg.schedule, cfg.data
+
+    def at_least(low, value, optional=False):
+        return (optional and value is None) or (value is not None and value >= low)
+
+    return [
+        ("data.batch_size", d.batch_size, d.batch_size >= 1, ">= 1"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.max_length", d.max_length, at_least(1, d.max_length, True), ">= 1 or null"),
+        ("data.synthetic.image_size", d.synthetic.image_size, d.synthetic.image_size >= 8, ">= 8"),
+        ("data.synthetic.num_scenes", d.synthetic.num_scenes, d.synthetic.num_scenes >= 1, ">= 1"),
+        ("data.synthetic.eval_scenes", d.synthetic.eval_scenes, d.synthetic.eval_scenes >= 0, ">= 0"),
+        ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
+        ("optim.lr_visual", o.lr_visual, at_least(0, o.lr_visual, True), ">= 0 or null"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
         (
-            cfg.schedule.max_steps is not None or cfg.schedule.epochs is not None,
-            "schedule.max_steps is null and schedule.epochs is not set; give one of them",
+            "optim.betas",
+            o.betas,
+            len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+            "two values in [0, 1)",
         ),
-        (
-            cfg.schedule.max_steps is None or cfg.schedule.max_steps >= 1,
-            f"schedule.max_steps must be >= 1, got {cfg.schedule.max_steps}",
-        ),
-        (
-            cfg.schedule.epochs is None or cfg.schedule.epochs > 0,
-            f"schedule.epochs must be > 0, got {cfg.schedule.epochs}",
-        ),
-        (
-            0 <= cfg.schedule.warmup_steps <= (cfg.schedule.max_steps or cfg.schedule.warmup_steps),
-            f"schedule.warmup_steps must be in [0, max_steps={cfg.schedule.max_steps}], "
-            f"got {cfg.schedule.warmup_steps}",
-        ),
-        (
-            cfg.schedule.warmup_lr is None or cfg.schedule.warmup_lr >= 0,
-            f"schedule.warmup_lr must be >= 0, got {cfg.schedule.warmup_lr}",
-        ),
-        (
-            cfg.eval.batch_size is None or cfg.eval.batch_size >= 1,
-            f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}",
-        ),
-        (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
-        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
-        (cfg.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}"),
-        (cfg.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {cfg.max_nonfinite}"),
-        (
-            cfg.data.synthetic.image_size >= 8,
-            f"data.synthetic.image_size must be >= 8, got {cfg.data.synthetic.image_size}",
-        ),
+        ("optim.eps", o.eps, o.eps > 0, "> 0"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "> 0 or null (no clipping)"),
+        ("optim.accum_steps", o.accum_steps, o.accum_steps >= 1, ">= 1"),
+        ("schedule.max_steps", s.max_steps, at_least(1, s.max_steps, True), ">= 1 or null (from epochs)"),
+        ("schedule.epochs", s.epochs, s.epochs is None or s.epochs > 0, "> 0 or null"),
+        ("schedule.warmup_steps", s.warmup_steps, s.warmup_steps >= 0, ">= 0 (clipped to the run's steps)"),
+        ("schedule.warmup_start", s.warmup_start, 0 <= s.warmup_start <= 1, "[0, 1]"),
+        ("schedule.warmup_lr", s.warmup_lr, at_least(0, s.warmup_lr, True), ">= 0 or null"),
+        ("schedule.min_lr", s.min_lr, s.min_lr >= 0, ">= 0"),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, ">= 0"),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 1, ">= 1"),
+        ("logging.every_steps", cfg.logging.every_steps, cfg.logging.every_steps >= 1, ">= 1"),
+        ("eval.batch_size", cfg.eval.batch_size, at_least(1, cfg.eval.batch_size, True), ">= 1 or null"),
+        ("max_nonfinite", cfg.max_nonfinite, cfg.max_nonfinite >= 1, ">= 1"),
     ]
-    for ok, message in checks:
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that types alone do not catch: one `ConfigError` naming the key, the value and the
+    valid range (`from_mapping` adds the file)."""
+    for key, value, ok, valid in _ranges(cfg):
         if not ok:
-            raise ConfigError(message)
+            raise ConfigError(f"{key}={value!r} is out of range: must be {valid}")
+    if cfg.schedule.max_steps is None and cfg.schedule.epochs is None:
+        raise ConfigError("schedule.max_steps is null and schedule.epochs is not set; give one of them")
 
 
 # ---- loading -------------------------------------------------------------------------------------------

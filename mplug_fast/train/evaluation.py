@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from mplug_fast.tasks import from_pretrained, get_task
 from mplug_fast.tasks.evaluation import limit_dataset, write_json
-from mplug_fast.train.build import build_model
+from mplug_fast.train.build import build_dataset, build_model
 from mplug_fast.train.checkpointer import latest_checkpoint, load_checkpoint
 from mplug_fast.train.config import RunConfig, apply_overrides, from_dict, load_config
 
@@ -44,14 +44,6 @@ def eval_dataset(
             f"--eval-limit does not apply to {task} on official data (the whole split is the set)"
         )
     return limit_dataset(dataset, limit)
-
-
-def train_dataset_for_baseline(config: RunConfig, task: str) -> Dataset:
-    """The training set the baseline is computed from (majority answer, most frequent caption, ...)."""
-    spec = get_task(task)
-    if config.data.source == "synthetic":
-        return spec.synthetic_dataset("train", **asdict(config.data.synthetic))
-    return spec.official_dataset("train", **config.data.official)
 
 
 def run_evaluation(
@@ -99,7 +91,7 @@ def run_evaluation(
         k: v for k, v in result.items() if isinstance(v, (int, float, str, list)) and k != "predictions"
     }
     try:
-        base = spec.baseline(train_dataset_for_baseline(config, task), dataset)
+        base = spec.baseline(build_dataset(config, task, "train"), dataset)  # majority answer, ...
         baseline = {"value": base.value, "description": base.description}
     except Exception as e:  # the baseline is informative only: a reader without answers must not fail the run
         baseline = {"value": None, "description": f"not computed ({type(e).__name__}: {e})"}

@@ -1,6 +1,10 @@
 """The metrics sink of a run: ``metrics.jsonl`` (one record per logged step), TensorBoard scalars when the
 package is installed, and the ``loss_curves.png`` plot (matplotlib, the optional ``plot`` extra: without it
-the plot alone is skipped, said once in the log)."""
+the plot alone is skipped, said once in the log).
+
+Each record is one ``write`` of one line at the end of the file (a kill lands before or after it); a resume
+rewrites the file atomically without the records past its step, and readers skip a torn last line (a power
+loss), so ``metrics.jsonl`` always parses and its steps never run backwards."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from mplug_fast.io import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +51,16 @@ class MetricsLog:
         self.tensorboard = tensorboard
         self._tb = None
 
-    def open(self) -> None:
-        """Creates the run folder and, when asked for and installed, the TensorBoard writer."""
+    def open(self, purge_step: int | None = None) -> None:
+        """Creates the run folder and, when asked for and installed, the TensorBoard writer (``purge_step``:
+        a resumed run's step; TensorBoard hides the events logged past it)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.tensorboard and self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # optional dependency: deferred
             except ImportError:
                 return
-            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
         """One record (``step`` and scalars) as a JSON line and as TensorBoard scalars."""
@@ -65,20 +72,22 @@ class MetricsLog:
                     self._tb.add_scalar(key, value, record["step"])
 
     def read(self) -> list[dict[str, Any]]:
+        """The records, oldest first (a torn last line is skipped)."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
 
     def truncate_after(self, step: int) -> None:
-        """Drops the records past ``step`` (a resume continues from there)."""
-        if not self.path.is_file():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """Atomically drops the records past ``step`` (a resume continues from there)."""
+        if self.path.is_file():
+            kept = [r for r in self.read() if r.get("step", 0) <= step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -105,6 +114,7 @@ class MetricsLog:
             ax.axis("off")
         fig.tight_layout()
         path = self.output_dir / "loss_curves.png"
-        fig.savefig(path, dpi=80)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80, format="png")
         plt.close(fig)
         return path

@@ -110,9 +110,3 @@ def enable_gradient_checkpointing(module: nn.Module, skip_prefixes: tuple[str, .
         layer.forward = functools.partial(_checkpointed, layer.forward)
         count += 1
     return count
-
-
-def disable_gradient_checkpointing(module: nn.Module) -> None:
-    """Undo ``enable_gradient_checkpointing``."""
-    for layer in _layers(module):
-        layer.__dict__.pop("forward", None)

@@ -7,15 +7,20 @@ no task: ``mplug_fast.train.build`` turns a run config into the parts.
 
 Per optimizer step: ``accum_steps`` micro-batches (loss / accum; DDP all-reduce only on the last through
 ``no_sync``), then unscale (fp16) + clip + AdamW step + ``objective.after_optimizer_step()`` (momentum EMA)
-+ schedule step. A non-finite loss or gradient norm (agreed over all ranks) skips the update: gradients are
-dropped, the step and the data still advance, the skip is counted; ``max_nonfinite`` skips in a row save a
-checkpoint and raise ``NonFiniteLossError``. (fp16: inf gradients with a finite loss are the GradScaler's
++ schedule step. A non-finite loss or gradient norm (agreed over all ranks) skips the update and keeps
+nothing of the step: gradients and the objective's held feature-queue writes are dropped, the optimizer and
+the momentum copies are not touched; the step, the schedule, the data and the RNG still advance (as the
+forward drew them), the skip is counted; ``max_nonfinite`` skips in a row save a checkpoint and raise
+``NonFiniteLossError``. (fp16: inf gradients with a finite loss are the GradScaler's
 business: it skips that update (logged as skipped, no momentum update, not counted as non-finite) and
 lowers the scale, logged as ``grad_scale``.) Ctrl-C (SIGINT) finishes the current step, saves a
 checkpoint and returns with status "interrupted" (a second Ctrl-C aborts at once).
 
 Outputs under ``output_dir``: ``config.yaml``, ``metrics.jsonl`` (one record per logged step, rank 0),
-``checkpoints/step-*.pt``, ``loss_curves.png``, ``tensorboard/`` (when installed).
+``checkpoints/step-*.pt``, ``loss_curves.png``, ``tensorboard/`` (when installed), each written atomically.
+A run folder holds one run: a run started without ``resume`` in a folder with another run's checkpoints or
+metrics raises `RunFolderError` unless ``config.overwrite`` (then `clear_run_folder` first); a resume
+from step N drops the metrics records past N (the loss curve never runs backwards).
 
 Exact resume: the checkpoint holds the data position (epoch + samples consumed on each rank), every RNG
 state per rank, and the loader draws its worker seeds from its own generator, so N steps + resume + N steps
@@ -28,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import signal
 import threading
 import time
@@ -36,7 +40,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -47,7 +50,15 @@ from mplug_fast.data.collate import move_to
 from mplug_fast.data.dataset import EpochAware
 from mplug_fast.objectives.base import Objective
 from mplug_fast.train.build import build_parts
-from mplug_fast.train.checkpointer import CheckpointManager, rng_state, set_rng_state
+from mplug_fast.train.checkpointer import (
+    CheckpointManager,
+    RunFolderError,
+    clear_run_folder,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from mplug_fast.train.config import RunConfig
 from mplug_fast.train.distributed import (
     DistEnv,
@@ -69,12 +80,6 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses: the run stopped (its last checkpoint is kept)."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------
@@ -113,6 +118,7 @@ class Trainer:
         if seed:
             seed_everything(config.seed + self.env.rank)
         self.objective = objective.to(self.env.device)
+        self.objective.hold_updates()  # queue writes wait until the step is known to be finite
         if config.precision.grad_checkpointing:
             wrapped = enable_gradient_checkpointing(self.objective)
             if wrapped == 0:
@@ -151,12 +157,11 @@ class Trainer:
         )
         s = config.schedule
         self.max_steps = s.max_steps if s.max_steps is not None else self._steps_for_epochs(s.epochs)
-        if s.warmup_steps > self.max_steps:
-            raise ValueError(
-                f"schedule.warmup_steps={s.warmup_steps} exceeds the run's {self.max_steps} optimizer steps"
-            )
+        warmup = min(s.warmup_steps, self.max_steps)
+        if warmup < s.warmup_steps:
+            logger.warning("schedule.warmup_steps=%d: clipped to the run's %d steps", s.warmup_steps, warmup)
         self.scheduler = WarmupCosine(
-            self.optimizer, s.warmup_steps, self.max_steps, s.min_lr, s.warmup_start, s.warmup_lr
+            self.optimizer, warmup, self.max_steps, s.min_lr, s.warmup_start, s.warmup_lr
         )
         self._iter = None
         self.step, self.epoch, self.offset = 0, 0, 0
@@ -166,9 +171,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", config.checkpoint.keep_last, config.checkpoint.every_steps
         )
-        self.checkpoint_dir = self.checkpoints.directory
         self.metrics = MetricsLog(self.output_dir, tensorboard=config.logging.tensorboard)
-        self.metrics_path = self.metrics.path
 
     @classmethod
     def from_config(cls, config: RunConfig, env: DistEnv | None = None) -> Trainer:
@@ -259,6 +262,7 @@ class Trainer:
             if stepped:
                 self.objective.after_optimizer_step()
             self.nonfinite_in_row = 0
+        self.objective.apply_updates(keep=stepped)
         self.scheduler.step()
         self.step += 1
         metrics = {k: float(v) for k, v in sums.items()}
@@ -309,7 +313,7 @@ class Trainer:
         if self.env.is_main:
             path = self.checkpoints.save(state, self.step)
             if self.config.logging.plots:
-                self.plot()
+                self.metrics.plot()
         barrier(self.env)
         return path
 
@@ -347,27 +351,38 @@ class Trainer:
         self._iter = None
 
     def resume(self, resume: str | Path | None) -> Path | None:
-        """Loads the checkpoint named by ``resume`` ("latest", "auto", a file or a directory)."""
+        """Loads the checkpoint named by ``resume`` ("latest", "auto", a file or a directory; None: a new
+        run, which claims the run folder) and drops the metrics records past its step."""
         path = self.checkpoints.resolve(resume)
-        if path is None:
-            return None
-        self.load_state_dict(self.checkpoints.load(path))
-        if self.env.is_main:  # drop records past the resumed step
+        if resume is None:
+            self._claim_run_folder()
+        if path is not None:
+            self.load_state_dict(load_checkpoint(path))
+            logger.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+        if self.env.is_main:
             self.metrics.truncate_after(self.step)
         return path
+
+    def _claim_run_folder(self) -> None:
+        """A new run: refuse a folder holding another run's checkpoints or metrics, or (``overwrite``)
+        remove that run's files first."""
+        if not (self.checkpoints.latest() or self.metrics.read()):
+            return
+        if not self.config.overwrite:
+            raise RunFolderError(
+                f"{self.output_dir} holds another run's checkpoints or metrics.jsonl: pass --resume to "
+                "continue it or --overwrite to replace it (or choose another --output-dir)"
+            )
+        barrier(self.env)  # every rank has looked before rank 0 removes
+        if self.env.is_main:
+            logger.warning("overwrite: removing the previous run's files in %s", self.output_dir)
+            clear_run_folder(self.output_dir)
 
     # ---- logging -------------------------------------------------------------------------------------
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
             self.metrics.write(record)
-
-    def read_metrics(self) -> list[dict[str, Any]]:
-        return self.metrics.read()
-
-    def plot(self) -> Path | None:
-        """``loss_curves.png`` (see `MetricsLog.plot`)."""
-        return self.metrics.plot()
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -393,11 +408,10 @@ class Trainer:
         """
         cfg = self.config
         max_steps = self.max_steps if max_steps is None else max_steps
-        if self.env.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            cfg.to_yaml(self.output_dir / "config.yaml")
-            self.metrics.open()
         resumed_from = self.resume(resume)
+        if self.env.is_main:
+            cfg.to_yaml(self.output_dir / "config.yaml")
+            self.metrics.open(purge_step=self.step if resumed_from else None)
         barrier(self.env)
         self.model.train()
         previous = self._install_sigint()
@@ -462,14 +476,20 @@ class Trainer:
             self.metrics.flush()
         elapsed = time.perf_counter() - start_time
         steps = self.step - start_step
+        rate, since = (
+            steps / max(elapsed, 1e-9),
+            f"the resume at step {start_step}" if resumed_from else "the start",
+        )
+        message = "%s at step %d: %d steps in %.1f s since %s (%.3g steps/s, %.3g samples/s)"
+        logger.info(message, status, self.step, steps, elapsed, since, rate, rate * samples_per_step)
         return {
             "status": status,
             "step": self.step,
             "steps": steps,
             "first": first,
             "last": last,
-            "steps_per_s": steps / max(elapsed, 1e-9),
-            "samples_per_s": steps * samples_per_step / max(elapsed, 1e-9),
+            "steps_per_s": rate,
+            "samples_per_s": rate * samples_per_step,
             "nonfinite_total": self.nonfinite_total,
             "checkpoint": str(ckpt) if ckpt else None,
             "resumed_from": str(resumed_from) if resumed_from else None,

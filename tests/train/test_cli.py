@@ -51,7 +51,10 @@ def _args(tmp_path, steps: int) -> list[str]:
 
 def test_pretrain_cli_runs_and_resumes(tmp_path, capsys):
     assert main(_args(tmp_path, 3)) == 0
-    summary = json.loads(capsys.readouterr().out)["train"]
+    printed = capsys.readouterr().out
+    assert f"run folder: {tmp_path}" in printed and f"model: {tmp_path / 'model'}" in printed
+    assert len(printed.splitlines()) <= 5  # a short summary; the full record is summary.json
+    summary = json.loads((tmp_path / "summary.json").read_text())["train"]
     assert summary["status"] == "finished" and summary["step"] == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -64,7 +67,7 @@ def test_pretrain_cli_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "loss_curves.png").is_file()
 
     assert main([*_args(tmp_path, 4), "--resume"]) == 0
-    summary = json.loads(capsys.readouterr().out)["train"]
+    summary = json.loads((tmp_path / "summary.json").read_text())["train"]
     assert (
         summary["resumed_from"].endswith("step-00000003.pt")
         and summary["step"] == 4

@@ -65,8 +65,8 @@ def test_defaults_and_typed_overrides(tmp_path):
         ("logging.progress=maybe", r"logging.progress must be true or false"),
         ("optim.lr.x=1", r"'optim.lr' is a value, not a section"),
         ("optim.lr", r"must look like key.path=value"),
-        ("schedule.warmup_steps=5000", r"warmup_steps must be in \[0, max_steps=1000\]"),
-        ("data.batch_size=0", r"data.batch_size must be >= 1"),
+        ("schedule.warmup_steps=-1", r"schedule.warmup_steps=-1 is out of range: must be >= 0"),
+        ("data.batch_size=0", r"data.batch_size=0 is out of range: must be >= 1"),
     ],
 )
 def test_override_errors(override, message):
