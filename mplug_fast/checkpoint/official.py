@@ -328,7 +328,7 @@ def convert_official_state_dict(
             logger.info("resizing %s from a %dx%d to a %dx%d grid", key, old, old, grid, grid)
             state[key] = resize_pos_embed(state[key], grid)
     pairs = official_key_pairs(model, offset)
-    ours, missing, consumed = import_tensors(state, pairs)
+    ours, missing, consumed = import_tensors(state, pairs, model.state_dict())
 
     # Tied LM-head weights: the official state dict stores the word embeddings a second time.
     for head_prefix, word_key in (
@@ -356,17 +356,6 @@ def convert_official_state_dict(
         reason = _ignored_reason(key, model, offset)
         (report.ignored if reason else report.unexpected).append(key)
 
-    expected = model.state_dict()
-    bad_shapes = [
-        f"{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
-        for k, v in ours.items()
-        if v.shape != expected[k].shape
-    ]
-    if bad_shapes:
-        raise CheckpointError(
-            "shape mismatch between the checkpoint and the model (wrong config?):\n  "
-            + "\n  ".join(bad_shapes[:20])
-        )
     return ours, report
 
 
@@ -378,7 +367,6 @@ def load_official(
     stride: int | None = None,
     strict: bool = True,
     *,
-    allow_pickle: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> MPlug | tuple[MPlug, ConversionReport]:
     """Build a task model (``new_model(config)``) from an official mPLUG checkpoint.
@@ -393,14 +381,13 @@ def load_official(
         stride: overrides `stride_layer` (S); without it and without `bert_config`: 3 for ViT-B, 6 for ViT-L.
         strict: raise when a key is missing or unexpected (listed by group). False: return
             `(model, report)` with the lists; missing tensors keep fresh initialisation.
-        allow_pickle: load with `weights_only=False` (only for files you trust).
         dtype: floating tensors are cast to it.
     Returns:
         the model in eval mode (strict), or `(model, report)` (strict=False).
     """
     source = path_or_state_dict
     if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source), allow_pickle=allow_pickle)
+        source = read_checkpoint(Path(source))
     state = normalize_official_state_dict(unwrap_state_dict(source))
     config, offset = infer_official_config(state, bert_config=bert_config, image_res=image_res, stride=stride)
     with torch.device("meta"):
@@ -475,15 +462,13 @@ def to_official_state_dict(
     return out
 
 
-def official_queue_state(
-    path_or_state_dict: str | os.PathLike | Mapping[str, Any], *, allow_pickle: bool = False
-) -> dict[str, Tensor]:
+def official_queue_state(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
     """The ITC queue buffers of an official checkpoint, official layout: `image_queue`, `text_queue` [E, Q],
     and when present `idx_queue` [1, Q] (retrieval) and `queue_ptr` [1]. For resuming official retrieval or
     pretraining with its queue: ``objective.itc.load_official_queue(official_queue_state(path))``."""
     source = path_or_state_dict
     if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source), allow_pickle=allow_pickle)
+        source = read_checkpoint(Path(source))
     state = unwrap_state_dict(source)
     queue = {k: state[k] for k in sorted(_QUEUE_KEYS) if k in state}
     if "image_queue" not in queue or "text_queue" not in queue:
