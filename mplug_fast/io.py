@@ -146,8 +146,14 @@ def torch_load(
 
 def _load_failure(error: Exception) -> str:
     """What a failed `torch.load` says, in one line, without torch's weights-only boilerplate (which
-    suggests `weights_only=False`)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if lines and lines[0].startswith("Weights only load failed"):
-        lines = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the doc"))]
+    suggests `weights_only=False` or allowlisting the refused type)."""
+    text = str(error)
+    if text.startswith("Weights only load failed"):
+        text = text.split("WeightsUnpickler error:", 1)[-1]
+    boilerplate = ("Weights only load failed", "(1)", "(2)", "Please file an issue", "Check the doc")
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith(boilerplate)
+    ]
     return f"{type(error).__name__}: {' '.join(lines)[:300]}"

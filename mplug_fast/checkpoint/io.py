@@ -115,7 +115,10 @@ def load_pretrained(
     rest."""
     directory = Path(directory)
     meta = read_pretrained_meta(directory)
-    config = MPlugConfig.from_dict(meta["config"])
+    try:
+        config = MPlugConfig.from_dict(meta["config"])
+    except ValueError as e:  # a config of another version or another model
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
     state = read_checkpoint(directory / WEIGHTS_NAME)
     with torch.device("meta"):
         model = new_model(config)

@@ -217,6 +217,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.logging.every_steps >= 1, f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}"),
         (cfg.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {cfg.max_nonfinite}"),
         (
+            cfg.device.partition(":")[0] in ("auto", "cpu", "cuda", "mps"),
+            f"device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}",
+        ),
+        (
             cfg.data.synthetic.image_size >= 8,
             f"data.synthetic.image_size must be >= 8, got {cfg.data.synthetic.image_size}",
         ),
