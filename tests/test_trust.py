@@ -6,6 +6,7 @@ detects which and says so; batch inference shows a progress bar on long inputs o
 from __future__ import annotations
 
 import builtins
+import json
 import pickle
 from pathlib import Path
 
@@ -105,6 +106,15 @@ def test_pipeline_and_predict_load_every_kind(files, capsys):
         out = capsys.readouterr()
         assert f"loaded {pipe.source}" in out.err and out.out == f"{image}\t{captions[kind]}\n"
     assert captions["run"] == captions["pretrained"] == captions["trainer"]  # the same weights
+
+
+def test_evaluate_loads_run_trainer_and_official(files, tmp_path, capsys):
+    for kind in ("run", "trainer", "official"):  # a save_pretrained folder: tests/tasks/test_cli.py
+        argv = ["evaluate", "--task", "caption", "--checkpoint", str(files[kind]), "--eval-limit", "2"]
+        assert main([*argv, "--output-dir", str(tmp_path / kind), "--set", "device=cpu"]) == 0
+        out = capsys.readouterr()
+        assert f"loaded {resolve_checkpoint(files[kind])}" in out.err
+        assert json.loads(out.out)["checkpoint_kind"] == kind
 
 
 def _evil_files(root: Path, marker: Path) -> dict[str, Path]:

@@ -37,8 +37,8 @@ from mplug_fast.checkpoint.keymap import (
     ConversionReport,
     KeyPairs,
     bert_layer_pairs,
-    group_keys,
     import_tensors,
+    strict_error,
     translate,
 )
 from mplug_fast.config import VisionConfig
@@ -94,15 +94,6 @@ def _load(module: nn.Module, tensors: Mapping[str, Tensor], what: str) -> None:
     cast = {k: v.detach().to(dtype=state[k].dtype, copy=meta) for k, v in tensors.items()}
     result = module.load_state_dict(cast, strict=False, assign=meta)
     assert not result.unexpected_keys, f"internal: keys outside {what}: {result.unexpected_keys}"
-
-
-def _strict_error(what: str, missing: list[str], unexpected: list[str]) -> CheckpointError:
-    parts = [f"the {what} does not fit the model"]
-    if missing:
-        parts.append(f"missing ({len(missing)} of our tensors have no source):\n" + group_keys(missing))
-    if unexpected:
-        parts.append(f"unexpected ({len(unexpected)} source keys):\n" + group_keys(unexpected))
-    return CheckpointError("\n".join(parts + ["Pass strict=False to load anyway and get the lists."]))
 
 
 # --------------------------------------------------------------------------------------------- CLIP
@@ -165,7 +156,7 @@ def load_clip_visual(
         drop = key[len(prefix) :] in dropped if inside else bool(_CLIP_OUTSIDE_VISUAL.match(key))
         (report.ignored if drop else report.unexpected).append(key)
     if strict and (report.missing or report.unexpected):
-        raise _strict_error(f"{fmt} state dict", report.missing, report.unexpected)
+        raise strict_error(f"{fmt} state dict", report.missing, report.unexpected)
     _load(vision, ours, "the vision tower")
     logger.info("vision <- %s: %d tensors, %d source keys ignored", fmt, len(ours), len(report.ignored))
     return report
@@ -251,7 +242,7 @@ def load_bert_weights(
         (report.ignored if drop else report.unexpected).append(source_names[key])
     not_random = [k for k in missing if not _LEFT_RANDOM.search(k)]
     if strict and (not_random or report.unexpected):
-        raise _strict_error("BERT state dict", not_random, report.unexpected)
+        raise strict_error("BERT state dict", not_random, report.unexpected)
     if any(".crossattention." in k for k in report.ignored) and not include_cross_attention:
         logger.warning("the BERT has cross-attention weights; pass include_cross_attention=True to load them")
     if any(k.startswith(("decoder.head.", "mlm_head.")) for k in missing):

@@ -115,10 +115,7 @@ def load_pretrained(
     rest."""
     directory = Path(directory)
     meta = read_pretrained_meta(directory)
-    try:
-        config = MPlugConfig.from_dict(meta["config"])
-    except ValueError as e:  # a config of another version or another model
-        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
+    config = MPlugConfig.from_dict(meta["config"], where=str(directory / CONFIG_NAME))
     state = read_checkpoint(directory / WEIGHTS_NAME)
     with torch.device("meta"):
         model = new_model(config)

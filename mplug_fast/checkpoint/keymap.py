@@ -167,3 +167,13 @@ def group_keys(keys: Iterable[str], depth: int = 2, limit: int = 6) -> str:
         shown = ", ".join(members[:limit]) + (", ..." if len(members) > limit else "")
         lines.append(f"  {prefix} ({len(members)} keys: {shown})")
     return "\n".join(lines)
+
+
+def strict_error(what: str, missing: list[str], unexpected: list[str]) -> CheckpointError:
+    """The error of a strict load: `what` does not fit, with the missing and unexpected keys by group."""
+    parts = [f"the {what} does not fit the model"]
+    if missing:
+        parts.append(f"missing ({len(missing)} of our tensors have no source):\n" + group_keys(missing))
+    if unexpected:
+        parts.append(f"unexpected ({len(unexpected)} source keys):\n" + group_keys(unexpected))
+    return CheckpointError("\n".join(parts + ["Pass strict=False to load anyway and get the lists."]))

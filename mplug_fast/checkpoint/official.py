@@ -43,6 +43,7 @@ from mplug_fast.checkpoint.keymap import (
     export_tensors,
     group_keys,
     import_tensors,
+    strict_error,
     translate,
 )
 from mplug_fast.config import (
@@ -400,21 +401,11 @@ def load_official(
     new_keys = [k for k in report.missing if fresh and k.startswith(fresh)]
     report.missing = [k for k in report.missing if not k.startswith("momentum.") and k not in new_keys]
     if strict and (report.missing or report.unexpected):
-        parts = [
-            f"the official checkpoint does not fit the {task!r} model (config: fusion layers "
-            f"{config.fusion.layers} at slots {offset}.., stride {config.fusion.stride})"
-        ]
-        if report.missing:
-            parts.append(
-                f"missing ({len(report.missing)} of our tensors have no source):\n"
-                + group_keys(report.missing)
-            )
-        if report.unexpected:
-            parts.append(
-                f"unexpected ({len(report.unexpected)} checkpoint keys):\n" + group_keys(report.unexpected)
-            )
-        parts.append("Pass strict=False to load anyway and get the lists.")
-        raise CheckpointError("\n".join(parts))
+        what = (
+            f"official checkpoint (as the {task!r} model: fusion layers {config.fusion.layers} at slots "
+            f"{offset}.., stride {config.fusion.stride})"
+        )
+        raise strict_error(what, report.missing, report.unexpected)
 
     if new_keys:
         logger.info("new %r task head, freshly initialised (%d tensors): %s", task, len(new_keys), new_keys)

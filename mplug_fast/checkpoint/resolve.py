@@ -54,11 +54,6 @@ def newest_step_file(directory: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def is_trainer_checkpoint(state: Any) -> bool:
-    """Whether a loaded checkpoint is one the trainer wrote (it holds the run config and the objective)."""
-    return isinstance(state, Mapping) and {"config", "objective"} <= set(state)
-
-
 def resolve_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     """Which kind of checkpoint `path` is (see the module docstring). FileNotFoundError when it does not
     exist or is a folder of none of these kinds; CheckpointError when a file cannot be read."""
@@ -79,4 +74,5 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     if not target.is_file():
         raise FileNotFoundError(f"checkpoint {str(given)!r} does not exist")
     state = read_checkpoint(target)
-    return CheckpointSource("trainer" if is_trainer_checkpoint(state) else "official", target, given, state)
+    trainer = isinstance(state, Mapping) and {"config", "objective"} <= set(state)  # run config + objective
+    return CheckpointSource("trainer" if trainer else "official", target, given, state)
