@@ -62,6 +62,7 @@ from mplug_fast.modeling import (
 )
 from mplug_fast.tasks import TASKS, from_pretrained, get_task, load_official_checkpoint
 from mplug_fast.train.evaluation import load_for_evaluation
+from mplug_fast.train.precision import DTYPES as PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +72,6 @@ METHOD_MODELS: dict[str, tuple[type[MPlug], ...]] = {  # pipeline method -> the 
     "ground": (MPlugForGrounding,),
     "rank": (MPlugForRetrieval, MPlugForPretraining),
 }
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 
 
 def _first(*values):
@@ -89,12 +80,13 @@ def _first(*values):
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """'bf16' / 'float32' / torch.bfloat16 / None -> torch dtype (None: keep the checkpoint's)."""
+    """'bf16' / 'bfloat16' / 'half' / torch.bfloat16 / None -> torch dtype (None: keep the checkpoint's)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; available: {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    found = PRECISIONS.get(dtype, getattr(torch, str(dtype), None))  # training's short names, torch's names
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 (or fp32, bf16, fp16)")
+    return found
 
 
 def check_device(device: str | torch.device) -> torch.device:

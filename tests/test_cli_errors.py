@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import mplug_fast
 from mplug_fast.checkpoint.io import CONFIG_NAME
 from mplug_fast.cli import main
 from tests.test_trust import CONFIG, make_checkpoints
@@ -136,3 +137,13 @@ def test_unexpected_error_is_reported_as_a_bug(files, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'internal'" in err
     assert err.strip().splitlines()[-1].startswith("mplug-fast predict caption: this is a bug in mplug_fast")
+
+
+def test_dtype_names(files, capsys):
+    pipe = mplug_fast.pipeline("caption", files["pretrained"], dtype="bf16")
+    assert pipe.dtype == torch.bfloat16
+    fails(
+        capsys,
+        [*PREDICT, str(files["image"]), "--config", "micro", "--dtype", "int8"],
+        "unknown dtype 'int8'",
+    )
