@@ -3,16 +3,17 @@
     >>> vqa = mplug_fast.pipeline("vqa", "mplug_base_vqa.pth")          # an official checkpoint
     >>> vqa.answer("cat.jpg", "what animal is this?")
     'cat'
-    >>> cap = mplug_fast.pipeline("caption", "runs/caption/final")       # a save_pretrained directory
+    >>> cap = mplug_fast.pipeline("caption", "runs/caption_tiny_synthetic")  # a run folder (its model/)
     >>> cap.caption(["a.jpg", "b.png"])
     ['a dog on a couch', 'two people on a beach']
     >>> mplug_fast.pipeline("grounding", config="tiny").ground(img, "the red square")  # random weights
     [12.0, 30.5, 40.1, 55.0]
 
-Checkpoints: an official `.pth` (`load_official_checkpoint`), a directory written by `save_pretrained`
-(`from_pretrained`; a model saved for another task lends the components this task shares), or None with a
-preset name / `MPlugConfig` / config file as `config=` (random weights, with a logged warning: tests and
-demos only).
+Checkpoints (told apart by `mplug_fast.checkpoint.resolve_checkpoint`; `Pipeline.source` says which was
+loaded): a run folder of `mplug-fast train` (its final `model/`), a folder written by `save_pretrained`
+(`from_pretrained`; a model saved for another task lends the components this task shares), an official
+`.pth` (`load_official_checkpoint`), a trainer checkpoint `step-*.pt`, or None with a preset name /
+`MPlugConfig` / config file as `config=` (random weights, with a logged warning: tests and demos only).
 
 Preprocessing is the official evaluation transform: bicubic resize to the model's resolution + CLIP
 mean/std (`mplug_fast.data.test_transform`); grounding uses the TransVG eval transform (long side to the
@@ -33,7 +34,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from mplug_fast.checkpoint import CheckpointSource, resolve_checkpoint
 from mplug_fast.config import MPlugConfig, get_config
 from mplug_fast.data.grounding_transform import IMAGENET_MEAN, IMAGENET_STD, GroundingTransform
 from mplug_fast.data.tokenizer import Tokenizer
@@ -58,6 +61,8 @@ from mplug_fast.modeling import (
     MPlugForVQA,
 )
 from mplug_fast.tasks import TASKS, from_pretrained, get_task, load_official_checkpoint
+from mplug_fast.train.evaluation import load_for_evaluation
+from mplug_fast.train.precision import DTYPES as PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +72,6 @@ METHOD_MODELS: dict[str, tuple[type[MPlug], ...]] = {  # pipeline method -> the 
     "ground": (MPlugForGrounding,),
     "rank": (MPlugForRetrieval, MPlugForPretraining),
 }
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 
 
 def _first(*values):
@@ -85,12 +80,32 @@ def _first(*values):
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """'bf16' / 'float32' / torch.bfloat16 / None -> torch dtype (None: keep the checkpoint's)."""
+    """'bf16' / 'bfloat16' / 'half' / torch.bfloat16 / None -> torch dtype (None: keep the checkpoint's)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; available: {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    found = PRECISIONS.get(dtype, getattr(torch, str(dtype), None))  # training's short names, torch's names
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 (or fp32, bf16, fp16)")
+    return found
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A device this torch can use ("auto": cuda when available, else cpu); ValueError naming it otherwise
+    (an unknown name, CUDA on a torch without CUDA or without a visible GPU, a GPU index out of range)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from e
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r}: this torch {torch.__version__} cannot use CUDA (built without it, or "
+            "no GPU is visible); use cpu"
+        )
+    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return found
 
 
 def resolve_config(config: str | os.PathLike | MPlugConfig) -> MPlugConfig:
@@ -114,34 +129,37 @@ def load_model(
     dtype: str | torch.dtype | None = None,
 ) -> MPlug:
     """The `task` model (eval mode) from a checkpoint (see the module docstring) on `device` / `dtype`."""
-    spec = get_task(task)
-    torch_dtype = resolve_dtype(dtype)
+    model, _ = _load(task, checkpoint, config)
+    return model.to(device=check_device(device), dtype=resolve_dtype(dtype)).eval()
+
+
+def _load(
+    task: str, checkpoint: str | os.PathLike | None, config: str | os.PathLike | MPlugConfig | None
+) -> tuple[MPlug, CheckpointSource | None]:
+    """(the `task` model, what was loaded: None for random weights)."""
     if checkpoint is None:
         if config is None:
             raise ValueError(
-                "give a checkpoint (official .pth or a save_pretrained directory), or config= a preset "
-                "name for a randomly initialised model"
+                "give a checkpoint (a run folder, save_pretrained folder, official .pth or step-*.pt), or "
+                "config= a preset name for a randomly initialised model"
             )
-        cfg = resolve_config(config)
         logger.warning(
             "no checkpoint: the %s model has RANDOM weights (config %s); outputs are meaningless "
             "(use this for tests and demos only)",
             task,
             config if isinstance(config, (str, Path)) else "given",
         )
-        model = spec.build_model(cfg)
+        return get_task(task).build_model(resolve_config(config)), None
+    source = resolve_checkpoint(checkpoint)
+    if source.kind in ("run", "pretrained"):
+        model = from_pretrained(source.path, task=task)
+    elif source.kind == "trainer":
+        model = load_for_evaluation(source.path, task)[0]
     else:
-        path = Path(checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-        if path.is_file() and path.name == "model.safetensors":
-            path = path.parent
-        if path.is_dir():
-            model = from_pretrained(path, task=task)
-        else:
-            image_res = None if config is None else resolve_config(config).vision.image_size
-            model = load_official_checkpoint(path, task, image_res=image_res)
-    return model.to(device=device, dtype=torch_dtype).eval()
+        image_res = None if config is None else resolve_config(config).vision.image_size
+        model = load_official_checkpoint(source.state, task, image_res=image_res)
+    logger.info("loaded the %s model from %s", task, source)
+    return model, source
 
 
 class Pipeline:
@@ -158,6 +176,10 @@ class Pipeline:
         max_text_length: longest text in tokens before truncation (None: the task's training length).
         batch_size: images per model call.
         grounding_normalization: "clip" (the training statistics) or "imagenet" (the official eval).
+        progress: a tqdm progress bar on stderr (None: when an input needs more than one model call;
+            never for a single image).
+        source: what the model was loaded from (`mplug_fast.checkpoint.resolve_checkpoint`), kept as
+            `self.source` (None: random weights or a model built in code).
     """
 
     def __init__(
@@ -175,6 +197,8 @@ class Pipeline:
         max_text_length: int | None = None,
         batch_size: int = 16,
         grounding_normalization: str = "clip",
+        progress: bool | None = None,
+        source: CheckpointSource | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -191,6 +215,7 @@ class Pipeline:
         self.double_count_first = double_count_first
         self.max_text_length = max_text_length or self._text_length(model)
         self.batch_size = batch_size
+        self.progress, self.source = progress, source
         self.image_size = model.config.vision.image_size
         self.test_transform = TestTransform(self.image_size)
         mean, std = (
@@ -232,8 +257,12 @@ class Pipeline:
         return x.to(device=self.device, dtype=self.dtype)
 
     def _chunks(self, n: int):
-        for start in range(0, n, self.batch_size):
-            yield slice(start, min(n, start + self.batch_size))
+        """Slices of `batch_size` items over `n` inputs, with the progress bar (see `progress`)."""
+        show = n > 1 and (n > self.batch_size if self.progress is None else self.progress)
+        with tqdm(total=n, desc=self.task, unit="image", disable=not show, dynamic_ncols=True) as bar:
+            for start in range(0, n, self.batch_size):
+                yield slice(start, min(n, start + self.batch_size))
+                bar.update(min(n, start + self.batch_size) - start)
 
     def _decode(self, ids: Tensor, start: int) -> str:
         return self.tokenizer.decode(ids[start:].tolist(), skip_special_tokens=True)
@@ -390,8 +419,8 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return (
-            f"Pipeline(task={self.task!r}, image_size={self.image_size}, device={self.device}, "
-            f"dtype={self.dtype})"
+            f"Pipeline(task={self.task!r}, source={str(self.source)!r}, image_size={self.image_size}, "
+            f"device={self.device}, dtype={self.dtype})"
         )
 
 
@@ -415,8 +444,10 @@ def pipeline(
     **options: Any,
 ) -> Pipeline:
     """A ready-to-use `Pipeline` for `task` ("vqa", "caption", "grounding", "retrieval"; aliases "answer",
-    "ground", "rank"). `checkpoint`: official `.pth`, `save_pretrained` directory, or None with `config=`
-    (random weights). `options` go to `Pipeline` (beam_size, max_length, prompt, answer_list, ...)."""
+    "ground", "rank"). `checkpoint`: a run folder, `save_pretrained` folder, official `.pth` or trainer
+    `step-*.pt` (`pipe.source` says which was loaded), or None with `config=` (random weights). `options`
+    go to `Pipeline` (beam_size, max_length, prompt, answer_list, progress, ...)."""
     name = pipeline_task(task)
-    model = load_model(name, checkpoint, config=config, device=device, dtype=dtype)
-    return Pipeline(model, **options)
+    model, source = _load(name, checkpoint, config)
+    model = model.to(device=check_device(device), dtype=resolve_dtype(dtype))
+    return Pipeline(model, source=source, **options)

@@ -14,9 +14,11 @@ from mplug_fast.checkpoint.official import (
     official_queue_state,
     to_official_state_dict,
 )
+from mplug_fast.checkpoint.resolve import CheckpointSource, resolve_checkpoint
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSource",
     "ConversionReport",
     "infer_official_config",
     "load_pretrained",
@@ -26,6 +28,7 @@ __all__ = [
     "load_clip_visual",
     "load_official",
     "read_checkpoint",
+    "resolve_checkpoint",
     "save_pretrained",
     "to_official_state_dict",
     "vision_config_from_clip",

@@ -37,8 +37,8 @@ from mplug_fast.checkpoint.keymap import (
     ConversionReport,
     KeyPairs,
     bert_layer_pairs,
-    group_keys,
     import_tensors,
+    strict_error,
     translate,
 )
 from mplug_fast.config import VisionConfig
@@ -81,18 +81,6 @@ _LEGACY_LN = re.compile(r"\.LayerNorm\.(gamma|beta)$")  # the original bert-base
 _LEFT_RANDOM = re.compile(r"\.(cross|norm_cross)\.|^(decoder\.head|mlm_head)\.")  # may lack a source
 
 
-def _shape_errors(expected: Mapping[str, Tensor], tensors: Mapping[str, Tensor], pairs: KeyPairs) -> None:
-    bad = [
-        f"{k} {list(expected[k].shape)} <- {' + '.join(dict(pairs)[k])} {list(v.shape)}"
-        for k, v in tensors.items()
-        if v.shape != expected[k].shape
-    ]
-    if bad:
-        raise CheckpointError(
-            "shape mismatch (our key [shape] <- source keys [shape]):\n  " + "\n  ".join(bad)
-        )
-
-
 def _load(module: nn.Module, tensors: Mapping[str, Tensor], what: str) -> None:
     """Copy `tensors` (keys of `module.state_dict()`) in, cast to the module's dtypes; a module on the
     meta device is filled by assignment, which needs every tensor."""
@@ -106,15 +94,6 @@ def _load(module: nn.Module, tensors: Mapping[str, Tensor], what: str) -> None:
     cast = {k: v.detach().to(dtype=state[k].dtype, copy=meta) for k, v in tensors.items()}
     result = module.load_state_dict(cast, strict=False, assign=meta)
     assert not result.unexpected_keys, f"internal: keys outside {what}: {result.unexpected_keys}"
-
-
-def _strict_error(what: str, missing: list[str], unexpected: list[str]) -> CheckpointError:
-    parts = [f"the {what} does not fit the model"]
-    if missing:
-        parts.append(f"missing ({len(missing)} of our tensors have no source):\n" + group_keys(missing))
-    if unexpected:
-        parts.append(f"unexpected ({len(unexpected)} source keys):\n" + group_keys(unexpected))
-    return CheckpointError("\n".join(parts + ["Pass strict=False to load anyway and get the lists."]))
 
 
 # --------------------------------------------------------------------------------------------- CLIP
@@ -165,7 +144,8 @@ def load_clip_visual(
             names, at = translate(key, top), prefix
         assert names is not None, f"internal: no CLIP name for {key!r}"
         pairs.append((key, tuple(at + n for n in names)))
-    ours, missing, consumed = import_tensors(state, pairs)
+    shapes = {k: v for k, v in vision.state_dict().items() if k != "pos_embed"}  # pos_embed: resized below
+    ours, missing, consumed = import_tensors(state, pairs, shapes)
     if "pos_embed" in ours and ours["pos_embed"].shape[0] != vision.config.num_tokens:
         old, new = math.isqrt(ours["pos_embed"].shape[0] - 1), vision.config.grid_size
         logger.info("resizing the CLIP position table from a %dx%d to a %dx%d grid", old, old, new, new)
@@ -175,9 +155,8 @@ def load_clip_visual(
         inside = key.startswith(prefix)
         drop = key[len(prefix) :] in dropped if inside else bool(_CLIP_OUTSIDE_VISUAL.match(key))
         (report.ignored if drop else report.unexpected).append(key)
-    _shape_errors(vision.state_dict(), ours, pairs)
     if strict and (report.missing or report.unexpected):
-        raise _strict_error(f"{fmt} state dict", report.missing, report.unexpected)
+        raise strict_error(f"{fmt} state dict", report.missing, report.unexpected)
     _load(vision, ours, "the vision tower")
     logger.info("vision <- %s: %d tensors, %d source keys ignored", fmt, len(ours), len(report.ignored))
     return report
@@ -254,17 +233,16 @@ def load_bert_weights(
             f"decoder {c.decoder.layers} (0..N-1); use a deeper BERT or lower text.encoder_layers / "
             "fusion.layers / decoder.layers"
         )
-    ours, missing, consumed = import_tensors(state, pairs)
+    ours, missing, consumed = import_tensors(state, pairs, model.state_dict())
     report = ConversionReport(missing=sorted(fresh + missing))
     for key in sorted(set(state) - consumed):
         layer = re.match(r"encoder\.layer\.(\d+)\.", key)
         unused = layer is not None and (int(layer.group(1)) not in used or ".crossattention." in key)
         drop = unused or _BERT_IGNORED.match(key)
         (report.ignored if drop else report.unexpected).append(source_names[key])
-    _shape_errors(model.state_dict(), ours, pairs)
     not_random = [k for k in missing if not _LEFT_RANDOM.search(k)]
     if strict and (not_random or report.unexpected):
-        raise _strict_error("BERT state dict", not_random, report.unexpected)
+        raise strict_error("BERT state dict", not_random, report.unexpected)
     if any(".crossattention." in k for k in report.ignored) and not include_cross_attention:
         logger.warning("the BERT has cross-attention weights; pass include_cross_attention=True to load them")
     if any(k.startswith(("decoder.head.", "mlm_head.")) for k in missing):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mplug_fast.config import MPlugConfig
-from mplug_fast.io import atomic_path, atomic_write_json
+from mplug_fast.io import UnreadableFileError, atomic_path, atomic_write_json, torch_load
 from mplug_fast.modeling import MPlug
 
 logger = logging.getLogger(__name__)
@@ -30,22 +29,15 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UnreadableFileError):
     """A checkpoint file that cannot be read or does not fit the model; the message says why."""
 
 
-def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, Any]:
-    """`torch.load` a `.pth`/`.pt`/`.bin` (or a `.safetensors`) file on the CPU with clear errors.
-
-    `allow_pickle=False` (default) loads with `weights_only=True`; set it only for files you trust
-    that hold arbitrary Python objects (e.g. an optimizer state pickled with custom classes).
-    """
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A `.pth`/`.pt`/`.bin` file (`mplug_fast.io.torch_load`: weights only, never code) or a
+    `.safetensors` file, on the CPU, with one-line errors naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or save was interrupted")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and path.is_file():
         from safetensors.torch import load_file
 
         try:
@@ -55,22 +47,9 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
                 f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
             ) from exc
     try:
-        return torch.load(
-            path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path)
-        )
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
-            raise CheckpointError(
-                f"{path} holds Python objects that a weights-only load refuses ({str(exc).splitlines()[0]}). "
-                "If you trust the file, pass allow_pickle=True."
-            ) from exc
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}"
-        ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}"
-        ) from exc
+        return torch_load(path, mmap=zipfile.is_zipfile(path))
+    except UnreadableFileError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
@@ -136,7 +115,7 @@ def load_pretrained(
     rest."""
     directory = Path(directory)
     meta = read_pretrained_meta(directory)
-    config = MPlugConfig.from_dict(meta["config"])
+    config = MPlugConfig.from_dict(meta["config"], where=str(directory / CONFIG_NAME))
     state = read_checkpoint(directory / WEIGHTS_NAME)
     with torch.device("meta"):
         model = new_model(config)

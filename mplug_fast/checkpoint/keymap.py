@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mplug_fast.checkpoint.io import CheckpointError
+
 # BERT layer, official / HF suffix under `encoder.layer.{i}.` -> ours under `layers.{i}.`
 BERT_LAYER_KEYS: dict[str, tuple[str, ...]] = {
     "attn.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
@@ -99,22 +101,44 @@ class ConversionReport:
 
 
 def import_tensors(
-    source: Mapping[str, Tensor], pairs: KeyPairs
+    source: Mapping[str, Tensor], pairs: KeyPairs, expected: Mapping[str, Tensor] | None = None
 ) -> tuple[dict[str, Tensor], list[str], set[str]]:
-    """official -> ours: concatenate each pair's sources.
+    """official -> ours: concatenate each pair's sources along dim 0.
 
+    With `expected` (our state dict, or its meta twin) each source tensor's shape is checked first (its
+    share of our tensor for a fused q/k/v or k/v); a key `expected` lacks is not checked. A mismatch raises
+    CheckpointError naming our key, the source key and both shapes.
     Returns (our tensors, our keys without a source, consumed source keys)."""
     out: dict[str, Tensor] = {}
     missing: list[str] = []
     consumed: set[str] = set()
+    bad: list[str] = []
     for ours, theirs in pairs:
         present = [k for k in theirs if k in source]
         if len(present) != len(theirs):
             missing.append(ours)
             continue
         tensors = [source[k] for k in theirs]
-        out[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
         consumed.update(theirs)
+        if expected is not None and ours in expected:
+            full = list(expected[ours].shape)
+            part = [full[0] // len(theirs), *full[1:]] if full else full
+            wrong = [
+                f"{ours} {full} <- {k} {list(t.shape)}"
+                for k, t in zip(theirs, tensors)
+                if list(t.shape) != part
+            ]
+            if wrong and len(theirs) > 1:
+                wrong = [f"{w} (each of the {len(theirs)} fused parts must be {part})" for w in wrong]
+            bad += wrong
+            if wrong:
+                continue
+        out[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+    if bad:
+        raise CheckpointError(
+            "shape mismatch (our key [shape] <- checkpoint key [shape]; wrong config?):\n  "
+            + "\n  ".join(bad[:20])
+        )
     return out, missing, consumed
 
 
@@ -143,3 +167,13 @@ def group_keys(keys: Iterable[str], depth: int = 2, limit: int = 6) -> str:
         shown = ", ".join(members[:limit]) + (", ..." if len(members) > limit else "")
         lines.append(f"  {prefix} ({len(members)} keys: {shown})")
     return "\n".join(lines)
+
+
+def strict_error(what: str, missing: list[str], unexpected: list[str]) -> CheckpointError:
+    """The error of a strict load: `what` does not fit, with the missing and unexpected keys by group."""
+    parts = [f"the {what} does not fit the model"]
+    if missing:
+        parts.append(f"missing ({len(missing)} of our tensors have no source):\n" + group_keys(missing))
+    if unexpected:
+        parts.append(f"unexpected ({len(unexpected)} source keys):\n" + group_keys(unexpected))
+    return CheckpointError("\n".join(parts + ["Pass strict=False to load anyway and get the lists."]))

@@ -43,6 +43,7 @@ from mplug_fast.checkpoint.keymap import (
     export_tensors,
     group_keys,
     import_tensors,
+    strict_error,
     translate,
 )
 from mplug_fast.config import (
@@ -328,7 +329,7 @@ def convert_official_state_dict(
             logger.info("resizing %s from a %dx%d to a %dx%d grid", key, old, old, grid, grid)
             state[key] = resize_pos_embed(state[key], grid)
     pairs = official_key_pairs(model, offset)
-    ours, missing, consumed = import_tensors(state, pairs)
+    ours, missing, consumed = import_tensors(state, pairs, model.state_dict())
 
     # Tied LM-head weights: the official state dict stores the word embeddings a second time.
     for head_prefix, word_key in (
@@ -356,17 +357,6 @@ def convert_official_state_dict(
         reason = _ignored_reason(key, model, offset)
         (report.ignored if reason else report.unexpected).append(key)
 
-    expected = model.state_dict()
-    bad_shapes = [
-        f"{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
-        for k, v in ours.items()
-        if v.shape != expected[k].shape
-    ]
-    if bad_shapes:
-        raise CheckpointError(
-            "shape mismatch between the checkpoint and the model (wrong config?):\n  "
-            + "\n  ".join(bad_shapes[:20])
-        )
     return ours, report
 
 
@@ -378,7 +368,6 @@ def load_official(
     stride: int | None = None,
     strict: bool = True,
     *,
-    allow_pickle: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> MPlug | tuple[MPlug, ConversionReport]:
     """Build a task model (``new_model(config)``) from an official mPLUG checkpoint.
@@ -393,14 +382,13 @@ def load_official(
         stride: overrides `stride_layer` (S); without it and without `bert_config`: 3 for ViT-B, 6 for ViT-L.
         strict: raise when a key is missing or unexpected (listed by group). False: return
             `(model, report)` with the lists; missing tensors keep fresh initialisation.
-        allow_pickle: load with `weights_only=False` (only for files you trust).
         dtype: floating tensors are cast to it.
     Returns:
         the model in eval mode (strict), or `(model, report)` (strict=False).
     """
     source = path_or_state_dict
     if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source), allow_pickle=allow_pickle)
+        source = read_checkpoint(Path(source))
     state = normalize_official_state_dict(unwrap_state_dict(source))
     config, offset = infer_official_config(state, bert_config=bert_config, image_res=image_res, stride=stride)
     with torch.device("meta"):
@@ -413,21 +401,11 @@ def load_official(
     new_keys = [k for k in report.missing if fresh and k.startswith(fresh)]
     report.missing = [k for k in report.missing if not k.startswith("momentum.") and k not in new_keys]
     if strict and (report.missing or report.unexpected):
-        parts = [
-            f"the official checkpoint does not fit the {task!r} model (config: fusion layers "
-            f"{config.fusion.layers} at slots {offset}.., stride {config.fusion.stride})"
-        ]
-        if report.missing:
-            parts.append(
-                f"missing ({len(report.missing)} of our tensors have no source):\n"
-                + group_keys(report.missing)
-            )
-        if report.unexpected:
-            parts.append(
-                f"unexpected ({len(report.unexpected)} checkpoint keys):\n" + group_keys(report.unexpected)
-            )
-        parts.append("Pass strict=False to load anyway and get the lists.")
-        raise CheckpointError("\n".join(parts))
+        what = (
+            f"official checkpoint (as the {task!r} model: fusion layers {config.fusion.layers} at slots "
+            f"{offset}.., stride {config.fusion.stride})"
+        )
+        raise strict_error(what, report.missing, report.unexpected)
 
     if new_keys:
         logger.info("new %r task head, freshly initialised (%d tensors): %s", task, len(new_keys), new_keys)
@@ -475,15 +453,13 @@ def to_official_state_dict(
     return out
 
 
-def official_queue_state(
-    path_or_state_dict: str | os.PathLike | Mapping[str, Any], *, allow_pickle: bool = False
-) -> dict[str, Tensor]:
+def official_queue_state(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
     """The ITC queue buffers of an official checkpoint, official layout: `image_queue`, `text_queue` [E, Q],
     and when present `idx_queue` [1, Q] (retrieval) and `queue_ptr` [1]. For resuming official retrieval or
     pretraining with its queue: ``objective.itc.load_official_queue(official_queue_state(path))``."""
     source = path_or_state_dict
     if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source), allow_pickle=allow_pickle)
+        source = read_checkpoint(Path(source))
     state = unwrap_state_dict(source)
     queue = {k: state[k] for k in sorted(_QUEUE_KEYS) if k in state}
     if "image_queue" not in queue or "text_queue" not in queue:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import mplug_fast
 from mplug_fast.cli import demo, evaluate, info, predict, train
+from mplug_fast.cli.common import run_command
 
 COMMANDS = (info, train, evaluate, predict, demo)
 
@@ -31,6 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mplug-fast``; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Entry point of ``mplug-fast``; returns the process exit code (2: bad input, one line on stderr;
+    1: a bug, with its traceback)."""
+    return run_command(build_parser().parse_args(argv))

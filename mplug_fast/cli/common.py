@@ -1,41 +1,61 @@
 """Flag plumbing the ``mplug-fast`` commands share, written once: run-config flags, evaluation flags, the
-``key=value`` parser and the error policy (expected errors: one line on stderr, exit code 2)."""
+``key=value`` parser and the error policy (expected errors: one line on stderr, exit code 2; others: a
+traceback and a line saying it is a bug)."""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from collections.abc import Callable
+import traceback
 from typing import Any
 
 import yaml
 
-# What a user's input can cause (ConfigError and TaskError are ValueErrors); anything else is a bug and keeps
-# its traceback.
+# What a user's input can cause (ConfigError, TaskError, CheckpointError and UnreadableFileError are
+# ValueErrors), or an error raised from one of these; anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, IsADirectoryError, ValueError)
-EXIT_USAGE = 2
+EXIT_USAGE, EXIT_BUG = 2, 1
+BUG_REPORT = (
+    "this is a bug in mplug_fast, not in your input: please report it on the mplug_fast issue tracker with "
+    "the command line, the traceback above and the output of `mplug-fast info`"
+)
 
 
 def fail(command: str, message: object) -> int:
-    """Prints ``mplug-fast <command>: error: <message>`` on stderr; returns the usage exit code."""
-    print(f"mplug-fast {command}: error: {message}", file=sys.stderr)
+    """Prints ``mplug-fast <command>: error: <message>`` as one line on stderr; returns the usage exit
+    code."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"mplug-fast {command}: error: {text}", file=sys.stderr)
     return EXIT_USAGE
 
 
-def user_errors(
-    fn: Callable[[argparse.Namespace], int], expected: tuple[type[Exception], ...] = EXPECTED_ERRORS
-) -> Callable[[argparse.Namespace], int]:
-    """Expected errors of a command (bad input, missing file, bad option) -> `fail` instead of a traceback."""
+def expected_error(error: BaseException | None) -> bool:
+    """Whether `error` (or an error it was raised from) is one of EXPECTED_ERRORS."""
+    while error is not None:
+        if isinstance(error, EXPECTED_ERRORS):
+            return True
+        error = error.__cause__
+    return False
 
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except expected as e:
-            return fail(args.command, e)
 
-    return run
+def run_command(args: argparse.Namespace) -> int:
+    """Runs ``args.func``: expected errors -> `fail` (one line, exit code 2); any other exception -> its
+    traceback and the `BUG_REPORT` line on stderr (exit code 1)."""
+    command = " ".join(filter(None, (args.command, getattr(args, "what", None))))  # "predict caption"
+    try:
+        return args.func(args)
+    except Exception as e:
+        if expected_error(e):
+            return fail(command, e)
+        traceback.print_exc()
+        print(f"mplug-fast {command}: {BUG_REPORT}", file=sys.stderr)
+        return EXIT_BUG
+
+
+def announce(command: str, source: object) -> None:
+    """One stderr line saying what a command loaded (`mplug_fast.checkpoint.CheckpointSource`)."""
+    if source is not None:
+        print(f"mplug-fast {command}: loaded {source}", file=sys.stderr)
 
 
 def key_values(items: list[str], flag: str) -> dict[str, Any]:

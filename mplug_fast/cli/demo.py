@@ -1,5 +1,5 @@
 """``mplug-fast demo`` (``make demo``): every task trained and evaluated on the synthetic world
-(``mplug_fast.demo``); resumable after Ctrl-C."""
+(``mplug_fast.demo``); resumable after Ctrl-C. A DemoError (a ValueError): one line on stderr, exit code 2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mplug_fast.demo.runner import run_demo
-from mplug_fast.demo.settings import DemoError, DemoInterrupted
+from mplug_fast.demo.settings import DemoInterrupted
 from mplug_fast.demo.state import fresh
 from mplug_fast.train.config import CONFIG_ROOT
 
@@ -31,8 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     if args.threads < 0:
-        print(f"mplug-fast demo: --threads must be >= 0, got {args.threads}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -46,9 +45,6 @@ def _demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nInterrupted. {RESUME_HINT}.", file=sys.stderr)
         return 130
-    except DemoError as e:
-        print(f"mplug-fast demo: {e}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -1,10 +1,13 @@
 """``mplug-fast evaluate``: a trained model on a task's evaluation split, against the task's baseline.
 
-    mplug-fast evaluate --task vqa --checkpoint RUN_DIR|STEP.pt|SAVE_PRETRAINED_DIR [--split test]
+    mplug-fast evaluate --task vqa --checkpoint RUN|MODEL_DIR|STEP.pt|OFFICIAL.pth [--split test]
 
-The model is rebuilt from a trainer checkpoint (its stored run config; ``--config`` / ``--set`` change the
-data side) or read from a ``save_pretrained`` folder; ``metrics_<split>.json`` and the predictions go to
-``--output-dir`` (default: the run folder). A zero-shot video task evaluates its image task's checkpoint.
+The checkpoint kind is detected (`mplug_fast.checkpoint.resolve_checkpoint`) and named on stderr. The model
+is a run folder's final model or a ``save_pretrained`` folder (run config: ``--config``, else the run's
+config.yaml), rebuilt from a trainer checkpoint (its stored run config; ``--config`` / ``--set`` change the
+data side), or an official .pth at the resolution of ``--config``; ``metrics_<split>.json`` and the
+predictions go to ``--output-dir`` (default: the run folder; for an official .pth the run config's
+output_dir). A zero-shot video task evaluates its image task's checkpoint.
 """
 
 from __future__ import annotations
@@ -13,25 +16,40 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+from torch import nn
 
-from mplug_fast.cli.common import EXPECTED_ERRORS, add_config_flags, add_eval_flags, key_values, user_errors
+from mplug_fast.checkpoint import CheckpointSource, resolve_checkpoint
+from mplug_fast.cli.common import add_config_flags, add_eval_flags, announce, key_values
 from mplug_fast.data import Tokenizer
+from mplug_fast.pipeline import check_device
 from mplug_fast.tasks import TASKS, get_task
+from mplug_fast.train.build import build_model
+from mplug_fast.train.config import RunConfig, load_config
 from mplug_fast.train.evaluation import load_for_evaluation, run_evaluation
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def load_evaluated(args: argparse.Namespace) -> tuple[nn.Module, RunConfig, Path, CheckpointSource]:
+    """(model, run config, output folder, what was loaded) for ``--checkpoint``: a run folder, a
+    save_pretrained folder or a trainer checkpoint (its run config; ``--config`` / ``--set`` change the data
+    side), or an official .pth (read at the resolution of ``--config``, output to its output_dir)."""
+    source = resolve_checkpoint(args.checkpoint)
+    if source.kind != "official":
+        model, config, run_dir, _ = load_for_evaluation(source.path, args.task, args.config, args.overrides)
+        return model, config, run_dir, source
+    model_task = get_task(args.task).checkpoint_task.name
+    config = load_config(args.config, [f"model.task={model_task}", *args.overrides])
+    config.model.init_from = str(source.path)
+    return build_model(config), config, Path(config.output_dir), source
+
+
+def evaluate(args: argparse.Namespace) -> int:
     eval_options = key_values(args.eval_option, "--eval-option")
     get_task(args.task).check_eval_options(eval_options)
     official_overrides = key_values(args.eval_data, "--eval-data")
-    model, config, run_dir, source = load_for_evaluation(
-        args.checkpoint, args.task, args.config, args.overrides
-    )
-    device_name = args.device or config.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = check_device(args.device) if args.device else None
+    model, config, run_dir, source = load_evaluated(args)
+    announce(args.command, source)
+    device = device or check_device(config.device)
     out_dir = Path(args.output_dir) if args.output_dir else run_dir
     record = run_evaluation(
         model.to(device),
@@ -46,14 +64,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         limit=args.eval_limit,
         options=eval_options,
         official_overrides=official_overrides,
-        extra={"checkpoint": str(source)},
+        extra={"checkpoint": str(source.path), "checkpoint_kind": source.kind},
     )
     print(json.dumps(record, indent=1, default=str))
     return 0
-
-
-# an unreadable checkpoint file is a user's problem too (load_checkpoint raises RuntimeError for it)
-evaluate = user_errors(_evaluate, (*EXPECTED_ERRORS, RuntimeError))
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -61,12 +75,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, choices=[n for n, t in TASKS.items() if t.evaluable])
     add_config_flags(p, run=False)
     p.add_argument(
-        "--checkpoint", required=True, help="a run directory, a step-*.pt file or a save_pretrained dir"
+        "--checkpoint",
+        required=True,
+        help="a run folder, a save_pretrained folder, a trainer step-*.pt or an official .pth",
     )
     p.add_argument("--split", default="test", choices=("test", "val", "train"), help="evaluation split")
     p.add_argument(
         "--output-dir", help="where metrics_<split>.json and predictions go (default: the run dir)"
     )
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the run config's device)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, auto (default: the run config's device)")
     add_eval_flags(p)
     p.set_defaults(func=evaluate)

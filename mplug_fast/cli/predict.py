@@ -5,26 +5,25 @@
     mplug-fast predict ground IMG "referring expression" --checkpoint ...   -> x0 y0 x1 y1 in pixels
     mplug-fast predict rank --images IMG ... --texts TEXT ...   -> the best text per image and image per text
 
-Common options: --checkpoint (official .pth or a save_pretrained directory), --config (a preset name or
-a config file; alone: random weights, for demos), --device, --dtype, --json (one JSON document on stdout).
+Common options: --checkpoint (a run folder, a save_pretrained folder, an official .pth or a trainer
+step-*.pt; the kind found is named on stderr), --config (a preset name or a config file; alone: random
+weights, for demos), --device, --dtype, --json (one JSON document on stdout), --no-progress.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 
-from mplug_fast.cli.common import EXPECTED_ERRORS, user_errors
+from mplug_fast.cli.common import announce
 from mplug_fast.pipeline import Pipeline, pipeline
-
-# Bad input (missing or unreadable image, empty question, unknown preset) -> one line and exit code 2.
-_user_errors = functools.partial(user_errors, expected=(*EXPECTED_ERRORS, TypeError))
 
 
 def _add_common(parser: argparse.ArgumentParser, generation: bool = True) -> None:
-    parser.add_argument("--checkpoint", help="official .pth file or a save_pretrained directory")
+    parser.add_argument(
+        "--checkpoint", help="a run folder, a save_pretrained folder, an official .pth or a trainer step-*.pt"
+    )
     parser.add_argument(
         "--config",
         help="preset name (tiny, base, large, huge) or config file; without --checkpoint: random weights",
@@ -39,20 +38,29 @@ def _add_common(parser: argparse.ArgumentParser, generation: bool = True) -> Non
         parser.add_argument("--max-length", type=int, default=None, help="generated tokens at most")
         parser.add_argument("--min-length", type=int, default=None, help="generated tokens at least")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (default: one on stderr when the images need more than one batch)",
+    )
 
 
 def _pipeline(task: str, args: argparse.Namespace, **options) -> Pipeline:
     if args.checkpoint is None and args.config is None:
-        raise SystemExit(f"mplug-fast {args.command}: give --checkpoint (or --config for random weights)")
-    return pipeline(
+        raise ValueError("give --checkpoint (or --config for random weights)")
+    pipe = pipeline(
         task,
         args.checkpoint,
         device=args.device,
         dtype=args.dtype,
         config=args.config,
         batch_size=args.batch_size,
+        progress=None if args.progress else False,
         **options,
     )
+    announce(f"{args.command} {args.what}", pipe.source)
+    return pipe
 
 
 def _generation_options(args: argparse.Namespace) -> dict:
@@ -67,7 +75,6 @@ def _emit(args: argparse.Namespace, document, lines: list[str]) -> None:
         sys.stdout.write("".join(line + "\n" for line in lines))
 
 
-@_user_errors
 def _caption(args: argparse.Namespace) -> int:
     pipe = _pipeline("caption", args, prompt=args.prompt, **_generation_options(args))
     captions = pipe.caption(list(args.images), method=args.method, seed=args.seed)
@@ -76,7 +83,6 @@ def _caption(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def _vqa(args: argparse.Namespace) -> int:
     answer_list = None
     if args.answer_list:
@@ -88,7 +94,6 @@ def _vqa(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def _ground(args: argparse.Namespace) -> int:
     pipe = _pipeline("ground", args)
     box = [round(c, 2) for c in pipe.ground(args.image, args.expression)]
@@ -98,7 +103,6 @@ def _ground(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def _rank(args: argparse.Namespace) -> int:
     pipe = _pipeline("rank", args)
     scores = pipe.rank(list(args.images), list(args.texts), k=args.k)
@@ -124,7 +128,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser(
         "predict", help="run a model on images and text: caption, vqa, ground, rank"
     )
-    commands = predict.add_subparsers(dest="command", required=True, metavar="WHAT")
+    commands = predict.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = commands.add_parser("caption", help="caption images")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files")
     p.add_argument("--prompt", default="", help="decoder prompt, e.g. 'a picture of'")

@@ -86,7 +86,7 @@ def _open_path(path: Path) -> Image.Image:
             return _pil_to_rgb(im)
     except UnidentifiedImageError as e:
         raise ValueError(f"cannot read image {str(path)!r}: PIL cannot identify it as an image ({e})") from e
-    except (OSError, SyntaxError) as e:  # truncated files raise OSError; some broken headers SyntaxError
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # truncated / bad header / too big
         raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
 
 

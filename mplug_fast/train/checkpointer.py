@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mplug_fast.io import atomic_torch_save
+from mplug_fast.io import atomic_torch_save, torch_load
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 # what a run writes in its folder: the trainer's files, the CLI's model and summaries (`clear_run_folder`)
@@ -110,7 +110,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch_load(path)
     except Exception as e:
         raise RuntimeError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e})") from e
 

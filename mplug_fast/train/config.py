@@ -218,6 +218,12 @@ def _ranges(cfg: RunConfig) -> list[tuple[str, Any, bool, str]]:
         ("logging.every_steps", cfg.logging.every_steps, cfg.logging.every_steps >= 1, ">= 1"),
         ("eval.batch_size", cfg.eval.batch_size, at_least(1, cfg.eval.batch_size, True), ">= 1 or null"),
         ("max_nonfinite", cfg.max_nonfinite, cfg.max_nonfinite >= 1, ">= 1"),
+        (
+            "device",
+            cfg.device,
+            cfg.device.partition(":")[0] in ("auto", "cpu", "cuda", "mps"),
+            "auto, cpu, cuda, cuda:N or mps",
+        ),
     ]
 
 

@@ -41,7 +41,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+            raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
         return torch.device("cuda", local_rank)
     return torch.device(device)
 
