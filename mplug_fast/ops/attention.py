@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mplug_fast.ops.external import FlashAttnBackend, XFormersBackend
-from mplug_fast.ops.reference import attention_mask_ref, attention_ref
+from mplug_fast.ops.reference import attention_mask_ref, attention_ref, gather_kv
 from mplug_fast.ops.registry import AttentionBackend, Inputs, Registry, mask_kind, triton_kernels_status
 
 __all__ = [
@@ -56,18 +56,7 @@ class ReferenceBackend(AttentionBackend):
 
     NAME = "reference"
 
-    @staticmethod
-    def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
-        return attention_ref(
-            q,
-            k,
-            v,
-            key_padding_mask=key_padding_mask,
-            causal=causal,
-            dropout_p=dropout_p,
-            scale=scale,
-            kv_index=kv_index,
-        )
+    run = staticmethod(attention_ref)
 
 
 class SdpaBackend(AttentionBackend):
@@ -77,10 +66,7 @@ class SdpaBackend(AttentionBackend):
 
     @staticmethod
     def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
-        if kv_index is not None:
-            k, v = k[kv_index], v[kv_index]  # copy: [B, H, Lk, Dh]
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask[kv_index]
+        k, v, key_padding_mask = gather_kv(k, v, key_padding_mask, kv_index)  # [B, H, Lk, Dh]
         Lq, Lk = q.shape[-2], k.shape[-2]
         if key_padding_mask is None and (not causal or Lq == Lk):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
@@ -135,20 +121,14 @@ class TritonBackend(AttentionBackend):
         )
 
     @staticmethod
-    def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
+    def run(q, k, v, **kwargs):
         """The main kernel, or the split-K one (`triton/decode.py`) when `num_splits_for` says the main grid
-        would leave the GPU idle: Lq <= 64, Lk >= 256 and B * H * ceil(Lq / 16..64) < the SM count."""
+        would leave the GPU idle: Lq <= 64, Lk >= 256 and B * H * ceil(Lq / 16..64) < the SM count.
+        kwargs: those of `AttentionBackend.run` (key_padding_mask, causal, dropout_p, scale, kv_index)."""
         # Deferred: triton is an optional dependency (imported by `triton_kernels_status` on resolution).
         from mplug_fast.ops.triton.attention import flash_attention
         from mplug_fast.ops.triton.decode import num_splits_for, splitk_attention
 
-        kwargs = dict(
-            key_padding_mask=key_padding_mask,
-            causal=causal,
-            dropout_p=dropout_p,
-            scale=scale,
-            kv_index=kv_index,
-        )
         B, H, Lq, _ = q.shape
         num_splits = num_splits_for(B, H, Lq, k.shape[2], q.device)
         if num_splits > 1:

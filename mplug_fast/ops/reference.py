@@ -31,6 +31,17 @@ def attention_mask_ref(
     return mask
 
 
+def gather_kv(
+    k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """K/V (and mask) rows per query row: [Bk, ...] -> [B, ...] (a copy) when `kv_index` is given."""
+    if kv_index is None:
+        return k, v, key_padding_mask
+    kv_index = kv_index.long()
+    mask = None if key_padding_mask is None else key_padding_mask[kv_index]
+    return k[kv_index], v[kv_index], mask
+
+
 def attention_ref(
     q: Tensor,
     k: Tensor,
@@ -59,10 +70,7 @@ def attention_ref(
     Returns:
         [B, H, Lq, Dh] in q's dtype.
     """
-    if kv_index is not None:
-        k, v = k[kv_index], v[kv_index]  # copy: [B, H, Lk, Dh]
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask[kv_index]
+    k, v, key_padding_mask = gather_kv(k, v, key_padding_mask, kv_index)  # [B, H, Lk, Dh]
     Lq, Lk = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     compute_dtype = torch.float32 if upcast else q.dtype

@@ -67,7 +67,6 @@ from mplug_fast.ops.triton.attention_kernels import (
 from mplug_fast.ops.triton.dropout import dropout_scale, dropout_threshold
 from mplug_fast.ops.triton.tiles import (
     SUPPORTED_HEAD_DIMS,
-    Tile,
     attention_unsupported_reasons,
     autotune_candidates,
     tile_for,
@@ -122,19 +121,21 @@ def _refuse_unsupported(q: Tensor, needs_grad: bool) -> None:
         raise NotImplementedError("Triton attention cannot run these inputs: " + "; ".join(reasons))
 
 
-def _launch(kernel, kind: str, tile: Tile, n_blocks_of, args: tuple, flags: dict, q: Tensor) -> None:
-    """Launch `kernel` with the table's tile, or autotune over the candidates (MPLUG_FAST_TRITON_AUTOTUNE=1).
+def _launch(kernel, kind: str, n_blocks_of, args: tuple, flags: dict, q: Tensor) -> None:
+    """Launch `kernel` on q's device with the table's tile for `kind` (`tiles.tile_for`), or autotune over the
+    candidates (MPLUG_FAST_TRITON_AUTOTUNE=1).
 
     n_blocks_of(BLOCK_M, BLOCK_N) -> the number of programs (the grid is 1-D)."""
-    if _AUTOTUNE:
-        tuned = _autotuned(kernel, kind, flags["BLOCK_D"], q.dtype, q.device)
-        tuned[lambda meta: (n_blocks_of(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **flags)
-        return
-    grid = (n_blocks_of(tile.block_m, tile.block_n),)
-    kernel[grid](
-        *args, **flags,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )  # fmt: skip
+    with _on_device(q):
+        if _AUTOTUNE:
+            tuned = _autotuned(kernel, kind, flags["BLOCK_D"], q.dtype, q.device)
+            tuned[lambda meta: (n_blocks_of(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **flags)
+            return
+        tile = tile_for(kind, flags["BLOCK_D"], q.dtype, q.device, q.shape[2])
+        kernel[(n_blocks_of(tile.block_m, tile.block_n),)](
+            *args, **flags,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )  # fmt: skip
 
 
 _AUTOTUNED: dict = {}
@@ -218,6 +219,23 @@ def _check_dropout(dropout_p: float, seed: Tensor | None, q: Tensor) -> None:
         )
 
 
+def _checked(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None,
+    dropout_p: float, seed: Tensor | None, needs_grad: bool, *others: Tensor,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """Check a launch's inputs (refusing what q's device cannot run); returns q, k, v, *others with a
+    contiguous last dim."""
+    _check(q, k, v, key_padding_mask, kv_index)
+    _check_dropout(dropout_p, seed, q)
+    _refuse_unsupported(q, needs_grad=needs_grad)
+    return tuple(_last_dim_contiguous(t) for t in (q, k, v, *others))
+
+
+def _bhl_strides(*tensors: Tensor) -> tuple[int, ...]:
+    """The batch, head and row strides of each [B, H, L, Dh] tensor, in order (the kernels' stride args)."""
+    return tuple(stride for t in tensors for stride in t.stride()[:3])
+
+
 def _dropout_args(
     dropout_p: float, seed: Tensor | None, dummy: Tensor
 ) -> tuple[Tensor, bool, int, float, float]:
@@ -242,10 +260,7 @@ def _attn_fwd(
     scale: float, dropout_p: float = 0.0, seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel. Returns out [B, H, Lq, Dh] (q's dtype, contiguous), LSE [B, H, Lq] fp32."""
-    _check(q, k, v, key_padding_mask, kv_index)
-    _check_dropout(dropout_p, seed, q)
-    _refuse_unsupported(q, needs_grad=False)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = _checked(q, k, v, key_padding_mask, kv_index, dropout_p, seed, needs_grad=False)
     B, H, Lq, D = q.shape
     Bk, _, Lk, _ = k.shape
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
@@ -257,20 +272,14 @@ def _attn_fwd(
     seed_arg, dropout, threshold, drop_scale, _ = _dropout_args(dropout_p, seed, q)
     args = (
         q, k, v, mask, q if kv_index is None else kv_index, seed_arg, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        stride_mb,
-        out.stride(0), out.stride(1), out.stride(2),
+        *_bhl_strides(q, k, v), stride_mb, *_bhl_strides(out),
         H, Bk, Lq, Lk, D, scale * LOG2E.value, threshold, drop_scale,
     )  # fmt: skip
     flags = dict(
         HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
         DROPOUT=dropout, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
     )  # fmt: skip
-    tile = tile_for("fwd", block_d, q.dtype, q.device, Lq)
-    with _on_device(q):
-        _launch(_attn_fwd_kernel, "fwd", tile, lambda bm, bn: triton.cdiv(Lq, bm) * B * H, args, flags, q)
+    _launch(_attn_fwd_kernel, "fwd", lambda bm, bn: triton.cdiv(Lq, bm) * B * H, args, flags, q)
     return out, lse
 
 
@@ -280,10 +289,7 @@ def _attn_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Launch the dQ kernel (which also writes delta), then the dK/dV kernel. Returns contiguous
     dq [B, H, Lq, Dh], dk, dv [Bk, H, Lk, Dh] in the inputs' dtype."""
-    _check(q, k, v, key_padding_mask, kv_index)
-    _check_dropout(dropout_p, seed, q)
-    _refuse_unsupported(q, needs_grad=True)
-    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    q, k, v, dout, out = _checked(q, k, v, key_padding_mask, kv_index, dropout_p, seed, True, dout, out)
     lse = lse.contiguous()
     B, H, Lq, D = q.shape
     Bk, _, Lk, _ = k.shape
@@ -308,42 +314,18 @@ def _attn_bwd(
         )  # fmt: skip
         dq_args = (
             q, k, v, mask, index, seed_arg, out, dout, lse, delta, dq,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            stride_mb,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *_bhl_strides(q, k, v), stride_mb, *_bhl_strides(out, dout, dq),
             H, Bk, Lq, Lk, D, scale, scale * LOG2E.value, threshold, drop_scale, keep_prob,
         )  # fmt: skip
         dkdv_args = (
             q, k, v, mask, index, seed_arg, dout, lse, delta, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            stride_mb,
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            *_bhl_strides(q, k, v), stride_mb, *_bhl_strides(dout, dk, dv),
             H, Bk, Lq, Lk, D, scale, scale * LOG2E.value, threshold, drop_scale, keep_prob,
         )  # fmt: skip
-        dq_tile = tile_for("dq", block_d, q.dtype, q.device, Lq)
-        dkdv_tile = tile_for("dkdv", block_d, q.dtype, q.device, Lq)
-        with _on_device(q):
-            _launch(
-                _attn_bwd_dq_kernel,
-                "dq",
-                dq_tile,
-                lambda bm, bn: triton.cdiv(Lq, bm) * B * H,
-                dq_args,
-                flags,
-                q,
-            )
-            _launch(
-                _attn_bwd_dkdv_kernel, "dkdv", dkdv_tile, lambda bm, bn: triton.cdiv(Lk, bn) * B * H,
-                dkdv_args, flags, q,
-            )  # fmt: skip
+        _launch(_attn_bwd_dq_kernel, "dq", lambda bm, bn: triton.cdiv(Lq, bm) * B * H, dq_args, flags, q)
+        _launch(
+            _attn_bwd_dkdv_kernel, "dkdv", lambda bm, bn: triton.cdiv(Lk, bn) * B * H, dkdv_args, flags, q
+        )
     if kv_index is not None:  # [B, H, Lk, D] fp32 -> [Bk, H, Lk, D]: sum over query rows sharing a K/V row
         dk = torch.zeros((Bk, H, Lk, D), dtype=torch.float32, device=k.device).index_add_(0, kv_index, dk)
         dv = torch.zeros((Bk, H, Lk, D), dtype=torch.float32, device=v.device).index_add_(0, kv_index, dv)

@@ -106,17 +106,9 @@ def _ln_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     in_row = cols < D
     h, _ = _h_row(
-        X + row * stride_x,
-        R + row * stride_r,
-        Seed,
-        row,
-        cols,
-        D,
-        drop_threshold,
-        drop_scale,
-        HAS_DROPOUT,
-        BLOCK,
-    )
+        X + row * stride_x, R + row * stride_r, Seed, row, cols, D, drop_threshold, drop_scale,
+        HAS_DROPOUT, BLOCK,
+    )  # fmt: skip
     mean = tl.sum(h, axis=0) / D
     diff = tl.where(in_row, h - mean, 0.0)
     var = tl.sum(diff * diff, axis=0) / D
@@ -148,17 +140,9 @@ def _ln_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for row in range(row_start, row_end):
         h, keep = _h_row(
-            X + row * stride_x,
-            R + row * stride_r,
-            Seed,
-            row,
-            cols,
-            D,
-            drop_threshold,
-            drop_scale,
-            HAS_DROPOUT,
-            BLOCK,
-        )
+            X + row * stride_x, R + row * stride_r, Seed, row, cols, D, drop_threshold, drop_scale,
+            HAS_DROPOUT, BLOCK,
+        )  # fmt: skip
         mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
         x_hat = tl.where(in_row, (h - mean) * rstd, 0.0)
