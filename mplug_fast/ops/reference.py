@@ -17,6 +17,42 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def check_attention_inputs(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None
+) -> None:
+    """A one-line ValueError / TypeError unless q [B, H, Lq, Dh], k, v [Bk, H, Lk, Dh] (one dtype), the
+    key-padding mask bool [Bk, Lk] and kv_index an integer [B] (or Bk == B without it) fit together."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"attention expects 4-D [B, H, L, Dh] tensors, got q {list(q.shape)}, "
+            f"k {list(k.shape)}, v {list(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+    if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} disagree on heads or head dim")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if kv_index is None:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(
+                f"q has {q.shape[0]} rows but k/v have {k.shape[0]}; pass kv_index to share K/V rows"
+            )
+    elif kv_index.shape != (q.shape[0],) or kv_index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"kv_index must be an integer tensor of shape [{q.shape[0]}], "
+            f"got {kv_index.dtype} {list(kv_index.shape)}"
+        )
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}")
+        if key_padding_mask.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must be [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
+                f"got {list(key_padding_mask.shape)}"
+            )
+
+
 def attention_mask_ref(
     key_padding_mask: Tensor | None, causal: bool, Lq: int, Lk: int, device: torch.device
 ) -> Tensor | None:

@@ -56,6 +56,7 @@ import torch
 import triton
 from torch import Tensor
 
+from mplug_fast.ops.reference import check_attention_inputs
 from mplug_fast.ops.triton.attention_kernels import (
     LN2,
     LOG2E,
@@ -69,6 +70,7 @@ from mplug_fast.ops.triton.tiles import (
     SUPPORTED_HEAD_DIMS,
     attention_unsupported_reasons,
     autotune_candidates,
+    block_size,
     tile_for,
 )
 
@@ -93,11 +95,6 @@ _AUTOTUNE = os.environ.get("MPLUG_FAST_TRITON_AUTOTUNE", "0") not in ("", "0") a
 # ---- launch helpers ----------------------------------------------------------------------------------------
 
 
-def _block_d(head_dim: int) -> int:
-    """The padded head dim of the tiles: the next power of two (>= 16)."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: IEEE fp32 unless torch allows TF32 for fp32 matmuls; ignored for fp16/bf16."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -108,17 +105,6 @@ def _precision(dtype: torch.dtype) -> str:
 def _on_device(t: Tensor):
     """Make t's CUDA device current for the launch (a no-op for CPU tensors under the interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _refuse_unsupported(q: Tensor, needs_grad: bool) -> None:
-    """Raise rather than launch a configuration that cannot run on q's device."""
-    if not q.is_cuda:
-        return
-    reasons = attention_unsupported_reasons(
-        dtype=q.dtype, head_dim=q.shape[-1], device=q.device, needs_grad=needs_grad
-    )
-    if reasons:
-        raise NotImplementedError("Triton attention cannot run these inputs: " + "; ".join(reasons))
 
 
 def _launch(kernel, kind: str, n_blocks_of, args: tuple, flags: dict, q: Tensor) -> None:
@@ -161,43 +147,22 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(
-            f"flash_attention expects q [B, H, Lq, Dh] and k, v [Bk, H, Lk, Dh], got q {list(q.shape)}, "
-            f"k {list(k.shape)}, v {list(v.shape)}"
-        )
-    if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} disagree on heads or head dim")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
-        raise TypeError(
-            f"flash_attention needs q, k, v of one dtype among float32, float16, bfloat16; "
-            f"got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+    """`check_attention_inputs`, then what the kernels add: the dtypes and head dims they support, one device,
+    kv_index values in [0, Bk) (on the host for CPU tensors, asynchronously on the device with
+    MPLUG_FAST_DEBUG=1; the kernels clamp out-of-range values either way)."""
+    check_attention_inputs(q, k, v, key_padding_mask, kv_index)
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"flash_attention needs float32, float16 or bfloat16 inputs, got {q.dtype}")
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim={q.shape[3]} is not supported (supported: {SUPPORTED_HEAD_DIMS})")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if kv_index is None and q.shape[0] != k.shape[0]:
-        raise ValueError(f"q has {q.shape[0]} rows but k/v have {k.shape[0]}; pass kv_index")
-    if kv_index is not None:
-        _check_kv_index(kv_index, q.shape[0], k.shape[0], q.device)
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2])
-    ):
-        raise ValueError(
-            f"key_padding_mask must be bool [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
-            f"got {key_padding_mask.dtype} {list(key_padding_mask.shape)}"
-        )
-
-
-def _check_kv_index(kv_index: Tensor, B: int, Bk: int, device: torch.device) -> None:
-    """Shape, dtype, device; values in [0, Bk) checked on the host for CPU tensors, and asynchronously on the
-    device with MPLUG_FAST_DEBUG=1 (the kernels clamp out-of-range values either way)."""
-    if kv_index.shape != (B,) or kv_index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"kv_index must be int32/int64 [{B}], got {kv_index.dtype} {list(kv_index.shape)}")
-    if kv_index.device != device:
-        raise ValueError(f"kv_index is on {kv_index.device}, q on {device}: put it on q's device")
-    if B == 0:
+    if kv_index is None:
+        return
+    if kv_index.device != q.device:
+        raise ValueError(f"kv_index is on {kv_index.device}, q on {q.device}: put it on q's device")
+    Bk = k.shape[0]
+    if q.shape[0] == 0:
         return
     if not kv_index.is_cuda:
         lo, hi = int(kv_index.min()), int(kv_index.max())
@@ -223,11 +188,13 @@ def _checked(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None,
     dropout_p: float, seed: Tensor | None, needs_grad: bool, *others: Tensor,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """Check a launch's inputs (refusing what q's device cannot run); returns q, k, v, *others with a
-    contiguous last dim."""
+    """Check a launch's inputs, and raise rather than launch what q's CUDA device cannot run; returns q, k, v,
+    *others with a contiguous last dim."""
     _check(q, k, v, key_padding_mask, kv_index)
     _check_dropout(dropout_p, seed, q)
-    _refuse_unsupported(q, needs_grad=needs_grad)
+    inputs = dict(dtype=q.dtype, head_dim=q.shape[-1], device=q.device, needs_grad=needs_grad)
+    if q.is_cuda and (reasons := attention_unsupported_reasons(**inputs)):
+        raise NotImplementedError("Triton attention cannot run these inputs: " + "; ".join(reasons))
     return tuple(_last_dim_contiguous(t) for t in (q, k, v, *others))
 
 
@@ -267,7 +234,7 @@ def _attn_fwd(
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_d = _block_d(D)
+    block_d = block_size(D)  # the padded head dim of the tiles
     mask, stride_mb = _mask_arg(key_padding_mask, q)
     seed_arg, dropout, threshold, drop_scale, _ = _dropout_args(dropout_p, seed, q)
     args = (
@@ -304,7 +271,7 @@ def _attn_bwd(
         dv.zero_()
     else:
         delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-        block_d = _block_d(D)
+        block_d = block_size(D)  # the padded head dim of the tiles
         mask, stride_mb = _mask_arg(key_padding_mask, q)
         index = q if kv_index is None else kv_index
         seed_arg, dropout, threshold, drop_scale, keep_prob = _dropout_args(dropout_p, seed, q)
@@ -338,16 +305,9 @@ def _attn_bwd(
 
 @torch.library.custom_op("mplug_fast::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_padding_mask: Tensor | None,
-    kv_index: Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float = 0.0,
-    seed: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None, causal: bool,
+    scale: float, dropout_p: float = 0.0, seed: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(out [B, H, Lq, Dh], LSE [B, H, Lq] fp32); see the module docstring. `seed`: int64 [1], needed when
     dropout_p > 0."""
     return _attn_fwd(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p, seed)
@@ -361,19 +321,9 @@ def _(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p=0.0, seed=No
 
 @torch.library.custom_op("mplug_fast::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    key_padding_mask: Tensor | None,
-    kv_index: Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float = 0.0,
-    seed: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding_mask: Tensor | None,
+    kv_index: Tensor | None, causal: bool, scale: float, dropout_p: float = 0.0, seed: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq [B, H, Lq, Dh], dk, dv [Bk, H, Lk, Dh]), contiguous. `out` and `lse` may come from any forward with
     the same semantics (the main kernel or the split-K one of `decode.py`)."""
     return _attn_bwd(dout, q, k, v, out, lse, key_padding_mask, kv_index, causal, scale, dropout_p, seed)

@@ -37,7 +37,6 @@ from torch import Tensor
 
 from mplug_fast.ops.triton.attention import (
     _bhl_strides,
-    _block_d,
     _checked,
     _dropout_args,
     _mask_arg,
@@ -54,7 +53,7 @@ from mplug_fast.ops.triton.attention_kernels import (
     _load_rows,
     _split_program_id,
 )
-from mplug_fast.ops.triton.tiles import tile_for
+from mplug_fast.ops.triton.tiles import block_size, tile_for
 
 __all__ = ["MAX_QUERIES", "MIN_KEYS", "num_splits_for", "splitk_attention"]
 
@@ -161,10 +160,6 @@ def _sm_count(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def _block_m(Lq: int) -> int:
-    return max(16, triton.next_power_of_2(Lq))
-
-
 def num_splits_for(B: int, H: int, Lq: int, Lk: int, device: torch.device | str) -> int:
     """How many key splits the Triton backend uses; 1 means "use the main kernel".
 
@@ -176,7 +171,7 @@ def num_splits_for(B: int, H: int, Lq: int, Lk: int, device: torch.device | str)
     """
     if Lq > MAX_QUERIES or Lk < MIN_KEYS:
         return 1
-    programs = B * H * triton.cdiv(Lq, _block_m(Lq))
+    programs = B * H * triton.cdiv(Lq, block_size(Lq))
     sms = _sm_count(torch.device(device))
     if programs >= sms:
         return 1
@@ -200,8 +195,8 @@ def _splitk_fwd(
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_d = _block_d(D)
-    block_m = _block_m(Lq)
+    block_d = block_size(D)
+    block_m = block_size(Lq)
     tile = tile_for("fwd", block_d, q.dtype, q.device, Lq)  # the forward's key tile, warps and stages
     block_n = tile.block_n
     keys_per_split = triton.cdiv(triton.cdiv(max(Lk, 1), block_n), num_splits) * block_n
@@ -231,17 +226,9 @@ def _splitk_fwd(
 
 @torch.library.custom_op("mplug_fast::flash_attn_splitk_fwd", mutates_args=())
 def flash_attn_splitk_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_padding_mask: Tensor | None,
-    kv_index: Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-    seed: Tensor | None,
-    num_splits: int,
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None, causal: bool,
+    scale: float, dropout_p: float, seed: Tensor | None, num_splits: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(out [B, H, Lq, Dh], LSE [B, H, Lq] fp32), as `mplug_fast::flash_attn_fwd`; see the module doc."""
     return _splitk_fwd(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p, seed, num_splits)
 

@@ -40,6 +40,7 @@ __all__ = [
     "arch_of",
     "attention_unsupported_reasons",
     "autotune_candidates",
+    "block_size",
     "shared_limit",
     "tile_for",
 ]
@@ -126,15 +127,15 @@ def _operand_bytes(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.float32 else 2
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, 1 << (head_dim - 1).bit_length())
+def block_size(n: int) -> int:
+    """A tile side for n rows or columns (a head dim, short queries): the next power of two >= n, at least 16
+    (the smallest `tl.dot` tile)."""
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
 def _short(block_m: int, Lq: int | None) -> int:
-    """A query tile that fits short queries: the next power of two >= Lq (at least 16), at most block_m."""
-    if Lq is None:
-        return block_m
-    return min(block_m, max(16, 1 << (max(Lq, 1) - 1).bit_length()))
+    """A query tile that fits short queries: `block_size(Lq)`, at most block_m."""
+    return block_m if Lq is None else min(block_m, block_size(Lq))
 
 
 def tile_for(
@@ -196,7 +197,7 @@ def attention_unsupported_reasons(
             arch = arch_of(device)
             kernels = ("fwd", "dq", "dkdv") if needs_grad else ("fwd",)
             for kernel in kernels:
-                need = SHARED.get((arch, kernel, _block_d(head_dim), _operand_bytes(dtype)), 0)
+                need = SHARED.get((arch, kernel, block_size(head_dim), _operand_bytes(dtype)), 0)
                 if need > limit:
                     reasons.append(
                         f"{kernel} tile needs {need // 1024} KiB of shared memory, {device} allows "
