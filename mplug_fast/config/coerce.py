@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 T = TypeVar("T")
+_SCALARS = {bool: "true or false", int: "an integer", str: "a string"}  # type -> what the error says
 
 __all__ = [
     "ConfigError",
@@ -157,13 +158,9 @@ def coerce(annotation: Any, value: Any, *, name: str, where: str = "") -> Any:
                 raise _in(where, f"{name} keys must be strings, got {_got(k)}")
             out[k] = coerce(item, v, name=f"{name}.{k}", where=where)
         return out
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise _in(where, f"{name} must be true or false, got {_got(value)}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _in(where, f"{name} must be an integer, got {_got(value)}")
+    if annotation in _SCALARS:  # bool, int, str: the value as is (a bool is not an int here)
+        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+            raise _in(where, f"{name} must be {_SCALARS[annotation]}, got {_got(value)}")
         return value
     if annotation is float:
         if isinstance(value, str) and _looks_like_float(value):
@@ -171,10 +168,6 @@ def coerce(annotation: Any, value: Any, *, name: str, where: str = "") -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _in(where, f"{name} must be a number, got {_got(value)}")
         return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise _in(where, f"{name} must be a string, got {_got(value)}")
-        return value
     raise TypeError(f"{name}: field type {annotation!r} is not supported by the config engine")
 
 

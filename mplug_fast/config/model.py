@@ -42,16 +42,25 @@ logger = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("reference", "sdpa", "triton", "flash_attn", "xformers")
 
 
-def _check_positive(owner: str, **values: int | float) -> None:
-    for name, value in values.items():
-        if value <= 0:
-            raise ValueError(f"{owner + '.' if owner else ''}{name} must be > 0, got {value}")
+def _check_fields(config: Any, owner: str, positive: str = "", probability: str = "") -> None:
+    """ValueError naming `owner.field` unless each field in `positive` (space-separated names) is > 0 and
+    each one in `probability` is in [0, 1)."""
+    prefix = owner + "." if owner else ""
+    for name in positive.split():
+        if (value := getattr(config, name)) <= 0:
+            raise ValueError(f"{prefix}{name} must be > 0, got {value}")
+    for name in probability.split():
+        if not 0.0 <= (value := getattr(config, name)) < 1.0:
+            raise ValueError(f"{prefix}{name} must be in [0, 1), got {value}")
 
 
-def _check_probability(owner: str, **values: float) -> None:
-    for name, value in values.items():
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{owner + '.' if owner else ''}{name} must be in [0, 1), got {value}")
+# TextConfig fields named otherwise in an official config_bert*.json (the other fields keep their names)
+_BERT_KEYS = {
+    "heads": "num_attention_heads",
+    "hidden_dropout": "hidden_dropout_prob",
+    "attention_dropout": "attention_probs_dropout_prob",
+    "encoder_layers": "text_encoder_layers",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,16 +77,9 @@ class VisionConfig:
     attention_dropout: float = 0.1  # official mPLUG: nn.MultiheadAttention(dropout=0.1); stock CLIP: 0
 
     def __post_init__(self) -> None:
-        _check_positive(
-            "vision",
-            width=self.width,
-            layers=self.layers,
-            heads=self.heads,
-            patch_size=self.patch_size,
-            image_size=self.image_size,
-            mlp_ratio=self.mlp_ratio,
+        _check_fields(
+            self, "vision", "width layers heads patch_size image_size mlp_ratio", "attention_dropout"
         )
-        _check_probability("vision", attention_dropout=self.attention_dropout)
         if self.width % self.heads:
             raise ValueError(f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -115,19 +117,8 @@ class TextConfig:
     encoder_layers: int = 6  # official: text_encoder_layers
 
     def __post_init__(self) -> None:
-        _check_positive(
-            "text",
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            heads=self.heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            type_vocab_size=self.type_vocab_size,
-            encoder_layers=self.encoder_layers,
-        )
-        _check_probability(
-            "text", hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout
-        )
+        positive = "vocab_size hidden_size heads intermediate_size max_position_embeddings type_vocab_size"
+        _check_fields(self, "text", positive + " encoder_layers", "hidden_dropout attention_dropout")
         if self.hidden_size % self.heads:
             raise ValueError(
                 f"text.hidden_size {self.hidden_size} is not divisible by text.heads {self.heads}"
@@ -142,7 +133,7 @@ class FusionConfig:
     stride: int = 3  # S: layer j is connected iff j != 0 and j % S == 0 (official: stride_layer)
 
     def __post_init__(self) -> None:
-        _check_positive("fusion", layers=self.layers, stride=self.stride)
+        _check_fields(self, "fusion", "layers stride")
 
     def is_connected(self, j: int) -> bool:
         """The released rule (`FusionLayer.forward`): connected attention iff j != 0 and j % S == 0."""
@@ -169,8 +160,7 @@ class MPlugConfig:
     attention_backend: str | None = None  # None = automatic; see mplug_fast.ops.attention
 
     def __post_init__(self) -> None:
-        _check_positive("", embed_dim=self.embed_dim)
-        _check_probability("", adapter_dropout=self.adapter_dropout)
+        _check_fields(self, "", "embed_dim", "adapter_dropout")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend {self.attention_backend!r} is unknown; "
@@ -267,19 +257,9 @@ class MPlugConfig:
             patch_size=patch_size,
             image_size=image_res,
         )
-        text = TextConfig(
-            vocab_size=bert.get("vocab_size", 30522),
-            hidden_size=bert.get("hidden_size", 768),
-            heads=bert.get("num_attention_heads", 12),
-            intermediate_size=bert.get("intermediate_size", 3072),
-            max_position_embeddings=bert.get("max_position_embeddings", 512),
-            type_vocab_size=bert.get("type_vocab_size", 2),
-            layer_norm_eps=bert.get("layer_norm_eps", 1e-12),
-            hidden_dropout=bert.get("hidden_dropout_prob", 0.1),
-            attention_dropout=bert.get("attention_probs_dropout_prob", 0.1),
-            pad_token_id=bert.get("pad_token_id", 0),
-            encoder_layers=bert.get("text_encoder_layers", 6),
-        )
+        # a key missing from the json keeps TextConfig's default (BERT-base's value)
+        keys = {f.name: _BERT_KEYS.get(f.name, f.name) for f in dataclasses.fields(TextConfig)}
+        text = TextConfig(**{ours: bert[theirs] for ours, theirs in keys.items() if theirs in bert})
         if bert.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"hidden_act {bert['hidden_act']!r} is not supported (mPLUG uses erf 'gelu')")
         fusion = FusionConfig(

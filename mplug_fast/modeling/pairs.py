@@ -44,17 +44,24 @@ def _check_text(text_ids: Tensor, batch: int, who: str) -> None:
         raise ValueError(f"{who}: text_ids must be [B={batch}, L], got {list(text_ids.shape)}")
 
 
-class MPlugForVE(MPlug):
-    """Visual entailment: does the image entail, contradict or leave open the hypothesis? (3 classes)."""
+class _FusedCLSClassifier(MPlug):
+    """Logits from the fused text [CLS] with each of `images_per_text` images, concatenated ([n * D])."""
 
     components = ("text_encoder", "fusion")
-    labels: ClassVar[tuple[str, ...]] = VE_LABELS
+    labels: ClassVar[tuple[str, ...]] = ()
+    images_per_text: ClassVar[int] = 1
     new_head_prefixes: ClassVar[tuple[str, ...]] = ("cls_head.",)
 
     def __init__(self, config, *, task: str | None = None):
         super().__init__(config, task=task)
         D = config.text.hidden_size
-        self.cls_head = ClassifierHead(D, D, len(self.labels))
+        self.cls_head = ClassifierHead(self.images_per_text * D, D, len(self.labels))
+
+
+class MPlugForVE(_FusedCLSClassifier):
+    """Visual entailment: does the image entail, contradict or leave open the hypothesis? (3 classes)."""
+
+    labels = VE_LABELS
 
     def forward(self, images: Tensor, text_ids: Tensor, text_mask: Tensor | None) -> Tensor:
         """images [B, 3, R, R]; text_ids / text_mask [B, L] (mask 1/True = token). Returns logits [B, 3]."""
@@ -67,17 +74,11 @@ class MPlugForVE(MPlug):
         return self.cls_head(t[:, 0])  # [B, 3]
 
 
-class MPlugForNLVR(MPlug):
+class MPlugForNLVR(_FusedCLSClassifier):
     """NLVR2: is the statement true of the (left, right) image pair? (2 classes; design in the module doc)."""
 
-    components = ("text_encoder", "fusion")
-    labels: ClassVar[tuple[str, ...]] = NLVR_LABELS
-    new_head_prefixes: ClassVar[tuple[str, ...]] = ("cls_head.",)
-
-    def __init__(self, config, *, task: str | None = None):
-        super().__init__(config, task=task)
-        D = config.text.hidden_size
-        self.cls_head = ClassifierHead(2 * D, D, len(self.labels))
+    labels = NLVR_LABELS
+    images_per_text = 2
 
     def pair_features(self, images: Tensor, text_ids: Tensor, text_mask: Tensor | None) -> Tensor:
         """The fused statement [CLS] with each image: images [B, 2, 3, R, R], text [B, L] -> [B, 2, D]."""

@@ -38,10 +38,7 @@ class BertEmbeddings(nn.Module):
             )
         positions = torch.arange(position_offset, position_offset + L, device=ids.device)  # [L]
         x = self.word(ids) + self.position(positions)  # [B, L, D]
-        if token_type_ids is None:
-            x = x + self.token_type.weight[0]
-        else:
-            x = x + self.token_type(token_type_ids)
+        x = x + (self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids))
         return self.dropout(self.norm(x))
 
 

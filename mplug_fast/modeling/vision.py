@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mplug_fast.config import MPlugConfig, VisionConfig
-from mplug_fast.modeling.layers import MLP, SelfAttention
+from mplug_fast.modeling.layers import MLP, SelfAttention, init_bert_weights
 
 
 def resize_pos_embed(pos_embed: Tensor, grid: int | tuple[int, int], num_prefix_tokens: int = 1) -> Tensor:
@@ -107,13 +107,7 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=W**-0.5)
         nn.init.normal_(self.pos_embed, std=0.01)
         nn.init.normal_(self.patch_embed.weight, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.apply(init_bert_weights)  # Linear N(0, 0.02) + zero bias, LayerNorm (1, 0); no Embedding here
 
     def forward(self, images: Tensor) -> Tensor:
         """images: [B, 3, H, W] (CLIP-normalised) -> [B, Nv, W], Nv = (H/P)(W/P) + 1, class token first."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mplug_fast.ops.external import FlashAttnBackend, XFormersBackend
-from mplug_fast.ops.reference import attention_mask_ref, attention_ref
+from mplug_fast.ops.reference import attention_mask_ref, attention_ref, check_attention_inputs, gather_kv
 from mplug_fast.ops.registry import AttentionBackend, Inputs, Registry, mask_kind, triton_kernels_status
 
 __all__ = [
@@ -56,18 +56,7 @@ class ReferenceBackend(AttentionBackend):
 
     NAME = "reference"
 
-    @staticmethod
-    def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
-        return attention_ref(
-            q,
-            k,
-            v,
-            key_padding_mask=key_padding_mask,
-            causal=causal,
-            dropout_p=dropout_p,
-            scale=scale,
-            kv_index=kv_index,
-        )
+    run = staticmethod(attention_ref)
 
 
 class SdpaBackend(AttentionBackend):
@@ -77,10 +66,7 @@ class SdpaBackend(AttentionBackend):
 
     @staticmethod
     def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
-        if kv_index is not None:
-            k, v = k[kv_index], v[kv_index]  # copy: [B, H, Lk, Dh]
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask[kv_index]
+        k, v, key_padding_mask = gather_kv(k, v, key_padding_mask, kv_index)  # [B, H, Lk, Dh]
         Lq, Lk = q.shape[-2], k.shape[-2]
         if key_padding_mask is None and (not causal or Lq == Lk):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
@@ -135,20 +121,14 @@ class TritonBackend(AttentionBackend):
         )
 
     @staticmethod
-    def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
+    def run(q, k, v, **kwargs):
         """The main kernel, or the split-K one (`triton/decode.py`) when `num_splits_for` says the main grid
-        would leave the GPU idle: Lq <= 64, Lk >= 256 and B * H * ceil(Lq / 16..64) < the SM count."""
+        would leave the GPU idle: Lq <= 64, Lk >= 256 and B * H * ceil(Lq / 16..64) < the SM count.
+        kwargs: those of `AttentionBackend.run` (key_padding_mask, causal, dropout_p, scale, kv_index)."""
         # Deferred: triton is an optional dependency (imported by `triton_kernels_status` on resolution).
         from mplug_fast.ops.triton.attention import flash_attention
         from mplug_fast.ops.triton.decode import num_splits_for, splitk_attention
 
-        kwargs = dict(
-            key_padding_mask=key_padding_mask,
-            causal=causal,
-            dropout_p=dropout_p,
-            scale=scale,
-            kv_index=kv_index,
-        )
         B, H, Lq, _ = q.shape
         num_splits = num_splits_for(B, H, Lq, k.shape[2], q.device)
         if num_splits > 1:
@@ -240,7 +220,7 @@ def run_attention(
     kv_index: Tensor | None = None,
 ) -> Tensor:
     """Run the already resolved backend `name` (arguments and result as in `attention`)."""
-    _check_inputs(q, k, v, key_padding_mask, kv_index)
+    check_attention_inputs(q, k, v, key_padding_mask, kv_index)
     return ATTENTION[name].run(
         q,
         k,
@@ -280,19 +260,9 @@ def attention(
     Returns:
         [B, H, Lq, Dh], q's dtype.
     """
-    _check_inputs(q, k, v, key_padding_mask, kv_index)
-    name = select_backend(
-        q,
-        k,
-        v,
-        key_padding_mask=key_padding_mask,
-        causal=causal,
-        dropout_p=dropout_p,
-        backend=backend,
-        config_backend=config_backend,
-    )
-    return run_attention(
-        name,
+    check_attention_inputs(q, k, v, key_padding_mask, kv_index)
+    key = attention_key(q, k, v, key_padding_mask, causal, dropout_p)
+    return ATTENTION[resolve_attention(*key, backend, config_backend)].run(
         q,
         k,
         v,
@@ -302,37 +272,3 @@ def attention(
         scale=scale,
         kv_index=kv_index,
     )
-
-
-def _check_inputs(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None
-) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"attention expects 4-D [B, H, L, Dh] tensors, got q {list(q.shape)}, "
-            f"k {list(k.shape)}, v {list(v.shape)}"
-        )
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
-    if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} disagree on heads or head dim")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if kv_index is None:
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(
-                f"q has {q.shape[0]} rows but k/v have {k.shape[0]}; pass kv_index to share K/V rows"
-            )
-    elif kv_index.shape != (q.shape[0],) or kv_index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"kv_index must be an integer tensor of shape [{q.shape[0]}], "
-            f"got {kv_index.dtype} {list(kv_index.shape)}"
-        )
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}")
-        if key_padding_mask.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(
-                f"key_padding_mask must be [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
-                f"got {list(key_padding_mask.shape)}"
-            )

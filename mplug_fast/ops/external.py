@@ -32,9 +32,8 @@ import importlib.metadata
 import importlib.util
 
 import torch
-from torch import Tensor
 
-from mplug_fast.ops.reference import attention_mask_ref
+from mplug_fast.ops.reference import attention_mask_ref, gather_kv
 from mplug_fast.ops.registry import AttentionBackend, Inputs
 
 __all__ = ["FlashAttnBackend", "XFormersBackend"]
@@ -56,15 +55,12 @@ def _cuda_reason(package: str) -> str | None:
     return None
 
 
-def _gather_kv(
-    k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """K/V (and mask) rows per query row: [Bk, ...] -> [B, ...] (a copy) when `kv_index` is given."""
-    if kv_index is None:
-        return k, v, key_padding_mask
-    kv_index = kv_index.long()
-    mask = None if key_padding_mask is None else key_padding_mask[kv_index]
-    return k[kv_index], v[kv_index], mask
+def _device_dtype_reasons(inputs: Inputs, dtypes: tuple[torch.dtype, ...], supported: str) -> list[str]:
+    """The reasons shared by the CUDA-only libraries: CUDA tensors of a supported dtype."""
+    reasons = [] if inputs.device_type == "cuda" else [f"needs CUDA tensors, got {inputs.device_type}"]
+    if inputs.dtype not in dtypes:
+        reasons.append(f"dtype {inputs.dtype} ({supported})")
+    return reasons
 
 
 class FlashAttnBackend(AttentionBackend):
@@ -89,11 +85,7 @@ class FlashAttnBackend(AttentionBackend):
 
     @classmethod
     def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
-        reasons = []
-        if inputs.device_type != "cuda":
-            reasons.append(f"needs CUDA tensors, got {inputs.device_type}")
-        if inputs.dtype not in cls.SUPPORTED_DTYPES:
-            reasons.append(f"dtype {inputs.dtype} (flash-attn supports fp16, bf16)")
+        reasons = _device_dtype_reasons(inputs, cls.SUPPORTED_DTYPES, "flash-attn supports fp16, bf16")
         head_dim = inputs.dim
         if head_dim % 8 != 0 or head_dim > 256:
             reasons.append(f"head_dim={head_dim} (flash-attn: a multiple of 8, at most 256)")
@@ -108,7 +100,7 @@ class FlashAttnBackend(AttentionBackend):
     def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
         from flash_attn import flash_attn_func, flash_attn_varlen_func  # optional package, imported on use
 
-        k, v, key_padding_mask = _gather_kv(k, v, key_padding_mask, kv_index)
+        k, v, key_padding_mask = gather_kv(k, v, key_padding_mask, kv_index)
         B, H, Lq, D = q.shape
         Lk = k.shape[2]
         q_bl, k_bl, v_bl = (t.transpose(1, 2) for t in (q, k, v))  # [B, L, H, Dh] views
@@ -150,18 +142,13 @@ class XFormersBackend(AttentionBackend):
 
     @classmethod
     def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
-        reasons = []
-        if inputs.device_type != "cuda":
-            reasons.append(f"needs CUDA tensors, got {inputs.device_type}")
-        if inputs.dtype not in cls.SUPPORTED_DTYPES:
-            reasons.append(f"dtype {inputs.dtype} (xformers: fp32, fp16, bf16)")
-        return reasons
+        return _device_dtype_reasons(inputs, cls.SUPPORTED_DTYPES, "xformers: fp32, fp16, bf16")
 
     @staticmethod
     def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
         xops = importlib.import_module("xformers.ops")
 
-        k, v, key_padding_mask = _gather_kv(k, v, key_padding_mask, kv_index)
+        k, v, key_padding_mask = gather_kv(k, v, key_padding_mask, kv_index)
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
         mask = attention_mask_ref(key_padding_mask, causal, Lq, Lk, q.device)  # bool, True = attend, or None

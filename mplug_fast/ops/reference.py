@@ -17,6 +17,42 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def check_attention_inputs(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None
+) -> None:
+    """A one-line ValueError / TypeError unless q [B, H, Lq, Dh], k, v [Bk, H, Lk, Dh] (one dtype), the
+    key-padding mask bool [Bk, Lk] and kv_index an integer [B] (or Bk == B without it) fit together."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"attention expects 4-D [B, H, L, Dh] tensors, got q {list(q.shape)}, "
+            f"k {list(k.shape)}, v {list(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+    if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} disagree on heads or head dim")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if kv_index is None:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(
+                f"q has {q.shape[0]} rows but k/v have {k.shape[0]}; pass kv_index to share K/V rows"
+            )
+    elif kv_index.shape != (q.shape[0],) or kv_index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"kv_index must be an integer tensor of shape [{q.shape[0]}], "
+            f"got {kv_index.dtype} {list(kv_index.shape)}"
+        )
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}")
+        if key_padding_mask.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must be [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
+                f"got {list(key_padding_mask.shape)}"
+            )
+
+
 def attention_mask_ref(
     key_padding_mask: Tensor | None, causal: bool, Lq: int, Lk: int, device: torch.device
 ) -> Tensor | None:
@@ -29,6 +65,17 @@ def attention_mask_ref(
         tri = torch.arange(Lk, device=device)[None, :] <= rows  # [Lq, Lk]
         mask = tri if mask is None else mask & tri  # [Bk, 1, Lq, Lk]
     return mask
+
+
+def gather_kv(
+    k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """K/V (and mask) rows per query row: [Bk, ...] -> [B, ...] (a copy) when `kv_index` is given."""
+    if kv_index is None:
+        return k, v, key_padding_mask
+    kv_index = kv_index.long()
+    mask = None if key_padding_mask is None else key_padding_mask[kv_index]
+    return k[kv_index], v[kv_index], mask
 
 
 def attention_ref(
@@ -59,10 +106,7 @@ def attention_ref(
     Returns:
         [B, H, Lq, Dh] in q's dtype.
     """
-    if kv_index is not None:
-        k, v = k[kv_index], v[kv_index]  # copy: [B, H, Lk, Dh]
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask[kv_index]
+    k, v, key_padding_mask = gather_kv(k, v, key_padding_mask, kv_index)  # [B, H, Lk, Dh]
     Lq, Lk = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     compute_dtype = torch.float32 if upcast else q.dtype

@@ -37,7 +37,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 MaskKind = Literal["none", "key_padding", "causal", "key_padding+causal"]
-MASK_KINDS: tuple[str, ...] = ("none", "key_padding", "causal", "key_padding+causal")
 
 
 def mask_kind(key_padding: bool, causal: bool) -> MaskKind:
@@ -78,11 +77,7 @@ class Backend:
         torch.float16: 2e-3,
         torch.bfloat16: 2e-2,
     }
-    RTOL: ClassVar[dict[torch.dtype, float]] = {
-        torch.float32: 1e-5,
-        torch.float16: 2e-3,
-        torch.bfloat16: 2e-2,
-    }
+    RTOL: ClassVar[dict[torch.dtype, float]] = dict(ATOL)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -133,10 +128,6 @@ class Registry:
     def priority(self, device_type: str, dtype: torch.dtype, needs_grad: bool) -> tuple[str, ...]:
         """The automatic order for these inputs (names of registered backends only)."""
         return tuple(n for n in self.priority_fn(device_type, dtype, needs_grad) if n in self.backends)
-
-    def available(self) -> dict[str, str | None]:
-        """Every backend -> None when usable in this process, else the reason it is not."""
-        return {name: impl.unavailable_reason() for name, impl in self.backends.items()}
 
     def env_choice(self) -> str | None:
         """The environment variable's backend name (None when unset); unknown names are an error."""

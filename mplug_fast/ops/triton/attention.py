@@ -56,6 +56,7 @@ import torch
 import triton
 from torch import Tensor
 
+from mplug_fast.ops.reference import check_attention_inputs
 from mplug_fast.ops.triton.attention_kernels import (
     LN2,
     LOG2E,
@@ -67,9 +68,9 @@ from mplug_fast.ops.triton.attention_kernels import (
 from mplug_fast.ops.triton.dropout import dropout_scale, dropout_threshold
 from mplug_fast.ops.triton.tiles import (
     SUPPORTED_HEAD_DIMS,
-    Tile,
     attention_unsupported_reasons,
     autotune_candidates,
+    block_size,
     tile_for,
 )
 
@@ -94,11 +95,6 @@ _AUTOTUNE = os.environ.get("MPLUG_FAST_TRITON_AUTOTUNE", "0") not in ("", "0") a
 # ---- launch helpers ----------------------------------------------------------------------------------------
 
 
-def _block_d(head_dim: int) -> int:
-    """The padded head dim of the tiles: the next power of two (>= 16)."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: IEEE fp32 unless torch allows TF32 for fp32 matmuls; ignored for fp16/bf16."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -111,30 +107,21 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _refuse_unsupported(q: Tensor, needs_grad: bool) -> None:
-    """Raise rather than launch a configuration that cannot run on q's device."""
-    if not q.is_cuda:
-        return
-    reasons = attention_unsupported_reasons(
-        dtype=q.dtype, head_dim=q.shape[-1], device=q.device, needs_grad=needs_grad
-    )
-    if reasons:
-        raise NotImplementedError("Triton attention cannot run these inputs: " + "; ".join(reasons))
-
-
-def _launch(kernel, kind: str, tile: Tile, n_blocks_of, args: tuple, flags: dict, q: Tensor) -> None:
-    """Launch `kernel` with the table's tile, or autotune over the candidates (MPLUG_FAST_TRITON_AUTOTUNE=1).
+def _launch(kernel, kind: str, n_blocks_of, args: tuple, flags: dict, q: Tensor) -> None:
+    """Launch `kernel` on q's device with the table's tile for `kind` (`tiles.tile_for`), or autotune over the
+    candidates (MPLUG_FAST_TRITON_AUTOTUNE=1).
 
     n_blocks_of(BLOCK_M, BLOCK_N) -> the number of programs (the grid is 1-D)."""
-    if _AUTOTUNE:
-        tuned = _autotuned(kernel, kind, flags["BLOCK_D"], q.dtype, q.device)
-        tuned[lambda meta: (n_blocks_of(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **flags)
-        return
-    grid = (n_blocks_of(tile.block_m, tile.block_n),)
-    kernel[grid](
-        *args, **flags,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )  # fmt: skip
+    with _on_device(q):
+        if _AUTOTUNE:
+            tuned = _autotuned(kernel, kind, flags["BLOCK_D"], q.dtype, q.device)
+            tuned[lambda meta: (n_blocks_of(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **flags)
+            return
+        tile = tile_for(kind, flags["BLOCK_D"], q.dtype, q.device, q.shape[2])
+        kernel[(n_blocks_of(tile.block_m, tile.block_n),)](
+            *args, **flags,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )  # fmt: skip
 
 
 _AUTOTUNED: dict = {}
@@ -160,43 +147,22 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(
-            f"flash_attention expects q [B, H, Lq, Dh] and k, v [Bk, H, Lk, Dh], got q {list(q.shape)}, "
-            f"k {list(k.shape)}, v {list(v.shape)}"
-        )
-    if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} disagree on heads or head dim")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
-        raise TypeError(
-            f"flash_attention needs q, k, v of one dtype among float32, float16, bfloat16; "
-            f"got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+    """`check_attention_inputs`, then what the kernels add: the dtypes and head dims they support, one device,
+    kv_index values in [0, Bk) (on the host for CPU tensors, asynchronously on the device with
+    MPLUG_FAST_DEBUG=1; the kernels clamp out-of-range values either way)."""
+    check_attention_inputs(q, k, v, key_padding_mask, kv_index)
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"flash_attention needs float32, float16 or bfloat16 inputs, got {q.dtype}")
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim={q.shape[3]} is not supported (supported: {SUPPORTED_HEAD_DIMS})")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if kv_index is None and q.shape[0] != k.shape[0]:
-        raise ValueError(f"q has {q.shape[0]} rows but k/v have {k.shape[0]}; pass kv_index")
-    if kv_index is not None:
-        _check_kv_index(kv_index, q.shape[0], k.shape[0], q.device)
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2])
-    ):
-        raise ValueError(
-            f"key_padding_mask must be bool [Bk, Lk] = [{k.shape[0]}, {k.shape[2]}], "
-            f"got {key_padding_mask.dtype} {list(key_padding_mask.shape)}"
-        )
-
-
-def _check_kv_index(kv_index: Tensor, B: int, Bk: int, device: torch.device) -> None:
-    """Shape, dtype, device; values in [0, Bk) checked on the host for CPU tensors, and asynchronously on the
-    device with MPLUG_FAST_DEBUG=1 (the kernels clamp out-of-range values either way)."""
-    if kv_index.shape != (B,) or kv_index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"kv_index must be int32/int64 [{B}], got {kv_index.dtype} {list(kv_index.shape)}")
-    if kv_index.device != device:
-        raise ValueError(f"kv_index is on {kv_index.device}, q on {device}: put it on q's device")
-    if B == 0:
+    if kv_index is None:
+        return
+    if kv_index.device != q.device:
+        raise ValueError(f"kv_index is on {kv_index.device}, q on {q.device}: put it on q's device")
+    Bk = k.shape[0]
+    if q.shape[0] == 0:
         return
     if not kv_index.is_cuda:
         lo, hi = int(kv_index.min()), int(kv_index.max())
@@ -216,6 +182,25 @@ def _check_dropout(dropout_p: float, seed: Tensor | None, q: Tensor) -> None:
             "dropout_p > 0 needs seed: an int64 tensor with one element on q's device (draw_dropout_seed), "
             f"got {None if seed is None else (seed.dtype, list(seed.shape), seed.device)}"
         )
+
+
+def _checked(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None,
+    dropout_p: float, seed: Tensor | None, needs_grad: bool, *others: Tensor,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """Check a launch's inputs, and raise rather than launch what q's CUDA device cannot run; returns q, k, v,
+    *others with a contiguous last dim."""
+    _check(q, k, v, key_padding_mask, kv_index)
+    _check_dropout(dropout_p, seed, q)
+    inputs = dict(dtype=q.dtype, head_dim=q.shape[-1], device=q.device, needs_grad=needs_grad)
+    if q.is_cuda and (reasons := attention_unsupported_reasons(**inputs)):
+        raise NotImplementedError("Triton attention cannot run these inputs: " + "; ".join(reasons))
+    return tuple(_last_dim_contiguous(t) for t in (q, k, v, *others))
+
+
+def _bhl_strides(*tensors: Tensor) -> tuple[int, ...]:
+    """The batch, head and row strides of each [B, H, L, Dh] tensor, in order (the kernels' stride args)."""
+    return tuple(stride for t in tensors for stride in t.stride()[:3])
 
 
 def _dropout_args(
@@ -242,35 +227,26 @@ def _attn_fwd(
     scale: float, dropout_p: float = 0.0, seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel. Returns out [B, H, Lq, Dh] (q's dtype, contiguous), LSE [B, H, Lq] fp32."""
-    _check(q, k, v, key_padding_mask, kv_index)
-    _check_dropout(dropout_p, seed, q)
-    _refuse_unsupported(q, needs_grad=False)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = _checked(q, k, v, key_padding_mask, kv_index, dropout_p, seed, needs_grad=False)
     B, H, Lq, D = q.shape
     Bk, _, Lk, _ = k.shape
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_d = _block_d(D)
+    block_d = block_size(D)  # the padded head dim of the tiles
     mask, stride_mb = _mask_arg(key_padding_mask, q)
     seed_arg, dropout, threshold, drop_scale, _ = _dropout_args(dropout_p, seed, q)
     args = (
         q, k, v, mask, q if kv_index is None else kv_index, seed_arg, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        stride_mb,
-        out.stride(0), out.stride(1), out.stride(2),
+        *_bhl_strides(q, k, v), stride_mb, *_bhl_strides(out),
         H, Bk, Lq, Lk, D, scale * LOG2E.value, threshold, drop_scale,
     )  # fmt: skip
     flags = dict(
         HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
         DROPOUT=dropout, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
     )  # fmt: skip
-    tile = tile_for("fwd", block_d, q.dtype, q.device, Lq)
-    with _on_device(q):
-        _launch(_attn_fwd_kernel, "fwd", tile, lambda bm, bn: triton.cdiv(Lq, bm) * B * H, args, flags, q)
+    _launch(_attn_fwd_kernel, "fwd", lambda bm, bn: triton.cdiv(Lq, bm) * B * H, args, flags, q)
     return out, lse
 
 
@@ -280,10 +256,7 @@ def _attn_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Launch the dQ kernel (which also writes delta), then the dK/dV kernel. Returns contiguous
     dq [B, H, Lq, Dh], dk, dv [Bk, H, Lk, Dh] in the inputs' dtype."""
-    _check(q, k, v, key_padding_mask, kv_index)
-    _check_dropout(dropout_p, seed, q)
-    _refuse_unsupported(q, needs_grad=True)
-    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    q, k, v, dout, out = _checked(q, k, v, key_padding_mask, kv_index, dropout_p, seed, True, dout, out)
     lse = lse.contiguous()
     B, H, Lq, D = q.shape
     Bk, _, Lk, _ = k.shape
@@ -298,7 +271,7 @@ def _attn_bwd(
         dv.zero_()
     else:
         delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-        block_d = _block_d(D)
+        block_d = block_size(D)  # the padded head dim of the tiles
         mask, stride_mb = _mask_arg(key_padding_mask, q)
         index = q if kv_index is None else kv_index
         seed_arg, dropout, threshold, drop_scale, keep_prob = _dropout_args(dropout_p, seed, q)
@@ -308,42 +281,18 @@ def _attn_bwd(
         )  # fmt: skip
         dq_args = (
             q, k, v, mask, index, seed_arg, out, dout, lse, delta, dq,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            stride_mb,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *_bhl_strides(q, k, v), stride_mb, *_bhl_strides(out, dout, dq),
             H, Bk, Lq, Lk, D, scale, scale * LOG2E.value, threshold, drop_scale, keep_prob,
         )  # fmt: skip
         dkdv_args = (
             q, k, v, mask, index, seed_arg, dout, lse, delta, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            stride_mb,
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            *_bhl_strides(q, k, v), stride_mb, *_bhl_strides(dout, dk, dv),
             H, Bk, Lq, Lk, D, scale, scale * LOG2E.value, threshold, drop_scale, keep_prob,
         )  # fmt: skip
-        dq_tile = tile_for("dq", block_d, q.dtype, q.device, Lq)
-        dkdv_tile = tile_for("dkdv", block_d, q.dtype, q.device, Lq)
-        with _on_device(q):
-            _launch(
-                _attn_bwd_dq_kernel,
-                "dq",
-                dq_tile,
-                lambda bm, bn: triton.cdiv(Lq, bm) * B * H,
-                dq_args,
-                flags,
-                q,
-            )
-            _launch(
-                _attn_bwd_dkdv_kernel, "dkdv", dkdv_tile, lambda bm, bn: triton.cdiv(Lk, bn) * B * H,
-                dkdv_args, flags, q,
-            )  # fmt: skip
+        _launch(_attn_bwd_dq_kernel, "dq", lambda bm, bn: triton.cdiv(Lq, bm) * B * H, dq_args, flags, q)
+        _launch(
+            _attn_bwd_dkdv_kernel, "dkdv", lambda bm, bn: triton.cdiv(Lk, bn) * B * H, dkdv_args, flags, q
+        )
     if kv_index is not None:  # [B, H, Lk, D] fp32 -> [Bk, H, Lk, D]: sum over query rows sharing a K/V row
         dk = torch.zeros((Bk, H, Lk, D), dtype=torch.float32, device=k.device).index_add_(0, kv_index, dk)
         dv = torch.zeros((Bk, H, Lk, D), dtype=torch.float32, device=v.device).index_add_(0, kv_index, dv)
@@ -356,16 +305,9 @@ def _attn_bwd(
 
 @torch.library.custom_op("mplug_fast::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_padding_mask: Tensor | None,
-    kv_index: Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float = 0.0,
-    seed: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None, causal: bool,
+    scale: float, dropout_p: float = 0.0, seed: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(out [B, H, Lq, Dh], LSE [B, H, Lq] fp32); see the module docstring. `seed`: int64 [1], needed when
     dropout_p > 0."""
     return _attn_fwd(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p, seed)
@@ -379,19 +321,9 @@ def _(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p=0.0, seed=No
 
 @torch.library.custom_op("mplug_fast::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    key_padding_mask: Tensor | None,
-    kv_index: Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float = 0.0,
-    seed: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding_mask: Tensor | None,
+    kv_index: Tensor | None, causal: bool, scale: float, dropout_p: float = 0.0, seed: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq [B, H, Lq, Dh], dk, dv [Bk, H, Lk, Dh]), contiguous. `out` and `lse` may come from any forward with
     the same semantics (the main kernel or the split-K one of `decode.py`)."""
     return _attn_bwd(dout, q, k, v, out, lse, key_padding_mask, kv_index, causal, scale, dropout_p, seed)

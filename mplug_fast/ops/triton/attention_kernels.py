@@ -48,6 +48,23 @@ def _kv_row(KV_INDEX, off_b, Bk, HAS_KV_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _split_program_id(L, BLOCK, H, KV_INDEX, Bk, HAS_KV_INDEX: tl.constexpr):
+    """Split the 1-D program id (block + blocks * (b * H + h), blocks = ceil(L / BLOCK)) into
+    (block, b * H + h, b, h, the K/V row of b)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(L, BLOCK)
+    bh = (pid // n_blocks).to(tl.int64)
+    off_b = bh // H
+    return pid % n_blocks, bh, off_b, bh % H, _kv_row(KV_INDEX, off_b, Bk, HAS_KV_INDEX)
+
+
+@triton.jit
+def _load_rows(base, rows, stride, offs_d, mask):
+    """The [len(rows), BLOCK_D] tile at base + rows * stride + offs_d, 0 where `mask` is False."""
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _attend_key_range(
     q, m_i, l_i, acc, lo, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
     Lq, Lk, qk_scale, seed, bh, drop_threshold,
@@ -93,20 +110,14 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    m_blocks = tl.cdiv(Lq, BLOCK_M)
-    pid_m = pid % m_blocks
-    bh = (pid // m_blocks).to(tl.int64)
-    off_b = bh // H
-    off_h = bh % H
-    off_bk = _kv_row(KV_INDEX, off_b, Bk, HAS_KV_INDEX)
-
+    pid_m, bh, off_b, off_h, off_bk = _split_program_id(Lq, BLOCK_M, H, KV_INDEX, Bk, HAS_KV_INDEX)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(rows < Lq)[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    q_mask = (rows < Lq)[:, None] & d_ok[None, :]
+    q = _load_rows(q_base, rows, stride_qm, offs_d, q_mask)  # [BLOCK_M, BLOCK_D]
     k_base = K + off_bk * stride_kb + off_h * stride_kh
     v_base = V + off_bk * stride_vb + off_h * stride_vh
     mask_row = MASK + off_bk * stride_mb
@@ -147,34 +158,15 @@ def _attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    m_blocks = tl.cdiv(Lq, BLOCK_M)
-    pid_m = pid % m_blocks
-    bh = (pid // m_blocks).to(tl.int64)
-    off_b = bh // H
-    off_h = bh % H
-    off_bk = _kv_row(KV_INDEX, off_b, Bk, HAS_KV_INDEX)
-
+    pid_m, bh, off_b, off_h, off_bk = _split_program_id(Lq, BLOCK_M, H, KV_INDEX, Bk, HAS_KV_INDEX)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     row_mask = (rows < Lq)[:, None] & d_ok[None, :]
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )
-    o = tl.load(
-        OUT + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, rows, stride_qm, offs_d, row_mask)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, rows, stride_dom, offs_d, row_mask)
+    o = _load_rows(OUT + off_b * stride_ob + off_h * stride_oh, rows, stride_om, offs_d, row_mask)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BLOCK_M]: rowsum(dO * O), the FA2 preprocess
     row_stat = bh * Lq + rows
     tl.store(DELTA + row_stat, delta, mask=rows < Lq)
@@ -226,29 +218,15 @@ def _attn_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(Lk, BLOCK_N)
-    pid_n = pid % n_blocks
-    bh = (pid // n_blocks).to(tl.int64)  # the query row b * H + h; dK/dV go to row b of DK/DV ([B, H, Lk, D])
-    off_b = bh // H
-    off_h = bh % H
-    off_bk = _kv_row(KV_INDEX, off_b, Bk, HAS_KV_INDEX)
-
+    # bh: the query row b * H + h; dK/dV go to row b of DK/DV ([B, H, Lk, D])
+    pid_n, bh, off_b, off_h, off_bk = _split_program_id(Lk, BLOCK_N, H, KV_INDEX, Bk, HAS_KV_INDEX)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
-    k = tl.load(
-        K + off_bk * stride_kb + off_h * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + off_bk * stride_vb + off_h * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+    k = _load_rows(K + off_bk * stride_kb + off_h * stride_kh, cols, stride_kn, offs_d, kv_mask)
+    v = _load_rows(V + off_bk * stride_vb + off_h * stride_vh, cols, stride_vn, offs_d, kv_mask)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     stat_base = bh * Lq

@@ -36,21 +36,24 @@ import triton.language as tl
 from torch import Tensor
 
 from mplug_fast.ops.triton.attention import (
-    _block_d,
-    _check,
-    _check_dropout,
+    _bhl_strides,
+    _checked,
     _dropout_args,
-    _last_dim_contiguous,
     _mask_arg,
     _on_device,
     _precision,
-    _refuse_unsupported,
     attention_backward,
     draw_dropout_seed,
     setup_attention_context,
 )
-from mplug_fast.ops.triton.attention_kernels import LN2, LOG2E, _attend_key_range, _kv_row
-from mplug_fast.ops.triton.tiles import tile_for
+from mplug_fast.ops.triton.attention_kernels import (
+    LN2,
+    LOG2E,
+    _attend_key_range,
+    _load_rows,
+    _split_program_id,
+)
+from mplug_fast.ops.triton.tiles import block_size, tile_for
 
 __all__ = ["MAX_QUERIES", "MIN_KEYS", "num_splits_for", "splitk_attention"]
 
@@ -71,21 +74,16 @@ def _splitk_fwd_kernel(
     HAS_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)  # over (query block, batch row x head): 1-D, so B * H is not limited to 65535
+    # axis 0 over (query block, batch row x head): 1-D, so B * H is not limited to 65535; axis 1: the split
+    pid_m, bh, off_b, off_h, off_bk = _split_program_id(Lq, BLOCK_M, H, KV_INDEX, Bk, HAS_KV_INDEX)
     pid_s = tl.program_id(1)
-    m_blocks = tl.cdiv(Lq, BLOCK_M)
-    pid_m = pid % m_blocks
-    bh = (pid // m_blocks).to(tl.int64)  # off_b * H + off_h
-    off_b = bh // H
-    off_h = bh % H
-    off_bk = _kv_row(KV_INDEX, off_b, Bk, HAS_KV_INDEX)
-
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(rows < Lq)[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    q_mask = (rows < Lq)[:, None] & d_ok[None, :]
+    q = _load_rows(q_base, rows, stride_qm, offs_d, q_mask)  # [BLOCK_M, BLOCK_D]
     k_base = K + off_bk * stride_kb + off_h * stride_kh
     v_base = V + off_bk * stride_vb + off_h * stride_vh
     mask_row = MASK + off_bk * stride_mb
@@ -162,10 +160,6 @@ def _sm_count(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def _block_m(Lq: int) -> int:
-    return max(16, triton.next_power_of_2(Lq))
-
-
 def num_splits_for(B: int, H: int, Lq: int, Lk: int, device: torch.device | str) -> int:
     """How many key splits the Triton backend uses; 1 means "use the main kernel".
 
@@ -177,7 +171,7 @@ def num_splits_for(B: int, H: int, Lq: int, Lk: int, device: torch.device | str)
     """
     if Lq > MAX_QUERIES or Lk < MIN_KEYS:
         return 1
-    programs = B * H * triton.cdiv(Lq, _block_m(Lq))
+    programs = B * H * triton.cdiv(Lq, block_size(Lq))
     sms = _sm_count(torch.device(device))
     if programs >= sms:
         return 1
@@ -192,20 +186,17 @@ def _splitk_fwd(
     scale: float, dropout_p: float, seed: Tensor | None, num_splits: int,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the split and combine kernels. Returns out [B, H, Lq, Dh] (q's dtype), LSE [B, H, Lq] fp32."""
-    _check(q, k, v, key_padding_mask, kv_index)
-    _check_dropout(dropout_p, seed, q)
-    _refuse_unsupported(q, needs_grad=False)
+    q, k, v = _checked(q, k, v, key_padding_mask, kv_index, dropout_p, seed, needs_grad=False)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Lq, D = q.shape
     Bk, _, Lk, _ = k.shape
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_d = _block_d(D)
-    block_m = _block_m(Lq)
+    block_d = block_size(D)
+    block_m = block_size(Lq)
     tile = tile_for("fwd", block_d, q.dtype, q.device, Lq)  # the forward's key tile, warps and stages
     block_n = tile.block_n
     keys_per_split = triton.cdiv(triton.cdiv(max(Lk, 1), block_n), num_splits) * block_n
@@ -218,10 +209,7 @@ def _splitk_fwd(
     with _on_device(q):
         _splitk_fwd_kernel[(m_blocks * B * H, num_splits)](
             q, k, v, mask, q if kv_index is None else kv_index, seed_arg, o_part, lse_part,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            stride_mb,
+            *_bhl_strides(q, k, v), stride_mb,
             B, H, Bk, Lq, Lk, D, scale * LOG2E.value, threshold, drop_scale, keys_per_split,
             HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
             DROPOUT=dropout,
@@ -229,8 +217,7 @@ def _splitk_fwd(
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
         _splitk_combine_kernel[(m_blocks * B * H,)](
-            o_part, lse_part, out, lse,
-            out.stride(0), out.stride(1), out.stride(2),
+            o_part, lse_part, out, lse, *_bhl_strides(out),
             B, H, Lq, D, num_splits,
             BLOCK_M=block_m, BLOCK_D=block_d,
         )  # fmt: skip
@@ -239,17 +226,9 @@ def _splitk_fwd(
 
 @torch.library.custom_op("mplug_fast::flash_attn_splitk_fwd", mutates_args=())
 def flash_attn_splitk_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_padding_mask: Tensor | None,
-    kv_index: Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-    seed: Tensor | None,
-    num_splits: int,
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, kv_index: Tensor | None, causal: bool,
+    scale: float, dropout_p: float, seed: Tensor | None, num_splits: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(out [B, H, Lq, Dh], LSE [B, H, Lq] fp32), as `mplug_fast::flash_attn_fwd`; see the module doc."""
     return _splitk_fwd(q, k, v, key_padding_mask, kv_index, causal, scale, dropout_p, seed, num_splits)
 

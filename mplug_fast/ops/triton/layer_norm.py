@@ -106,17 +106,9 @@ def _ln_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     in_row = cols < D
     h, _ = _h_row(
-        X + row * stride_x,
-        R + row * stride_r,
-        Seed,
-        row,
-        cols,
-        D,
-        drop_threshold,
-        drop_scale,
-        HAS_DROPOUT,
-        BLOCK,
-    )
+        X + row * stride_x, R + row * stride_r, Seed, row, cols, D, drop_threshold, drop_scale,
+        HAS_DROPOUT, BLOCK,
+    )  # fmt: skip
     mean = tl.sum(h, axis=0) / D
     diff = tl.where(in_row, h - mean, 0.0)
     var = tl.sum(diff * diff, axis=0) / D
@@ -148,17 +140,9 @@ def _ln_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for row in range(row_start, row_end):
         h, keep = _h_row(
-            X + row * stride_x,
-            R + row * stride_r,
-            Seed,
-            row,
-            cols,
-            D,
-            drop_threshold,
-            drop_scale,
-            HAS_DROPOUT,
-            BLOCK,
-        )
+            X + row * stride_x, R + row * stride_r, Seed, row, cols, D, drop_threshold, drop_scale,
+            HAS_DROPOUT, BLOCK,
+        )  # fmt: skip
         mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
         x_hat = tl.where(in_row, (h - mean) * rstd, 0.0)
@@ -246,14 +230,9 @@ def _check(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, dropout_p:
 
 
 def _ln_fwd(
-    x: Tensor,
-    residual: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    seed: Tensor | None,
-    eps: float,
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, eps: float,
     dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     _check(x, residual, weight, bias, dropout_p)
     D = x.shape[-1]
     x2, r2 = _rows_2d(x, D), _rows_2d(residual, D)  # [rows, D]
@@ -276,16 +255,9 @@ def _ln_fwd(
 
 
 def _ln_bwd(
-    dy: Tensor,
-    x: Tensor,
-    residual: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    seed: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dy: Tensor, x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, mean: Tensor,
+    rstd: Tensor, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     D = x.shape[-1]
     dy2, x2, r2 = _rows_2d(dy, D), _rows_2d(x, D), _rows_2d(residual, D)  # [rows, D]
     rows = x2.shape[0]
@@ -317,14 +289,9 @@ def _ln_bwd(
 
 @torch.library.custom_op("mplug_fast::residual_layer_norm_fwd", mutates_args=())
 def residual_layer_norm_fwd(
-    x: Tensor,
-    residual: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    seed: Tensor | None,
-    eps: float,
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, eps: float,
     dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(out [*, D], mean [rows] fp32, rstd [rows] fp32) of LayerNorm(residual + dropout(x)); see the module
     docstring. `seed`: int64 [1], required when dropout_p > 0."""
     return _ln_fwd(x, residual, weight, bias, seed, eps, dropout_p)
@@ -339,16 +306,9 @@ def _(x, residual, weight, bias, seed, eps, dropout_p):
 
 @torch.library.custom_op("mplug_fast::residual_layer_norm_bwd", mutates_args=())
 def residual_layer_norm_bwd(
-    dy: Tensor,
-    x: Tensor,
-    residual: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    seed: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dy: Tensor, x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, seed: Tensor | None, mean: Tensor,
+    rstd: Tensor, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dresidual, dweight, dbias), each contiguous in its input's dtype."""
     return _ln_bwd(dy, x, residual, weight, bias, seed, mean, rstd, dropout_p)
 

@@ -40,6 +40,7 @@ __all__ = [
     "arch_of",
     "attention_unsupported_reasons",
     "autotune_candidates",
+    "block_size",
     "shared_limit",
     "tile_for",
 ]
@@ -62,56 +63,39 @@ class Tile:
 
 # (target, kernel, BLOCK_D, operand bytes) -> (Tile, the largest shared memory in bytes the compile gate
 # measured for it, every flag combination on). Operand bytes 2: fp16/bf16; 4: fp32 with TF32 dots.
-# BLOCK_D 16 and 32 reuse the BLOCK_D = 64 tiles (smaller head dims need fewer registers and less memory).
-_TABLE: dict[tuple[str, str, int, int], tuple[Tile, int]] = {
-    ("sm_90", "fwd", 16, 2): (Tile(128, 64, 8, 3), 73728),
-    ("sm_90", "dq", 16, 2): (Tile(128, 64, 8, 3), 90112),
-    ("sm_90", "dkdv", 16, 2): (Tile(64, 128, 8, 2), 74240),
-    ("sm_90", "fwd", 32, 2): (Tile(128, 64, 8, 3), 73728),
-    ("sm_90", "dq", 32, 2): (Tile(128, 64, 8, 3), 90112),
-    ("sm_90", "dkdv", 32, 2): (Tile(64, 128, 8, 2), 74240),
+_MEASURED: dict[tuple[str, str, int, int], tuple[Tile, int]] = {
     ("sm_90", "fwd", 64, 2): (Tile(128, 64, 8, 3), 73728),
     ("sm_90", "dq", 64, 2): (Tile(128, 64, 8, 3), 90112),
     ("sm_90", "dkdv", 64, 2): (Tile(64, 128, 8, 2), 74240),
     ("sm_90", "fwd", 128, 2): (Tile(128, 64, 8, 3), 139264),
     ("sm_90", "dq", 128, 2): (Tile(128, 64, 8, 3), 172032),
     ("sm_90", "dkdv", 128, 2): (Tile(32, 64, 8, 2), 67840),
-    ("sm_90", "fwd", 16, 4): (Tile(64, 32, 8, 2), 50176),
-    ("sm_90", "dq", 16, 4): (Tile(64, 32, 8, 2), 65536),
-    ("sm_90", "dkdv", 16, 4): (Tile(64, 32, 8, 2), 66048),
-    ("sm_90", "fwd", 32, 4): (Tile(64, 32, 8, 2), 50176),
-    ("sm_90", "dq", 32, 4): (Tile(64, 32, 8, 2), 65536),
-    ("sm_90", "dkdv", 32, 4): (Tile(64, 32, 8, 2), 66048),
     ("sm_90", "fwd", 64, 4): (Tile(64, 32, 8, 2), 50176),
     ("sm_90", "dq", 64, 4): (Tile(64, 32, 8, 2), 65536),
     ("sm_90", "dkdv", 64, 4): (Tile(64, 32, 8, 2), 66048),
     ("sm_90", "fwd", 128, 4): (Tile(64, 32, 8, 2), 99328),
     ("sm_90", "dq", 128, 4): (Tile(64, 32, 8, 2), 131072),
     ("sm_90", "dkdv", 128, 4): (Tile(64, 32, 8, 2), 131584),
-    ("sm_80", "fwd", 16, 2): (Tile(128, 64, 8, 3), 65536),
-    ("sm_80", "dq", 16, 2): (Tile(128, 64, 8, 3), 81920),
-    ("sm_80", "dkdv", 16, 2): (Tile(32, 64, 8, 2), 28928),
-    ("sm_80", "fwd", 32, 2): (Tile(128, 64, 8, 3), 65536),
-    ("sm_80", "dq", 32, 2): (Tile(128, 64, 8, 3), 81920),
-    ("sm_80", "dkdv", 32, 2): (Tile(32, 64, 8, 2), 28928),
     ("sm_80", "fwd", 64, 2): (Tile(128, 64, 8, 3), 65536),
     ("sm_80", "dq", 64, 2): (Tile(128, 64, 8, 3), 81920),
     ("sm_80", "dkdv", 64, 2): (Tile(32, 64, 8, 2), 28928),
     ("sm_80", "fwd", 128, 2): (Tile(128, 32, 8, 2), 57344),
     ("sm_80", "dq", 128, 2): (Tile(64, 64, 8, 2), 73728),
     ("sm_80", "dkdv", 128, 2): (Tile(32, 64, 8, 2), 53504),
-    ("sm_80", "fwd", 16, 4): (Tile(64, 32, 8, 2), 40960),
-    ("sm_80", "dq", 16, 4): (Tile(64, 32, 8, 2), 57344),
-    ("sm_80", "dkdv", 16, 4): (Tile(64, 32, 8, 2), 66048),
-    ("sm_80", "fwd", 32, 4): (Tile(64, 32, 8, 2), 40960),
-    ("sm_80", "dq", 32, 4): (Tile(64, 32, 8, 2), 57344),
-    ("sm_80", "dkdv", 32, 4): (Tile(64, 32, 8, 2), 66048),
     ("sm_80", "fwd", 64, 4): (Tile(64, 32, 8, 2), 40960),
     ("sm_80", "dq", 64, 4): (Tile(64, 32, 8, 2), 57344),
     ("sm_80", "dkdv", 64, 4): (Tile(64, 32, 8, 2), 66048),
     ("sm_80", "fwd", 128, 4): (Tile(64, 32, 4, 2), 74752),
     ("sm_80", "dq", 128, 4): (Tile(64, 32, 8, 2), 114688),
     ("sm_80", "dkdv", 128, 4): (Tile(32, 32, 4, 2), 82176),
+}
+# BLOCK_D 16 and 32 reuse the BLOCK_D = 64 entries (smaller head dims need fewer registers and less memory).
+_TABLE = {
+    (arch, kernel, block_d, nbytes): _MEASURED[(arch, kernel, max(block_d, 64), nbytes)]
+    for arch in ("sm_90", "sm_80")
+    for nbytes in (2, 4)
+    for block_d in (16, 32, 64, 128)
+    for kernel in ("fwd", "dq", "dkdv")
 }
 TILES: dict[tuple[str, str, int, int], Tile] = {key: tile for key, (tile, _) in _TABLE.items()}
 SHARED: dict[tuple[str, str, int, int], int] = {key: shared for key, (_, shared) in _TABLE.items()}
@@ -143,15 +127,15 @@ def _operand_bytes(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.float32 else 2
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, 1 << (head_dim - 1).bit_length())
+def block_size(n: int) -> int:
+    """A tile side for n rows or columns (a head dim, short queries): the next power of two >= n, at least 16
+    (the smallest `tl.dot` tile)."""
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
 def _short(block_m: int, Lq: int | None) -> int:
-    """A query tile that fits short queries: the next power of two >= Lq (at least 16), at most block_m."""
-    if Lq is None:
-        return block_m
-    return min(block_m, max(16, 1 << (max(Lq, 1) - 1).bit_length()))
+    """A query tile that fits short queries: `block_size(Lq)`, at most block_m."""
+    return block_m if Lq is None else min(block_m, block_size(Lq))
 
 
 def tile_for(
@@ -213,7 +197,7 @@ def attention_unsupported_reasons(
             arch = arch_of(device)
             kernels = ("fwd", "dq", "dkdv") if needs_grad else ("fwd",)
             for kernel in kernels:
-                need = SHARED.get((arch, kernel, _block_d(head_dim), _operand_bytes(dtype)), 0)
+                need = SHARED.get((arch, kernel, block_size(head_dim), _operand_bytes(dtype)), 0)
                 if need > limit:
                     reasons.append(
                         f"{kernel} tile needs {need // 1024} KiB of shared memory, {device} allows "
