@@ -12,10 +12,13 @@ STAMP := $(VENV)/.installed
 
 all: test
 
-$(STAMP): requirements/ci.txt setup.py
+NATIVE_SOURCES := CMakeLists.txt $(wildcard kernels/*.h kernels/*.cpp kernels/cpu/*.cpp kernels/cuda/*.cu)
+
+# --no-build-isolation: the native ops (kernels/) build against the venv's torch, with its cmake and ninja.
+$(STAMP): requirements/ci.txt setup.py $(NATIVE_SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -r requirements/ci.txt
-	$(PY) -m pip install -e . --no-deps
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
 test: $(STAMP)
