@@ -32,6 +32,17 @@ def _tool(name: str) -> str | None:
     )
 
 
+def _cuda_root(nvcc: str) -> Path:
+    """The toolkit folder of `nvcc` (which may be a wrapper script): what nvcc reports as its _HERE_."""
+    dry = subprocess.run(
+        [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True
+    )
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if line.startswith("#$ _HERE_="):
+            return Path(line.split("=", 1)[1].strip()).resolve().parent
+    return Path(nvcc).resolve().parent.parent
+
+
 class CMakeBuild(build_ext):
     """Builds `mplug_fast._C` with CMake (CMakeLists.txt) against the installed torch, ninja when present.
 
@@ -74,8 +85,9 @@ class CMakeBuild(build_ext):
         if cuda and nvcc:
             archs = os.environ.get("MPLUG_FAST_CUDA_ARCHS", "8.0;9.0")
             env["TORCH_CUDA_ARCH_LIST"] = archs
+            cuda_root = _cuda_root(nvcc)
+            nvcc = str(cuda_root / "bin" / "nvcc")
             env["CUDACXX"] = nvcc
-            cuda_root = Path(nvcc).resolve().parent.parent
             args += [
                 "-DMPLUG_FAST_CUDA=ON",
                 f"-DCMAKE_CUDA_ARCHITECTURES={archs.replace('.', '')}",
@@ -84,13 +96,12 @@ class CMakeBuild(build_ext):
             ]
             # The nvidia-* wheels beside a CUDA torch carry libnvrtc and headers (cusparse.h) that a bare
             # toolkit may lack.
+            cuda_flags = os.environ.get("MPLUG_FAST_NVCC_FLAGS", "").split()  # e.g. -Xptxas=-v
             for nvrtc in sorted(torch_dir.parent.glob("nvidia/*/lib/libnvrtc.so*"))[:1]:
                 include = nvrtc.parent.parent / "include"
-                args += [
-                    f"-DCUDA_nvrtc_LIBRARY={nvrtc}",
-                    f"-DCMAKE_CXX_FLAGS=-I{include}",
-                    f"-DCMAKE_CUDA_FLAGS=-I{include}",
-                ]
+                args += [f"-DCUDA_nvrtc_LIBRARY={nvrtc}", f"-DCMAKE_CXX_FLAGS=-I{include}"]
+                cuda_flags.append(f"-I{include}")
+            args.append(f"-DCMAKE_CUDA_FLAGS={' '.join(cuda_flags)}")
         print(f"mplug_fast: building _C ({'CUDA ' + archs if cuda and nvcc else 'CPU'}) in {build_dir}")
         start = time.perf_counter()
         subprocess.run([_tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)

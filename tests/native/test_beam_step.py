@@ -15,9 +15,9 @@ from mplug_fast.generation.beam_step import beam_step_reference, stable_topk
 EOS, PAD, LP, T, V = 5, 0, 2, 6, 23
 
 
-def _run(step_fn, B, K, official, exact, sync_every, seed, bias=None):
+def _run(step_fn, B, K, official, exact, sync_every, seed, bias=None, device="cpu"):
     """A synthetic beam search of T steps over random logits; returns the final state and every step's
-    (beam, token)."""
+    (beam, token), on the CPU."""
     g = torch.Generator().manual_seed(seed)
     S = T * K if official else K
     running = torch.full((B, K), float("-inf"))
@@ -30,33 +30,43 @@ def _run(step_fn, B, K, official, exact, sync_every, seed, bias=None):
     steps = torch.zeros(B, dtype=torch.long)
     closed = torch.zeros(B, dtype=torch.bool)
     open_ids = torch.arange(B)
+    running, seq, fin_scores, fin_seqs, fin_lengths, steps, closed, open_ids = (
+        t.to(device) for t in (running, seq, fin_scores, fin_seqs, fin_lengths, steps, closed, open_ids)
+    )
+    bias = None if bias is None else bias.to(device)
     picks = []
     for step in range(T):
         Bo = open_ids.shape[0]
         logits = (torch.randn(B * K, V, generator=g) * 2).round() / 2  # many ties
         logits[:, EOS] += torch.rand(B * K, generator=g) * 3  # early finishes
-        logits = logits.view(B, K, V)[open_ids].reshape(Bo * K, V)
+        logits = logits.to(device).view(B, K, V)[open_ids].reshape(Bo * K, V)
         args = (logits, bias, running, seq, closed, open_ids, fin_scores, fin_seqs, fin_lengths, steps)
         beam, token = step_fn(*args, step, LP, T, 1, EOS, 0.6, official, exact)
-        picks.append((open_ids.clone(), beam, token))
+        picks.append((open_ids.cpu(), beam.cpu(), token.cpu()))
         if (step + 1) % sync_every == 0 and not bool(closed.all()):
             keep = (~closed).nonzero()[:, 0]
             open_ids, running, seq, closed = open_ids[keep], running[keep], seq[keep], closed[keep]
-    return (fin_scores, fin_seqs, fin_lengths, steps), picks
+    return tuple(t.cpu() for t in (fin_scores, fin_seqs, fin_lengths, steps)), picks
 
 
 CASES = [(B, K) for B in range(1, 9) for K in (1, 3)] + [(2, K) for K in range(1, 9)]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)], ids=["cpu", "cuda"])
 @pytest.mark.parametrize("official", [True, False], ids=["official", "standard"])
-def test_native_equals_python_twin(official):
+def test_native_equals_python_twin(official, device):
+    """The native op against the Python twin on the same device (the same log-softmax kernel)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     op = torch.ops.mplug_fast.beam_step
     for B, K in CASES:
         for sync_every in (1, 3):
             for exact in (False, True) if not official else (False,):
                 seed = 100 * B + 10 * K + sync_every
-                want, want_picks = _run(beam_step_reference, B, K, official, exact, sync_every, seed)
-                got, got_picks = _run(op, B, K, official, exact, sync_every, seed)
+                want, want_picks = _run(
+                    beam_step_reference, B, K, official, exact, sync_every, seed, device=device
+                )
+                got, got_picks = _run(op, B, K, official, exact, sync_every, seed, device=device)
                 case = f"B={B} K={K} sync_every={sync_every} exact={exact}"
                 for name, w, o in zip(("fin_scores", "fin_seqs", "fin_lengths", "steps"), want, got):
                     assert torch.equal(w, o), f"{case}: {name} differs"

@@ -8,13 +8,18 @@ import torch
 from mplug_fast.modeling.kv_cache import KVCache
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [6, 4, 9])  # same row count (swap buffers), fewer, more
-def test_reorder_caches_equals_index_select(dtype, rows):
+def test_reorder_caches_equals_index_select(dtype, rows, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     g = torch.Generator().manual_seed(rows)
-    src = [torch.randn(3, 6, 2, 10, 4, generator=g).to(dtype) for _ in range(2)]  # [P, N, H, Lmax, Dh]
-    index = torch.randint(0, 6, (rows,), generator=g)
-    dst = [torch.full((3, rows, 2, 10, 4), float("nan"), dtype=dtype) for _ in range(2)]
+    src = [
+        torch.randn(3, 6, 2, 10, 4, generator=g).to(device, dtype) for _ in range(2)
+    ]  # [P, N, H, Lmax, Dh]
+    index = torch.randint(0, 6, (rows,), generator=g).to(device)
+    dst = [torch.full((3, rows, 2, 10, 4), float("nan"), dtype=dtype, device=device) for _ in range(2)]
     torch.ops.mplug_fast.reorder_caches(src, dst, index, 7)
     for s, d in zip(src, dst):
         assert torch.equal(d[..., :7, :], s.index_select(1, index)[..., :7, :])
