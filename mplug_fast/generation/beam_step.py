@@ -34,15 +34,21 @@ def gnmt_length_penalty(step: int, alpha: float = 0.6) -> float:
 
 def stable_topk(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The n largest entries of each row of x [R, C]: (values, indices) [R, n], value descending, equal
-    values by lower index (`torch.topk` leaves the order of ties unspecified). No host synchronisation."""
+    values by lower index (`torch.topk` leaves the order of ties unspecified). One host synchronisation
+    (whether a tie crosses the n-th place)."""
     R, C = x.shape
-    threshold = x.topk(n, dim=-1).values[:, -1:]  # [R, 1] the n-th largest value
-    above, tied = x > threshold, x == threshold
-    chosen = above | (tied & (tied.cumsum(-1) <= n - above.sum(-1, keepdim=True)))  # exactly n per row
-    slot = torch.where(chosen, chosen.cumsum(-1) - 1, n)  # [R, C] rank by column; n = not chosen
-    columns = torch.arange(C, device=x.device).expand(R, C)
-    index = torch.zeros(R, n + 1, dtype=torch.long, device=x.device).scatter_(1, slot, columns)[:, :n]
-    values = x.gather(1, index)  # chosen columns in increasing order, then sorted by value (stable)
+    values, index = x.topk(min(n + 1, C), dim=-1)  # [R, n + 1], ties in any order
+    threshold = values[:, n - 1 : n]  # [R, 1] the n-th largest value
+    crossing = values.shape[1] > n and bool((values[:, n] == values[:, n - 1]).any())
+    index = index[:, :n]
+    if crossing:  # a tie across the n-th place: take the lowest columns
+        above, tied = x > threshold, x == threshold
+        chosen = above | (tied & (tied.cumsum(-1) <= n - above.sum(-1, keepdim=True)))  # n per row
+        slot = torch.where(chosen, chosen.cumsum(-1) - 1, n)  # [R, C] rank by column; n = not chosen
+        columns = torch.arange(C, device=x.device).expand(R, C)
+        index = torch.zeros(R, n + 1, dtype=torch.long, device=x.device).scatter_(1, slot, columns)[:, :n]
+    index = index.sort(dim=1).values  # chosen columns in increasing order, then by value (stable)
+    values = x.gather(1, index)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), index.gather(1, order)
 
