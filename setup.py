@@ -1,5 +1,6 @@
 """Packaging for mplug_fast (tool configuration lives in pyproject.toml)."""
 
+import hashlib
 import os
 import runpy
 import shutil
@@ -70,7 +71,9 @@ class CMakeBuild(build_ext):
             os.environ.get("CUDA_HOME") and shutil.which("nvcc", path=os.environ["CUDA_HOME"] + "/bin")
         )
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # One CMake build folder per torch install: a cache configured for another torch is never reused.
+        tag = hashlib.sha1(f"{torch_dir} {cuda}".encode()).hexdigest()[:10]
+        build_dir = Path(self.build_temp).resolve() / f"cmake-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [
             f"-DCMAKE_PREFIX_PATH={torch_dir / 'share' / 'cmake'}",
