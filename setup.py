@@ -71,8 +71,8 @@ class CMakeBuild(build_ext):
             os.environ.get("CUDA_HOME") and shutil.which("nvcc", path=os.environ["CUDA_HOME"] + "/bin")
         )
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
-        # One CMake build folder per torch install: a cache configured for another torch is never reused.
-        tag = hashlib.sha1(f"{torch_dir} {cuda}".encode()).hexdigest()[:10]
+        # One CMake build folder per torch install and cmake: a cache configured for another is never reused.
+        tag = hashlib.sha1(f"{torch_dir} {cuda} {_tool('cmake')}".encode()).hexdigest()[:10]
         build_dir = Path(self.build_temp).resolve() / f"cmake-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [
