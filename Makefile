@@ -7,18 +7,25 @@
 # make install-check - the newcomer's path, not part of make test: a fresh venv, `pip install .` (not
 #               editable), then `mplug-fast demo --quick` and a short caption run from an empty folder
 #               (INSTALL_CHECK_DIR=... reuses that folder; INSTALL_CHECK_TORCH picks the torch wheel)
+# make cuda-build-check - the native ops' CUDA build (not in make test: the CUDA torch is a 5.5 GB install):
+#               a second venv (.venv-cuda) with torch 2.14.1 (cu130), `pip install .` builds _C for sm_80 and
+#               sm_90 with nvcc, imports it, runs tests/native there (CPU), records the ptxas resource use
+#               -> .benchmarks/cuda-build.log, benchmarks/results/cuda-build-check.json (docs/native.md)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint demo bench kernels install-check clean distclean
+.PHONY: all test lint demo bench kernels install-check cuda-build-check clean distclean
 
 all: test
 
-$(STAMP): requirements/ci.txt setup.py
+NATIVE_SOURCES := CMakeLists.txt $(wildcard kernels/*.h kernels/*.cpp kernels/cpu/*.cpp kernels/cuda/*.cu)
+
+# --no-build-isolation: the native ops (kernels/) build against the venv's torch, with its cmake and ninja.
+$(STAMP): requirements/ci.txt setup.py $(NATIVE_SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -r requirements/ci.txt
-	$(PY) -m pip install -e . --no-deps
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
 test: $(STAMP)
@@ -30,6 +37,23 @@ bench: $(STAMP)
 
 kernels: $(STAMP)
 	MPLUG_FAST_KERNEL_GATE=full $(PY) -m pytest -q tests/ops/test_kernel_resources.py
+
+CUDA_VENV := .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+
+cuda-build-check:
+	test -x $(CUDA_PY) || python3 -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q torch==2.14.1 numpy==2.3.5 safetensors==0.8.0 tokenizers==0.23.3 \
+		PyYAML==6.0.4 tqdm==4.70.1 pillow==13.0.0 pytest==9.2.0
+	mkdir -p .benchmarks
+	start=$$(date +%s); MPLUG_FAST_NVCC_FLAGS=-Xptxas=-v $(CUDA_PY) -m pip install -v --no-deps \
+		--force-reinstall . > .benchmarks/cuda-build.log 2>&1; rc=$$?; \
+		echo "pip install . (CUDA build): rc $$rc in $$(( $$(date +%s) - start )) s"; test $$rc -eq 0
+	rm -rf .benchmarks/cuda-tests && mkdir -p .benchmarks/cuda-tests && cp -r tests/native .benchmarks/cuda-tests/
+	cd .benchmarks/cuda-tests && OMP_NUM_THREADS=1 ../../$(CUDA_PY) -m pytest -q -p no:cacheprovider native \
+		> ../cuda-tests.log 2>&1; rc=$$?; tail -3 ../cuda-tests.log; test $$rc -eq 0
+	$(CUDA_PY) benchmarks/cuda_build_report.py .benchmarks/cuda-build.log .benchmarks/cuda-tests.log \
+		--out benchmarks/results/cuda-build-check.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -2,6 +2,8 @@
 
     python benchmarks/generation_speed.py --threads 1   # base preset, 384 px, batch 1 and 8, fp32, CPU
     python benchmarks/generation_speed.py --quick       # tiny preset, few repeats (smoke run)
+    python benchmarks/generation_speed.py --threads 1 --native-only   # native vs Python beam step only
+    python benchmarks/generation_speed.py --device cuda --native-only   # on a GPU
 
 Cases (official inference settings, `mode="official"`):
     caption  memory = 577 image tokens,               beam 5, min_length 8, max_length 25
@@ -9,7 +11,10 @@ Cases (official inference settings, `mode="official"`):
 
 Variants:
     cached      `beam_search(use_cache=True)`: self-attention KV cache, memory K/V projected once per image
-                and shared by the beams (`memory_index`)
+                and shared by the beams (`memory_index`); the native beam step and cache reorder
+                (kernels/, `mplug_fast._C`) when built
+    python_step `cached` with the Python twins of the native ops (`native=False`); the per-step time
+                difference to `cached` is the native ops' gain (`ms_per_step` = median / max_length)
     no_cache    `beam_search(use_cache=False)`: the whole prefix re-run every step, memory K/V still shared
     official    the official loop (`TextGenerator._fast_translate_batch`): the whole prefix re-run every
                 step with the memory tiled per beam and its K/V re-projected every step
@@ -44,6 +49,7 @@ import mplug_fast
 from mplug_fast.generation import SEP_ID, beam_search
 from mplug_fast.modeling.decoder import TextDecoder
 from mplug_fast.modeling.layers import init_bert_weights
+from mplug_fast.ops import native
 
 OUT_DIR = Path(__file__).resolve().parents[1] / ".benchmarks"  # default output: untracked (.gitignore)
 
@@ -162,8 +168,15 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["caption", "vqa"], choices=["caption", "vqa"])
     parser.add_argument("--skip-official", action="store_true", help="do not time the official loop")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR / "cpu-generation.json")
+    parser.add_argument("--native-only", action="store_true", help="only cached vs python_step")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, default=None, help="default: .benchmarks/")
     args = parser.parse_args()
+    if args.out is None:
+        name = "cpu-generation.json" if args.device == "cpu" else "gpu-generation.json"
+        args.out = OUT_DIR / name
+    if args.native_only:
+        args.skip_official = True
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -174,7 +187,7 @@ def main() -> None:
     torch.manual_seed(0)
     decoder = TextDecoder(config)
     decoder.apply(init_bert_weights)
-    decoder.eval()
+    decoder.eval().to(args.device)
     Lq = 12
     records = []
     ratios = {}
@@ -198,22 +211,36 @@ def main() -> None:
                 max_length=10,
             ),
         }
-        start = torch.full((B, 1), 101)
+        cases = {
+            k: {n: t.to(args.device) if torch.is_tensor(t) else t for n, t in c.items()}
+            for k, c in cases.items()
+        }
+        start = torch.full((B, 1), 101, device=args.device)
         for name in args.cases:
             c = cases[name]
             kw = dict(beam_size=c["beam_size"], min_length=c["min_length"], max_length=c["max_length"])
 
-            def run(use_cache: bool, c=c, kw=kw, start=start):
-                return beam_search(decoder, c["memory"], c["memory_mask"], start, use_cache=use_cache, **kw)
+            def run(use_cache: bool, native: bool | None = None, c=c, kw=kw, start=start):
+                out = beam_search(
+                    decoder, c["memory"], c["memory_mask"], start, use_cache=use_cache, native=native, **kw
+                )
+                if args.device != "cpu":
+                    torch.cuda.synchronize()
+                return out
 
             def run_official(c=c, kw=kw, start=start):
                 return official_beam_search(decoder, c["memory"], c["memory_mask"], start, **kw)
 
-            cached, uncached = run(True), run(False)
-            err = float((cached.scores - uncached.scores).abs().max())
-            same = torch.equal(cached.ids, uncached.ids)
+            cached, python_step = run(True), run(True, native=False)
+            same = torch.equal(cached.ids, python_step.ids) and torch.equal(cached.scores, python_step.scores)
+            err = 0.0
             variants = {"cached": (lambda: run(True), repeats)}
-            variants["no_cache"] = (lambda: run(False), args.no_cache_repeats if B == 1 else 1)
+            variants["python_step"] = (lambda: run(True, native=False), repeats)
+            if not args.native_only:
+                uncached = run(False)
+                err = float((cached.scores - uncached.scores).abs().max())
+                same = same and torch.equal(cached.ids, uncached.ids)
+                variants["no_cache"] = (lambda: run(False), args.no_cache_repeats if B == 1 else 1)
             first_times = {}
             if not args.skip_official:
                 t0 = time.perf_counter()
@@ -234,8 +261,10 @@ def main() -> None:
                     "variant": variant,
                     "shape": shape,
                     "dtype": "float32",
-                    "device": "cpu",
+                    "device": args.device,
+                    "native": variant == "cached" and native.load_error() is None,
                     "ms_median": statistics.median(times),
+                    "ms_per_step": statistics.median(times) / kw["max_length"],
                     "ms_p20": quantile(times, 0.2),
                     "ms_p80": quantile(times, 0.8),
                     "times_ms": times,
@@ -249,7 +278,7 @@ def main() -> None:
                     flush=True,
                 )
             by = {r["variant"]: r["ms_median"] for r in records if r["case"] == name and r["batch"] == B}
-            for variant in ("no_cache", "official"):
+            for variant in ("python_step", "no_cache", "official"):
                 if variant in by:
                     key = f"{name} batch {B}: {variant} / cached"
                     ratios[key] = by[variant] / by["cached"]

@@ -1,5 +1,5 @@
-"""``mplug-fast info``: versions (Python, torch, triton, CUDA), the tasks, and which attention backends can
-run here, with the reason for each one that cannot."""
+"""``mplug-fast info``: versions (Python, torch, triton, CUDA), the tasks, which attention backends can
+run here, with the reason for each one that cannot, and which native ops (kernels/) run natively."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import torch
 
 import mplug_fast
-from mplug_fast.ops import available_backends
+from mplug_fast.ops import available_backends, native
 from mplug_fast.tasks import TASKS
 
 
@@ -41,11 +41,14 @@ def info(args: argparse.Namespace) -> int:
     width = max((len(name) for name in backends), default=0)
     for name, reason in backends.items():
         print(f"  {name:<{width}}  {'available' if reason is None else 'unavailable: ' + reason}")
+    print("native ops (mplug_fast._C):")
+    for name, line in native.status().items():
+        print(f"  {name:<14}  {line}")
     return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "info", help="print versions, the tasks and the attention backends available here"
+        "info", help="print versions, the tasks, the attention backends and the native ops available here"
     )
     p.set_defaults(func=info)

@@ -1,8 +1,9 @@
 """Beam search: the official mPLUG beam search (docs/fidelity.md §5.6) and a standard one.
 
-Samples finish independently: when a sample closes (official: its top beam emits [SEP]; standard: no
-running beam can improve it) its rows, memory K/V rows and cache rows leave the batch before the next step.
-Host synchronisation: one count of the open samples per step; everything else stays on the device.
+Each step's selection and finished-hypothesis bookkeeping is one call (`beam_step`: the native op of
+kernels/ when built, else its Python twin; identical results). Samples finish independently: a closing
+sample is frozen on the device, and at every `sync_every`-th step one host count of the open samples stops
+the search or drops the closed samples' rows, memory K/V rows and cache rows from the batch.
 """
 
 from __future__ import annotations
@@ -12,23 +13,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mplug_fast.generation.beam_step import NEG_EOS, gnmt_length_penalty, resolve_beam_step
 from mplug_fast.generation.outputs import PAD_ID, SEP_ID, GenerationOutput
 from mplug_fast.generation.state import DecodingState, as_memory_kv, check_lengths
 from mplug_fast.modeling.decoder import MemoryKV, TextDecoder
 
-NEG_EOS = -1e20  # official: the [SEP] log-prob before min_length
-
-
-def _log_probs(logits: Tensor, logit_bias: Tensor | None) -> Tensor:
-    """fp32 log-softmax over the vocabulary of logits [N, V] (+ bias [V])."""
-    if logit_bias is not None:
-        logits = logits + logit_bias
-    return torch.log_softmax(logits, dim=-1)
-
-
-def gnmt_length_penalty(step: int, alpha: float = 0.6) -> float:
-    """GNMT length penalty of the official beam search at 0-based `step`: ((5 + step + 1) / 6) ** alpha."""
-    return ((5.0 + (step + 1)) / 6.0) ** alpha
+__all__ = ["NEG_EOS", "beam_search", "gnmt_length_penalty"]
 
 
 @torch.no_grad()
@@ -50,6 +40,8 @@ def beam_search(
     early_stopping: Literal["heuristic", "exact"] = "heuristic",
     logit_bias: Tensor | None = None,
     use_cache: bool = True,
+    native: bool | None = None,
+    sync_every: int | None = None,
 ) -> GenerationOutput:
     """Beam search over `beam_size` beams per sample; samples finish independently.
 
@@ -78,6 +70,10 @@ def beam_search(
         pad_id: filler after the end.  num_return: R <= K hypotheses per sample.
         logit_bias: [V] added to the logits before the log-softmax (grounding's coordinate mask).
         use_cache: incremental decoding (True) or full recomputation of the prefix each step.
+        native: the native `beam_step` op (None: when built for this device; True: required; False: the
+            Python twin). Candidates tied in score are taken in (beam, token) order either way.
+        sync_every: steps between the host checks for closed samples (None: 1 on CPU, 4 on CUDA, where a
+            step then runs without host synchronisation); results do not depend on it.
     Returns:
         `GenerationOutput` with ids [B, R, Lp + T'] (T' = steps run), scores [B, R], lengths [B, R].
     """
@@ -87,208 +83,76 @@ def beam_search(
         raise ValueError(f"early_stopping must be 'heuristic' or 'exact', got {early_stopping!r}")
     if not 1 <= num_return <= beam_size:
         raise ValueError(f"num_return must be in [1, beam_size={beam_size}], got {num_return}")
+    if sync_every is not None and sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     check_lengths(decoder, start_ids, max_length, min_length)
     memory_kv = as_memory_kv(decoder, memory)
     state = DecodingState(decoder, memory_kv, memory_mask, start_ids, start_mask, max_length, use_cache)
     logits = state.start()  # [B, V]
     B, Lp = start_ids.shape
-    K, V = beam_size, logits.shape[-1]
+    K, V, T = beam_size, logits.shape[-1], max_length
     if V < 2 * K + 1:
         raise ValueError(f"beam_size {K} is too large for a vocabulary of {V}")
     device = logits.device
+    step_fn = resolve_beam_step(native, device.type)
+    sync_every = sync_every or (4 if device.type == "cuda" else 1)
+    if logit_bias is not None:
+        logit_bias = logit_bias.float().contiguous()
     rows = torch.arange(B, device=device).repeat_interleave(K)  # [B*K]: sample of each beam
     state.expand(rows, group=K)
     logits = logits[rows]  # [B*K, V] (the beams of a sample start identical)
-    seq = torch.full((B, K, Lp + max_length), pad_id, dtype=torch.long, device=device)
+    Lbuf = Lp + T
+    seq = torch.full((B, K, Lbuf), pad_id, dtype=torch.long, device=device)
     seq[:, :, :Lp] = start_ids[:, None]
     beam_offset = (torch.arange(B, device=device) * K)[:, None]  # [B, 1]
     running = torch.full((B, K), float("-inf"), device=device)
     running[:, 0] = 0.0  # first step: only beam 0 is live
-    run = _official if mode == "official" else _standard
-    return run(
-        state,
-        logits,
-        seq,
-        running,
-        beam_offset,
-        Lp=Lp,
-        K=K,
-        V=V,
-        max_length=max_length,
-        min_length=min_length,
-        alpha=length_penalty,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        num_return=num_return,
-        exact=early_stopping == "exact",
-        logit_bias=logit_bias,
-    )
-
-
-def _official(
-    state,
-    logits,
-    seq,
-    running,
-    beam_offset,
-    *,
-    Lp,
-    K,
-    V,
-    max_length,
-    min_length,
-    alpha,
-    eos_id,
-    pad_id,
-    num_return,
-    exact,
-    logit_bias,
-) -> GenerationOutput:
-    """fidelity §5.6 (`TextGenerator._fast_translate_batch`), batched; see `beam_search`.
-
-    `seq`, `running`, `logits` hold the open samples only (`open_ids` [Bo]: their sample numbers); the
-    recorded hypotheses `hyp_*` are indexed by sample."""
-    B, device = seq.shape[0], seq.device
-    T = max_length
-    hyp_scores = torch.full((B, T, K), float("-inf"), device=device)  # [B, step, beam] recorded scores
-    hyp_valid = torch.zeros((B, T, K), dtype=torch.bool, device=device)
-    hyp_seqs = torch.full((B, T, K, Lp + T), pad_id, dtype=torch.long, device=device)
-    open_ids = torch.arange(B, device=device)  # [Bo] samples still open
-    steps_run = T
+    S = T * K if mode == "official" else K  # finished-hypothesis slots per sample
+    fin_scores = torch.full((B, S), float("-inf"), device=device)
+    fin_seqs = torch.full((B, S, Lbuf), pad_id, dtype=torch.long, device=device)
+    fin_lengths = torch.zeros((B, S), dtype=torch.long, device=device)
+    steps = torch.zeros(B, dtype=torch.long, device=device)  # steps each sample ran
+    closed = torch.zeros(B, dtype=torch.bool, device=device)
+    open_ids = torch.arange(B, device=device)  # [Bo] samples still in the batch
     for step in range(T):
         Bo = open_ids.shape[0]
-        log_probs = _log_probs(logits, logit_bias).view(Bo, K, V)
-        if step < min_length and eos_id is not None:
-            log_probs[..., eos_id] = NEG_EOS
-        lp = gnmt_length_penalty(step, alpha)
-        scores = (log_probs + running[..., None]) / lp  # [Bo, K, V]
-        top_scores, top_ids = scores.view(Bo, K * V).topk(K, dim=-1)  # [Bo, K], sorted
-        running = top_scores * lp  # official: recover the log-probs by multiplying back
-        beam = top_ids // V  # [Bo, K] origin beam
-        token = top_ids % V  # [Bo, K]
-        seq = seq.gather(1, beam[..., None].expand_as(seq))  # reorder: [Bo, K, Lp + T]
-        seq[:, :, Lp + step] = token
-        last = step + 1 == T
-        if last:
-            finished = torch.ones_like(token, dtype=torch.bool)
-        elif eos_id is None:
-            finished = torch.zeros_like(token, dtype=torch.bool)
-        else:
-            finished = token == eos_id
-        closing = finished[:, 0]  # [Bo] top beam finished: the sample closes
-        record = finished | closing[:, None]  # closing samples record every beam
-        hyp_scores[open_ids, step] = torch.where(record, top_scores, float("-inf"))
-        hyp_valid[open_ids, step] = record
-        hyp_seqs[open_ids, step] = seq
-        steps_run = step + 1
-        if last:
-            break
-        still_open = ~closing
-        n_open = int(still_open.sum())  # the one host sync per step
-        if n_open == 0:
+        beam, token = step_fn(
+            logits.contiguous(),
+            logit_bias,
+            running,
+            seq,
+            closed,
+            open_ids,
+            fin_scores,
+            fin_seqs,
+            fin_lengths,
+            steps,
+            step,
+            Lp,
+            T,
+            min_length,
+            -1 if eos_id is None else eos_id,
+            length_penalty,
+            mode == "official",
+            early_stopping == "exact",
+        )  # [Bo, K] each
+        if step + 1 == T:
             break
         select = beam + beam_offset[:Bo]  # [Bo, K] decoder row each new beam continues
-        if n_open < Bo:  # drop the closed samples from the batch
-            keep = still_open.nonzero()[:, 0]  # [Bo']
-            open_ids, seq, running = open_ids[keep], seq[keep], running[keep]
-            token, select = token[keep], select[keep]
-            state.keep_samples(keep)
+        if (step + 1) % sync_every == 0:
+            still_open = ~closed
+            n_open = int(still_open.sum())  # the host sync
+            if n_open == 0:
+                break
+            if n_open < Bo:  # drop the closed samples from the batch
+                keep = still_open.nonzero()[:, 0]  # [Bo']
+                open_ids, seq, running, closed = open_ids[keep], seq[keep], running[keep], closed[keep]
+                token, select = token[keep], select[keep]
+                state.keep_samples(keep)
         logits = state.advance(token.reshape(-1), select.reshape(-1))  # [Bo'*K, V]
-    # Sort every sample's hypotheses; flattened (step, beam) order = the official recording order.
-    flat_scores = hyp_scores[:, :steps_run].reshape(B, -1)  # [B, T'*K]
-    flat_valid = hyp_valid[:, :steps_run].reshape(B, -1)
-    key = torch.where(flat_valid, flat_scores, float("-inf"))
-    order = key.sort(dim=1, descending=True, stable=True).indices[:, :num_return]  # [B, R]
-    L = Lp + steps_run
-    ids = hyp_seqs[:, :steps_run].reshape(B, -1, Lp + T)[:, :, :L]
-    ids = ids.gather(1, order[..., None].expand(-1, -1, L))  # [B, R, L]
-    lengths = Lp + 1 + order // K  # the step a hypothesis was recorded at, + 1
-    return GenerationOutput(ids=ids, scores=flat_scores.gather(1, order), lengths=lengths)
-
-
-def _standard(
-    state,
-    logits,
-    seq,
-    running,
-    beam_offset,
-    *,
-    Lp,
-    K,
-    V,
-    max_length,
-    min_length,
-    alpha,
-    eos_id,
-    pad_id,
-    num_return,
-    exact,
-    logit_bias,
-) -> GenerationOutput:
-    """Standard beam search (finished beams retire); see `beam_search`. Closed samples leave the batch
-    as in `_official` (`open_ids`); the kept finished hypotheses `fin_*` are indexed by sample."""
-    B, device = seq.shape[0], seq.device
-    T = max_length
-    Lbuf = Lp + T
-    fin_scores = torch.full((B, K), float("-inf"), device=device)  # best K finished, sorted
-    fin_seqs = torch.full((B, K, Lbuf), pad_id, dtype=torch.long, device=device)
-    fin_lengths = torch.zeros((B, K), dtype=torch.long, device=device)
-    open_ids = torch.arange(B, device=device)  # [Bo] samples still open
-    rank = torch.arange(2 * K, device=device)  # [2K]
-    steps_run = T
-
-    def merge(scores: Tensor, seqs: Tensor, lengths: Tensor) -> None:
-        """Merge new finished candidates [Bo, C] of the open samples into their kept best K."""
-        all_scores = torch.cat([fin_scores[open_ids], scores], dim=1)  # [Bo, K + C]
-        order = all_scores.sort(dim=1, descending=True, stable=True).indices[:, :K]  # [Bo, K]
-        fin_scores[open_ids] = all_scores.gather(1, order)
-        all_seqs = torch.cat([fin_seqs[open_ids], seqs], dim=1)  # copy: [Bo, K + C, Lbuf]
-        fin_seqs[open_ids] = all_seqs.gather(1, order[..., None].expand(-1, -1, Lbuf))
-        fin_lengths[open_ids] = torch.cat([fin_lengths[open_ids], lengths], dim=1).gather(1, order)
-
-    for step in range(T):
-        Bo = open_ids.shape[0]
-        log_probs = _log_probs(logits, logit_bias).view(Bo, K, V)
-        if step < min_length and eos_id is not None:
-            log_probs[..., eos_id] = NEG_EOS
-        lp = gnmt_length_penalty(step, alpha)
-        totals = log_probs + running[..., None]  # [Bo, K, V] cumulative log-probs
-        top_totals, top_ids = totals.view(Bo, K * V).topk(2 * K, dim=-1)  # [Bo, 2K], sorted
-        beam = top_ids // V
-        token = top_ids % V
-        cand = seq.gather(1, beam[..., None].expand(-1, -1, Lbuf))  # [Bo, 2K, Lbuf]
-        cand[:, :, Lp + step] = token
-        is_eos = token == eos_id if eos_id is not None else torch.zeros_like(token, dtype=torch.bool)
-        finished = is_eos & (rank < K) & (top_totals > NEG_EOS / 2)  # [Bo, 2K]
-        step_len = torch.full_like(token, Lp + step + 1)
-        merge(torch.where(finished, top_totals / lp, float("-inf")), cand, step_len)
-        # The K best non-[SEP] candidates continue (stable sort: non-[SEP] first, in score order).
-        keep_cand = is_eos.to(torch.int8).sort(dim=1, stable=True).indices[:, :K]  # [Bo, K]
-        running = top_totals.gather(1, keep_cand)
-        seq = cand.gather(1, keep_cand[..., None].expand(-1, -1, Lbuf))
-        token = token.gather(1, keep_cand)
-        beam = beam.gather(1, keep_cand)
-        steps_run = step + 1
-        if step + 1 == T:  # beams still running hit max_length
-            merge(running / lp, seq, step_len[:, :K])
-            break
-        bound_lp = gnmt_length_penalty(T - 1, alpha) if exact else lp
-        best_running = running[:, 0] / bound_lp  # [Bo] (running is sorted)
-        worst_kept = fin_scores[open_ids, -1]
-        still_open = ~((worst_kept > float("-inf")) & (best_running <= worst_kept))
-        n_open = int(still_open.sum())  # the one host sync per step
-        if n_open == 0:
-            break
-        select = beam + beam_offset[:Bo]  # [Bo, K]
-        if n_open < Bo:  # drop the closed samples from the batch
-            keep = still_open.nonzero()[:, 0]
-            open_ids, seq, running = open_ids[keep], seq[keep], running[keep]
-            token, select = token[keep], select[keep]
-            state.keep_samples(keep)
-        logits = state.advance(token.reshape(-1), select.reshape(-1))
-    L = Lp + steps_run
-    return GenerationOutput(
-        ids=fin_seqs[:, :num_return, :L],
-        scores=fin_scores[:, :num_return],
-        lengths=fin_lengths[:, :num_return],
-    )
+    # Official: sort every sample's recorded hypotheses (slot order = the official recording order);
+    # standard: already sorted.
+    order = fin_scores.sort(dim=1, descending=True, stable=True).indices[:, :num_return]  # [B, R]
+    L = Lp + int(steps.max())
+    ids = fin_seqs.gather(1, order[..., None].expand(-1, -1, Lbuf))[:, :, :L]  # [B, R, L]
+    return GenerationOutput(ids=ids, scores=fin_scores.gather(1, order), lengths=fin_lengths.gather(1, order))

@@ -7,14 +7,17 @@ writes in place (slice assignment); nothing is concatenated.
 
 `reorder(index)` selects rows (a beam-search step, expanding one prompt per sample to its beams, or dropping
 finished samples): with the same row count it gathers into a second buffer of the same shape and swaps the
-two (`index_select(..., out=)`: one contiguous gather, no allocation after the first reorder); a new row
-count allocates new buffers.
+two (no allocation after the first reorder); a new row count allocates new buffers. The gather is the
+native `reorder_caches` op when built (kernels/: K and V of every layer in one call, only the `length` valid
+positions), else `index_select(..., out=)` (its Python twin: one contiguous gather of all positions).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from mplug_fast.ops.native import native_op
 
 
 class KVCache:
@@ -87,17 +90,27 @@ class KVCache:
         """Row i becomes old row index[i]; index: long [N'] (N' may differ from N, e.g. prompt -> beams)."""
         if self.k is None:
             return
+        op = native_op("reorder_caches", self.k.device.type)
         if index.shape[0] != self.k.shape[1]:
             self._spare = None
-            self.k = self.k.index_select(1, index)  # copy: [layers, N', H, Lmax, Dh]
-            self.v = self.v.index_select(1, index)
+            if op is None:
+                self.k = self.k.index_select(1, index)  # copy: [layers, N', H, Lmax, Dh]
+                self.v = self.v.index_select(1, index)
+            else:  # positions >= length stay unwritten: never read before `update` writes them
+                shape = (self.num_layers, index.shape[0], *self.k.shape[2:])
+                k, v = self.k.new_empty(shape), self.v.new_empty(shape)
+                op([self.k, self.v], [k, v], index, self.length)
+                self.k, self.v = k, v
             self.mask = self.mask.index_select(0, index)  # [N', Lmax]
             return
         if self._spare is None:
             self._spare = (torch.empty_like(self.k), torch.empty_like(self.v), torch.empty_like(self.mask))
         k, v, mask = self._spare
-        torch.index_select(self.k, 1, index, out=k)  # [layers, N, H, Lmax, Dh]
-        torch.index_select(self.v, 1, index, out=v)
+        if op is None:
+            torch.index_select(self.k, 1, index, out=k)  # [layers, N, H, Lmax, Dh]
+            torch.index_select(self.v, 1, index, out=v)
+        else:
+            op([self.k, self.v], [k, v], index, self.length)
         torch.index_select(self.mask, 0, index, out=mask)  # [N, Lmax]
         self._spare = (self.k, self.v, self.mask)
         self.k, self.v, self.mask = k, v, mask

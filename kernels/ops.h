@@ -1,0 +1,49 @@
+// Declarations of the mplug_fast native ops (schemas in registration.cpp; Python twins in
+// mplug_fast/generation/beam_step.py and mplug_fast/modeling/kv_cache.py).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+namespace mplug_fast {
+
+// The [SEP] log-prob before min_length (official beam search).
+constexpr float kNegEos = -1e20f;
+
+// GNMT length penalty at 0-based `step`: ((5 + step + 1) / 6) ** alpha, rounded to fp32 as the
+// Python path's tensor / float division does.
+inline float gnmt_length_penalty(int64_t step, double alpha) {
+  return static_cast<float>(std::pow((5.0 + static_cast<double>(step + 1)) / 6.0, alpha));
+}
+
+// One beam-search step for the open samples; see BeamStepArgs in registration.cpp for the schema.
+// Returns (beam, token), each long [Bo, K]: the origin beam and the token of every new beam
+// (closed samples: beam k -> k, token 0).
+std::tuple<at::Tensor, at::Tensor> beam_step_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& bias, at::Tensor& running, at::Tensor& seq,
+    at::Tensor& closed, const at::Tensor& open_ids, at::Tensor& fin_scores, at::Tensor& fin_seqs,
+    at::Tensor& fin_lengths, at::Tensor& steps, int64_t step, int64_t prompt_len, int64_t max_length,
+    int64_t min_length, int64_t eos_id, double alpha, bool official, bool exact);
+
+std::tuple<at::Tensor, at::Tensor> beam_step_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& bias, at::Tensor& running, at::Tensor& seq,
+    at::Tensor& closed, const at::Tensor& open_ids, at::Tensor& fin_scores, at::Tensor& fin_seqs,
+    at::Tensor& fin_lengths, at::Tensor& steps, int64_t step, int64_t prompt_len, int64_t max_length,
+    int64_t min_length, int64_t eos_id, double alpha, bool official, bool exact);
+
+// dst[i][:, n, :, :length] = src[i][:, index[n], :, :length] for every cache tensor i ([P, N, X, Lmax, Dh]).
+void reorder_caches_cpu(at::TensorList src, at::TensorList dst, const at::Tensor& index, int64_t length);
+void reorder_caches_cuda(at::TensorList src, at::TensorList dst, const at::Tensor& index, int64_t length);
+
+// Shape and dtype checks shared by the CPU and CUDA implementations.
+void check_beam_step(const at::Tensor& logits, const std::optional<at::Tensor>& bias, const at::Tensor& running,
+                     const at::Tensor& seq, const at::Tensor& closed, const at::Tensor& open_ids,
+                     const at::Tensor& fin_scores, const at::Tensor& fin_seqs, const at::Tensor& fin_lengths,
+                     const at::Tensor& steps, int64_t step, int64_t prompt_len, int64_t max_length,
+                     bool official);
+void check_reorder_caches(at::TensorList src, at::TensorList dst, const at::Tensor& index, int64_t length);
+
+}  // namespace mplug_fast
