@@ -263,7 +263,7 @@ class NLVRDataset(_SceneDataset):
         """(left scene, right scene, statement) of item i, without rendering the images."""
         k = self._check(i)
         left = self._scene(k)
-        rng = self.world.rng(left.index, "nlvr")
+        rng = self.world.rng(left.index, "statement")
         truth = bool(k % 2)
         kind = rng.choice(self.types)
         n = self.num_scenes

@@ -157,6 +157,11 @@ def _separated(a: SceneObject, b: SceneObject, axis: int) -> bool:
     return a.box[axis + 2] <= b.box[axis]
 
 
+def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
+    """True if boxes a and b (xyxy) are at least ``gap`` pixels apart along x or along y."""
+    return a[0] >= b[2] + gap or b[0] >= a[2] + gap or a[1] >= b[3] + gap or b[1] >= a[3] + gap
+
+
 def _relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool:
     axis, a_first = RELATIONS[relation]
     return _separated(a, b, axis) if a_first else _separated(b, a, axis)
@@ -277,13 +282,7 @@ class SyntheticWorld:
             for _ in range(100):
                 x0, y0 = rng.randint(gap, R - side - gap), rng.randint(gap, R - side - gap)
                 box = (x0, y0, x0 + side, y0 + side)
-                if all(
-                    box[0] >= o.box[2] + gap
-                    or o.box[0] >= box[2] + gap
-                    or box[1] >= o.box[3] + gap
-                    or o.box[1] >= box[3] + gap
-                    for o in objects
-                ):
+                if all(_apart(box, o.box, gap) for o in objects):
                     objects.append(SceneObject(shape=shape, color=color, size=size, box=box))
                     break
         if not objects:  # cannot happen for R >= 16 (one object always fits), kept as an invariant
