@@ -86,6 +86,8 @@ def _open_path(path: Path) -> Image.Image:
             return _pil_to_rgb(im)
     except UnidentifiedImageError as e:
         raise ValueError(f"cannot read image {str(path)!r}: PIL cannot identify it as an image ({e})") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning: as an error
+        raise ValueError(f"cannot read image {str(path)!r}: over PIL's decompression-bomb limit ({e})") from e
     except (OSError, SyntaxError) as e:  # truncated files raise OSError; some broken headers SyntaxError
         raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
 
@@ -151,8 +153,9 @@ def load_image(image: ImageLike) -> Image.Image:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: unreadable/corrupt file (the message names the path and PIL's reason), empty image,
-            wrong shape, float values outside [0, 1].
+        ValueError: unreadable/corrupt file or one over PIL's decompression-bomb limit
+            (``Image.MAX_IMAGE_PIXELS``; the message names the path and PIL's reason), empty image, wrong
+            shape, float values outside [0, 1].
         TypeError: unsupported input type or dtype.
     """
     if isinstance(image, (str, Path)):
