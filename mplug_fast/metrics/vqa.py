@@ -44,42 +44,9 @@ from mplug_fast.io import atomic_write_json
 
 # ---- the official normalisation tables ---------------------------------------------------------------------
 
-PUNCTUATION = (
-    ";",
-    "/",
-    "[",
-    "]",
-    '"',
-    "{",
-    "}",
-    "(",
-    ")",
-    "=",
-    "+",
-    "\\",
-    "_",
-    "-",
-    ">",
-    "<",
-    "@",
-    "`",
-    ",",
-    "?",
-    "!",
-)
-NUMBER_WORDS = {
-    "none": "0",
-    "zero": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
+PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')  # each character, in the official order
+NUMBER_WORDS = {"none": "0"} | {
+    w: str(n) for n, w in enumerate("zero one two three four five six seven eight nine ten".split())
 }
 ARTICLES = frozenset({"a", "an", "the"})
 
