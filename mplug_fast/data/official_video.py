@@ -55,11 +55,8 @@ class _VideoFiles(Dataset):
         if num_frames < 1 or image_size < 1:
             raise ValueError(f"need num_frames >= 1 and image_size >= 1, got {num_frames}, {image_size}")
         self.video_root, self.num_frames, self.image_size = Path(video_root), num_frames, image_size
-        self.video_ext, self.frame_sampling, self.max_bad_fraction = (
-            video_ext,
-            frame_sampling,
-            max_bad_fraction,
-        )
+        self.video_ext, self.frame_sampling = video_ext, frame_sampling
+        self.max_bad_fraction = max_bad_fraction
 
     def source(self, video_id: Any) -> Path | None:
         """The frame folder or video file of ``video_id`` (None when neither exists)."""
@@ -77,8 +74,8 @@ class _VideoFiles(Dataset):
             for name, kind in fields.items():
                 field(row, name, kind)
         id_key = next(iter(fields))
-        present = [r for r in rows if self.source(r[id_key]) is not None]
-        missing = [r[id_key] for r in rows if self.source(r[id_key]) is None]
+        found = [self.source(r[id_key]) is not None for r in rows]
+        missing = [r[id_key] for r, ok in zip(rows, found, strict=True) if not ok]
         if missing:
             message = (
                 f"{len(missing)} of {len(rows)} {what} have no video under {self.video_root} (a folder <id>/ "
@@ -87,7 +84,7 @@ class _VideoFiles(Dataset):
             if len(missing) / len(rows) > self.max_bad_fraction:
                 raise FileNotFoundError(f"{message}: more than max_bad_fraction={self.max_bad_fraction}")
             logger.warning("%s: skipped", message)
-        return present
+        return [r for r, ok in zip(rows, found, strict=True) if ok]
 
     def load(self, video_id: Any) -> Tensor:
         """float32 [T, 3, R, R]: ``num_frames`` uniformly sampled, test-transformed frames."""

@@ -136,12 +136,8 @@ class SyntheticVideoWorld:
             raise ValueError(f"num_frames must be an int >= 2 (motion needs two frames), got {num_frames!r}")
         if max_speed is not None and max_speed < 1:
             raise ValueError(f"max_speed must be >= 1 pixel per frame, got {max_speed}")
-        self.image_size, self.max_objects, self.min_objects, self.seed = (
-            image_size,
-            max_objects,
-            min_objects,
-            seed,
-        )
+        self.image_size, self.seed = image_size, seed
+        self.max_objects, self.min_objects = max_objects, min_objects
         self.num_frames, self.max_speed = num_frames, max_speed
         self.gap = max(1, image_size // 32)
         longest = image_size - max(self.world.sides.values()) - 2 * self.gap + 1  # 1 px per frame still fits

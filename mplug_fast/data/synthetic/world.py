@@ -214,12 +214,8 @@ class SyntheticWorld:
             )
         if not 0.25 <= object_scale <= 2.5:
             raise ValueError(f"object_scale must be in [0.25, 2.5], got {object_scale!r}")
-        self.image_size, self.max_objects, self.min_objects, self.seed = (
-            image_size,
-            max_objects,
-            min_objects,
-            seed,
-        )
+        self.image_size, self.seed = image_size, seed
+        self.max_objects, self.min_objects = max_objects, min_objects
         self.object_scale = float(object_scale)
         self.sides = {
             s: max(MIN_OBJECT_SIDE, min(image_size - 2, round(f * object_scale * image_size)))
