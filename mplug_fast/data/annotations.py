@@ -36,8 +36,6 @@ class AnnotationError(ValueError, KeyError):
 class Record(dict):
     """One annotation record (a dict of its fields) and ``origin``, where it came from."""
 
-    __slots__ = ("origin",)
-
     def __init__(self, fields: Mapping[str, Any], origin: str):
         super().__init__(fields)
         self.origin = origin

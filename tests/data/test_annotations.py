@@ -5,6 +5,7 @@ field), or follow the dataset's skip-bad-image policy."""
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 
 import pytest
@@ -103,6 +104,7 @@ def test_errors_in_joined_files_name_the_file_and_its_own_record(tmp_path):
         "vg_qa.json record 0",
         "vg_qa.json record 1",
     ]
+    assert [r.origin for r in pickle.loads(pickle.dumps(records))] == [r.origin for r in records]  # workers
     with pytest.raises(KeyError, match=r'^vg_qa\.json record 1 lacks field "question"'):  # not "record 4"
         VQAJsonDataset([first, second], tmp_path)
 
