@@ -86,12 +86,14 @@ def field(record: Record, name: str, kind: Kind, default: Any = _REQUIRED) -> An
 def load_annotations(ann: AnnotationSource) -> list[Record]:
     """The records of one or several annotation files, or of an in-memory list (see the module docstring).
 
-    Raises ``FileNotFoundError`` for a missing file and ``AnnotationError`` for a file that is not JSON or
-    JSON lines, holds no records, or holds a record that is not an object.
+    Raises ``FileNotFoundError`` for a missing file and ``AnnotationError`` for an empty list, or a file that
+    is not JSON or JSON lines, holds no records, or holds a record that is not an object.
     """
     if isinstance(ann, (str, Path)):
         return _read_file(Path(ann))
-    if len(ann) > 0 and isinstance(ann[0], Mapping):
+    if len(ann) == 0:
+        raise AnnotationError("no annotations: got an empty list (of files or of records)")
+    if isinstance(ann[0], Mapping):
         return _records(ann, "annotation list")
     return [r for p in ann for r in _read_file(Path(p))]  # type: ignore[arg-type]
 

@@ -116,6 +116,8 @@ def test_an_empty_annotation_file_is_an_error_naming_it(tmp_path, name, text):
         load_annotations(tmp_path / name)
     with pytest.raises(AnnotationError, match=name):
         PretrainJsonDataset(tmp_path / name, tmp_path)
+    with pytest.raises(AnnotationError, match="empty list"):
+        PretrainJsonDataset([], tmp_path)
 
 
 @pytest.fixture
