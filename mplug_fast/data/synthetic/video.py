@@ -233,13 +233,8 @@ class SyntheticVideoWorld:
         qa.extend([yes, no] if rng.random() < 0.5 else [no, yes])
         # direction: which way each of up to two objects moves
         for o in rng.sample(video.objects, min(2, len(video.objects))):
-            qa.append(
-                QA(
-                    f"which direction is the {o.start.color} {o.start.shape} moving?",
-                    o.direction,
-                    "direction",
-                )
-            )
+            question = f"which direction is the {o.start.color} {o.start.shape} moving?"
+            qa.append(QA(question, o.direction, "direction"))
         return qa
 
 

@@ -249,12 +249,8 @@ class SyntheticWorld:
     def vocabulary(self) -> list[str]:
         """Every word any text of this world can contain (each a single bert-base-uncased WordPiece)."""
         words = set(self.answer_list()) | set(PLURALS.values()) | set(SIZES)
-        templates = " ".join(
-            [
-                "a an and the of with picture image there is are what how many color shape object objects",
-                "is to left right above below on at top bottom",
-            ]
-        )
+        templates = "a an and the of with picture image there is are what how many color shape object objects"
+        templates += " is to left right above below on at top bottom"
         return sorted(words | set(templates.split()))
 
     # ---- generation ------------------------------------------------------------------------------------
