@@ -49,6 +49,7 @@ import random
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,8 @@ class ImageDataset(Dataset, abc.ABC):
     def _distinct_paths(self) -> list[Path]:
         return list(dict.fromkeys(p for i in range(len(self)) for p in self._item_paths(i)))
 
-    @property
-    def num_distinct_images(self) -> int:
+    @cached_property
+    def num_distinct_images(self) -> int:  # the paths are fixed once the subclass has set them
         return len(self._distinct_paths())
 
     def _mark_bad(self, path: Path, reason: str) -> None:
