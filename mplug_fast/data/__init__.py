@@ -1,5 +1,6 @@
 """Data: tokenizer, image loading and transforms (fidelity §7), and a synthetic world for smoke runs."""
 
+from mplug_fast.data.annotations import AnnotationError
 from mplug_fast.data.grounding_transform import GroundingTransform
 from mplug_fast.data.official import (
     KarpathyCaptionDataset,
@@ -25,6 +26,7 @@ from mplug_fast.data.transforms import (
 )
 
 __all__ = [
+    "AnnotationError",
     "KarpathyCaptionDataset",
     "PretrainJsonDataset",
     "RefCocoDataset",

@@ -19,27 +19,19 @@ from mplug_fast.data.transforms import (
     ImageLike,
     check_size,
     load_image,
+    make_rng,
     normalize,
     to_tensor,
 )
 
 # the official grounding *eval* normalises with these (fidelity §7: a bug)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 GROUNDING_IMAGE_SIZE = 336  # official: hard-wired image_res of the grounding model and its coordinate bins
 
 
-DIRECTION_WORDS = (
-    "left",
-    "right",
-    "top",
-    "bottom",
-    "middle",
-)  # official RandomSelect: keep these phrases uncropped
+# official RandomSelect: a phrase with one of these words is never cropped
+DIRECTION_WORDS = ("left", "right", "top", "bottom", "middle")
 
 
 def swap_left_right(text: str) -> str:
@@ -90,10 +82,7 @@ class GroundingTransform:
         self.long_sizes = [max(1, round((GROUNDING_IMAGE_SIZE - 16 * i) * f)) for i in range(7)]
         self.short_sizes = [max(1, round(s * f)) for s in (400, 500, 600)]
         self.crop_range = (max(1, round(384 * f)), max(1, round(600 * f)))
-        if seed is None:
-            self.rng: random.Random | Any = random
-        else:
-            self.rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+        self.rng = make_rng(seed)
 
     @staticmethod
     def _resize(

@@ -28,12 +28,15 @@ caption-finetuning targets are only lower-cased (docs/fidelity.md §5.2), like t
 
 Images: ``image_root`` / relative path (absolute paths are used as they are), loaded with
 ``mplug_fast.data.transforms.load_image`` and transformed by ``transform`` (default: the official
-``train_transform`` for training splits, ``test_transform`` otherwise). A missing or unreadable image is
-recorded, warned about once, and its sample is replaced by the next sample (index + 1, + 2, ...) whose image
-loads -- deterministic, so every epoch and every worker make the same substitution. When the recorded bad
-images exceed ``max_bad_fraction`` of the dataset's distinct images, loading raises ``RuntimeError`` naming
-them. ``check_images()`` scans every file up front. (With DataLoader workers each worker keeps its own
-record.)
+``train_transform`` for training splits, ``test_transform`` otherwise). A missing or unreadable image (one
+over PIL's decompression-bomb limit included) is recorded, warned about once, and its sample is replaced by
+the next sample (index + 1, + 2, ...) whose image loads -- deterministic, so every epoch and every worker
+make the same substitution. When the recorded bad images exceed ``max_bad_fraction`` of the dataset's
+distinct images, loading raises ``RuntimeError`` naming them. ``check_images()`` scans every file up
+front. (With DataLoader workers each worker keeps its own record.)
+
+Annotations: read and type-checked with ``mplug_fast.data.annotations``; a bad file or record raises
+``AnnotationError`` naming the file, the record within it and the field.
 
 Deviation from the official code: TransVG casts boxes with ``np.array(bbox, dtype=int)`` (fractional pixel
 boxes are truncated); we keep them as floats (``truncate_boxes=True`` reproduces the cast).
@@ -42,11 +45,11 @@ boxes are truncated); we keep them as floats (``truncate_boxes=True`` reproduces
 from __future__ import annotations
 
 import abc
-import json
 import random
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +57,19 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mplug_fast.data.annotations import (
+    LIST,
+    TEXT,
+    TEXT_OR_TEXTS,
+    AnnotationError,
+    AnnotationSource,
+    PathLike,
+    Record,
+    field,
+    load_annotations,
+)
 from mplug_fast.data.transforms import load_image, test_transform, train_transform
 
-PathLike = str | Path
 Transform = Callable[[Image.Image], Tensor]
 
 DEFAULT_MAX_WORDS = 30  # official max_words (captions) and max_ques_words (questions)
@@ -101,48 +114,14 @@ def vqa_answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
     return list(weights), list(weights.values())
 
 
-# ---- annotation files --------------------------------------------------------------------------------------
-
-
-def load_json_list(ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One annotation list from a JSON file, several files (concatenated, as the official ``ann_file`` lists)
-    or an in-memory list of dicts."""
-    if isinstance(ann, (str, Path)):
-        paths: list[PathLike] = [ann]
-    elif len(ann) > 0 and isinstance(ann[0], Mapping):
-        return [dict(a) for a in ann]  # type: ignore[arg-type]
-    else:
-        paths = list(ann)  # type: ignore[arg-type]
-    out: list[dict[str, Any]] = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"annotation file {str(p)!r} does not exist")
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"annotation file {str(p)!r} is not valid JSON: {e}") from e
-        if isinstance(data, dict) and "images" in data:  # Karpathy's dataset_coco.json
-            data = data["images"]
-        if not isinstance(data, list):
-            raise ValueError(f"annotation file {str(p)!r} must hold a JSON list, got {type(data).__name__}")
-        out.extend(data)
-    return out
-
-
-def require_fields(entry: Mapping[str, Any], keys: Sequence[str], where: str, index: int) -> None:
-    missing = [k for k in keys if k not in entry]
-    if missing:
-        raise KeyError(f"{where}: entry {index} lacks {missing} (has {sorted(entry)})")
-
-
 # ---- robust image loading ----------------------------------------------------------------------------------
 
 
 class ImageDataset(Dataset, abc.ABC):
     """Plumbing shared by the readers: image paths per item, robust loading with substitution.
 
-    Subclasses set ``self._paths`` (one resolved path per item) and implement ``_sample(i, image)``.
+    Subclasses set ``self._paths`` (one resolved path per item; items with several images also override
+    ``_item_paths``) and implement ``_sample(i, *images)``.
     """
 
     _paths: list[Path]
@@ -163,9 +142,16 @@ class ImageDataset(Dataset, abc.ABC):
     def __len__(self) -> int:
         return len(self._paths)
 
-    @property
-    def num_distinct_images(self) -> int:
-        return len(set(self._paths))
+    def _item_paths(self, i: int) -> tuple[Path, ...]:
+        """The images of item ``i``, in the order ``_sample`` takes them."""
+        return (self._paths[i],)
+
+    def _distinct_paths(self) -> list[Path]:
+        return list(dict.fromkeys(p for i in range(len(self)) for p in self._item_paths(i)))
+
+    @cached_property
+    def num_distinct_images(self) -> int:  # the paths are fixed once the subclass has set them
+        return len(self._distinct_paths())
 
     def _mark_bad(self, path: Path, reason: str) -> None:
         key = str(path)
@@ -206,22 +192,25 @@ class ImageDataset(Dataset, abc.ABC):
         n = len(self)
         for k in range(n):
             j = (i + k) % n
-            image = self._try_load(self._paths[j])
-            if image is not None:
+            images = []
+            for path in self._item_paths(j):
+                image = self._try_load(path)
+                if image is None:
+                    break
+                images.append(image)
+            else:
                 self.num_replaced += k > 0
-                return self._sample(j, image)
-        raise RuntimeError(
-            f"{type(self).__name__}: no item has a loadable image ({len(self.bad_images)} bad)"
-        )
+                return self._sample(j, *images)
+        raise RuntimeError(f"{type(self).__name__}: no item has loadable images ({len(self.bad_images)} bad)")
 
     @abc.abstractmethod
-    def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
-        """Item `i` as a sample dict, given its loaded image."""
+    def _sample(self, i: int, *images: Image.Image) -> dict[str, Any]:
+        """Item `i` as a sample dict, given its loaded image(s)."""
 
     def check_images(self, decode: bool = False) -> list[str]:
         """Scans every distinct image (existence; full decoding with ``decode=True``), records and warns
         about bad ones (raising past ``max_bad_fraction``) and returns their paths."""
-        for p in dict.fromkeys(self._paths):
+        for p in self._distinct_paths():
             if decode:
                 self._try_load(p)
             elif not p.is_file():
@@ -233,6 +222,25 @@ def default_transform(transform: Transform | None, train: bool, image_size: int,
     if transform is not None:
         return transform
     return train_transform(image_size, scale=scale) if train else test_transform(image_size)
+
+
+def check_split(split: str) -> str:
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
+    return split
+
+
+def first_seen_ids(paths: Sequence[Path]) -> dict[Path, int]:
+    """Each distinct path's number, 0, 1, ... in first-seen order (the image ids of the samples)."""
+    return {p: k for k, p in enumerate(dict.fromkeys(paths))}
+
+
+def _sentence(record: Record, sentence: Any) -> str:
+    """One of mPLUG's ``sentences``: {"raw": text} or the text itself."""
+    raw = sentence.get("raw") if isinstance(sentence, Mapping) else sentence
+    if not isinstance(raw, str):
+        raise AnnotationError(f'{record.origin}: field "sentences" must hold strings or {{"raw": string}}')
+    return raw
 
 
 # ---- pretraining -------------------------------------------------------------------------------------------
@@ -248,7 +256,7 @@ class PretrainJsonDataset(ImageDataset):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        ann: AnnotationSource,
         image_root: PathLike | None = None,
         image_size: int = 256,
         transform: Transform | None = None,
@@ -257,10 +265,10 @@ class PretrainJsonDataset(ImageDataset):
         seed: int = 0,
     ):
         super().__init__(image_root, max_bad_fraction)
-        self.ann = load_json_list(ann)
-        for i, e in enumerate(self.ann):
-            require_fields(e, ("image", "caption"), "pretraining list", i)
-        self._paths = [self._resolve(e["image"]) for e in self.ann]
+        self.ann = load_annotations(ann)
+        for e in self.ann:
+            field(e, "caption", TEXT_OR_TEXTS)
+        self._paths = [self._resolve(field(e, "image", TEXT)) for e in self.ann]
         self.transform = default_transform(transform, True, image_size, (0.2, 1.0))
         self.max_words, self.seed, self.epoch = max_words, seed, 0
 
@@ -294,7 +302,7 @@ class KarpathyCaptionDataset(ImageDataset):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        ann: AnnotationSource,
         image_root: PathLike | None = None,
         split: str = "train",
         image_size: int = 384,
@@ -305,27 +313,24 @@ class KarpathyCaptionDataset(ImageDataset):
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
         super().__init__(image_root, max_bad_fraction)
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
-        entries = load_json_list(ann)
+        entries = load_annotations(ann)
         if karpathy_splits is not None:
             entries = [e for e in entries if e.get("split") in set(karpathy_splits)]
-        self.split, self.prompt = split, prompt
+        self.split, self.prompt = check_split(split), prompt
         self.images: list[Path] = []
         self.image_ids: list[int] = []
         self.gold: list[list[str]] = []
         for k, e in enumerate(entries):
             if "sentences" in e:
-                require_fields(e, ("filename",), "caption annotation", k)
-                folder = folder_map.get(e.get("filepath", ""), e.get("filepath", ""))
-                path = self._resolve(str(Path(folder) / e["filename"]))
-                caps = [s["raw"] if isinstance(s, Mapping) else s for s in e["sentences"]]
+                folder = field(e, "filepath", TEXT, "")
+                path = self._resolve(str(Path(folder_map.get(folder, folder)) / field(e, "filename", TEXT)))
+                caps = [_sentence(e, s) for s in field(e, "sentences", LIST)]
+                if not caps:
+                    raise AnnotationError(f'{e.origin}: field "sentences" is empty')
             else:
-                require_fields(e, ("image", "caption"), "caption annotation", k)
-                path = self._resolve(e["image"])
-                caps = [e["caption"]] if isinstance(e["caption"], str) else list(e["caption"])
-            if not caps:
-                raise ValueError(f"caption annotation: entry {k} ({path}) has no sentences")
+                path = self._resolve(field(e, "image", TEXT))
+                caps = field(e, "caption", TEXT_OR_TEXTS)
+                caps = [caps] if isinstance(caps, str) else caps
             image_id = next(
                 (e[key] for key in ("cocoid", "image_id", "id") if isinstance(e.get(key), int)), k
             )
@@ -368,7 +373,7 @@ class VQAJsonDataset(ImageDataset):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        ann: AnnotationSource,
         image_root: PathLike | None = None,
         split: str = "train",
         roots: Mapping[str, PathLike] | None = None,
@@ -380,24 +385,22 @@ class VQAJsonDataset(ImageDataset):
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
         super().__init__(image_root, max_bad_fraction)
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
-        self.ann = load_json_list(ann)
-        self.split, self.max_question_words = split, max_question_words
+        self.ann = load_annotations(ann)
+        self.split, self.max_question_words = check_split(split), max_question_words
         self.add_ocr, self.add_object = add_ocr, add_object
         roots_p = {k: Path(v) for k, v in (roots or {}).items()}
         self._paths = []
-        for i, e in enumerate(self.ann):
-            require_fields(
-                e, ("image", "question") + (("answer",) if split == "train" else ()), "VQA annotation", i
-            )
-            name = e.get("dataset", "vqa")
+        for e in self.ann:
+            field(e, "question", TEXT)
+            if split == "train" or "answer" in e:
+                field(e, "answer", TEXT_OR_TEXTS)
+            field(e, "ocr", LIST, None)
+            field(e, "object_label", TEXT, None)
+            name = field(e, "dataset", TEXT, "vqa")
             if name != "vqa" and name not in roots_p:
-                raise KeyError(
-                    f"VQA annotation: entry {i} is from dataset {name!r}; pass roots={{{name!r}: ...}}"
-                )
-            self._paths.append(self._resolve(e["image"], roots_p.get(name)))
-        ids = {p: k for k, p in enumerate(dict.fromkeys(self._paths))}
+                raise AnnotationError(f"{e.origin} is from dataset {name!r}; pass roots={{{name!r}: ...}}")
+            self._paths.append(self._resolve(field(e, "image", TEXT), roots_p.get(name)))
+        ids = first_seen_ids(self._paths)
         self._image_ids = [ids[p] for p in self._paths]
         self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
 
@@ -424,9 +427,3 @@ class VQAJsonDataset(ImageDataset):
         out["question_id"] = e.get("question_id", i)
         out["image_id"] = self._image_ids[i]
         return out
-
-
-# ---- retrieval ---------------------------------------------------------------------------------------------
-
-
-# ---- grounding ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mplug_fast.data.annotations import AnnotationError
 from mplug_fast.data.grounding_transform import GroundingTransform
 from mplug_fast.data.official import DEFAULT_MAX_BAD_FRACTION, ImageDataset, PathLike
 from mplug_fast.data.synthetic.datasets import box_to_bins
@@ -41,11 +42,14 @@ class RefCocoDataset(ImageDataset):
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
         super().__init__(image_root, max_bad_fraction)
+        where = "grounding split"
         if isinstance(split_file, (str, Path)):
-            p = Path(split_file)
+            p, where = Path(split_file), Path(split_file).name
             if not p.is_file():
                 raise FileNotFoundError(f"grounding split file {str(p)!r} does not exist")
             records = torch.load(p, weights_only=True)
+            if len(records) == 0:
+                raise AnnotationError(f"grounding split file {str(p)!r} is empty: it holds no records")
         else:
             records = list(split_file)
         self.dataset = dataset
@@ -57,17 +61,19 @@ class RefCocoDataset(ImageDataset):
             elif len(r) >= 4:
                 file, _, box, phrase = r[:4]
             else:
-                raise ValueError(
-                    f"grounding record {k} has {len(r)} fields; expected (file, _, bbox, phrase, ...)"
+                raise AnnotationError(
+                    f"{where} record {k} has {len(r)} fields; expected (file, _, bbox, phrase, ...)"
                 )
+            if not (isinstance(file, str) and isinstance(phrase, str)):
+                raise AnnotationError(f"{where} record {k}: the file and the phrase must be strings")
+            if isinstance(box, str) or len(box) != 4 or any(isinstance(b, (str, bytes)) for b in box):
+                raise AnnotationError(f"{where} record {k}: bbox must be 4 numbers, got {box!r}")
             box = [float(b) for b in box]
-            if len(box) != 4:
-                raise ValueError(f"grounding record {k}: bbox must have 4 numbers, got {box}")
             if truncate_boxes:
                 box = [float(int(b)) for b in box]
             if dataset not in XYXY_DATASETS:
                 box = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
-            self.records.append((self._resolve(str(file)), box, str(phrase).lower()))
+            self.records.append((self._resolve(file), box, phrase.lower()))
         self._paths = [r[0] for r in self.records]
         self.transform = transform if transform is not None else GroundingTransform(image_size, train=train)
 

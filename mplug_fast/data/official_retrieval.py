@@ -4,23 +4,28 @@ image handling)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from torch import Tensor
 
+from mplug_fast.data.annotations import (
+    TEXT,
+    TEXT_OR_TEXTS,
+    AnnotationSource,
+    PathLike,
+    field,
+    load_annotations,
+)
 from mplug_fast.data.official import (
     DEFAULT_MAX_BAD_FRACTION,
     DEFAULT_MAX_WORDS,
     ImageDataset,
-    PathLike,
     Transform,
+    check_split,
     default_transform,
-    load_json_list,
     pre_caption,
-    require_fields,
 )
 
 
@@ -36,7 +41,7 @@ class RetrievalJsonDataset(ImageDataset):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        ann: AnnotationSource,
         image_root: PathLike | None = None,
         split: str = "train",
         image_size: int = 384,
@@ -45,18 +50,15 @@ class RetrievalJsonDataset(ImageDataset):
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
         super().__init__(image_root, max_bad_fraction)
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
-        self.split = split
-        entries = load_json_list(ann)
+        self.split = check_split(split)
+        entries = load_annotations(ann)
         self.texts: list[str] = []
         self.txt2img: list[int] = []
         self.img2txt: list[list[int]] = []
         self.image_paths: list[Path] = []
         id_map: dict[Any, int] = {}
-        for k, e in enumerate(entries):
-            require_fields(e, ("image", "caption"), "retrieval annotation", k)
-            path = self._resolve(e["image"])
+        for e in entries:
+            path = self._resolve(field(e, "image", TEXT))
             if split == "train":
                 key = e.get("image_id", str(path))
                 if key not in id_map:
@@ -64,12 +66,13 @@ class RetrievalJsonDataset(ImageDataset):
                     self.image_paths.append(path)
                     self.img2txt.append([])
                 img = id_map[key]
-                caps = [e["caption"]]
+                caps = [field(e, "caption", TEXT)]
             else:
                 img = len(self.image_paths)
                 self.image_paths.append(path)
                 self.img2txt.append([])
-                caps = [e["caption"]] if isinstance(e["caption"], str) else list(e["caption"])
+                caps = field(e, "caption", TEXT_OR_TEXTS)
+                caps = [caps] if isinstance(caps, str) else caps
             for c in caps:
                 self.img2txt[img].append(len(self.texts))
                 self.texts.append(pre_caption(c, max_words))

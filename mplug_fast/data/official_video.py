@@ -15,19 +15,29 @@ video tasks' evaluate functions read both: ``video`` float32 [T, 3, R, R] and th
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mplug_fast.data.annotations import (
+    TEXT,
+    TEXT_OR_INT,
+    TEXT_OR_TEXTS,
+    TEXTS,
+    AnnotationSource,
+    Kind,
+    PathLike,
+    Record,
+    field,
+    load_annotations,
+)
 from mplug_fast.data.official import DEFAULT_MAX_BAD_FRACTION, pre_caption, pre_question
-from mplug_fast.data.official_pairs import load_annotations  # JSON list / JSON lines / several files
 from mplug_fast.data.video import SamplingMode, load_video
 
 logger = logging.getLogger(__name__)
-PathLike = str | Path
 
 
 class _VideoFiles(Dataset):
@@ -45,11 +55,8 @@ class _VideoFiles(Dataset):
         if num_frames < 1 or image_size < 1:
             raise ValueError(f"need num_frames >= 1 and image_size >= 1, got {num_frames}, {image_size}")
         self.video_root, self.num_frames, self.image_size = Path(video_root), num_frames, image_size
-        self.video_ext, self.frame_sampling, self.max_bad_fraction = (
-            video_ext,
-            frame_sampling,
-            max_bad_fraction,
-        )
+        self.video_ext, self.frame_sampling = video_ext, frame_sampling
+        self.max_bad_fraction = max_bad_fraction
 
     def source(self, video_id: Any) -> Path | None:
         """The frame folder or video file of ``video_id`` (None when neither exists)."""
@@ -59,20 +66,25 @@ class _VideoFiles(Dataset):
         file = self.video_root / f"{video_id}{self.video_ext}"
         return file if file.is_file() else None
 
-    def keep_present(self, ids: Sequence[Any], what: str) -> list[bool]:
-        """Which of ``ids`` have a video; warns about the missing, raises past ``max_bad_fraction``."""
-        present = [self.source(v) is not None for v in ids]
-        missing = [v for v, ok in zip(ids, present, strict=True) if not ok]
+    def present_rows(self, ann: AnnotationSource, fields: Mapping[str, Kind], what: str) -> list[Record]:
+        """The records of ``ann`` (checked to have ``fields``, the first the video id) whose video exists;
+        warns about the missing ones, raises past ``max_bad_fraction``."""
+        rows = load_annotations(ann)
+        for row in rows:
+            for name, kind in fields.items():
+                field(row, name, kind)
+        id_key = next(iter(fields))
+        found = [self.source(r[id_key]) is not None for r in rows]
+        missing = [r[id_key] for r, ok in zip(rows, found, strict=True) if not ok]
         if missing:
-            fraction = len(missing) / max(1, len(ids))
             message = (
-                f"{len(missing)} of {len(ids)} {what} have no video under {self.video_root} (a folder <id>/ "
+                f"{len(missing)} of {len(rows)} {what} have no video under {self.video_root} (a folder <id>/ "
                 f"or a file <id>{self.video_ext}), e.g. {missing[:3]}"
             )
-            if fraction > self.max_bad_fraction:
+            if len(missing) / len(rows) > self.max_bad_fraction:
                 raise FileNotFoundError(f"{message}: more than max_bad_fraction={self.max_bad_fraction}")
             logger.warning("%s: skipped", message)
-        return present
+        return [r for r, ok in zip(rows, found, strict=True) if ok]
 
     def load(self, video_id: Any) -> Tensor:
         """float32 [T, 3, R, R]: ``num_frames`` uniformly sampled, test-transformed frames."""
@@ -89,7 +101,7 @@ class VideoQAJsonlDataset(_VideoFiles):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        ann: AnnotationSource,
         video_root: PathLike,
         num_frames: int = 16,
         image_size: int = 384,
@@ -100,12 +112,8 @@ class VideoQAJsonlDataset(_VideoFiles):
         split: str = "test",
     ):
         super().__init__(video_root, num_frames, image_size, video_ext, frame_sampling, max_bad_fraction)
-        rows = load_annotations(ann)
-        for n, row in enumerate(rows):
-            if not {"video_id", "question", "answer"} <= set(row):
-                raise ValueError(f"video QA annotation {n} lacks video_id / question / answer: {row}")
-        present = self.keep_present([r["video_id"] for r in rows], "questions")
-        self.rows = [r for r, ok in zip(rows, present, strict=True) if ok]
+        fields = {"video_id": TEXT_OR_INT, "question": TEXT, "answer": TEXT_OR_INT}
+        self.rows = self.present_rows(ann, fields, "questions")
         self.max_words, self.split = max_words, split
 
     def __len__(self) -> int:
@@ -130,7 +138,7 @@ class VideoRetrievalJsonlDataset(_VideoFiles):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        ann: AnnotationSource,
         video_root: PathLike,
         num_frames: int = 12,
         image_size: int = 224,
@@ -141,19 +149,13 @@ class VideoRetrievalJsonlDataset(_VideoFiles):
         split: str = "test",
     ):
         super().__init__(video_root, num_frames, image_size, video_ext, frame_sampling, max_bad_fraction)
-        rows = load_annotations(ann)
-        for n, row in enumerate(rows):
-            if not {"clip_name", "caption"} <= set(row):
-                raise ValueError(f"video retrieval annotation {n} lacks clip_name / caption: {row}")
-        present = self.keep_present([r["clip_name"] for r in rows], "texts")
+        rows = self.present_rows(ann, {"clip_name": TEXT_OR_INT, "caption": TEXT_OR_TEXTS}, "texts")
         self.clips: list[str] = []
         self.texts: list[str] = []
         self.txt2vid: list[int] = []
         self.vid2txt: list[list[int]] = []
         index: dict[str, int] = {}
-        for row, ok in zip(rows, present, strict=True):
-            if not ok:
-                continue
+        for row in rows:
             captions = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
             k = index.setdefault(row["clip_name"], len(self.clips))
             if k == len(self.clips):
@@ -187,7 +189,7 @@ class VATEXCaptionDataset(_VideoFiles):
 
     def __init__(
         self,
-        ann: PathLike | Sequence[PathLike] | Sequence[Mapping[str, Any]],
+        ann: AnnotationSource,
         video_root: PathLike,
         num_frames: int = 8,
         image_size: int = 448,
@@ -198,12 +200,7 @@ class VATEXCaptionDataset(_VideoFiles):
         split: str = "test",
     ):
         super().__init__(video_root, num_frames, image_size, video_ext, frame_sampling, max_bad_fraction)
-        rows = load_annotations(ann)
-        for n, row in enumerate(rows):
-            if not {"videoID", "enCap"} <= set(row) or not row["enCap"]:
-                raise ValueError(f"VATEX annotation {n} lacks videoID / a non-empty enCap: {row}")
-        present = self.keep_present([r["videoID"] for r in rows], "videos")
-        self.rows = [r for r, ok in zip(rows, present, strict=True) if ok]
+        self.rows = self.present_rows(ann, {"videoID": TEXT_OR_INT, "enCap": TEXTS}, "videos")
         self.max_words, self.split = max_words, split
 
     def __len__(self) -> int:

@@ -55,19 +55,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RANDAUG_MAX_LEVEL = 10  # official MAX_LEVEL
 RANDAUG_FILL = (128, 128, 128)  # official replace_value
-RANDAUG_OPS = (
-    "Identity",
-    "AutoContrast",
-    "Equalize",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateX",
-    "TranslateY",
-    "Rotate",
-)
-
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -86,7 +73,9 @@ def _open_path(path: Path) -> Image.Image:
             return _pil_to_rgb(im)
     except UnidentifiedImageError as e:
         raise ValueError(f"cannot read image {str(path)!r}: PIL cannot identify it as an image ({e})") from e
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # truncated / bad header / too big
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning: as an error
+        raise ValueError(f"cannot read image {str(path)!r}: over PIL's decompression-bomb limit ({e})") from e
+    except (OSError, SyntaxError) as e:  # truncated files raise OSError; some broken headers SyntaxError
         raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
 
 
@@ -151,8 +140,9 @@ def load_image(image: ImageLike) -> Image.Image:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: unreadable/corrupt file (the message names the path and PIL's reason), empty image,
-            wrong shape, float values outside [0, 1].
+        ValueError: unreadable/corrupt file or one over PIL's decompression-bomb limit
+            (``Image.MAX_IMAGE_PIXELS``; the message names the path and PIL's reason), empty image, wrong
+            shape, float values outside [0, 1].
         TypeError: unsupported input type or dtype.
     """
     if isinstance(image, (str, Path)):
@@ -206,6 +196,14 @@ def check_size(image_size: int) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int (the square side in pixels), got {image_size!r}")
     return image_size
+
+
+def make_rng(seed: int | random.Random | None) -> random.Random | Any:
+    """A random transform's RNG: the global ``random`` module for None (the DataLoader reseeds it in every
+    worker), ``seed`` itself when it is a ``random.Random``, else a private ``random.Random(seed)``."""
+    if seed is None:
+        return random
+    return seed if isinstance(seed, random.Random) else random.Random(seed)
 
 
 # ---- test transform ----------------------------------------------------------------------------------------
@@ -366,6 +364,7 @@ RANDAUG_FUNCS: dict[str, Callable[..., Image.Image]] = {
     "TranslateY": translate_y,
     "Rotate": rotate,
 }
+RANDAUG_OPS: tuple[str, ...] = tuple(RANDAUG_FUNCS)  # the official ten, in the official order
 
 
 def randaug_args(name: str, magnitude: float, rng: random.Random | Any) -> tuple:
@@ -437,12 +436,7 @@ class TrainTransform:
             raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.randaugment = RandomAugment(2, 7) if randaugment else None
-        if seed is None:
-            self.rng: random.Random | Any = random  # global module: reseeded per DataLoader worker
-        elif isinstance(seed, random.Random):
-            self.rng = seed
-        else:
-            self.rng = random.Random(seed)
+        self.rng = make_rng(seed)
 
     def augment(self, image: ImageLike, rng: random.Random | Any | None = None) -> Image.Image:
         """The random PIL part (crop, flip, RandomAugment): any image -> RGB PIL image R x R."""

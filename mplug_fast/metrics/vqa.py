@@ -34,52 +34,19 @@ Quirks of the official code, all reproduced with ``official=True`` (the default)
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mplug_fast.io import atomic_write_json
+
 # ---- the official normalisation tables ---------------------------------------------------------------------
 
-PUNCTUATION = (
-    ";",
-    "/",
-    "[",
-    "]",
-    '"',
-    "{",
-    "}",
-    "(",
-    ")",
-    "=",
-    "+",
-    "\\",
-    "_",
-    "-",
-    ">",
-    "<",
-    "@",
-    "`",
-    ",",
-    "?",
-    "!",
-)
-NUMBER_WORDS = {
-    "none": "0",
-    "zero": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
+PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')  # each character, in the official order
+NUMBER_WORDS = {"none": "0"} | {
+    w: str(n) for n, w in enumerate("zero one two three four five six seven eight nine ten".split())
 }
 ARTICLES = frozenset({"a", "an", "the"})
 
@@ -320,14 +287,4 @@ def write_vqa_results(
             raise TypeError(f"answer for question {qid} must be a str, got {type(ans).__name__}")
         seen.add(qid)
         rows.append({"question_id": qid, "answer": ans})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(rows, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, rows, indent=None)

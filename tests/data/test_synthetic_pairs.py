@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from mplug_fast.data import Tokenizer
-from mplug_fast.data.official_pairs import NLVR2JsonDataset, SNLIVEJsonDataset, load_annotations
+from mplug_fast.data.annotations import load_annotations
+from mplug_fast.data.official_pairs import NLVR2JsonDataset, SNLIVEJsonDataset
 from mplug_fast.data.synthetic import SyntheticWorld
 from mplug_fast.data.synthetic.pairs import (
     NEUTRAL_ATTRIBUTES,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mplug_fast.data.official_pairs import load_annotations
+from mplug_fast.data.annotations import load_annotations
 from mplug_fast.data.official_video import (
     VATEXCaptionDataset,
     VideoQAJsonlDataset,

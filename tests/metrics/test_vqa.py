@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 
 import pytest
 
@@ -144,3 +146,14 @@ def test_write_vqa_results(tmp_path):
         write_vqa_results([(1, "a"), (1, "b")], tmp_path / "x.json")
     with pytest.raises(TypeError, match="answer"):
         write_vqa_results([(1, 2)], tmp_path / "x.json")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_write_vqa_results_mode_follows_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = write_vqa_results({1: "yes"}, tmp_path / f"res_{umask:o}.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as open() creates files, not mkstemp's 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ def box_to_bins(box_cxcywh: Sequence[float] | Tensor, num_bins: int = GROUNDING_
 class _SceneDataset(Dataset):
     """Shared plumbing: a world, a scene range and an image transform."""
 
+    media_key, id_key = "image", "image_id"  # the sample keys of the rendered scene and of its index
+
     def __init__(
         self,
         world: SyntheticWorld,
@@ -59,11 +62,18 @@ class _SceneDataset(Dataset):
                 f"need num_scenes >= 1 and start >= 0, got num_scenes={num_scenes}, start={start}"
             )
         self.world, self.num_scenes, self.start = world, num_scenes, start
-        self.transform = test_transform(world.image_size) if transform is None else transform
+        self.transform = self._default_transform() if transform is None else transform
+
+    def _default_transform(self) -> Callable[[Any], Tensor]:
+        return test_transform(self.world.image_size)
 
     def _scene(self, k: int) -> Scene:
         """Scene k of this dataset (0 <= k < num_scenes)."""
         return self.world.scene(self.start + k)
+
+    def _media(self, scene: Scene) -> Tensor:
+        """The transformed picture of a scene: float32 [3, R, R] (videos: [T, 3, R, R])."""
+        return self.transform(scene.image())
 
     def _check(self, i: int) -> int:
         if not -len(self) <= i < len(self):
@@ -111,14 +121,10 @@ class CaptionDataset(_SceneDataset):
         i = self._check(i)
         if self.split == "test":
             scene = self._scene(i)
-            return {
-                "image": self.transform(scene.image()),
-                "captions": scene.captions,
-                "image_id": scene.index,
-            }
+            return {self.media_key: self._media(scene), "captions": scene.captions, self.id_key: scene.index}
         scene = self._scene(i // self.captions_per_scene)
         caption = scene.captions[i % self.captions_per_scene]
-        return {"image": self.transform(scene.image()), "caption": caption, "image_id": scene.index}
+        return {self.media_key: self._media(scene), "caption": caption, self.id_key: scene.index}
 
 
 class VQADataset(_SceneDataset):
@@ -127,6 +133,8 @@ class VQADataset(_SceneDataset):
     Answers are a list with weights (one answer, weight 1.0: the synthetic world is unambiguous), the official
     training format; ``question_id`` = k.
     """
+
+    all_types = QA_TYPES
 
     def __init__(
         self,
@@ -137,9 +145,9 @@ class VQADataset(_SceneDataset):
         transform: Callable[[Image.Image], Tensor] | None = None,
     ):
         super().__init__(world, num_scenes, start, transform)
-        unknown = [t for t in types if t not in QA_TYPES]
+        unknown = [t for t in types if t not in self.all_types]
         if unknown or not types:
-            raise ValueError(f"types must be a non-empty subset of {list(QA_TYPES)}, got {list(types)}")
+            raise ValueError(f"types must be a non-empty subset of {list(self.all_types)}, got {list(types)}")
         self.types = tuple(types)
 
     def question(self, i: int) -> tuple[Scene, QA]:
@@ -158,21 +166,22 @@ class VQADataset(_SceneDataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         scene, qa = self.question(i)
         return {
-            "image": self.transform(scene.image()),
+            self.media_key: self._media(scene),
             "question": qa.question,
             "answers": [qa.answer],
             "weights": [1.0],
             "type": qa.type,
             "question_id": self._check(i),
-            "image_id": scene.index,
+            self.id_key: scene.index,
         }
 
 
 class RetrievalDataset(_SceneDataset):
-    """Image-text retrieval. Items: (image, caption, image_id) pairs, ``captions_per_scene`` per scene.
+    """Image-text retrieval. Items: (image, caption, image_id) pairs, ``captions_per_scene`` per scene (the
+    first ones).
 
     For evaluation: ``texts`` (all captions), ``txt2img[t]`` (its scene k), ``img2txt[k]`` (its text ids) and
-    ``image(k)`` (the transformed image of scene k).
+    ``image(k)`` (the transformed image of scene k); the texts are built on first use.
     """
 
     def __init__(
@@ -187,25 +196,31 @@ class RetrievalDataset(_SceneDataset):
         if not 1 <= captions_per_scene <= 4:
             raise ValueError(f"captions_per_scene must be in 1..4, got {captions_per_scene}")
         self.captions_per_scene = captions_per_scene
-        self.texts: list[str] = []
-        self.txt2img: list[int] = []
-        self.img2txt: list[list[int]] = []
-        for k in range(num_scenes):
-            caps = self._scene(k).captions[:captions_per_scene]
-            self.img2txt.append(list(range(len(self.texts), len(self.texts) + len(caps))))
-            self.texts.extend(caps)
-            self.txt2img.extend([k] * len(caps))
+
+    @cached_property
+    def texts(self) -> list[str]:
+        n = self.captions_per_scene  # every scene has >= 4 captions: exactly n texts per scene
+        return [c for k in range(self.num_scenes) for c in self._scene(k).captions[:n]]
+
+    @property
+    def txt2img(self) -> list[int]:
+        return [t // self.captions_per_scene for t in range(len(self))]
+
+    @property
+    def img2txt(self) -> list[list[int]]:
+        n = self.captions_per_scene
+        return [list(range(k * n, (k + 1) * n)) for k in range(self.num_scenes)]
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return self.num_scenes * self.captions_per_scene
 
     def image(self, k: int) -> Tensor:
-        return self.transform(self._scene(k).image())
+        return self._media(self._scene(k))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = self._check(i)
-        k = self.txt2img[i]
-        return {"image": self.image(k), "caption": self.texts[i], "image_id": k}
+        k = i // self.captions_per_scene
+        return {self.media_key: self.image(k), "caption": self.texts[i], self.id_key: k}
 
 
 class GroundingDataset(_SceneDataset):

@@ -66,19 +66,8 @@ VE_LABELS: tuple[str, ...] = ("contradiction", "neutral", "entailment")  # ids 0
 NLVR_LABELS: tuple[str, ...] = ("False", "True")  # ids 0, 1
 VE_TYPES: tuple[str, ...] = ("color", "object", "count", "spatial")
 NLVR_TYPES: tuple[str, ...] = ("side_color", "both_color", "count")
-NEUTRAL_ATTRIBUTES: tuple[str, ...] = (
-    "heavy",
-    "hot",
-    "cold",
-    "old",
-    "new",
-    "soft",
-    "wet",
-    "wooden",
-    "metal",
-    "broken",
-    "clean",
-    "dirty",
+NEUTRAL_ATTRIBUTES: tuple[str, ...] = tuple(
+    "heavy hot cold old new soft wet wooden metal broken clean dirty".split()
 )
 MAX_SEARCH = 256  # right-scene candidates tried per NLVR item
 
@@ -263,7 +252,7 @@ class NLVRDataset(_SceneDataset):
         """(left scene, right scene, statement) of item i, without rendering the images."""
         k = self._check(i)
         left = self._scene(k)
-        rng = self.world.rng(left.index, "nlvr")
+        rng = self.world.rng(left.index, "statement")
         truth = bool(k % 2)
         kind = rng.choice(self.types)
         n = self.num_scenes

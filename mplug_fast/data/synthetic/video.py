@@ -26,13 +26,11 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
 
 from PIL import Image
 from torch import Tensor
 
-from mplug_fast.data.synthetic.datasets import _SceneDataset
+from mplug_fast.data.synthetic.datasets import CaptionDataset, RetrievalDataset, VQADataset, _SceneDataset
 from mplug_fast.data.synthetic.world import (
     COLORS,
     QA,
@@ -40,6 +38,7 @@ from mplug_fast.data.synthetic.world import (
     Scene,
     SceneObject,
     SyntheticWorld,
+    _apart,
     _count_phrase,
     _join,
 )
@@ -137,12 +136,8 @@ class SyntheticVideoWorld:
             raise ValueError(f"num_frames must be an int >= 2 (motion needs two frames), got {num_frames!r}")
         if max_speed is not None and max_speed < 1:
             raise ValueError(f"max_speed must be >= 1 pixel per frame, got {max_speed}")
-        self.image_size, self.max_objects, self.min_objects, self.seed = (
-            image_size,
-            max_objects,
-            min_objects,
-            seed,
-        )
+        self.image_size, self.seed = image_size, seed
+        self.max_objects, self.min_objects = max_objects, min_objects
         self.num_frames, self.max_speed = num_frames, max_speed
         self.gap = max(1, image_size // 32)
         longest = image_size - max(self.world.sides.values()) - 2 * self.gap + 1  # 1 px per frame still fits
@@ -201,14 +196,7 @@ class SyntheticVideoWorld:
                 obj = MovingObject(
                     SceneObject(shape, color, size, (x0, y0, x0 + side, y0 + side)), direction, speed
                 )
-                box = obj.swept_box(T)
-                if all(
-                    box[0] >= o[2] + gap
-                    or o[0] >= box[2] + gap
-                    or box[1] >= o[3] + gap
-                    or o[1] >= box[3] + gap
-                    for o in (p.swept_box(T) for p in objects)
-                ):
+                if all(_apart(obj.swept_box(T), p.swept_box(T), gap) for p in objects):
                     objects.append(obj)
                     break
         if not objects:  # the first object always fits (speed 1 fits, checked in __init__): an invariant
@@ -218,12 +206,7 @@ class SyntheticVideoWorld:
         video.qa = self._questions(video, self.rng(index, "qa"))
         return video
 
-    def scenes(self, start: int = 0, stop: int | None = None):
-        """Iterates videos start, start + 1, ... (forever when ``stop`` is None)."""
-        i = start
-        while stop is None or i < stop:
-            yield self.scene(i)
-            i += 1
+    scenes = SyntheticWorld.scenes  # videos start, start + 1, ... (forever when ``stop`` is None)
 
     def _captions(self, video: VideoScene, rng: random.Random) -> list[str]:
         objs = video.objects
@@ -250,13 +233,8 @@ class SyntheticVideoWorld:
         qa.extend([yes, no] if rng.random() < 0.5 else [no, yes])
         # direction: which way each of up to two objects moves
         for o in rng.sample(video.objects, min(2, len(video.objects))):
-            qa.append(
-                QA(
-                    f"which direction is the {o.start.color} {o.start.shape} moving?",
-                    o.direction,
-                    "direction",
-                )
-            )
+            question = f"which direction is the {o.start.color} {o.start.shape} moving?"
+            qa.append(QA(question, o.direction, "direction"))
         return qa
 
 
@@ -267,30 +245,26 @@ class _VideoDataset(_SceneDataset):
     """Shared plumbing: a video world, a video range and a frame transform ([T, 3, R, R] per video)."""
 
     world: SyntheticVideoWorld
+    media_key, id_key = "video", "video_id"
 
-    def __init__(
-        self,
-        world: SyntheticVideoWorld,
-        num_scenes: int,
-        start: int = 0,
-        transform: Callable[[Sequence[Image.Image]], Tensor] | None = None,
-    ):
-        super().__init__(world, num_scenes, start)  # type: ignore[arg-type]  (duck-typed world)
-        self.transform = VideoTransform(world.image_size) if transform is None else transform
+    def _default_transform(self) -> Callable[[Sequence[Image.Image]], Tensor]:
+        return VideoTransform(self.world.image_size)
 
-    def _scene(self, k: int) -> VideoScene:  # type: ignore[override]
-        return self.world.scene(self.start + k)
+    def _media(self, video: VideoScene) -> Tensor:  # type: ignore[override]
+        return self.transform(video.frames())
 
     def video(self, k: int) -> Tensor:
         """The transformed frames of video k of this dataset: float32 [T, 3, R, R]."""
-        return self.transform(self._scene(k).frames())
+        return self._media(self._scene(k))
 
 
-class VideoQADataset(_VideoDataset):
+class VideoQADataset(_VideoDataset, VQADataset):
     """Video QA: item k is one question about video ``start + k`` (type drawn first, among ``types``).
 
     Items: video, question, answers (one), weights ([1.0]), type, question_id (= k), video_id.
     """
+
+    all_types = VIDEO_QA_TYPES
 
     def __init__(
         self,
@@ -300,17 +274,13 @@ class VideoQADataset(_VideoDataset):
         types: Sequence[str] = VIDEO_QA_TYPES,
         transform: Callable[[Sequence[Image.Image]], Tensor] | None = None,
     ):
-        super().__init__(world, num_scenes, start, transform)
-        unknown = [t for t in types if t not in VIDEO_QA_TYPES]
-        if unknown or not types:
-            raise ValueError(f"types must be a non-empty subset of {list(VIDEO_QA_TYPES)}, got {list(types)}")
-        self.types = tuple(types)
+        super().__init__(world, num_scenes, start, types, transform)  # type: ignore[arg-type]
 
     def answer_list(self) -> list[str]:
         """The candidate answers for ranking (every answer the world can give)."""
         return self.world.answer_list()
 
-    def question(self, i: int) -> tuple[VideoScene, QA]:
+    def question(self, i: int) -> tuple[VideoScene, QA]:  # type: ignore[override]
         """The video and the QA of item i, without drawing the frames."""
         k = self._check(i)
         video = self._scene(k)
@@ -321,20 +291,8 @@ class VideoQADataset(_VideoDataset):
         kind = rng.choice(available)
         return video, rng.choice([q for q in video.qa if q.type == kind])
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        video, qa = self.question(i)
-        return {
-            "video": self.transform(video.frames()),
-            "question": qa.question,
-            "answers": [qa.answer],
-            "weights": [1.0],
-            "type": qa.type,
-            "question_id": self._check(i),
-            "video_id": video.index,
-        }
 
-
-class VideoCaptionDataset(_VideoDataset):
+class VideoCaptionDataset(_VideoDataset, CaptionDataset):
     """Video captioning. ``split="train"``: one item per (video, caption) (the first ``captions_per_scene``);
     ``"test"``: one item per video with all its captions as gold. Items: video, caption(s), video_id."""
 
@@ -347,79 +305,18 @@ class VideoCaptionDataset(_VideoDataset):
         captions_per_scene: int = 4,
         transform: Callable[[Sequence[Image.Image]], Tensor] | None = None,
     ):
-        super().__init__(world, num_scenes, start, transform)
-        if split not in ("train", "test"):
-            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'test'")
         if not 1 <= captions_per_scene <= 4:
             raise ValueError(f"captions_per_scene must be in 1..4, got {captions_per_scene}")
-        self.split, self.captions_per_scene = split, captions_per_scene
-
-    def __len__(self) -> int:
-        return self.num_scenes * (self.captions_per_scene if self.split == "train" else 1)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        i = self._check(i)
-        if self.split == "test":
-            video = self._scene(i)
-            return {
-                "video": self.transform(video.frames()),
-                "captions": video.captions,
-                "video_id": video.index,
-            }
-        video = self._scene(i // self.captions_per_scene)
-        caption = video.captions[i % self.captions_per_scene]
-        return {"video": self.transform(video.frames()), "caption": caption, "video_id": video.index}
+        super().__init__(world, num_scenes, start, split, captions_per_scene, transform)  # type: ignore[arg-type]
 
 
-class VideoRetrievalDataset(_VideoDataset):
+class VideoRetrievalDataset(_VideoDataset, RetrievalDataset):
     """Video-text retrieval: (video, caption, video_id) pairs, ``captions_per_scene`` per video (the first
     ones: "a video of ..." and the motion caption). Gallery: ``texts``, ``txt2vid[t]``, ``vid2txt[k]`` and
     ``video(k)``, built on first use."""
 
-    def __init__(
-        self,
-        world: SyntheticVideoWorld,
-        num_scenes: int,
-        start: int = 0,
-        captions_per_scene: int = 2,
-        transform: Callable[[Sequence[Image.Image]], Tensor] | None = None,
-    ):
-        super().__init__(world, num_scenes, start, transform)
-        if not 1 <= captions_per_scene <= 4:
-            raise ValueError(f"captions_per_scene must be in 1..4, got {captions_per_scene}")
-        self.captions_per_scene = captions_per_scene
-
-    @cached_property
-    def _gallery(self) -> tuple[list[str], list[int], list[list[int]]]:
-        texts: list[str] = []
-        txt2vid: list[int] = []
-        vid2txt: list[list[int]] = []
-        for k in range(self.num_scenes):
-            caps = self._scene(k).captions[: self.captions_per_scene]
-            vid2txt.append(list(range(len(texts), len(texts) + len(caps))))
-            texts.extend(caps)
-            txt2vid.extend([k] * len(caps))
-        return texts, txt2vid, vid2txt
-
-    @property
-    def texts(self) -> list[str]:
-        return self._gallery[0]
-
-    @property
-    def txt2vid(self) -> list[int]:
-        return self._gallery[1]
-
-    @property
-    def vid2txt(self) -> list[list[int]]:
-        return self._gallery[2]
-
-    def __len__(self) -> int:
-        return self.num_scenes * self.captions_per_scene
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        i = self._check(i)
-        k = i // self.captions_per_scene
-        return {"video": self.video(k), "caption": self.texts[i], "video_id": k}
+    txt2vid = RetrievalDataset.txt2img
+    vid2txt = RetrievalDataset.img2txt
 
 
 __all__ = [

@@ -157,6 +157,11 @@ def _separated(a: SceneObject, b: SceneObject, axis: int) -> bool:
     return a.box[axis + 2] <= b.box[axis]
 
 
+def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
+    """True if boxes a and b (xyxy) are at least ``gap`` pixels apart along x or along y."""
+    return a[0] >= b[2] + gap or b[0] >= a[2] + gap or a[1] >= b[3] + gap or b[1] >= a[3] + gap
+
+
 def _relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool:
     axis, a_first = RELATIONS[relation]
     return _separated(a, b, axis) if a_first else _separated(b, a, axis)
@@ -209,12 +214,8 @@ class SyntheticWorld:
             )
         if not 0.25 <= object_scale <= 2.5:
             raise ValueError(f"object_scale must be in [0.25, 2.5], got {object_scale!r}")
-        self.image_size, self.max_objects, self.min_objects, self.seed = (
-            image_size,
-            max_objects,
-            min_objects,
-            seed,
-        )
+        self.image_size, self.seed = image_size, seed
+        self.max_objects, self.min_objects = max_objects, min_objects
         self.object_scale = float(object_scale)
         self.sides = {
             s: max(MIN_OBJECT_SIDE, min(image_size - 2, round(f * object_scale * image_size)))
@@ -248,12 +249,8 @@ class SyntheticWorld:
     def vocabulary(self) -> list[str]:
         """Every word any text of this world can contain (each a single bert-base-uncased WordPiece)."""
         words = set(self.answer_list()) | set(PLURALS.values()) | set(SIZES)
-        templates = " ".join(
-            [
-                "a an and the of with picture image there is are what how many color shape object objects",
-                "is to left right above below on at top bottom",
-            ]
-        )
+        templates = "a an and the of with picture image there is are what how many color shape object objects"
+        templates += " is to left right above below on at top bottom"
         return sorted(words | set(templates.split()))
 
     # ---- generation ------------------------------------------------------------------------------------
@@ -277,13 +274,7 @@ class SyntheticWorld:
             for _ in range(100):
                 x0, y0 = rng.randint(gap, R - side - gap), rng.randint(gap, R - side - gap)
                 box = (x0, y0, x0 + side, y0 + side)
-                if all(
-                    box[0] >= o.box[2] + gap
-                    or o.box[0] >= box[2] + gap
-                    or box[1] >= o.box[3] + gap
-                    or o.box[1] >= box[3] + gap
-                    for o in objects
-                ):
+                if all(_apart(box, o.box, gap) for o in objects):
                     objects.append(SceneObject(shape=shape, color=color, size=size, box=box))
                     break
         if not objects:  # cannot happen for R >= 16 (one object always fits), kept as an invariant
