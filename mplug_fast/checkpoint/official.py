@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -177,26 +177,9 @@ def infer_official_config(
         width=width, layers=vision_layers, heads=width // 64, patch_size=patch, image_size=image_res
     )
 
-    word = _first(
-        state,
-        (
-            "text_encoder.embeddings.word_embeddings.weight",
-            "text_decoder.bert.embeddings.word_embeddings.weight",
-        ),
-    )
-    positions = _first(
-        state,
-        (
-            "text_encoder.embeddings.position_embeddings.weight",
-            "text_decoder.bert.embeddings.position_embeddings.weight",
-        ),
-    )
-    token_types = _first(
-        state,
-        (
-            "text_encoder.embeddings.token_type_embeddings.weight",
-            "text_decoder.bert.embeddings.token_type_embeddings.weight",
-        ),
+    word, positions, token_types = (  # the text encoder's tables, else the decoder's
+        _first(state, (f"text_encoder.embeddings.{n}.weight", f"text_decoder.bert.embeddings.{n}.weight"))
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
     )
     fc1 = next((v for k, v in state.items() if k.endswith("intermediate.dense.weight")), None)
     hidden = word.shape[1] if word is not None else bert.get("hidden_size", 768)
@@ -316,6 +299,13 @@ def _official_component(key: str) -> str | None:
     return next((name for p, name in prefixes.items() if key.startswith(p)), None)
 
 
+def _tied_heads() -> Iterator[tuple[str, str]]:
+    """(LM-head prefix, the word-embedding weight it is tied to) of the online and momentum models."""
+    for m in ("", "_m"):
+        yield f"text_decoder{m}.cls.predictions.", f"text_decoder{m}.bert.embeddings.word_embeddings.weight"
+        yield f"text_encoder{m}.cls.predictions.", f"text_encoder{m}.embeddings.word_embeddings.weight"
+
+
 def convert_official_state_dict(
     state: Mapping[str, Tensor], model: MPlug, offset: int
 ) -> tuple[dict[str, Tensor], ConversionReport]:
@@ -331,26 +321,17 @@ def convert_official_state_dict(
     pairs = official_key_pairs(model, offset)
     ours, missing, consumed = import_tensors(state, pairs, model.state_dict())
 
-    # Tied LM-head weights: the official state dict stores the word embeddings a second time.
-    for head_prefix, word_key in (
-        ("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings.word_embeddings.weight"),
-        ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings.word_embeddings.weight"),
-    ):
-        for m in ("", "_m"):
-            tied = {
-                head_prefix.format(m=m) + "decoder.weight": word_key.format(m=m),
-                head_prefix.format(m=m) + "decoder.bias": head_prefix.format(m=m) + "bias",
-            }
-            for copy_key, source_key in tied.items():
-                if copy_key in state and source_key in state:
-                    if not torch.equal(state[copy_key], state[source_key]):
-                        logger.warning(
-                            "%s differs from %s: the LM head is tied here, %s is used",
-                            copy_key,
-                            source_key,
-                            source_key,
-                        )
-                    consumed.add(copy_key)
+    for head, word in _tied_heads():  # the official state dict stores the tied LM-head weights twice
+        for copy_key, source_key in ((head + "decoder.weight", word), (head + "decoder.bias", head + "bias")):
+            if copy_key in state and source_key in state:
+                if not torch.equal(state[copy_key], state[source_key]):
+                    logger.warning(
+                        "%s differs from %s: the LM head is tied here, %s is used",
+                        copy_key,
+                        source_key,
+                        source_key,
+                    )
+                consumed.add(copy_key)
 
     report = ConversionReport(missing=missing)
     for key in sorted(set(state) - consumed):
@@ -441,15 +422,10 @@ def to_official_state_dict(
         )
     state = {k: v.detach() for k, v in model.state_dict().items()}
     out = export_tensors(state, official_key_pairs(model, offset))
-    for m in ("", "_m"):
-        for head, word in (
-            ("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings.word_embeddings"),
-            ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings.word_embeddings"),
-        ):
-            head, word = head.format(m=m), word.format(m=m)
-            if head + "bias" in out:
-                out[head + "decoder.weight"] = out[word + ".weight"]
-                out[head + "decoder.bias"] = out[head + "bias"]
+    for head, word in _tied_heads():
+        if head + "bias" in out:
+            out[head + "decoder.weight"] = out[word]
+            out[head + "decoder.bias"] = out[head + "bias"]
     return out
 
 
