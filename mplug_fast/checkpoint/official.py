@@ -71,6 +71,10 @@ _DEFAULT_FUSION_LAYERS = 6
 _ADAPTER_MODULES = {"fc": "visn_fc", "norm": "visn_layer_norm"}
 _QUEUE_KEYS = {"image_queue", "text_queue", "idx_queue", "queue_ptr"}
 _GROUNDING_BUFFERS = {"prefix_ids", "target_ids", "bbox_prob_mask"}
+_MOMENTUM_COPY = re.compile(  # an official momentum copy: a component name with `_m`
+    r"^(visual_encoder|text_encoder|fusion_encoder|text_decoder|visn_fc|visn_layer_norm|vision_proj"
+    r"|text_proj)_m\."
+)
 
 
 # --------------------------------------------------------------------------------------------- key pairs
@@ -243,12 +247,7 @@ def _first(state: Mapping[str, Tensor], keys: tuple[str, ...]) -> Tensor | None:
 # --------------------------------------------------------------------------------------------- conversion
 def _ignored_reason(key: str, model: MPlug, offset: int) -> str | None:
     """Why an unconsumed official key is dropped on purpose; None = unexpected."""
-    base, is_momentum = re.subn(
-        r"^(visual_encoder|text_encoder|fusion_encoder|text_decoder|visn_fc|"
-        r"visn_layer_norm|vision_proj|text_proj)_m\.",
-        r"\1.",
-        key,
-    )
+    base, is_momentum = _MOMENTUM_COPY.subn(r"\1.", key)
     if key in _QUEUE_KEYS:
         return "ITC queue (owned by the objective; see official_queue_state)"
     if key in _GROUNDING_BUFFERS:
@@ -265,11 +264,8 @@ def _ignored_reason(key: str, model: MPlug, offset: int) -> str | None:
         j = int(m.group(1)) - offset
         if j < 0:
             return f"dead fusion slot (only slots {offset}.. run)"
-        if (
-            j < model.config.fusion.layers
-            and model.config.fusion.is_connected(j)
-            and m.group(2) == "crossattention"
-        ):
+        connected = j < model.config.fusion.layers and model.config.fusion.is_connected(j)
+        if connected and m.group(2) == "crossattention":
             return f"cross-attention of connected fusion layer {j} (unused)"
     if base.startswith(("text_encoder.cls.", "fusion_encoder.cls.")) and model.mlm_head is None:
         return "MLM head (pretraining only)"
@@ -341,6 +337,14 @@ def convert_official_state_dict(
     return ours, report
 
 
+def _read_state(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
+    """The state dict in a checkpoint file (read weights-only) or an already loaded checkpoint object."""
+    source = path_or_state_dict
+    if isinstance(source, str | os.PathLike):
+        source = read_checkpoint(Path(source))
+    return unwrap_state_dict(source)
+
+
 def load_official(
     path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     new_model: ModelFactory,
@@ -367,10 +371,7 @@ def load_official(
     Returns:
         the model in eval mode (strict), or `(model, report)` (strict=False).
     """
-    source = path_or_state_dict
-    if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source))
-    state = normalize_official_state_dict(unwrap_state_dict(source))
+    state = normalize_official_state_dict(_read_state(path_or_state_dict))
     config, offset = infer_official_config(state, bert_config=bert_config, image_res=image_res, stride=stride)
     with torch.device("meta"):
         model = new_model(config)
@@ -433,10 +434,7 @@ def official_queue_state(path_or_state_dict: str | os.PathLike | Mapping[str, An
     """The ITC queue buffers of an official checkpoint, official layout: `image_queue`, `text_queue` [E, Q],
     and when present `idx_queue` [1, Q] (retrieval) and `queue_ptr` [1]. For resuming official retrieval or
     pretraining with its queue: ``objective.itc.load_official_queue(official_queue_state(path))``."""
-    source = path_or_state_dict
-    if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source))
-    state = unwrap_state_dict(source)
+    state = _read_state(path_or_state_dict)
     queue = {k: state[k] for k in sorted(_QUEUE_KEYS) if k in state}
     if "image_queue" not in queue or "text_queue" not in queue:
         where = f" in {path_or_state_dict}" if isinstance(path_or_state_dict, str | os.PathLike) else ""
