@@ -96,6 +96,7 @@ def run_evaluation(
     except Exception as e:  # the baseline is informative only: a reader without answers must not fail the run
         baseline = {"value": None, "description": f"not computed ({type(e).__name__}: {e})"}
     value = metrics.get(spec.metric)
+    above = None if baseline["value"] is None or value is None else value > baseline["value"]
     record = {
         "task": task,
         "split": split,
@@ -106,9 +107,7 @@ def run_evaluation(
             "value": value,
             "baseline": baseline["value"],
             "baseline_description": baseline["description"],
-            "above_baseline": None
-            if baseline["value"] is None or value is None
-            else value > baseline["value"],
+            "above_baseline": above,
         },
         "eval_options": {"batch_size": batch_size, "limit": limit, **opts},
         "predictions_file": str(out_dir / spec.predictions_file),
