@@ -154,7 +154,7 @@ def _load(
     if source.kind in ("run", "pretrained"):
         model = from_pretrained(source.path, task=task)
     elif source.kind == "trainer":
-        model = load_for_evaluation(source.path, task)[0]
+        model = load_for_evaluation(source, task)[0]
     else:
         image_res = None if config is None else resolve_config(config).vision.image_size
         model = load_official_checkpoint(source.state, task, image_res=image_res)

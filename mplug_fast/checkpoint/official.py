@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,10 @@ _DEFAULT_FUSION_LAYERS = 6
 _ADAPTER_MODULES = {"fc": "visn_fc", "norm": "visn_layer_norm"}
 _QUEUE_KEYS = {"image_queue", "text_queue", "idx_queue", "queue_ptr"}
 _GROUNDING_BUFFERS = {"prefix_ids", "target_ids", "bbox_prob_mask"}
+_MOMENTUM_COPY = re.compile(  # an official momentum copy: a component name with `_m`
+    r"^(visual_encoder|text_encoder|fusion_encoder|text_decoder|visn_fc|visn_layer_norm|vision_proj"
+    r"|text_proj)_m\."
+)
 
 
 # --------------------------------------------------------------------------------------------- key pairs
@@ -177,26 +181,9 @@ def infer_official_config(
         width=width, layers=vision_layers, heads=width // 64, patch_size=patch, image_size=image_res
     )
 
-    word = _first(
-        state,
-        (
-            "text_encoder.embeddings.word_embeddings.weight",
-            "text_decoder.bert.embeddings.word_embeddings.weight",
-        ),
-    )
-    positions = _first(
-        state,
-        (
-            "text_encoder.embeddings.position_embeddings.weight",
-            "text_decoder.bert.embeddings.position_embeddings.weight",
-        ),
-    )
-    token_types = _first(
-        state,
-        (
-            "text_encoder.embeddings.token_type_embeddings.weight",
-            "text_decoder.bert.embeddings.token_type_embeddings.weight",
-        ),
+    word, positions, token_types = (  # the text encoder's tables, else the decoder's
+        _first(state, (f"text_encoder.embeddings.{n}.weight", f"text_decoder.bert.embeddings.{n}.weight"))
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
     )
     fc1 = next((v for k, v in state.items() if k.endswith("intermediate.dense.weight")), None)
     hidden = word.shape[1] if word is not None else bert.get("hidden_size", 768)
@@ -260,12 +247,7 @@ def _first(state: Mapping[str, Tensor], keys: tuple[str, ...]) -> Tensor | None:
 # --------------------------------------------------------------------------------------------- conversion
 def _ignored_reason(key: str, model: MPlug, offset: int) -> str | None:
     """Why an unconsumed official key is dropped on purpose; None = unexpected."""
-    base, is_momentum = re.subn(
-        r"^(visual_encoder|text_encoder|fusion_encoder|text_decoder|visn_fc|"
-        r"visn_layer_norm|vision_proj|text_proj)_m\.",
-        r"\1.",
-        key,
-    )
+    base, is_momentum = _MOMENTUM_COPY.subn(r"\1.", key)
     if key in _QUEUE_KEYS:
         return "ITC queue (owned by the objective; see official_queue_state)"
     if key in _GROUNDING_BUFFERS:
@@ -282,11 +264,8 @@ def _ignored_reason(key: str, model: MPlug, offset: int) -> str | None:
         j = int(m.group(1)) - offset
         if j < 0:
             return f"dead fusion slot (only slots {offset}.. run)"
-        if (
-            j < model.config.fusion.layers
-            and model.config.fusion.is_connected(j)
-            and m.group(2) == "crossattention"
-        ):
+        connected = j < model.config.fusion.layers and model.config.fusion.is_connected(j)
+        if connected and m.group(2) == "crossattention":
             return f"cross-attention of connected fusion layer {j} (unused)"
     if base.startswith(("text_encoder.cls.", "fusion_encoder.cls.")) and model.mlm_head is None:
         return "MLM head (pretraining only)"
@@ -316,6 +295,13 @@ def _official_component(key: str) -> str | None:
     return next((name for p, name in prefixes.items() if key.startswith(p)), None)
 
 
+def _tied_heads() -> Iterator[tuple[str, str]]:
+    """(LM-head prefix, the word-embedding weight it is tied to) of the online and momentum models."""
+    for m in ("", "_m"):
+        yield f"text_decoder{m}.cls.predictions.", f"text_decoder{m}.bert.embeddings.word_embeddings.weight"
+        yield f"text_encoder{m}.cls.predictions.", f"text_encoder{m}.embeddings.word_embeddings.weight"
+
+
 def convert_official_state_dict(
     state: Mapping[str, Tensor], model: MPlug, offset: int
 ) -> tuple[dict[str, Tensor], ConversionReport]:
@@ -331,26 +317,17 @@ def convert_official_state_dict(
     pairs = official_key_pairs(model, offset)
     ours, missing, consumed = import_tensors(state, pairs, model.state_dict())
 
-    # Tied LM-head weights: the official state dict stores the word embeddings a second time.
-    for head_prefix, word_key in (
-        ("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings.word_embeddings.weight"),
-        ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings.word_embeddings.weight"),
-    ):
-        for m in ("", "_m"):
-            tied = {
-                head_prefix.format(m=m) + "decoder.weight": word_key.format(m=m),
-                head_prefix.format(m=m) + "decoder.bias": head_prefix.format(m=m) + "bias",
-            }
-            for copy_key, source_key in tied.items():
-                if copy_key in state and source_key in state:
-                    if not torch.equal(state[copy_key], state[source_key]):
-                        logger.warning(
-                            "%s differs from %s: the LM head is tied here, %s is used",
-                            copy_key,
-                            source_key,
-                            source_key,
-                        )
-                    consumed.add(copy_key)
+    for head, word in _tied_heads():  # the official state dict stores the tied LM-head weights twice
+        for copy_key, source_key in ((head + "decoder.weight", word), (head + "decoder.bias", head + "bias")):
+            if copy_key in state and source_key in state:
+                if not torch.equal(state[copy_key], state[source_key]):
+                    logger.warning(
+                        "%s differs from %s: the LM head is tied here, %s is used",
+                        copy_key,
+                        source_key,
+                        source_key,
+                    )
+                consumed.add(copy_key)
 
     report = ConversionReport(missing=missing)
     for key in sorted(set(state) - consumed):
@@ -358,6 +335,14 @@ def convert_official_state_dict(
         (report.ignored if reason else report.unexpected).append(key)
 
     return ours, report
+
+
+def _read_state(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
+    """The state dict in a checkpoint file (read weights-only) or an already loaded checkpoint object."""
+    source = path_or_state_dict
+    if isinstance(source, str | os.PathLike):
+        source = read_checkpoint(Path(source))
+    return unwrap_state_dict(source)
 
 
 def load_official(
@@ -386,10 +371,7 @@ def load_official(
     Returns:
         the model in eval mode (strict), or `(model, report)` (strict=False).
     """
-    source = path_or_state_dict
-    if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source))
-    state = normalize_official_state_dict(unwrap_state_dict(source))
+    state = normalize_official_state_dict(_read_state(path_or_state_dict))
     config, offset = infer_official_config(state, bert_config=bert_config, image_res=image_res, stride=stride)
     with torch.device("meta"):
         model = new_model(config)
@@ -441,15 +423,10 @@ def to_official_state_dict(
         )
     state = {k: v.detach() for k, v in model.state_dict().items()}
     out = export_tensors(state, official_key_pairs(model, offset))
-    for m in ("", "_m"):
-        for head, word in (
-            ("text_decoder{m}.cls.predictions.", "text_decoder{m}.bert.embeddings.word_embeddings"),
-            ("text_encoder{m}.cls.predictions.", "text_encoder{m}.embeddings.word_embeddings"),
-        ):
-            head, word = head.format(m=m), word.format(m=m)
-            if head + "bias" in out:
-                out[head + "decoder.weight"] = out[word + ".weight"]
-                out[head + "decoder.bias"] = out[head + "bias"]
+    for head, word in _tied_heads():
+        if head + "bias" in out:
+            out[head + "decoder.weight"] = out[word]
+            out[head + "decoder.bias"] = out[head + "bias"]
     return out
 
 
@@ -457,10 +434,7 @@ def official_queue_state(path_or_state_dict: str | os.PathLike | Mapping[str, An
     """The ITC queue buffers of an official checkpoint, official layout: `image_queue`, `text_queue` [E, Q],
     and when present `idx_queue` [1, Q] (retrieval) and `queue_ptr` [1]. For resuming official retrieval or
     pretraining with its queue: ``objective.itc.load_official_queue(official_queue_state(path))``."""
-    source = path_or_state_dict
-    if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source))
-    state = unwrap_state_dict(source)
+    state = _read_state(path_or_state_dict)
     queue = {k: state[k] for k in sorted(_QUEUE_KEYS) if k in state}
     if "image_queue" not in queue or "text_queue" not in queue:
         where = f" in {path_or_state_dict}" if isinstance(path_or_state_dict, str | os.PathLike) else ""

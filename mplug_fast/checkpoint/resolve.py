@@ -46,12 +46,17 @@ class CheckpointSource:
         return f"{KINDS[self.kind]} {self.path}"
 
 
-def newest_step_file(directory: Path) -> Path | None:
+def step_files(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the trainer checkpoints ``step-<n>.pt`` in `directory`, oldest first (none when it
+    does not exist)."""
+    matches = ((TRAINER_CHECKPOINT.match(p.name), p) for p in Path(directory).glob("step-*.pt"))
+    return sorted((int(m.group(1)), p) for m, p in matches if m)
+
+
+def newest_step_file(directory: str | os.PathLike) -> Path | None:
     """The trainer checkpoint with the highest step in `directory` (None when it has none)."""
-    found = [
-        (int(m.group(1)), p) for p in directory.glob("step-*.pt") if (m := TRAINER_CHECKPOINT.match(p.name))
-    ]
-    return max(found)[1] if found else None
+    found = step_files(directory)
+    return found[-1][1] if found else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> CheckpointSource:

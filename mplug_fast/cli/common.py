@@ -69,16 +69,18 @@ def key_values(items: list[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def add_set_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    """--set KEY=VALUE (repeatable) into ``args.overrides``."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def add_config_flags(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
     """--config / --set (and for runs --output-dir / --max-steps)."""
     parser.add_argument("--config", help="a run config: a YAML path or a shipped config name")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one run-config field, value parsed as YAML (repeatable): --set optim.lr=1e-4",
+    add_set_flag(
+        parser, "override one run-config field, value parsed as YAML (repeatable): --set optim.lr=1e-4"
     )
     if run:
         parser.add_argument("--output-dir", help="shortcut for --set output_dir=...")

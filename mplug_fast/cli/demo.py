@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mplug_fast.cli.common import add_set_flag
 from mplug_fast.demo.runner import run_demo
 from mplug_fast.demo.settings import DemoInterrupted
 from mplug_fast.demo.state import fresh
@@ -67,12 +68,5 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=0,
         help="torch CPU threads (default: torch's choice; 1 is far faster on a machine busy with other jobs)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a run-config field in every stage (repeatable): --set device=cpu",
-    )
+    add_set_flag(p, "override a run-config field in every stage (repeatable): --set device=cpu")
     p.set_defaults(func=_demo)

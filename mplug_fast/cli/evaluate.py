@@ -16,30 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
-from torch import nn
-
-from mplug_fast.checkpoint import CheckpointSource, resolve_checkpoint
 from mplug_fast.cli.common import add_config_flags, add_eval_flags, announce, key_values
 from mplug_fast.data import Tokenizer
 from mplug_fast.pipeline import check_device
 from mplug_fast.tasks import TASKS, get_task
-from mplug_fast.train.build import build_model
-from mplug_fast.train.config import RunConfig, load_config
 from mplug_fast.train.evaluation import load_for_evaluation, run_evaluation
-
-
-def load_evaluated(args: argparse.Namespace) -> tuple[nn.Module, RunConfig, Path, CheckpointSource]:
-    """(model, run config, output folder, what was loaded) for ``--checkpoint``: a run folder, a
-    save_pretrained folder or a trainer checkpoint (its run config; ``--config`` / ``--set`` change the data
-    side), or an official .pth (read at the resolution of ``--config``, output to its output_dir)."""
-    source = resolve_checkpoint(args.checkpoint)
-    if source.kind != "official":
-        model, config, run_dir, _ = load_for_evaluation(source.path, args.task, args.config, args.overrides)
-        return model, config, run_dir, source
-    model_task = get_task(args.task).checkpoint_task.name
-    config = load_config(args.config, [f"model.task={model_task}", *args.overrides])
-    config.model.init_from = str(source.path)
-    return build_model(config), config, Path(config.output_dir), source
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -47,7 +28,9 @@ def evaluate(args: argparse.Namespace) -> int:
     get_task(args.task).check_eval_options(eval_options)
     official_overrides = key_values(args.eval_data, "--eval-data")
     device = check_device(args.device) if args.device else None
-    model, config, run_dir, source = load_evaluated(args)
+    model, config, run_dir, source = load_for_evaluation(
+        args.checkpoint, args.task, args.config, args.overrides
+    )
     announce(args.command, source)
     device = device or check_device(config.device)
     out_dir = Path(args.output_dir) if args.output_dir else run_dir

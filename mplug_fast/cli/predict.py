@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from mplug_fast.cli.common import announce
 from mplug_fast.pipeline import Pipeline, pipeline
@@ -84,10 +85,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _vqa(args: argparse.Namespace) -> int:
-    answer_list = None
-    if args.answer_list:
-        with open(args.answer_list) as f:
-            answer_list = json.load(f)
+    answer_list = json.loads(Path(args.answer_list).read_text()) if args.answer_list else None
     pipe = _pipeline("answer", args, answer_list=answer_list, **_generation_options(args))
     answer = pipe.answer(args.image, args.question)
     _emit(args, {"image": args.image, "question": args.question, "answer": answer}, [answer])

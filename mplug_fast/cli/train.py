@@ -24,13 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mplug_fast.checkpoint import save_pretrained
-from mplug_fast.cli.common import (
-    add_config_flags,
-    add_eval_flags,
-    config_overrides,
-    fail,
-    key_values,
-)
+from mplug_fast.cli.common import add_config_flags, add_eval_flags, config_overrides, key_values
 from mplug_fast.data import Tokenizer
 from mplug_fast.io import atomic_write_json
 from mplug_fast.tasks import TASKS, get_task
@@ -67,14 +61,11 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
 
 def train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = resolve_run_config(args)
-        task = get_task(config.model.task)
-        eval_options = key_values(args.eval_option, "--eval-option")
-        task.check_eval_options(eval_options)
-        official_overrides = key_values(args.eval_data, "--eval-data")
-    except (FileNotFoundError, ValueError) as e:
-        return fail(args.command, e)
+    config = resolve_run_config(args)  # a bad input raises: `run_command` prints it as one line, exit code 2
+    task = get_task(config.model.task)
+    eval_options = key_values(args.eval_option, "--eval-option")
+    task.check_eval_options(eval_options)
+    official_overrides = key_values(args.eval_data, "--eval-data")
     config.overwrite = config.overwrite or args.overwrite
     if args.print_config:
         print(config.to_yaml(), end="")
@@ -106,8 +97,6 @@ def train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"mplug-fast {args.command}: {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (FileNotFoundError, ValueError) as e:
-        return fail(args.command, e)
     finally:
         cleanup_distributed()
     if trainer.env.is_main:

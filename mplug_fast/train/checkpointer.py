@@ -13,7 +13,6 @@ never removes it.
 from __future__ import annotations
 
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mplug_fast.checkpoint.resolve import newest_step_file, step_files
 from mplug_fast.io import atomic_torch_save, torch_load
 
-CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 # what a run writes in its folder: the trainer's files, the CLI's model and summaries (`clear_run_folder`)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "loss_curves.png", "metrics.json", "summary.json")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "model")
@@ -45,24 +44,8 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"step-{step:08d}.pt"
 
 
-def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of the finished checkpoints in ``directory``, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for p in directory.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    found = list_checkpoints(directory)
-    return found[-1][1] if found else None
-
-
+list_checkpoints = step_files  # (step, path) of the finished checkpoints in a folder, oldest first
+latest_checkpoint = newest_step_file  # the newest checkpoint in a folder by step (None when it has none)
 atomic_save = atomic_torch_save  # torch.save(obj, path) atomically, parent folders created (mplug_fast.io)
 
 
@@ -120,16 +103,12 @@ def resolve_resume(resume: str | None, directory: str | Path) -> Path | None:
     when there is none for "auto", an error for "latest"), or a file / directory path."""
     if resume is None:
         return None
-    if resume in ("latest", "auto"):
-        found = latest_checkpoint(directory)
-        if found is None and resume == "latest":
-            raise FileNotFoundError(f"--resume latest: no checkpoint (step-*.pt) in {str(directory)!r}")
-        return found
-    p = Path(resume)
-    if p.is_dir():
+    p = Path(directory if resume in ("latest", "auto") else resume)
+    if resume in ("latest", "auto") or p.is_dir():
         found = latest_checkpoint(p)
-        if found is None:
-            raise FileNotFoundError(f"--resume {resume}: no checkpoint (step-*.pt) in that directory")
+        if found is None and resume != "auto":
+            where = f"in {str(directory)!r}" if resume == "latest" else "in that directory"
+            raise FileNotFoundError(f"--resume {resume}: no checkpoint (step-*.pt) {where}")
         return found
     if not p.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")

@@ -119,19 +119,15 @@ def fsdp_units(module: nn.Module) -> list[nn.Module]:
     return units
 
 
+DATA_PARALLEL = ("DistributedDataParallel", "DataParallel")  # wrappers holding the model as .module
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DDP / torch.compile wrappers."""
     while True:
-        if (
-            hasattr(module, "module")
-            and isinstance(module.module, nn.Module)
-            and type(module).__name__
-            in (
-                "DistributedDataParallel",
-                "DataParallel",
-            )
-        ):
-            module = module.module
+        wrapped = getattr(module, "module", None)
+        if type(module).__name__ in DATA_PARALLEL and isinstance(wrapped, nn.Module):
+            module = wrapped
         elif hasattr(module, "_orig_mod"):
             module = module._orig_mod
         else:

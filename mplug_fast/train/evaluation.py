@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mplug_fast.checkpoint import CheckpointSource, resolve_checkpoint
 from mplug_fast.tasks import from_pretrained, get_task
 from mplug_fast.tasks.evaluation import limit_dataset, write_json
 from mplug_fast.train.build import build_dataset, build_model
-from mplug_fast.train.checkpointer import latest_checkpoint, load_checkpoint
 from mplug_fast.train.config import RunConfig, apply_overrides, from_dict, load_config
 
 DEFAULT_EVAL_BATCH_SIZE = 32
@@ -96,6 +96,7 @@ def run_evaluation(
     except Exception as e:  # the baseline is informative only: a reader without answers must not fail the run
         baseline = {"value": None, "description": f"not computed ({type(e).__name__}: {e})"}
     value = metrics.get(spec.metric)
+    above = None if baseline["value"] is None or value is None else value > baseline["value"]
     record = {
         "task": task,
         "split": split,
@@ -106,9 +107,7 @@ def run_evaluation(
             "value": value,
             "baseline": baseline["value"],
             "baseline_description": baseline["description"],
-            "above_baseline": None
-            if baseline["value"] is None or value is None
-            else value > baseline["value"],
+            "above_baseline": above,
         },
         "eval_options": {"batch_size": batch_size, "limit": limit, **opts},
         "predictions_file": str(out_dir / spec.predictions_file),
@@ -118,43 +117,39 @@ def run_evaluation(
 
 
 def load_for_evaluation(
-    checkpoint: str | Path, task: str, config_path: str | None = None, overrides: list[str] | None = None
-) -> tuple[nn.Module, RunConfig, Path, Path]:
-    """(model, run config, run directory, what was loaded) from a trainer checkpoint file, a run directory
-    (its newest ``checkpoints/step-*.pt``) or a ``save_pretrained`` directory (its run config: ``--config``,
-    else ``../config.yaml`` beside it, else the defaults). A zero-shot video task loads its image task's
-    model."""
+    checkpoint: str | Path | CheckpointSource,
+    task: str,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+) -> tuple[nn.Module, RunConfig, Path, CheckpointSource]:
+    """(model, run config, run directory, what was loaded) from any checkpoint `resolve_checkpoint` tells
+    apart (or its result): a run folder's final model or a ``save_pretrained`` folder (its run config:
+    ``--config``, else ``../config.yaml`` beside it, else the defaults), a trainer checkpoint (its stored run
+    config; ``--config`` / ``--set`` change the data side), or an official .pth (read at the resolution of
+    ``--config``; run directory: its output_dir). A zero-shot video task loads its image task's model."""
     overrides = list(overrides or [])
     model_name = get_task(task).checkpoint_task.name
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "config.json").is_file():
+    source = checkpoint if isinstance(checkpoint, CheckpointSource) else resolve_checkpoint(checkpoint)
+    path, task_override = source.path, f"model.task={model_name}"
+    if source.kind in ("run", "pretrained"):
         model = from_pretrained(path, task=model_name)
         run_config = config_path or (
             path.parent / "config.yaml" if (path.parent / "config.yaml").is_file() else None
         )
-        config = load_config(run_config, [f"model.task={model_name}", *overrides])
-        return model, config, path.parent, path
-    if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(
-                f"{path} holds no checkpoints/step-*.pt, step-*.pt or save_pretrained config.json"
-            )
-        path = found
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
-    state = load_checkpoint(path)
-    if "objective" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a trainer checkpoint (no 'objective' / 'config' entries)")
+        return model, load_config(run_config, [task_override, *overrides]), path.parent, source
+    if source.kind == "official":
+        config = load_config(config_path, [task_override, *overrides])
+        config.model.init_from = str(path)
+        return build_model(config), config, Path(config.output_dir), source
     if config_path:
-        config = load_config(config_path, [f"model.task={model_name}", *overrides])
+        config = load_config(config_path, [task_override, *overrides])
     else:
-        config = from_dict(apply_overrides(state["config"], overrides))
+        config = from_dict(apply_overrides(source.state["config"], overrides))
     if config.model.task != model_name:
         raise ValueError(f"{path} holds a {config.model.task!r} model, not the {model_name!r} model")
     config.model.init_from = None  # the checkpoint has every weight
     model = build_model(config)
-    weights = {k[len("model.") :]: v for k, v in state["objective"].items() if k.startswith("model.")}
+    weights = {k[len("model.") :]: v for k, v in source.state["objective"].items() if k.startswith("model.")}
     model.load_state_dict(weights, strict=True)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return model, config, run_dir, path
+    return model, config, run_dir, source

@@ -28,6 +28,8 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm2d,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
+# build_optimizer's `implementation` -> the torch.optim.AdamW keyword that selects it
+IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for": {"foreach": False}}
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "class_embedding", "positional_embedding", "temp")
 
 
@@ -117,11 +119,7 @@ def build_optimizer(
         implementation = "fused" if fused_supported(devices) and "cpu" not in devices else "foreach"
     if implementation == "fused" and not fused_supported(devices):
         raise ValueError(f"fused AdamW is not supported for parameters on {sorted(devices)} with this torch")
-    kwargs = {
-        "fused": {"fused": True},
-        "foreach": {"foreach": True},
-        "for": {"foreach": False},
-    }.get(implementation)
+    kwargs = IMPLEMENTATIONS.get(implementation)
     if kwargs is None:
         raise ValueError(f"unknown AdamW implementation {implementation!r}; use auto, fused, foreach or for")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)

@@ -65,7 +65,8 @@ class WarmupCosine:
             raise ValueError(f"warmup_start must be in [0, 1], got {warmup_start}")
         self.optimizer = optimizer
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
-        self.min_lr, self.warmup_start, self.warmup_lr = min_lr, warmup_start, warmup_lr
+        # the arguments of lr_at after the group's base lr
+        self.shape = (warmup_steps, max_steps, min_lr, warmup_start, warmup_lr)
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
         self.last_step = 0
@@ -74,18 +75,7 @@ class WarmupCosine:
     def lrs(self, step: int | None = None) -> list[float]:
         """The learning rate of each group at ``step`` (default: the coming update)."""
         step = self.last_step if step is None else step
-        return [
-            lr_at(
-                step,
-                g["base_lr"],
-                self.warmup_steps,
-                self.max_steps,
-                self.min_lr,
-                self.warmup_start,
-                self.warmup_lr,
-            )
-            for g in self.optimizer.param_groups
-        ]
+        return [lr_at(step, g["base_lr"], *self.shape) for g in self.optimizer.param_groups]
 
     def _apply(self) -> None:
         for group, lr in zip(self.optimizer.param_groups, self.lrs()):

@@ -476,10 +476,8 @@ class Trainer:
             self.metrics.flush()
         elapsed = time.perf_counter() - start_time
         steps = self.step - start_step
-        rate, since = (
-            steps / max(elapsed, 1e-9),
-            f"the resume at step {start_step}" if resumed_from else "the start",
-        )
+        rate = steps / max(elapsed, 1e-9)
+        since = f"the resume at step {start_step}" if resumed_from else "the start"
         message = "%s at step %d: %d steps in %.1f s since %s (%.3g steps/s, %.3g samples/s)"
         logger.info(message, status, self.step, steps, elapsed, since, rate, rate * samples_per_step)
         return {
