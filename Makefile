@@ -28,8 +28,9 @@ $(STAMP): requirements/ci.txt setup.py $(NATIVE_SOURCES)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
+# Two pytest workers of one torch thread each (the machine has 2 cores; a test file stays on one worker).
 test: $(STAMP)
-	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m benchmark tests/benchmarks

@@ -152,6 +152,7 @@ setup(
         "dev": [
             "pytest",
             "pytest-benchmark",
+            "pytest-xdist",  # make test: two workers
             "hypothesis",
             "ruff",
             "import-linter",  # the layers contract in pyproject.toml
