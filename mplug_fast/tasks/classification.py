@@ -31,7 +31,7 @@ from mplug_fast.modeling import MPlugForNLVR, MPlugForVE
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task
+from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
 
 CLASSIFIERS = (MPlugForVE, MPlugForNLVR)
@@ -207,11 +207,7 @@ class _ClassificationTask(Task):
     Options = ClassificationOptions
     evaluate = staticmethod(evaluate)
     baseline = staticmethod(baseline)
-
-    def _objective(
-        self, model: nn.Module, tokenizer: Any, options: ClassificationOptions, data: DataSource | None
-    ) -> Objective:
-        return ClassificationObjective(model, **vars(options))
+    objective_class = ClassificationObjective
 
 
 class VisualEntailmentTask(_ClassificationTask):

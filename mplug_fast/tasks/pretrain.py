@@ -23,7 +23,6 @@ from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE
 from mplug_fast.objectives.pretrain import PretrainObjective
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError, call_reader
-from mplug_fast.tasks.sources import synthetic_scenes
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,7 @@ class PretrainTask(Task):
     model_class = MPlugForPretraining
     collator = PretrainCollator
     reader = PretrainJsonDataset
+    synthetic_class = PretrainDataset
     Options = PretrainOptions
 
     def _objective(
@@ -56,10 +56,6 @@ class PretrainTask(Task):
     ) -> Objective:
         values = {**vars(options), "temp_range": tuple(options.temp_range)}
         return PretrainObjective.from_tokenizer(model, tokenizer, **values)
-
-    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
-        s = synthetic_scenes(split, **world)
-        return PretrainDataset(s.world, s.count, s.start)
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
         """The pretraining list has no splits (``split`` is ignored)."""
