@@ -17,7 +17,7 @@ import torch
 
 from mplug_fast.cli.common import EXPECTED_ERRORS, add_config_flags, add_eval_flags, key_values, user_errors
 from mplug_fast.data import Tokenizer
-from mplug_fast.tasks import TASKS, get_task
+from mplug_fast.tasks import TASKS, get_task, task_name
 from mplug_fast.train.evaluation import load_for_evaluation, run_evaluation
 
 
@@ -58,7 +58,9 @@ evaluate = user_errors(_evaluate, (*EXPECTED_ERRORS, RuntimeError))
 
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("evaluate", help="evaluate a trained model on a task's evaluation split")
-    p.add_argument("--task", required=True, choices=[n for n, t in TASKS.items() if t.evaluable])
+    p.add_argument(
+        "--task", required=True, type=task_name, choices=[n for n, t in TASKS.items() if t.evaluable]
+    )
     add_config_flags(p, run=False)
     p.add_argument(
         "--checkpoint", required=True, help="a run directory, a step-*.pt file or a save_pretrained dir"

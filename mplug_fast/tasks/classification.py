@@ -230,9 +230,10 @@ class VisualEntailmentTask(_ClassificationTask):
 class NLVR2Task(_ClassificationTask):
     """NLVR2: is the statement true of the (left, right) image pair?"""
 
-    name = "nlvr"
+    name = "nlvr2"
+    aliases = ("nlvr",)  # the task's name before it took its benchmark's (configs, --task, saved models)
     model_class = MPlugForNLVR
-    predictions_file = "nlvr_result.json"
+    predictions_file = "nlvr2_result.json"
     collator = NLVRCollator
     reader = NLVR2JsonDataset
 

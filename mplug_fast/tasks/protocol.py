@@ -85,7 +85,8 @@ class Task(abc.ABC):
         length_option: the collate keyword the run config's ``data.max_length`` sets.
         text_length: the official training text length in tokens (the pipeline's truncation default).
         pipeline_method: the `mplug_fast.pipeline` method the task's model serves (None: not served), also
-            a name the pipeline accepts for the task; aliases: more such names.
+            a name the pipeline accepts for the task.
+        aliases: other names `get_task`, the CLI's ``--task`` and the pipeline accept for the task.
     """
 
     name: ClassVar[str]
