@@ -256,6 +256,20 @@ def test_quick_scaling_reads_the_stage_configs(tmp_path):
         )
 
 
+def test_quick_report_says_its_numbers_are_not_meaningful(tmp_path):
+    from mplug_fast.demo.report import write_report
+
+    head = {"metric": "accuracy", "value": 40.0, "baseline": 50.0, "above_baseline": False}
+    state = {"steps": 2, "train_s": 1.0, "eval_s": 1.0, "wall_s": 2.0, "headline": head}
+    meta = {"config_dir": "c", "device": "cpu", "threads": 1, "date": "d"}
+    meta.update(stages_wall_s=2.0, invocation_s=2.0)
+    for mode in ("quick", "full"):
+        lines = write_report(tmp_path, {"ve": state}, [], {**meta, "mode": mode}).read_text().splitlines()
+        above = lines[lines.index("| task | metric | value | baseline | above? |") - 2]
+        assert ("meaningful" in above and "below its baseline" in above) == (mode == "quick"), mode
+        assert sum("meaningful" in line for line in lines) == (mode == "quick")
+
+
 def test_config_errors_name_the_problem(tmp_path):
     configs = micro_configs(tmp_path / "configs")
     vqa = yaml.safe_load((configs / "vqa.yaml").read_text())
