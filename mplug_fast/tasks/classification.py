@@ -209,6 +209,17 @@ class _ClassificationTask(Task):
     baseline = staticmethod(baseline)
     objective_class = ClassificationObjective
 
+    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
+        """The synthetic pairs (``data.synthetic.pair_types``: the statement types; ``ve_labels``: the VE
+        classes, for VE only)."""
+        s = synthetic_scenes(split, **world)
+        options: dict[str, Any] = {} if s.pair_types is None else {"types": s.pair_types}
+        if s.ve_labels is not None:
+            if self.synthetic_class is not VEDataset:
+                raise ValueError("data.synthetic.ve_labels applies to the visual entailment task only")
+            options["labels"] = s.ve_labels
+        return self.synthetic_class(s.world, s.count, s.start, **options)
+
 
 class VisualEntailmentTask(_ClassificationTask):
     """SNLI-VE: does the image entail, contradict or leave open the hypothesis?"""
@@ -218,13 +229,7 @@ class VisualEntailmentTask(_ClassificationTask):
     predictions_file = "ve_result.json"
     collator = VECollator
     reader = SNLIVEJsonDataset
-
-    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
-        s = synthetic_scenes(split, **world)
-        options: dict[str, Any] = {} if s.pair_types is None else {"types": s.pair_types}
-        if s.ve_labels is not None:
-            options["labels"] = s.ve_labels
-        return VEDataset(s.world, s.count, s.start, **options)
+    synthetic_class = VEDataset
 
 
 class NLVR2Task(_ClassificationTask):
@@ -236,10 +241,4 @@ class NLVR2Task(_ClassificationTask):
     predictions_file = "nlvr2_result.json"
     collator = NLVRCollator
     reader = NLVR2JsonDataset
-
-    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
-        s = synthetic_scenes(split, **world)
-        if s.ve_labels is not None:
-            raise ValueError("data.synthetic.ve_labels applies to the visual entailment task only")
-        options: dict[str, Any] = {} if s.pair_types is None else {"types": s.pair_types}
-        return NLVRDataset(s.world, s.count, s.start, **options)
+    synthetic_class = NLVRDataset

@@ -145,7 +145,7 @@ class Task(abc.ABC):
         if not self.trainable:
             raise TaskError(self.not_trainable_reason())
         options = self.options() if options is None else options
-        if not isinstance(options, self.Options):
+        if type(options) is not self.Options:
             raise TaskError(f"task {self.name!r} needs {self.Options.__name__} options, got {options!r}")
         if model.task != self.name or not isinstance(model, self.model_class):
             raise TaskError(

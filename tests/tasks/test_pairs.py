@@ -270,7 +270,7 @@ def _finetune_args(task: str, out: Path, steps: int = 2, init_from: Path | None 
 
 
 def test_cli_finetune_then_evaluate_ve_then_nlvr_from_it(tmp_path, capsys, caplog):
-    """The tiny configs' order: VE, then NLVR from the VE run's model (nlvr_tiny_synthetic)."""
+    """The tiny configs' order: VE, then NLVR from the VE run's model (nlvr2_tiny_synthetic)."""
     for task in ("ve", "nlvr2"):
         run = tmp_path / task
         init = tmp_path / "ve" / "model" if task == "nlvr2" else None
