@@ -156,7 +156,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, capsys, def
         "retrieval": "ran",
         "grounding": "ran",
         "ve": "ran",
-        "nlvr": "ran",
+        "nlvr2": "ran",
     }
     vqa = summary(out)["stages"]["vqa"]
     assert vqa["steps"] == 4 and vqa["train_steps_run"] == 4
@@ -210,17 +210,17 @@ def test_interrupted_evaluation_and_config_changes(tmp_path, monkeypatch, capsys
         "retrieval": "skipped (up to date)",
         "grounding": "ran",
         "ve": "skipped (up to date)",
-        "nlvr": "skipped (up to date)",
+        "nlvr2": "skipped (up to date)",
     }
     assert summary(out)["stages"]["vqa"]["train_steps_run"] == 4
     assert summary(out)["tasks"]["vqa"] is not None
 
-    # nlvr starts from the ve stage: a changed ve config retrains both, nothing else
+    # nlvr2 starts from the ve stage: a changed ve config retrains both, nothing else
     ve = yaml.safe_load((configs / "ve.yaml").read_text())
     ve["optim"]["lr"] = 5e-4
     (configs / "ve.yaml").write_text(yaml.safe_dump(ve))
     assert run(out, configs) == 0
-    assert {k for k, v in this_run(out).items() if v == "ran"} == {"ve", "nlvr"}
+    assert {k for k, v in this_run(out).items() if v == "ran"} == {"ve", "nlvr2"}
 
     # a changed pretraining reruns everything (every finetune starts from it); so does --fresh
     pretrain = yaml.safe_load((configs / "pretrain.yaml").read_text())
@@ -254,6 +254,20 @@ def test_quick_scaling_reads_the_stage_configs(tmp_path):
         assert demo.model_signature(full) == demo.model_signature(
             demo.stage_config("pretrain", CONFIGS, tmp_path, quick=False, settings=settings, overrides=[])
         )
+
+
+def test_quick_report_says_its_numbers_are_not_meaningful(tmp_path):
+    from mplug_fast.demo.report import write_report
+
+    head = {"metric": "accuracy", "value": 40.0, "baseline": 50.0, "above_baseline": False}
+    state = {"steps": 2, "train_s": 1.0, "eval_s": 1.0, "wall_s": 2.0, "headline": head}
+    meta = {"config_dir": "c", "device": "cpu", "threads": 1, "date": "d"}
+    meta.update(stages_wall_s=2.0, invocation_s=2.0)
+    for mode in ("quick", "full"):
+        lines = write_report(tmp_path, {"ve": state}, [], {**meta, "mode": mode}).read_text().splitlines()
+        above = lines[lines.index("| task | metric | value | baseline | above? |") - 2]
+        assert ("meaningful" in above and "below its baseline" in above) == (mode == "quick"), mode
+        assert sum("meaningful" in line for line in lines) == (mode == "quick")
 
 
 def test_config_errors_name_the_problem(tmp_path):
@@ -294,4 +308,4 @@ def test_full_demo_every_task_above_its_baseline(tmp_path):
     assert tasks["retrieval"]["value"] > 1.2 * tasks["retrieval"]["baseline"]
     assert tasks["grounding"]["value"] > tasks["grounding"]["baseline"] + 15
     assert tasks["ve"]["value"] > tasks["ve"]["baseline"] + 20
-    assert tasks["nlvr"]["value"] > tasks["nlvr"]["baseline"] + 10
+    assert tasks["nlvr2"]["value"] > tasks["nlvr2"]["baseline"] + 10

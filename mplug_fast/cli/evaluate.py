@@ -19,7 +19,7 @@ from pathlib import Path
 from mplug_fast.cli.common import add_config_flags, add_eval_flags, announce, key_values
 from mplug_fast.data import Tokenizer
 from mplug_fast.pipeline import check_device
-from mplug_fast.tasks import TASKS, get_task
+from mplug_fast.tasks import TASKS, get_task, task_name
 from mplug_fast.train.evaluation import load_for_evaluation, run_evaluation
 
 
@@ -55,7 +55,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("evaluate", help="evaluate a trained model on a task's evaluation split")
-    p.add_argument("--task", required=True, choices=[n for n, t in TASKS.items() if t.evaluable])
+    p.add_argument(
+        "--task", required=True, type=task_name, choices=[n for n, t in TASKS.items() if t.evaluable]
+    )
     add_config_flags(p, run=False)
     p.add_argument(
         "--checkpoint",

@@ -27,7 +27,7 @@ from mplug_fast.checkpoint import save_pretrained
 from mplug_fast.cli.common import add_config_flags, add_eval_flags, config_overrides, key_values
 from mplug_fast.data import Tokenizer
 from mplug_fast.io import atomic_write_json
-from mplug_fast.tasks import TASKS, get_task
+from mplug_fast.tasks import TASKS, get_task, task_name
 from mplug_fast.train.config import ConfigError, RunConfig, load_config, read_config_file
 from mplug_fast.train.distributed import cleanup_distributed
 from mplug_fast.train.evaluation import run_evaluation
@@ -146,7 +146,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "train", help="train a task from a run config (pretraining is a task), then evaluate"
     )
     # every task name is accepted, so an evaluate-only task gets its reason (and what to train instead)
-    p.add_argument("--task", choices=list(TASKS), help="the task to train (default: the config's model.task)")
+    p.add_argument(
+        "--task",
+        type=task_name,
+        choices=list(TASKS),
+        help="the task to train (default: the config's model.task)",
+    )
     add_config_flags(p)
     p.add_argument(
         "--resume",

@@ -5,6 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# the line (and blank line) above a --quick run's metric table
+QUICK_NOTE = (
+    "**Quick run**: too few training steps and held-out scenes for these numbers to be meaningful; "
+    "a task can end below its baseline.",
+    "",
+)
+
 
 def fmt_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -50,6 +57,7 @@ def write_report(
         "",
         "## Metrics on the held-out scenes",
         "",
+        *(QUICK_NOTE if meta["mode"] == "quick" else ()),
         "| task | metric | value | baseline | above? |",
         "|---|---|---|---|---|",
     ]

@@ -49,23 +49,15 @@ from mplug_fast.demo.state import prepare_stage_dir, read_state, stage_done, wri
 from mplug_fast.tasks import from_pretrained, get_task
 from mplug_fast.tasks.evaluation import write_json
 from mplug_fast.train.checkpointer import latest_checkpoint
+from mplug_fast.train.distributed import resolve_device
 from mplug_fast.train.evaluation import run_evaluation
+from mplug_fast.train.metrics_log import MetricsLog
 from mplug_fast.train.trainer import Trainer
-
-
-def _device(name: str) -> Any:
-    """A run config's ``device`` ("auto": CUDA when available) as a torch.device."""
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _losses(stage_dir: Path) -> tuple[float | None, float | None]:
     """First and last logged loss of the stage's metrics.jsonl."""
-    path = stage_dir / "metrics.jsonl"
-    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    losses = [r["loss"] for r in records if "loss" in r]
+    losses = [r["loss"] for r in MetricsLog(stage_dir).read() if "loss" in r]
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
@@ -85,7 +77,7 @@ def run_stage(
     if state["status"] not in ("trained", "finished") or not (stage_dir / "model" / "config.json").is_file():
         resume = latest_checkpoint(stage_dir / "checkpoints")
         if resume is None:  # nothing to continue from (e.g. killed before the first checkpoint): start clean
-            (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+            MetricsLog(stage_dir).path.unlink(missing_ok=True)
             state.update(steps=0, train_s=0.0, train_cpu_s=0.0, train_steps_run=0)
         what = f"resuming at step {state['steps']}" if resume else "training"
         say(f"{what} {config.schedule.max_steps} steps -> {stage_dir}")
@@ -110,7 +102,7 @@ def run_stage(
         write_state(stage_dir, state)
     if get_task(stage).evaluable:
         if model is None:
-            model = from_pretrained(stage_dir / "model", task=stage, device=_device(config.device))
+            model = from_pretrained(stage_dir / "model", task=stage, device=resolve_device(config.device))
         tokenizer = tokenizer or Tokenizer()
         say(f"evaluating on {config.data.synthetic.eval_scenes} held-out scenes")
         t0, c0 = time.perf_counter(), time.process_time()
@@ -211,7 +203,7 @@ def run_demo(
     meta = {
         "mode": "quick" if quick else "full",
         "config_dir": str(config_dir),
-        "device": str(_device(configs[stages[0]].device)),
+        "device": str(resolve_device(configs[stages[0]].device)),
         "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "stages_wall_s": sum(states[s]["wall_s"] for s in stages),

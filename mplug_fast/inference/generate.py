@@ -4,6 +4,7 @@
     vqa_rank(model, images, question_ids, question_mask, answers) answer-list ranking with shared K/V
     caption_generate(model, images, prompt_ids=None)             decoder over the image tokens
                                                                   (beam 5, min 8, max 25; greedy; sampling)
+    answer_from_memory, caption_from_memory                       the same from a decoder memory (videos)
 
 Each function encodes once per image and hands the decoder memory to `mplug_fast.generation`, which
 projects its cross-attention K/V once and shares it across beams / candidates / samples.
@@ -11,7 +12,7 @@ projects its cross-attention K/V once and shares it across beams / candidates / 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -32,10 +33,23 @@ Method = Literal["beam", "greedy", "sample"]
 
 @torch.no_grad()
 def vqa_generate(
+    model: MPlug, images: Tensor, question_ids: Tensor, question_mask: Tensor | None, **options: Any
+) -> GenerationOutput:
+    """Open-ended VQA (official inference): beam search from [CLS] over the fused [image; question].
+
+    Args: images [B, 3, R, R]; question_ids / question_mask [B, Lq] ("[CLS] question [SEP]", 1 = token);
+    options: `answer_from_memory`'s (beam_size 5, max_length 10, min_length 1, num_return, mode).
+    Returns: `GenerationOutput` (ids [B, R, L] start with [CLS]; decode with special tokens skipped).
+    """
+    memory, memory_mask = model.fused_memory(images, question_ids, question_mask)  # [B, Nv + Lq, D]
+    return answer_from_memory(model, memory, memory_mask, **options)
+
+
+@torch.no_grad()
+def answer_from_memory(
     model: MPlug,
-    images: Tensor,
-    question_ids: Tensor,
-    question_mask: Tensor | None,
+    memory: Tensor,
+    memory_mask: Tensor | None,
     *,
     beam_size: int = 5,
     max_length: int = 10,
@@ -43,13 +57,8 @@ def vqa_generate(
     num_return: int = 1,
     mode: Literal["official", "standard"] = "official",
 ) -> GenerationOutput:
-    """Open-ended VQA (official inference): beam search from [CLS] over the fused [image; question].
-
-    Args: images [B, 3, R, R]; question_ids / question_mask [B, Lq] ("[CLS] question [SEP]", 1 = token).
-    Returns: `GenerationOutput` (ids [B, R, L] start with [CLS]; decode with special tokens skipped).
-    """
-    memory, memory_mask = model.fused_memory(images, question_ids, question_mask)  # [B, Nv + Lq, D]
-    start = torch.full((images.shape[0], 1), CLS_ID, dtype=torch.long, device=images.device)
+    """Beam search from [CLS] over a fused question memory [B, M, D] (memory_mask bool [B, M])."""
+    start = torch.full((memory.shape[0], 1), CLS_ID, dtype=torch.long, device=memory.device)
     return beam_search(
         model.decoder,
         memory,
@@ -100,6 +109,23 @@ def caption_generate(
     images: Tensor,
     prompt_ids: Tensor | None = None,
     prompt_mask: Tensor | None = None,
+    **options: Any,
+) -> GenerationOutput:
+    """Captioning: the decoder reads the raw image tokens (official caption model) from [CLS] or a prompt.
+
+    Args: images [B, 3, R, R]; the rest as `caption_from_memory`.
+    Returns: `GenerationOutput` (ids start with the prompt).
+    """
+    memory = model.encode_image(images)  # [B, Nv, D]
+    return caption_from_memory(model, memory, prompt_ids, prompt_mask, **options)
+
+
+@torch.no_grad()
+def caption_from_memory(
+    model: MPlug,
+    memory: Tensor,
+    prompt_ids: Tensor | None = None,
+    prompt_mask: Tensor | None = None,
     *,
     method: Method = "beam",
     beam_size: int = 5,
@@ -112,20 +138,18 @@ def caption_generate(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> GenerationOutput:
-    """Captioning: the decoder reads the raw image tokens (official caption model) from [CLS] or a prompt.
+    """The caption decoder over visual tokens memory [B, N, D] (no mask), from [CLS] or a prompt.
 
     Args:
-        images: [B, 3, R, R].
         prompt_ids / prompt_mask: [B, Lp] "[CLS] prompt" without the final [SEP], left-padded (mask 1 =
             token); None = [CLS].
         method: "beam" (official: beam 5, min 8, max 25), "greedy" or "sample" (top_k / top_p /
             temperature / generator; `num_return` samples per image).
     Returns: `GenerationOutput` (ids start with the prompt).
     """
-    memory = model.encode_image(images)  # [B, Nv, D]
-    B = images.shape[0]
+    B = memory.shape[0]
     if prompt_ids is None:
-        prompt_ids = torch.full((B, 1), CLS_ID, dtype=torch.long, device=images.device)
+        prompt_ids = torch.full((B, 1), CLS_ID, dtype=torch.long, device=memory.device)
         prompt_mask = None
     decoder = model.decoder
     if method == "beam":

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mplug_fast.data.tokenizer import Tokenizer
 from mplug_fast.generation import greedy, token_bias
+from mplug_fast.metrics.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from mplug_fast.modeling import MPlug
 
 GROUNDING_NUM_BINS = 336  # official: image_res of the grounding model, hard-wired in the bins
@@ -65,18 +66,6 @@ class PadGeometry:
         return cls(width=width, height=height, size=size, scale=scale, left=left, top=top)
 
 
-def cxcywh_to_xyxy(box: Tensor) -> Tensor:
-    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1)."""
-    cx, cy, w, h = box.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
-def xyxy_to_cxcywh(box: Tensor) -> Tensor:
-    """[..., 4] (x0, y0, x1, y1) -> [..., 4] (cx, cy, w, h)."""
-    x0, y0, x1, y1 = box.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
 def box_to_tokens(
     box_xyxy: Tensor | list[float],
     geometry: PadGeometry,
@@ -89,7 +78,7 @@ def box_to_tokens(
     b = torch.as_tensor(box_xyxy, dtype=torch.float64)
     g = geometry
     padded = b * g.scale + torch.tensor([g.left, g.top, g.left, g.top], dtype=torch.float64)
-    bins = torch.floor((xyxy_to_cxcywh(padded) / g.size).clamp(0, 1) * num_bins).long()  # [4]
+    bins = torch.floor((box_xyxy_to_cxcywh(padded) / g.size).clamp(0, 1) * num_bins).long()  # [4]
     return torch.cat([torch.tensor([prefix_id]), coord_ids[bins]])
 
 
@@ -100,7 +89,7 @@ def tokens_to_box(
     of the original image: bin / num_bins, cxcywh -> xyxy, clamp to [0, 1], undo padding and resize,
     clamp to the image."""
     bins = (tokens.to(torch.float64) - first_coord_id).clamp(0, num_bins)
-    xyxy = cxcywh_to_xyxy(bins / num_bins).clamp(0, 1) * geometry.size  # padded pixels
+    xyxy = box_cxcywh_to_xyxy(bins / num_bins).clamp(0, 1) * geometry.size  # padded pixels
     g = geometry
     offset = torch.tensor([g.left, g.top, g.left, g.top], dtype=torch.float64)
     box = (xyxy - offset) / g.scale

@@ -87,16 +87,35 @@ def retrieval_scores(
     v = torch.cat([model.encode_image(images[s]) for s in _chunks(Ni, batch_size)])  # [Ni, Nv, D]
     t = model.encode_text(text_ids, text_mask)  # [Nt, L, D]
     itc = (model.image_features(v) @ model.text_features(t).t()).float()  # [Ni, Nt]
+    return rerank(model, itc, v, t, text_mask, k=k, batch_size=batch_size)
+
+
+def rerank(
+    model: MPlug,
+    itc: Tensor,
+    image_states: Tensor,
+    text_states: Tensor,
+    text_mask: Tensor | None,
+    *,
+    k: int,
+    batch_size: int,
+    add_itc: bool = False,
+) -> RetrievalScores:
+    """ITM on each query's top-k by ITC similarity itc [Ni, Nt] (image_states [Ni, N, D]: an image's tokens
+    or a video's frame tokens; text_states [Nt, L, D]); score = the ITM class-1 logit (+ the ITC similarity
+    when ``add_itc``), -100 outside the top-k."""
+    Ni, Nt = itc.shape
     top_t = itc.topk(min(k, Nt), dim=1).indices  # [Ni, kt] texts of each image
     top_i = itc.t().topk(min(k, Ni), dim=1).indices  # [Nt, ki] images of each text
     dev = itc.device
     keys_i2t = (torch.arange(Ni, device=dev)[:, None] * Nt + top_t).reshape(-1)  # pair key i * Nt + j
     keys_t2i = (top_i * Nt + torch.arange(Nt, device=dev)[:, None]).reshape(-1)
     keys = torch.unique(torch.cat([keys_i2t, keys_t2i]))  # sorted, each pair once
-    scores = itm_scores(model, v, t, text_mask, keys // Nt, keys % Nt, batch_size)  # [P]
+    scores = itm_scores(model, image_states, text_states, text_mask, keys // Nt, keys % Nt, batch_size)  # [P]
+    if add_itc:
+        scores = scores + itc.reshape(-1)[keys]
     i2t = torch.full((Ni, Nt), UNSCORED, device=dev)
     t2i = torch.full((Nt, Ni), UNSCORED, device=dev)
     i2t.view(-1)[keys_i2t] = scores[torch.searchsorted(keys, keys_i2t)]
-    t2i_vals = scores[torch.searchsorted(keys, keys_t2i)].view(Nt, -1)
-    t2i.scatter_(1, top_i, t2i_vals)
+    t2i.scatter_(1, top_i, scores[torch.searchsorted(keys, keys_t2i)].view(Nt, -1))
     return RetrievalScores(i2t=i2t, t2i=t2i, itc=itc)

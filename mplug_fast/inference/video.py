@@ -19,17 +19,16 @@ frames x 901 tokens = 14,416 keys).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mplug_fast.generation import CLS_ID, GenerationOutput, RankedAnswers, beam_search, greedy, rank_answers
-from mplug_fast.inference.retrieval import RetrievalScores, itm_scores
+from mplug_fast.generation import GenerationOutput, RankedAnswers, rank_answers
+from mplug_fast.inference.generate import answer_from_memory, caption_from_memory
+from mplug_fast.inference.retrieval import RetrievalScores, rerank
 from mplug_fast.modeling import MPlug
-
-UNSCORED = -100.0  # official fill value outside the top-k
 
 
 def _check_videos(videos: Tensor) -> tuple[int, int]:
@@ -110,27 +109,15 @@ def video_qa_generate(
     question_ids: Tensor,
     question_mask: Tensor | None,
     *,
-    beam_size: int = 5,
-    max_length: int = 10,
-    min_length: int = 1,
-    mode: Literal["official", "standard"] = "official",
     frame_batch_size: int | None = None,
+    **options: Any,
 ) -> GenerationOutput:
-    """Open-ended video QA: beam search from [CLS] over the fused [frames; question] (``vqa_generate``)."""
+    """Open-ended video QA: beam search from [CLS] over the fused [frames; question] (``vqa_generate``;
+    options: `answer_from_memory`'s)."""
     memory, memory_mask = video_fused_memory(
         model, videos, question_ids, question_mask, frame_batch_size=frame_batch_size
     )
-    start = torch.full((videos.shape[0], 1), CLS_ID, dtype=torch.long, device=videos.device)
-    return beam_search(
-        model.decoder,
-        memory,
-        memory_mask,
-        start,
-        beam_size=beam_size,
-        max_length=max_length,
-        min_length=min_length,
-        mode=mode,
-    )
+    return answer_from_memory(model, memory, memory_mask, **options)
 
 
 @torch.no_grad()
@@ -140,37 +127,15 @@ def video_caption_generate(
     prompt_ids: Tensor | None = None,
     prompt_mask: Tensor | None = None,
     *,
-    method: Literal["beam", "greedy"] = "beam",
-    beam_size: int = 5,
-    max_length: int = 25,
-    min_length: int = 8,
-    mode: Literal["official", "standard"] = "official",
     frame_batch_size: int | None = None,
+    **options: Any,
 ) -> GenerationOutput:
     """Video captioning (official ``videocap_mplug.py``): the caption decoder reads the raw concatenated frame
     tokens [B, T*Nv, D], from [CLS] or a left-padded prompt [B, Lp] (official VATEX: "a picture of", beam 10,
-    min 15, max 25). Returns `GenerationOutput` (ids start with the prompt)."""
+    min 15, max 25; options: `caption_from_memory`'s). Returns `GenerationOutput` (ids start with the
+    prompt)."""
     memory = video_tokens(encode_video(model, videos, frame_batch_size))  # [B, T*Nv, D]
-    if prompt_ids is None:
-        prompt_ids = torch.full((videos.shape[0], 1), CLS_ID, dtype=torch.long, device=videos.device)
-        prompt_mask = None
-    if method == "beam":
-        return beam_search(
-            model.decoder,
-            memory,
-            None,
-            prompt_ids,
-            prompt_mask,
-            beam_size=beam_size,
-            max_length=max_length,
-            min_length=min_length,
-            mode=mode,
-        )
-    if method == "greedy":
-        return greedy(
-            model.decoder, memory, None, prompt_ids, prompt_mask, max_length=max_length, min_length=min_length
-        )
-    raise ValueError(f"method must be 'beam' or 'greedy', got {method!r}")
+    return caption_from_memory(model, memory, prompt_ids, prompt_mask, **options)
 
 
 def video_features(model: MPlug, frame_states: Tensor) -> Tensor:
@@ -210,20 +175,6 @@ def video_retrieval_scores(
     if N == 0 or Nt == 0:
         raise ValueError(f"need at least one video and one text, got {N} videos and {Nt} texts")
     states = torch.cat([encode_video(model, videos[s : s + batch_size]) for s in range(0, N, batch_size)])
-    tokens = video_tokens(states)  # [N, T*Nv, D]
     t = model.encode_text(text_ids, text_mask)  # [Nt, L, D]
     itc = (video_features(model, states) @ model.text_features(t).t()).float()  # [N, Nt]
-    top_t = itc.topk(min(k, Nt), dim=1).indices  # [N, kt] texts of each video
-    top_v = itc.t().topk(min(k, N), dim=1).indices  # [Nt, kv] videos of each text
-    dev = itc.device
-    keys_v2t = (torch.arange(N, device=dev)[:, None] * Nt + top_t).reshape(-1)  # pair key v * Nt + j
-    keys_t2v = (top_v * Nt + torch.arange(Nt, device=dev)[:, None]).reshape(-1)
-    keys = torch.unique(torch.cat([keys_v2t, keys_t2v]))  # each pair fused once
-    scores = itm_scores(model, tokens, t, text_mask, keys // Nt, keys % Nt, batch_size)  # [P]
-    if add_itc:
-        scores = scores + itc.reshape(-1)[keys]
-    i2t = torch.full((N, Nt), UNSCORED, device=dev)
-    t2i = torch.full((Nt, N), UNSCORED, device=dev)
-    i2t.view(-1)[keys_v2t] = scores[torch.searchsorted(keys, keys_v2t)]
-    t2i.scatter_(1, top_v, scores[torch.searchsorted(keys, keys_t2v)].view(Nt, -1))
-    return RetrievalScores(i2t=i2t, t2i=t2i, itc=itc)
+    return rerank(model, itc, video_tokens(states), t, text_mask, k=k, batch_size=batch_size, add_itc=add_itc)

@@ -2,7 +2,7 @@
 baseline), behind the `Task` protocol (``tasks/protocol.py``). ``TASKS`` is the only table of task names in
 the package; the trainer, the CLI, the pipeline and the demo ask it.
 
-    TASKS["vqa"] -> Task;  get_task(name) -> Task (a clear error listing the names)
+    TASKS["vqa"] -> Task;  get_task(name or alias) -> Task (a clear error listing the names)
     build_model(config, task), build_objective(task, model, tokenizer, **options)
     from_pretrained(dir, task=None), load_official_checkpoint(path, task, ...)
 """
@@ -50,11 +50,21 @@ TASKS: dict[str, Task] = {
 }
 
 
+# another name of a task (``Task.aliases``: an old name, a pipeline name) -> its registry key
+ALIASES: dict[str, str] = {alias: task.name for task in TASKS.values() for alias in task.aliases}
+
+
+def task_name(name: str) -> str:
+    """The registry key of ``name`` (a task name or alias; other names unchanged): the CLI's ``--task``
+    type, so that argparse's ``choices`` accept the aliases and report unknown names."""
+    return ALIASES.get(name, name)
+
+
 def get_task(name: str) -> Task:
-    """The `Task` called ``name``; a `TaskError` lists the available tasks."""
-    if name not in TASKS:
+    """The `Task` called ``name`` (or aliased so); a `TaskError` lists the available tasks."""
+    if task_name(name) not in TASKS:
         raise TaskError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+    return TASKS[task_name(name)]
 
 
 def build_model(config: MPlugConfig, task: str = "pretrain", *, init: bool = True) -> MPlug:
@@ -93,6 +103,7 @@ def load_official_checkpoint(
 
 
 __all__ = [
+    "ALIASES",
     "TASKS",
     "Baseline",
     "DataSource",
@@ -103,4 +114,5 @@ __all__ = [
     "from_pretrained",
     "get_task",
     "load_official_checkpoint",
+    "task_name",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import lm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, item_text, write_json
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task
+from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
 
 
@@ -65,44 +65,66 @@ def evaluate(
          "predictions": {image_id: caption}}.
     """
 
-    prompt_ids = prompt_mask = None
-    if prompt.strip():
-        prompt_ids, prompt_mask = left_padded_prompts(tokenizer, [prompt], max_length)
-    start = 1 if prompt_ids is None else prompt_ids.shape[1]
     collate = CaptionCollator(tokenizer, max_length=max_length)
-    predictions: dict[Any, str] = {}
-    gold: dict[Any, list[str]] = {}
+
+    def generate(batch: dict[str, Any], prompt_ids: Tensor | None, prompt_mask: Tensor | None) -> Any:
+        return caption_generate(
+            model,
+            batch["images"],
+            prompt_ids,
+            prompt_mask,
+            method=method,
+            beam_size=beam_size,
+            max_length=max_length,
+            min_length=min_length,
+        )
+
     with eval_mode(model):
-        for batch in batches(dataset, collate, batch_size, device):
-            if "captions" not in batch:
-                raise ValueError(
-                    "caption evaluation needs test-form samples with 'captions' (all gold captions); "
-                    f"got keys {sorted(batch)} (use the test split)"
-                )
-            B = batch["images"].shape[0]
-            p_ids = None if prompt_ids is None else prompt_ids.expand(B, -1).to(device)
-            p_mask = None if prompt_mask is None else prompt_mask.expand(B, -1).to(device)
-            out = caption_generate(
-                model,
-                batch["images"],
-                p_ids,
-                p_mask,
-                method=method,
-                beam_size=beam_size,
-                max_length=max_length,
-                min_length=min_length,
-            )
-            for i in range(B):
-                image_id = batch["image_id"][i]
-                if image_id in predictions:
-                    raise ValueError(f"duplicate image_id {image_id!r} in the caption evaluation set")
-                text = tokenizer.decode(out.ids[i, 0, start:].tolist(), skip_special_tokens=True)
-                predictions[image_id] = text.strip()
-                gold[image_id] = _gold_captions(batch["captions"][i])
+        batch_iter = batches(dataset, collate, batch_size, device)
+        predictions, gold = caption_predictions(batch_iter, tokenizer, generate, prompt, max_length, device)
     scores, notes = caption_scores(gold, {k: [v] for k, v in predictions.items()}, use_java=use_java)
     if output is not None:
         write_json([{"image_id": k, "caption": v} for k, v in predictions.items()], output)
     return {**scores, "count": len(predictions), "notes": notes, "predictions": predictions}
+
+
+def caption_predictions(
+    batches: Iterable[dict[str, Any]],
+    tokenizer: Any,
+    generate: Callable[[dict[str, Any], Tensor | None, Tensor | None], Any],
+    prompt: str,
+    max_length: int,
+    device: torch.device | str,
+    id_key: str = "image_id",
+) -> tuple[dict[Any, str], dict[Any, list[str]]]:
+    """({id: generated caption}, {id: gold captions}) over test-form batches (``captions``: all gold captions
+    of each item; ids: ``batch[id_key]``, else the running index). ``generate(batch, prompt_ids,
+    prompt_mask)`` -> the batch's `GenerationOutput` (the prompt left-padded [B, Lp], or None for [CLS]);
+    the prompt's tokens are cut from the generated text."""
+    prompt_ids = prompt_mask = None
+    if prompt.strip():
+        prompt_ids, prompt_mask = left_padded_prompts(tokenizer, [prompt], max_length)
+    start = 1 if prompt_ids is None else prompt_ids.shape[1]
+    predictions: dict[Any, str] = {}
+    gold: dict[Any, list[str]] = {}
+    for batch in batches:
+        if "captions" not in batch:
+            raise ValueError(
+                "caption evaluation needs test-form samples with 'captions' (all gold captions); "
+                f"got keys {sorted(batch)} (use the test split)"
+            )
+        B = len(batch["captions"])
+        out = generate(
+            batch,
+            None if prompt_ids is None else prompt_ids.expand(B, -1).to(device),
+            None if prompt_mask is None else prompt_mask.expand(B, -1).to(device),
+        )
+        for i, key in enumerate(batch.get(id_key, range(len(predictions), len(predictions) + B))):
+            if key in predictions:
+                raise ValueError(f"duplicate {id_key} {key!r} in the caption evaluation set")
+            text = tokenizer.decode(out.ids[i, 0, start:].tolist(), skip_special_tokens=True)
+            predictions[key], gold[key] = text.strip(), _gold_captions(batch["captions"][i])
+    return predictions, gold
 
 
 def most_frequent_caption(train: Dataset, limit: int = 2000) -> str:
@@ -180,6 +202,7 @@ class CaptionTask(Task):
     model_class = MPlugForCaption
     collator = CaptionCollator
     reader = KarpathyCaptionDataset
+    objective_class = CaptionObjective
     Options = CaptionOptions
     eval_options = {"beam_size": 5, "min_length": 8, "max_length": 25}  # official caption inference
     predictions_file = "caption_result.json"  # COCO result format
@@ -188,11 +211,6 @@ class CaptionTask(Task):
     aliases = ("captioning",)
     evaluate = staticmethod(evaluate)
     baseline = staticmethod(baseline)
-
-    def _objective(
-        self, model: nn.Module, tokenizer: Any, options: CaptionOptions, data: DataSource | None
-    ) -> Objective:
-        return CaptionObjective(model, **vars(options))
 
     def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
         s = synthetic_scenes(split, **world)

@@ -31,7 +31,7 @@ from mplug_fast.modeling import MPlugForNLVR, MPlugForVE
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task
+from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
 
 CLASSIFIERS = (MPlugForVE, MPlugForNLVR)
@@ -207,11 +207,18 @@ class _ClassificationTask(Task):
     Options = ClassificationOptions
     evaluate = staticmethod(evaluate)
     baseline = staticmethod(baseline)
+    objective_class = ClassificationObjective
 
-    def _objective(
-        self, model: nn.Module, tokenizer: Any, options: ClassificationOptions, data: DataSource | None
-    ) -> Objective:
-        return ClassificationObjective(model, **vars(options))
+    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
+        """The synthetic pairs (``data.synthetic.pair_types``: the statement types; ``ve_labels``: the VE
+        classes, for VE only)."""
+        s = synthetic_scenes(split, **world)
+        options: dict[str, Any] = {} if s.pair_types is None else {"types": s.pair_types}
+        if s.ve_labels is not None:
+            if self.synthetic_class is not VEDataset:
+                raise ValueError("data.synthetic.ve_labels applies to the visual entailment task only")
+            options["labels"] = s.ve_labels
+        return self.synthetic_class(s.world, s.count, s.start, **options)
 
 
 class VisualEntailmentTask(_ClassificationTask):
@@ -222,27 +229,16 @@ class VisualEntailmentTask(_ClassificationTask):
     predictions_file = "ve_result.json"
     collator = VECollator
     reader = SNLIVEJsonDataset
-
-    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
-        s = synthetic_scenes(split, **world)
-        options: dict[str, Any] = {} if s.pair_types is None else {"types": s.pair_types}
-        if s.ve_labels is not None:
-            options["labels"] = s.ve_labels
-        return VEDataset(s.world, s.count, s.start, **options)
+    synthetic_class = VEDataset
 
 
 class NLVR2Task(_ClassificationTask):
     """NLVR2: is the statement true of the (left, right) image pair?"""
 
-    name = "nlvr"
+    name = "nlvr2"
+    aliases = ("nlvr",)  # the task's name before it took its benchmark's (configs, --task, saved models)
     model_class = MPlugForNLVR
-    predictions_file = "nlvr_result.json"
+    predictions_file = "nlvr2_result.json"
     collator = NLVRCollator
     reader = NLVR2JsonDataset
-
-    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
-        s = synthetic_scenes(split, **world)
-        if s.ve_labels is not None:
-            raise ValueError("data.synthetic.ve_labels applies to the visual entailment task only")
-        options: dict[str, Any] = {} if s.pair_types is None else {"types": s.pair_types}
-        return NLVRDataset(s.world, s.count, s.start, **options)
+    synthetic_class = NLVRDataset

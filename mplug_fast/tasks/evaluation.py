@@ -1,8 +1,10 @@
-"""The evaluation plumbing every task's `evaluate` shares: ordered device batches, eval mode, dataset
-limits, reading an item's text without rendering its image, the predictions JSON."""
+"""The evaluation plumbing every task's `evaluate` shares: ordered device batches (with a progress bar on a
+terminal), eval mode, dataset limits, reading an item's text without rendering its image, the predictions
+JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from mplug_fast.data.collate import move_to
 from mplug_fast.io import atomic_write_json
@@ -30,26 +33,24 @@ def limit_dataset(dataset: Dataset, limit: int | None) -> Dataset:
 def batches(
     dataset: Dataset, collate_fn: Callable[[list], dict], batch_size: int, device: torch.device | str
 ) -> Iterator[dict[str, Any]]:
-    """The dataset in order, collated, with tensors on ``device``."""
+    """The dataset in order, collated, with tensors on ``device``; a tqdm bar over the batches when stderr is
+    a terminal (``disable=None``: nothing is written to a log or a pipe)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluate", dynamic_ncols=True, leave=False, disable=None):
         yield move_to(batch, device, non_blocking=False)
 
 
-class eval_mode:
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``with eval_mode(model):`` — model.eval() inside, the previous train/eval mode restored after."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> nn.Module:
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:

@@ -35,7 +35,6 @@ from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, call_reader
-from mplug_fast.tasks.sources import synthetic_scenes
 
 
 def mean_iou(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> float:
@@ -228,6 +227,7 @@ class GroundingTask(Task):
     model_class = MPlugForGrounding
     collator = GroundingCollator
     reader = RefCocoDataset
+    synthetic_class = GroundingDataset
     Options = GroundingOptions
     predictions_file = "grounding_result.json"
     text_length = 20  # official expression length (docs/fidelity.md §6)
@@ -239,10 +239,6 @@ class GroundingTask(Task):
         self, model: nn.Module, tokenizer: Any, options: GroundingOptions, data: DataSource | None
     ) -> Objective:
         return GroundingObjective.from_tokenizer(model, tokenizer, **vars(options))
-
-    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
-        s = synthetic_scenes(split, **world)
-        return GroundingDataset(s.world, s.count, s.start)
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
         """TransVG split files: ``train`` (the training augmentation) follows the split."""

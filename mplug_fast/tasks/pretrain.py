@@ -20,26 +20,18 @@ from mplug_fast.data.official import PretrainJsonDataset
 from mplug_fast.data.synthetic import PretrainDataset
 from mplug_fast.modeling import MPlugForPretraining
 from mplug_fast.objectives.base import Objective
-from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE
 from mplug_fast.objectives.pretrain import PretrainObjective
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError, call_reader
-from mplug_fast.tasks.sources import synthetic_scenes
+from mplug_fast.tasks.retrieval import RetrievalOptions
 
 
 @dataclass(frozen=True)
-class PretrainOptions:
-    """`PretrainObjective` options (official: queue 65536, momentum 0.995, alpha 0.4, MLM 15 %)."""
+class PretrainOptions(RetrievalOptions):
+    """`PretrainObjective` options: the ITC / ITM ones of `RetrievalOptions` (official: queue 65536,
+    momentum 0.995, alpha 0.4), the MLM masking rate (official 15 %) and the loss weights."""
 
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    momentum: float = 0.995
-    alpha: float = 0.4
-    distill: bool = True
-    alpha_warmup_steps: int = 0
     mlm_probability: float = 0.15
-    temp_range: tuple[float, float] = (0.001, 0.5)
     weights: dict[str, float] | None = None  # per-loss weights (itc, itm, mlm, prefix_lm); 0 skips one
-    global_batch: int | None = None
-    same_text_positive: bool = False  # official: ITC positives by image id only; True: identical texts too
 
 
 class PretrainTask(Task):
@@ -49,6 +41,7 @@ class PretrainTask(Task):
     model_class = MPlugForPretraining
     collator = PretrainCollator
     reader = PretrainJsonDataset
+    synthetic_class = PretrainDataset
     Options = PretrainOptions
 
     def _objective(
@@ -56,10 +49,6 @@ class PretrainTask(Task):
     ) -> Objective:
         values = {**vars(options), "temp_range": tuple(options.temp_range)}
         return PretrainObjective.from_tokenizer(model, tokenizer, **values)
-
-    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
-        s = synthetic_scenes(split, **world)
-        return PretrainDataset(s.world, s.count, s.start)
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
         """The pretraining list has no splits (``split`` is ignored)."""

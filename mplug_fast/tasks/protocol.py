@@ -32,6 +32,7 @@ from mplug_fast.config import MPlugConfig
 from mplug_fast.config.coerce import from_mapping
 from mplug_fast.modeling import MPlug
 from mplug_fast.objectives.base import Objective
+from mplug_fast.tasks.sources import synthetic_scenes
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class Task(abc.ABC):
         model_class: the `MPlug` variant (backbone + heads) the task trains and evaluates.
         collator: the collator class (``collator(tokenizer, **options)`` turns samples into a batch).
         reader: the official-format dataset class (``reader(**data.official, split=...)``).
+        objective_class: the objective the default `_objective` builds (``objective_class(model, **opts)``).
+        synthetic_class: the synthetic dataset the default `synthetic_dataset` builds.
         Options: a frozen dataclass of the task's training options (the run config's ``objective.options``).
         eval_options: the defaults of `evaluate`'s keyword options (overridable per call).
         predictions_file: the name of the predictions JSON `evaluate` writes under a run directory.
@@ -82,7 +85,8 @@ class Task(abc.ABC):
         length_option: the collate keyword the run config's ``data.max_length`` sets.
         text_length: the official training text length in tokens (the pipeline's truncation default).
         pipeline_method: the `mplug_fast.pipeline` method the task's model serves (None: not served), also
-            a name the pipeline accepts for the task; aliases: more such names.
+            a name the pipeline accepts for the task.
+        aliases: other names `get_task`, the CLI's ``--task`` and the pipeline accept for the task.
     """
 
     name: ClassVar[str]
@@ -91,6 +95,8 @@ class Task(abc.ABC):
     Options: ClassVar[type] = NoOptions
     collator: ClassVar[Callable[..., Callable[[list], dict[str, Any]]]]
     reader: ClassVar[Callable[..., Dataset]]
+    objective_class: ClassVar[Callable[..., Objective]]
+    synthetic_class: ClassVar[Callable[..., Dataset]]
     eval_options: ClassVar[Mapping[str, Any]] = {}
     predictions_file: ClassVar[str] = "predictions.json"
     eval_split: ClassVar[str] = "test"
@@ -139,7 +145,7 @@ class Task(abc.ABC):
         if not self.trainable:
             raise TaskError(self.not_trainable_reason())
         options = self.options() if options is None else options
-        if not isinstance(options, self.Options):
+        if type(options) is not self.Options:
             raise TaskError(f"task {self.name!r} needs {self.Options.__name__} options, got {options!r}")
         if model.task != self.name or not isinstance(model, self.model_class):
             raise TaskError(
@@ -152,12 +158,12 @@ class Task(abc.ABC):
         """Why `build_objective` refuses this task (for tasks with ``trainable`` False)."""
         return f"task {self.name!r} is evaluate-only; it has no training objective"
 
-    @abc.abstractmethod
     def _objective(
         self, model: nn.Module, tokenizer: Any, options: Any, data: DataSource | None
     ) -> Objective:
         """Builds the objective (arguments already checked by `build_objective`; ``data``: the run's data
-        source, None outside a run)."""
+        source, None outside a run): ``objective_class(model, **options)`` unless a task overrides it."""
+        return self.objective_class(model, **vars(options))
 
     def collate(self, tokenizer: Any = None, **options: Any) -> Callable[[list], dict[str, Any]]:
         """samples -> batch (a ``DataLoader`` ``collate_fn``): ``collator(tokenizer, **options)``; the run
@@ -166,10 +172,12 @@ class Task(abc.ABC):
 
     # ---- data ----------------------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
         """The task's dataset on the synthetic world (``world``: the run config's ``data.synthetic``): split
-        "train" reads scenes 0..num_scenes-1, any other split the held-out scenes after them."""
+        "train" reads scenes 0..num_scenes-1, any other split the held-out scenes after them
+        (``synthetic_class(world, count, start)`` unless a task overrides it)."""
+        s = synthetic_scenes(split, **world)
+        return self.synthetic_class(s.world, s.count, s.start)
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
         """The task's official-format reader (`reader`) for ``split`` (``kwargs``: the reader's arguments)."""

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from mplug_fast.data.collate import RetrievalCollator
 from mplug_fast.data.official_retrieval import RetrievalJsonDataset
 from mplug_fast.data.synthetic import RetrievalDataset
-from mplug_fast.inference.retrieval import retrieval_scores
+from mplug_fast.inference.retrieval import RetrievalScores, retrieval_scores
 from mplug_fast.metrics import retrieval_recall
 from mplug_fast.modeling import MPlugForRetrieval
 from mplug_fast.objectives.base import Objective
@@ -31,19 +31,46 @@ from mplug_fast.objectives.itm import Sampler, itm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, batch_image_ids, require_keys
 from mplug_fast.tasks.evaluation import eval_mode, write_json
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task
-from mplug_fast.tasks.sources import synthetic_scenes
 
 RECALL_KS = (1, 5, 10)
 
 
-def _gallery(dataset: Dataset) -> tuple[Sequence[str], Sequence[int], Sequence[Sequence[int]]]:
-    missing = [a for a in ("texts", "txt2img", "img2txt", "image") if not hasattr(dataset, a)]
+def gallery(
+    dataset: Dataset, item: str = "image"
+) -> tuple[Sequence[str], Sequence[int], Sequence[Sequence[int]]]:
+    """(texts, text -> item, item -> texts) of a retrieval gallery of images (``item`` "image": texts /
+    txt2img / img2txt / image(k)) or videos ("video": texts / txt2vid / vid2txt / video(k))."""
+    short = "img" if item == "image" else "vid"
+    names = ("texts", f"txt2{short}", f"{short}2txt", item)
+    missing = [a for a in names if not hasattr(dataset, a)]
     if missing:
         raise TypeError(
-            f"retrieval evaluation needs a gallery dataset with texts / txt2img / img2txt / image(k) "
-            f"(RetrievalDataset, RetrievalJsonDataset); {type(dataset).__name__} lacks {missing}"
+            f"{item} retrieval evaluation needs a gallery dataset with {' / '.join(names)}(k) "
+            f"(RetrievalDataset, RetrievalJsonDataset, VideoRetrievalDataset); {type(dataset).__name__} "
+            f"lacks {missing}"
         )
-    return dataset.texts, dataset.txt2img, dataset.img2txt
+    return dataset.texts, getattr(dataset, names[1]), getattr(dataset, names[2])
+
+
+def recall_result(
+    scores: RetrievalScores,
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int],
+    output: str | os.PathLike[str] | None,
+    directions: tuple[str, str] = ("i2t", "t2i"),
+) -> dict[str, Any]:
+    """TR/IR recall@1/5/10 and means of ``scores`` (ITC + ITM rerank), the same prefixed "itc/" (ITC
+    alone); ``output``: each query's top 10 written as {directions[0]: [[j, ...]], directions[1]: ...}."""
+    result: dict[str, Any] = dict(retrieval_recall(scores.i2t, scores.t2i, img2txt, txt2img))
+    itc = retrieval_recall(scores.itc, scores.itc.t(), img2txt, txt2img)
+    result.update({f"itc/{key}": v for key, v in itc.items()})
+    if output is not None:
+        top = {
+            d: [row.topk(min(10, row.numel())).indices.tolist() for row in m.cpu()]
+            for d, m in zip(directions, (scores.i2t, scores.t2i))
+        }
+        write_json(top, output)
+    return result
 
 
 @torch.no_grad()
@@ -67,25 +94,14 @@ def evaluate(
          the same keys prefixed "itc/" (ITC similarities alone), "num_images", "num_texts"}.
     """
 
-    texts, txt2img, img2txt = _gallery(dataset)
+    texts, txt2img, img2txt = gallery(dataset)
     images = torch.stack([dataset.image(j) for j in range(len(img2txt))]).to(device)
     enc = tokenizer(list(texts), padding="longest", max_length=max_length, truncation=True)
     ids, mask = enc.input_ids.to(device), enc.attention_mask.bool().to(device)
     with eval_mode(model):
         scores = retrieval_scores(model, images, ids, mask, k=k, batch_size=batch_size)
-    result: dict[str, Any] = dict(retrieval_recall(scores.i2t, scores.t2i, img2txt, txt2img))
-    itc = retrieval_recall(scores.itc, scores.itc.t(), img2txt, txt2img)
-    result.update({f"itc/{key}": v for key, v in itc.items()})
+    result = recall_result(scores, img2txt, txt2img, output)
     result["num_images"], result["num_texts"] = len(img2txt), len(texts)
-    if output is not None:
-        top = min(10, len(texts)), min(10, len(img2txt))
-        write_json(
-            {
-                "i2t": [row.topk(top[0]).indices.tolist() for row in scores.i2t.cpu()],
-                "t2i": [row.topk(top[1]).indices.tolist() for row in scores.t2i.cpu()],
-            },
-            output,
-        )
     return result
 
 
@@ -107,7 +123,7 @@ def chance_recall(img2txt: Sequence[Sequence[int]], num_texts: int) -> dict[str,
 
 def baseline(train: Dataset, evaluation: Dataset) -> Baseline:
     """The expected mean recall of a random ranking of the evaluation gallery (``chance_recall``)."""
-    texts, _, img2txt = _gallery(evaluation)
+    texts, _, img2txt = gallery(evaluation)
     value = chance_recall(img2txt, len(texts))["r_mean"]
     return Baseline("r_mean", value, f"random ranking of {len(img2txt)} images / {len(texts)} texts")
 
@@ -206,6 +222,7 @@ class RetrievalTask(Task):
     model_class = MPlugForRetrieval
     collator = RetrievalCollator
     reader = RetrievalJsonDataset
+    synthetic_class = RetrievalDataset
     Options = RetrievalOptions
     eval_options = {"k": 256}
     predictions_file = "retrieval_top10.json"
@@ -218,7 +235,3 @@ class RetrievalTask(Task):
         self, model: nn.Module, tokenizer: Any, options: RetrievalOptions, data: DataSource | None
     ) -> Objective:
         return RetrievalObjective(model, **{**vars(options), "temp_range": tuple(options.temp_range)})
-
-    def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
-        s = synthetic_scenes(split, **world)
-        return RetrievalDataset(s.world, s.count, s.start)

@@ -45,8 +45,7 @@ Differences from the official ``caption_mplug_scst.py`` (docs/fidelity.md §5.3,
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,6 +63,7 @@ from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import IGNORE, lm_targets
 from mplug_fast.objectives.pretrain import require_keys
 from mplug_fast.tasks.caption import CaptionTask
+from mplug_fast.tasks.evaluation import eval_mode
 from mplug_fast.tasks.protocol import DataSource, TaskError, call_reader
 from mplug_fast.tasks.sources import synthetic_scenes
 
@@ -126,16 +126,6 @@ def advantages(rewards: Tensor, baseline: BaselineKind = "others") -> Tensor:
     if baseline == "all":
         return rewards - total / k
     raise ValueError(f"baseline must be 'others' or 'all', got {baseline!r}")
-
-
-@contextlib.contextmanager
-def _eval(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 class SCSTObjective(Objective):
@@ -222,7 +212,7 @@ class SCSTObjective(Objective):
         B = memory.shape[0]
         decoder = self.model.decoder
         start = torch.tensor(self.start_ids, dtype=torch.long, device=memory.device).expand(B, -1)
-        with _eval(decoder):
+        with eval_mode(decoder):
             if self.candidates == "sample":
                 return sample(
                     decoder,

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mplug_fast.config import MPlugConfig
@@ -40,9 +40,8 @@ from mplug_fast.data.synthetic.video import (
     VideoRetrievalDataset,
 )
 from mplug_fast.data.video import SAMPLING_MODES, collate_videos, resample_frames
-from mplug_fast.inference.inputs import left_padded_prompts
 from mplug_fast.inference.video import video_caption_generate, video_qa_rank, video_retrieval_scores
-from mplug_fast.metrics import caption_scores, retrieval_recall
+from mplug_fast.metrics import caption_scores
 from mplug_fast.metrics.retrieval import ranks_image_to_text, ranks_text_to_image
 from mplug_fast.modeling import MPlug
 from mplug_fast.objectives.base import Objective
@@ -55,12 +54,19 @@ from mplug_fast.tasks.sources import SyntheticScenes, synthetic_scenes
 
 
 def _video_batches(
-    dataset: Dataset, batch_size: int, device: torch.device | str, num_frames: int | None, frame_sampling: str
-):
-
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device | str,
+    num_frames: int | None,
+    frame_sampling: str,
+    seen: dict[str, int],
+) -> Iterator[dict[str, Any]]:
+    """The collated video batches, frames resampled to ``num_frames``; ``seen["num_frames"]``: the frames of
+    the last batch."""
     for batch in batches(dataset, collate_videos, batch_size, device):
         if num_frames is not None:
             batch["videos"] = resample_frames(batch["videos"], num_frames, frame_sampling)  # type: ignore[arg-type]
+        seen["num_frames"] = int(batch["videos"].shape[1])
         yield batch
 
 
@@ -114,47 +120,23 @@ def evaluate_qa(
         raise ValueError("video QA ranking needs a non-empty answer_list")
     enc = tokenizer([a + "[SEP]" for a in answer_list], padding="longest")
     a_ids, a_mask = enc.input_ids.to(device), enc.attention_mask.bool().to(device)
-    predictions: dict[Any, str] = {}
-    gold: dict[Any, list[str]] = {}
-    types: dict[Any, str] = {}
-    frames = 0
+
+    def answer(batch: dict[str, Any]) -> list[str]:
+        q = tokenizer(batch["question"], padding="longest", max_length=max_question_length, truncation=True)
+        q_ids, q_mask = q.input_ids.to(device), q.attention_mask.bool().to(device)
+        ranked = video_qa_rank(
+            model, batch["videos"], q_ids, q_mask, a_ids, a_mask, k=min(k, len(answer_list))
+        )
+        return [answer_list[best] for best in ranked.indices[:, 0].tolist()]
+
+    seen = {"num_frames": 0}
     with eval_mode(model):
-        for batch in _video_batches(dataset, batch_size, device, num_frames, frame_sampling):
-            B, frames = batch["videos"].shape[:2]
-            q = tokenizer(
-                batch["question"], padding="longest", max_length=max_question_length, truncation=True
-            )
-            ranked = video_qa_rank(
-                model,
-                batch["videos"],
-                q.input_ids.to(device),
-                q.attention_mask.bool().to(device),
-                a_ids,
-                a_mask,
-                k=min(k, len(answer_list)),
-            )
-            qids = batch.get("question_id", list(range(len(predictions), len(predictions) + B)))
-            for i, best in enumerate(ranked.indices[:, 0].tolist()):
-                if qids[i] in predictions:
-                    raise ValueError(f"duplicate question_id {qids[i]!r} in the video QA evaluation set")
-                predictions[qids[i]] = answer_list[best]
-                answers = batch["answers"][i]
-                gold[qids[i]] = [answers] if isinstance(answers, str) else list(answers)
-                if "type" in batch:
-                    types[qids[i]] = batch["type"][i]
-    overall, per_type, kind = vqa_task.score_questions(predictions, gold, types or None)
-    result: dict[str, Any] = {"vqa_acc": overall, "vqa_acc_kind": kind, "count": len(predictions)}
-    result.update({f"vqa_acc/{t}": v for t, v in sorted(per_type.items())})
-    result["num_frames"] = int(frames)
+        batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
+        predictions, gold, types = vqa_task.collect_answers(batch_iter, answer, "video QA")
+    result = {**vqa_task.vqa_result(predictions, gold, types), **seen}
     if output is not None:
         write_json([{"question_id": q, "answer": a} for q, a in predictions.items()], output)
-    result["predictions"] = predictions
-    return result
-
-
-def baseline_qa(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
-    """The majority training answer for every question (``tasks.vqa.baseline``: reads texts, not videos)."""
-    return vqa_task.baseline(train, evaluation, limit)
+    return {**result, "predictions": predictions}
 
 
 # ---- video captioning ----------------------------------------------------------------------------------
@@ -184,72 +166,31 @@ def evaluate_caption(
     """
 
     _check_frames(num_frames, frame_sampling)
-    prompt_ids = prompt_mask = None
-    if prompt.strip():
-        prompt_ids, prompt_mask = left_padded_prompts(tokenizer, [prompt], max_length)
-    start = 1 if prompt_ids is None else prompt_ids.shape[1]
-    predictions: dict[Any, str] = {}
-    gold: dict[Any, list[str]] = {}
-    frames = 0
+
+    def generate(batch: dict[str, Any], prompt_ids: Tensor | None, prompt_mask: Tensor | None) -> Any:
+        return video_caption_generate(
+            model,
+            batch["videos"],
+            prompt_ids,
+            prompt_mask,
+            beam_size=beam_size,
+            max_length=max_length,
+            min_length=min_length,
+        )
+
+    seen = {"num_frames": 0}
     with eval_mode(model):
-        for batch in _video_batches(dataset, batch_size, device, num_frames, frame_sampling):
-            if "captions" not in batch:
-                raise ValueError(
-                    "video caption evaluation needs test-form samples with 'captions'; "
-                    f"got keys {sorted(batch)}"
-                )
-            B, frames = batch["videos"].shape[:2]
-            p_ids = None if prompt_ids is None else prompt_ids.expand(B, -1).to(device)
-            p_mask = None if prompt_mask is None else prompt_mask.expand(B, -1).to(device)
-            out = video_caption_generate(
-                model,
-                batch["videos"],
-                p_ids,
-                p_mask,
-                beam_size=beam_size,
-                max_length=max_length,
-                min_length=min_length,
-            )
-            ids = batch.get("video_id", list(range(len(predictions), len(predictions) + B)))
-            for i in range(B):
-                if ids[i] in predictions:
-                    raise ValueError(f"duplicate video_id {ids[i]!r} in the video caption evaluation set")
-                text = tokenizer.decode(out.ids[i, 0, start:].tolist(), skip_special_tokens=True)
-                predictions[ids[i]] = text.strip()
-                captions = batch["captions"][i]
-                if isinstance(captions, str) or not captions:
-                    raise ValueError(
-                        f"video {ids[i]!r}: 'captions' must be a non-empty list, got {captions!r}"
-                    )
-                gold[ids[i]] = list(captions)
+        batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
+        predictions, gold = caption_task.caption_predictions(
+            batch_iter, tokenizer, generate, prompt, max_length, device, "video_id"
+        )
     scores, notes = caption_scores(gold, {v: [c] for v, c in predictions.items()})
     if output is not None:
         write_json([{"video_id": v, "caption": c} for v, c in predictions.items()], output)
-    return {
-        **scores,
-        "count": len(predictions),
-        "num_frames": int(frames),
-        "notes": notes,
-        "predictions": predictions,
-    }
-
-
-def baseline_caption(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
-    """CIDEr-D of the most frequent training caption for every video (``tasks.caption.baseline``)."""
-    return caption_task.baseline(train, evaluation, limit)
+    return {**scores, "count": len(predictions), **seen, "notes": notes, "predictions": predictions}
 
 
 # ---- video-text retrieval ------------------------------------------------------------------------------
-
-
-def _gallery(dataset: Dataset) -> tuple[Sequence[str], Sequence[int], Sequence[Sequence[int]]]:
-    missing = [a for a in ("texts", "txt2vid", "vid2txt", "video") if not hasattr(dataset, a)]
-    if missing:
-        raise TypeError(
-            "video retrieval evaluation needs a gallery dataset with texts / txt2vid / vid2txt / video(k) "
-            f"(VideoRetrievalDataset); {type(dataset).__name__} lacks {missing}"
-        )
-    return dataset.texts, dataset.txt2vid, dataset.vid2txt
 
 
 @torch.no_grad()
@@ -278,7 +219,7 @@ def evaluate_retrieval(
     """
 
     _check_frames(num_frames, frame_sampling)
-    texts, txt2vid, vid2txt = _gallery(dataset)
+    texts, txt2vid, vid2txt = retrieval_task.gallery(dataset, "video")
     videos = torch.stack([dataset.video(j) for j in range(len(vid2txt))]).to(device)  # [N, T, 3, R, R]
     if num_frames is not None:
         videos = resample_frames(videos, num_frames, frame_sampling)  # type: ignore[arg-type]
@@ -286,34 +227,19 @@ def evaluate_retrieval(
     ids, mask = enc.input_ids.to(device), enc.attention_mask.bool().to(device)
     with eval_mode(model):
         scores = video_retrieval_scores(model, videos, ids, mask, k=k, batch_size=batch_size, add_itc=add_itc)
-    result: dict[str, Any] = dict(retrieval_recall(scores.i2t, scores.t2i, vid2txt, txt2vid))
+    result = retrieval_task.recall_result(scores, vid2txt, txt2vid, output, ("v2t", "t2v"))
     r_v = ranks_image_to_text(scores.i2t.double().cpu(), vid2txt)
     r_t = ranks_text_to_image(scores.t2i.double().cpu(), txt2vid)
     result["txt_medr"] = float((r_v + 1).double().median())
     result["img_medr"] = float((r_t + 1).double().median())
-    itc = retrieval_recall(scores.itc, scores.itc.t(), vid2txt, txt2vid)
-    result.update({f"itc/{key}": v for key, v in itc.items()})
-    result["num_videos"], result["num_texts"], result["num_frames"] = (
-        len(vid2txt),
-        len(texts),
-        videos.shape[1],
-    )
-    if output is not None:
-        top_t, top_v = min(10, len(texts)), min(10, len(vid2txt))
-        write_json(
-            {
-                "v2t": [row.topk(top_t).indices.tolist() for row in scores.i2t.cpu()],
-                "t2v": [row.topk(top_v).indices.tolist() for row in scores.t2i.cpu()],
-            },
-            output,
-        )
+    result.update(num_videos=len(vid2txt), num_texts=len(texts), num_frames=videos.shape[1])
     return result
 
 
 def baseline_retrieval(train: Dataset, evaluation: Dataset) -> Baseline:
     """The expected mean recall of a random ranking of the gallery (``tasks.retrieval.chance_recall``)."""
 
-    texts, _, vid2txt = _gallery(evaluation)
+    texts, _, vid2txt = retrieval_task.gallery(evaluation, "video")
     value = retrieval_task.chance_recall(vid2txt, len(texts))["r_mean"]
     return Baseline("r_mean", value, f"random ranking of {len(vid2txt)} videos / {len(texts)} texts")
 
@@ -382,7 +308,7 @@ class VideoQATask(_VideoTask):
     predictions_file = "video_qa_result.json"
     reader = VideoQAJsonlDataset
     evaluate = staticmethod(evaluate_qa)
-    baseline = staticmethod(baseline_qa)
+    baseline = staticmethod(vqa_task.baseline)  # the majority training answer (reads texts, not videos)
 
     def _videos(self, world: SyntheticVideoWorld, scenes: SyntheticScenes, split: str) -> Dataset:
         types = [t for t in (scenes.vqa_types or VIDEO_QA_TYPES) if t in VIDEO_QA_TYPES] or list(
@@ -400,7 +326,7 @@ class VideoCaptionTask(_VideoTask):
     predictions_file = "video_caption_result.json"
     reader = VATEXCaptionDataset
     evaluate = staticmethod(evaluate_caption)
-    baseline = staticmethod(baseline_caption)
+    baseline = staticmethod(caption_task.baseline)  # the most frequent training caption for every video
 
     def _videos(self, world: SyntheticVideoWorld, scenes: SyntheticScenes, split: str) -> Dataset:
         form = "train" if split == "train" else "test"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import lm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, item_text
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task
+from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
 
 
@@ -104,38 +104,50 @@ def evaluate(
         enc = tokenizer([a + "[SEP]" for a in answer_list], padding="longest")
         answers_t = (enc.input_ids.to(device), enc.attention_mask.to(device))
     collate = VQACollator(tokenizer, max_question_length=max_question_length)
+
+    def answer(batch: dict[str, Any]) -> list[str]:
+        args = (model, batch["images"], batch["question_ids"], batch["question_mask"])
+        if answers_t is not None:
+            ranked = vqa_rank(*args, *answers_t, k=min(k, len(answer_list)))
+            return [answer_list[int(i)].strip() for i in ranked.indices[:, 0]]
+        out = vqa_generate(*args, beam_size=beam_size, max_length=max_answer_length)
+        return [tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).strip() for row in out.ids[:, 0]]
+
+    with eval_mode(model):
+        predictions, gold, types = collect_answers(batches(dataset, collate, batch_size, device), answer)
+    result = vqa_result(predictions, gold, types)
+    if output is not None:
+        write_vqa_results(predictions, output)
+    return {**result, "predictions": predictions}
+
+
+def collect_answers(
+    batches: Iterable[dict[str, Any]], answer: Callable[[dict[str, Any]], list[str]], what: str = "VQA"
+) -> tuple[dict[Any, str], dict[Any, list[str]], dict[Any, str]]:
+    """({question_id: predicted answer}, {question_id: human answers}, {question_id: type}) over collated
+    batches; ``answer(batch)``: the batch's predicted answers. Question ids default to the running index."""
     predictions: dict[Any, str] = {}
     gold: dict[Any, list[str]] = {}
     types: dict[Any, str] = {}
-    n = 0
-    with eval_mode(model):
-        for batch in batches(dataset, collate, batch_size, device):
-            B = batch["images"].shape[0]
-            args = (model, batch["images"], batch["question_ids"], batch["question_mask"])
-            if answers_t is not None:
-                ranked = vqa_rank(*args, *answers_t, k=min(k, len(answer_list)))
-                answers = [answer_list[int(i)] for i in ranked.indices[:, 0]]
-            else:
-                out = vqa_generate(*args, beam_size=beam_size, max_length=max_answer_length)
-                answers = [
-                    tokenizer.decode(row[1:].tolist(), skip_special_tokens=True) for row in out.ids[:, 0]
-                ]
-            qids = batch.get("question_id", list(range(n, n + B)))
-            for i in range(B):
-                qid = qids[i]
-                if qid in predictions:
-                    raise ValueError(f"duplicate question_id {qid!r} in the VQA evaluation set")
-                predictions[qid] = answers[i].strip()
-                gold[qid] = _gold(batch, i)
-                if "type" in batch:
-                    types[qid] = batch["type"][i]
-            n += B
+    for batch in batches:
+        answers = answer(batch)
+        qids = batch.get("question_id", range(len(predictions), len(predictions) + len(answers)))
+        for i, qid in enumerate(qids):
+            if qid in predictions:
+                raise ValueError(f"duplicate question_id {qid!r} in the {what} evaluation set")
+            predictions[qid], gold[qid] = answers[i], _gold(batch, i)
+            if "type" in batch:
+                types[qid] = batch["type"][i]
+    return predictions, gold, types
+
+
+def vqa_result(
+    predictions: Mapping[Hashable, str], gold: Mapping[Hashable, Sequence[str]], types: Mapping[Hashable, str]
+) -> dict[str, Any]:
+    """{"vqa_acc", "count", "vqa_acc_kind", "vqa_acc/<type>"} of scored predictions (`score_questions`)."""
     overall, per_type, kind = score_questions(predictions, gold, types or None)
     result: dict[str, Any] = {"vqa_acc": overall, "count": len(predictions), "vqa_acc_kind": kind}
     result.update({f"vqa_acc/{t}": v for t, v in sorted(per_type.items())})
-    if output is not None:
-        write_vqa_results(predictions, output)
-    result["predictions"] = predictions
     return result
 
 
@@ -239,6 +251,7 @@ class VQATask(Task):
     model_class = MPlugForVQA
     collator = VQACollator
     reader = VQAJsonDataset
+    objective_class = VQAObjective
     Options = VQAOptions
     eval_options = {"method": "generate", "beam_size": 5, "max_answer_length": 10}
     predictions_file = "vqa_result.json"  # EvalAI format
@@ -247,11 +260,6 @@ class VQATask(Task):
     pipeline_method = "answer"
     evaluate = staticmethod(evaluate)
     baseline = staticmethod(baseline)
-
-    def _objective(
-        self, model: nn.Module, tokenizer: Any, options: VQAOptions, data: DataSource | None
-    ) -> Objective:
-        return VQAObjective(model, **vars(options))
 
     def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
         s = synthetic_scenes(split, **world)

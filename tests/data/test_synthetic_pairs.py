@@ -210,7 +210,7 @@ def test_collators(world):
     assert tok.decode(batch["text_ids"][1], skip_special_tokens=True) == ve[1]["sentence"]
     assert batch["type"] == [ve[i]["type"] for i in range(4)] and "sentence" not in batch
     nl = NLVRDataset(world, 6)
-    batch = get_task("nlvr").collate(tok, max_length=6)([nl[i] for i in range(3)])
+    batch = get_task("nlvr2").collate(tok, max_length=6)([nl[i] for i in range(3)])
     assert batch["images"].shape == (3, 2, 3, 32, 32) and batch["labels"].tolist() == [0, 1, 0]
     assert batch["text_ids"].shape[1] <= 6 and batch["right_image_id"] == [
         nl[i]["right_image_id"] for i in range(3)
@@ -218,11 +218,11 @@ def test_collators(world):
 
     samples = [nl[i] for i in range(2)]
     unlabelled = [{k: v for k, v in s.items() if k != "label"} for s in samples]
-    assert "labels" not in get_task("nlvr").collate(tok)(unlabelled)
+    assert "labels" not in get_task("nlvr2").collate(tok)(unlabelled)
     with pytest.raises(ValueError, match="some samples have a 'label'"):
-        get_task("nlvr").collate(tok)([samples[0], unlabelled[1]])
+        get_task("nlvr2").collate(tok)([samples[0], unlabelled[1]])
     with pytest.raises(TypeError, match=r"must be a \[2, 3, R, R\] tensor"):
-        get_task("nlvr").collate(tok)([{**samples[0], "images": samples[0]["images"][0]}])
+        get_task("nlvr2").collate(tok)([{**samples[0], "images": samples[0]["images"][0]}])
     with pytest.raises(KeyError, match="lacks"):
         get_task("ve").collate(tok)([{"image": ve[0]["image"]}])
 
@@ -265,7 +265,7 @@ def test_nlvr2_reader(tmp_path):
         ref = test_transform(16)
         assert torch.equal(s["images"][0], ref(Image.open(root / "dev" / "a.png").convert("RGB")))
         assert torch.equal(s["images"][1], ref(Image.open(root / "dev" / "b.png").convert("RGB")))
-        batch = get_task("nlvr").collate()([ds[i] for i in range(3)])
+        batch = get_task("nlvr2").collate()([ds[i] for i in range(3)])
         assert batch["images"].shape == (3, 2, 3, 16, 16) and batch["labels"].tolist() == [1, 0, 1]
 
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from mplug_fast.data import Tokenizer
 from mplug_fast.generation import beam_search, rank_answers
 from mplug_fast.inference import caption_generate, retrieval_scores, vqa_generate, vqa_rank
+from mplug_fast.inference.retrieval import UNSCORED
 from mplug_fast.inference.video import (
-    UNSCORED,
     encode_video,
     video_caption_generate,
     video_features,

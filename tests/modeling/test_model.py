@@ -534,7 +534,7 @@ EXPECTED_CHILDREN = {
         "momentum",
     },
     "grounding": {"vision", "adapter", "text_encoder", "fusion", "decoder"},
-    "nlvr": {"vision", "adapter", "text_encoder", "fusion", "cls_head"},
+    "nlvr2": {"vision", "adapter", "text_encoder", "fusion", "cls_head"},
     "ve": {"vision", "adapter", "text_encoder", "fusion", "cls_head"},
 }
 EXPECTED_MOMENTUM = {

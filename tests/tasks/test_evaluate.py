@@ -298,3 +298,25 @@ def test_item_text_fast_paths_match_the_samples(tmp_path):
             for key in keys:
                 want = sample.get(key, sample.get("answers")) if key == "gt_answers" else sample[key]
                 assert item_text(dataset, i, key) == want, (type(dataset).__name__, i, key)
+
+
+def test_evaluation_batches_show_a_progress_bar_on_a_terminal_only(monkeypatch, capsys):
+    import io
+    import sys
+
+    from mplug_fast.tasks.evaluation import batches
+
+    def collate(xs):
+        return {"x": torch.tensor(xs)}
+
+    got = [b["x"].tolist() for b in batches(list(range(5)), collate, 2, "cpu")]
+    assert got == [[0, 1], [2, 3], [4]]
+    assert capsys.readouterr().err == ""  # not a terminal (a log, a pipe): no bar, no per-batch lines
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert len(list(batches(list(range(5)), collate, 2, "cpu"))) == 3
+    assert "evaluate" in sys.stderr.getvalue() and "/3" in sys.stderr.getvalue()

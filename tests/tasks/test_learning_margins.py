@@ -101,7 +101,7 @@ def test_ve_then_nlvr_beat_the_majority_class(tmp_path, two_threads):
     assert ve["accuracy"] >= ve_base + 20.0, ve
     assert min(ve["acc_contradiction"], ve["acc_entailment"]) >= 55.0, ve  # both classes, not one
     nlvr, nlvr_base = finetune_and_evaluate(
-        "nlvr", tmp_path / "nlvr", ["schedule.max_steps=400", f"model.init_from={ve_dir}"]
+        "nlvr2", tmp_path / "nlvr2", ["schedule.max_steps=400", f"model.init_from={ve_dir}"]
     )
     assert nlvr_base == 50.0
     assert nlvr["accuracy"] >= nlvr_base + 15.0, nlvr

@@ -21,7 +21,7 @@ import mplug_fast.checkpoint.official as checkpoint_official
 from mplug_fast.cli import main
 from mplug_fast.data.synthetic import SyntheticWorld
 from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset
-from mplug_fast.tasks import build_objective, get_task
+from mplug_fast.tasks import build_objective, get_task, task_name
 from mplug_fast.tasks.classification import baseline, evaluate
 from tests.tasks.conftest import micro_model
 from tests.train.helpers import IMAGE_SIZE, micro_overrides
@@ -35,7 +35,7 @@ def _text(tokenizer, sentences):
 
 
 def test_heads_shapes_and_errors(tokenizer):
-    ve, nlvr = micro_model("ve"), micro_model("nlvr")
+    ve, nlvr = micro_model("ve"), micro_model("nlvr2")
     ids, mask = _text(tokenizer, ["there is a red object", "the red circle is heavy", "a"])
     images = torch.randn(3, 2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert ve(images[:, 0], ids, mask).shape == (3, 3) and ve.labels[2] == "entailment"
@@ -51,7 +51,7 @@ def test_heads_shapes_and_errors(tokenizer):
 
 @torch.no_grad()
 def test_nlvr_pair_batching_equals_one_image_at_a_time(tokenizer):
-    model = micro_model("nlvr", seed=1)
+    model = micro_model("nlvr2", seed=1)
     ids, mask = _text(tokenizer, ["both images contain a red object", "the left image", "a b c d e f g"])
     images = torch.randn(3, 2, 3, IMAGE_SIZE, IMAGE_SIZE)
     t = model.encode_text(ids, mask)
@@ -88,7 +88,7 @@ def test_ve_forward_is_the_fused_cls_through_the_head(tokenizer):
     torch.testing.assert_close(model(images, ids, mask), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("task", ["ve", "nlvr"])
+@pytest.mark.parametrize("task", ["ve", "nlvr2"])
 def test_objective_is_cross_entropy(task, tokenizer):
     model = micro_model(task).train()
     world = SyntheticWorld(image_size=IMAGE_SIZE, max_objects=2)
@@ -106,8 +106,8 @@ def test_objective_is_cross_entropy(task, tokenizer):
         model.cls_head.fc2.weight.grad.abs().sum() > 0
         and model.fusion.layers[0].parameters().__next__().grad is not None
     )
-    with pytest.raises(ValueError, match="needs the 'nlvr' model"):
-        build_objective("nlvr", micro_model("ve"), tokenizer)
+    with pytest.raises(ValueError, match="needs the 'nlvr2' model"):
+        build_objective("nlvr2", micro_model("ve"), tokenizer)
     with pytest.raises(KeyError, match="labels"):
         objective({k: v for k, v in batch.items() if k != "labels"})
 
@@ -123,7 +123,7 @@ _OFFICIAL_NEW_HEADS = "new_head_prefixes" in inspect.getsource(checkpoint_offici
     reason="from_pretrained does not yet initialise new task heads (the checkpoint/io.py change asked for "
     "in the NLVR / VE report)",
 )
-@pytest.mark.parametrize("task", ["ve", "nlvr"])
+@pytest.mark.parametrize("task", ["ve", "nlvr2"])
 def test_loads_a_pretrained_model_with_a_fresh_head(task, tmp_path, caplog):
     from mplug_fast.checkpoint import save_pretrained
     from mplug_fast.tasks import from_pretrained
@@ -162,7 +162,7 @@ def test_a_ve_model_loads_as_nlvr_with_the_whole_head_new(tmp_path, caplog):
         ve.cls_head.fc1.bias.fill_(0.5)  # trained-looking, not the fresh init (zeros)
     save_pretrained(ve, tmp_path / "ve")
     with caplog.at_level(logging.INFO, logger="mplug_fast.checkpoint.io"):
-        nlvr = from_pretrained(tmp_path / "ve", task="nlvr")
+        nlvr = from_pretrained(tmp_path / "ve", task="nlvr2")
     assert "the whole head is reinitialised" in caplog.text
     source = ve.state_dict()
     for key, value in nlvr.state_dict().items():
@@ -174,10 +174,10 @@ def test_a_ve_model_loads_as_nlvr_with_the_whole_head_new(tmp_path, caplog):
         else:
             assert torch.equal(value, source[key]), key
     with pytest.raises(Exception, match="size mismatch|shape"):  # the same task keeps strict shapes
-        bad = micro_model("nlvr", seed=5)
+        bad = micro_model("nlvr2", seed=5)
         bad.cls_head.fc2 = torch.nn.Linear(bad.cls_head.fc2.in_features, 3)
         save_pretrained(bad, tmp_path / "bad")
-        from_pretrained(tmp_path / "bad", task="nlvr")
+        from_pretrained(tmp_path / "bad", task="nlvr2")
 
 
 @pytest.mark.skipif(
@@ -191,7 +191,7 @@ def test_loads_an_official_pretraining_checkpoint_with_a_fresh_head(caplog):
 
     state = make_official_state_dict(OfficialDims(), pretrain_layout=True)
     with caplog.at_level(logging.INFO, logger="mplug_fast.checkpoint.official"):
-        model = load_official_checkpoint(state, "nlvr", stride=3)  # strict: only the head may be new
+        model = load_official_checkpoint(state, "nlvr2", stride=3)  # strict: only the head may be new
     ours = model.state_dict()
     assert torch.equal(
         ours["text_encoder.embeddings.word.weight"],
@@ -204,7 +204,7 @@ def test_loads_an_official_pretraining_checkpoint_with_a_fresh_head(caplog):
     )
 
 
-@pytest.mark.parametrize("task", ["ve", "nlvr"])
+@pytest.mark.parametrize("task", ["ve", "nlvr2"])
 def test_evaluate_counts_and_writes_predictions(task, tokenizer, tmp_path):
     model = micro_model(task, seed=4)
     world = SyntheticWorld(image_size=IMAGE_SIZE, max_objects=2)
@@ -242,7 +242,8 @@ def test_majority_baseline():
     assert b.metric == "accuracy" and b.value == pytest.approx(60.0) and "contradiction" in b.description
     nl = baseline(NLVRDataset(world, 4), NLVRDataset(world, 3, start=9))  # tie 2 / 2 -> the lower id, False
     assert nl.value == pytest.approx(100 * 2 / 3)
-    assert get_task("ve").baseline is baseline and get_task("nlvr").metric == "accuracy"
+    assert get_task("ve").baseline is baseline and get_task("nlvr2").metric == "accuracy"
+    assert get_task("nlvr") is get_task("nlvr2") and task_name("nlvr") == "nlvr2"  # the old name: an alias
 
 
 def _finetune_args(task: str, out: Path, steps: int = 2, init_from: Path | None = None) -> list[str]:
@@ -269,14 +270,14 @@ def _finetune_args(task: str, out: Path, steps: int = 2, init_from: Path | None 
 
 
 def test_cli_finetune_then_evaluate_ve_then_nlvr_from_it(tmp_path, capsys, caplog):
-    """The tiny configs' order: VE, then NLVR from the VE run's model (nlvr_tiny_synthetic)."""
-    for task in ("ve", "nlvr"):
+    """The tiny configs' order: VE, then NLVR from the VE run's model (nlvr2_tiny_synthetic)."""
+    for task in ("ve", "nlvr2"):
         run = tmp_path / task
-        init = tmp_path / "ve" / "model" if task == "nlvr" else None
+        init = tmp_path / "ve" / "model" if task == "nlvr2" else None
         with caplog.at_level(logging.INFO, logger="mplug_fast.checkpoint.io"):
             assert main(_finetune_args(task, run, init_from=init)) == 0
-        if task == "nlvr":  # the VE head [3, D] is replaced by a fresh NLVR head [2, 2D]; the rest loads
-            assert "has another shape in 'nlvr': the whole head is reinitialised" in caplog.text
+        if task == "nlvr2":  # the VE head [3, D] is replaced by a fresh NLVR head [2, 2D]; the rest loads
+            assert "has another shape in 'nlvr2': the whole head is reinitialised" in caplog.text
         record = json.loads((run / "metrics.json").read_text())
         head = record["headline"]
         assert record["task"] == task and record["step"] == 2 and head["metric"] == "accuracy"
@@ -286,7 +287,8 @@ def test_cli_finetune_then_evaluate_ve_then_nlvr_from_it(tmp_path, capsys, caplo
         assert (run / "model" / "config.json").is_file()
         capsys.readouterr()
         out = tmp_path / f"{task}_eval"
-        assert main(["evaluate", "--task", task, "--checkpoint", str(run), "--output-dir", str(out)]) == 0
+        name = "nlvr" if task == "nlvr2" else task  # --task takes the alias too
+        assert main(["evaluate", "--task", name, "--checkpoint", str(run), "--output-dir", str(out)]) == 0
         again = json.loads((out / "metrics_test.json").read_text())
         assert again["metrics"]["accuracy"] == record["metrics"]["accuracy"]
 
@@ -305,8 +307,8 @@ def test_official_readers_are_reachable_from_the_spec_and_the_trainer(tmp_path):
     ve_ann = [{"image": "1", "sentence": "a", "label": "neutral"}]
     nlvr_ann = [{"images": ["1.jpg", "1.jpg"], "sentence": "b", "label": "False"}]
     (tmp_path / "ve.json").write_text(json.dumps(ve_ann))
-    (tmp_path / "nlvr.json").write_text(json.dumps(nlvr_ann))
-    for task, reader in (("ve", SNLIVEJsonDataset), ("nlvr", NLVR2JsonDataset)):
+    (tmp_path / "nlvr2.json").write_text(json.dumps(nlvr_ann))
+    for task, reader in (("ve", SNLIVEJsonDataset), ("nlvr2", NLVR2JsonDataset)):
         official = {"ann": str(tmp_path / f"{task}.json"), "image_root": str(tmp_path), "image_size": 16}
         ds = get_task(task).official_dataset("test", **official)
         assert isinstance(ds, reader) and ds.split == "test" and ds.label(0) == (1 if task == "ve" else 0)

@@ -136,7 +136,7 @@ def test_shipped_config_names():
 
 def test_micro_preset_replaces_the_pasted_model():
     """The demo and tiny-synthetic configs name the micro preset instead of pasting its fields."""
-    for name in ("demo/vqa", "demo/pretrain", "ve_tiny_synthetic", "nlvr_tiny_synthetic"):
+    for name in ("demo/vqa", "demo/pretrain", "ve_tiny_synthetic", "nlvr2_tiny_synthetic"):
         cfg = load_config(name)
         assert cfg.model.preset == "micro" and cfg.model.overrides == {}, name
     assert get_config("micro").vision.num_tokens == 65
