@@ -42,7 +42,7 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     overrides = config_overrides(args)
     if task is not None:
         named = _config_task(args.config) if args.config else None
-        if named not in (None, task):
+        if named is not None and task_name(named) != task:
             raise ConfigError(f"{args.config} trains model.task {named!r}, not --task {task!r}")
         overrides = [f"model.task={task}", *overrides]
     config = load_config(args.config, overrides)

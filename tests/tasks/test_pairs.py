@@ -18,7 +18,8 @@ import torch
 
 import mplug_fast.checkpoint.io as checkpoint_io
 import mplug_fast.checkpoint.official as checkpoint_official
-from mplug_fast.cli import main
+from mplug_fast.cli import build_parser, main
+from mplug_fast.cli.train import resolve_run_config
 from mplug_fast.data.synthetic import SyntheticWorld
 from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset
 from mplug_fast.tasks import build_objective, get_task, task_name
@@ -317,3 +318,14 @@ def test_official_readers_are_reachable_from_the_spec_and_the_trainer(tmp_path):
         assert isinstance(ds, reader) and ds.split == "train"
         with pytest.raises(ValueError, match="do not fit"):
             get_task(task).official_dataset("test", **official, bogus=1)
+
+
+def test_a_config_naming_the_old_task_name_trains_under_either_name(tmp_path):
+    """A run config written before the rename (``model.task: nlvr``) is the same task as ``--task nlvr2``."""
+    old = tmp_path / "old.yaml"
+    text = (CONFIGS / "nlvr2_tiny_synthetic.yaml").read_text().replace("task: nlvr2", "task: nlvr")
+    old.write_text(text)
+    parser = build_parser()
+    for name in ("nlvr", "nlvr2"):
+        config = resolve_run_config(parser.parse_args(["train", "--task", name, "--config", str(old)]))
+        assert get_task(config.model.task) is get_task("nlvr2")
