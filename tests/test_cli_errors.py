@@ -14,6 +14,7 @@ from PIL import Image
 import mplug_fast
 from mplug_fast.checkpoint.io import CONFIG_NAME
 from mplug_fast.cli import main
+from mplug_fast.tasks import from_pretrained
 from tests.test_trust import CONFIG, make_checkpoints
 
 PREDICT = ["predict", "caption"]
@@ -124,7 +125,10 @@ def test_bad_images(files, tmp_path, capsys, monkeypatch):
     fails(capsys, [*PREDICT, str(not_image), "--config", "micro"], str(not_image), "cannot read image")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # a.png (40x56) is over twice the limit: refused
     fails(
-        capsys, [*PREDICT, str(files["image"]), "--config", "micro"], str(files["image"]), "decompression-bomb"
+        capsys,
+        [*PREDICT, str(files["image"]), "--config", "micro"],
+        str(files["image"]),
+        "decompression-bomb",
     )
 
 
@@ -147,3 +151,13 @@ def test_dtype_names(files, capsys):
         [*PREDICT, str(files["image"]), "--config", "micro", "--dtype", "int8"],
         "unknown dtype 'int8'",
     )
+
+
+def test_config_json_naming_an_unknown_task_names_the_file(files, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    meta = json.loads((files["pretrained"] / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**meta, "task": "nosuch"}))
+    (folder / "model.safetensors").write_bytes((files["pretrained"] / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}: unknown task 'nosuch'; available: "):
+        from_pretrained(folder)

@@ -87,8 +87,12 @@ def from_pretrained(
 ) -> MPlug:
     """A ``save_pretrained`` directory as the model of ``task`` (default: the task it was saved as); another
     task loads the components it shares (e.g. a pretrained model as a VQA model) and reports the rest."""
-    name = task or checkpoint_io.read_pretrained_meta(directory)["task"]
-    return checkpoint_io.load_pretrained(directory, get_task(name).new_model, device=device, dtype=dtype)
+    if task is None:
+        task = checkpoint_io.read_pretrained_meta(directory)["task"]
+        if not isinstance(task, str) or task_name(task) not in TASKS:
+            config_path = os.path.join(directory, checkpoint_io.CONFIG_NAME)
+            raise TaskError(f"{config_path}: unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
+    return checkpoint_io.load_pretrained(directory, get_task(task).new_model, device=device, dtype=dtype)
 
 
 def load_official_checkpoint(
