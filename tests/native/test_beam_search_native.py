@@ -5,25 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mplug_fast
 from mplug_fast.generation import beam_search
-from mplug_fast.modeling.decoder import TextDecoder
-from mplug_fast.modeling.layers import init_bert_weights
+from tests import test_generation
 
 SEP = 102
-
-
-@pytest.fixture(scope="module")
-def decoder() -> TextDecoder:
-    """The tiny decoder with peaked distributions and a likely [SEP] (samples close at different steps)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(1234)
-        dec = TextDecoder(mplug_fast.get_config("tiny"))
-        dec.apply(init_bert_weights)
-        with torch.no_grad():
-            dec.embeddings.word.weight.mul_(10.0)
-            dec.head.bias[SEP] = 10.0
-    return dec.eval()
+decoder = test_generation.decoder  # the module fixture: a tiny decoder whose samples close at different steps
 
 
 @pytest.mark.parametrize("mode", ["official", "standard"])
