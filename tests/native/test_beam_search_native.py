@@ -8,7 +8,6 @@ import torch
 from mplug_fast.generation import beam_search
 from tests import test_generation
 
-SEP = 102
 decoder = test_generation.decoder  # the module fixture: a tiny decoder whose samples close at different steps
 
 
