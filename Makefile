@@ -28,10 +28,11 @@ $(STAMP): requirements/ci.txt setup.py $(NATIVE_SOURCES)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
-# Two pytest workers of one torch thread each (the machine has 2 cores); an idle worker takes tests queued for
-# the other (worksteal), so the long learning tests do not end up in one queue. The 20 slowest are listed.
+# Two pytest workers of one torch thread each (the machine has 2 cores), a test file per worker at a time in
+# collection order: the files of the tests marked long come first (tests/conftest.py), so that no learning
+# run is left to the end on one worker. The 20 slowest tests are listed.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n 2 --dist worksteal --durations=20 tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m benchmark tests/benchmarks

@@ -35,7 +35,10 @@ def default_sigint():
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skips tests marked ``gpu`` when CUDA is unavailable (they only run where ``-m gpu`` selects them)."""
+    """Collects the tests marked ``long`` first (``make test``'s two workers take test files in this order,
+    so the learning runs start early instead of ending the run on one worker) and skips tests marked ``gpu``
+    when CUDA is unavailable (they only run where ``-m gpu`` selects them)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: otherwise collection order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")

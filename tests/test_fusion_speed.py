@@ -112,6 +112,7 @@ def test_saved_activation_bytes_counts_each_storage_once_and_skips_parameters() 
     assert (s["median"], s["min"], s["n"]) == (2.0, 1.0, 3)
 
 
+@pytest.mark.long
 def test_smoke_run_writes_json_table_and_plot(tmp_path, capsys) -> None:
     out = tmp_path / "fusion.json"
     assert _load("fusion_speed").main(["--smoke", "--out", str(out)]) == 0

@@ -25,6 +25,7 @@ def test_alpha_warmup():
     assert warm_alpha(0.4, torch.tensor(500), 100) == pytest.approx(0.4)
 
 
+@pytest.mark.long
 def test_pretraining_losses_fall_on_the_synthetic_world(one_thread):
     """16 one-object scenes, batch 8, 70 AdamW steps: MLM / PrefixLM drop by > 1.5 nats, ITC by > 0.25,
     ITM from its start to the label-prior entropy."""

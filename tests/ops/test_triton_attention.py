@@ -429,6 +429,7 @@ def test_env_var_selects_triton(monkeypatch):
 # ---- the model ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_tiny_vqa_with_triton_equals_the_reference_backend(monkeypatch):
     """Tiny VQA (32 px images, padded questions, 3 answers sharing 2 questions' memory via kv_index): logits
     and parameter grads with MPLUG_FAST_ATTENTION=triton vs =reference."""

@@ -68,6 +68,7 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.long
 def test_caption_beats_most_frequent_caption(tmp_path, two_threads):
     result, baseline = finetune_and_evaluate(
         "caption", tmp_path, ["schedule.max_steps=300"], beam_size=3, min_length=2
@@ -76,12 +77,14 @@ def test_caption_beats_most_frequent_caption(tmp_path, two_threads):
     assert cider > baseline + 0.2, (cider, baseline)
 
 
+@pytest.mark.long
 def test_retrieval_beats_random_ranking(tmp_path, two_threads):
     result, baseline = finetune_and_evaluate("retrieval", tmp_path, ["schedule.max_steps=400"], k=16)
     r_mean = result["r_mean"]
     assert r_mean > 1.5 * baseline, (r_mean, baseline)
 
 
+@pytest.mark.long
 def test_ve_then_nlvr_beat_the_majority_class(tmp_path, two_threads):
     """VE from scratch, then NLVR2 from the VE model (the demo's order: docs/experiments.md says why).
 

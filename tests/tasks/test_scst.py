@@ -351,6 +351,7 @@ def _caption_cider(model, dataset, tokenizer) -> float:
     ]
 
 
+@pytest.mark.long
 def test_scst_raises_cider_over_the_ce_start(tmp_path):
     """The model of caption_tiny_synthetic.yaml (D=64, 32 px in 8 px patches), two-object
     scenes; 300 CE steps from scratch (lr 1e-3, one-cycle), then 100 SCST steps (5 beam candidates per

@@ -107,6 +107,7 @@ def _report(name: str, steps: int, seconds: float, summary, acc, base, per_type,
     )
 
 
+@pytest.mark.long
 def test_tiny_vqa_learns_colour_from_the_image(tmp_path):
     """One object per scene, colour questions: the answer is only in the pixels (8 colours, chance 1/8)."""
     steps = 300

@@ -305,6 +305,7 @@ def _fsdp_worker(rank: int, world_size: int, port: int, out: str) -> None:
         cleanup_distributed()
 
 
+@pytest.mark.long
 def test_fsdp2_two_processes_save_and_resume(tmp_path):
     """2 gloo processes with FSDP2: 2 steps, checkpoint, resume in new trainers, 2 more == 4 steps straight
     (full state gathered for the checkpoint and scattered back into the shards on resume)."""
