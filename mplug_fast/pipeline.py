@@ -61,6 +61,7 @@ from mplug_fast.modeling import (
     MPlugForVQA,
 )
 from mplug_fast.tasks import TASKS, from_pretrained, get_task, load_official_checkpoint
+from mplug_fast.train.distributed import check_device
 from mplug_fast.train.evaluation import load_for_evaluation
 from mplug_fast.train.precision import DTYPES as PRECISIONS
 
@@ -86,25 +87,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     found = PRECISIONS.get(dtype, getattr(torch, str(dtype), None))  # training's short names, torch's names
     if not isinstance(found, torch.dtype) or not found.is_floating_point:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 (or fp32, bf16, fp16)")
-    return found
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """A device this torch can use ("auto": cuda when available, else cpu); ValueError naming it otherwise
-    (an unknown name, CUDA on a torch without CUDA or without a visible GPU, a GPU index out of range)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        found = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from e
-    if found.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {str(device)!r}: this torch {torch.__version__} cannot use CUDA (built without it, or "
-            "no GPU is visible); use cpu"
-        )
-    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return found
 
 

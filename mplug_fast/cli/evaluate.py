@@ -18,8 +18,8 @@ from pathlib import Path
 
 from mplug_fast.cli.common import add_config_flags, add_eval_flags, announce, key_values
 from mplug_fast.data import Tokenizer
-from mplug_fast.pipeline import check_device
 from mplug_fast.tasks import TASKS, get_task, task_name
+from mplug_fast.train.distributed import check_device
 from mplug_fast.train.evaluation import load_for_evaluation, run_evaluation
 
 

@@ -35,15 +35,31 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """ "auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" -> cuda:LOCAL_RANK."""
+def check_device(device: str | torch.device) -> torch.device:
+    """A device this torch can use ("auto": cuda when available, else cpu); ValueError naming it otherwise
+    (an unknown name, CUDA on a torch without CUDA or without a visible GPU, a GPU index out of range)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from e
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r}: this torch {torch.__version__} cannot use CUDA (built without it, or "
+            "no GPU is visible); use cpu"
+        )
+    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return found
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """ "auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" -> cuda:LOCAL_RANK; checked by
+    `check_device`."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device(f"cuda:{local_rank}" if device == "cuda" else device)
 
 
 def init_distributed(device: str = "auto", backend: str = "auto") -> DistEnv:
