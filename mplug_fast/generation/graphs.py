@@ -77,7 +77,8 @@ class StepGraphs:
         step(t)
 
     def _warm_up(self, step: Callable[[int], None], cache: KVCache, steps: range) -> None:
-        self.host[steps[0]] = cache.snapshot()  # allocates the cache's spare buffers on the current stream
+        with torch.inference_mode(False):  # allocates the cache's spare buffers (plain, current stream)
+            self.host[steps[0]] = cache.snapshot()
         if not self.tensors[0].is_cuda:
             for t in steps:
                 self._eager(step, cache, t)
