@@ -135,8 +135,9 @@ def beam_search(
     beam, token = step_fn(logits.contiguous(), logit_bias, running, seq, closed, open_ids, *fin, 0, *settings)
     select = beam + beam_offset  # [Bo, K] decoder row each new beam continues
     if cuda_graph and T > 1:  # closed samples stay in the batch, frozen by the beam step
-        beams = [running, seq, closed, open_ids, *fin, token, select, beam_offset]
-        fin = _replay_steps(state, step_fn, settings, beams, logit_bias, sync_every)
+        beams = dict(running=running, seq=seq, closed=closed, open_ids=open_ids, fin_scores=fin_scores)
+        beams |= dict(fin_seqs=fin_seqs, fin_lengths=fin_lengths, steps=steps, token=token, select=select)
+        fin = _replay_steps(state, step_fn, settings, beams, beam_offset, logit_bias, sync_every)
     else:  # closed samples leave the batch at the host checks
         for step in range(1, T):
             Bo = open_ids.shape[0]
@@ -175,51 +176,47 @@ def _replay_steps(
     state: DecodingState,
     step_fn: Callable[..., tuple[Tensor, Tensor]],
     settings: tuple,
-    beams: list[Tensor],
+    beams: dict[str, Tensor],
+    beam_offset: Tensor,
     logit_bias: Tensor | None,
     sync_every: int,
 ) -> list[Tensor]:
     """Steps 1 .. T-1 of `beam_search` on the static buffers of `step_graphs` (recorded the first time).
 
-    beams: running, seq, closed, open_ids, fin_scores, fin_seqs, fin_lengths, steps, token, select,
-    beam_offset after step 0 (the whole batch open). Returns the static fin_scores, fin_seqs, fin_lengths,
+    beams: the beam state after step 0, the whole batch open (running, seq, closed, open_ids, fin_scores,
+    fin_seqs, fin_lengths, steps, token, select). Returns the static fin_scores, fin_seqs, fin_lengths,
     steps after the last step run."""
     cache = state.cache
-    memory_kv = [x for kv in state.memory_kv for x in kv]  # 2 x layers: [B, H, M, Dh]
-    optional = [x for x in (state.memory_mask, logit_bias) if x is not None]
-    tensors = [cache.k, cache.v, cache.mask, *beams, *memory_kv, *optional]
+    tensors = dict(k=cache.k, v=cache.v, mask=cache.mask, beam_offset=beam_offset, **beams)
+    for i, (k, v) in enumerate(state.memory_kv):
+        tensors |= {f"memory_k{i}": k, f"memory_v{i}": v}  # [B, H, M, Dh] each
+    if state.memory_mask is not None:
+        tensors["memory_mask"] = state.memory_mask
+    if logit_bias is not None:
+        tensors["logit_bias"] = logit_bias
     key = (
-        tuple((tuple(x.shape), x.dtype, x.device) for x in tensors),
-        state.memory_mask is None,
-        logit_bias is None,
+        tuple((name, tuple(x.shape), x.dtype, x.device) for name, x in tensors.items()),
         cache.padded,
         state.decoder.training,
         step_fn,
         settings,
     )
     graphs = step_graphs(state.decoder, key, tensors)
-    k, v, mask, running, seq, closed, open_ids, *fin, token, select, beam_offset = graphs.tensors[:14]
-    static_kv, static_optional = (
-        graphs.tensors[14 : 14 + len(memory_kv)],
-        graphs.tensors[14 + len(memory_kv) :],
-    )
-    cache.use_buffers(k, v, mask)
-    state.memory_kv = list(zip(static_kv[::2], static_kv[1::2], strict=True))
-    if state.memory_mask is not None:
-        state.memory_mask = static_optional.pop(0)
-    if logit_bias is not None:
-        logit_bias = static_optional.pop(0)
+    s = graphs.tensors  # the static buffers
+    cache.use_buffers(s["k"], s["v"], s["mask"])
+    state.memory_kv = [(s[f"memory_k{i}"], s[f"memory_v{i}"]) for i in range(len(state.memory_kv))]
+    state.memory_mask, logit_bias = s.get("memory_mask"), s.get("logit_bias")
+    fin = [s["fin_scores"], s["fin_seqs"], s["fin_lengths"], s["steps"]]
+    beam_state = (s["running"], s["seq"], s["closed"], s["open_ids"], *fin)
 
     def step(t: int) -> None:
-        logits = state.advance(token.view(-1), select.view(-1))  # [B*K, V]
-        beam, new_token = step_fn(
-            logits.contiguous(), logit_bias, running, seq, closed, open_ids, *fin, t, *settings
-        )
-        token.copy_(new_token)
-        select.copy_(beam + beam_offset)
+        logits = state.advance(s["token"].view(-1), s["select"].view(-1))  # [B*K, V]
+        beam, token = step_fn(logits.contiguous(), logit_bias, *beam_state, t, *settings)
+        s["token"].copy_(token)
+        s["select"].copy_(beam + s["beam_offset"])
 
     def stop(t: int) -> bool:
-        return t % sync_every == 0 and bool(closed.all())  # the host sync
+        return t % sync_every == 0 and bool(s["closed"].all())  # the host sync
 
     graphs.run(step, cache, range(1, settings[1]), stop)
     return fin

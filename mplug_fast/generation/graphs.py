@@ -40,17 +40,17 @@ _RECORDINGS: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, StepGraphs]] = 
 class StepGraphs:
     """Steps t of one shape, on static buffers `tensors` (clones of the first call's, kept by the graphs)."""
 
-    def __init__(self, tensors: list[Tensor]):
+    def __init__(self, tensors: dict[str, Tensor]):
         with torch.inference_mode(False):  # plain tensors: later calls may write them outside inference mode
-            self.tensors = [x.clone() for x in tensors]
+            self.tensors = {name: x.clone() for name, x in tensors.items()}
         self.host: dict[int, tuple] = {}  # per step: the cache's host state, saved on the first run
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.warm = False  # every step ran once
 
-    def load(self, tensors: list[Tensor]) -> None:
-        """Copies a new call's start state into the static buffers."""
-        for static, x in zip(self.tensors, tensors, strict=True):
-            static.copy_(x)
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        """Copies a new call's start state into the static buffers (same names and shapes)."""
+        for name, x in tensors.items():
+            self.tensors[name].copy_(x)
 
     def run(
         self, step: Callable[[int], None], cache: KVCache, steps: range, stop: Callable[[int], bool]
@@ -79,7 +79,7 @@ class StepGraphs:
     def _warm_up(self, step: Callable[[int], None], cache: KVCache, steps: range) -> None:
         with torch.inference_mode(False):  # allocates the cache's spare buffers (plain, current stream)
             self.host[steps[0]] = cache.snapshot()
-        if not self.tensors[0].is_cuda:
+        if not next(iter(self.tensors.values())).is_cuda:
             for t in steps:
                 self._eager(step, cache, t)
             self.warm = True
@@ -93,13 +93,20 @@ class StepGraphs:
         pool = torch.cuda.graph_pool_handle()  # one pool: a step's temporaries are dead when the next runs
         for t in steps:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._eager(step, cache, t)
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    self._eager(step, cache, t)
+            except RuntimeError as e:  # e.g. "operation not permitted when stream is capturing"
+                raise RuntimeError(
+                    f"recording decode step {t} as a CUDA graph failed: {e}. Something in the step waits "
+                    "for the GPU (e.g. the flash_attn backend with a padding mask); use cuda_graph=False "
+                    "or another attention backend (MPLUG_FAST_ATTENTION=sdpa)"
+                ) from e
             self.graphs[t] = graph
         self.warm = True
 
 
-def step_graphs(module: nn.Module, key: Hashable, tensors: list[Tensor]) -> StepGraphs:
+def step_graphs(module: nn.Module, key: Hashable, tensors: dict[str, Tensor]) -> StepGraphs:
     """The recorded steps of `module` for `key` with `tensors` loaded into their buffers (new ones, holding
     clones of `tensors`, when the key or the module's weights are new)."""
     weights = tuple(p.data_ptr() for p in module.parameters())

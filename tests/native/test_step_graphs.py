@@ -6,10 +6,13 @@ replays); the `gpu` case records real CUDA graphs.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 from mplug_fast.generation import beam_search, graphs
+from mplug_fast.inference.generate import caption_from_memory
 from mplug_fast.modeling.kv_cache import KVCache
 from tests import test_generation
 
@@ -43,7 +46,7 @@ def test_replays_reuse_the_static_buffers_and_stop_early(decoder, monkeypatch):
     kwargs = dict(beam_size=3, max_length=12, sync_every=1)
     beam_search(decoder, *_inputs(4, 0), cuda_graph=True, **kwargs)
     (recorded,) = graphs._RECORDINGS[decoder].values()
-    static = [x.data_ptr() for x in recorded.tensors]
+    static = [x.data_ptr() for x in recorded.tensors.values()]
     cache_buffers = {x.data_ptr() for state in recorded.host.values() for x in (*state[2:5], *state[5])}
     assert len(cache_buffers) == 6  # the cache's buffer pair: k, v, mask and their spares
     written = set()
@@ -60,7 +63,7 @@ def test_replays_reuse_the_static_buffers_and_stop_early(decoder, monkeypatch):
     replayed = test_generation._row_counts(
         decoder, lambda: beam_search(decoder, *_inputs(4, 0), cuda_graph=True, **kwargs)
     )
-    assert [x.data_ptr() for x in recorded.tensors] == static  # the new call was loaded in place
+    assert [x.data_ptr() for x in recorded.tensors.values()] == static  # the new call was loaded in place
     assert list(graphs._RECORDINGS[decoder].values()) == [recorded]
     assert len(written - cache_buffers) == 3  # only the prompt call wrote a cache of its own
     assert eager[-1] < 12 and len(eager) < 12  # samples left the eager batch, which stopped early
@@ -104,3 +107,17 @@ def test_cuda_graphs_equal_eager_beam_search(decoder, mode):
     finally:
         graphs._RECORDINGS.pop(dec, None)
         decoder.to("cpu")
+
+
+def test_caption_from_memory_with_left_padded_prompts(decoder):
+    model = types.SimpleNamespace(decoder=decoder)  # caption_from_memory reads only the decoder
+    memory, _, _ = _inputs(3, 5)
+    prompt = torch.tensor([[0, 101, 2023], [101, 1037, 2023], [0, 0, 101]])
+    prompt_mask = prompt != 0
+    kwargs = dict(beam_size=2, max_length=6, min_length=1)
+    want = caption_from_memory(model, memory, prompt, prompt_mask, **kwargs)
+    for _ in range(2):  # record, replay
+        got = caption_from_memory(model, memory, prompt, prompt_mask, cuda_graph=True, **kwargs)
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    with pytest.raises(ValueError, match="method='beam'"):
+        caption_from_memory(model, memory, method="greedy", cuda_graph=True)
