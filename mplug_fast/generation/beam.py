@@ -3,7 +3,9 @@
 Each step's selection and finished-hypothesis bookkeeping is one call (`beam_step`: the native op of
 kernels/ when built, else its Python twin; identical results). Samples finish independently: a closing
 sample is frozen on the device, and at every `sync_every`-th step one host count of the open samples stops
-the search or drops the closed samples' rows, memory K/V rows and cache rows from the batch.
+the search or drops the closed samples' rows, memory K/V rows and cache rows from the batch. With
+`cuda_graph=True` steps 1 .. T-1 run on static buffers, recorded as CUDA graphs (`graphs.py`), and closed
+samples stay in the batch.
 """
 
 from __future__ import annotations
