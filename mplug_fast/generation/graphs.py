@@ -1,25 +1,16 @@
-"""Recorded decode steps: `beam_search(cuda_graph=True)` replays its steps as CUDA graphs.
+"""Recorded decode steps: `beam_search(cuda_graph=True)` replays its steps as CUDA graphs (docs/native.md).
 
-At batch 1-8 a beam-search step is bound by kernel launches: about fifteen per decoder layer, the cache
-reorder and the beam step, each a few microseconds of GPU work behind a Python launch. A CUDA graph records
-the launches of a step once and replays them with one call.
+A recorded step keeps its inputs and outputs in fixed buffers, makes no host synchronisation and computes
+the same host values at every replay. The step index (an argument of the native beam step), the cache
+length and which buffer of the cache pair is current change from step to step, so one graph is recorded
+per step index t, run with the cache's host state of that step (`KVCache.snapshot` / `restore`); all
+graphs of a shape share one memory pool.
 
-What a recorded step needs, and the beam-search step gives: its inputs and outputs stay in the same
-buffers (the KV cache pair, the beam state, the last tokens, the memory K/V), it makes no host
-synchronisation (the native beam step; `stable_topk` takes its tie path while a graph records) and every
-host value it computes is the same at each replay. The host values that change from step to step -- the
-step index (an argument of the native beam step and of the length penalty), the cache length (the
-self-attention views grow by one position per step) and which buffer of the cache pair is current -- are
-fixed per step index, so one graph is recorded per step index t (1 .. T-1), all in one memory pool, each
-run with the cache's host state of its step (`KVCache.snapshot` / `restore`). The attention of step t reads
-exactly the Lp + t written positions, as in eager decoding. Closed samples stay in the batch (the beam step
-freezes them): the batch size is part of the recording.
-
-`StepGraphs.run` runs every step eagerly the first time (that call's results; on CUDA on a side stream,
-which also compiles Triton kernels and creates library handles before recording), records them, and later
-replays them. Without CUDA it runs the step eagerly on the same buffers with the same host state, which is
-how the tests check the replay discipline on CPU. The recordings of a decoder live as long as it does (at
-most `MAX_KEYS` shapes; new weights drop the old ones); not thread-safe.
+`StepGraphs.run` runs every step eagerly the first time (on CUDA on a side stream: Triton compiles and
+library handles happen before recording), records them, and replays them later. Without CUDA it runs each
+step eagerly on the same buffers with the same host state: the CPU tests check the replay discipline so.
+The recordings of a decoder live as long as it does (at most `MAX_KEYS` shapes; new weights drop them);
+not thread-safe.
 """
 
 from __future__ import annotations
