@@ -131,9 +131,10 @@ def beam_search(
     steps = torch.zeros(B, dtype=torch.long, device=device)  # steps each sample ran
     closed = torch.zeros(B, dtype=torch.bool, device=device)
     open_ids = torch.arange(B, device=device)  # [Bo] samples still in the batch
-    settings = (Lp, T, min_length, -1 if eos_id is None else eos_id, length_penalty)
+    settings = (Lp, T, min_length, -1 if eos_id is None else eos_id, length_penalty)  # the step's scalars
     settings += (mode == "official", early_stopping == "exact")
     fin = [fin_scores, fin_seqs, fin_lengths, steps]
+    # step 0; beam, token: [Bo, K] origin beam and token of each new beam
     beam, token = step_fn(logits.contiguous(), logit_bias, running, seq, closed, open_ids, *fin, 0, *settings)
     select = beam + beam_offset  # [Bo, K] decoder row each new beam continues
     if cuda_graph and T > 1:  # closed samples stay in the batch, frozen by the beam step
