@@ -2,7 +2,7 @@
 
     python benchmarks/generation_speed.py --threads 1   # base preset, 384 px, batch 1 and 8, fp32, CPU
     python benchmarks/generation_speed.py --quick       # tiny preset, few repeats (smoke run)
-    python benchmarks/generation_speed.py --threads 1 --native-only   # native vs Python beam step only
+    python benchmarks/generation_speed.py --threads 1 --native-only   # Python vs native step vs graph only
     python benchmarks/generation_speed.py --device cuda --native-only   # on a GPU
 
 Cases (official inference settings, `mode="official"`):
@@ -15,6 +15,8 @@ Variants:
                 (kernels/, `mplug_fast._C`) when built
     python_step `cached` with the Python twins of the native ops (`native=False`); the per-step time
                 difference to `cached` is the native ops' gain (`ms_per_step` = median / max_length)
+    graph       `cached` with `cuda_graph=True`: steps 1 .. T-1 replayed as CUDA graphs (recorded by the
+                correctness run); on CPU the same static-buffer steps run eagerly (no graph there)
     no_cache    `beam_search(use_cache=False)`: the whole prefix re-run every step, memory K/V still shared
     official    the official loop (`TextGenerator._fast_translate_batch`): the whole prefix re-run every
                 step with the memory tiled per beam and its K/V re-projected every step
@@ -23,7 +25,8 @@ The decoder has random weights (BERT init) and the memory is random: the work pe
 on the weights, and random weights never emit [SEP], so every run goes to max_length (the worst case).
 The vision / text encoders are not timed (identical for every variant). Results are checked first: the
 variants must return the same ids (max score difference recorded). Timing: `time.perf_counter`, median,
-p20, p80 (the correctness run is the warm-up; `--threads 1` is steadier on a shared machine). The official
+p20, p80 (the correctness run is the warm-up, and records the graphs; `--threads 1` is steadier on a
+shared machine); `speedups` holds time ratios variant / cached (below 1: faster than cached). The official
 loop takes minutes at batch 8: its correctness run is timed too (it warms nothing that matters at that
 length), plus `--official-repeats` more runs at batch 1 only; `no_cache` gets `--no-cache-repeats` at
 batch 1 and one run at larger batches. Every sample of a batch runs to max_length (random weights), so
@@ -220,9 +223,18 @@ def main() -> None:
             c = cases[name]
             kw = dict(beam_size=c["beam_size"], min_length=c["min_length"], max_length=c["max_length"])
 
-            def run(use_cache: bool, native: bool | None = None, c=c, kw=kw, start=start):
+            def run(
+                use_cache: bool, native: bool | None = None, graph: bool = False, c=c, kw=kw, start=start
+            ):
                 out = beam_search(
-                    decoder, c["memory"], c["memory_mask"], start, use_cache=use_cache, native=native, **kw
+                    decoder,
+                    c["memory"],
+                    c["memory_mask"],
+                    start,
+                    use_cache=use_cache,
+                    native=native,
+                    cuda_graph=graph,
+                    **kw,
                 )
                 if args.device != "cpu":
                     torch.cuda.synchronize()
@@ -231,11 +243,15 @@ def main() -> None:
             def run_official(c=c, kw=kw, start=start):
                 return official_beam_search(decoder, c["memory"], c["memory_mask"], start, **kw)
 
-            cached, python_step = run(True), run(True, native=False)
-            same = torch.equal(cached.ids, python_step.ids) and torch.equal(cached.scores, python_step.scores)
+            cached, python_step, graph = run(True), run(True, native=False), run(True, graph=True)
+            same = all(
+                torch.equal(cached.ids, x.ids) and torch.equal(cached.scores, x.scores)
+                for x in (python_step, graph)
+            )
             err = 0.0
             variants = {"cached": (lambda: run(True), repeats)}
             variants["python_step"] = (lambda: run(True, native=False), repeats)
+            variants["graph"] = (lambda: run(True, graph=True), repeats)
             if not args.native_only:
                 uncached = run(False)
                 err = float((cached.scores - uncached.scores).abs().max())
@@ -262,7 +278,7 @@ def main() -> None:
                     "shape": shape,
                     "dtype": "float32",
                     "device": args.device,
-                    "native": variant == "cached" and native.load_error() is None,
+                    "native": variant in ("cached", "graph") and native.load_error() is None,
                     "ms_median": statistics.median(times),
                     "ms_per_step": statistics.median(times) / kw["max_length"],
                     "ms_p20": quantile(times, 0.2),
@@ -278,7 +294,7 @@ def main() -> None:
                     flush=True,
                 )
             by = {r["variant"]: r["ms_median"] for r in records if r["case"] == name and r["batch"] == B}
-            for variant in ("python_step", "no_cache", "official"):
+            for variant in ("python_step", "graph", "no_cache", "official"):
                 if variant in by:
                     key = f"{name} batch {B}: {variant} / cached"
                     ratios[key] = by[variant] / by["cached"]

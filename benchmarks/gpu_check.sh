@@ -14,10 +14,10 @@
 #   4. benchmarks/fusion_speed.py: skip-connected vs all-connected vs co-attention -> gpu-fusion.json
 #   5. the native ops (kernels/): built here with the machine's CMake, ninja and nvcc for its own GPU
 #      (setup.py build_ext --inplace; nothing built elsewhere is carried), their CUDA tests against the
-#      Python twins, then caption / VQA generation (base preset, batch 1 and 8): Python step vs native
-#      step -> gpu-native-build.log, gpu-native-tests.log, gpu-generation.json. The decode step under a
-#      CUDA graph is not implemented (docs/native.md), so it is not timed.
-# Steps 1-4 take up to 465 s and step 5 up to 330 s: run steps 1-4 or step 5 alone with STEPS="1 2 3 4" or STEPS=5.
+#      Python twins and beam search under CUDA graphs against eager, then caption / VQA generation
+#      (base preset, fp32, batch 1 and 8): Python step vs native step vs native step under CUDA graphs
+#      (`beam_search(cuda_graph=True)`) -> gpu-native-build.log, gpu-native-tests.log, gpu-generation.json.
+# Steps 1-4 take up to 465 s and step 5 up to 360 s: run steps 1-4 or step 5 alone with STEPS="1 2 3 4" or STEPS=5.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -66,7 +66,7 @@ timeout 40 "$PY" benchmarks/fusion_speed.py --device cuda --dtype bfloat16 \
 fi
 
 if step 5; then
-echo "== 5. native ops: build for this GPU, CUDA op tests, generation Python step vs native step"
+echo "== 5. native ops: build for this GPU, CUDA op tests, generation Python step vs native step vs CUDA graphs"
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 ( time MPLUG_FAST_CUDA_ARCHS="$arch" MPLUG_FAST_NVCC_FLAGS="-Xptxas=-v" timeout 180 "$PY" setup.py build_ext --inplace ) \
     > "$OUT/gpu-native-build.log" 2>&1 || status=1
@@ -75,7 +75,7 @@ grep -E "ptxas info|bytes stack frame" "$OUT/gpu-native-build.log" > "$OUT/gpu-n
 "$PY" -m mplug_fast info 2>&1 | tail -3
 timeout 60 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/native 2>&1 | tee "$OUT/gpu-native-tests.log" \
     || status=1
-timeout 90 "$PY" benchmarks/generation_speed.py --device cuda --native-only --repeats 5 \
+timeout 120 "$PY" benchmarks/generation_speed.py --device cuda --native-only --repeats 5 \
     --out "$OUT/gpu-generation.json" 2>&1 | tee "$OUT/gpu-generation.log" || status=1
 fi
 echo "== done in $(( $(date +%s) - start )) s, status $status"

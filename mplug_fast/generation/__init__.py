@@ -1,6 +1,7 @@
 """Decoding with the text decoder: beam search, greedy, sampling, answer-list ranking.
 
-One concept per module: `beam.py` (official + standard beam search), `sampling.py` (greedy, sampling),
+One concept per module: `beam.py` (official + standard beam search), `beam_step.py` (its step: native op
+or Python twin), `graphs.py` (its steps replayed as CUDA graphs), `sampling.py` (greedy, sampling),
 `ranking.py` (sequence log-likelihoods, answer-list ranking), `state.py` (the decoder side of a batch being
 decoded), `outputs.py` (result types, token ids). The public names are re-exported here.
 
@@ -27,8 +28,10 @@ kept as a baseline for benchmarks and tests.
 Finished samples leave the batch: when a sample closes (official beam search: its top beam emits
 [SEP]; standard: no running beam can improve it; greedy / sampling: all of its rows emitted [SEP]) its rows,
 its memory K/V rows and its cache rows are dropped before the next step, so the decoder only runs the
-samples still open. Host synchronisation: one count of the open samples per step (to stop, and to
-compact when it fell); everything else stays on the device. The beam reorder of the self-attention cache
+samples still open. Host synchronisation: one count of the open samples per step (beam search: every
+`sync_every` steps) to stop, and to compact when it fell; everything else stays on the device
+(`beam_search(cuda_graph=True)`: closed samples stay, frozen, and the steps replay as CUDA graphs). The
+beam reorder of the self-attention cache
 is a gather into a second preallocated buffer (swapped, `KVCache.reorder`), not an in-place advanced-index
 copy.
 No gradients flow through decoding (`torch.no_grad`); for SCST, re-score the returned ids with

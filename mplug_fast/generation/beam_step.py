@@ -35,11 +35,13 @@ def gnmt_length_penalty(step: int, alpha: float = 0.6) -> float:
 def stable_topk(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The n largest entries of each row of x [R, C]: (values, indices) [R, n], value descending, equal
     values by lower index (`torch.topk` leaves the order of ties unspecified). One host synchronisation
-    (whether a tie crosses the n-th place)."""
+    (whether a tie crosses the n-th place), none while a CUDA graph records: the tie path, exact for every
+    row, then always runs."""
     R, C = x.shape
     values, index = x.topk(min(n + 1, C), dim=-1)  # [R, n + 1], ties in any order
     threshold = values[:, n - 1 : n]  # [R, 1] the n-th largest value
-    crossing = values.shape[1] > n and bool((values[:, n] == values[:, n - 1]).any())
+    recording = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    crossing = values.shape[1] > n and (recording or bool((values[:, n] == values[:, n - 1]).any()))
     index = index[:, :n]
     if crossing:  # a tie across the n-th place: take the lowest columns
         above, tied = x > threshold, x == threshold

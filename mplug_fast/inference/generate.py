@@ -38,7 +38,7 @@ def vqa_generate(
     """Open-ended VQA (official inference): beam search from [CLS] over the fused [image; question].
 
     Args: images [B, 3, R, R]; question_ids / question_mask [B, Lq] ("[CLS] question [SEP]", 1 = token);
-    options: `answer_from_memory`'s (beam_size 5, max_length 10, min_length 1, num_return, mode).
+    options: `answer_from_memory`'s (beam_size 5, max_length 10, min_length 1, num_return, mode, cuda_graph).
     Returns: `GenerationOutput` (ids [B, R, L] start with [CLS]; decode with special tokens skipped).
     """
     memory, memory_mask = model.fused_memory(images, question_ids, question_mask)  # [B, Nv + Lq, D]
@@ -56,8 +56,10 @@ def answer_from_memory(
     min_length: int = 1,
     num_return: int = 1,
     mode: Literal["official", "standard"] = "official",
+    cuda_graph: bool = False,
 ) -> GenerationOutput:
-    """Beam search from [CLS] over a fused question memory [B, M, D] (memory_mask bool [B, M])."""
+    """Beam search from [CLS] over a fused question memory [B, M, D] (memory_mask bool [B, M]);
+    `cuda_graph`: replay the decode steps as CUDA graphs (`beam_search`)."""
     start = torch.full((memory.shape[0], 1), CLS_ID, dtype=torch.long, device=memory.device)
     return beam_search(
         model.decoder,
@@ -69,6 +71,7 @@ def answer_from_memory(
         min_length=min_length,
         num_return=num_return,
         mode=mode,
+        cuda_graph=cuda_graph,
     )
 
 
@@ -137,51 +140,33 @@ def caption_from_memory(
     top_p: float | None = None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    cuda_graph: bool = False,
 ) -> GenerationOutput:
     """The caption decoder over visual tokens memory [B, N, D] (no mask), from [CLS] or a prompt.
 
     Args:
         prompt_ids / prompt_mask: [B, Lp] "[CLS] prompt" without the final [SEP], left-padded (mask 1 =
             token); None = [CLS].
-        method: "beam" (official: beam 5, min 8, max 25), "greedy" or "sample" (top_k / top_p /
-            temperature / generator; `num_return` samples per image).
+        method: "beam" (official: beam 5, min 8, max 25; `cuda_graph`: replay the decode steps as CUDA
+            graphs, see `beam_search`), "greedy" or "sample" (top_k / top_p / temperature / generator;
+            `num_return` samples per image).
     Returns: `GenerationOutput` (ids start with the prompt).
     """
     B = memory.shape[0]
     if prompt_ids is None:
         prompt_ids = torch.full((B, 1), CLS_ID, dtype=torch.long, device=memory.device)
         prompt_mask = None
-    decoder = model.decoder
+    if cuda_graph and method != "beam":
+        raise ValueError(f"cuda_graph=True applies to method='beam', got method={method!r}")
+    args = (model.decoder, memory, None, prompt_ids, prompt_mask)
+    lengths = dict(max_length=max_length, min_length=min_length)
     if method == "beam":
         return beam_search(
-            decoder,
-            memory,
-            None,
-            prompt_ids,
-            prompt_mask,
-            beam_size=beam_size,
-            max_length=max_length,
-            min_length=min_length,
-            num_return=num_return,
-            mode=mode,
+            *args, beam_size=beam_size, num_return=num_return, mode=mode, cuda_graph=cuda_graph, **lengths
         )
     if method == "greedy":
-        return greedy(
-            decoder, memory, None, prompt_ids, prompt_mask, max_length=max_length, min_length=min_length
-        )
+        return greedy(*args, **lengths)
     if method == "sample":
-        return sample(
-            decoder,
-            memory,
-            None,
-            prompt_ids,
-            prompt_mask,
-            num_return=num_return,
-            max_length=max_length,
-            min_length=min_length,
-            top_k=top_k,
-            top_p=top_p,
-            temperature=temperature,
-            generator=generator,
-        )
+        options = dict(top_k=top_k, top_p=top_p, temperature=temperature, generator=generator)
+        return sample(*args, num_return=num_return, **options, **lengths)
     raise ValueError(f"method must be 'beam', 'greedy' or 'sample', got {method!r}")

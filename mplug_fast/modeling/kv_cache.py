@@ -10,6 +10,10 @@ finished samples): with the same row count it gathers into a second buffer of th
 two (no allocation after the first reorder); a new row count allocates new buffers. The gather is the
 native `reorder_caches` op when built (kernels/: K and V of every layer in one call, only the `length` valid
 positions), else `index_select(..., out=)` (its Python twin: one contiguous gather of all positions).
+
+`use_buffers(k, v, mask)` moves the cache into given buffers; `snapshot()` / `restore(snapshot)` save and set
+the host state (length, which buffer pair is current): a recorded decode step (CUDA graph) is replayed on
+the same buffers with the same host state.
 """
 
 from __future__ import annotations
@@ -85,6 +89,21 @@ class KVCache:
     def advance(self, new_length: int) -> None:
         """Mark `new_length` more positions valid (after every layer has written them)."""
         self.length += new_length
+
+    def use_buffers(self, k: Tensor, v: Tensor, mask: Tensor) -> None:
+        """Continue in these buffers (of the shapes of `k`, `v`, `mask`; their contents are kept)."""
+        self.k, self.v, self.mask, self._spare = k, v, mask, None
+
+    def snapshot(self) -> tuple:
+        """The host state: (length, padded, k, v, mask, spare buffers); the spare buffers are allocated now,
+        so that no later same-size `reorder` allocates."""
+        if self._spare is None and self.k is not None:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v), torch.empty_like(self.mask))
+        return (self.length, self.padded, self.k, self.v, self.mask, self._spare)
+
+    def restore(self, snapshot: tuple) -> None:
+        """Sets the host state saved by `snapshot` (the buffers' contents are not touched)."""
+        self.length, self.padded, self.k, self.v, self.mask, self._spare = snapshot
 
     def reorder(self, index: Tensor) -> None:
         """Row i becomes old row index[i]; index: long [N'] (N' may differ from N, e.g. prompt -> beams)."""
