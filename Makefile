@@ -5,7 +5,8 @@
 # make bench  - the pytest-benchmark cases (tests/benchmarks) and benchmarks/end_to_end.py --quick
 # make kernels - the full Triton compile gate (fp16, bf16, fp32 for sm_80 and sm_90); make test compiles bf16
 # make install-check - the newcomer's path, not part of make test: a fresh venv, `pip install .` (not
-#               editable), then `mplug-fast demo --quick` and a short caption run from an empty folder
+#               editable), then the quick demo (examples/demo, `python -m demo` with examples/ on the path,
+#               against the installed package) and a short caption run from an empty folder
 #               (INSTALL_CHECK_DIR=... reuses that folder; INSTALL_CHECK_TORCH picks the torch wheel)
 # make cuda-build-check - the native ops' CUDA build (not in make test: the CUDA torch is a 5.5 GB install):
 #               a second venv (.venv-cuda) with torch 2.14.1 (cu130), `pip install .` builds _C for sm_80 and
@@ -71,7 +72,8 @@ install-check:
 	"$$d/venv/bin/pip" install -q "$(INSTALL_CHECK_TORCH)"; \
 	"$$d/venv/bin/pip" install -q "$(CURDIR)"; \
 	cd "$$d/empty"; export PATH="$$d/venv/bin:$$PATH" OMP_NUM_THREADS="$${OMP_NUM_THREADS:-1}"; \
-	t=$$(date +%s); mplug-fast demo --quick; echo "demo --quick: $$(( $$(date +%s) - t )) s"; \
+	t=$$(date +%s); PYTHONPATH="$(CURDIR)/examples" python -m demo --quick; \
+		echo "demo --quick: $$(( $$(date +%s) - t )) s"; \
 	t=$$(date +%s); mplug-fast train --task caption --config caption_tiny_synthetic \
 		--set schedule.max_steps=100; echo "caption train: $$(( $$(date +%s) - t )) s"; \
 	echo "install check passed ($$d)"

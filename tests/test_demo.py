@@ -10,11 +10,11 @@ import re
 import signal
 from pathlib import Path
 
+import demo
 import pytest
 import torch
 import yaml
 
-from mplug_fast import demo
 from mplug_fast.cli import main
 from tests.train.helpers import micro_overrides
 
@@ -175,7 +175,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, capsys, def
 
 
 def test_interrupted_evaluation_and_config_changes(tmp_path, monkeypatch, capsys):
-    import mplug_fast.demo.runner as demo_runner
+    import demo.runner as demo_runner
 
     configs = micro_configs(tmp_path / "configs")
     out = tmp_path / "demo"
@@ -259,7 +259,7 @@ def test_quick_scaling_reads_the_stage_configs(tmp_path):
 
 
 def test_quick_report_says_its_numbers_are_not_meaningful(tmp_path):
-    from mplug_fast.demo.report import write_report
+    from demo.report import write_report
 
     head = {"metric": "accuracy", "value": 40.0, "baseline": 50.0, "above_baseline": False}
     state = {"steps": 2, "train_s": 1.0, "eval_s": 1.0, "wall_s": 2.0, "headline": head}

@@ -22,7 +22,8 @@ IMPORT_NAME = {
     "tensorboard": "torch.utils.tensorboard",
 }
 TOOL_EXTRAS = ("dev",)  # test, lint and benchmark tools: used in the checkout (tests/, benchmarks/)
-LOCAL_MODULES = {"mplug_fast", "tests", "common", "fusion_baselines"}  # benchmarks/ imports its own files
+# benchmarks/ imports its own files; `mplug-fast demo` imports the checkout's examples/demo as `demo`
+LOCAL_MODULES = {"mplug_fast", "tests", "common", "fusion_baselines", "demo"}
 
 
 def _setup_lists() -> tuple[list[str], dict[str, list[str]]]:
@@ -91,7 +92,7 @@ def test_every_extra_is_imported_and_every_optional_import_has_an_extra():
     assert not missing, (
         f"imported by the package but neither a dependency nor an extra in setup.py: {missing}"
     )
-    checkout = _imports(ROOT / "tests", ROOT / "benchmarks")
+    checkout = _imports(ROOT / "tests", ROOT / "benchmarks", ROOT / "examples")
     missing = _unprovided(checkout, base + package_extras + [r for e in TOOL_EXTRAS for r in extras[e]])
     assert not missing, f"imported by tests/ or benchmarks/ but in no requirement of setup.py: {missing}"
 

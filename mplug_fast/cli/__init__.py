@@ -34,4 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mplug-fast``; returns the process exit code (2: bad input, one line on stderr;
     1: a bug, with its traceback)."""
-    return run_command(build_parser().parse_args(argv))
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":  # the example parses its own flags (cli/demo.py)
+        args.args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return run_command(args)

@@ -1,72 +1,51 @@
-"""``mplug-fast demo`` (``make demo``): every task trained and evaluated on the synthetic world
-(``mplug_fast.demo``); resumable after Ctrl-C. A DemoError (a ValueError): one line on stderr, exit code 2."""
+"""``mplug-fast demo``: runs the demo example of the source checkout (``examples/demo``: the staged
+pretrain -> finetune -> evaluate runner, its report and gallery), which is not part of the installed library.
+
+The example is looked up beside the package (an editable install in a clone, as ``make demo`` makes) and
+then in the working directory (a clone with mplug_fast installed from it). All arguments pass through to the
+example's own parser (``mplug-fast demo --help``)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import sys
 from pathlib import Path
 
-import torch
+import mplug_fast
 
-from mplug_fast.cli.common import add_set_flag
-from mplug_fast.demo.runner import run_demo
-from mplug_fast.demo.settings import DemoInterrupted
-from mplug_fast.demo.state import fresh
-from mplug_fast.train.config import CONFIG_ROOT
-
-RESUME_HINT = "`make demo` (or the same `mplug-fast demo` command) resumes where it stopped"
+NOT_FOUND = (
+    "the demo is an example of the source repository (examples/demo), not of the installed package: run it "
+    "from a clone with `make demo` (or `mplug-fast demo` inside the clone)"
+)
 
 
-def default_config_dir(given: str | None) -> Path:
-    """``given``, else ``configs/demo`` of the working directory, else the shipped one (package data)."""
-    if given:
-        return Path(given)
-    local = Path("configs/demo")
-    return local if local.is_dir() else CONFIG_ROOT / "demo"
+def find_examples() -> Path | None:
+    """The ``examples`` folder holding ``demo/cli.py``: beside the package, else in the working directory."""
+    for root in (Path(mplug_fast.__file__).resolve().parents[1], Path.cwd()):
+        if (root / "examples" / "demo" / "cli.py").is_file():
+            return root / "examples"
+    return None
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        if args.fresh:
-            fresh(out)
-        print(f"mplug-fast demo ({'quick' if args.quick else 'full'}) -> {out}", flush=True)
-        run_demo(out, default_config_dir(args.config_dir), quick=args.quick, overrides=args.overrides)
-    except DemoInterrupted as e:
-        print(f"\nInterrupted: {e}; the checkpoint is saved. {RESUME_HINT}.", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. {RESUME_HINT}.", file=sys.stderr)
-        return 130
-    return 0
+    examples = find_examples()
+    if examples is None:
+        raise FileNotFoundError(NOT_FOUND)
+    if str(examples) not in sys.path:
+        sys.path.insert(0, str(examples))
+    # Imported here, not at the top: the example lives outside the package and only in a source checkout.
+    cli = importlib.import_module("demo.cli")
+    if Path(cli.__file__).resolve().parents[1] != examples.resolve():
+        raise ImportError(f"`import demo` found {cli.__file__}, not the example in {examples}")
+    return cli.main(args.args)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Adds ``demo`` to the ``mplug-fast`` sub-commands."""
     p = commands.add_parser(
-        "demo", help="pretrain + finetune + evaluate every task on the synthetic world; writes a report"
+        "demo",
+        add_help=False,
+        help="pretrain + finetune + evaluate every task on the synthetic world (examples/demo; --help there)",
     )
-    p.add_argument("--out", help="output directory (default runs/demo, with --quick runs/demo-quick)")
-    p.add_argument("--quick", action="store_true", help="a short run: steps / 10, 50 evaluation scenes")
-    p.add_argument("--fresh", action="store_true", help="delete the demo's previous outputs and start over")
-    p.add_argument(
-        "--config-dir",
-        help="stage configs <stage>.yaml + demo.yaml (default: configs/demo of the working directory, else "
-        "the shipped mplug_fast/configs/demo)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch CPU threads (default: torch's choice; 1 is far faster on a machine busy with other jobs)",
-    )
-    add_set_flag(p, "override a run-config field in every stage (repeatable): --set device=cpu")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, args=[])  # `main` hands it every argument after `demo`

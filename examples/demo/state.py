@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mplug_fast.demo.settings import DemoError
 from mplug_fast.tasks import get_task
 from mplug_fast.tasks.evaluation import write_json
+
+from .settings import DemoError
 
 STATE_FILE = "stage.json"  # per stage: hashes, status, time and steps
 

@@ -41,11 +41,6 @@ import torch
 from mplug_fast.checkpoint import save_pretrained
 from mplug_fast.data import Tokenizer
 from mplug_fast.data.synthetic import SyntheticWorld
-from mplug_fast.demo.gallery import draw_gallery, gallery_predictions
-from mplug_fast.demo.report import fmt_seconds, stage_line, write_report
-from mplug_fast.demo.settings import DemoInterrupted, load_settings
-from mplug_fast.demo.stages import check_same_model, digest, eval_settings, stage_config, train_hash
-from mplug_fast.demo.state import prepare_stage_dir, read_state, stage_done, write_state
 from mplug_fast.tasks import from_pretrained, get_task
 from mplug_fast.tasks.evaluation import write_json
 from mplug_fast.train.checkpointer import latest_checkpoint
@@ -53,6 +48,12 @@ from mplug_fast.train.distributed import resolve_device
 from mplug_fast.train.evaluation import run_evaluation
 from mplug_fast.train.metrics_log import MetricsLog
 from mplug_fast.train.trainer import Trainer
+
+from .gallery import draw_gallery, gallery_predictions
+from .report import fmt_seconds, stage_line, write_report
+from .settings import DemoInterrupted, load_settings
+from .stages import check_same_model, digest, eval_settings, stage_config, train_hash
+from .state import prepare_stage_dir, read_state, stage_done, write_state
 
 
 def _losses(stage_dir: Path) -> tuple[float | None, float | None]:

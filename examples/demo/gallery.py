@@ -13,9 +13,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mplug_fast.data import Tokenizer
 from mplug_fast.data.synthetic import SyntheticWorld
-from mplug_fast.demo.settings import DemoSettings
 from mplug_fast.metrics.boxes import box_cxcywh_to_xyxy, box_iou_aligned
 from mplug_fast.tasks import from_pretrained, get_task
+
+from .settings import DemoSettings
 
 GALLERY_METHODS = ("answer", "caption", "rank", "ground")  # the pipeline methods the gallery draws
 

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mplug_fast.demo.settings import DemoError, DemoSettings
 from mplug_fast.tasks import get_task
 from mplug_fast.train.config import ConfigError, load_config
+
+from .settings import DemoError, DemoSettings
 
 
 def stage_config(

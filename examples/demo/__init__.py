@@ -3,10 +3,10 @@ gallery (``mplug-fast demo``). One concept per module: ``settings`` (demo.yaml),
 run config and hashes), ``state`` (stage.json, resume), ``runner`` (running the stages), ``gallery`` and
 ``report``."""
 
-from mplug_fast.demo.runner import run_demo, run_stage
-from mplug_fast.demo.settings import DemoError, DemoInterrupted, DemoSettings, load_settings
-from mplug_fast.demo.stages import check_same_model, eval_settings, model_signature, stage_config, train_hash
-from mplug_fast.demo.state import STATE_FILE, fresh, prepare_stage_dir, read_state, stage_done
+from .runner import run_demo, run_stage
+from .settings import DemoError, DemoInterrupted, DemoSettings, load_settings
+from .stages import check_same_model, eval_settings, model_signature, stage_config, train_hash
+from .state import STATE_FILE, fresh, prepare_stage_dir, read_state, stage_done
 
 __all__ = [
     "STATE_FILE",
