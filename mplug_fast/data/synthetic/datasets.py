@@ -151,17 +151,15 @@ class VQADataset(_SceneDataset):
         self.types = tuple(types)
 
     def question(self, i: int) -> tuple[Scene, QA]:
-        """The scene and the QA of item i, without rendering the image."""
+        """The scene (a ``VideoScene`` for videos) and the QA of item i, without rendering the image."""
         k = self._check(i)
         scene = self._scene(k)
         rng = self.world.rng(scene.index, "vqa")
-        by_type = {t: [q for q in scene.qa if q.type == t] for t in self.types}
-        available = [t for t in self.types if by_type[t]]
-        if not available:  # only possible for types=("color",) etc. when a scene has no such question
-            available = [t for t in QA_TYPES if any(q.type == t for q in scene.qa)]
-            by_type = {t: [q for q in scene.qa if q.type == t] for t in available}
-        qa = rng.choice(by_type[rng.choice(available)])  # type first: balanced over the asked types
-        return scene, qa
+        available = [t for t in self.types if any(q.type == t for q in scene.qa)]
+        if not available:  # e.g. types=("color",) when no object of the scene is nameable without its colour
+            available = list(dict.fromkeys(q.type for q in scene.qa))  # the world asks them in type order
+        kind = rng.choice(available)  # type first: balanced over the asked types
+        return scene, rng.choice([q for q in scene.qa if q.type == kind])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         scene, qa = self.question(i)
