@@ -92,18 +92,9 @@ def _read_vocab(path: Path, expected_size: int | None) -> dict[str, int]:
 
 def _clean_up_tokenization(text: str) -> str:
     """transformers 4.x ``PreTrainedTokenizerBase.clean_up_tokenization`` (what the official decode ran)."""
-    return (
-        text.replace(" .", ".")
-        .replace(" ?", "?")
-        .replace(" !", "!")
-        .replace(" ,", ",")
-        .replace(" ' ", "'")
-        .replace(" n't", "n't")
-        .replace(" 'm", "'m")
-        .replace(" 's", "'s")
-        .replace(" 've", "'ve")
-        .replace(" 're", "'re")
-    )
+    for piece in (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're"):  # in this order
+        text = text.replace(piece, piece.strip())  # " ' " -> "'", the others lose their leading space
+    return text
 
 
 def _as_id_list(ids: Sequence[int] | Tensor, what: str) -> list[int]:
