@@ -177,24 +177,18 @@ class CaptionCollator(_Collator):
         return self._with_metadata(samples, batch)
 
 
-class RetrievalCollator(_Collator):
+class RetrievalCollator(PretrainCollator):
     """Image-text pairs -> {"images", "text_ids", "text_mask", "image_ids"} (``image_id`` must be an int)."""
 
     consumed = frozenset({"image", "caption", "image_id"})
 
-    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 30):
-        super().__init__(tokenizer)
-        self.max_length = max_length
-
     def __call__(self, samples: Sequence[Sample]) -> Batch:
         _check_samples(samples, ("image", "caption", "image_id"), type(self).__name__)
-        ids, mask = self._encode([s["caption"] for s in samples], self.max_length)
         try:
             image_ids = torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long)
         except (TypeError, ValueError) as e:
             raise TypeError(f"RetrievalCollator: image_id must be an int per sample ({e})") from None
-        batch = {"images": _stack_images(samples), "text_ids": ids, "text_mask": mask, "image_ids": image_ids}
-        return self._with_metadata(samples, batch)
+        return {**super().__call__(samples), "image_ids": image_ids}
 
 
 class GroundingCollator(_Collator):
