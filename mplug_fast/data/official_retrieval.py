@@ -23,8 +23,6 @@ from mplug_fast.data.official import (
     DEFAULT_MAX_WORDS,
     ImageDataset,
     Transform,
-    check_split,
-    default_transform,
     pre_caption,
 )
 
@@ -49,8 +47,7 @@ class RetrievalJsonDataset(ImageDataset):
         max_words: int = DEFAULT_MAX_WORDS,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
-        super().__init__(image_root, max_bad_fraction)
-        self.split = check_split(split)
+        super().__init__(image_root, max_bad_fraction, split, image_size, transform)
         entries = load_annotations(ann)
         self.texts: list[str] = []
         self.txt2img: list[int] = []
@@ -78,7 +75,6 @@ class RetrievalJsonDataset(ImageDataset):
                 self.texts.append(pre_caption(c, max_words))
                 self.txt2img.append(img)
         self._paths = [self.image_paths[k] for k in self.txt2img]
-        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
 
     @property
     def num_images(self) -> int:
