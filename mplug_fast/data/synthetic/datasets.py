@@ -45,6 +45,17 @@ def box_to_bins(box_cxcywh: Sequence[float] | Tensor, num_bins: int = GROUNDING_
     return torch.floor(t.clamp(0, 1) * num_bins).long()
 
 
+def check_subset(given: Sequence[str], valid: Sequence[str], what: str) -> tuple[str, ...]:
+    """``given`` as a tuple, after checking it is a non-empty subset of ``valid`` without repeats."""
+    given = tuple(given)
+    unknown = [g for g in given if g not in valid]
+    if unknown or not given or len(set(given)) != len(given):
+        raise ValueError(
+            f"{what} must be a non-empty subset of {list(valid)} without repeats, got {list(given)}"
+        )
+    return given
+
+
 class _SceneDataset(Dataset):
     """Shared plumbing: a world, a scene range and an image transform."""
 
@@ -145,10 +156,7 @@ class VQADataset(_SceneDataset):
         transform: Callable[[Image.Image], Tensor] | None = None,
     ):
         super().__init__(world, num_scenes, start, transform)
-        unknown = [t for t in types if t not in self.all_types]
-        if unknown or not types:
-            raise ValueError(f"types must be a non-empty subset of {list(self.all_types)}, got {list(types)}")
-        self.types = tuple(types)
+        self.types = check_subset(types, self.all_types, "types")
 
     def question(self, i: int) -> tuple[Scene, QA]:
         """The scene (a ``VideoScene`` for videos) and the QA of item i, without rendering the image."""
