@@ -234,9 +234,10 @@ class ImageDataset(Dataset, abc.ABC):
         return list(self.bad_images)
 
 
-def first_seen_ids(paths: Sequence[Path]) -> dict[Path, int]:
-    """Each distinct path's number, 0, 1, ... in first-seen order (the image ids of the samples)."""
-    return {p: k for k, p in enumerate(dict.fromkeys(paths))}
+def first_seen_ids(paths: Sequence[Path]) -> list[int]:
+    """The image id of each path: the distinct paths numbered 0, 1, ... in first-seen order."""
+    ids = {p: k for k, p in enumerate(dict.fromkeys(paths))}
+    return [ids[p] for p in paths]
 
 
 def _sentence(record: Record, sentence: Any) -> str:
@@ -402,8 +403,7 @@ class VQAJsonDataset(ImageDataset):
             if name != "vqa" and name not in roots_p:
                 raise AnnotationError(f"{e.origin} is from dataset {name!r}; pass roots={{{name!r}: ...}}")
             self._paths.append(self._resolve(field(e, "image", TEXT), roots_p.get(name)))
-        ids = first_seen_ids(self._paths)
-        self._image_ids = [ids[p] for p in self._paths]
+        self._image_ids = first_seen_ids(self._paths)
 
     def question_text(self, i: int) -> str:
         e = self.ann[i]

@@ -128,8 +128,7 @@ class SNLIVEJsonDataset(_LabelledPairs):
         super().__init__(ann, image_root, split, image_size, transform, max_words, max_bad_fraction)
         names = [str(field(e, "image", TEXT_OR_INT)) for e in self.ann]
         self._paths = [self._resolve(n if Path(n).suffix else n + image_ext) for n in names]
-        ids = first_seen_ids(self._paths)
-        self._image_ids = [ids[p] for p in self._paths]
+        self._image_ids = first_seen_ids(self._paths)
 
     def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
         return {"image": self.transform(image), **self._text_and_label(i), "image_id": self._image_ids[i]}
@@ -160,8 +159,8 @@ class NLVR2JsonDataset(_LabelledPairs):
                 )
             self._paths.append(self._resolve(images[0]))
             self._right_paths.append(self._resolve(images[1]))
-        ids = first_seen_ids(self._paths + self._right_paths)
-        self._image_ids = [(ids[a], ids[b]) for a, b in zip(self._paths, self._right_paths, strict=True)]
+        ids = first_seen_ids(self._paths + self._right_paths)  # left images first
+        self._image_ids = list(zip(ids[: len(self._paths)], ids[len(self._paths) :], strict=True))
 
     def _item_paths(self, i: int) -> tuple[Path, ...]:
         return self._paths[i], self._right_paths[i]
