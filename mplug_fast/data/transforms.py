@@ -30,7 +30,7 @@ both), cv2's 1/32-pixel fixed-point interpolation, and rounding (+-1 grey level)
 
 Caveats:
     * The horizontal flip flips the image only; for VQA the question is not changed (as in the official code).
-      ``GroundingTransform`` (TransVG's grounding pipeline, at the end) swaps left/right in the text.
+      ``GroundingTransform`` (TransVG's pipeline, in ``grounding_transform.py``) swaps left/right in the text.
     * ``load_image`` does not apply EXIF orientation (nor does the official ``Image.open(p).convert('RGB')``).
     * RNG: with ``seed=None`` the transforms draw from Python's global ``random`` module, which the PyTorch
       DataLoader reseeds in every worker; a fixed ``seed`` makes a private ``random.Random`` (every DataLoader
@@ -467,6 +467,3 @@ def train_transform(
 ) -> TrainTransform:
     """The official training transform (fidelity §7); scale (0.2, 1.0) pre-training, (0.5, 1.0) finetuning."""
     return TrainTransform(image_size, scale=scale, hflip=hflip, randaugment=randaugment, seed=seed)
-
-
-# ---- grounding (TransVG) transforms ------------------------------------------------------------------------
