@@ -48,7 +48,7 @@ import abc
 import random
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -238,6 +238,27 @@ def first_seen_ids(paths: Sequence[Path]) -> list[int]:
     """The image id of each path: the distinct paths numbered 0, 1, ... in first-seen order."""
     ids = {p: k for k, p in enumerate(dict.fromkeys(paths))}
     return [ids[p] for p in paths]
+
+
+def gallery(
+    items: Iterable[tuple[Hashable, Any, list[str]]],
+) -> tuple[list[Any], list[str], list[int], list[list[int]]]:
+    """A retrieval gallery from (key, media, texts) triples, the distinct keys numbered 0, 1, ... in
+    first-seen order: (the media of each key (as first seen), all texts, txt2media, media2txt)."""
+    media: list[Any] = []
+    texts: list[str] = []
+    txt2media: list[int] = []
+    media2txt: list[list[int]] = []
+    index: dict[Hashable, int] = {}
+    for key, value, captions in items:
+        k = index.setdefault(key, len(media))
+        if k == len(media):
+            media.append(value)
+            media2txt.append([])
+        media2txt[k] += range(len(texts), len(texts) + len(captions))
+        txt2media += [k] * len(captions)
+        texts += captions
+    return media, texts, txt2media, media2txt
 
 
 def _sentence(record: Record, sentence: Any) -> str:

@@ -33,7 +33,7 @@ from mplug_fast.data.annotations import (
     field,
     load_annotations,
 )
-from mplug_fast.data.official import DEFAULT_MAX_BAD_FRACTION, pre_caption, pre_question
+from mplug_fast.data.official import DEFAULT_MAX_BAD_FRACTION, gallery, pre_caption, pre_question
 from mplug_fast.data.video import SamplingMode, load_video
 
 logger = logging.getLogger(__name__)
@@ -142,21 +142,12 @@ class VideoRetrievalJsonlDataset(_VideoFiles):
 
     def __init__(self, ann: AnnotationSource, video_root: PathLike, **kwargs: Any):
         super().__init__(ann, video_root, **kwargs)
-        self.clips: list[str] = []
-        self.texts: list[str] = []
-        self.txt2vid: list[int] = []
-        self.vid2txt: list[list[int]] = []
-        index: dict[str, int] = {}
+        items = []  # (clip, clip, captions): the rows of one clip are one video
         for row in self.rows:
             captions = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
-            k = index.setdefault(row["clip_name"], len(self.clips))
-            if k == len(self.clips):
-                self.clips.append(row["clip_name"])
-                self.vid2txt.append([])
-            for caption in captions:
-                self.vid2txt[k].append(len(self.texts))
-                self.txt2vid.append(k)
-                self.texts.append(pre_caption(caption, self.max_words))
+            clip = row["clip_name"]
+            items.append((clip, clip, [pre_caption(c, self.max_words) for c in captions]))
+        self.clips, self.texts, self.txt2vid, self.vid2txt = gallery(items)
 
     @property
     def num_videos(self) -> int:
