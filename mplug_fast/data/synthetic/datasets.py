@@ -139,7 +139,8 @@ class CaptionDataset(_SceneDataset):
 
 
 class VQADataset(_SceneDataset):
-    """VQA: item k is one question about scene ``start + k`` (types restricted by ``types``).
+    """VQA: item k is one question about scene ``start + k`` (types restricted by ``types``; None: all of
+    ``all_types``).
 
     Answers are a list with weights (one answer, weight 1.0: the synthetic world is unambiguous), the official
     training format; ``question_id`` = k.
@@ -152,11 +153,11 @@ class VQADataset(_SceneDataset):
         world: SyntheticWorld,
         num_scenes: int,
         start: int = 0,
-        types: Sequence[str] = QA_TYPES,
+        types: Sequence[str] | None = None,
         transform: Callable[[Image.Image], Tensor] | None = None,
     ):
         super().__init__(world, num_scenes, start, transform)
-        self.types = check_subset(types, self.all_types, "types")
+        self.types = check_subset(self.all_types if types is None else types, self.all_types, "types")
 
     def question(self, i: int) -> tuple[Scene, QA]:
         """The scene (a ``VideoScene`` for videos) and the QA of item i, without rendering the image."""

@@ -262,16 +262,6 @@ class VideoQADataset(_VideoDataset, VQADataset):
 
     all_types = VIDEO_QA_TYPES
 
-    def __init__(
-        self,
-        world: SyntheticVideoWorld,
-        num_scenes: int,
-        start: int = 0,
-        types: Sequence[str] = VIDEO_QA_TYPES,
-        transform: Callable[[Sequence[Image.Image]], Tensor] | None = None,
-    ):
-        super().__init__(world, num_scenes, start, types, transform)  # type: ignore[arg-type]
-
     def answer_list(self) -> list[str]:
         """The candidate answers for ranking (every answer the world can give)."""
         return self.world.answer_list()
