@@ -137,17 +137,14 @@ def coerce(annotation: Any, value: Any, *, name: str, where: str = "") -> Any:
         if not isinstance(value, (list, tuple)):
             kind = "a list" if origin is list else "a list (tuple)"
             raise _in(where, f"{name} must be {kind}, got {_got(value)}")
-        if origin is list:
-            (item,) = args or (Any,)
-            return [coerce(item, v, name=f"{name}[{i}]", where=where) for i, v in enumerate(value)]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(args[0], v, name=f"{name}[{i}]", where=where) for i, v in enumerate(value))
-        if args and len(args) != len(value):
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):  # list[X], tuple[X, ...]
+            items = (args[0] if args else Any,) * len(value)
+        elif args and len(args) != len(value):  # tuple[X, Y]
             raise _in(where, f"{name} must have {len(args)} items, got {len(value)}: {value!r}")
-        items = args or (Any,) * len(value)
-        return tuple(
-            coerce(a, v, name=f"{name}[{i}]", where=where) for i, (a, v) in enumerate(zip(items, value))
-        )
+        else:
+            items = args or (Any,) * len(value)
+        out = [coerce(a, v, name=f"{name}[{i}]", where=where) for i, (a, v) in enumerate(zip(items, value))]
+        return out if origin is list else tuple(out)
     if origin is dict or annotation is dict:
         if not isinstance(value, Mapping):
             raise _in(where, f"{name} must be a mapping, got {_got(value)}")

@@ -92,19 +92,28 @@ class _Collator(abc.ABC):
 
 
 class PretrainCollator(_Collator):
-    """Image-caption pairs -> {"images", "text_ids", "text_mask"} (captions truncated to ``max_length``)."""
+    """Image-caption pairs -> {"images", "text_ids", "text_mask"} (captions truncated to ``max_length``).
+
+    The base of the other one-image-one-text collators, which read other keys (``image_key``, ``text_key``),
+    stack other images (``_images``) or pad the texts to exactly ``max_length`` (``pad_to_max``).
+    """
 
     consumed = frozenset({"image", "caption"})
+    image_key, text_key, pad_to_max = "image", "caption", False
 
-    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 30):
+    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int | None = 30):
         super().__init__(tokenizer)
         self.max_length = max_length
 
+    def _images(self, samples: Sequence[Sample]) -> Tensor:
+        return _stack_images(samples)  # [B, 3, R, R]
+
     def __call__(self, samples: Sequence[Sample]) -> Batch:
-        _check_samples(samples, ("image", "caption"), type(self).__name__)
-        ids, mask = self._encode([s["caption"] for s in samples], self.max_length)
+        _check_samples(samples, (self.image_key, self.text_key), type(self).__name__)
+        texts = [s[self.text_key] for s in samples]
+        ids, mask = self._encode(texts, self.max_length, pad_to_max=self.pad_to_max)
         return self._with_metadata(
-            samples, {"images": _stack_images(samples), "text_ids": ids, "text_mask": mask}
+            samples, {"images": self._images(samples), "text_ids": ids, "text_mask": mask}
         )
 
 
@@ -177,41 +186,33 @@ class CaptionCollator(_Collator):
         return self._with_metadata(samples, batch)
 
 
-class RetrievalCollator(_Collator):
+class RetrievalCollator(PretrainCollator):
     """Image-text pairs -> {"images", "text_ids", "text_mask", "image_ids"} (``image_id`` must be an int)."""
 
     consumed = frozenset({"image", "caption", "image_id"})
 
-    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 30):
-        super().__init__(tokenizer)
-        self.max_length = max_length
-
     def __call__(self, samples: Sequence[Sample]) -> Batch:
         _check_samples(samples, ("image", "caption", "image_id"), type(self).__name__)
-        ids, mask = self._encode([s["caption"] for s in samples], self.max_length)
         try:
             image_ids = torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long)
         except (TypeError, ValueError) as e:
             raise TypeError(f"RetrievalCollator: image_id must be an int per sample ({e})") from None
-        batch = {"images": _stack_images(samples), "text_ids": ids, "text_mask": mask, "image_ids": image_ids}
-        return self._with_metadata(samples, batch)
+        return {**super().__call__(samples), "image_ids": image_ids}
 
 
-class GroundingCollator(_Collator):
+class GroundingCollator(PretrainCollator):
     """Referring expressions -> text [B, max_length] (padded to exactly ``max_length``) and boxes [B, 4]."""
 
     consumed = frozenset({"image", "expression", "box"})
+    text_key, pad_to_max = "expression", True
 
     def __init__(self, tokenizer: Tokenizer | None = None, max_length: int = 20):
-        super().__init__(tokenizer)
-        self.max_length = max_length
+        super().__init__(tokenizer, max_length)
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
         _check_samples(samples, ("image", "expression", "box"), type(self).__name__)
-        ids, mask = self._encode([s["expression"] for s in samples], self.max_length, pad_to_max=True)
         boxes = torch.stack([torch.as_tensor(s["box"], dtype=torch.float32).reshape(4) for s in samples])
-        batch = {"images": _stack_images(samples), "text_ids": ids, "text_mask": mask, "boxes": boxes}
-        return self._with_metadata(samples, batch)
+        return {**super().__call__(samples), "boxes": boxes}
 
 
 def move_to(batch: Batch, device: torch.device | str, non_blocking: bool = True) -> Batch:

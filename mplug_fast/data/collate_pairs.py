@@ -12,13 +12,12 @@ A batch where no sample has a ``label`` (unlabelled test data) has no ``labels``
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from mplug_fast.data.collate import Batch, Sample, _check_samples, _Collator, _stack_images
+from mplug_fast.data.collate import Batch, PretrainCollator, Sample
 from mplug_fast.data.tokenizer import Tokenizer
 
 DEFAULT_MAX_LENGTH = 40
@@ -36,38 +35,24 @@ def _labels(samples: Sequence[Sample], who: str) -> Tensor | None:
         raise TypeError(f"{who}: 'label' must be an int class id per sample ({e})") from None
 
 
-class _PairCollator(_Collator):
+class _PairCollator(PretrainCollator):
     """Shared: sentence encoding, optional labels; subclasses say how the images stack."""
 
-    image_key = "image"
+    text_key = "sentence"
 
     def __init__(self, tokenizer: Tokenizer | None = None, max_length: int | None = DEFAULT_MAX_LENGTH):
-        super().__init__(tokenizer)
-        self.max_length = max_length
-
-    @abc.abstractmethod
-    def _images(self, samples: Sequence[Sample]) -> Tensor:
-        """The batch's images tensor."""
+        super().__init__(tokenizer, max_length)
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
-        who = type(self).__name__
-        _check_samples(samples, (self.image_key, "sentence"), who)
-        ids, mask = self._encode([s["sentence"] for s in samples], self.max_length)
-        batch: Batch = {"images": self._images(samples), "text_ids": ids, "text_mask": mask}
-        labels = _labels(samples, who)
-        if labels is not None:
-            batch["labels"] = labels
-        return self._with_metadata(samples, batch)
+        batch = super().__call__(samples)
+        labels = _labels(samples, type(self).__name__)
+        return batch if labels is None else {**batch, "labels": labels}
 
 
 class VECollator(_PairCollator):
-    """Visual entailment samples -> one image and one hypothesis per row."""
+    """Visual entailment samples -> one image [3, R, R] and one hypothesis per row."""
 
-    image_key = "image"
     consumed = frozenset({"image", "sentence", "label"})
-
-    def _images(self, samples: Sequence[Sample]) -> Tensor:
-        return _stack_images(samples)  # [B, 3, R, R]
 
 
 class NLVRCollator(_PairCollator):

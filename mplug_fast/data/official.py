@@ -48,7 +48,7 @@ import abc
 import random
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -121,14 +121,30 @@ class ImageDataset(Dataset, abc.ABC):
     """Plumbing shared by the readers: image paths per item, robust loading with substitution.
 
     Subclasses set ``self._paths`` (one resolved path per item; items with several images also override
-    ``_item_paths``) and implement ``_sample(i, *images)``.
+    ``_item_paths``) and implement ``_sample(i, *images)``. ``split`` is "train", "val" or "test"; without a
+    ``transform`` the images get the official ``train_transform(image_size, scale)`` on the training split,
+    ``test_transform(image_size)`` otherwise.
     """
 
     _paths: list[Path]
 
-    def __init__(self, image_root: PathLike | None, max_bad_fraction: float):
+    def __init__(
+        self,
+        image_root: PathLike | None,
+        max_bad_fraction: float,
+        split: str = "train",
+        image_size: int = 384,
+        transform: Transform | None = None,
+        scale: tuple[float, float] = (0.5, 1.0),
+    ):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
+        if transform is None:
+            train = split == "train"
+            transform = train_transform(image_size, scale=scale) if train else test_transform(image_size)
+        self.split, self.transform = split, transform
         self.image_root = None if image_root is None else Path(image_root)
         self.max_bad_fraction = max_bad_fraction
         self.bad_images: dict[str, str] = {}  # path -> reason
@@ -218,21 +234,31 @@ class ImageDataset(Dataset, abc.ABC):
         return list(self.bad_images)
 
 
-def default_transform(transform: Transform | None, train: bool, image_size: int, scale: tuple) -> Transform:
-    if transform is not None:
-        return transform
-    return train_transform(image_size, scale=scale) if train else test_transform(image_size)
+def first_seen_ids(paths: Sequence[Path]) -> list[int]:
+    """The image id of each path: the distinct paths numbered 0, 1, ... in first-seen order."""
+    ids = {p: k for k, p in enumerate(dict.fromkeys(paths))}
+    return [ids[p] for p in paths]
 
 
-def check_split(split: str) -> str:
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split={split!r} is not supported. Available: 'train', 'val', 'test'")
-    return split
-
-
-def first_seen_ids(paths: Sequence[Path]) -> dict[Path, int]:
-    """Each distinct path's number, 0, 1, ... in first-seen order (the image ids of the samples)."""
-    return {p: k for k, p in enumerate(dict.fromkeys(paths))}
+def gallery(
+    items: Iterable[tuple[Hashable, Any, list[str]]],
+) -> tuple[list[Any], list[str], list[int], list[list[int]]]:
+    """A retrieval gallery from (key, media, texts) triples, the distinct keys numbered 0, 1, ... in
+    first-seen order: (the media of each key (as first seen), all texts, txt2media, media2txt)."""
+    media: list[Any] = []
+    texts: list[str] = []
+    txt2media: list[int] = []
+    media2txt: list[list[int]] = []
+    index: dict[Hashable, int] = {}
+    for key, value, captions in items:
+        k = index.setdefault(key, len(media))
+        if k == len(media):
+            media.append(value)
+            media2txt.append([])
+        media2txt[k] += range(len(texts), len(texts) + len(captions))
+        txt2media += [k] * len(captions)
+        texts += captions
+    return media, texts, txt2media, media2txt
 
 
 def _sentence(record: Record, sentence: Any) -> str:
@@ -264,12 +290,11 @@ class PretrainJsonDataset(ImageDataset):
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
         seed: int = 0,
     ):
-        super().__init__(image_root, max_bad_fraction)
+        super().__init__(image_root, max_bad_fraction, "train", image_size, transform, scale=(0.2, 1.0))
         self.ann = load_annotations(ann)
         for e in self.ann:
             field(e, "caption", TEXT_OR_TEXTS)
         self._paths = [self._resolve(field(e, "image", TEXT)) for e in self.ann]
-        self.transform = default_transform(transform, True, image_size, (0.2, 1.0))
         self.max_words, self.seed, self.epoch = max_words, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -312,11 +337,11 @@ class KarpathyCaptionDataset(ImageDataset):
         karpathy_splits: Sequence[str] | None = None,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
-        super().__init__(image_root, max_bad_fraction)
+        super().__init__(image_root, max_bad_fraction, split, image_size, transform)
         entries = load_annotations(ann)
         if karpathy_splits is not None:
             entries = [e for e in entries if e.get("split") in set(karpathy_splits)]
-        self.split, self.prompt = check_split(split), prompt
+        self.prompt = prompt
         self.images: list[Path] = []
         self.image_ids: list[int] = []
         self.gold: list[list[str]] = []
@@ -342,7 +367,6 @@ class KarpathyCaptionDataset(ImageDataset):
         else:
             self._items = [(k, -1) for k in range(len(self.images))]
         self._paths = [self.images[k] for k, _ in self._items]
-        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
 
     def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
         k, c = self._items[i]
@@ -384,9 +408,9 @@ class VQAJsonDataset(ImageDataset):
         add_object: bool = False,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
-        super().__init__(image_root, max_bad_fraction)
+        super().__init__(image_root, max_bad_fraction, split, image_size, transform)
         self.ann = load_annotations(ann)
-        self.split, self.max_question_words = check_split(split), max_question_words
+        self.max_question_words = max_question_words
         self.add_ocr, self.add_object = add_ocr, add_object
         roots_p = {k: Path(v) for k, v in (roots or {}).items()}
         self._paths = []
@@ -400,9 +424,7 @@ class VQAJsonDataset(ImageDataset):
             if name != "vqa" and name not in roots_p:
                 raise AnnotationError(f"{e.origin} is from dataset {name!r}; pass roots={{{name!r}: ...}}")
             self._paths.append(self._resolve(field(e, "image", TEXT), roots_p.get(name)))
-        ids = first_seen_ids(self._paths)
-        self._image_ids = [ids[p] for p in self._paths]
-        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
+        self._image_ids = first_seen_ids(self._paths)
 
     def question_text(self, i: int) -> str:
         e = self.ann[i]

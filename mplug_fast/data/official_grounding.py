@@ -41,7 +41,8 @@ class RefCocoDataset(ImageDataset):
         truncate_boxes: bool = False,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
-        super().__init__(image_root, max_bad_fraction)
+        transform = transform if transform is not None else GroundingTransform(image_size, train=train)
+        super().__init__(image_root, max_bad_fraction, "train" if train else "test", image_size, transform)
         where = "grounding split"
         if isinstance(split_file, (str, Path)):
             p, where = Path(split_file), Path(split_file).name
@@ -75,7 +76,6 @@ class RefCocoDataset(ImageDataset):
                 box = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
             self.records.append((self._resolve(file), box, phrase.lower()))
         self._paths = [r[0] for r in self.records]
-        self.transform = transform if transform is not None else GroundingTransform(image_size, train=train)
 
     def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
         _, box, phrase = self.records[i]

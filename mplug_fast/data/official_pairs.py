@@ -48,8 +48,6 @@ from mplug_fast.data.official import (
     DEFAULT_MAX_WORDS,
     ImageDataset,
     Transform,
-    check_split,
-    default_transform,
     first_seen_ids,
     pre_caption,
 )
@@ -83,12 +81,14 @@ class _LabelledPairs(ImageDataset):
         ann: AnnotationSource,
         image_root: PathLike | None,
         split: str,
+        image_size: int,
+        transform: Transform | None,
         max_words: int,
         max_bad_fraction: float,
     ):
-        super().__init__(image_root, max_bad_fraction)
+        super().__init__(image_root, max_bad_fraction, split, image_size, transform)
         self.ann = load_annotations(ann)
-        self.split, self.max_words = check_split(split), max_words
+        self.max_words = max_words
         self._labels: list[int | None] = [self._parse(e) for e in self.ann]
 
     def _parse(self, e: Record) -> int | None:
@@ -125,12 +125,10 @@ class SNLIVEJsonDataset(_LabelledPairs):
         image_ext: str = ".jpg",
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
-        super().__init__(ann, image_root, split, max_words, max_bad_fraction)
+        super().__init__(ann, image_root, split, image_size, transform, max_words, max_bad_fraction)
         names = [str(field(e, "image", TEXT_OR_INT)) for e in self.ann]
         self._paths = [self._resolve(n if Path(n).suffix else n + image_ext) for n in names]
-        ids = first_seen_ids(self._paths)
-        self._image_ids = [ids[p] for p in self._paths]
-        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
+        self._image_ids = first_seen_ids(self._paths)
 
     def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
         return {"image": self.transform(image), **self._text_and_label(i), "image_id": self._image_ids[i]}
@@ -151,7 +149,7 @@ class NLVR2JsonDataset(_LabelledPairs):
         max_words: int = DEFAULT_MAX_WORDS,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
-        super().__init__(ann, image_root, split, max_words, max_bad_fraction)
+        super().__init__(ann, image_root, split, image_size, transform, max_words, max_bad_fraction)
         self._paths, self._right_paths = [], []
         for e in self.ann:
             images = field(e, "images", TEXTS)
@@ -161,9 +159,8 @@ class NLVR2JsonDataset(_LabelledPairs):
                 )
             self._paths.append(self._resolve(images[0]))
             self._right_paths.append(self._resolve(images[1]))
-        ids = first_seen_ids(self._paths + self._right_paths)
-        self._image_ids = [(ids[a], ids[b]) for a, b in zip(self._paths, self._right_paths, strict=True)]
-        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
+        ids = first_seen_ids(self._paths + self._right_paths)  # left images first
+        self._image_ids = list(zip(ids[: len(self._paths)], ids[len(self._paths) :], strict=True))
 
     def _item_paths(self, i: int) -> tuple[Path, ...]:
         return self._paths[i], self._right_paths[i]

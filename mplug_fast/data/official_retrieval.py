@@ -4,7 +4,6 @@ image handling)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -23,8 +22,7 @@ from mplug_fast.data.official import (
     DEFAULT_MAX_WORDS,
     ImageDataset,
     Transform,
-    check_split,
-    default_transform,
+    gallery,
     pre_caption,
 )
 
@@ -49,36 +47,15 @@ class RetrievalJsonDataset(ImageDataset):
         max_words: int = DEFAULT_MAX_WORDS,
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
-        super().__init__(image_root, max_bad_fraction)
-        self.split = check_split(split)
-        entries = load_annotations(ann)
-        self.texts: list[str] = []
-        self.txt2img: list[int] = []
-        self.img2txt: list[list[int]] = []
-        self.image_paths: list[Path] = []
-        id_map: dict[Any, int] = {}
-        for e in entries:
+        super().__init__(image_root, max_bad_fraction, split, image_size, transform)
+        items = []  # (image key, image path, captions): train entries of one image id are one image
+        for k, e in enumerate(load_annotations(ann)):
             path = self._resolve(field(e, "image", TEXT))
-            if split == "train":
-                key = e.get("image_id", str(path))
-                if key not in id_map:
-                    id_map[key] = len(id_map)
-                    self.image_paths.append(path)
-                    self.img2txt.append([])
-                img = id_map[key]
-                caps = [field(e, "caption", TEXT)]
-            else:
-                img = len(self.image_paths)
-                self.image_paths.append(path)
-                self.img2txt.append([])
-                caps = field(e, "caption", TEXT_OR_TEXTS)
-                caps = [caps] if isinstance(caps, str) else caps
-            for c in caps:
-                self.img2txt[img].append(len(self.texts))
-                self.texts.append(pre_caption(c, max_words))
-                self.txt2img.append(img)
+            caps = field(e, "caption", TEXT if split == "train" else TEXT_OR_TEXTS)
+            caps = [pre_caption(c, max_words) for c in ([caps] if isinstance(caps, str) else caps)]
+            items.append((e.get("image_id", str(path)) if split == "train" else k, path, caps))
+        self.image_paths, self.texts, self.txt2img, self.img2txt = gallery(items)
         self._paths = [self.image_paths[k] for k in self.txt2img]
-        self.transform = default_transform(transform, split == "train", image_size, (0.5, 1.0))
 
     @property
     def num_images(self) -> int:

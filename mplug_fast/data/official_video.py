@@ -15,9 +15,8 @@ video tasks' evaluate functions read both: ``video`` float32 [T, 3, R, R] and th
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -34,29 +33,42 @@ from mplug_fast.data.annotations import (
     field,
     load_annotations,
 )
-from mplug_fast.data.official import DEFAULT_MAX_BAD_FRACTION, pre_caption, pre_question
+from mplug_fast.data.official import DEFAULT_MAX_BAD_FRACTION, gallery, pre_caption, pre_question
 from mplug_fast.data.video import SamplingMode, load_video
 
 logger = logging.getLogger(__name__)
 
 
 class _VideoFiles(Dataset):
-    """Shared plumbing: where each video id's frames are, the frame sampling, the missing-video policy."""
+    """Shared plumbing: the checked records whose video exists, where each video id's frames are, the frame
+    sampling and the missing-video policy. A subclass names its record ``fields`` (the video id first), what
+    a record is (``what``, for messages) and its official ``defaults`` (num_frames, image_size, max_words)
+    for the arguments left None."""
+
+    fields: ClassVar[dict[str, Kind]]
+    what: ClassVar[str]
+    defaults: ClassVar[tuple[int, int, int]]
 
     def __init__(
         self,
+        ann: AnnotationSource,
         video_root: PathLike,
-        num_frames: int,
-        image_size: int,
-        video_ext: str,
-        frame_sampling: SamplingMode,
-        max_bad_fraction: float,
+        num_frames: int | None = None,
+        image_size: int | None = None,
+        video_ext: str = ".mp4",
+        frame_sampling: SamplingMode = "official",
+        max_words: int | None = None,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+        split: str = "test",
     ):
+        given = (num_frames, image_size, max_words)
+        num_frames, image_size, max_words = (d if v is None else v for v, d in zip(given, self.defaults))
         if num_frames < 1 or image_size < 1:
             raise ValueError(f"need num_frames >= 1 and image_size >= 1, got {num_frames}, {image_size}")
         self.video_root, self.num_frames, self.image_size = Path(video_root), num_frames, image_size
         self.video_ext, self.frame_sampling = video_ext, frame_sampling
-        self.max_bad_fraction = max_bad_fraction
+        self.max_words, self.max_bad_fraction, self.split = max_words, max_bad_fraction, split
+        self.rows = self.present_rows(ann)
 
     def source(self, video_id: Any) -> Path | None:
         """The frame folder or video file of ``video_id`` (None when neither exists)."""
@@ -66,20 +78,20 @@ class _VideoFiles(Dataset):
         file = self.video_root / f"{video_id}{self.video_ext}"
         return file if file.is_file() else None
 
-    def present_rows(self, ann: AnnotationSource, fields: Mapping[str, Kind], what: str) -> list[Record]:
-        """The records of ``ann`` (checked to have ``fields``, the first the video id) whose video exists;
-        warns about the missing ones, raises past ``max_bad_fraction``."""
+    def present_rows(self, ann: AnnotationSource) -> list[Record]:
+        """The records of ``ann`` (checked to have ``fields``) whose video exists; warns about the missing
+        ones, raises past ``max_bad_fraction``."""
         rows = load_annotations(ann)
         for row in rows:
-            for name, kind in fields.items():
+            for name, kind in self.fields.items():
                 field(row, name, kind)
-        id_key = next(iter(fields))
+        id_key = next(iter(self.fields))
         found = [self.source(r[id_key]) is not None for r in rows]
         missing = [r[id_key] for r, ok in zip(rows, found, strict=True) if not ok]
         if missing:
             message = (
-                f"{len(missing)} of {len(rows)} {what} have no video under {self.video_root} (a folder <id>/ "
-                f"or a file <id>{self.video_ext}), e.g. {missing[:3]}"
+                f"{len(missing)} of {len(rows)} {self.what} have no video under {self.video_root} (a folder "
+                f"<id>/ or a file <id>{self.video_ext}), e.g. {missing[:3]}"
             )
             if len(missing) / len(rows) > self.max_bad_fraction:
                 raise FileNotFoundError(f"{message}: more than max_bad_fraction={self.max_bad_fraction}")
@@ -93,31 +105,18 @@ class _VideoFiles(Dataset):
             raise FileNotFoundError(f"video {video_id!r} disappeared from {self.video_root}")
         return load_video(source, self.num_frames, self.image_size, self.frame_sampling)
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
 
 class VideoQAJsonlDataset(_VideoFiles):
     """MSRVTT-QA / MSVD-QA: one item per question (official: exact-match accuracy, answers ranked over the
-    training answer list). Items: video, question, answers ([answer]), weights ([1.0]), question_id,
-    video_id."""
+    training answer list; 16 frames at 384 px, questions of at most 50 words). Items: video, question,
+    answers ([answer]), weights ([1.0]), question_id, video_id."""
 
-    def __init__(
-        self,
-        ann: AnnotationSource,
-        video_root: PathLike,
-        num_frames: int = 16,
-        image_size: int = 384,
-        video_ext: str = ".mp4",
-        frame_sampling: SamplingMode = "official",
-        max_words: int = 50,
-        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-        split: str = "test",
-    ):
-        super().__init__(video_root, num_frames, image_size, video_ext, frame_sampling, max_bad_fraction)
-        fields = {"video_id": TEXT_OR_INT, "question": TEXT, "answer": TEXT_OR_INT}
-        self.rows = self.present_rows(ann, fields, "questions")
-        self.max_words, self.split = max_words, split
-
-    def __len__(self) -> int:
-        return len(self.rows)
+    fields = {"video_id": TEXT_OR_INT, "question": TEXT, "answer": TEXT_OR_INT}
+    what = "questions"
+    defaults = (16, 384, 50)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
@@ -132,40 +131,23 @@ class VideoQAJsonlDataset(_VideoFiles):
 
 
 class VideoRetrievalJsonlDataset(_VideoFiles):
-    """MSRVTT retrieval (1k-A test ``msrvtt_test.jsonl``): rows {clip_name, caption}; a clip may appear in
-    several rows (one text each). Gallery like the synthetic ``VideoRetrievalDataset``: ``texts``,
-    ``txt2vid[t]``, ``vid2txt[k]``, ``video(k)``; item i = (video of text i, text i, video index)."""
+    """MSRVTT retrieval (1k-A test ``msrvtt_test.jsonl``; official: 12 frames at 224 px, captions of at most
+    35 words): rows {clip_name, caption}; a clip may appear in several rows (one text each). Gallery like
+    the synthetic ``VideoRetrievalDataset``: ``texts``, ``txt2vid[t]``, ``vid2txt[k]``, ``video(k)``; item
+    i = (video of text i, text i, video index)."""
 
-    def __init__(
-        self,
-        ann: AnnotationSource,
-        video_root: PathLike,
-        num_frames: int = 12,
-        image_size: int = 224,
-        video_ext: str = ".mp4",
-        frame_sampling: SamplingMode = "official",
-        max_words: int = 35,
-        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-        split: str = "test",
-    ):
-        super().__init__(video_root, num_frames, image_size, video_ext, frame_sampling, max_bad_fraction)
-        rows = self.present_rows(ann, {"clip_name": TEXT_OR_INT, "caption": TEXT_OR_TEXTS}, "texts")
-        self.clips: list[str] = []
-        self.texts: list[str] = []
-        self.txt2vid: list[int] = []
-        self.vid2txt: list[list[int]] = []
-        index: dict[str, int] = {}
-        for row in rows:
+    fields = {"clip_name": TEXT_OR_INT, "caption": TEXT_OR_TEXTS}
+    what = "texts"
+    defaults = (12, 224, 35)
+
+    def __init__(self, ann: AnnotationSource, video_root: PathLike, **kwargs: Any):
+        super().__init__(ann, video_root, **kwargs)
+        items = []  # (clip, clip, captions): the rows of one clip are one video
+        for row in self.rows:
             captions = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
-            k = index.setdefault(row["clip_name"], len(self.clips))
-            if k == len(self.clips):
-                self.clips.append(row["clip_name"])
-                self.vid2txt.append([])
-            for caption in captions:
-                self.vid2txt[k].append(len(self.texts))
-                self.txt2vid.append(k)
-                self.texts.append(pre_caption(caption, max_words))
-        self.split = split
+            clip = row["clip_name"]
+            items.append((clip, clip, [pre_caption(c, self.max_words) for c in captions]))
+        self.clips, self.texts, self.txt2vid, self.vid2txt = gallery(items)
 
     @property
     def num_videos(self) -> int:
@@ -184,27 +166,12 @@ class VideoRetrievalJsonlDataset(_VideoFiles):
 
 
 class VATEXCaptionDataset(_VideoFiles):
-    """VATEX captioning, evaluation form: one item per video with all its English captions as gold.
-    Items: video, captions, video_id."""
+    """VATEX captioning, evaluation form (official: 8 frames at 448 px, captions of at most 30 words): one
+    item per video with all its English captions as gold. Items: video, captions, video_id."""
 
-    def __init__(
-        self,
-        ann: AnnotationSource,
-        video_root: PathLike,
-        num_frames: int = 8,
-        image_size: int = 448,
-        video_ext: str = ".mp4",
-        frame_sampling: SamplingMode = "official",
-        max_words: int = 30,
-        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-        split: str = "test",
-    ):
-        super().__init__(video_root, num_frames, image_size, video_ext, frame_sampling, max_bad_fraction)
-        self.rows = self.present_rows(ann, {"videoID": TEXT_OR_INT, "enCap": TEXTS}, "videos")
-        self.max_words, self.split = max_words, split
-
-    def __len__(self) -> int:
-        return len(self.rows)
+    fields = {"videoID": TEXT_OR_INT, "enCap": TEXTS}
+    what = "videos"
+    defaults = (8, 448, 30)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]

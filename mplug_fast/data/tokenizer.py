@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -57,6 +57,7 @@ DEFAULT_SPECIAL_IDS = {PAD: 0, UNK: 100, CLS: 101, SEP: 102, MASK: 103}  # in th
 
 Padding = Literal["longest", "max_length"] | bool
 PADDING_MODES = ("longest", "max_length", True, False)
+BATCH_FIELDS = ("input_ids", "attention_mask")  # the keys of a TokenizedBatch read as a mapping
 
 
 def _read_vocab(path: Path, expected_size: int | None) -> dict[str, int]:
@@ -91,18 +92,9 @@ def _read_vocab(path: Path, expected_size: int | None) -> dict[str, int]:
 
 def _clean_up_tokenization(text: str) -> str:
     """transformers 4.x ``PreTrainedTokenizerBase.clean_up_tokenization`` (what the official decode ran)."""
-    return (
-        text.replace(" .", ".")
-        .replace(" ?", "?")
-        .replace(" !", "!")
-        .replace(" ,", ",")
-        .replace(" ' ", "'")
-        .replace(" n't", "n't")
-        .replace(" 'm", "'m")
-        .replace(" 's", "'s")
-        .replace(" 've", "'ve")
-        .replace(" 're", "'re")
-    )
+    for piece in (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're"):  # in this order
+        text = text.replace(piece, piece.strip())  # " ' " -> "'", the others lose their leading space
+    return text
 
 
 def _as_id_list(ids: Sequence[int] | Tensor, what: str) -> list[int]:
@@ -118,7 +110,7 @@ def _as_id_list(ids: Sequence[int] | Tensor, what: str) -> list[int]:
 
 
 @dataclass
-class TokenizedBatch:
+class TokenizedBatch(Mapping):
     """The output of ``Tokenizer.__call__``; also readable as a mapping (``batch["input_ids"]``, ``**batch``).
 
     Attributes:
@@ -129,22 +121,16 @@ class TokenizedBatch:
     input_ids: Tensor
     attention_mask: Tensor
 
-    def keys(self) -> tuple[str, ...]:
-        return ("input_ids", "attention_mask")
-
     def __getitem__(self, key: str) -> Tensor:
-        if key not in self.keys():
-            raise KeyError(f"TokenizedBatch has no field {key!r}. Available: {', '.join(self.keys())}")
+        if key not in BATCH_FIELDS:
+            raise KeyError(f"TokenizedBatch has no field {key!r}. Available: {', '.join(BATCH_FIELDS)}")
         return getattr(self, key)
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.keys()
-
     def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
+        return iter(BATCH_FIELDS)
 
     def __len__(self) -> int:
-        return len(self.keys())
+        return len(BATCH_FIELDS)
 
     def to(self, device: torch.device | str) -> TokenizedBatch:
         """Both tensors moved to ``device`` (non-blocking where possible)."""
@@ -228,11 +214,6 @@ class Tokenizer:
         return self._vocab[MASK]
 
     @property
-    def all_special_ids(self) -> frozenset[int]:
-        """Ids of [PAD], [UNK], [CLS], [SEP], [MASK]: what ``decode(skip_special_tokens=True)`` drops."""
-        return self._special_ids
-
-    @property
     def vocab_size(self) -> int:
         """Number of ids (30522 for bert-base-uncased); the size of the embedding and LM-head tables."""
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -252,17 +233,6 @@ class Tokenizer:
         if isinstance(tokens, str):
             return self._vocab.get(tokens, self.unk_token_id)
         return [self._vocab.get(t, self.unk_token_id) for t in tokens]
-
-    def convert_ids_to_tokens(self, ids: int | Sequence[int] | Tensor) -> str | list[str]:
-        """Id(s) -> token(s); an id outside [0, vocab_size) raises ``ValueError``."""
-        if isinstance(ids, Tensor) and ids.dim() == 0:
-            return self._id_to_token(int(ids.item()))
-        if not isinstance(ids, Tensor):
-            try:  # a single int (Python or numpy)
-                return self._id_to_token(operator.index(ids))
-            except TypeError:
-                pass
-        return [self._id_to_token(i) for i in _as_id_list(ids, "convert_ids_to_tokens")]
 
     def _id_to_token(self, i: int) -> str:
         try:

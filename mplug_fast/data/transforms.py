@@ -30,7 +30,7 @@ both), cv2's 1/32-pixel fixed-point interpolation, and rounding (+-1 grey level)
 
 Caveats:
     * The horizontal flip flips the image only; for VQA the question is not changed (as in the official code).
-      ``GroundingTransform`` (TransVG's grounding pipeline, at the end) swaps left/right in the text.
+      ``GroundingTransform`` (TransVG's pipeline, in ``grounding_transform.py``) swaps left/right in the text.
     * ``load_image`` does not apply EXIF orientation (nor does the official ``Image.open(p).convert('RGB')``).
     * RNG: with ``seed=None`` the transforms draw from Python's global ``random`` module, which the PyTorch
       DataLoader reseeds in every worker; a fixed ``seed`` makes a private ``random.Random`` (every DataLoader
@@ -365,6 +365,8 @@ RANDAUG_FUNCS: dict[str, Callable[..., Image.Image]] = {
     "Rotate": rotate,
 }
 RANDAUG_OPS: tuple[str, ...] = tuple(RANDAUG_FUNCS)  # the official ten, in the official order
+# the ops with a random sign: their value at level 1 (official translate_const = 10)
+RANDAUG_SIGNED = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 10.0, "TranslateY": 10.0, "Rotate": 30.0}
 
 
 def randaug_args(name: str, magnitude: float, rng: random.Random | Any) -> tuple:
@@ -374,15 +376,10 @@ def randaug_args(name: str, magnitude: float, rng: random.Random | Any) -> tuple
         return ()
     if name in ("Brightness", "Sharpness"):
         return (level * 1.8 + 0.1,)  # 1.36 at M = 7; never inverted
-    if name in ("ShearX", "ShearY"):
-        v, fill = level * 0.3, RANDAUG_FILL
-    elif name in ("TranslateX", "TranslateY"):
-        v, fill = level * 10.0, RANDAUG_FILL  # official translate_const = 10
-    elif name == "Rotate":
-        v, fill = level * 30.0, RANDAUG_FILL
-    else:
+    if name not in RANDAUG_SIGNED:
         raise ValueError(f"unknown RandomAugment op {name!r}. Available: {', '.join(RANDAUG_OPS)}")
-    return (-v if rng.random() < 0.5 else v, fill)
+    v = level * RANDAUG_SIGNED[name]
+    return (-v if rng.random() < 0.5 else v, RANDAUG_FILL)
 
 
 class RandomAugment:
@@ -470,6 +467,3 @@ def train_transform(
 ) -> TrainTransform:
     """The official training transform (fidelity §7); scale (0.2, 1.0) pre-training, (0.5, 1.0) finetuning."""
     return TrainTransform(image_size, scale=scale, hflip=hflip, randaugment=randaugment, seed=seed)
-
-
-# ---- grounding (TransVG) transforms ------------------------------------------------------------------------

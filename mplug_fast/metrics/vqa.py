@@ -50,109 +50,36 @@ NUMBER_WORDS = {"none": "0"} | {
 }
 ARTICLES = frozenset({"a", "an", "the"})
 
-# canonical form -> the spellings the official table maps to it (written as canonical: variants).
-_CONTRACTION_VARIANTS = {
-    "ain't": "aint",
-    "aren't": "arent",
-    "can't": "cant",
-    "could've": "couldve",
-    "couldn't": "couldnt",
-    "couldn't've": "couldn'tve couldnt've",
-    "didn't": "didnt",
-    "doesn't": "doesnt",
-    "don't": "dont",
-    "hadn't": "hadnt",
-    "hadn't've": "hadnt've hadn'tve",
-    "hasn't": "hasnt",
-    "haven't": "havent",
-    "he'd": "hed",
-    "he'd've": "hed've he'dve",
-    "he's": "hes",
-    "how'd": "howd",
-    "how'll": "howll",
-    "how's": "hows",
-    "I'd've": "Id've I'dve",  # quirk: capitalised keys never match (text is lower-cased first)
-    "I'm": "Im",
-    "I've": "Ive",
-    "isn't": "isnt",
-    "it'd": "itd",
-    "it'd've": "itd've it'dve",
-    "it'll": "itll",
-    "let's": "let's",  # identity entry
-    "ma'am": "maam",
-    "mightn't": "mightnt",
-    "mightn't've": "mightnt've mightn'tve",
-    "might've": "mightve",
-    "mustn't": "mustnt",
-    "must've": "mustve",
-    "needn't": "neednt",
-    "not've": "notve",
-    "o'clock": "oclock",
-    "oughtn't": "oughtnt",
-    "'ow's'at": "ow's'at 'ows'at",
-    "'ow'sat": "'ow'sat",  # identity entry
-    "shan't": "shant",
-    "she'd've": "shed've she'dve",
-    "she's": "she's",  # identity entry (no "shes" key)
-    "should've": "shouldve",
-    "shouldn't": "shouldnt",
-    "shouldn't've": "shouldnt've shouldn'tve",
-    "somebodyd": "somebody'd",  # quirk: reversed in the official table
-    "somebody'd've": "somebodyd've somebody'dve",
-    "somebody'll": "somebodyll",
-    "somebody's": "somebodys",
-    "someone'd": "someoned",
-    "someone'd've": "someoned've someone'dve",
-    "someone'll": "someonell",
-    "someone's": "someones",
-    "something'd": "somethingd",
-    "something'd've": "somethingd've something'dve",
-    "something'll": "somethingll",
-    "that's": "thats",
-    "there'd": "thered",
-    "there'd've": "thered've there'dve",
-    "there're": "therere",
-    "there's": "theres",
-    "they'd": "theyd",
-    "they'd've": "theyd've they'dve",
-    "they'll": "theyll",
-    "they're": "theyre",
-    "they've": "theyve",
-    "'twas": "twas",
-    "wasn't": "wasnt",
-    "we'd've": "wed've we'dve",
-    "we've": "weve",
-    "weren't": "werent",
-    "what'll": "whatll",
-    "what're": "whatre",
-    "what's": "whats",
-    "what've": "whatve",
-    "when's": "whens",
-    "where'd": "whered",
-    "where's": "wheres",
-    "where've": "whereve",
-    "who'd": "whod",
-    "who'd've": "whod've who'dve",
-    "who'll": "wholl",
-    "who's": "whos",
-    "who've": "whove",
-    "why'll": "whyll",
-    "why're": "whyre",
-    "why's": "whys",
-    "won't": "wont",
-    "would've": "wouldve",
-    "wouldn't": "wouldnt",
-    "wouldn't've": "wouldnt've wouldn'tve",
-    "y'all": "yall",
-    "y'all'll": "yall'll y'allll",
-    "y'all'd've": "yall'd've y'alld've y'all'dve",
-    "you'd": "youd",
-    "you'd've": "youd've you'dve",
-    "you'll": "youll",
-    "you're": "youre",
-    "you've": "youve",
+# The official contraction table as data: "canonical=variant[,variant...]", each variant (a spelling without
+# its apostrophes) mapped to the canonical form. Quirks kept: the capitalised keys (Id've, I'dve, Im, Ive)
+# never match, the text being lower-cased first; let's, 'ow'sat and she's map to themselves (there is no
+# "shes" key); somebodyd <- somebody'd is reversed.
+_CONTRACTION_VARIANTS = """
+ain't=aint aren't=arent can't=cant could've=couldve couldn't=couldnt couldn't've=couldn'tve,couldnt've
+didn't=didnt doesn't=doesnt don't=dont hadn't=hadnt hadn't've=hadnt've,hadn'tve hasn't=hasnt haven't=havent
+he'd=hed he'd've=hed've,he'dve he's=hes how'd=howd how'll=howll how's=hows I'd've=Id've,I'dve I'm=Im
+I've=Ive isn't=isnt it'd=itd it'd've=itd've,it'dve it'll=itll let's=let's ma'am=maam mightn't=mightnt
+mightn't've=mightnt've,mightn'tve might've=mightve mustn't=mustnt must've=mustve needn't=neednt not've=notve
+o'clock=oclock oughtn't=oughtnt 'ow's'at=ow's'at,'ows'at 'ow'sat='ow'sat shan't=shant
+she'd've=shed've,she'dve she's=she's should've=shouldve shouldn't=shouldnt
+shouldn't've=shouldnt've,shouldn'tve somebodyd=somebody'd somebody'd've=somebodyd've,somebody'dve
+somebody'll=somebodyll somebody's=somebodys someone'd=someoned someone'd've=someoned've,someone'dve
+someone'll=someonell someone's=someones something'd=somethingd something'd've=somethingd've,something'dve
+something'll=somethingll that's=thats there'd=thered there'd've=thered've,there'dve there're=therere
+there's=theres they'd=theyd they'd've=theyd've,they'dve they'll=theyll they're=theyre they've=theyve
+'twas=twas wasn't=wasnt we'd've=wed've,we'dve we've=weve weren't=werent what'll=whatll what're=whatre
+what's=whats what've=whatve when's=whens where'd=whered where's=wheres where've=whereve who'd=whod
+who'd've=whod've,who'dve who'll=wholl who's=whos who've=whove why'll=whyll why're=whyre why's=whys
+won't=wont would've=wouldve wouldn't=wouldnt wouldn't've=wouldnt've,wouldn'tve y'all=yall
+y'all'll=yall'll,y'allll y'all'd've=yall'd've,y'alld've,y'all'dve you'd=youd you'd've=youd've,you'dve
+you'll=youll you're=youre you've=youve
+"""
+CONTRACTIONS: dict[str, str] = {
+    variant: canonical
+    for entry in _CONTRACTION_VARIANTS.split()
+    for canonical, variants in [entry.split("=")]
+    for variant in variants.split(",")
 }
-CONTRACTIONS: dict[str, str] = {v: canon for canon, vs in _CONTRACTION_VARIANTS.items() for v in vs.split()}
 
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")

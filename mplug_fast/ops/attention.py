@@ -260,15 +260,9 @@ def attention(
     Returns:
         [B, H, Lq, Dh], q's dtype.
     """
-    check_attention_inputs(q, k, v, key_padding_mask, kv_index)
-    key = attention_key(q, k, v, key_padding_mask, causal, dropout_p)
-    return ATTENTION[resolve_attention(*key, backend, config_backend)].run(
-        q,
-        k,
-        v,
-        key_padding_mask=key_padding_mask,
-        causal=causal,
-        dropout_p=dropout_p,
-        scale=scale,
-        kv_index=kv_index,
+    check_attention_inputs(q, k, v, key_padding_mask, kv_index)  # before the resolution reads q's properties
+    name = resolve_attention(
+        *attention_key(q, k, v, key_padding_mask, causal, dropout_p), backend, config_backend
     )
+    kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, kv_index=kv_index)
+    return run_attention(name, q, k, v, scale=scale, **kwargs)

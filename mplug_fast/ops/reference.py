@@ -128,19 +128,9 @@ def attention_ref(
     return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype)
 
 
-def layer_norm_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over the last dim, computed in fp32."""
-    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
-
-
 def quick_gelu_ref(x: Tensor) -> Tensor:
     """CLIP's QuickGELU: x * sigmoid(1.702 x)."""
     return x * torch.sigmoid(1.702 * x)
-
-
-def gelu_ref(x: Tensor) -> Tensor:
-    """BERT's exact (erf) GELU."""
-    return F.gelu(x)
 
 
 def residual_layer_norm_ref(

@@ -45,6 +45,17 @@ def box_to_bins(box_cxcywh: Sequence[float] | Tensor, num_bins: int = GROUNDING_
     return torch.floor(t.clamp(0, 1) * num_bins).long()
 
 
+def check_subset(given: Sequence[str], valid: Sequence[str], what: str) -> tuple[str, ...]:
+    """``given`` as a tuple, after checking it is a non-empty subset of ``valid`` without repeats."""
+    given = tuple(given)
+    unknown = [g for g in given if g not in valid]
+    if unknown or not given or len(set(given)) != len(given):
+        raise ValueError(
+            f"{what} must be a non-empty subset of {list(valid)} without repeats, got {list(given)}"
+        )
+    return given
+
+
 class _SceneDataset(Dataset):
     """Shared plumbing: a world, a scene range and an image transform."""
 
@@ -128,7 +139,8 @@ class CaptionDataset(_SceneDataset):
 
 
 class VQADataset(_SceneDataset):
-    """VQA: item k is one question about scene ``start + k`` (types restricted by ``types``).
+    """VQA: item k is one question about scene ``start + k`` (types restricted by ``types``; None: all of
+    ``all_types``).
 
     Answers are a list with weights (one answer, weight 1.0: the synthetic world is unambiguous), the official
     training format; ``question_id`` = k.
@@ -141,27 +153,22 @@ class VQADataset(_SceneDataset):
         world: SyntheticWorld,
         num_scenes: int,
         start: int = 0,
-        types: Sequence[str] = QA_TYPES,
+        types: Sequence[str] | None = None,
         transform: Callable[[Image.Image], Tensor] | None = None,
     ):
         super().__init__(world, num_scenes, start, transform)
-        unknown = [t for t in types if t not in self.all_types]
-        if unknown or not types:
-            raise ValueError(f"types must be a non-empty subset of {list(self.all_types)}, got {list(types)}")
-        self.types = tuple(types)
+        self.types = check_subset(self.all_types if types is None else types, self.all_types, "types")
 
     def question(self, i: int) -> tuple[Scene, QA]:
-        """The scene and the QA of item i, without rendering the image."""
+        """The scene (a ``VideoScene`` for videos) and the QA of item i, without rendering the image."""
         k = self._check(i)
         scene = self._scene(k)
         rng = self.world.rng(scene.index, "vqa")
-        by_type = {t: [q for q in scene.qa if q.type == t] for t in self.types}
-        available = [t for t in self.types if by_type[t]]
-        if not available:  # only possible for types=("color",) etc. when a scene has no such question
-            available = [t for t in QA_TYPES if any(q.type == t for q in scene.qa)]
-            by_type = {t: [q for q in scene.qa if q.type == t] for t in available}
-        qa = rng.choice(by_type[rng.choice(available)])  # type first: balanced over the asked types
-        return scene, qa
+        available = [t for t in self.types if any(q.type == t for q in scene.qa)]
+        if not available:  # e.g. types=("color",) when no object of the scene is nameable without its colour
+            available = list(dict.fromkeys(q.type for q in scene.qa))  # the world asks them in type order
+        kind = rng.choice(available)  # type first: balanced over the asked types
+        return scene, rng.choice([q for q in scene.qa if q.type == kind])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         scene, qa = self.question(i)

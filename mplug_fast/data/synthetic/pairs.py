@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mplug_fast.data.synthetic.datasets import _SceneDataset
+from mplug_fast.data.synthetic.datasets import _SceneDataset, check_subset
 from mplug_fast.data.synthetic.world import (
     COLORS,
     NUMBER_WORDS,
@@ -92,16 +92,6 @@ def _a(word: str) -> str:
 def _there(n: int, shape: str) -> str:
     """ "there is one circle" / "there are zero circles" / "there are two circles"."""
     return f"there is one {shape}" if n == 1 else f"there are {NUMBER_WORDS[n]} {PLURALS[shape]}"
-
-
-def _check_subset(given: Sequence[str], valid: Sequence[str], what: str) -> tuple[str, ...]:
-    given = tuple(given)
-    unknown = [g for g in given if g not in valid]
-    if unknown or not given or len(set(given)) != len(given):
-        raise ValueError(
-            f"{what} must be a non-empty subset of {list(valid)} without repeats, got {list(given)}"
-        )
-    return given
 
 
 # ---- visual entailment ---------------------------------------------------------------------------------
@@ -163,8 +153,8 @@ class VEDataset(_SceneDataset):
         transform: Callable[[Image.Image], Tensor] | None = None,
     ):
         super().__init__(world, num_scenes, start, transform)
-        self.types = _check_subset(types, VE_TYPES, "types")
-        self.labels = _check_subset(labels, VE_LABELS, "labels")
+        self.types = check_subset(types, VE_TYPES, "types")
+        self.labels = check_subset(labels, VE_LABELS, "labels")
 
     def label(self, i: int) -> int:
         """The label id of item i (no scene generated)."""
@@ -242,7 +232,7 @@ class NLVRDataset(_SceneDataset):
         transform: Callable[[Image.Image], Tensor] | None = None,
     ):
         super().__init__(world, num_scenes, start, transform)
-        self.types = _check_subset(types, NLVR_TYPES, "types")
+        self.types = check_subset(types, NLVR_TYPES, "types")
 
     def label(self, i: int) -> int:
         """The label id of item i (1 = True; no scene generated)."""

@@ -32,9 +32,7 @@ from torch import Tensor
 
 from mplug_fast.data.synthetic.datasets import CaptionDataset, RetrievalDataset, VQADataset, _SceneDataset
 from mplug_fast.data.synthetic.world import (
-    COLORS,
     QA,
-    SHAPES,
     Scene,
     SceneObject,
     SyntheticWorld,
@@ -176,9 +174,7 @@ class SyntheticVideoWorld:
             raise IndexError(f"video index must be >= 0, got {index}")
         rng = self.rng(index)
         R, T, gap = self.image_size, self.num_frames, self.gap
-        background = tuple(min(255, max(0, g + rng.randint(-8, 8))) for g in [rng.randint(100, 160)] * 3)
-        n = rng.randint(self.min_objects, self.max_objects)
-        kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
+        background, kinds = self.world.draw_background_and_kinds(rng)
         objects: list[MovingObject] = []
         for color, shape in kinds:
             size = rng.choice(("small", "large"))
@@ -266,30 +262,9 @@ class VideoQADataset(_VideoDataset, VQADataset):
 
     all_types = VIDEO_QA_TYPES
 
-    def __init__(
-        self,
-        world: SyntheticVideoWorld,
-        num_scenes: int,
-        start: int = 0,
-        types: Sequence[str] = VIDEO_QA_TYPES,
-        transform: Callable[[Sequence[Image.Image]], Tensor] | None = None,
-    ):
-        super().__init__(world, num_scenes, start, types, transform)  # type: ignore[arg-type]
-
     def answer_list(self) -> list[str]:
         """The candidate answers for ranking (every answer the world can give)."""
         return self.world.answer_list()
-
-    def question(self, i: int) -> tuple[VideoScene, QA]:  # type: ignore[override]
-        """The video and the QA of item i, without drawing the frames."""
-        k = self._check(i)
-        video = self._scene(k)
-        rng = self.world.rng(video.index, "vqa")
-        available = [t for t in self.types if any(q.type == t for q in video.qa)]
-        if not available:  # e.g. types=("shape",) and no object is nameable without its shape
-            available = list(dict.fromkeys(q.type for q in video.qa))
-        kind = rng.choice(available)
-        return video, rng.choice([q for q in video.qa if q.type == kind])
 
 
 class VideoCaptionDataset(_VideoDataset, CaptionDataset):

@@ -261,11 +261,7 @@ class SyntheticWorld:
             raise IndexError(f"scene index must be >= 0, got {index}")
         rng = self.rng(index)
         R = self.image_size
-        background = tuple(
-            min(255, max(0, g + rng.randint(-8, 8))) for g in [rng.randint(100, 160)] * 3
-        )  # a light-to-mid grey, tinted a little: no object colour is near it
-        n = rng.randint(self.min_objects, self.max_objects)
-        kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)  # unique (colour, shape) pairs
+        background, kinds = self.draw_background_and_kinds(rng)
         gap = max(1, R // 32)
         objects: list[SceneObject] = []
         for color, shape in kinds:
@@ -284,6 +280,15 @@ class SyntheticWorld:
         scene.qa = self._questions(scene, self.rng(index, "qa"))
         scene.referring = self._referring(scene)
         return scene
+
+    def draw_background_and_kinds(
+        self, rng: random.Random
+    ) -> tuple[tuple[int, int, int], list[tuple[str, str]]]:
+        """A scene's first draws: its background (a light-to-mid grey, tinted a little: no object colour is
+        near it) and the (colour, shape) of each object to place, min_objects..max_objects unique pairs."""
+        background = tuple(min(255, max(0, g + rng.randint(-8, 8))) for g in [rng.randint(100, 160)] * 3)
+        n = rng.randint(self.min_objects, self.max_objects)
+        return background, rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
 
     def scenes(self, start: int = 0, stop: int | None = None):
         """Iterates scenes start, start + 1, ... (forever when ``stop`` is None)."""
