@@ -102,19 +102,6 @@ def resolve_config(config: str | os.PathLike | MPlugConfig) -> MPlugConfig:
     return get_config(str(config))
 
 
-def load_model(
-    task: str,
-    checkpoint: str | os.PathLike | None = None,
-    *,
-    config: str | os.PathLike | MPlugConfig | None = None,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
-) -> MPlug:
-    """The `task` model (eval mode) from a checkpoint (see the module docstring) on `device` / `dtype`."""
-    model, _ = _load(task, checkpoint, config)
-    return model.to(device=check_device(device), dtype=resolve_dtype(dtype)).eval()
-
-
 def _load(
     task: str, checkpoint: str | os.PathLike | None, config: str | os.PathLike | MPlugConfig | None
 ) -> tuple[MPlug, CheckpointSource | None]:
