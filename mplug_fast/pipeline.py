@@ -41,7 +41,7 @@ from mplug_fast.config import MPlugConfig, get_config
 from mplug_fast.data.grounding_transform import IMAGENET_MEAN, IMAGENET_STD, GroundingTransform
 from mplug_fast.data.tokenizer import Tokenizer
 from mplug_fast.data.transforms import CLIP_MEAN, CLIP_STD, TestTransform
-from mplug_fast.inference.generate import caption_generate, vqa_generate, vqa_rank
+from mplug_fast.inference.generate import caption_generate
 from mplug_fast.inference.grounding import PadGeometry, coordinate_token_ids, ground_tokens, tokens_to_box
 from mplug_fast.inference.inputs import (
     ImageInput,
@@ -61,6 +61,7 @@ from mplug_fast.modeling import (
     MPlugForVQA,
 )
 from mplug_fast.tasks import TASKS, from_pretrained, get_task, load_official_checkpoint
+from mplug_fast.tasks.vqa import AnswerList, answer_batch, answer_tokens
 from mplug_fast.train.distributed import check_device
 from mplug_fast.train.evaluation import load_for_evaluation
 from mplug_fast.train.precision import DTYPES as PRECISIONS
@@ -191,7 +192,7 @@ class Pipeline:
             (CLIP_MEAN, CLIP_STD) if grounding_normalization == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
         )
         self.grounding_transform = GroundingTransform(self.image_size, train=False, mean=mean, std=std)
-        self._answers: tuple[list[str], Tensor, Tensor] | None = None
+        self._answers: AnswerList | None = None
         if answer_list is not None:
             self.set_answer_list(answer_list)
 
@@ -241,9 +242,7 @@ class Pipeline:
         if answers is None:
             self._answers = None
             return
-        answers, _ = text_list(list(answers), "answer")
-        batch = self.tokenizer([a + "[SEP]" for a in answers], padding="longest")
-        self._answers = (answers, batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
+        self._answers = answer_tokens(self.tokenizer, text_list(list(answers), "answer")[0], self.device)
 
     # --------------------------------------------------------------------------------------- tasks
     @torch.inference_mode()
@@ -265,32 +264,19 @@ class Pipeline:
         ids, mask = tokenize(self.tokenizer, questions, self.max_text_length, "question")
         answers: list[str] = []
         for s in self._chunks(len(images)):
-            x = self._pixels(images[s])
-            q_ids, q_mask = ids[s].to(self.device), mask[s].to(self.device)
-            if self._answers is not None:
-                names, a_ids, a_mask = self._answers
-                ranked = vqa_rank(
-                    self.model,
-                    x,
-                    q_ids,
-                    q_mask,
-                    a_ids,
-                    a_mask,
-                    k=_first(self.k_test, 128),
-                    double_count_first=self.double_count_first,
-                )
-                answers += [names[int(i)] for i in ranked.indices[:, 0]]
-            else:
-                out = vqa_generate(
-                    self.model,
-                    x,
-                    q_ids,
-                    q_mask,
-                    beam_size=_first(beam_size, self.beam_size, 5),
-                    max_length=_first(max_length, self.max_length, 10),
-                    min_length=_first(min_length, self.min_length, 1),
-                )
-                answers += [self._decode(row, 1) for row in out.ids[:, 0]]
+            answers += answer_batch(
+                self.model,
+                self.tokenizer,
+                self._pixels(images[s]),
+                ids[s].to(self.device),
+                mask[s].to(self.device),
+                answers=self._answers,
+                k=_first(self.k_test, 128),
+                double_count_first=self.double_count_first,
+                beam_size=_first(beam_size, self.beam_size, 5),
+                max_length=_first(max_length, self.max_length, 10),
+                min_length=_first(min_length, self.min_length, 1),
+            )
         return answers if images_batched or questions_batched else answers[0]
 
     @torch.inference_mode()

@@ -81,26 +81,29 @@ def evaluate(
 
     with eval_mode(model):
         batch_iter = batches(dataset, collate, batch_size, device)
-        predictions, gold = caption_predictions(batch_iter, tokenizer, generate, prompt, max_length, device)
-    scores, notes = caption_scores(gold, {k: [v] for k, v in predictions.items()}, use_java=use_java)
-    if output is not None:
-        write_json([{"image_id": k, "caption": v} for k, v in predictions.items()], output)
-    return {**scores, "count": len(predictions), "notes": notes, "predictions": predictions}
+        return caption_evaluation(
+            batch_iter, tokenizer, generate, prompt, max_length, device, use_java=use_java, output=output
+        )
 
 
-def caption_predictions(
+def caption_evaluation(
     batches: Iterable[dict[str, Any]],
     tokenizer: Any,
     generate: Callable[[dict[str, Any], Tensor | None, Tensor | None], Any],
     prompt: str,
     max_length: int,
     device: torch.device | str,
+    *,
     id_key: str = "image_id",
-) -> tuple[dict[Any, str], dict[Any, list[str]]]:
-    """({id: generated caption}, {id: gold captions}) over test-form batches (``captions``: all gold captions
-    of each item; ids: ``batch[id_key]``, else the running index). ``generate(batch, prompt_ids,
-    prompt_mask)`` -> the batch's `GenerationOutput` (the prompt left-padded [B, Lp], or None for [CLS]);
-    the prompt's tokens are cut from the generated text."""
+    use_java: bool = False,
+    output: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Captions and scores the items of test-form batches (``captions``: all gold captions of each item;
+    ids: ``batch[id_key]``, else the running index). ``generate(batch, prompt_ids, prompt_mask)`` -> the
+    batch's `GenerationOutput` (the prompt left-padded [B, Lp], or None for [CLS]); the prompt's tokens are
+    cut from the generated text. ``output``: the COCO-style result JSON ``[{id_key, "caption"}]``.
+
+    Returns: {"BLEU_1".."BLEU_4", "ROUGE_L", "CIDEr", "count", "notes", "predictions": {id: caption}}."""
     prompt_ids = prompt_mask = None
     if prompt.strip():
         prompt_ids, prompt_mask = left_padded_prompts(tokenizer, [prompt], max_length)
@@ -124,7 +127,10 @@ def caption_predictions(
                 raise ValueError(f"duplicate {id_key} {key!r} in the caption evaluation set")
             text = tokenizer.decode(out.ids[i, 0, start:].tolist(), skip_special_tokens=True)
             predictions[key], gold[key] = text.strip(), _gold_captions(batch["captions"][i])
-    return predictions, gold
+    scores, notes = caption_scores(gold, {k: [v] for k, v in predictions.items()}, use_java=use_java)
+    if output is not None:
+        write_json([{id_key: k, "caption": v} for k, v in predictions.items()], output)
+    return {**scores, "count": len(predictions), "notes": notes, "predictions": predictions}
 
 
 def most_frequent_caption(train: Dataset, limit: int = 2000) -> str:

@@ -41,7 +41,6 @@ from mplug_fast.data.synthetic.video import (
 )
 from mplug_fast.data.video import SAMPLING_MODES, collate_videos, resample_frames
 from mplug_fast.inference.video import video_caption_generate, video_qa_rank, video_retrieval_scores
-from mplug_fast.metrics import caption_scores
 from mplug_fast.metrics.retrieval import ranks_image_to_text, ranks_text_to_image
 from mplug_fast.modeling import MPlug
 from mplug_fast.objectives.base import Objective
@@ -118,25 +117,23 @@ def evaluate_qa(
         )
     if not answer_list:
         raise ValueError("video QA ranking needs a non-empty answer_list")
-    enc = tokenizer([a + "[SEP]" for a in answer_list], padding="longest")
-    a_ids, a_mask = enc.input_ids.to(device), enc.attention_mask.bool().to(device)
+    names, a_ids, a_mask = vqa_task.answer_tokens(tokenizer, answer_list, device)
 
     def answer(batch: dict[str, Any]) -> list[str]:
         q = tokenizer(batch["question"], padding="longest", max_length=max_question_length, truncation=True)
         q_ids, q_mask = q.input_ids.to(device), q.attention_mask.bool().to(device)
         ranked = video_qa_rank(
-            model, batch["videos"], q_ids, q_mask, a_ids, a_mask, k=min(k, len(answer_list))
+            model, batch["videos"], q_ids, q_mask, a_ids, a_mask.bool(), k=min(k, len(names))
         )
-        return [answer_list[best] for best in ranked.indices[:, 0].tolist()]
+        return [names[best] for best in ranked.indices[:, 0].tolist()]
 
     seen = {"num_frames": 0}
     with eval_mode(model):
         batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
-        predictions, gold, types = vqa_task.collect_answers(batch_iter, answer, "video QA")
-    result = {**vqa_task.vqa_result(predictions, gold, types), **seen}
+        result = vqa_task.answer_accuracy(batch_iter, answer, "video QA")
     if output is not None:
-        write_json([{"question_id": q, "answer": a} for q, a in predictions.items()], output)
-    return {**result, "predictions": predictions}
+        write_json([{"question_id": q, "answer": a} for q, a in result["predictions"].items()], output)
+    return {**result, **seen}
 
 
 # ---- video captioning ----------------------------------------------------------------------------------
@@ -181,13 +178,10 @@ def evaluate_caption(
     seen = {"num_frames": 0}
     with eval_mode(model):
         batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
-        predictions, gold = caption_task.caption_predictions(
-            batch_iter, tokenizer, generate, prompt, max_length, device, "video_id"
+        result = caption_task.caption_evaluation(
+            batch_iter, tokenizer, generate, prompt, max_length, device, id_key="video_id", output=output
         )
-    scores, notes = caption_scores(gold, {v: [c] for v, c in predictions.items()})
-    if output is not None:
-        write_json([{"video_id": v, "caption": c} for v, c in predictions.items()], output)
-    return {**scores, "count": len(predictions), **seen, "notes": notes, "predictions": predictions}
+    return {**result, **seen}
 
 
 # ---- video-text retrieval ------------------------------------------------------------------------------
