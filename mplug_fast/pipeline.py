@@ -60,7 +60,7 @@ from mplug_fast.modeling import (
     MPlugForRetrieval,
     MPlugForVQA,
 )
-from mplug_fast.tasks import TASKS, from_pretrained, get_task, load_official_checkpoint
+from mplug_fast.tasks import TASKS, from_pretrained, get_task, load_official_checkpoint, task_name
 from mplug_fast.tasks.vqa import AnswerList, answer_batch, answer_tokens
 from mplug_fast.train.distributed import check_device
 from mplug_fast.train.evaluation import load_for_evaluation
@@ -183,7 +183,8 @@ class Pipeline:
         self.prompt = prompt
         self.k_test = k_test
         self.double_count_first = double_count_first
-        self.max_text_length = max_text_length or self._text_length(model)
+        # the official training text length of the model's task (30 when the task is not registered)
+        self.max_text_length = max_text_length or getattr(TASKS.get(task_name(model.task)), "text_length", 30)
         self.batch_size = batch_size
         self.progress, self.source = progress, source
         self.image_size = model.config.vision.image_size
@@ -204,14 +205,6 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-    @staticmethod
-    def _text_length(model: MPlug) -> int:
-        """The official training text length of the model's task (30 when the task is not registered)."""
-        try:
-            return get_task(model.task).text_length
-        except ValueError:
-            return 30
 
     def _require(self, method: str) -> None:
         if not isinstance(self.model, METHOD_MODELS[method]):

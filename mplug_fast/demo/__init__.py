@@ -3,26 +3,17 @@ gallery (``mplug-fast demo``). One concept per module: ``settings`` (demo.yaml),
 run config and hashes), ``state`` (stage.json, resume), ``runner`` (running the stages), ``gallery`` and
 ``report``."""
 
-from mplug_fast.demo.runner import run_demo, run_stage
-from mplug_fast.demo.settings import DemoError, DemoInterrupted, DemoSettings, load_settings
-from mplug_fast.demo.stages import check_same_model, eval_settings, model_signature, stage_config, train_hash
-from mplug_fast.demo.state import STATE_FILE, fresh, prepare_stage_dir, read_state, stage_done
+from mplug_fast.demo.runner import run_demo
+from mplug_fast.demo.settings import DemoError, load_settings
+from mplug_fast.demo.stages import model_signature, stage_config
+from mplug_fast.demo.state import STATE_FILE, prepare_stage_dir
 
 __all__ = [
     "STATE_FILE",
     "DemoError",
-    "DemoInterrupted",
-    "DemoSettings",
-    "check_same_model",
-    "eval_settings",
-    "fresh",
     "load_settings",
     "model_signature",
     "prepare_stage_dir",
-    "read_state",
     "run_demo",
-    "run_stage",
     "stage_config",
-    "stage_done",
-    "train_hash",
 ]

@@ -111,14 +111,10 @@ def run_stage(
             tokenizer,
             config,
             stage,
-            split="test",
             device=next(model.parameters()).device,
             out_dir=stage_dir,
-            metrics_name="metrics.json",
             batch_size=e_settings["batch_size"],
-            limit=None,
             options=e_settings["options"],
-            official_overrides={},
             extra={"step": state["steps"]},
         )
         state["eval_s"] = time.perf_counter() - t0

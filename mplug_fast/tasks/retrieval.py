@@ -30,7 +30,7 @@ from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_tempera
 from mplug_fast.objectives.itm import Sampler, itm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, batch_image_ids, require_keys
 from mplug_fast.tasks.evaluation import eval_mode, write_json
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task
+from mplug_fast.tasks.protocol import Baseline, Task
 
 RECALL_KS = (1, 5, 10)
 
@@ -223,6 +223,7 @@ class RetrievalTask(Task):
     collator = RetrievalCollator
     reader = RetrievalJsonDataset
     synthetic_class = RetrievalDataset
+    objective_class = RetrievalObjective
     Options = RetrievalOptions
     eval_options = {"k": 256}
     predictions_file = "retrieval_top10.json"
@@ -230,8 +231,3 @@ class RetrievalTask(Task):
     limitable = False  # the official gallery is the split
     evaluate = staticmethod(evaluate)
     baseline = staticmethod(baseline)
-
-    def _objective(
-        self, model: nn.Module, tokenizer: Any, options: RetrievalOptions, data: DataSource | None
-    ) -> Objective:
-        return RetrievalObjective(model, **{**vars(options), "temp_range": tuple(options.temp_range)})
