@@ -43,12 +43,11 @@ from mplug_fast.data.video import SAMPLING_MODES, collate_videos, resample_frame
 from mplug_fast.inference.video import video_caption_generate, video_qa_rank, video_retrieval_scores
 from mplug_fast.metrics.retrieval import ranks_image_to_text, ranks_text_to_image
 from mplug_fast.modeling import MPlug
-from mplug_fast.objectives.base import Objective
 from mplug_fast.tasks import caption as caption_task
 from mplug_fast.tasks import retrieval as retrieval_task
 from mplug_fast.tasks import vqa as vqa_task
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError
+from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import SyntheticScenes, synthetic_scenes
 
 
@@ -259,11 +258,6 @@ class _VideoTask(Task):
     def new_model(self, config: MPlugConfig) -> MPlug:
         """The image task's model (a video task loads that task's checkpoints)."""
         return self.image_task.new_model(config)
-
-    def _objective(
-        self, model: nn.Module, tokenizer: Any, options: Any, data: DataSource | None
-    ) -> Objective:
-        raise TaskError(self.not_trainable_reason())
 
     def not_trainable_reason(self) -> str:
         image = self.image_task.name

@@ -53,6 +53,7 @@ from mplug_fast.train.build import build_parts
 from mplug_fast.train.checkpointer import (
     CheckpointManager,
     RunFolderError,
+    checkpoint_path,
     clear_run_folder,
     latest_checkpoint,
     load_checkpoint,
@@ -311,7 +312,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = self.state_dict()
-        path = self.checkpoints.directory / f"step-{self.step:08d}.pt"
+        path = checkpoint_path(self.checkpoints.directory, self.step)
         if self.env.is_main:
             path = self.checkpoints.save(state, self.step)
             if self.config.logging.plots:
