@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mplug_fast.checkpoint.init import vision_config_from_clip
 from mplug_fast.checkpoint.io import CheckpointError, ModelFactory, read_checkpoint, unwrap_state_dict
 from mplug_fast.checkpoint.keymap import (
     BERT_EMBEDDING_KEYS,
@@ -51,7 +52,6 @@ from mplug_fast.config import (
     FusionConfig,
     MPlugConfig,
     TextConfig,
-    VisionConfig,
     load_bert_config,
 )
 from mplug_fast.modeling import MPlug
@@ -163,23 +163,19 @@ def infer_official_config(
     eps, dropouts, `fusion_layers`, `stride_layer`. `image_res` defaults to the stored grid.
     """
     bert = load_bert_config(bert_config) if bert_config is not None else {}
-    conv = state.get("visual_encoder.visual.conv1.weight")
-    if conv is None:
+    if "visual_encoder.visual.conv1.weight" not in state:
         raise CheckpointError(
             "not an mPLUG checkpoint: 'visual_encoder.visual.conv1.weight' is missing; "
             "top-level prefixes found: "
             f"{sorted({k.split('.')[0] for k in state})[:12]}"
         )
-    width, patch = conv.shape[0], conv.shape[-1]
-    vision_layers = len(_layer_indices(state, "visual_encoder.visual.transformer.resblocks."))
-    pos = state["visual_encoder.visual.positional_embedding"]
-    stored_grid = math.isqrt(pos.shape[0] - 1)
+    visual = {
+        k.removeprefix("visual_encoder."): v for k, v in state.items() if k.startswith("visual_encoder.")
+    }
+    vision = vision_config_from_clip(visual, image_res)  # the official visual encoder is OpenAI CLIP's
+    width = vision.width
     if image_res is None:
-        image_res = stored_grid * patch
-        logger.info("image_res not given: using the checkpoint's %d px (grid %d)", image_res, stored_grid)
-    vision = VisionConfig(
-        width=width, layers=vision_layers, heads=width // 64, patch_size=patch, image_size=image_res
-    )
+        logger.info("image_res not given: using the checkpoint's %d px", vision.image_size)
 
     word, positions, token_types = (  # the text encoder's tables, else the decoder's
         _first(state, (f"text_encoder.embeddings.{n}.weight", f"text_decoder.bert.embeddings.{n}.weight"))
