@@ -34,18 +34,14 @@ from torch import Tensor
 from mplug_fast.checkpoint.init import vision_config_from_clip
 from mplug_fast.checkpoint.io import CheckpointError, ModelFactory, read_checkpoint, unwrap_state_dict
 from mplug_fast.checkpoint.keymap import (
-    BERT_EMBEDDING_KEYS,
-    BERT_LAYER_KEYS,
-    CLIP_BLOCK_KEYS,
-    CLIP_VISUAL_KEYS,
-    LM_HEAD_KEYS,
     ConversionReport,
     KeyPairs,
+    bert_names,
+    clip_names,
     export_tensors,
     group_keys,
     import_tensors,
     strict_error,
-    translate,
 )
 from mplug_fast.config import (
     DecoderConfig,
@@ -87,33 +83,20 @@ def _official_names(key: str, offset: int) -> tuple[str, ...]:
     component, _, rest = key.partition(".")
     names: tuple[str, ...] | None = None
     if component == "vision":
-        if rest.startswith("blocks."):
-            _, i, sub = rest.split(".", 2)
-            mapped = translate(sub, CLIP_BLOCK_KEYS)
-            names = mapped and tuple(f"transformer.resblocks.{i}.{n}" for n in mapped)
-        else:
-            names = translate(rest, CLIP_VISUAL_KEYS)
-        prefix = f"visual_encoder{m}.visual."
+        names, prefix = clip_names(rest), f"visual_encoder{m}.visual."
     elif component == "adapter":
         module, _, param = rest.partition(".")
         official_module = _ADAPTER_MODULES.get(module)
         names, prefix = (official_module and (f"{official_module}{m}.{param}",)), ""
     elif component in ("text_encoder", "fusion", "decoder"):
+        names = bert_names(rest, offset if component == "fusion" else 0)
         prefix = {
             "text_encoder": f"text_encoder{m}.",
             "fusion": f"fusion_encoder{m}.",
-            "decoder": f"text_decoder{m}.bert.",
+            "decoder": f"text_decoder{m}." + ("" if rest.startswith("head.") else "bert."),  # head beside
         }[component]
-        if rest.startswith("embeddings."):
-            names, prefix = translate(rest[len("embeddings.") :], BERT_EMBEDDING_KEYS), prefix + "embeddings."
-        elif rest.startswith("layers."):
-            _, i, sub = rest.split(".", 2)
-            slot = int(i) + (offset if component == "fusion" else 0)
-            names, prefix = translate(sub, BERT_LAYER_KEYS), prefix + f"encoder.layer.{slot}."
-        elif component == "decoder" and rest.startswith("head."):
-            names, prefix = _lm_head_names(rest[len("head.") :]), f"text_decoder{m}.cls.predictions."
     elif component == "mlm_head":
-        names, prefix = _lm_head_names(rest), f"text_encoder{m}.cls.predictions."
+        names, prefix = bert_names(rest), f"text_encoder{m}."
     elif component in ("vision_proj", "text_proj", "itm_head", "temp"):
         names, prefix = (f"{component}{m}" + (f".{rest}" if rest else ""),), ""
     elif component == "cls_head" and not momentum:  # NLVR / VE classifier: no official model has one,
@@ -121,10 +104,6 @@ def _official_names(key: str, offset: int) -> tuple[str, ...]:
     if not names:
         raise KeyError(f"no official name for our key {key!r}")
     return tuple(prefix + n for n in names)
-
-
-def _lm_head_names(sub: str) -> tuple[str, ...] | None:
-    return ("bias",) if sub == "bias" else translate(sub, LM_HEAD_KEYS)
 
 
 def official_key_pairs(model: MPlug, offset: int) -> KeyPairs:
