@@ -32,7 +32,6 @@ from mplug_fast.data.official_video import (
     VideoRetrievalJsonlDataset,
 )
 from mplug_fast.data.synthetic.video import (
-    DEFAULT_NUM_FRAMES,
     VIDEO_QA_TYPES,
     SyntheticVideoWorld,
     VideoCaptionDataset,
@@ -274,14 +273,8 @@ class _VideoTask(Task):
     def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
         """Moving-shapes videos of the run's synthetic world (``mplug_fast.data.synthetic.video``)."""
         s = synthetic_scenes(split, **world)
-        video_world = SyntheticVideoWorld(
-            s.world.image_size,
-            s.world.max_objects,
-            s.world.min_objects,
-            s.world.seed,
-            DEFAULT_NUM_FRAMES,
-            object_scale=s.world.object_scale,
-        )
+        keys = ("image_size", "max_objects", "min_objects", "seed", "object_scale")  # the same objects
+        video_world = SyntheticVideoWorld(**{k: getattr(s.world, k) for k in keys})
         return self._videos(video_world, s, split)
 
     @abc.abstractmethod
