@@ -121,11 +121,12 @@ def chance_recall(img2txt: Sequence[Sequence[int]], num_texts: int) -> dict[str,
     return out
 
 
-def baseline(train: Dataset, evaluation: Dataset) -> Baseline:
-    """The expected mean recall of a random ranking of the evaluation gallery (``chance_recall``)."""
-    texts, _, img2txt = gallery(evaluation)
-    value = chance_recall(img2txt, len(texts))["r_mean"]
-    return Baseline("r_mean", value, f"random ranking of {len(img2txt)} images / {len(texts)} texts")
+def baseline(train: Dataset, evaluation: Dataset, item: str = "image") -> Baseline:
+    """The expected mean recall of a random ranking of the evaluation gallery of images (``item`` "video":
+    of videos) (``chance_recall``)."""
+    texts, _, item2txt = gallery(evaluation, item)
+    value = chance_recall(item2txt, len(texts))["r_mean"]
+    return Baseline("r_mean", value, f"random ranking of {len(item2txt)} {item}s / {len(texts)} texts")
 
 
 # ---- training --------------------------------------------------------------------------------------------

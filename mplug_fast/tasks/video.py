@@ -17,6 +17,7 @@ Every evaluate takes ``num_frames`` (None: all the dataset's frames; else that m
 from __future__ import annotations
 
 import abc
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -46,7 +47,7 @@ from mplug_fast.tasks import caption as caption_task
 from mplug_fast.tasks import retrieval as retrieval_task
 from mplug_fast.tasks import vqa as vqa_task
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
-from mplug_fast.tasks.protocol import Baseline, Task
+from mplug_fast.tasks.protocol import Task
 from mplug_fast.tasks.sources import SyntheticScenes, synthetic_scenes
 
 
@@ -228,14 +229,6 @@ def evaluate_retrieval(
     return result
 
 
-def baseline_retrieval(train: Dataset, evaluation: Dataset) -> Baseline:
-    """The expected mean recall of a random ranking of the gallery (``tasks.retrieval.chance_recall``)."""
-
-    texts, _, vid2txt = retrieval_task.gallery(evaluation, "video")
-    value = retrieval_task.chance_recall(vid2txt, len(texts))["r_mean"]
-    return Baseline("r_mean", value, f"random ranking of {len(vid2txt)} videos / {len(texts)} texts")
-
-
 # ---- the tasks -------------------------------------------------------------------------------------------
 
 
@@ -321,7 +314,7 @@ class VideoRetrievalTask(_VideoTask):
     predictions_file = "video_retrieval_top10.json"
     reader = VideoRetrievalJsonlDataset
     evaluate = staticmethod(evaluate_retrieval)
-    baseline = staticmethod(baseline_retrieval)
+    baseline = staticmethod(functools.partial(retrieval_task.baseline, item="video"))  # chance recall
 
     def _videos(self, world: SyntheticVideoWorld, scenes: SyntheticScenes, split: str) -> Dataset:
         return VideoRetrievalDataset(world, scenes.count, scenes.start)
