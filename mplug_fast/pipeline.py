@@ -47,7 +47,7 @@ from mplug_fast.inference.inputs import (
     ImageInput,
     broadcast,
     image_list,
-    left_padded_prompts,
+    prompt_ids,
     text_list,
     tokenize,
 )
@@ -293,20 +293,16 @@ class Pipeline:
         self._require("caption")
         images, batched = image_list(image)
         prompt = self.prompt if prompt is None else prompt
-        prompt_ids = prompt_mask = None
-        if prompt.strip():
-            prompt_ids, prompt_mask = left_padded_prompts(self.tokenizer, [prompt], self.max_text_length)
-        start = 1 if prompt_ids is None else prompt_ids.shape[1]
+        start_ids = prompt_ids(self.tokenizer, prompt, self.max_text_length)  # [1, Lp] or None ([CLS])
+        start = 1 if start_ids is None else start_ids.shape[1]
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         captions: list[str] = []
         for s in self._chunks(len(images)):
             x = self._pixels(images[s])
-            p_ids = None if prompt_ids is None else prompt_ids.expand(x.shape[0], -1).to(self.device)
             out = caption_generate(
                 self.model,
                 x,
-                p_ids,
-                None if prompt_mask is None else prompt_mask.expand(x.shape[0], -1).to(self.device),
+                None if start_ids is None else start_ids.expand(x.shape[0], -1).to(self.device),
                 method=method,
                 beam_size=_first(beam_size, self.beam_size, 5),
                 max_length=_first(max_length, self.max_length, 25),

@@ -163,12 +163,11 @@ def evaluate_caption(
 
     _check_frames(num_frames, frame_sampling)
 
-    def generate(batch: dict[str, Any], prompt_ids: Tensor | None, prompt_mask: Tensor | None) -> Any:
+    def generate(batch: dict[str, Any], prompt: Tensor | None) -> Any:
         return video_caption_generate(
             model,
             batch["videos"],
-            prompt_ids,
-            prompt_mask,
+            prompt,
             beam_size=beam_size,
             max_length=max_length,
             min_length=min_length,
