@@ -177,14 +177,14 @@ def answer_accuracy(
 def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
     """The majority answer of (up to ``limit``) training questions, scored as `evaluate` scores (official VQA
     accuracy / exact match, see `score_questions`) on the evaluation questions."""
-    counts = Counter(a for i in range(min(limit, len(train))) for a in item_text(train, i, "answers"))
-    if not counts:
+    answers = answer_list_from(train, limit)
+    if not answers:
         raise ValueError("the training set has no answers")
-    majority = counts.most_common(1)[0][0]
+    majority = answers[0]
     gold = {}
     for i in range(len(evaluation)):
-        answers = item_text(evaluation, i, "gt_answers")
-        gold[i] = [answers] if isinstance(answers, str) else list(answers)
+        human = item_text(evaluation, i, "gt_answers")
+        gold[i] = [human] if isinstance(human, str) else list(human)
     acc = score_questions(dict.fromkeys(gold, majority), gold)[0]
     return Baseline("vqa_acc", acc, f"majority training answer {majority!r} for every question")
 
