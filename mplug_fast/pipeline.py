@@ -41,13 +41,13 @@ from mplug_fast.config import MPlugConfig, get_config
 from mplug_fast.data.grounding_transform import IMAGENET_MEAN, IMAGENET_STD, GroundingTransform
 from mplug_fast.data.tokenizer import Tokenizer
 from mplug_fast.data.transforms import CLIP_MEAN, CLIP_STD, TestTransform
-from mplug_fast.inference.generate import caption_generate, vqa_generate, vqa_rank
+from mplug_fast.inference.generate import caption_generate
 from mplug_fast.inference.grounding import PadGeometry, coordinate_token_ids, ground_tokens, tokens_to_box
 from mplug_fast.inference.inputs import (
     ImageInput,
     broadcast,
     image_list,
-    left_padded_prompts,
+    prompt_ids,
     text_list,
     tokenize,
 )
@@ -60,7 +60,8 @@ from mplug_fast.modeling import (
     MPlugForRetrieval,
     MPlugForVQA,
 )
-from mplug_fast.tasks import TASKS, from_pretrained, get_task, load_official_checkpoint
+from mplug_fast.tasks import TASKS, from_pretrained, get_task, load_official_checkpoint, task_name
+from mplug_fast.tasks.vqa import AnswerList, answer_batch, answer_tokens
 from mplug_fast.train.distributed import check_device
 from mplug_fast.train.evaluation import load_for_evaluation
 from mplug_fast.train.precision import DTYPES as PRECISIONS
@@ -100,19 +101,6 @@ def resolve_config(config: str | os.PathLike | MPlugConfig) -> MPlugConfig:
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         return MPlugConfig.from_json(path) if path.suffix == ".json" else MPlugConfig.from_yaml(path)
     return get_config(str(config))
-
-
-def load_model(
-    task: str,
-    checkpoint: str | os.PathLike | None = None,
-    *,
-    config: str | os.PathLike | MPlugConfig | None = None,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
-) -> MPlug:
-    """The `task` model (eval mode) from a checkpoint (see the module docstring) on `device` / `dtype`."""
-    model, _ = _load(task, checkpoint, config)
-    return model.to(device=check_device(device), dtype=resolve_dtype(dtype)).eval()
 
 
 def _load(
@@ -195,7 +183,8 @@ class Pipeline:
         self.prompt = prompt
         self.k_test = k_test
         self.double_count_first = double_count_first
-        self.max_text_length = max_text_length or self._text_length(model)
+        # the official training text length of the model's task (30 when the task is not registered)
+        self.max_text_length = max_text_length or getattr(TASKS.get(task_name(model.task)), "text_length", 30)
         self.batch_size = batch_size
         self.progress, self.source = progress, source
         self.image_size = model.config.vision.image_size
@@ -204,7 +193,7 @@ class Pipeline:
             (CLIP_MEAN, CLIP_STD) if grounding_normalization == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
         )
         self.grounding_transform = GroundingTransform(self.image_size, train=False, mean=mean, std=std)
-        self._answers: tuple[list[str], Tensor, Tensor] | None = None
+        self._answers: AnswerList | None = None
         if answer_list is not None:
             self.set_answer_list(answer_list)
 
@@ -216,14 +205,6 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-    @staticmethod
-    def _text_length(model: MPlug) -> int:
-        """The official training text length of the model's task (30 when the task is not registered)."""
-        try:
-            return get_task(model.task).text_length
-        except ValueError:
-            return 30
 
     def _require(self, method: str) -> None:
         if not isinstance(self.model, METHOD_MODELS[method]):
@@ -254,9 +235,7 @@ class Pipeline:
         if answers is None:
             self._answers = None
             return
-        answers, _ = text_list(list(answers), "answer")
-        batch = self.tokenizer([a + "[SEP]" for a in answers], padding="longest")
-        self._answers = (answers, batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
+        self._answers = answer_tokens(self.tokenizer, text_list(list(answers), "answer")[0], self.device)
 
     # --------------------------------------------------------------------------------------- tasks
     @torch.inference_mode()
@@ -278,32 +257,19 @@ class Pipeline:
         ids, mask = tokenize(self.tokenizer, questions, self.max_text_length, "question")
         answers: list[str] = []
         for s in self._chunks(len(images)):
-            x = self._pixels(images[s])
-            q_ids, q_mask = ids[s].to(self.device), mask[s].to(self.device)
-            if self._answers is not None:
-                names, a_ids, a_mask = self._answers
-                ranked = vqa_rank(
-                    self.model,
-                    x,
-                    q_ids,
-                    q_mask,
-                    a_ids,
-                    a_mask,
-                    k=_first(self.k_test, 128),
-                    double_count_first=self.double_count_first,
-                )
-                answers += [names[int(i)] for i in ranked.indices[:, 0]]
-            else:
-                out = vqa_generate(
-                    self.model,
-                    x,
-                    q_ids,
-                    q_mask,
-                    beam_size=_first(beam_size, self.beam_size, 5),
-                    max_length=_first(max_length, self.max_length, 10),
-                    min_length=_first(min_length, self.min_length, 1),
-                )
-                answers += [self._decode(row, 1) for row in out.ids[:, 0]]
+            answers += answer_batch(
+                self.model,
+                self.tokenizer,
+                self._pixels(images[s]),
+                ids[s].to(self.device),
+                mask[s].to(self.device),
+                answers=self._answers,
+                k=_first(self.k_test, 128),
+                double_count_first=self.double_count_first,
+                beam_size=_first(beam_size, self.beam_size, 5),
+                max_length=_first(max_length, self.max_length, 10),
+                min_length=_first(min_length, self.min_length, 1),
+            )
         return answers if images_batched or questions_batched else answers[0]
 
     @torch.inference_mode()
@@ -327,20 +293,16 @@ class Pipeline:
         self._require("caption")
         images, batched = image_list(image)
         prompt = self.prompt if prompt is None else prompt
-        prompt_ids = prompt_mask = None
-        if prompt.strip():
-            prompt_ids, prompt_mask = left_padded_prompts(self.tokenizer, [prompt], self.max_text_length)
-        start = 1 if prompt_ids is None else prompt_ids.shape[1]
+        start_ids = prompt_ids(self.tokenizer, prompt, self.max_text_length)  # [1, Lp] or None ([CLS])
+        start = 1 if start_ids is None else start_ids.shape[1]
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         captions: list[str] = []
         for s in self._chunks(len(images)):
             x = self._pixels(images[s])
-            p_ids = None if prompt_ids is None else prompt_ids.expand(x.shape[0], -1).to(self.device)
             out = caption_generate(
                 self.model,
                 x,
-                p_ids,
-                None if prompt_mask is None else prompt_mask.expand(x.shape[0], -1).to(self.device),
+                None if start_ids is None else start_ids.expand(x.shape[0], -1).to(self.device),
                 method=method,
                 beam_size=_first(beam_size, self.beam_size, 5),
                 max_length=_first(max_length, self.max_length, 25),

@@ -112,14 +112,10 @@ def run_stage(
             tokenizer,
             config,
             stage,
-            split="test",
             device=next(model.parameters()).device,
             out_dir=stage_dir,
-            metrics_name="metrics.json",
             batch_size=e_settings["batch_size"],
-            limit=None,
             options=e_settings["options"],
-            official_overrides={},
             extra={"step": state["steps"]},
         )
         state["eval_s"] = time.perf_counter() - t0
@@ -187,19 +183,19 @@ def run_demo(
         else {}
     )
     print(f"gallery: {settings.gallery_images} held-out scenes -> {gallery_dir}", file=stream, flush=True)
-    if stored.get("hash") == gallery_hash and all(
+    cached = stored.get("hash") == gallery_hash and all(
         (gallery_dir / p).is_file() for p in stored.get("files", [])
-    ):
-        world = configs[settings.gallery_world].data.synthetic
-        w = SyntheticWorld.from_config(world)
+    )
+    if cached:
+        w = SyntheticWorld.from_config(configs[settings.gallery_world].data.synthetic)
         gallery = [{**row, "scene": w.scene(row["scene"])} for row in stored["rows"]]
     else:
         gallery = gallery_predictions(configs, evals, out, settings)
-        files = draw_gallery(gallery, gallery_dir, settings.gallery_size)
-        rows = [{**row, "scene": row["scene"].index} for row in gallery]
-        (gallery_dir / "gallery.json").write_text(
-            json.dumps({"hash": gallery_hash, "files": [p.name for p in files], "rows": rows}, indent=1)
-        )
+        files = [p.name for p in draw_gallery(gallery, gallery_dir, settings.gallery_size)]
+    rows = [{**row, "scene": row["scene"].index} for row in gallery]  # as JSON: the scene's index
+    if not cached:
+        record = {"hash": gallery_hash, "files": files, "rows": rows}
+        (gallery_dir / "gallery.json").write_text(json.dumps(record, indent=1))
     invocation_s = time.perf_counter() - t_start
     meta = {
         "mode": "quick" if quick else "full",
@@ -217,14 +213,7 @@ def run_demo(
         "report": str(report),
         "stages": states,
         "tasks": {t: states[t].get("headline") for t in settings.finetunes},
-        "gallery": [
-            {
-                **{k: v for k, v in row.items() if k != "scene"},
-                "scene": row["scene"].index,
-                "image": f"gallery/scene_{row['scene'].index}.png",
-            }
-            for row in gallery
-        ],
+        "gallery": [{**row, "image": f"gallery/scene_{row['scene']}.png"} for row in rows],
     }
 
     write_json(summary, out / "summary.json")

@@ -4,11 +4,13 @@ evaluation options, the ``--quick`` scaling and the gallery; and the demo's erro
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mplug_fast.config import coerce
 from mplug_fast.tasks import get_task
 
 
@@ -73,7 +75,7 @@ SETTING_KEYS: dict[str, str] = {
 
 def load_settings(config_dir: Path) -> DemoSettings:
     """`DemoSettings` from ``config_dir/demo.yaml`` (defaults when absent); unknown keys and wrong types are
-    errors naming the key."""
+    errors naming the key (types checked by the config engine, `mplug_fast.config.coerce`)."""
 
     path = config_dir / "demo.yaml"
     raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
@@ -88,18 +90,13 @@ def load_settings(config_dir: Path) -> DemoSettings:
             name = f"{section}.{key}"
             if name not in SETTING_KEYS:
                 raise DemoError(f"{path}: unknown setting {name!r}; valid: {sorted(SETTING_KEYS)}")
-            values[SETTING_KEYS[name]] = value
+            annotation = typing.get_type_hints(DemoSettings)[SETTING_KEYS[name]]
+            values[SETTING_KEYS[name]] = coerce(annotation, value, name=name, where=str(path))  # its type
     settings = DemoSettings(**values)
     options = settings.eval_options
-    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise DemoError(f"{path}: eval.options must map a task to its options, got {options!r}")
-    for key, field_name in SETTING_KEYS.items():
+    for key, field_name in SETTING_KEYS.items():  # the counts and sizes
         value = getattr(settings, field_name)
-        if field_name in ("eval_options", "gallery_world") or (
-            field_name == "eval_batch_size" and value is None
-        ):
-            continue
-        if type(value) is not int or value < 1:
+        if isinstance(value, int) and value < 1:
             raise DemoError(f"{path}: {key} must be an integer >= 1, got {value!r}")
     settings = dataclasses.replace(settings, stages=_stages(stages, path))
     finetunes = settings.finetunes

@@ -103,15 +103,10 @@ def train_hash(config: Any, upstream: str | None) -> str:
 
 def eval_settings(stage: str, config: Any, settings: DemoSettings) -> dict[str, Any]:
     """A finetune stage's evaluation: batch size and evaluate options (weakest first: the task's defaults, the
-    run config's ``eval`` section where it has one, demo.yaml), and the world it runs on."""
+    run config's ``eval`` section, demo.yaml), and the world it runs on."""
 
     if not get_task(stage).evaluable:
         return {}
-    run_eval = getattr(config, "eval", None)
-    options = {
-        **get_task(stage).eval_options,
-        **(getattr(run_eval, "options", None) or {}),
-        **settings.eval_options.get(stage, {}),
-    }
-    batch_size = settings.eval_batch_size or getattr(run_eval, "batch_size", None) or 32
+    options = {**get_task(stage).eval_options, **config.eval.options, **settings.eval_options.get(stage, {})}
+    batch_size = settings.eval_batch_size or config.eval.batch_size or 32
     return {"batch_size": batch_size, "options": options, "world": config.to_dict()["data"]}

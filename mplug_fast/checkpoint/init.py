@@ -30,16 +30,14 @@ from torch import Tensor, nn
 
 from mplug_fast.checkpoint.io import CheckpointError, unwrap_state_dict
 from mplug_fast.checkpoint.keymap import (
-    BERT_EMBEDDING_KEYS,
     CLIP_BLOCK_KEYS,
     CLIP_VISUAL_KEYS,
-    LM_HEAD_KEYS,
     ConversionReport,
     KeyPairs,
-    bert_layer_pairs,
+    bert_names,
+    clip_names,
     import_tensors,
     strict_error,
-    translate,
 )
 from mplug_fast.config import VisionConfig
 from mplug_fast.modeling import MPlug
@@ -137,13 +135,9 @@ def load_clip_visual(
     fmt, prefix, (top, block_prefix, blocks, dropped) = _clip_format(state)
     pairs: KeyPairs = []
     for key in vision.state_dict():
-        if key.startswith("blocks."):
-            _, i, sub = key.split(".", 2)
-            names, at = translate(sub, blocks), prefix + block_prefix.format(i)
-        else:
-            names, at = translate(key, top), prefix
+        names = clip_names(key, top, block_prefix, blocks)
         assert names is not None, f"internal: no CLIP name for {key!r}"
-        pairs.append((key, tuple(at + n for n in names)))
+        pairs.append((key, tuple(prefix + n for n in names)))
     shapes = {k: v for k, v in vision.state_dict().items() if k != "pos_embed"}  # pos_embed: resized below
     ours, missing, consumed = import_tensors(state, pairs, shapes)
     if "pos_embed" in ours and ours["pos_embed"].shape[0] != vision.config.num_tokens:
@@ -194,15 +188,9 @@ def _bert_pairs(model: MPlug, include_cross_attention: bool) -> tuple[KeyPairs, 
                     fresh.append(full)
                     continue
                 used.add(int(i) + offset)
-                pairs += bert_layer_pairs(f"{name}.layers.{i}.", f"encoder.layer.{int(i) + offset}.", [full])
-                continue
-            if key.startswith("embeddings."):
-                names, at = translate(key.removeprefix("embeddings."), BERT_EMBEDDING_KEYS), "embeddings."
-            else:  # decoder.head.* or mlm_head.*
-                sub = key.removeprefix("head.")
-                names, at = ("bias",) if sub == "bias" else translate(sub, LM_HEAD_KEYS), "cls.predictions."
+            names = bert_names(key, offset)
             assert names is not None, f"internal: no BERT name for {full!r}"
-            pairs.append((full, tuple(at + n for n in names)))
+            pairs.append((full, names))
     return pairs, fresh, used
 
 

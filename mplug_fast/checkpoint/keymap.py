@@ -80,15 +80,35 @@ def translate(suffix: str, table: Mapping[str, tuple[str, ...]]) -> tuple[str, .
     return None
 
 
-def bert_layer_pairs(ours: str, official: str, our_keys: Iterable[str]) -> KeyPairs:
-    """Pairs for every key of `our_keys` under `ours` (a layer prefix ending in '.')."""
-    pairs = []
-    for key in our_keys:
-        mapped = translate(key[len(ours) :], BERT_LAYER_KEYS)
-        if mapped is None:
-            raise KeyError(f"no official name for {key!r}")
-        pairs.append((key, tuple(official + m for m in mapped)))
-    return pairs
+def clip_names(
+    key: str,
+    top: Mapping[str, tuple[str, ...]] = CLIP_VISUAL_KEYS,
+    block_prefix: str = "transformer.resblocks.{}.",
+    blocks: Mapping[str, tuple[str, ...]] = CLIP_BLOCK_KEYS,
+) -> tuple[str, ...] | None:
+    """The names under a CLIP visual tower of one of our vision keys: ``blocks.{i}.*`` through `blocks`
+    under ``block_prefix.format(i)``, the rest through `top` (default: OpenAI CLIP); None if no entry."""
+    if key.startswith("blocks."):
+        _, i, sub = key.split(".", 2)
+        names, at = translate(sub, blocks), block_prefix.format(i)
+    else:
+        names, at = translate(key, top), ""
+    return names and tuple(at + n for n in names)
+
+
+def bert_names(key: str, offset: int = 0) -> tuple[str, ...] | None:
+    """The names under a BERT of one of our text-encoder / fusion / decoder / LM-head keys (relative to the
+    component): ``layers.{i}.*`` -> ``encoder.layer.{i + offset}.*``, ``embeddings.*``, and the LM head
+    (``head.*`` of the decoder, the keys of an MLM head) -> ``cls.predictions.*``; None if no entry."""
+    if key.startswith("layers."):
+        _, i, sub = key.split(".", 2)
+        names, at = translate(sub, BERT_LAYER_KEYS), f"encoder.layer.{int(i) + offset}."
+    elif key.startswith("embeddings."):
+        names, at = translate(key[len("embeddings.") :], BERT_EMBEDDING_KEYS), "embeddings."
+    else:
+        sub = key.removeprefix("head.")
+        names, at = ("bias",) if sub == "bias" else translate(sub, LM_HEAD_KEYS), "cls.predictions."
+    return names and tuple(at + n for n in names)
 
 
 @dataclass

@@ -31,27 +31,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mplug_fast.checkpoint.init import vision_config_from_clip
 from mplug_fast.checkpoint.io import CheckpointError, ModelFactory, read_checkpoint, unwrap_state_dict
 from mplug_fast.checkpoint.keymap import (
-    BERT_EMBEDDING_KEYS,
-    BERT_LAYER_KEYS,
-    CLIP_BLOCK_KEYS,
-    CLIP_VISUAL_KEYS,
-    LM_HEAD_KEYS,
     ConversionReport,
     KeyPairs,
+    bert_names,
+    clip_names,
     export_tensors,
     group_keys,
     import_tensors,
     strict_error,
-    translate,
 )
 from mplug_fast.config import (
     DecoderConfig,
     FusionConfig,
     MPlugConfig,
     TextConfig,
-    VisionConfig,
     load_bert_config,
 )
 from mplug_fast.modeling import MPlug
@@ -87,33 +83,20 @@ def _official_names(key: str, offset: int) -> tuple[str, ...]:
     component, _, rest = key.partition(".")
     names: tuple[str, ...] | None = None
     if component == "vision":
-        if rest.startswith("blocks."):
-            _, i, sub = rest.split(".", 2)
-            mapped = translate(sub, CLIP_BLOCK_KEYS)
-            names = mapped and tuple(f"transformer.resblocks.{i}.{n}" for n in mapped)
-        else:
-            names = translate(rest, CLIP_VISUAL_KEYS)
-        prefix = f"visual_encoder{m}.visual."
+        names, prefix = clip_names(rest), f"visual_encoder{m}.visual."
     elif component == "adapter":
         module, _, param = rest.partition(".")
         official_module = _ADAPTER_MODULES.get(module)
         names, prefix = (official_module and (f"{official_module}{m}.{param}",)), ""
     elif component in ("text_encoder", "fusion", "decoder"):
+        names = bert_names(rest, offset if component == "fusion" else 0)
         prefix = {
             "text_encoder": f"text_encoder{m}.",
             "fusion": f"fusion_encoder{m}.",
-            "decoder": f"text_decoder{m}.bert.",
+            "decoder": f"text_decoder{m}." + ("" if rest.startswith("head.") else "bert."),  # head beside
         }[component]
-        if rest.startswith("embeddings."):
-            names, prefix = translate(rest[len("embeddings.") :], BERT_EMBEDDING_KEYS), prefix + "embeddings."
-        elif rest.startswith("layers."):
-            _, i, sub = rest.split(".", 2)
-            slot = int(i) + (offset if component == "fusion" else 0)
-            names, prefix = translate(sub, BERT_LAYER_KEYS), prefix + f"encoder.layer.{slot}."
-        elif component == "decoder" and rest.startswith("head."):
-            names, prefix = _lm_head_names(rest[len("head.") :]), f"text_decoder{m}.cls.predictions."
     elif component == "mlm_head":
-        names, prefix = _lm_head_names(rest), f"text_encoder{m}.cls.predictions."
+        names, prefix = bert_names(rest), f"text_encoder{m}."
     elif component in ("vision_proj", "text_proj", "itm_head", "temp"):
         names, prefix = (f"{component}{m}" + (f".{rest}" if rest else ""),), ""
     elif component == "cls_head" and not momentum:  # NLVR / VE classifier: no official model has one,
@@ -121,10 +104,6 @@ def _official_names(key: str, offset: int) -> tuple[str, ...]:
     if not names:
         raise KeyError(f"no official name for our key {key!r}")
     return tuple(prefix + n for n in names)
-
-
-def _lm_head_names(sub: str) -> tuple[str, ...] | None:
-    return ("bias",) if sub == "bias" else translate(sub, LM_HEAD_KEYS)
 
 
 def official_key_pairs(model: MPlug, offset: int) -> KeyPairs:
@@ -163,23 +142,19 @@ def infer_official_config(
     eps, dropouts, `fusion_layers`, `stride_layer`. `image_res` defaults to the stored grid.
     """
     bert = load_bert_config(bert_config) if bert_config is not None else {}
-    conv = state.get("visual_encoder.visual.conv1.weight")
-    if conv is None:
+    if "visual_encoder.visual.conv1.weight" not in state:
         raise CheckpointError(
             "not an mPLUG checkpoint: 'visual_encoder.visual.conv1.weight' is missing; "
             "top-level prefixes found: "
             f"{sorted({k.split('.')[0] for k in state})[:12]}"
         )
-    width, patch = conv.shape[0], conv.shape[-1]
-    vision_layers = len(_layer_indices(state, "visual_encoder.visual.transformer.resblocks."))
-    pos = state["visual_encoder.visual.positional_embedding"]
-    stored_grid = math.isqrt(pos.shape[0] - 1)
+    visual = {
+        k.removeprefix("visual_encoder."): v for k, v in state.items() if k.startswith("visual_encoder.")
+    }
+    vision = vision_config_from_clip(visual, image_res)  # the official visual encoder is OpenAI CLIP's
+    width = vision.width
     if image_res is None:
-        image_res = stored_grid * patch
-        logger.info("image_res not given: using the checkpoint's %d px (grid %d)", image_res, stored_grid)
-    vision = VisionConfig(
-        width=width, layers=vision_layers, heads=width // 64, patch_size=patch, image_size=image_res
-    )
+        logger.info("image_res not given: using the checkpoint's %d px", vision.image_size)
 
     word, positions, token_types = (  # the text encoder's tables, else the decoder's
         _first(state, (f"text_encoder.embeddings.{n}.weight", f"text_decoder.bert.embeddings.{n}.weight"))

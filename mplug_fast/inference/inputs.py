@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
 
@@ -100,17 +99,10 @@ def tokenize(tokenizer: Tokenizer, texts: list[str], max_length: int, what: str)
     return batch.input_ids, batch.attention_mask
 
 
-def left_padded_prompts(
-    tokenizer: Tokenizer, prompts: list[str], max_length: int
-) -> tuple[Tensor, Tensor | None]:
-    """Decoder prompts "[CLS] prompt" (no final [SEP]), left-padded: ids long [B, Lp], mask [B, Lp] or None
-    when every prompt has the same length."""
-    ids, mask = tokenize(tokenizer, prompts, max_length, "prompt")
-    rows = [row[m.bool()][:-1] for row, m in zip(ids, mask)]  # drop the [SEP]
-    Lp = max(len(r) for r in rows)
-    out = torch.zeros(len(rows), Lp, dtype=torch.long)
-    out_mask = torch.zeros(len(rows), Lp, dtype=torch.long)
-    for n, r in enumerate(rows):
-        out[n, Lp - len(r) :] = r
-        out_mask[n, Lp - len(r) :] = 1
-    return out, (None if bool(out_mask.all()) else out_mask)
+def prompt_ids(tokenizer: Tokenizer, prompt: str, max_length: int) -> Tensor | None:
+    """A decoder prompt as ids long [1, Lp] of "[CLS] prompt" (no final [SEP]; a prompt over ``max_length``
+    tokens is cut with a warning); None for an empty prompt (generation starts from [CLS])."""
+    if not prompt.strip():
+        return None
+    ids, _ = tokenize(tokenizer, [prompt], max_length, "prompt")  # one prompt: no padding
+    return ids[:, :-1]  # drop the [SEP]

@@ -7,7 +7,7 @@ captioning and retrieval models unchanged on T frames.
 
     encode_video(model, videos)                               [B, T, Nv, D]
     video_fused_memory(model, videos, ids, mask)              [v'; t'] over T*Nv + Lq tokens (QA memory)
-    video_qa_rank / video_qa_generate                         answer-list ranking / beam search
+    video_qa_rank                                             answer-list ranking
     video_caption_generate                                    decoder over the raw frame tokens
     video_features, video_retrieval_scores                    ITC top-k then ITM rerank (score = ITM + ITC)
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mplug_fast.generation import GenerationOutput, RankedAnswers, rank_answers
-from mplug_fast.inference.generate import answer_from_memory, caption_from_memory
+from mplug_fast.inference.generate import caption_from_memory
 from mplug_fast.inference.retrieval import RetrievalScores, rerank
 from mplug_fast.modeling import MPlug
 
@@ -100,24 +100,6 @@ def video_qa_rank(
         k=min(k, answer_ids.shape[0]),
         double_count_first=double_count_first,
     )
-
-
-@torch.no_grad()
-def video_qa_generate(
-    model: MPlug,
-    videos: Tensor,
-    question_ids: Tensor,
-    question_mask: Tensor | None,
-    *,
-    frame_batch_size: int | None = None,
-    **options: Any,
-) -> GenerationOutput:
-    """Open-ended video QA: beam search from [CLS] over the fused [frames; question] (``vqa_generate``;
-    options: `answer_from_memory`'s)."""
-    memory, memory_mask = video_fused_memory(
-        model, videos, question_ids, question_mask, frame_batch_size=frame_batch_size
-    )
-    return answer_from_memory(model, memory, memory_mask, **options)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from mplug_fast.data.collate import CaptionCollator
 from mplug_fast.data.official import KarpathyCaptionDataset
 from mplug_fast.data.synthetic import CaptionDataset
 from mplug_fast.inference.generate import caption_generate
-from mplug_fast.inference.inputs import left_padded_prompts
+from mplug_fast.inference.inputs import prompt_ids
 from mplug_fast.metrics import caption_scores
 from mplug_fast.modeling import MPlugForCaption
 from mplug_fast.objectives.base import Objective
@@ -67,12 +67,11 @@ def evaluate(
 
     collate = CaptionCollator(tokenizer, max_length=max_length)
 
-    def generate(batch: dict[str, Any], prompt_ids: Tensor | None, prompt_mask: Tensor | None) -> Any:
+    def generate(batch: dict[str, Any], prompt: Tensor | None) -> Any:
         return caption_generate(
             model,
             batch["images"],
-            prompt_ids,
-            prompt_mask,
+            prompt,
             method=method,
             beam_size=beam_size,
             max_length=max_length,
@@ -81,30 +80,31 @@ def evaluate(
 
     with eval_mode(model):
         batch_iter = batches(dataset, collate, batch_size, device)
-        predictions, gold = caption_predictions(batch_iter, tokenizer, generate, prompt, max_length, device)
-    scores, notes = caption_scores(gold, {k: [v] for k, v in predictions.items()}, use_java=use_java)
-    if output is not None:
-        write_json([{"image_id": k, "caption": v} for k, v in predictions.items()], output)
-    return {**scores, "count": len(predictions), "notes": notes, "predictions": predictions}
+        return caption_evaluation(
+            batch_iter, tokenizer, generate, prompt, max_length, device, use_java=use_java, output=output
+        )
 
 
-def caption_predictions(
+def caption_evaluation(
     batches: Iterable[dict[str, Any]],
     tokenizer: Any,
-    generate: Callable[[dict[str, Any], Tensor | None, Tensor | None], Any],
+    generate: Callable[[dict[str, Any], Tensor | None], Any],
     prompt: str,
     max_length: int,
     device: torch.device | str,
+    *,
     id_key: str = "image_id",
-) -> tuple[dict[Any, str], dict[Any, list[str]]]:
-    """({id: generated caption}, {id: gold captions}) over test-form batches (``captions``: all gold captions
-    of each item; ids: ``batch[id_key]``, else the running index). ``generate(batch, prompt_ids,
-    prompt_mask)`` -> the batch's `GenerationOutput` (the prompt left-padded [B, Lp], or None for [CLS]);
-    the prompt's tokens are cut from the generated text."""
-    prompt_ids = prompt_mask = None
-    if prompt.strip():
-        prompt_ids, prompt_mask = left_padded_prompts(tokenizer, [prompt], max_length)
-    start = 1 if prompt_ids is None else prompt_ids.shape[1]
+    use_java: bool = False,
+    output: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Captions and scores the items of test-form batches (``captions``: all gold captions of each item;
+    ids: ``batch[id_key]``, else the running index). ``generate(batch, prompt)`` -> the batch's
+    `GenerationOutput` (``prompt``: ids [B, Lp] of "[CLS] prompt", or None for [CLS]); the prompt's tokens
+    are cut from the generated text. ``output``: the COCO-style result JSON ``[{id_key, "caption"}]``.
+
+    Returns: {"BLEU_1".."BLEU_4", "ROUGE_L", "CIDEr", "count", "notes", "predictions": {id: caption}}."""
+    start_ids = prompt_ids(tokenizer, prompt, max_length)  # [1, Lp] or None ([CLS])
+    start = 1 if start_ids is None else start_ids.shape[1]
     predictions: dict[Any, str] = {}
     gold: dict[Any, list[str]] = {}
     for batch in batches:
@@ -114,17 +114,16 @@ def caption_predictions(
                 f"got keys {sorted(batch)} (use the test split)"
             )
         B = len(batch["captions"])
-        out = generate(
-            batch,
-            None if prompt_ids is None else prompt_ids.expand(B, -1).to(device),
-            None if prompt_mask is None else prompt_mask.expand(B, -1).to(device),
-        )
+        out = generate(batch, None if start_ids is None else start_ids.expand(B, -1).to(device))
         for i, key in enumerate(batch.get(id_key, range(len(predictions), len(predictions) + B))):
             if key in predictions:
                 raise ValueError(f"duplicate {id_key} {key!r} in the caption evaluation set")
             text = tokenizer.decode(out.ids[i, 0, start:].tolist(), skip_special_tokens=True)
             predictions[key], gold[key] = text.strip(), _gold_captions(batch["captions"][i])
-    return predictions, gold
+    scores, notes = caption_scores(gold, {k: [v] for k, v in predictions.items()}, use_java=use_java)
+    if output is not None:
+        write_json([{id_key: k, "caption": v} for k, v in predictions.items()], output)
+    return {**scores, "count": len(predictions), "notes": notes, "predictions": predictions}
 
 
 def most_frequent_caption(train: Dataset, limit: int = 2000) -> str:

@@ -86,36 +86,35 @@ def evaluate(
             "type": [s.get("type") for s in samples],
         }
 
-    C = len(names)
-    confusion = torch.zeros(C, C, dtype=torch.long)
-    preds, rows = [], []
-    by_type: dict[str, list[int]] = {}  # statement type -> [right, labelled]
+    preds, golds, kinds, rows = [], [], [], []
     with eval_mode(model):
         for batch in batches(dataset, collate, batch_size, device):
             probs = model(batch["images"], batch["text_ids"], batch["text_mask"]).float().softmax(-1).cpu()
-            pred = probs.argmax(-1)  # [B]
-            gold = batch["labels"].cpu() if "labels" in batch else None
-            if gold is not None:
-                confusion += torch.bincount(gold * C + pred, minlength=C * C).view(C, C)
-            pred_list, gold_list = pred.tolist(), None if gold is None else gold.tolist()
+            pred = probs.argmax(-1).tolist()  # [B]
+            gold = batch["labels"].tolist() if "labels" in batch else [None] * len(pred)
             image_ids = batch.get("image_id", [None] * len(pred))
-            for b in range(len(pred)):
-                kind = batch["type"][b]
-                if kind is not None and gold_list is not None:
-                    tally = by_type.setdefault(kind, [0, 0])
-                    tally[0] += int(pred_list[b] == gold_list[b])
-                    tally[1] += 1
+            for b, (p, g) in enumerate(zip(pred, gold)):
                 rows.append(
                     {
                         "index": len(rows),
                         "image_id": image_ids[b],
                         "sentence": batch["sentence"][b],
-                        "prediction": names[pred_list[b]],
-                        "label": None if gold_list is None else names[gold_list[b]],
-                        "probs": [round(p, 6) for p in probs[b].tolist()],
+                        "prediction": names[p],
+                        "label": None if g is None else names[g],
+                        "probs": [round(x, 6) for x in probs[b].tolist()],
                     }
                 )
-            preds.append(pred)
+            preds += pred
+            golds += gold
+            kinds += batch["type"]
+    C = len(names)
+    confusion = torch.zeros(C, C, dtype=torch.long)  # [gold, predicted]
+    by_type: dict[str, list[bool]] = {}  # statement type -> right or not, per labelled item
+    for p, g, kind in zip(preds, golds, kinds):
+        if g is not None:
+            confusion[g, p] += 1
+            if kind is not None:
+                by_type.setdefault(kind, []).append(p == g)
     labelled = int(confusion.sum())
     per_class = confusion.sum(1)
     result: dict[str, Any] = {
@@ -124,14 +123,14 @@ def evaluate(
             f"acc_{name}": 100.0 * int(confusion[c, c]) / int(per_class[c]) if per_class[c] else None
             for c, name in enumerate(names)
         },
-        **{f"acc_type_{kind}": 100.0 * right / n for kind, (right, n) in sorted(by_type.items())},
+        **{f"acc_type_{kind}": 100.0 * sum(v) / len(v) for kind, v in sorted(by_type.items())},
         "confusion": confusion.tolist(),
         "count": len(rows),
         "num_labelled": labelled,
     }
     if output is not None:
         write_json(rows, output)
-    result["predictions"] = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    result["predictions"] = torch.tensor(preds, dtype=torch.long)
     return result
 
 

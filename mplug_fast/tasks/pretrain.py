@@ -47,8 +47,7 @@ class PretrainTask(Task):
     def _objective(
         self, model: nn.Module, tokenizer: Any, options: PretrainOptions, data: DataSource | None
     ) -> Objective:
-        values = {**vars(options), "temp_range": tuple(options.temp_range)}
-        return PretrainObjective.from_tokenizer(model, tokenizer, **values)
+        return PretrainObjective.from_tokenizer(model, tokenizer, **vars(options))
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
         """The pretraining list has no splits (``split`` is ignored)."""

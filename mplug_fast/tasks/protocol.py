@@ -78,7 +78,6 @@ class Task(abc.ABC):
         Options: a frozen dataclass of the task's training options (the run config's ``objective.options``).
         eval_options: the defaults of `evaluate`'s keyword options (overridable per call).
         predictions_file: the name of the predictions JSON `evaluate` writes under a run directory.
-        eval_split: the split the synthetic / official builders are asked for when evaluating.
         trainable: False for evaluate-only tasks (zero-shot video).
         evaluable: False for tasks without an evaluation of their own (pretraining).
         limitable: False where an official evaluation set cannot be cut short (a retrieval gallery).
@@ -99,7 +98,6 @@ class Task(abc.ABC):
     synthetic_class: ClassVar[Callable[..., Dataset]]
     eval_options: ClassVar[Mapping[str, Any]] = {}
     predictions_file: ClassVar[str] = "predictions.json"
-    eval_split: ClassVar[str] = "test"
     trainable: ClassVar[bool] = True
     evaluable: ClassVar[bool] = True
     limitable: ClassVar[bool] = True

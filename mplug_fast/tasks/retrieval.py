@@ -30,7 +30,7 @@ from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_tempera
 from mplug_fast.objectives.itm import Sampler, itm_loss
 from mplug_fast.objectives.pretrain import MomentumMixin, batch_image_ids, require_keys
 from mplug_fast.tasks.evaluation import eval_mode, write_json
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task
+from mplug_fast.tasks.protocol import Baseline, Task
 
 RECALL_KS = (1, 5, 10)
 
@@ -121,11 +121,12 @@ def chance_recall(img2txt: Sequence[Sequence[int]], num_texts: int) -> dict[str,
     return out
 
 
-def baseline(train: Dataset, evaluation: Dataset) -> Baseline:
-    """The expected mean recall of a random ranking of the evaluation gallery (``chance_recall``)."""
-    texts, _, img2txt = gallery(evaluation)
-    value = chance_recall(img2txt, len(texts))["r_mean"]
-    return Baseline("r_mean", value, f"random ranking of {len(img2txt)} images / {len(texts)} texts")
+def baseline(train: Dataset, evaluation: Dataset, item: str = "image") -> Baseline:
+    """The expected mean recall of a random ranking of the evaluation gallery of images (``item`` "video":
+    of videos) (``chance_recall``)."""
+    texts, _, item2txt = gallery(evaluation, item)
+    value = chance_recall(item2txt, len(texts))["r_mean"]
+    return Baseline("r_mean", value, f"random ranking of {len(item2txt)} {item}s / {len(texts)} texts")
 
 
 # ---- training --------------------------------------------------------------------------------------------
@@ -223,6 +224,7 @@ class RetrievalTask(Task):
     collator = RetrievalCollator
     reader = RetrievalJsonDataset
     synthetic_class = RetrievalDataset
+    objective_class = RetrievalObjective
     Options = RetrievalOptions
     eval_options = {"k": 256}
     predictions_file = "retrieval_top10.json"
@@ -230,8 +232,3 @@ class RetrievalTask(Task):
     limitable = False  # the official gallery is the split
     evaluate = staticmethod(evaluate)
     baseline = staticmethod(baseline)
-
-    def _objective(
-        self, model: nn.Module, tokenizer: Any, options: RetrievalOptions, data: DataSource | None
-    ) -> Objective:
-        return RetrievalObjective(model, **{**vars(options), "temp_range": tuple(options.temp_range)})

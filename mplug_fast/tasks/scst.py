@@ -212,6 +212,11 @@ class SCSTObjective(Objective):
         B = memory.shape[0]
         decoder = self.model.decoder
         start = torch.tensor(self.start_ids, dtype=torch.long, device=memory.device).expand(B, -1)
+        lengths = {
+            "num_return": self.num_samples,
+            "max_length": self.max_length,
+            "min_length": self.min_length,
+        }
         with eval_mode(decoder):
             if self.candidates == "sample":
                 return sample(
@@ -219,24 +224,14 @@ class SCSTObjective(Objective):
                     memory,
                     None,
                     start,
-                    num_return=self.num_samples,
-                    max_length=self.max_length,
-                    min_length=self.min_length,
+                    **lengths,
                     top_k=self.top_k,
                     top_p=self.top_p,
                     temperature=self.temperature,
                     generator=self._rng(memory.device),
                 )
             return beam_search(
-                decoder,
-                memory,
-                None,
-                start,
-                beam_size=self.num_samples,
-                num_return=self.num_samples,
-                max_length=self.max_length,
-                min_length=self.min_length,
-                mode=self.beam_mode,
+                decoder, memory, None, start, beam_size=self.num_samples, mode=self.beam_mode, **lengths
             )
 
     def texts(self, ids: Tensor) -> list[str]:

@@ -17,6 +17,7 @@ Every evaluate takes ``num_frames`` (None: all the dataset's frames; else that m
 from __future__ import annotations
 
 import abc
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -32,7 +33,6 @@ from mplug_fast.data.official_video import (
     VideoRetrievalJsonlDataset,
 )
 from mplug_fast.data.synthetic.video import (
-    DEFAULT_NUM_FRAMES,
     VIDEO_QA_TYPES,
     SyntheticVideoWorld,
     VideoCaptionDataset,
@@ -41,15 +41,13 @@ from mplug_fast.data.synthetic.video import (
 )
 from mplug_fast.data.video import SAMPLING_MODES, collate_videos, resample_frames
 from mplug_fast.inference.video import video_caption_generate, video_qa_rank, video_retrieval_scores
-from mplug_fast.metrics import caption_scores
 from mplug_fast.metrics.retrieval import ranks_image_to_text, ranks_text_to_image
 from mplug_fast.modeling import MPlug
-from mplug_fast.objectives.base import Objective
 from mplug_fast.tasks import caption as caption_task
 from mplug_fast.tasks import retrieval as retrieval_task
 from mplug_fast.tasks import vqa as vqa_task
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
-from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError
+from mplug_fast.tasks.protocol import Task
 from mplug_fast.tasks.sources import SyntheticScenes, synthetic_scenes
 
 
@@ -118,25 +116,23 @@ def evaluate_qa(
         )
     if not answer_list:
         raise ValueError("video QA ranking needs a non-empty answer_list")
-    enc = tokenizer([a + "[SEP]" for a in answer_list], padding="longest")
-    a_ids, a_mask = enc.input_ids.to(device), enc.attention_mask.bool().to(device)
+    names, a_ids, a_mask = vqa_task.answer_tokens(tokenizer, answer_list, device)
 
     def answer(batch: dict[str, Any]) -> list[str]:
         q = tokenizer(batch["question"], padding="longest", max_length=max_question_length, truncation=True)
         q_ids, q_mask = q.input_ids.to(device), q.attention_mask.bool().to(device)
         ranked = video_qa_rank(
-            model, batch["videos"], q_ids, q_mask, a_ids, a_mask, k=min(k, len(answer_list))
+            model, batch["videos"], q_ids, q_mask, a_ids, a_mask.bool(), k=min(k, len(names))
         )
-        return [answer_list[best] for best in ranked.indices[:, 0].tolist()]
+        return [names[best] for best in ranked.indices[:, 0].tolist()]
 
     seen = {"num_frames": 0}
     with eval_mode(model):
         batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
-        predictions, gold, types = vqa_task.collect_answers(batch_iter, answer, "video QA")
-    result = {**vqa_task.vqa_result(predictions, gold, types), **seen}
+        result = vqa_task.answer_accuracy(batch_iter, answer, "video QA")
     if output is not None:
-        write_json([{"question_id": q, "answer": a} for q, a in predictions.items()], output)
-    return {**result, "predictions": predictions}
+        write_json([{"question_id": q, "answer": a} for q, a in result["predictions"].items()], output)
+    return {**result, **seen}
 
 
 # ---- video captioning ----------------------------------------------------------------------------------
@@ -167,12 +163,11 @@ def evaluate_caption(
 
     _check_frames(num_frames, frame_sampling)
 
-    def generate(batch: dict[str, Any], prompt_ids: Tensor | None, prompt_mask: Tensor | None) -> Any:
+    def generate(batch: dict[str, Any], prompt: Tensor | None) -> Any:
         return video_caption_generate(
             model,
             batch["videos"],
-            prompt_ids,
-            prompt_mask,
+            prompt,
             beam_size=beam_size,
             max_length=max_length,
             min_length=min_length,
@@ -181,13 +176,10 @@ def evaluate_caption(
     seen = {"num_frames": 0}
     with eval_mode(model):
         batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
-        predictions, gold = caption_task.caption_predictions(
-            batch_iter, tokenizer, generate, prompt, max_length, device, "video_id"
+        result = caption_task.caption_evaluation(
+            batch_iter, tokenizer, generate, prompt, max_length, device, id_key="video_id", output=output
         )
-    scores, notes = caption_scores(gold, {v: [c] for v, c in predictions.items()})
-    if output is not None:
-        write_json([{"video_id": v, "caption": c} for v, c in predictions.items()], output)
-    return {**scores, "count": len(predictions), **seen, "notes": notes, "predictions": predictions}
+    return {**result, **seen}
 
 
 # ---- video-text retrieval ------------------------------------------------------------------------------
@@ -236,14 +228,6 @@ def evaluate_retrieval(
     return result
 
 
-def baseline_retrieval(train: Dataset, evaluation: Dataset) -> Baseline:
-    """The expected mean recall of a random ranking of the gallery (``tasks.retrieval.chance_recall``)."""
-
-    texts, _, vid2txt = retrieval_task.gallery(evaluation, "video")
-    value = retrieval_task.chance_recall(vid2txt, len(texts))["r_mean"]
-    return Baseline("r_mean", value, f"random ranking of {len(vid2txt)} videos / {len(texts)} texts")
-
-
 # ---- the tasks -------------------------------------------------------------------------------------------
 
 
@@ -266,11 +250,6 @@ class _VideoTask(Task):
         """The image task's model (a video task loads that task's checkpoints)."""
         return self.image_task.new_model(config)
 
-    def _objective(
-        self, model: nn.Module, tokenizer: Any, options: Any, data: DataSource | None
-    ) -> Objective:
-        raise TaskError(self.not_trainable_reason())
-
     def not_trainable_reason(self) -> str:
         image = self.image_task.name
         return (
@@ -286,14 +265,8 @@ class _VideoTask(Task):
     def synthetic_dataset(self, split: str = "train", **world: Any) -> Dataset:
         """Moving-shapes videos of the run's synthetic world (``mplug_fast.data.synthetic.video``)."""
         s = synthetic_scenes(split, **world)
-        video_world = SyntheticVideoWorld(
-            s.world.image_size,
-            s.world.max_objects,
-            s.world.min_objects,
-            s.world.seed,
-            DEFAULT_NUM_FRAMES,
-            object_scale=s.world.object_scale,
-        )
+        keys = ("image_size", "max_objects", "min_objects", "seed", "object_scale")  # the same objects
+        video_world = SyntheticVideoWorld(**{k: getattr(s.world, k) for k in keys})
         return self._videos(video_world, s, split)
 
     @abc.abstractmethod
@@ -340,7 +313,7 @@ class VideoRetrievalTask(_VideoTask):
     predictions_file = "video_retrieval_top10.json"
     reader = VideoRetrievalJsonlDataset
     evaluate = staticmethod(evaluate_retrieval)
-    baseline = staticmethod(baseline_retrieval)
+    baseline = staticmethod(functools.partial(retrieval_task.baseline, item="video"))  # chance recall
 
     def _videos(self, world: SyntheticVideoWorld, scenes: SyntheticScenes, split: str) -> Dataset:
         return VideoRetrievalDataset(world, scenes.count, scenes.start)

@@ -137,10 +137,3 @@ class CheckpointManager:
         path = atomic_save(state, checkpoint_path(self.directory, step))
         prune_checkpoints(self.directory, self.keep_last, keep=path)
         return path
-
-    def resolve(self, resume: str | Path | None) -> Path | None:
-        """``--resume`` ("latest", "auto", a file or a directory; None: no resume) -> a checkpoint path."""
-        return resolve_resume(None if resume is None else str(resume), self.directory)
-
-    def latest(self) -> Path | None:
-        return latest_checkpoint(self.directory)

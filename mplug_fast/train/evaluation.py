@@ -2,8 +2,7 @@
 and ``metrics.json`` (the task's metrics, its headline metric against the model-free baseline).
 
     model, config, run_dir, source = load_for_evaluation("runs/vqa", "vqa")
-    record = run_evaluation(model, tokenizer, config, "vqa", split="test", device="cpu", out_dir=run_dir,
-                            metrics_name="metrics_test.json")
+    record = run_evaluation(model, tokenizer, config, "vqa", device="cpu", out_dir=run_dir)  # metrics.json
 """
 
 from __future__ import annotations
@@ -52,10 +51,10 @@ def run_evaluation(
     config: RunConfig,
     task: str,
     *,
-    split: str,
     device: torch.device | str,
     out_dir: Path,
-    metrics_name: str,
+    split: str = "test",
+    metrics_name: str = "metrics.json",
     batch_size: int | None = None,
     limit: int | None = None,
     options: dict[str, Any] | None = None,

@@ -53,8 +53,11 @@ from mplug_fast.train.build import build_parts
 from mplug_fast.train.checkpointer import (
     CheckpointManager,
     RunFolderError,
+    checkpoint_path,
     clear_run_folder,
+    latest_checkpoint,
     load_checkpoint,
+    resolve_resume,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -309,7 +312,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = self.state_dict()
-        path = self.checkpoints.directory / f"step-{self.step:08d}.pt"
+        path = checkpoint_path(self.checkpoints.directory, self.step)
         if self.env.is_main:
             path = self.checkpoints.save(state, self.step)
             if self.config.logging.plots:
@@ -353,7 +356,7 @@ class Trainer:
     def resume(self, resume: str | Path | None) -> Path | None:
         """Loads the checkpoint named by ``resume`` ("latest", "auto", a file or a directory; None: a new
         run, which claims the run folder) and drops the metrics records past its step."""
-        path = self.checkpoints.resolve(resume)
+        path = resolve_resume(None if resume is None else str(resume), self.checkpoints.directory)
         if resume is None:
             self._claim_run_folder()
         if path is not None:
@@ -366,7 +369,7 @@ class Trainer:
     def _claim_run_folder(self) -> None:
         """A new run: refuse a folder holding another run's checkpoints or metrics, or (``overwrite``)
         remove that run's files first."""
-        if not (self.checkpoints.latest() or self.metrics.read()):
+        if not (latest_checkpoint(self.checkpoints.directory) or self.metrics.read()):
             return
         if not self.config.overwrite:
             raise RunFolderError(

@@ -11,7 +11,7 @@ from PIL import Image
 
 import mplug_fast
 from mplug_fast.inference import caption_generate
-from mplug_fast.pipeline import Pipeline, load_model
+from mplug_fast.pipeline import Pipeline
 
 
 def _image(seed: int, size=(40, 56)) -> np.ndarray:
@@ -173,6 +173,6 @@ def test_pipeline_from_save_pretrained(models, tmp_path):
     from mplug_fast.checkpoint import save_pretrained
 
     save_pretrained(models["grounding"], tmp_path / "g")
-    model = load_model("grounding", tmp_path / "g")
+    model = mplug_fast.pipeline("grounding", tmp_path / "g").model
     for (name, p), q in zip(model.state_dict().items(), models["grounding"].state_dict().values()):
         assert torch.equal(p, q), name

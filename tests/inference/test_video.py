@@ -15,14 +15,13 @@ import torch.nn.functional as F
 
 from mplug_fast.data import Tokenizer
 from mplug_fast.generation import beam_search, rank_answers
-from mplug_fast.inference import caption_generate, retrieval_scores, vqa_generate, vqa_rank
+from mplug_fast.inference import caption_generate, retrieval_scores, vqa_rank
 from mplug_fast.inference.retrieval import UNSCORED
 from mplug_fast.inference.video import (
     encode_video,
     video_caption_generate,
     video_features,
     video_fused_memory,
-    video_qa_generate,
     video_qa_rank,
     video_retrieval_scores,
 )
@@ -64,9 +63,6 @@ def test_one_frame_video_is_the_image_path(models, tokenizer):
     got = video_qa_rank(vqa, videos, q_ids, q_mask, a_ids, a_mask, k=4)
     want = vqa_rank(vqa, images, q_ids, q_mask, a_ids, a_mask, k=4)
     assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores)
-    got = video_qa_generate(vqa, videos, q_ids, q_mask, beam_size=2, max_length=5)
-    want = vqa_generate(vqa, images, q_ids, q_mask, beam_size=2, max_length=5)
-    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
 
     cap = models["caption"]
     got = video_caption_generate(cap, videos, beam_size=3, max_length=8, min_length=2)
