@@ -1,7 +1,7 @@
 """The staged demo: pretraining, every finetune and its evaluation on the synthetic world, a report and a
-gallery (``make demo``, ``mplug-fast demo``): an example on the public API, outside the package. One concept per module: ``settings`` (demo.yaml), ``stages`` (each stage's
-run config and hashes), ``state`` (stage.json, resume), ``runner`` (running the stages), ``gallery`` and
-``report``."""
+gallery (``make demo``, ``mplug-fast demo``): an example on the public API, outside the package. One concept
+per module: ``settings`` (demo.yaml), ``stages`` (each stage's run config and hashes), ``state``
+(stage.json, resume), ``runner`` (running the stages), ``gallery``, ``report`` and ``cli``."""
 
 from .runner import run_demo
 from .settings import DemoError, load_settings
