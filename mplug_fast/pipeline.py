@@ -247,9 +247,11 @@ class Pipeline:
         beam_size: int | None = None,
         max_length: int | None = None,
         min_length: int | None = None,
+        cuda_graph: bool = False,
     ) -> str | list[str]:
         """Answers a question about an image (or a batch). Generates with beam search (official: beam 5,
-        max 10), or ranks the pipeline's `answer_list`. Returns the answer string(s)."""
+        max 10), or ranks the pipeline's `answer_list`. Returns the answer string(s). `cuda_graph`: replay
+        the decode steps as CUDA graphs (beam search on CUDA; docs/native.md)."""
         self._require("answer")
         images, images_batched = image_list(image)
         questions, questions_batched = text_list(question, "question")
@@ -269,6 +271,7 @@ class Pipeline:
                 beam_size=_first(beam_size, self.beam_size, 5),
                 max_length=_first(max_length, self.max_length, 10),
                 min_length=_first(min_length, self.min_length, 1),
+                cuda_graph=cuda_graph,
             )
         return answers if images_batched or questions_batched else answers[0]
 
@@ -286,10 +289,11 @@ class Pipeline:
         top_p: float | None = None,
         temperature: float = 1.0,
         seed: int | None = None,
+        cuda_graph: bool = False,
     ) -> str | list[str]:
         """Captions an image (or a batch): beam search (official: beam 5, min 8, max 25), "greedy" or
         "sample" (top_k / top_p / temperature, `seed` for reproducible draws). The prompt is not repeated
-        in the returned caption."""
+        in the returned caption. `cuda_graph`: replay the beam-search decode steps as CUDA graphs."""
         self._require("caption")
         images, batched = image_list(image)
         prompt = self.prompt if prompt is None else prompt
@@ -311,6 +315,7 @@ class Pipeline:
                 top_p=top_p,
                 temperature=temperature,
                 generator=generator,
+                cuda_graph=cuda_graph,
             )
             captions += [self._decode(row, start) for row in out.ids[:, 0]]
         return captions if batched else captions[0]

@@ -176,3 +176,17 @@ def test_pipeline_from_save_pretrained(models, tmp_path):
     model = mplug_fast.pipeline("grounding", tmp_path / "g").model
     for (name, p), q in zip(model.state_dict().items(), models["grounding"].state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_cuda_graph_option_reaches_beam_search(pipes, caplog):
+    """Off CUDA, ``cuda_graph=True`` runs the same recorded-step discipline eagerly: same outputs, one log
+    line; with a non-beam method it is refused."""
+    images = [_image(s) for s in range(2)]
+    with caplog.at_level(logging.INFO):
+        assert pipes["caption"].caption(images, cuda_graph=True) == pipes["caption"].caption(images)
+        assert pipes["vqa"].answer(images, "what is it?", cuda_graph=True) == pipes["vqa"].answer(
+            images, "what is it?"
+        )
+    assert any("cuda_graph" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        pipes["caption"].caption(images[0], method="greedy", cuda_graph=True)
