@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mplug_fast.generation.outputs import PAD_ID, SEP_ID, GenerationOutput
-from mplug_fast.generation.state import DecodingState, as_memory_kv, check_lengths
+from mplug_fast.generation.state import DecodingState, check_lengths
 from mplug_fast.modeling.decoder import MemoryKV, TextDecoder
 
 
@@ -123,8 +123,7 @@ def greedy(
     log-probs of the generated tokens, after `logit_bias` and the min_length [SEP] mask), lengths [B, 1].
     """
     check_lengths(decoder, start_ids, max_length, min_length)
-    memory_kv = as_memory_kv(decoder, memory)
-    state = DecodingState(decoder, memory_kv, memory_mask, start_ids, start_mask, max_length, use_cache)
+    state = DecodingState(decoder, memory, memory_mask, start_ids, start_mask, max_length, use_cache)
     ids, scores, lengths = _sequential(
         state,
         state.start(),
@@ -176,8 +175,7 @@ def sample(
     if num_return < 1:
         raise ValueError(f"num_return must be >= 1, got {num_return}")
     check_lengths(decoder, start_ids, max_length, min_length)
-    memory_kv = as_memory_kv(decoder, memory)
-    state = DecodingState(decoder, memory_kv, memory_mask, start_ids, start_mask, max_length, use_cache)
+    state = DecodingState(decoder, memory, memory_mask, start_ids, start_mask, max_length, use_cache)
     logits = state.start()  # [B, V]
     B = start_ids.shape[0]
     rows = torch.arange(B, device=logits.device).repeat_interleave(num_return)  # [B*R]
