@@ -34,7 +34,7 @@ class TextDecoder(nn.Module):
         text = config.text
         self.embeddings = BertEmbeddings(text)
         self.layers = nn.ModuleList(
-            TransformerLayer(**bert_layer_args(text), cross_attention=True, backend=config.attention_backend)
+            TransformerLayer(**bert_layer_args(config), cross_attention=True)
             for _ in range(config.decoder.layers)
         )
         self.head = LMHead(text.hidden_size, text.vocab_size, text.layer_norm_eps)
