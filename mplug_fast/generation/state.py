@@ -72,16 +72,8 @@ class DecodingState:
         self.cache: KVCache | None = decoder.new_cache(Lp + max_length) if use_cache else None
 
     def _last_logits(self, ids: Tensor, mask: Tensor | None) -> Tensor:
-        h = self.decoder.hidden_states(
-            ids,
-            mask,
-            None,
-            self.memory_mask,
-            memory_kv=self.memory_kv,
-            memory_index=self.memory_index,
-            cache=self.cache,
-        )  # [N, l, D]
-        return self.decoder.head(h[:, -1], self.decoder.embeddings.word.weight).float()  # [N, V]
+        kv = dict(memory_kv=self.memory_kv, memory_index=self.memory_index, cache=self.cache)
+        return self.decoder(ids, mask, None, self.memory_mask, **kv, last_only=True).float()  # [N, V]
 
     def start(self) -> Tensor:
         """Run the prompts: next-token logits [B, V] (fp32)."""
