@@ -36,8 +36,7 @@ class AllConnectedFusion(nn.Module):
     def __init__(self, config: MPlugConfig):
         super().__init__()
         self.layers = nn.ModuleList(
-            TransformerLayer(**bert_layer_args(config.text), backend=config.attention_backend)
-            for _ in range(config.fusion.layers)
+            TransformerLayer(**bert_layer_args(config)) for _ in range(config.fusion.layers)
         )
 
     def forward(
@@ -102,7 +101,7 @@ class CoAttentionFusion(nn.Module):
 
     def __init__(self, config: MPlugConfig):
         super().__init__()
-        args = bert_layer_args(config.text)
+        args = bert_layer_args(config)
         self.layers = nn.ModuleList(
             CoAttentionLayer(
                 args["dim"],

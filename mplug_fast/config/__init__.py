@@ -1,19 +1,8 @@
 """Configuration: the model's dataclasses and presets (`model`) and the one coercion engine (`coerce`) that
 every config of the package (model, run, task options) is built with."""
 
-from mplug_fast.config.coerce import (
-    ConfigError,
-    apply_overrides,
-    coerce,
-    field_annotation,
-    from_mapping,
-    load_yaml,
-    parse_override,
-    set_dotted,
-    to_mapping,
-)
+from mplug_fast.config.coerce import ConfigError, apply_overrides, coerce, from_mapping, load_yaml, to_mapping
 from mplug_fast.config.model import (
-    ATTENTION_BACKENDS,
     PRESETS,
     DecoderConfig,
     FusionConfig,
@@ -31,7 +20,6 @@ from mplug_fast.config.model import (
 )
 
 __all__ = [
-    "ATTENTION_BACKENDS",
     "PRESETS",
     "ConfigError",
     "DecoderConfig",
@@ -43,7 +31,6 @@ __all__ = [
     "base",
     "check_overrides",
     "coerce",
-    "field_annotation",
     "from_mapping",
     "get_config",
     "huge",
@@ -51,8 +38,6 @@ __all__ = [
     "load_bert_config",
     "load_yaml",
     "micro",
-    "parse_override",
-    "set_dotted",
     "tiny",
     "to_mapping",
 ]

@@ -38,15 +38,13 @@ No gradients flow through decoding (`torch.no_grad`); for SCST, re-score the ret
 `sequence_log_probs` (one teacher-forced forward that keeps the graph).
 """
 
-from mplug_fast.generation.beam import NEG_EOS, beam_search, gnmt_length_penalty
-from mplug_fast.generation.outputs import CLS_ID, PAD_ID, SEP_ID, GenerationOutput, RankedAnswers
+from mplug_fast.generation.beam import beam_search, gnmt_length_penalty
+from mplug_fast.generation.outputs import CLS_ID, SEP_ID, GenerationOutput, RankedAnswers
 from mplug_fast.generation.ranking import rank_answers, sequence_log_probs
 from mplug_fast.generation.sampling import greedy, sample, token_bias
 
 __all__ = [
     "CLS_ID",
-    "NEG_EOS",
-    "PAD_ID",
     "SEP_ID",
     "GenerationOutput",
     "RankedAnswers",

@@ -21,7 +21,7 @@ from torch import Tensor
 from mplug_fast.generation.beam_step import NEG_EOS, gnmt_length_penalty, resolve_beam_step
 from mplug_fast.generation.graphs import step_graphs
 from mplug_fast.generation.outputs import PAD_ID, SEP_ID, GenerationOutput
-from mplug_fast.generation.state import DecodingState, as_memory_kv, check_lengths
+from mplug_fast.generation.state import DecodingState, check_lengths
 from mplug_fast.modeling.decoder import MemoryKV, TextDecoder
 
 __all__ = ["NEG_EOS", "beam_search", "gnmt_length_penalty"]
@@ -101,8 +101,7 @@ def beam_search(
     if cuda_graph and not use_cache:
         raise ValueError("cuda_graph=True replays the cached decode step: it needs use_cache=True")
     check_lengths(decoder, start_ids, max_length, min_length)
-    memory_kv = as_memory_kv(decoder, memory)
-    state = DecodingState(decoder, memory_kv, memory_mask, start_ids, start_mask, max_length, use_cache)
+    state = DecodingState(decoder, memory, memory_mask, start_ids, start_mask, max_length, use_cache)
     logits = state.start()  # [B, V]
     B, Lp = start_ids.shape
     K, V, T = beam_size, logits.shape[-1], max_length

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mplug_fast.generation.outputs import PAD_ID, SEP_ID, GenerationOutput
-from mplug_fast.generation.state import DecodingState, as_memory_kv, check_lengths
+from mplug_fast.generation.state import DecodingState, check_lengths
 from mplug_fast.modeling.decoder import MemoryKV, TextDecoder
 
 
@@ -40,7 +40,6 @@ def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Te
 
 def _sequential(
     state: DecodingState,
-    logits: Tensor,
     start_ids: Tensor,
     *,
     max_length: int,
@@ -49,14 +48,20 @@ def _sequential(
     pad_id: int,
     logit_bias: Tensor | None,
     choose,
-    group: int = 1,
-) -> tuple[Tensor, Tensor, Tensor]:
+    group: int | None = None,
+) -> GenerationOutput:
     """One token per row per step until [SEP] or max_length; `choose(log_probs, logits) -> tokens [n]`.
 
-    Rows come in contiguous groups of `group` per sample; a sample whose rows all ended leaves the batch
-    (`open_rows`: the rows still decoded, `logits` [n, V] holds them)."""
+    `group`: G rows per sample, contiguous (the prompts are copied to them; None: the B prompts are the
+    rows). A sample whose rows all ended leaves the batch (`open_rows`: the rows still decoded, `logits`
+    [n, V] holds them). Returns ids [B, G, L], scores [B, G], lengths [B, G]."""
+    logits = state.start()  # [B, V]
+    B, G = start_ids.shape[0], group or 1
+    if group is not None:
+        rows = torch.arange(B, device=logits.device).repeat_interleave(G)  # [B*G]
+        state.expand(rows, group=G)
+        logits, start_ids = logits[rows], start_ids[rows]
     N, Lp = start_ids.shape
-    G = group
     device = logits.device
     ids = torch.full((N, Lp + max_length), pad_id, dtype=torch.long, device=device)
     ids[:, :Lp] = start_ids
@@ -97,8 +102,10 @@ def _sequential(
             logits = state.advance(token, select)
         else:
             logits = state.advance(token)
-    lengths = lengths.clamp(max=Lp + steps_run)
-    return ids[:, : Lp + steps_run], scores, lengths
+    lengths = lengths.clamp(max=Lp + steps_run).view(B, G)
+    return GenerationOutput(
+        ids=ids[:, : Lp + steps_run].view(B, G, -1), scores=scores.view(B, G), lengths=lengths
+    )
 
 
 @torch.no_grad()
@@ -123,11 +130,9 @@ def greedy(
     log-probs of the generated tokens, after `logit_bias` and the min_length [SEP] mask), lengths [B, 1].
     """
     check_lengths(decoder, start_ids, max_length, min_length)
-    memory_kv = as_memory_kv(decoder, memory)
-    state = DecodingState(decoder, memory_kv, memory_mask, start_ids, start_mask, max_length, use_cache)
-    ids, scores, lengths = _sequential(
+    state = DecodingState(decoder, memory, memory_mask, start_ids, start_mask, max_length, use_cache)
+    return _sequential(
         state,
-        state.start(),
         start_ids,
         max_length=max_length,
         min_length=min_length,
@@ -136,7 +141,6 @@ def greedy(
         logit_bias=logit_bias,
         choose=lambda log_probs, logits: log_probs.argmax(dim=-1),
     )
-    return GenerationOutput(ids=ids[:, None], scores=scores[:, None], lengths=lengths[:, None])
 
 
 @torch.no_grad()
@@ -176,21 +180,15 @@ def sample(
     if num_return < 1:
         raise ValueError(f"num_return must be >= 1, got {num_return}")
     check_lengths(decoder, start_ids, max_length, min_length)
-    memory_kv = as_memory_kv(decoder, memory)
-    state = DecodingState(decoder, memory_kv, memory_mask, start_ids, start_mask, max_length, use_cache)
-    logits = state.start()  # [B, V]
-    B = start_ids.shape[0]
-    rows = torch.arange(B, device=logits.device).repeat_interleave(num_return)  # [B*R]
-    state.expand(rows, group=num_return)
+    state = DecodingState(decoder, memory, memory_mask, start_ids, start_mask, max_length, use_cache)
 
     def choose(log_probs: Tensor, logits: Tensor) -> Tensor:
         probs = _filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)  # [N, V]
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-    ids, scores, lengths = _sequential(
+    return _sequential(
         state,
-        logits[rows],
-        start_ids[rows],
+        start_ids,
         max_length=max_length,
         min_length=min_length,
         eos_id=eos_id,
@@ -199,5 +197,3 @@ def sample(
         choose=choose,
         group=num_return,
     )
-    R = num_return
-    return GenerationOutput(ids=ids.view(B, R, -1), scores=scores.view(B, R), lengths=lengths.view(B, R))

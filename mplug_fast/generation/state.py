@@ -29,7 +29,8 @@ def as_memory_kv(decoder: TextDecoder, memory: Tensor | MemoryKV) -> MemoryKV:
 class DecodingState:
     """The decoder side of a batch being decoded: incremental (KV cache) or full recomputation.
 
-    Rows start as the B prompts (row b reads memory row b); `expand(index, group)` copies them to G rows
+    `memory` [B, M, D] is projected once (`as_memory_kv`); room is kept for `max_length` new tokens. Rows
+    start as the B prompts (row b reads memory row b); `expand(index, group)` copies them to G rows
     per sample (beams / samples, contiguous: row n reads memory row n // G, passed to the decoder as the
     int `memory_index` G, so the memory K/V is never gathered per row); `advance(tokens, select)` reorders
     rows within their sample and appends a token.
@@ -38,13 +39,14 @@ class DecodingState:
     def __init__(
         self,
         decoder: TextDecoder,
-        memory_kv: MemoryKV,
+        memory: Tensor | MemoryKV,
         memory_mask: Tensor | None,
         start_ids: Tensor,
         start_mask: Tensor | None,
-        max_new_tokens: int,
+        max_length: int,
         use_cache: bool,
     ):
+        memory_kv = as_memory_kv(decoder, memory)
         memory_mask, start_mask = as_bool_mask(memory_mask), as_bool_mask(start_mask)
         B, Lp = start_ids.shape
         Bm = memory_kv[0][0].shape[0]
@@ -67,19 +69,11 @@ class DecodingState:
         self.use_cache = use_cache
         self.ids = start_ids  # full prefix [N, L] (no-cache mode only)
         self.mask = start_mask  # bool [N, L] or None (no-cache mode only)
-        self.cache: KVCache | None = decoder.new_cache(Lp + max_new_tokens) if use_cache else None
+        self.cache: KVCache | None = decoder.new_cache(Lp + max_length) if use_cache else None
 
     def _last_logits(self, ids: Tensor, mask: Tensor | None) -> Tensor:
-        h = self.decoder.hidden_states(
-            ids,
-            mask,
-            None,
-            self.memory_mask,
-            memory_kv=self.memory_kv,
-            memory_index=self.memory_index,
-            cache=self.cache,
-        )  # [N, l, D]
-        return self.decoder.head(h[:, -1], self.decoder.embeddings.word.weight).float()  # [N, V]
+        kv = dict(memory_kv=self.memory_kv, memory_index=self.memory_index, cache=self.cache)
+        return self.decoder(ids, mask, None, self.memory_mask, **kv, last_only=True).float()  # [N, V]
 
     def start(self) -> Tensor:
         """Run the prompts: next-token logits [B, V] (fp32)."""

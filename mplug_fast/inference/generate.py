@@ -47,32 +47,15 @@ def vqa_generate(
 
 @torch.no_grad()
 def answer_from_memory(
-    model: MPlug,
-    memory: Tensor,
-    memory_mask: Tensor | None,
-    *,
-    beam_size: int = 5,
-    max_length: int = 10,
-    min_length: int = 1,
-    num_return: int = 1,
-    mode: Literal["official", "standard"] = "official",
-    cuda_graph: bool = False,
+    model: MPlug, memory: Tensor, memory_mask: Tensor | None, **options: Any
 ) -> GenerationOutput:
-    """Beam search from [CLS] over a fused question memory [B, M, D] (memory_mask bool [B, M]);
-    `cuda_graph`: replay the decode steps as CUDA graphs (`beam_search`)."""
+    """Beam search from [CLS] over a fused question memory [B, M, D] (memory_mask bool [B, M]).
+
+    options: `beam_search`'s, with its defaults (beam_size 5, max_length 10, min_length 1, num_return 1,
+    mode "official"; `cuda_graph`: replay the decode steps as CUDA graphs).
+    """
     start = torch.full((memory.shape[0], 1), CLS_ID, dtype=torch.long, device=memory.device)
-    return beam_search(
-        model.decoder,
-        memory,
-        memory_mask,
-        start,
-        beam_size=beam_size,
-        max_length=max_length,
-        min_length=min_length,
-        num_return=num_return,
-        mode=mode,
-        cuda_graph=cuda_graph,
-    )
+    return beam_search(model.decoder, memory, memory_mask, start, **options)
 
 
 @torch.no_grad()
@@ -83,27 +66,18 @@ def vqa_rank(
     question_mask: Tensor | None,
     answer_ids: Tensor,
     answer_mask: Tensor | None,
-    *,
-    k: int = 128,
-    double_count_first: bool = True,
+    **options: Any,
 ) -> RankedAnswers:
     """VQA by ranking an answer list (official `rank_answer`, §5.7): top-k answers by the probability of
     their first token, then their full log-likelihood, with the question's memory K/V shared by its k
-    candidates. `double_count_first` keeps the official score (first token counted twice).
+    candidates.
 
-    Args: answer_ids / answer_mask [A, La] ("[CLS] answer [SEP] [SEP]", right-padded).
+    Args: answer_ids / answer_mask [A, La] ("[CLS] answer [SEP] [SEP]", right-padded); options:
+    `rank_answers`'s (k 128; `double_count_first` True keeps the official score, first token counted twice).
     Returns: `RankedAnswers` (indices [B, k] into the answer list, best first).
     """
     memory, memory_mask = model.fused_memory(images, question_ids, question_mask)
-    return rank_answers(
-        model.decoder,
-        memory,
-        memory_mask,
-        answer_ids,
-        answer_mask,
-        k=k,
-        double_count_first=double_count_first,
-    )
+    return rank_answers(model.decoder, memory, memory_mask, answer_ids, answer_mask, **options)
 
 
 @torch.no_grad()

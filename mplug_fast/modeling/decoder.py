@@ -34,7 +34,7 @@ class TextDecoder(nn.Module):
         text = config.text
         self.embeddings = BertEmbeddings(text)
         self.layers = nn.ModuleList(
-            TransformerLayer(**bert_layer_args(text), cross_attention=True, backend=config.attention_backend)
+            TransformerLayer(**bert_layer_args(config), cross_attention=True)
             for _ in range(config.decoder.layers)
         )
         self.head = LMHead(text.hidden_size, text.vocab_size, text.layer_norm_eps)
@@ -47,7 +47,7 @@ class TextDecoder(nn.Module):
         """An empty self-attention cache for up to `max_length` positions (buffers allocated on first use)."""
         return KVCache(len(self.layers), max_length)
 
-    def hidden_states(
+    def forward(
         self,
         ids: Tensor,
         mask: Tensor | None = None,
@@ -57,8 +57,25 @@ class TextDecoder(nn.Module):
         memory_kv: MemoryKV | None = None,
         memory_index: Tensor | int | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Final hidden states [N, L, D]; arguments as in `forward`."""
+        """Next-token logits.
+
+        Args:
+            ids: long [N, L] decoder input (starts with [CLS]); with `cache`, only the new tokens.
+            mask: [N, L] 1 = token (with `cache`: the new tokens' mask; the cache keeps the earlier ones).
+            memory: [Bm, M, D] cross-attention memory, or its `memory_kv` from `project_memory`
+                (required with `cache`).
+            memory_mask: [Bm, M] 1 = attend (None = all).
+            memory_index: long [N]: memory row of each sequence (None when Bm == N), or an int G when the
+                rows come in contiguous groups of G per memory row (beams, candidates): row n reads memory
+                row n // G without gathering the memory K/V per row.
+            cache: a `KVCache` from `new_cache`: positions start at cache.length, the new keys/values are
+                written into it and it is advanced by L.
+            last_only: run the LM head on the last position only (decoding): logits [N, V].
+        Returns:
+            logits [N, L, V] ([N, V] with `last_only`)
+        """
         if (memory is None) == (memory_kv is None):
             raise ValueError("TextDecoder needs exactly one of `memory` or `memory_kv`")
         N, L = ids.shape
@@ -91,39 +108,7 @@ class TextDecoder(nn.Module):
             )
         if cache is not None:
             cache.advance(L)
-        return x
-
-    def forward(
-        self,
-        ids: Tensor,
-        mask: Tensor | None = None,
-        memory: Tensor | None = None,
-        memory_mask: Tensor | None = None,
-        *,
-        memory_kv: MemoryKV | None = None,
-        memory_index: Tensor | int | None = None,
-        cache: KVCache | None = None,
-    ) -> Tensor:
-        """Next-token logits.
-
-        Args:
-            ids: long [N, L] decoder input (starts with [CLS]); with `cache`, only the new tokens.
-            mask: [N, L] 1 = token (with `cache`: the new tokens' mask; the cache keeps the earlier ones).
-            memory: [Bm, M, D] cross-attention memory, or its `memory_kv` from `project_memory`
-                (required with `cache`).
-            memory_mask: [Bm, M] 1 = attend (None = all).
-            memory_index: long [N]: memory row of each sequence (None when Bm == N), or an int G when the
-                rows come in contiguous groups of G per memory row (beams, candidates): row n reads memory
-                row n // G without gathering the memory K/V per row.
-            cache: a `KVCache` from `new_cache`: positions start at cache.length, the new keys/values are
-                written into it and it is advanced by L.
-        Returns:
-            logits [N, L, V]
-        """
-        h = self.hidden_states(
-            ids, mask, memory, memory_mask, memory_kv=memory_kv, memory_index=memory_index, cache=cache
-        )
-        return self.head(h, self.embeddings.word.weight)
+        return self.head(x[:, -1] if last_only else x, self.embeddings.word.weight)
 
     def step(
         self,

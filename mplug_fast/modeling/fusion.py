@@ -28,9 +28,7 @@ class AsymmetricCoAttentionLayer(TransformerLayer):
     """Text queries attend to image keys/values; the image is not updated."""
 
     def __init__(self, config: MPlugConfig):
-        super().__init__(
-            **bert_layer_args(config.text), cross_attention=True, backend=config.attention_backend
-        )
+        super().__init__(**bert_layer_args(config), cross_attention=True)
 
     def forward(
         self,
@@ -51,9 +49,7 @@ class ConnectedAttentionLayer(TransformerLayer):
     """Joint self-attention + FFN over [image; text]; the image gets an extra residual."""
 
     def __init__(self, config: MPlugConfig):
-        super().__init__(
-            **bert_layer_args(config.text), cross_attention=False, backend=config.attention_backend
-        )
+        super().__init__(**bert_layer_args(config), cross_attention=False)
 
     def forward(
         self, v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | None

@@ -109,27 +109,24 @@ class KVCache:
         """Row i becomes old row index[i]; index: long [N'] (N' may differ from N, e.g. prompt -> beams)."""
         if self.k is None:
             return
+        if index.shape[0] != self.k.shape[1]:  # a new row count: new buffers, no spare pair
+            shape = (self.num_layers, index.shape[0], *self.k.shape[2:])
+            k, v = self.k.new_empty(shape), self.v.new_empty(shape)  # [layers, N', H, Lmax, Dh]
+            mask, spare = self.mask.new_empty(index.shape[0], self.max_length), None  # [N', Lmax]
+        else:  # gather into the spare pair, which then becomes the spare again
+            if self._spare is None:
+                self._spare = (
+                    torch.empty_like(self.k),
+                    torch.empty_like(self.v),
+                    torch.empty_like(self.mask),
+                )
+            (k, v, mask), spare = self._spare, (self.k, self.v, self.mask)
         op = native_op("reorder_caches", self.k.device.type)
-        if index.shape[0] != self.k.shape[1]:
-            self._spare = None
-            if op is None:
-                self.k = self.k.index_select(1, index)  # copy: [layers, N', H, Lmax, Dh]
-                self.v = self.v.index_select(1, index)
-            else:  # positions >= length stay unwritten: never read before `update` writes them
-                shape = (self.num_layers, index.shape[0], *self.k.shape[2:])
-                k, v = self.k.new_empty(shape), self.v.new_empty(shape)
-                op([self.k, self.v], [k, v], index, self.length)
-                self.k, self.v = k, v
-            self.mask = self.mask.index_select(0, index)  # [N', Lmax]
-            return
-        if self._spare is None:
-            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v), torch.empty_like(self.mask))
-        k, v, mask = self._spare
         if op is None:
-            torch.index_select(self.k, 1, index, out=k)  # [layers, N, H, Lmax, Dh]
+            torch.index_select(self.k, 1, index, out=k)
             torch.index_select(self.v, 1, index, out=v)
-        else:
+        else:  # positions >= length stay unwritten: never read before `update` writes them
             op([self.k, self.v], [k, v], index, self.length)
-        torch.index_select(self.mask, 0, index, out=mask)  # [N, Lmax]
-        self._spare = (self.k, self.v, self.mask)
+        torch.index_select(self.mask, 0, index, out=mask)
+        self._spare = spare
         self.k, self.v, self.mask = k, v, mask

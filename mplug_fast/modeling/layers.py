@@ -77,17 +77,10 @@ class _Attention(nn.Module):
                 q.device.type, q.dtype, self.head_dim, mask, dropout, grad, None, self.backend
             )
 
-        name = self.backends.get(key, resolve)
-        return run_attention(
-            name,
-            q,
-            k,
-            v,
-            key_padding_mask=key_padding_mask,
-            causal=causal,
-            dropout_p=dropout_p,
-            kv_index=kv_index,
+        kwargs = dict(
+            key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, kv_index=kv_index
         )
+        return run_attention(self.backends.get(key, resolve), q, k, v, **kwargs)
 
 
 class SelfAttention(_Attention):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from mplug_fast.config import MPlugConfig
 from mplug_fast.modeling.decoder import MemoryKV, TextDecoder
-from mplug_fast.modeling.fusion import SkipConnectedFusion
+from mplug_fast.modeling.fusion import SkipConnectedFusion, joint_mask
 from mplug_fast.modeling.heads import LMHead
 from mplug_fast.modeling.layers import init_bert_weights
 from mplug_fast.modeling.masks import as_bool_mask
@@ -150,11 +150,10 @@ class MPlug(nn.Module):
         video, [B, T*Nv, D]): ([v'; t'] [B, Nv+Lt, D], mask bool [B, Nv+Lt])."""
         t = self.encode_text(ids, mask)
         v, t = self.fuse(image_states, t, mask)
-        B, Nv = v.shape[:2]
         t_mask = as_bool_mask(mask, ids.shape)
-        if t_mask is None:
+        if t_mask is None:  # the memory always has a mask: [image; text], every token real
             t_mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-        memory_mask = torch.cat([torch.ones(B, Nv, dtype=torch.bool, device=v.device), t_mask], dim=1)
+        memory_mask = joint_mask(v, t, None, t_mask)  # bool [B, Nv + Lt]
         return torch.cat([v, t], dim=1), memory_mask  # copy: [B, Nv + Lt, D]
 
     def image_features(self, image_states: Tensor) -> Tensor:

@@ -42,15 +42,18 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
-def bert_layer_args(config: TextConfig) -> dict:
-    """The `TransformerLayer` arguments of a BERT layer with this config's widths and dropouts."""
+def bert_layer_args(config: MPlugConfig) -> dict:
+    """The `TransformerLayer` arguments of a BERT layer: the text config's widths and dropouts, and the
+    model's attention backend."""
+    text = config.text
     return dict(
-        dim=config.hidden_size,
-        num_heads=config.heads,
-        intermediate_dim=config.intermediate_size,
-        layer_norm_eps=config.layer_norm_eps,
-        dropout=config.hidden_dropout,
-        attn_dropout=config.attention_dropout,
+        dim=text.hidden_size,
+        num_heads=text.heads,
+        intermediate_dim=text.intermediate_size,
+        layer_norm_eps=text.layer_norm_eps,
+        dropout=text.hidden_dropout,
+        attn_dropout=text.attention_dropout,
+        backend=config.attention_backend,
     )
 
 
@@ -59,11 +62,9 @@ class TextEncoder(nn.Module):
 
     def __init__(self, config: MPlugConfig):
         super().__init__()
-        text = config.text
-        self.embeddings = BertEmbeddings(text)
+        self.embeddings = BertEmbeddings(config.text)
         self.layers = nn.ModuleList(
-            TransformerLayer(**bert_layer_args(text), backend=config.attention_backend)
-            for _ in range(text.encoder_layers)
+            TransformerLayer(**bert_layer_args(config)) for _ in range(config.text.encoder_layers)
         )
 
     def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:

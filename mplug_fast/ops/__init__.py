@@ -5,7 +5,6 @@ The entry point is `mplug_fast.ops.attention.attention` (the module keeps its na
 `mplug_fast.ops.attention` is never shadowed by the function).
 """
 
-from mplug_fast.ops.attention import ATTENTION, available_backends, select_backend
-from mplug_fast.ops.fused import FUSED
+from mplug_fast.ops.attention import available_backends
 
-__all__ = ["ATTENTION", "FUSED", "available_backends", "select_backend"]
+__all__ = ["available_backends"]

@@ -221,16 +221,8 @@ def run_attention(
 ) -> Tensor:
     """Run the already resolved backend `name` (arguments and result as in `attention`)."""
     check_attention_inputs(q, k, v, key_padding_mask, kv_index)
-    return ATTENTION[name].run(
-        q,
-        k,
-        v,
-        key_padding_mask=key_padding_mask,
-        causal=causal,
-        dropout_p=dropout_p,
-        scale=scale,
-        kv_index=kv_index,
-    )
+    kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, scale=scale)
+    return ATTENTION[name].run(q, k, v, kv_index=kv_index, **kwargs)
 
 
 def attention(
@@ -264,5 +256,5 @@ def attention(
     name = resolve_attention(
         *attention_key(q, k, v, key_padding_mask, causal, dropout_p), backend, config_backend
     )
-    kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, kv_index=kv_index)
-    return run_attention(name, q, k, v, scale=scale, **kwargs)
+    kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, scale=scale)
+    return run_attention(name, q, k, v, kv_index=kv_index, **kwargs)

@@ -1,10 +1,8 @@
 """A synthetic world of coloured shapes with captions, VQA, retrieval and grounding data (no files needed)."""
 
 from mplug_fast.data.synthetic.datasets import (
-    GROUNDING_NUM_BINS,
     CaptionDataset,
     GroundingDataset,
-    MajorityBaseline,
     PretrainDataset,
     RetrievalDataset,
     VQADataset,
@@ -14,53 +12,21 @@ from mplug_fast.data.synthetic.datasets import (
     vqa_collate,
     world_majority_baseline,
 )
-from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset
-from mplug_fast.data.synthetic.video import (
-    SyntheticVideoWorld,
-    VideoCaptionDataset,
-    VideoQADataset,
-    VideoRetrievalDataset,
-)
-from mplug_fast.data.synthetic.world import (
-    COLORS,
-    NUMBER_WORDS,
-    QA,
-    QA_TYPES,
-    SHAPES,
-    SIZES,
-    Referring,
-    Scene,
-    SceneObject,
-    SyntheticWorld,
-    box_xyxy_to_cxcywh,
-)
+from mplug_fast.data.synthetic.world import COLORS, NUMBER_WORDS, QA, QA_TYPES, SHAPES, SyntheticWorld
 
 __all__ = [
-    "SyntheticVideoWorld",
-    "VideoCaptionDataset",
-    "VideoQADataset",
-    "VideoRetrievalDataset",
     "COLORS",
-    "GROUNDING_NUM_BINS",
     "NUMBER_WORDS",
     "QA",
     "QA_TYPES",
     "SHAPES",
-    "SIZES",
     "CaptionDataset",
     "GroundingDataset",
-    "NLVRDataset",
-    "VEDataset",
-    "MajorityBaseline",
     "PretrainDataset",
-    "Referring",
     "RetrievalDataset",
-    "Scene",
-    "SceneObject",
     "SyntheticWorld",
     "VQADataset",
     "box_to_bins",
-    "box_xyxy_to_cxcywh",
     "collate",
     "majority_baseline",
     "vqa_collate",
