@@ -143,7 +143,8 @@ _ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
 
 
 def _sass_loop(cubin: bytes) -> int:
-    """Instructions in the longest loop: the largest backward branch (each SASS instruction is 16 bytes)."""
+    """Instructions in the longest loop: the largest backward branch (each SASS instruction is 16 bytes);
+    for a kernel without a loop (one row per program), all its instructions."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -162,8 +163,8 @@ def _sass_loop(cubin: bytes) -> int:
             pending.clear()
             if b := _BRANCH.search(line):
                 branches.append((addr, b.group(2)))
-    loops = [(addr - labels[t]) // 16 + 1 for addr, t in branches if t in labels and labels[t] <= addr]
-    return max(loops, default=0)
+    loops = [(addr - labels[t]) // 16 + 1 for addr, t in branches if t in labels and labels[t] < addr]
+    return max(loops, default=sum(1 for line in sass.splitlines() if _ADDR.search(line)))
 
 
 def _ptxas(ptx: str, cc: int) -> tuple[int, int, int]:
@@ -190,7 +191,7 @@ def measure(launch: Launch, cc: int) -> dict:
     compiled = _compile(launch, cc)
     compile_s = time.perf_counter() - t0
     ptx = compiled.asm["ptx"]
-    key = hashlib.sha256(f"{cc}\n{ptx}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{cc}\n{ptx}\nloop-or-all".encode()).hexdigest()[:32]
     cached = _CACHE / f"{key}.json"
     if cached.exists():
         result = json.loads(cached.read_text())
@@ -265,7 +266,8 @@ def attention_cases(dtypes) -> list[Case]:
     (257), text (35 tokens, padding, dropout; causal for the decoder), co-attention (35 text queries x 577
     image keys, batch 64: the main kernel; batch 1: split-K), connected attention (text + image, 612),
     decoding (5 beams sharing one image through kv_index, Lq = 1, split-K; and 20-token causal steps). Head
-    dim 128 (80, 96, 128 share its tiles) for three of them, to check the other tile-table rows."""
+    dim 128 (80, 96, 128 share its tiles) for three of them, to check the other tile-table rows. Each dropout
+    case has a twin without dropout (same tiles and flags) for the dropout cost table."""
     A = _attention_case
     md = dict(mask=True, dropout=0.1)
     cases = []
@@ -277,6 +279,7 @@ def attention_cases(dtypes) -> list[Case]:
             cases += [
                 A(f"vit-b16 {d}", dtype, 8, H, 197, 197, Dh),
                 A(f"text-decoder {d} causal+mask+dropout", dtype, 8, H, 35, 35, Dh, causal=True, **md),
+                A(f"text-decoder {d} causal+mask", dtype, 8, H, 35, 35, Dh, causal=True, mask=True),
                 A(f"decode {d} kv_index+causal", dtype, 40, H, 20, 20, Dh, causal=True, kv_rows=8),
             ]
             if Dh != 64:
@@ -285,9 +288,12 @@ def attention_cases(dtypes) -> list[Case]:
                 A(f"vit-l14 {d}", dtype, 8, 16, 257, 257, Dh),
                 A(f"vit-b16 {d} dropout", dtype, 8, H, 197, 197, Dh, dropout=0.1),
                 A(f"text {d} mask+dropout", dtype, 8, H, 35, 35, Dh, **md),
+                A(f"text {d} mask", dtype, 8, H, 35, 35, Dh, mask=True),
                 A(f"co-attention {d} mask+dropout", dtype, 64, H, 35, 577, Dh, **md),
                 A(f"connected {d} mask+dropout", dtype, 8, H, 612, 612, Dh, **md),
+                A(f"connected {d} mask", dtype, 8, H, 612, 612, Dh, mask=True),
                 A(f"co-attention batch 1 {d} mask splitk", dtype, 1, H, 35, 577, Dh, mask=True, splits=4),
+                A(f"co-attention batch 1 {d} mask+dropout splitk", dtype, 1, H, 35, 577, Dh, **md, splits=4),
                 A(f"decode {d} kv_index+mask splitk", dtype, 5, H, 1, 577, Dh, mask=True, kv_rows=1,
                   backward=False, splits=8),
             ]  # fmt: skip
@@ -395,7 +401,35 @@ def write(rows: list[Row], out: Path, note: str = "") -> None:
             f"{r.shared / 1024:.0f} | {r.sass_loop} | {'yes' if r.fits else '**no**'} | {r.config} | "
             f"{r.case} |"
         )
+    lines += ["", *dropout_table(data["rows"])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def dropout_pairs(rows: list[dict]) -> list[tuple]:
+    """(kernel, target, dtype, config, SASS loop without dropout, with) for every config with dropout that has
+    a twin without (same kernel, target, dtype, tiles and other flags); `rows` as in the JSON table."""
+    loops = {(r["kernel"], r["target"], r["dtype"], r["config"]): r["sass_loop"] for r in rows}
+    pairs = []
+    for (kernel, target, dtype, config), loop in loops.items():
+        words = config.split()
+        flag = next((w for w in words if w in ("dropout", "has_dropout")), None)
+        base = loops.get((kernel, target, dtype, " ".join(w for w in words if w != flag)))
+        if flag and base:
+            pairs.append((kernel, target, dtype, config, base, loop))
+    return pairs
+
+
+def dropout_table(rows: list[dict]) -> list[str]:
+    """The markdown table of the SASS loop with / without dropout."""
+    lines = [
+        "## Dropout cost: SASS loop with / without dropout (same kernel, target, dtype, tiles and flags)",
+        "",
+        "| kernel | target | dtype | config (with dropout) | without | with | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kernel, target, dtype, config, base, loop in dropout_pairs(rows):
+        lines.append(f"| {kernel} | {target} | {dtype} | {config} | {base} | {loop} | {loop / base:.2f} |")
+    return lines
 
 
 _T16 = {

@@ -85,15 +85,17 @@ def test_every_launch_fits_sm80_and_sm90_without_spills(compiled):
         assert name in kernels, f"{name} was never launched by the recorded cases"
 
 
-# The issue's target is 1.5x (FlashAttention-2's cost); Triton gives no control over which thread holds which
-# score, so the 16 bytes of one Philox call are moved to their scores through shared memory: measured
-# 1.9-2.3x (was 5-6x with one Philox call per score). The bound keeps that from regressing.
-DROPOUT_LOOP_BOUND = 2.5
+# FlashAttention-2's cost: the SASS loop with dropout within 1.5x of the same loop without. One exception,
+# measured at 1.48-1.58x: dK/dV on sm_90 (wgmma) with 64 queries per step, where a thread's 32 scores span 8
+# Philox calls; each call is made once and its words go through shared memory (dropout.keep_tile_t), which
+# also splits the wgmma waits. DROPOUT_LOOP_EXCEPTIONS bounds it so that it cannot regress.
+DROPOUT_LOOP_BOUND = 1.5
+DROPOUT_LOOP_EXCEPTIONS = {("attn_bwd_dkdv", "sm_90"): 1.6}
 
 
 def test_dropout_inner_loop_stays_within_the_bound(compiled):
-    """Same kernel, target, dtype and tiles with and without dropout: the SASS loop grows by at most
-    DROPOUT_LOOP_BOUND (attention: the ViT case with and without dropout; LayerNorm: p = 0 vs 0.1)."""
+    """Same kernel, target, dtype, tiles and flags with and without dropout (each dropout case has a twin
+    without; LayerNorm: p = 0 vs 0.1): the SASS loop grows by at most DROPOUT_LOOP_BOUND."""
     loops = {(r["kernel"], r["target"], r["dtype"], r["config"]): r["sass_loop"] for r in compiled["rows"]}
     pairs = 0
     for (kernel, target, dtype, config), loop in loops.items():
@@ -102,13 +104,13 @@ def test_dropout_inner_loop_stays_within_the_bound(compiled):
             continue
         base_config = " ".join(w for w in words if w not in ("dropout", "has_dropout"))
         base = loops.get((kernel, target, dtype, base_config))
-        if base is None:
-            continue
+        assert base is not None, f"{kernel} {target} {dtype} [{config}] has no twin without dropout"
         pairs += 1
-        assert loop <= DROPOUT_LOOP_BOUND * base, (
+        bound = DROPOUT_LOOP_EXCEPTIONS.get((kernel, target), DROPOUT_LOOP_BOUND)
+        assert loop <= bound * base, (
             f"{kernel} {target} {dtype} [{config}]: loop {loop} vs {base} without dropout"
         )
-    assert pairs >= 12, f"only {pairs} (dropout, no dropout) pairs of configs in the table"
+    assert pairs >= 30, f"only {pairs} (dropout, no dropout) pairs of configs in the table"
 
 
 def test_committed_table_is_current(compiled):

@@ -48,7 +48,6 @@ Caution:
   iteration: for tests only.
 """
 
-import contextlib
 import math
 import os
 
@@ -65,7 +64,8 @@ from mplug_fast.ops.triton.attention_kernels import (
     _attn_fwd_kernel,
     _dropout_mask_kernel,
 )
-from mplug_fast.ops.triton.dropout import dropout_scale, dropout_threshold
+from mplug_fast.ops.triton.dropout import dropout_args, dropout_scale, dropout_threshold
+from mplug_fast.ops.triton.layer_norm import _on_device
 from mplug_fast.ops.triton.tiles import (
     SUPPORTED_HEAD_DIMS,
     attention_unsupported_reasons,
@@ -100,11 +100,6 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
-
-
-def _on_device(t: Tensor):
-    """Make t's CUDA device current for the launch (a no-op for CPU tensors under the interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _launch(kernel, kind: str, n_blocks_of, args: tuple, flags: dict, q: Tensor) -> None:
@@ -203,17 +198,6 @@ def _bhl_strides(*tensors: Tensor) -> tuple[int, ...]:
     return tuple(stride for t in tensors for stride in t.stride()[:3])
 
 
-def _dropout_args(
-    dropout_p: float, seed: Tensor | None, dummy: Tensor
-) -> tuple[Tensor, bool, int, float, float]:
-    """(seed pointer, DROPOUT flag, byte threshold, 1 / keep probability, keep probability) for the kernels;
-    `dummy` stands for the seed without dropout."""
-    threshold = dropout_threshold(dropout_p)
-    if threshold == 0:
-        return dummy, False, 0, 1.0, 1.0
-    return seed, True, threshold, dropout_scale(dropout_p), (256 - threshold) / 256
-
-
 def _mask_arg(key_padding_mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, int]:
     """The key-padding mask as bytes (a view, no copy) and its row stride; `dummy` when there is none."""
     if key_padding_mask is None:
@@ -236,7 +220,7 @@ def _attn_fwd(
         return out, lse
     block_d = block_size(D)  # the padded head dim of the tiles
     mask, stride_mb = _mask_arg(key_padding_mask, q)
-    seed_arg, dropout, threshold, drop_scale, _ = _dropout_args(dropout_p, seed, q)
+    seed_arg, dropout, threshold, drop_scale, _ = dropout_args(dropout_p, seed, q)
     args = (
         q, k, v, mask, q if kv_index is None else kv_index, seed_arg, out, lse,
         *_bhl_strides(q, k, v), stride_mb, *_bhl_strides(out),
@@ -274,7 +258,7 @@ def _attn_bwd(
         block_d = block_size(D)  # the padded head dim of the tiles
         mask, stride_mb = _mask_arg(key_padding_mask, q)
         index = q if kv_index is None else kv_index
-        seed_arg, dropout, threshold, drop_scale, keep_prob = _dropout_args(dropout_p, seed, q)
+        seed_arg, dropout, threshold, drop_scale, keep_prob = dropout_args(dropout_p, seed, q)
         flags = dict(
             HAS_MASK=key_padding_mask is not None, HAS_KV_INDEX=kv_index is not None, CAUSAL=causal,
             DROPOUT=dropout, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
@@ -375,10 +359,9 @@ def dropout_keep_mask(seed: Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p:
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=seed.device)
     if keep.numel() == 0:
         return keep.bool()
-    n_rows = B * H * Lq
     with _on_device(seed):
-        _dropout_mask_kernel[(triton.cdiv(n_rows, 64), triton.cdiv(Lk, 64))](
-            seed, keep, n_rows, Lk, dropout_threshold(dropout_p), BLOCK_M=64, BLOCK_N=64
+        _dropout_mask_kernel[(triton.cdiv(Lq, 64) * B * H, triton.cdiv(Lk, 64))](
+            seed, keep, Lq, Lk, dropout_threshold(dropout_p), BLOCK_M=64, BLOCK_N=64
         )
     return keep.bool()
 

@@ -10,7 +10,7 @@
   without a register-tile transpose (only the dot operands Q, dO are read transposed from shared memory).
 
 Grids are one-dimensional (program id = block + blocks * (b * H + h)), so the batch is not limited to the
-65535 programs of grid axes 1 and 2. Dropout: `dropout.keep_tile` on the [B * H * Lq, Lk] score matrix,
+65535 programs of grid axes 1 and 2. Dropout: `dropout.keep_tile` on each [Lq, Lk] score matrix,
 kept scores are not rescaled inside the loop; the 1 / (1 - p) factor is applied once to the accumulators
 (and delta is multiplied by 1 - p to match).
 """
@@ -67,7 +67,7 @@ def _load_rows(base, rows, stride, offs_d, mask):
 @triton.jit
 def _attend_key_range(
     q, m_i, l_i, acc, lo, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
-    Lq, Lk, qk_scale, seed, bh, drop_threshold,
+    Lq, Lk, qk_scale, seed, bh, row_start, drop_threshold,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -76,7 +76,7 @@ def _attend_key_range(
     m_i [BLOCK_M]: running max of the scores (log2 units); l_i [BLOCK_M]: running sum of exp2(s - m_i);
     acc [BLOCK_M, BLOCK_D]: unnormalised output of the kept (unscaled) probabilities.
     Returns the updated (m_i, l_i, acc)."""
-    groups = (Lk + 15) // 16
+    zero = qk_scale * 0.0  # dropped p: a zero the compiler cannot fold into the fp16 conversion
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
@@ -91,7 +91,8 @@ def _attend_key_range(
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped entries too
         if DROPOUT:
-            p = tl.where(keep_tile(seed, bh * Lq + rows, start_n, groups, drop_threshold, BLOCK_N), p, 0.0)
+            keep = keep_tile(seed, bh, row_start, start_n, drop_threshold, rows.shape[0], BLOCK_N)
+            p = tl.where(keep, p, zero)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -131,7 +132,7 @@ def _attn_fwd_kernel(
         hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
     m_i, l_i, acc = _attend_key_range(
         q, m_i, l_i, acc, 0, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
-        Lq, Lk, qk_scale, seed, bh, drop_threshold,
+        Lq, Lk, qk_scale, seed, bh, pid_m * BLOCK_M, drop_threshold,
         BLOCK_N, HAS_MASK, CAUSAL, DROPOUT, PRECISION,
     )  # fmt: skip
 
@@ -179,7 +180,6 @@ def _attn_bwd_dq_kernel(
     v_base = V + off_bk * stride_vb + off_h * stride_vh
     mask_row = MASK + off_bk * stride_mb
     seed = tl.load(SEED) if DROPOUT else 0
-    groups = (Lk + 15) // 16
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = Lk
     if CAUSAL:
@@ -196,7 +196,9 @@ def _attn_bwd_dq_kernel(
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/d(dropped P)
         if DROPOUT:
-            dp = tl.where(keep_tile(seed, row_stat, start_n, groups, drop_threshold, BLOCK_N), dp, 0.0)
+            dp = tl.where(
+                keep_tile(seed, bh, pid_m * BLOCK_M, start_n, drop_threshold, BLOCK_M, BLOCK_N), dp, 0.0
+            )
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * (scale * drop_scale)
@@ -232,7 +234,7 @@ def _attn_bwd_dkdv_kernel(
     stat_base = bh * Lq
     mask_row = MASK + off_bk * stride_mb
     seed = tl.load(SEED) if DROPOUT else 0
-    groups = (Lk + 15) // 16
+    zero = qk_scale * 0.0  # dropped P: a zero the compiler cannot fold into the fp16 conversion
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -251,13 +253,15 @@ def _attn_bwd_dkdv_kernel(
         s_t = tl.where(visible, s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
-        if DROPOUT:
-            keep = keep_tile_t(seed, stat_base + rows, pid_n * BLOCK_N, groups, drop_threshold, BLOCK_N)
-            dv += tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.where(keep, dp_t, 0.0)
+        if DROPOUT:  # dS = keep * P * dP' - P * delta: the mask is applied once, to P
+            kept_t = tl.where(
+                keep_tile_t(seed, bh, start_m, pid_n * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N), p_t, zero
+            )
+            dv += tl.dot(kept_t.to(do.dtype), do, input_precision=PRECISION)
+            ds_t = kept_t * dp_t - p_t * delta[None, :]
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     dk = dk * (scale * drop_scale)
     dv = dv * drop_scale
@@ -268,13 +272,15 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(
-    SEED, KEEP, n_rows, Lk, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
-):
-    """KEEP int8 [B * H * Lq, Lk]: the keep decisions of the attention kernels (tests and debugging)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # over B * H * Lq
+def _dropout_mask_kernel(SEED, KEEP, Lq, Lk, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """KEEP int8 [B * H, Lq, Lk]: the keep decisions of the attention kernels (tests and debugging); axis 0
+    over (query block, b * H + h), axis 1 over key blocks."""
+    n_blocks = tl.cdiv(Lq, BLOCK_M)
+    bh = (tl.program_id(0) // n_blocks).to(tl.int64)
+    row_start = tl.program_id(0) % n_blocks * BLOCK_M
     col_start = tl.program_id(1) * BLOCK_N
+    rows = row_start + tl.arange(0, BLOCK_M)
     cols = col_start + tl.arange(0, BLOCK_N)
-    keep = keep_tile(tl.load(SEED), rows, col_start, (Lk + 15) // 16, drop_threshold, BLOCK_N)
-    ptrs = KEEP + rows[:, None] * Lk + cols[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=(rows < n_rows)[:, None] & (cols < Lk)[None, :])
+    keep = keep_tile(tl.load(SEED), bh, row_start, col_start, drop_threshold, BLOCK_M, BLOCK_N)
+    ptrs = KEEP + (bh * Lq + rows)[:, None] * Lk + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])

@@ -38,9 +38,7 @@ from torch import Tensor
 from mplug_fast.ops.triton.attention import (
     _bhl_strides,
     _checked,
-    _dropout_args,
     _mask_arg,
-    _on_device,
     _precision,
     attention_backward,
     draw_dropout_seed,
@@ -53,6 +51,8 @@ from mplug_fast.ops.triton.attention_kernels import (
     _load_rows,
     _split_program_id,
 )
+from mplug_fast.ops.triton.dropout import dropout_args
+from mplug_fast.ops.triton.layer_norm import _on_device
 from mplug_fast.ops.triton.tiles import block_size, tile_for
 
 __all__ = ["MAX_QUERIES", "MIN_KEYS", "num_splits_for", "splitk_attention"]
@@ -98,7 +98,7 @@ def _splitk_fwd_kernel(
         hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Lk - Lq)
     m_i, l_i, acc = _attend_key_range(
         q, m_i, l_i, acc, lo, hi, k_base, v_base, stride_kn, stride_vn, mask_row, rows, offs_n, offs_d, d_ok,
-        Lq, Lk, qk_scale, seed, bh, drop_threshold,
+        Lq, Lk, qk_scale, seed, bh, pid_m * BLOCK_M, drop_threshold,
         BLOCK_N, HAS_MASK, CAUSAL, DROPOUT, PRECISION,
     )  # fmt: skip
 
@@ -204,7 +204,7 @@ def _splitk_fwd(
     o_part = torch.empty((num_splits, B, H, Lq, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((num_splits, B, H, Lq), dtype=torch.float32, device=q.device)
     mask, stride_mb = _mask_arg(key_padding_mask, q)
-    seed_arg, dropout, threshold, drop_scale, _ = _dropout_args(dropout_p, seed, q)
+    seed_arg, dropout, threshold, drop_scale, _ = dropout_args(dropout_p, seed, q)
     m_blocks = triton.cdiv(Lq, block_m)
     with _on_device(q):
         _splitk_fwd_kernel[(m_blocks * B * H, num_splits)](

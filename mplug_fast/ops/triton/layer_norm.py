@@ -9,7 +9,7 @@ computes `LayerNorm(residual + dropout(x))` over the last dim, in one read of `x
   (the dtype of `residual + x` in eager PyTorch), which is the input dtype when both match.
 * dtypes fp32, fp16, bf16 (each tensor may differ); all arithmetic in fp32 (statistics, normalisation,
   gradients); `weight`/`bias` gradients are accumulated in fp32 and returned in their own dtype.
-* Dropout: `dropout.keep_tile` on the logical `[rows, D]` matrix (one Philox call per 16 columns of a row,
+* Dropout: `dropout.keep_row` on the logical `[rows, D]` matrix (one Philox call per 16 elements of a row,
   one byte per decision, independent of strides): the drop probability is p rounded to a multiple of 1/256,
   kept values are scaled by `dropout_scale(p)` (1 / (1 - p) for that rounded p). The seed
   is an int64 `[1]` tensor drawn by the caller (`mplug_fast.ops.fused`) from torch's generator, so the
@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mplug_fast.ops.triton.dropout import dropout_scale, dropout_threshold, keep_tile
+from mplug_fast.ops.triton.dropout import dropout_args, keep_row
 
 __all__ = [
     "INTERPRETED",
@@ -78,21 +78,20 @@ def cast_rtne(y, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def _h_row(
-    x_row_ptr, r_row_ptr, seed_ptr, row, cols, D, drop_threshold, drop_scale,
+    x_row_ptr, r_row_ptr, seed, row, cols, D, drop_threshold, drop_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """h = residual + dropout(x) for one row, fp32 [BLOCK] (0 beyond D); also returns the keep mask."""
+    """h = residual + dropout(x) for one row, fp32 [BLOCK] (0 beyond D); also returns the factor dropout
+    applied to each x (1 / (1 - p) or 0; a dummy without dropout)."""
     in_row = cols < D
     x = tl.load(x_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
     r = tl.load(r_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        rows = tl.zeros([1], tl.int64) + row  # int64: no overflow past 2**31 elements
-        keep = tl.reshape(keep_tile(seed, rows, 0, (D + 15) // 16, drop_threshold, BLOCK), [BLOCK])
-        x = tl.where(keep, x * drop_scale, 0.0)
+        factor = tl.where(keep_row(seed, row, drop_threshold, BLOCK), drop_scale, 0.0)
+        x = x * factor
     else:
-        keep = in_row
-    return r + x, keep
+        factor = in_row
+    return r + x, factor
 
 
 @triton.jit
@@ -105,8 +104,9 @@ def _ln_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < D
+    seed = tl.load(Seed) if HAS_DROPOUT else 0
     h, _ = _h_row(
-        X + row * stride_x, R + row * stride_r, Seed, row, cols, D, drop_threshold, drop_scale,
+        X + row * stride_x, R + row * stride_r, seed, row, cols, D, drop_threshold, drop_scale,
         HAS_DROPOUT, BLOCK,
     )  # fmt: skip
     mean = tl.sum(h, axis=0) / D
@@ -138,9 +138,10 @@ def _ln_bwd_kernel(
     # which has no `.to`: cast the bounds, never the loop variable).
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, rows)
+    seed = tl.load(Seed) if HAS_DROPOUT else 0
     for row in range(row_start, row_end):
-        h, keep = _h_row(
-            X + row * stride_x, R + row * stride_r, Seed, row, cols, D, drop_threshold, drop_scale,
+        h, factor = _h_row(
+            X + row * stride_x, R + row * stride_r, seed, row, cols, D, drop_threshold, drop_scale,
             HAS_DROPOUT, BLOCK,
         )  # fmt: skip
         mean = tl.load(Mean + row)
@@ -153,7 +154,7 @@ def _ln_bwd_kernel(
         dh = (wdy - (x_hat * c1 + c2)) * rstd
         tl.store(DR + row * stride_dr + cols, cast_rtne(dh, DR.dtype.element_ty, INTERPRETED_K), mask=in_row)
         if HAS_DROPOUT:
-            dx = tl.where(keep, dh * drop_scale, 0.0)
+            dx = dh * factor
         else:
             dx = dh
         tl.store(DX + row * stride_dx + cols, cast_rtne(dx, DX.dtype.element_ty, INTERPRETED_K), mask=in_row)
@@ -190,15 +191,6 @@ def _rows_2d(t: Tensor, D: int) -> Tensor:
     """[*, D] -> [rows, D] with a unit last-dim stride (a view when possible, else one copy)."""
     t = t.reshape(-1, D)
     return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
-
-
-def _dropout_args(dropout_p: float, seed: Tensor | None, dummy: Tensor) -> tuple[bool, Tensor, int, float]:
-    """(HAS_DROPOUT, seed pointer, byte threshold, scale of kept values); `dummy` stands for the seed."""
-    if dropout_p > 0.0 and seed is None:
-        raise ValueError(f"dropout_p={dropout_p} needs a seed tensor (int64 [1]), got None")
-    threshold = dropout_threshold(dropout_p)
-    has_dropout = threshold > 0
-    return has_dropout, (seed if has_dropout else dummy), threshold, dropout_scale(dropout_p)
 
 
 def _block(D: int) -> int:
@@ -242,7 +234,7 @@ def _ln_fwd(
     mean = torch.empty((rows,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows > 0 and D > 0:
-        has_dropout, seed_arg, threshold, drop_scale = _dropout_args(dropout_p, seed, mean)
+        seed_arg, has_dropout, threshold, drop_scale, _ = dropout_args(dropout_p, seed, mean)
         BLOCK = _block(D)
         with _on_device(x):
             _ln_fwd_kernel[(rows,)](
@@ -270,7 +262,7 @@ def _ln_bwd(
     G = triton.cdiv(rows, rows_per_program)  # no empty program
     dw_partial = torch.empty((G, D), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((G, D), dtype=torch.float32, device=x.device)
-    has_dropout, seed_arg, threshold, drop_scale = _dropout_args(dropout_p, seed, mean)
+    seed_arg, has_dropout, threshold, drop_scale, _ = dropout_args(dropout_p, seed, mean)
     BLOCK = _block(D)
     with _on_device(x):
         _ln_bwd_kernel[(G,)](
