@@ -23,8 +23,8 @@ def _train(world: SyntheticWorld, tokenizer: Tokenizer) -> tuple[PretrainObjecti
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)  # the batches and the ITM negatives
     model = build_model(get_config("micro"), "pretrain")  # the demo's model
-    # the demo's pretrain options (mplug_fast/configs/demo/pretrain.yaml) on ITC + ITM only (MLM and
-    # PrefixLM do not touch the ITM head and triple the step time)
+    # the demo's pretrain options (mplug_fast/configs/demo/pretrain.yaml) with uniform ITM negatives, on
+    # ITC + ITM only (MLM and PrefixLM do not touch the ITM head and triple the step time)
     objective = PretrainObjective.from_tokenizer(
         model,
         tokenizer,
