@@ -3,7 +3,9 @@
 For each local text one negative image, for each local image one negative text, drawn from the *global*
 batch with probability softmax(sim) over the non-positive entries (a positive — the pair itself or any
 sample with the same image id, and with ``ITCLoss(same_text_positive=True)`` any sample with the identical
-text — has weight exactly 0, so it is never drawn). All rows are sampled by one
+text — has weight exactly 0, so it is never drawn); with ``hard=False`` uniformly over the non-positive
+entries instead (for a model that cannot yet tell the hardest negatives from the positive: they only add
+label noise). All rows are sampled by one
 `torch.multinomial` call per direction (the official code loops over samples with `.item()`). The
 negatives' encoder states are all-gathered *with* gradient, so on W ranks the loss and the gradients equal
 those of one process with the global batch. Positives and both kinds of negatives go through the fusion in
@@ -53,13 +55,20 @@ def negative_weights(sim: Tensor, positives: Tensor) -> Tensor:
 
 
 def sample_negatives(
-    sim_i2t: Tensor, sim_t2i: Tensor, positives: Tensor, sampler: Sampler | None = None
+    sim_i2t: Tensor,
+    sim_t2i: Tensor,
+    positives: Tensor,
+    sampler: Sampler | None = None,
+    hard: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Global indices (neg_image_for_text [B], neg_text_for_image [B]).
 
     sim_i2t / sim_t2i: [B, W*B] local rows vs the global batch; positives: bool [B, W*B].
+    hard: draw by softmax(sim) (official); False: uniformly over the non-positives.
     """
     sample = sampler or multinomial_sampler()
+    if not hard:
+        sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
     with torch.no_grad():
         neg_image = sample(negative_weights(sim_t2i, positives))  # a text's negative image
         neg_text = sample(negative_weights(sim_i2t, positives))  # an image's negative text
@@ -75,6 +84,7 @@ def itm_loss(
     sim_t2i: Tensor,
     positives: Tensor,
     sampler: Sampler | None = None,
+    hard: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """ITM loss on B positives + B (negative image, text) + B (image, negative text) pairs.
 
@@ -84,11 +94,12 @@ def itm_loss(
         text_mask: bool [B, L].
         sim_i2t, sim_t2i, positives: from `ITCLoss` ([B, W*B]).
         sampler: weights -> indices (default: `torch.multinomial`).
+        hard: hard negatives by the ITC similarities (official); False: uniform over the non-positives.
     Returns:
         (loss, {"neg_image": [B], "neg_text": [B], "logits": [3B, 2]}).
     """
     B, L = text_mask.shape
-    neg_image, neg_text = sample_negatives(sim_i2t, sim_t2i, positives, sampler)
+    neg_image, neg_text = sample_negatives(sim_i2t, sim_t2i, positives, sampler, hard)
     Lg = global_max(L)
     distributed = world()[1] > 1
     if distributed:

@@ -103,6 +103,9 @@ class PretrainObjective(MomentumMixin, Objective):
         sampler: ITM hard-negative sampler (default `torch.multinomial`).
         same_text_positive: False (official) = ITC positives by image id only; True = identical texts are
             positives too, for ITC and as never-drawn ITM negatives (data where images share captions).
+        hard_negatives: True (official) = ITM negatives drawn by the ITC similarities; False = uniformly
+            among the non-positives (a small model whose ITC ranks first the look-alikes it cannot tell
+            apart from the positive, e.g. the same colour in the synthetic world, learns nothing from those).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class PretrainObjective(MomentumMixin, Objective):
         global_batch: int | None = None,
         sampler: Sampler | None = None,
         same_text_positive: bool = False,
+        hard_negatives: bool = True,
     ):
         super().__init__()
         if getattr(model, "momentum", None) is None:
@@ -139,7 +143,7 @@ class PretrainObjective(MomentumMixin, Objective):
         self.vocab_size, self.mlm_probability = vocab_size, mlm_probability
         self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
         self.temp_range = temp_range
-        self.sampler = sampler
+        self.sampler, self.hard_negatives = sampler, hard_negatives
         self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch, same_text_positive)
         if continuation is None:
             continuation = torch.zeros(vocab_size, dtype=torch.bool)
@@ -202,9 +206,8 @@ class PretrainObjective(MomentumMixin, Objective):
                 text_hashes=text_identity(ids, mask) if self.itc.same_text_positive else None,
             )
             if w["itm"]:
-                out["itm"], _ = itm_loss(
-                    model, v, t, mask, extras["sim_i2t"], extras["sim_t2i"], extras["positives"], self.sampler
-                )
+                sims = extras["sim_i2t"], extras["sim_t2i"], extras["positives"]
+                out["itm"], _ = itm_loss(model, v, t, mask, *sims, self.sampler, self.hard_negatives)
         if w["mlm"]:
             masked, labels = mask_tokens(
                 ids,

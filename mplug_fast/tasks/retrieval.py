@@ -150,6 +150,7 @@ class RetrievalObjective(MomentumMixin, Objective):
         global_batch: int | None = None,
         sampler: Sampler | None = None,
         same_text_positive: bool = False,
+        hard_negatives: bool = True,
     ):
         super().__init__()
         if model.momentum is None:
@@ -158,7 +159,7 @@ class RetrievalObjective(MomentumMixin, Objective):
             )
         self.model = model
         self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
-        self.temp_range, self.sampler = temp_range, sampler
+        self.temp_range, self.sampler, self.hard_negatives = temp_range, sampler, hard_negatives
         self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch, same_text_positive)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._init_momentum(model, model.momentum, momentum)
@@ -194,9 +195,8 @@ class RetrievalObjective(MomentumMixin, Objective):
             enqueue=self.training,
             text_hashes=text_identity(ids, mask) if self.itc.same_text_positive else None,
         )
-        itm, _ = itm_loss(
-            model, v, t, mask, extras["sim_i2t"], extras["sim_t2i"], extras["positives"], self.sampler
-        )
+        sims = extras["sim_i2t"], extras["sim_t2i"], extras["positives"]
+        itm, _ = itm_loss(model, v, t, mask, *sims, self.sampler, self.hard_negatives)
         return {"loss": itc + itm, "itc": itc.detach(), "itm": itm.detach()}
 
 
@@ -215,6 +215,7 @@ class RetrievalOptions:
     temp_range: tuple[float, float] = (0.001, 0.5)
     global_batch: int | None = None
     same_text_positive: bool = False  # official: ITC positives by image id only; True: identical texts too
+    hard_negatives: bool = True  # official: ITM negatives drawn by the ITC similarities; False: uniformly
 
 
 class RetrievalTask(Task):

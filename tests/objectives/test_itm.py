@@ -44,6 +44,19 @@ def test_sampling_frequencies_follow_the_weights():
     torch.testing.assert_close(freq, want, atol=0.015, rtol=0)
 
 
+def test_uniform_negatives_ignore_the_similarities_and_skip_positives():
+    sim = torch.tensor([[0.0, 9.0, -9.0, 0.5]]).repeat(20000, 1)
+    pos = torch.zeros_like(sim, dtype=torch.bool)
+    pos[:, 0] = True
+    sampler = multinomial_sampler(torch.Generator().manual_seed(0))
+    neg_image, neg_text = sample_negatives(sim, sim, pos, sampler, hard=False)
+    for draws in (neg_image, neg_text):
+        freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+        torch.testing.assert_close(freq, torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]), atol=0.015, rtol=0)
+    # the default (official) draw follows softmax(sim): column 1 nearly always
+    assert sample_negatives(sim, sim, pos, sampler)[0].eq(1).float().mean() > 0.99
+
+
 def test_row_without_any_negative_is_a_clear_error():
     pos = torch.tensor([[True, True], [True, True]])
     with pytest.raises(ValueError, match="cannot draw a hard negative"):
