@@ -4,6 +4,8 @@
     python benchmarks/kernel_resources.py --out benchmarks/results/kernel-resources   # the committed table
     python benchmarks/kernel_resources.py --targets 90 --only attn_fwd --out /tmp/r
     python benchmarks/kernel_resources.py --sweep /tmp/sweep.jsonl   # candidates for `tiles.TILES`
+    python benchmarks/kernel_resources.py --probe dkdv --targets 90 --tiles 64,128,8,2 32,128,8,1
+        # dropout cost per tile: SASS loop with / without dropout, per score a thread holds
 
 No GPU is needed: each launcher (`mplug_fast.ops.triton.attention`, `decode`, `layer_norm`, `activation`) is
 called with CPU tensors while the kernels' `.run` is replaced by a recorder, so the launch is exactly what the
@@ -499,6 +501,37 @@ def sweep(targets: list[int], block_ds=(64, 128), log=print, done=frozenset()) -
     return results
 
 
+def probe(kind: str, cc: int, candidates: list[tiles.Tile], dtype=torch.float16, log=print) -> list[dict]:
+    """Compile the `kind` kernel of ViT-B/16 self-attention (197 tokens, Dh 64) with each candidate tile, with
+    and without dropout (and key padding mask, causal): SASS loop, and loop per score a thread holds
+    (BLOCK_M * BLOCK_N / threads), to compare dropout costs across tiles."""
+    arch = f"sm_{cc}"
+    name = {"fwd": "attn_fwd", "dq": "attn_bwd_dq", "dkdv": "attn_bwd_dkdv"}[kind]
+    saved = dict(tiles.TILES)
+    os.environ["MPLUG_FAST_TRITON_ARCH"] = arch
+    results = []
+    try:
+        for tile, flags, p in (
+            (t, f, p) for t in candidates for f in ({}, {"mask": True}, {"mask": True, "causal": True})
+            for p in (0.0, 0.1)
+        ):  # fmt: skip
+            tiles.TILES[(arch, kind, 64, 2 if dtype != torch.float32 else 4)] = tile
+            case = _attention_case("probe", dtype, 8, 12, 197, 197, 64, dropout=p, **flags)
+            with recording() as launches:
+                case.run()
+            r = measure(next(la for la in launches if describe(la)[0] == name), cc)
+            per_thread = tile.block_m * tile.block_n / (32 * tile.num_warps)
+            row = dict(target=arch, kernel=kind, tile=list(asdict(tile).values()), flags=sorted(flags),
+                       dropout=p, **r, loop_per_score=round(r["sass_loop"] / per_thread, 2))  # fmt: skip
+            results.append(row)
+            log(json.dumps(row))
+    finally:
+        tiles.TILES.clear()
+        tiles.TILES.update(saved)
+        os.environ.pop("MPLUG_FAST_TRITON_ARCH", None)
+    return results
+
+
 def _run_quiet(case: Case) -> None:
     case.run()
 
@@ -512,8 +545,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=OUT_DIR / "kernel-resources")
     ap.add_argument("--note", default="")
     ap.add_argument("--sweep", type=Path, help="compile the candidate tiles instead; JSON lines to this file")
+    ap.add_argument("--probe", choices=("fwd", "dq", "dkdv"), help="dropout cost of --tiles for this kernel")
+    ap.add_argument("--tiles", nargs="+", default=[], help="BLOCK_M,BLOCK_N,num_warps,num_stages (--probe)")
     args = ap.parse_args(argv)
     torch.set_float32_matmul_precision("high")  # the only fp32 path the launchers take on CUDA
+    if args.probe:
+        candidates = [tiles.Tile(*map(int, t.split(","))) for t in args.tiles]
+        for cc in args.targets:
+            for dtype in args.dtypes:
+                probe(args.probe, cc, candidates, getattr(torch, dtype))
+        return 0
     if args.sweep:  # resumable: candidates already in the file are skipped
         old = (
             [json.loads(line) for line in args.sweep.read_text().splitlines()] if args.sweep.exists() else []
