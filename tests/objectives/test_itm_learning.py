@@ -14,6 +14,7 @@ from mplug_fast.data import SyntheticWorld, Tokenizer
 from mplug_fast.data.synthetic import PretrainDataset
 from mplug_fast.objectives.pretrain import PretrainObjective
 from mplug_fast.tasks import build_model, get_task
+from tests.objectives.loop import train_steps
 
 STEPS, B, TRAIN_SCENES, HELD_OUT = 150, 32, 4000, 200
 PRIOR = -(math.log(1 / 3) + 2 * math.log(2 / 3)) / 3  # 0.6365: CE of always answering P(match) = 1/3
@@ -39,22 +40,12 @@ def _train(world: SyntheticWorld, tokenizer: Tokenizer) -> tuple[PretrainObjecti
     )
     train = PretrainDataset(world, TRAIN_SCENES, 0)
     collate = get_task("pretrain").collate(tokenizer)
-    optimizer = torch.optim.AdamW(
-        [p for p in objective.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.02
-    )
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 12))
-    losses = []
-    objective.train()
-    for _step in range(STEPS):
+
+    def next_batch() -> dict:
         rows = torch.randint(len(train), (B,), generator=g).tolist()
-        out = objective(collate([train[i] for i in rows]))
-        optimizer.zero_grad()
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), 5.0)
-        optimizer.step()
-        warmup.step()
-        objective.after_optimizer_step()
-        losses.append(float(out["itm"]))
+        return collate([train[i] for i in rows])
+
+    losses = train_steps(objective, next_batch, STEPS, lr=3e-3, weight_decay=0.02, clip=5.0, record="itm")
     return objective, losses
 
 

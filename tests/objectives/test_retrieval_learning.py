@@ -12,6 +12,7 @@ from mplug_fast.data.synthetic.datasets import RetrievalDataset
 from mplug_fast.metrics import retrieval_recall
 from mplug_fast.tasks import build_model, get_task
 from mplug_fast.tasks.retrieval import RetrievalObjective, chance_recall
+from tests.objectives.loop import train_steps
 
 STEPS, B, TRAIN_SCENES, GALLERY = 120, 64, 4000, 100
 
@@ -28,27 +29,17 @@ def _train_and_recall(shuffle_captions: bool) -> tuple[float, float, float]:
     collate = get_task("retrieval").collate(tokenizer)
     g = torch.Generator().manual_seed(0)
     caption_of = torch.randperm(len(train), generator=g) if shuffle_captions else torch.arange(len(train))
-    optimizer = torch.optim.AdamW(
-        [p for p in objective.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.01
-    )
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 12))
-    losses = []
-    objective.train()
-    for _step in range(STEPS):
+
+    def next_batch() -> dict:
         rows = torch.randint(len(train), (B,), generator=g).tolist()
         items = []
         for i in rows:
             item = dict(train[i])
             item["caption"] = train.texts[int(caption_of[i])]  # control: another image's caption
             items.append(item)
-        out = objective(collate(items))
-        optimizer.zero_grad()
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
-        objective.after_optimizer_step()
-        losses.append(float(out["itc"]))
+        return collate(items)
+
+    losses = train_steps(objective, next_batch, STEPS, lr=3e-3, weight_decay=0.01, clip=1.0, record="itc")
 
     gallery = RetrievalDataset(world, GALLERY, TRAIN_SCENES)
     model.eval()
