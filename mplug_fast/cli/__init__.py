@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     1: a bug, with its traceback)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "demo":  # the example parses its own flags (cli/demo.py)
+    if getattr(args, "passthrough", False):  # a command whose own parser reads its flags (cli/demo.py)
         args.args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

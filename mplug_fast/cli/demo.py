@@ -48,4 +48,4 @@ def register(commands: argparse._SubParsersAction) -> None:
         add_help=False,
         help="pretrain + finetune + evaluate every task on the synthetic world (examples/demo; --help there)",
     )
-    p.set_defaults(func=_demo, args=[])  # `main` hands it every argument after `demo`
+    p.set_defaults(func=_demo, passthrough=True, args=[])  # `main` hands it every argument after `demo`

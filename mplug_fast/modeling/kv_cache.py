@@ -97,13 +97,19 @@ class KVCache:
     def snapshot(self) -> tuple:
         """The host state: (length, padded, k, v, mask, spare buffers); the spare buffers are allocated now,
         so that no later same-size `reorder` allocates."""
-        if self._spare is None and self.k is not None:
-            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v), torch.empty_like(self.mask))
+        if self.k is not None:
+            self._spare_buffers()
         return (self.length, self.padded, self.k, self.v, self.mask, self._spare)
 
     def restore(self, snapshot: tuple) -> None:
         """Sets the host state saved by `snapshot` (the buffers' contents are not touched)."""
         self.length, self.padded, self.k, self.v, self.mask, self._spare = snapshot
+
+    def _spare_buffers(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The second (k, v, mask) buffers of the current shapes, allocated on first use."""
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v), torch.empty_like(self.mask))
+        return self._spare
 
     def reorder(self, index: Tensor) -> None:
         """Row i becomes old row index[i]; index: long [N'] (N' may differ from N, e.g. prompt -> beams)."""
@@ -114,13 +120,7 @@ class KVCache:
             k, v = self.k.new_empty(shape), self.v.new_empty(shape)  # [layers, N', H, Lmax, Dh]
             mask, spare = self.mask.new_empty(index.shape[0], self.max_length), None  # [N', Lmax]
         else:  # gather into the spare pair, which then becomes the spare again
-            if self._spare is None:
-                self._spare = (
-                    torch.empty_like(self.k),
-                    torch.empty_like(self.v),
-                    torch.empty_like(self.mask),
-                )
-            (k, v, mask), spare = self._spare, (self.k, self.v, self.mask)
+            (k, v, mask), spare = self._spare_buffers(), (self.k, self.v, self.mask)
         op = native_op("reorder_caches", self.k.device.type)
         if op is None:
             torch.index_select(self.k, 1, index, out=k)
