@@ -1,11 +1,8 @@
-"""Beam search: the official mPLUG beam search (docs/fidelity.md §5.6) and a standard one.
+"""Beam search: the official mPLUG beam search (docs/fidelity.md §5.6) and a standard one (`beam_search`).
 
-Each step's selection and finished-hypothesis bookkeeping is one call (`beam_step`: the native op of
-kernels/ when built, else its Python twin; identical results). Samples finish independently: a closing
-sample is frozen on the device, and at every `sync_every`-th step one host count of the open samples stops
-the search or drops the closed samples' rows, memory K/V rows and cache rows from the batch. With
-`cuda_graph=True` steps 1 .. T-1 run on static buffers, recorded as CUDA graphs (`graphs.py`), and closed
-samples stay in the batch.
+Each step's selection and finished-hypothesis bookkeeping is one call (`beam_step`, native op or Python
+twin). Samples finish independently; the steps run eagerly, dropping closed samples from the batch, or, with
+`cuda_graph=True`, on static buffers recorded as CUDA graphs (`graphs.py`).
 """
 
 from __future__ import annotations
@@ -18,13 +15,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mplug_fast.generation.beam_step import NEG_EOS, gnmt_length_penalty, resolve_beam_step
+from mplug_fast.generation.beam_step import gnmt_length_penalty, resolve_beam_step
 from mplug_fast.generation.graphs import step_graphs
 from mplug_fast.generation.outputs import PAD_ID, SEP_ID, GenerationOutput
-from mplug_fast.generation.state import DecodingState, check_lengths
+from mplug_fast.generation.state import DecodingState
 from mplug_fast.modeling.decoder import MemoryKV, TextDecoder
 
-__all__ = ["NEG_EOS", "beam_search", "gnmt_length_penalty"]
+__all__ = ["beam_search", "gnmt_length_penalty"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +97,9 @@ def beam_search(
         raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     if cuda_graph and not use_cache:
         raise ValueError("cuda_graph=True replays the cached decode step: it needs use_cache=True")
-    check_lengths(decoder, start_ids, max_length, min_length)
-    state = DecodingState(decoder, memory, memory_mask, start_ids, start_mask, max_length, use_cache)
+    state = DecodingState(
+        decoder, memory, memory_mask, start_ids, start_mask, max_length, min_length, use_cache
+    )
     logits = state.start()  # [B, V]
     B, Lp = start_ids.shape
     K, V, T = beam_size, logits.shape[-1], max_length

@@ -92,14 +92,10 @@ def beam_step_reference(
     official: bool,
     exact: bool,
 ) -> tuple[Tensor, Tensor]:
-    """One step (see the module docstring for the state, updated in place); the twin of the native op.
+    """One step of `beam_search` (`official` or standard mode, `exact` early stopping: the rules are in its
+    docstring) on the state of the module docstring, updated in place; the twin of the native op.
 
-    logits [Bo*K, V] fp32 (+ bias [V] before the log-softmax); eos_id -1 = none. Official: scores =
-    (log p + running) / lp, top K over K x V, running = score * lp; every beam ending in [SEP] is recorded
-    (beams stay alive); when beam 0 ends in [SEP], or at the last step, all K are recorded and the sample
-    closes. Standard: top 2K of log p + running; finished candidates ranked < K join the kept best K (score /
-    lp); the best K non-[SEP] candidates continue; the sample closes when its worst kept hypothesis beats the
-    best running score (penalized now, or at max_length when `exact`), or at the last step.
+    logits [Bo*K, V] fp32 (+ bias [V] before the log-softmax); eos_id -1 = none.
     Returns (beam, token) long [Bo, K]: origin beam and token of each new beam (closed rows: k, 0).
     """
     Bo, K = running.shape

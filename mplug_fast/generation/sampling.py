@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mplug_fast.generation.outputs import PAD_ID, SEP_ID, GenerationOutput
-from mplug_fast.generation.state import DecodingState, check_lengths
+from mplug_fast.generation.state import DecodingState
 from mplug_fast.modeling.decoder import MemoryKV, TextDecoder
 
 
@@ -129,8 +129,9 @@ def greedy(
     logit_bias = token_bias(V, range(345, 682)). Returns ids [B, 1, L], scores [B, 1] (sum of the
     log-probs of the generated tokens, after `logit_bias` and the min_length [SEP] mask), lengths [B, 1].
     """
-    check_lengths(decoder, start_ids, max_length, min_length)
-    state = DecodingState(decoder, memory, memory_mask, start_ids, start_mask, max_length, use_cache)
+    state = DecodingState(
+        decoder, memory, memory_mask, start_ids, start_mask, max_length, min_length, use_cache
+    )
     return _sequential(
         state,
         start_ids,
@@ -179,8 +180,9 @@ def sample(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if num_return < 1:
         raise ValueError(f"num_return must be >= 1, got {num_return}")
-    check_lengths(decoder, start_ids, max_length, min_length)
-    state = DecodingState(decoder, memory, memory_mask, start_ids, start_mask, max_length, use_cache)
+    state = DecodingState(
+        decoder, memory, memory_mask, start_ids, start_mask, max_length, min_length, use_cache
+    )
 
     def choose(log_probs: Tensor, logits: Tensor) -> Tensor:
         probs = _filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)  # [N, V]

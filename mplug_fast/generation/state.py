@@ -1,10 +1,5 @@
-"""The decoder side of a batch being decoded, shared by beam search, greedy / sampling and ranking.
-
-`memory` is the decoder memory [B, M, D] or its per-layer cross-attention K/V (`TextDecoder.project_memory`):
-`as_memory_kv` projects it once per sample; `DecodingState` runs the prompts once, then expands them to
-their beams / samples (which read the memory through the int `memory_index` G, never tiled) and appends one
-token per step, incrementally (`KVCache`) or by recomputing the prefix (`use_cache=False`).
-"""
+"""The decoder side of a batch being decoded (`DecodingState`), shared by beam search, greedy / sampling
+and ranking (`as_memory_kv`)."""
 
 from __future__ import annotations
 
@@ -27,10 +22,12 @@ def as_memory_kv(decoder: TextDecoder, memory: Tensor | MemoryKV) -> MemoryKV:
 
 
 class DecodingState:
-    """The decoder side of a batch being decoded: incremental (KV cache) or full recomputation.
+    """The decoder side of a batch being decoded: incremental (`KVCache`) or by recomputing the prefix
+    (`use_cache=False`).
 
-    `memory` [B, M, D] is projected once (`as_memory_kv`); room is kept for `max_length` new tokens. Rows
-    start as the B prompts (row b reads memory row b); `expand(index, group)` copies them to G rows
+    `memory` [B, M, D] is projected once (`as_memory_kv`); room is kept for `max_length` new tokens (checked,
+    with `min_length`, against each other and the decoder's position table). `start()` runs the prompts once;
+    rows start as the B prompts (row b reads memory row b); `expand(index, group)` copies them to G rows
     per sample (beams / samples, contiguous: row n reads memory row n // G, passed to the decoder as the
     int `memory_index` G, so the memory K/V is never gathered per row); `advance(tokens, select)` reorders
     rows within their sample and appends a token.
@@ -44,11 +41,21 @@ class DecodingState:
         start_ids: Tensor,
         start_mask: Tensor | None,
         max_length: int,
+        min_length: int,
         use_cache: bool,
     ):
+        B, Lp = start_ids.shape
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if min_length < 0:
+            raise ValueError(f"min_length must be >= 0, got {min_length}")
+        if Lp + max_length > decoder.embeddings.max_positions:
+            raise ValueError(
+                f"prompt ({Lp}) + max_length ({max_length}) = {Lp + max_length} tokens exceed "
+                f"max_position_embeddings={decoder.embeddings.max_positions}"
+            )
         memory_kv = as_memory_kv(decoder, memory)
         memory_mask, start_mask = as_bool_mask(memory_mask), as_bool_mask(start_mask)
-        B, Lp = start_ids.shape
         Bm = memory_kv[0][0].shape[0]
         if Bm != B:
             raise ValueError(
@@ -108,17 +115,3 @@ class DecodingState:
         if self.mask is not None:
             self.mask = F.pad(self.mask, (0, 1), value=True)  # copy: [N, L + 1]
         return self._last_logits(self.ids, self.mask)
-
-
-def check_lengths(decoder: TextDecoder, start_ids: Tensor, max_length: int, min_length: int) -> None:
-    """Checks the generation lengths against each other and the decoder's position table."""
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if min_length < 0:
-        raise ValueError(f"min_length must be >= 0, got {min_length}")
-    total = start_ids.shape[1] + max_length
-    if total > decoder.embeddings.max_positions:
-        raise ValueError(
-            f"prompt ({start_ids.shape[1]}) + max_length ({max_length}) = {total} tokens exceed "
-            f"max_position_embeddings={decoder.embeddings.max_positions}"
-        )
