@@ -1,24 +1,18 @@
 """The building blocks shared by every stack: attention (self / cross), MLP, post-LN BERT layer.
 
-Written once and used by the text encoder, the fusion layers and the decoder (post-LN, erf GELU,
-LayerNorm eps 1e-12) and, for attention and MLP, by the CLIP ViT (pre-LN, QuickGELU).
+Used by the text encoder, the fusion layers and the decoder (post-LN, erf GELU, LayerNorm eps 1e-12) and,
+for attention and MLP, by the CLIP ViT (pre-LN, QuickGELU). Parameter names are ours (`qkv`, `q_proj`,
+`kv_proj`, `out_proj`, `fc1`, `fc2`, `norm_*`); `mplug_fast.checkpoint` maps the official names onto them.
 
-Parameter names are ours (`qkv`, `q_proj`, `kv_proj`, `out_proj`, `fc1`, `fc2`, `norm_*`);
-`mplug_fast.checkpoint` maps the official names onto them (q/k/v are stored fused).
-
-Backends are chosen once per module, not per call (as timm's `fused_attn` and nanoGPT's `self.flash`):
-each attention module keeps the attention backend it resolved per (device kind, dtype, mask kind, dropout,
-autograd recording) in a `BackendCache` (`mplug_fast.ops.registry`), from its `backend` (the model config's
-choice, below `MPLUG_FAST_ATTENTION`); the modules with fused epilogues do the same for the fused backend,
-from their `fused_backend` attribute (None by default; `set_fused_backend(model, name)` sets it on every
-module and clears the caches) > `MPLUG_FAST_FUSED` > automatic (`triton` on CUDA, `reference` on CPU).
-The post-LN residual blocks run `LN(x + dropout(f(x)))` through the backend's `residual_layer_norm` and the
-MLPs `act(fc1(x))` through its `bias_act` (fc1's GEMM without its bias, the bias added in the activation
-kernel) when the fused backend is `triton`; `reference` runs the plain modules (`nn.LayerNorm`,
-`nn.Dropout`, `nn.GELU`, `QuickGELU`), exactly the unfused computation. Parameters and state-dict keys are
-the same either way. Call `clear_backend_caches(model)` after changing `MPLUG_FAST_*` in a running process.
-The per-call cost is a dict lookup keyed by cheap tensor properties (`is_cuda`, `is_cpu`, `dtype`); "needs
-grad" is taken as "autograd is recording" (the module's parameters require grad).
+Backends are resolved once per module and static key (device kind, dtype, mask kind, dropout, autograd
+recording) and kept in a `BackendCache` (`mplug_fast.ops.registry`): attention from the module's `backend`
+(the model config's choice, below `MPLUG_FAST_ATTENTION`), the fused epilogues from its `fused_backend`
+(None: `MPLUG_FAST_FUSED`, else automatic; `set_fused_backend(model, name)` sets it on every module). With
+the `triton` fused backend the post-LN blocks run `LN(x + dropout(f(x)))` as one `residual_layer_norm` and
+the MLPs add fc1's bias inside the activation kernel (`bias_act`); `reference` runs the plain modules
+(`nn.LayerNorm`, `nn.Dropout`, `nn.GELU`, `QuickGELU`), exactly the unfused computation. Parameters and
+state-dict keys are the same either way. Call `clear_backend_caches(model)` after changing `MPLUG_FAST_*`
+in a running process.
 """
 
 from __future__ import annotations
@@ -28,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mplug_fast.modeling.kv_cache import KVCache
-from mplug_fast.ops.attention import resolve_attention, run_attention
+from mplug_fast.ops.attention import ATTENTION, resolve_attention
 from mplug_fast.ops.fused import FUSED, fused_key, resolve_fused
+from mplug_fast.ops.reference import check_attention_inputs
 from mplug_fast.ops.registry import BackendCache, mask_kind
 
 
@@ -41,8 +36,9 @@ class QuickGELU(nn.Module):
 
 
 class _Attention(nn.Module):
-    """What self- and cross-attention share: head split, dropout, and the backend resolved once per static
-    key (`attend`)."""
+    """What self- and cross-attention share: head split (dim D, num_heads H, head dim D / H), dropout on the
+    attention probabilities (training only), and the backend (name, None = automatic; see
+    `mplug_fast.ops.attention`) resolved once per static key (`attend`)."""
 
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, backend: str | None):
         super().__init__()
@@ -77,20 +73,14 @@ class _Attention(nn.Module):
                 q.device.type, q.dtype, self.head_dim, mask, dropout, grad, None, self.backend
             )
 
-        kwargs = dict(
-            key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, kv_index=kv_index
-        )
-        return run_attention(self.backends.get(key, resolve), q, k, v, **kwargs)
+        name = self.backends.get(key, resolve)
+        check_attention_inputs(q, k, v, key_padding_mask, kv_index)
+        kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, scale=None)
+        return ATTENTION[name].run(q, k, v, kv_index=kv_index, **kwargs)
 
 
 class SelfAttention(_Attention):
-    """Multi-head self-attention with a fused QKV projection.
-
-    Args:
-        dim: model width D.  num_heads: H (head dim D / H).
-        attn_dropout: dropout on the attention probabilities (training only).
-        backend: attention backend name, None = automatic (see `mplug_fast.ops.attention`).
-    """
+    """Multi-head self-attention with a fused QKV projection (arguments: see `_Attention`)."""
 
     def __init__(self, dim: int, num_heads: int, attn_dropout: float = 0.0, backend: str | None = None):
         super().__init__(dim, num_heads, attn_dropout, backend)
@@ -127,11 +117,7 @@ class CrossAttention(_Attention):
 
     `project_kv(memory)` can be called once and its result passed as `kv=` to every later call
     (decoding steps, beams, answer candidates); `kv_index` then maps query rows to memory rows.
-
-    Args:
-        dim: query width D.  memory_dim: memory width.  num_heads: H.
-        attn_dropout: dropout on the attention probabilities (training only).
-        backend: attention backend name, None = automatic.
+    dim: query width D; memory_dim: memory width (other arguments: see `_Attention`).
     """
 
     def __init__(
@@ -184,11 +170,8 @@ class CrossAttention(_Attention):
 
 
 class MLP(nn.Module):
-    """fc1 -> activation -> fc2 (the residual and its dropout belong to the caller).
-
-    With the `triton` fused backend, fc1 runs without its bias and the backend's `bias_act` adds it inside
-    the activation kernel (one pass over the [*, hidden] activation instead of two).
-    """
+    """fc1 -> activation -> fc2 (the residual and its dropout belong to the caller); with the `triton`
+    fused backend, fc1's bias is added inside the activation kernel (one pass over [*, hidden], not two)."""
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
         super().__init__()

@@ -1,26 +1,19 @@
-"""One attention entry point for the whole model, over the backends of `ATTENTION` (`ops/registry.py`).
-
-    attention(q, k, v, *, key_padding_mask=None, causal=False, dropout_p=0.0, scale=None,
-              kv_index=None, backend=None, config_backend=None) -> [B, H, Lq, Dh]
+"""One attention entry point for the whole model (`attention`), over the backends of `ATTENTION`
+(`ops/registry.py`).
 
 Layout `[B, H, L, Dh]` (SDPA's). `k, v` may have fewer rows than `q` (`Bk`); `kv_index [B]` maps
 each query row to its K/V row so beams and answer candidates share one image's K/V.
 Mask semantics are those of `mplug_fast.ops.reference` (bool, True = attend; causal aligned at
 the bottom right; rows with no key give 0).
 
-Backend choice (`Registry.resolve`): `backend=` > `MPLUG_FAST_ATTENTION` > the model config
-(`config_backend=`) > the first backend of `attention_priority(device type, dtype, needs grad)` that can
-run the inputs. The modules (`modeling/layers.py`) resolve once per (device, dtype, needs grad, mask kind)
-and call `run_attention(name, ...)` afterwards; `attention(...)` resolves on every call (a functional
-entry point for scripts and tests).
-
 Backends: `reference` (the oracle), `sdpa` (torch), `triton` (our FlashAttention-2 kernels,
 `mplug_fast.ops.triton.attention`, with the split-K short-query variant `mplug_fast.ops.triton.decode`,
 imported on first use so that `import mplug_fast` never needs triton), and `flash_attn`, `xformers`
-(`ops/external.py`; the packages are imported only when one of them runs). On CPU tensors the Triton
-kernels only run under the slow interpreter (`TRITON_INTERPRET=1`), so `triton` comes last there (never
-chosen automatically, since `reference` runs everything) but still runs when asked for by name; on CUDA
-tensors it comes first.
+(`ops/external.py`). The model config's choice (`config_backend=`) ranks below `backend=` and
+`MPLUG_FAST_ATTENTION`. On CPU tensors the Triton kernels only run under the slow interpreter
+(`TRITON_INTERPRET=1`), so `triton` comes last there (never chosen automatically) but still runs when asked
+for by name; on CUDA tensors it comes first. The modules (`modeling/layers.py`) resolve once per (device,
+dtype, needs grad, mask kind) and then run `ATTENTION[name]`; `attention(...)` resolves on every call.
 """
 
 from __future__ import annotations
@@ -43,7 +36,6 @@ __all__ = [
     "attention_priority",
     "available_backends",
     "resolve_attention",
-    "run_attention",
     "select_backend",
 ]
 
@@ -92,25 +84,13 @@ class TritonBackend(AttentionBackend):
 
     @classmethod
     def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
-        reasons = cls.kernel_limits(inputs)
-        if inputs.device_type != "cuda":
-            if triton_kernels_status(*TRITON_MODULES) != "interpreted":
-                reasons.append(f"{inputs.device_type} tensors need the interpreter (TRITON_INTERPRET=1)")
-            elif inputs.dtype == torch.bfloat16:
-                reasons.append(
-                    "bf16 on CPU: bf16 tl.dot is wrong in the Triton interpreter (triton-lang/triton#11584)"
-                )
-        return reasons
-
-    @classmethod
-    def kernel_limits(cls, inputs: Inputs) -> list[str]:
-        """The kernels' own limits (`ops.triton.tiles.attention_unsupported_reasons`): head dim, dtype, and on
-        CUDA the compute capability, TF32 for fp32 and whether the tiles fit the device's shared memory."""
+        """The kernels' own limits (`ops.triton.tiles`: head dim, dtype, and on CUDA the compute capability,
+        TF32 for fp32 and whether the tiles fit the device's shared memory), then the interpreter's."""
         try:  # deferred: the ops.triton package imports the optional triton
             from mplug_fast.ops.triton.tiles import attention_unsupported_reasons
         except ImportError as e:
             return [f"cannot import the Triton kernels ({e})"]
-        return attention_unsupported_reasons(
+        reasons = attention_unsupported_reasons(
             dtype=inputs.dtype,
             head_dim=inputs.dim,
             device=inputs.device_type,
@@ -119,6 +99,14 @@ class TritonBackend(AttentionBackend):
             dropout=float(inputs.dropout),
             needs_grad=inputs.needs_grad,
         )
+        if inputs.device_type != "cuda":
+            if triton_kernels_status(*TRITON_MODULES) != "interpreted":
+                reasons.append(f"{inputs.device_type} tensors need the interpreter (TRITON_INTERPRET=1)")
+            elif inputs.dtype == torch.bfloat16:
+                reasons.append(
+                    "bf16 on CPU: bf16 tl.dot is wrong in the Triton interpreter (triton-lang/triton#11584)"
+                )
+        return reasons
 
     @staticmethod
     def run(q, k, v, **kwargs):
@@ -207,24 +195,6 @@ def select_backend(
     return resolve_attention(*key, backend, config_backend)
 
 
-def run_attention(
-    name: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    key_padding_mask: Tensor | None = None,
-    causal: bool = False,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    kv_index: Tensor | None = None,
-) -> Tensor:
-    """Run the already resolved backend `name` (arguments and result as in `attention`)."""
-    check_attention_inputs(q, k, v, key_padding_mask, kv_index)
-    kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, scale=scale)
-    return ATTENTION[name].run(q, k, v, kv_index=kv_index, **kwargs)
-
-
 def attention(
     q: Tensor,
     k: Tensor,
@@ -257,4 +227,4 @@ def attention(
         *attention_key(q, k, v, key_padding_mask, causal, dropout_p), backend, config_backend
     )
     kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, scale=scale)
-    return run_attention(name, q, k, v, kv_index=kv_index, **kwargs)
+    return ATTENTION[name].run(q, k, v, kv_index=kv_index, **kwargs)

@@ -1,32 +1,24 @@
-"""Fused epilogues of the transformer layers, with a backend switch.
+"""Fused epilogues of the transformer layers (BERT's post-LN `LN(residual + dropout(x))`, the MLPs'
+`gelu(x + bias)` / `quick_gelu(x + bias)`), over the backends of `FUSED` (`ops/registry.py`).
 
-    residual_layer_norm(x, residual, weight, bias, eps, *, dropout_p=0.0, training=False, backend=None)
-        -> LayerNorm(residual + dropout(x))              BERT's post-LN `norm(x + dropout(f(x)))`
-    bias_gelu(x, bias, approximate="none", *, backend=None) -> gelu(x + bias)      BERT's MLP (fc1 epilogue)
-    bias_quick_gelu(x, bias, *, backend=None) -> y * sigmoid(1.702 y), y = x + bias   CLIP's MLP
+Shapes: `x` (and `residual`) `[*, D]`; `weight`, `bias` `[D]`, applied over the last dim. Both backends
+compute in fp32.
 
-Shapes: `x` (and `residual`) `[*, D]`; `weight`, `bias` `[D]`, applied over the last dim. Output dtypes:
-`residual_layer_norm` returns `promote_types(x.dtype, residual.dtype)` (the input dtype when they match), the
-activations return `x.dtype`. Both backends compute in fp32.
+Backends (each: `residual_layer_norm(x, residual, weight, bias, eps, dropout_p, training)` and
+`bias_act(x, bias, activation)`, activation "gelu", "gelu_tanh" or "quick_gelu"):
 
-Backends:
+* `reference`: the unfused torch twins of `mplug_fast.ops.reference`, any device and dtype; dropout uses
+  torch's RNG.
+* `triton`: our kernels (`ops/triton/layer_norm.py`, `ops/triton/activation.py`), `torch.library` custom
+  ops (traceable by `torch.compile(fullgraph=True)`), imported lazily, so `import mplug_fast.ops.fused` never
+  needs triton. Dropout draws an int64 Philox seed from torch's generator on the tensor's device, so
+  `torch.manual_seed` makes runs repeatable; the mask differs from the reference's but has the same law.
 
-* `reference`: the oracle twins of `mplug_fast.ops.reference` (`residual_layer_norm_ref`, `bias_gelu_ref`,
-  `bias_quick_gelu_ref`): unfused torch ops, any device and dtype; dropout uses torch's RNG.
-* `triton`: our kernels (`mplug_fast.ops.triton.layer_norm`, `mplug_fast.ops.triton.activation`),
-  registered as `torch.library` custom ops (traceable by `torch.compile(fullgraph=True)`); imported lazily,
-  so `import mplug_fast.ops.fused` never needs triton. Dropout draws an int64 Philox seed from torch's
-  generator on the tensor's device, so `torch.manual_seed` makes runs repeatable; the mask differs from the
-  reference's (a different RNG) but has the same law.
-
-Backend choice (`Registry.resolve`, `ops/registry.py`): the `backend` argument > the `MPLUG_FAST_FUSED`
-environment variable > the first of `fused_priority(device type, dtype, needs grad)` that can run the inputs:
-`triton` for CUDA tensors, else `reference` (on CPU tensors the kernels only run under the slow interpreter,
-`TRITON_INTERPRET=1`: tests pass `backend="triton"`). A backend asked for that cannot run the inputs is an
-error with the reasons; the automatic choice falls back to `reference` and logs why, once. The modules
-(`modeling/layers.py`) resolve once per (device, dtype, needs grad) with `fused_key` + `resolve_fused` and
-then call the backend's methods (`FUSED[name].residual_layer_norm(...)`); the functions below resolve on
-every call (functional entry points).
+Automatic order (`fused_priority`): `triton` for CUDA tensors, else `reference` (on CPU tensors the kernels
+only run under the slow interpreter, `TRITON_INTERPRET=1`: tests pass `backend="triton"`); the
+`MPLUG_FAST_FUSED` environment variable overrides it. The modules (`modeling/layers.py`) resolve once per
+(device, dtype, needs grad) with `fused_key` + `resolve_fused` and then call `FUSED[name]`'s methods; the
+functions below resolve on every call.
 """
 
 from __future__ import annotations
@@ -54,21 +46,7 @@ ENV_VAR = "MPLUG_FAST_FUSED"
 TRITON_MODULES = ("mplug_fast.ops.triton.layer_norm", "mplug_fast.ops.triton.activation")
 
 
-class FusedBackend(Backend):
-    """A fused-epilogue backend: the three epilogues, arguments checked by the public functions below."""
-
-    @staticmethod
-    def residual_layer_norm(x, residual, weight, bias, eps, dropout_p, training) -> Tensor:
-        """LayerNorm(residual + dropout(x)); dropout only when `training` (see `residual_layer_norm`)."""
-        raise NotImplementedError
-
-    @staticmethod
-    def bias_act(x: Tensor, bias: Tensor, activation: str) -> Tensor:
-        """activation: "gelu", "gelu_tanh" or "quick_gelu"."""
-        raise NotImplementedError
-
-
-class ReferenceFused(FusedBackend):
+class ReferenceFused(Backend):
     """The unfused torch twins of `ops/reference.py`: any device and dtype."""
 
     NAME = "reference"
@@ -84,7 +62,7 @@ class ReferenceFused(FusedBackend):
         return bias_gelu_ref(x, bias, "none" if activation == "gelu" else "tanh")
 
 
-class TritonFused(FusedBackend):
+class TritonFused(Backend):
     """Our kernels (`ops/triton/layer_norm.py`, `ops/triton/activation.py`), reached through `torch.ops`
     (custom ops registered when `triton_kernels_status` imported them): torch.compile traces that."""
 
@@ -110,13 +88,6 @@ class TritonFused(FusedBackend):
                 f"{inputs.device_type} tensors need a CUDA device or the Triton interpreter "
                 "(TRITON_INTERPRET=1)"
             )
-        return reasons + cls.kernel_limits(inputs)
-
-    @classmethod
-    def kernel_limits(cls, inputs: Inputs) -> list[str]:
-        """The kernels' own limits (dtype, row width): the one place where a limits check exported by
-        `ops/triton` is called."""
-        reasons = []
         if inputs.dtype not in cls.SUPPORTED_DTYPES:
             reasons.append(f"dtype {inputs.dtype} (supported: fp32, fp16, bf16)")
         if inputs.dim > cls.MAX_WIDTH:
@@ -211,14 +182,8 @@ def residual_layer_norm(
 
 
 def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none", *, backend: str | None = None) -> Tensor:
-    """gelu(x + bias): erf GELU (BERT), or `approximate="tanh"`.
-
-    Args:
-        x: [*, N].  bias: [N], broadcast over the last dim.
-        backend: "reference" or "triton" (None: `MPLUG_FAST_FUSED`, else automatic).
-    Returns:
-        [*, N] in x's dtype.
-    """
+    """gelu(x + bias): erf GELU (BERT), or `approximate="tanh"`; x [*, N], bias [N] -> [*, N] in x's dtype.
+    backend: "reference" or "triton" (None: `MPLUG_FAST_FUSED`, else automatic)."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     name = resolve_fused(*fused_key(x, bias), backend)
@@ -226,13 +191,7 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none", *, backend: st
 
 
 def bias_quick_gelu(x: Tensor, bias: Tensor, *, backend: str | None = None) -> Tensor:
-    """quick_gelu(x + bias) = y * sigmoid(1.702 y), y = x + bias (CLIP).
-
-    Args:
-        x: [*, N].  bias: [N], broadcast over the last dim.
-        backend: "reference" or "triton" (None: `MPLUG_FAST_FUSED`, else automatic).
-    Returns:
-        [*, N] in x's dtype.
-    """
+    """quick_gelu(x + bias) = y * sigmoid(1.702 y), y = x + bias (CLIP); x [*, N], bias [N] -> [*, N] in x's
+    dtype. backend: as in `bias_gelu`."""
     name = resolve_fused(*fused_key(x, bias), backend)
     return FUSED[name].bias_act(x, bias, "quick_gelu")

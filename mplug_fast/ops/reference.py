@@ -91,20 +91,12 @@ def attention_ref(
     upcast: bool = True,
     dropout_mask: Tensor | None = None,
 ) -> Tensor:
-    """softmax(q k^T * scale + mask) v, written out.
+    """softmax(q k^T * scale + mask) v, written out; arguments and result as in `ops.attention.attention`
+    (q [B, H, Lq, Dh], k, v [Bk, H, Lk, Dh] -> [B, H, Lq, Dh] in q's dtype), and:
 
-    Args:
-        q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh].
-        key_padding_mask: bool [Bk, Lk], True = attend.
-        causal: bottom-right aligned causal mask.
-        dropout_p: dropout on the attention probabilities (training only; the caller decides).
-        scale: defaults to Dh ** -0.5.
-        kv_index: long [B]; query row b reads K/V row kv_index[b] (None: B == Bk, identity).
-        upcast: compute scores and softmax in fp32 (the accuracy oracle for low-precision kernels).
-        dropout_mask: bool [B, H, Lq, Lk], True = keep: apply this mask (scaled by 1 / (1 - dropout_p))
-            instead of drawing one, e.g. a kernel's own mask, to compare its dropout with this oracle.
-    Returns:
-        [B, H, Lq, Dh] in q's dtype.
+    upcast: compute scores and softmax in fp32 (the accuracy oracle for low-precision kernels).
+    dropout_mask: bool [B, H, Lq, Lk], True = keep: apply this mask (scaled by 1 / (1 - dropout_p)) instead
+        of drawing one, e.g. a kernel's own mask, to compare its dropout with this oracle.
     """
     k, v, key_padding_mask = gather_kv(k, v, key_padding_mask, kv_index)  # [B, H, Lk, Dh]
     Lq, Lk = q.shape[-2], k.shape[-2]
@@ -126,11 +118,6 @@ def attention_ref(
     elif dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype)
-
-
-def quick_gelu_ref(x: Tensor) -> Tensor:
-    """CLIP's QuickGELU: x * sigmoid(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
 
 
 def residual_layer_norm_ref(
@@ -169,4 +156,4 @@ def bias_gelu_ref(x: Tensor, bias: Tensor, approximate: str = "none", *, upcast:
 def bias_quick_gelu_ref(x: Tensor, bias: Tensor, *, upcast: bool = True) -> Tensor:
     """quick_gelu(x + bias) = y * sigmoid(1.702 y), y = x + bias (CLIP); bias [N] broadcast over x [*, N]."""
     y = x.float() + bias.float() if upcast else x + bias.to(x.dtype)
-    return quick_gelu_ref(y).to(x.dtype)
+    return (y * torch.sigmoid(1.702 * y)).to(x.dtype)

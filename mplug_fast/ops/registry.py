@@ -85,10 +85,6 @@ class Backend:
         return None
 
     @classmethod
-    def is_available(cls) -> bool:
-        return cls.unavailable_reason() is None
-
-    @classmethod
     def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
         """Why this backend cannot run calls with these static properties (empty: it can)."""
         return []
