@@ -67,9 +67,8 @@ class TextDecoder(nn.Module):
             memory: [Bm, M, D] cross-attention memory, or its `memory_kv` from `project_memory`
                 (required with `cache`).
             memory_mask: [Bm, M] 1 = attend (None = all).
-            memory_index: long [N]: memory row of each sequence (None when Bm == N), or an int G when the
-                rows come in contiguous groups of G per memory row (beams, candidates): row n reads memory
-                row n // G without gathering the memory K/V per row.
+            memory_index: long [N]: memory row of each sequence (None when Bm == N), or an int G: contiguous
+                groups of G rows per memory row (see `CrossAttention.forward`).
             cache: a `KVCache` from `new_cache`: positions start at cache.length, the new keys/values are
                 written into it and it is advanced by L.
             last_only: run the LM head on the last position only (decoding): logits [N, V].
@@ -94,18 +93,10 @@ class TextDecoder(nn.Module):
             cache.append_mask(mask, N, L, ids.device)
             mask = cache.key_mask(L)  # [N, cache.length + L] over cached + new keys, or None
         x = self.embeddings(ids, position_offset=offset)  # [N, L, D]
+        shared = dict(memory=memory, memory_mask=memory_mask, memory_index=memory_index, cache=cache)
+        kvs = [None] * len(self.layers) if memory_kv is None else memory_kv
         for i, layer in enumerate(self.layers):
-            x = layer(
-                x,
-                mask,
-                causal=True,
-                memory=memory,
-                memory_mask=memory_mask,
-                memory_kv=None if memory_kv is None else memory_kv[i],
-                memory_index=memory_index,
-                cache=cache,
-                layer=i,
-            )
+            x = layer(x, mask, causal=True, memory_kv=kvs[i], layer=i, **shared)
         if cache is not None:
             cache.advance(L)
         return self.head(x[:, -1] if last_only else x, self.embeddings.word.weight)

@@ -11,9 +11,8 @@ two (no allocation after the first reorder); a new row count allocates new buffe
 native `reorder_caches` op when built (kernels/: K and V of every layer in one call, only the `length` valid
 positions), else `index_select(..., out=)` (its Python twin: one contiguous gather of all positions).
 
-`use_buffers(k, v, mask)` moves the cache into given buffers; `snapshot()` / `restore(snapshot)` save and set
-the host state (length, which buffer pair is current): a recorded decode step (CUDA graph) is replayed on
-the same buffers with the same host state.
+A recorded decode step (CUDA graph) is replayed on the same buffers (`use_buffers`) with the same host state
+(`snapshot` / `restore`).
 """
 
 from __future__ import annotations
@@ -43,11 +42,6 @@ class KVCache:
         self.mask: Tensor | None = None  # bool [N, Lmax]
         self.padded = False  # True once a mask was appended: attention then needs the key-padding mask
         self._spare: tuple[Tensor, Tensor, Tensor] | None = None  # (k, v, mask) buffers of the same shape
-
-    @property
-    def batch_size(self) -> int | None:
-        """N (None before the first write)."""
-        return None if self.mask is None else self.mask.shape[0]
 
     def append_mask(
         self, mask: Tensor | None, batch_size: int, new_length: int, device: torch.device

@@ -1,13 +1,9 @@
-"""Momentum (EMA) copies: the one home of the frozen copies momentum distillation reads, and of their update
-p_m <- m * p_m + (1 - m) * p with one foreach call over all pairs.
+"""Momentum (EMA) copies (`MomentumCopies`) and their update p_m <- m * p_m + (1 - m) * p (`momentum_update`).
 
-`MomentumCopies` holds copies of some of a model's components; whoever trains with momentum distillation owns
-one (the pretraining and retrieval models keep theirs as ``model.momentum``, where the official checkpoints
-store the ``_m`` weights; the VQA objective keeps its own).
-
-The official `_momentum_update` loops over parameter pairs in Python (docs/fidelity.md §9); here the pairs are
-gathered into two flat lists and updated by `torch._foreach_lerp_` (p_m + (1 - m) (p - p_m)), a
-handful of fused multi-tensor kernels whatever the number of parameters.
+Whoever trains with momentum distillation owns the copies: the pretraining and retrieval models keep theirs
+as ``model.momentum`` (where the official checkpoints store the ``_m`` weights), the VQA objective its own.
+The update is one `torch._foreach_lerp_` over all pairs (p_m + (1 - m) (p - p_m)), where the official
+`_momentum_update` loops over them in Python (docs/fidelity.md §9).
 """
 
 from __future__ import annotations

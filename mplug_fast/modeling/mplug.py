@@ -70,17 +70,10 @@ class MPlug(nn.Module):
     # ----------------------------------------------------------------------------------- init
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Fresh weights, the only initialiser:
-
-        | part                       | scheme                                         |
-        |----------------------------|------------------------------------------------|
-        | vision                     | `VisionTransformer.init_weights` (CLIP-like)    |
-        | BERT parts, adapter, heads | N(0, 0.02) weights, zero biases, LN (1, 0)     |
-        | temp                       | 0.07                                           |
-        | momentum copies            | copies of the online weights                   |
-
-        Real runs start from OpenAI CLIP + bert-base-uncased (`mplug_fast.checkpoint.init`) or an
-        official mPLUG checkpoint (`mplug_fast.load_official_checkpoint`).
+        """Fresh weights, the only initialiser: vision by `VisionTransformer.init_weights` (CLIP-like); BERT
+        parts, adapter and heads N(0, 0.02) weights, zero biases, LayerNorm (1, 0); temp 0.07; momentum
+        copies = the online weights. Real runs start from OpenAI CLIP + bert-base-uncased
+        (`mplug_fast.checkpoint.init`) or an official checkpoint (`mplug_fast.load_official_checkpoint`).
         """
         for name, child in self.named_children():
             if name == "momentum":

@@ -93,16 +93,9 @@ class VisionTransformer(nn.Module):
         self.norm_post = nn.LayerNorm(W, eps=config.layer_norm_eps)
 
     def init_weights(self) -> None:
-        """Fresh weights (real runs start from OpenAI CLIP: `mplug_fast.checkpoint.load_clip_visual`):
-
-        | tensor                    | init           |
-        |---------------------------|----------------|
-        | class token               | N(0, W^-0.5)   |
-        | position table            | N(0, 0.01)     |
-        | patch conv, Linear weights| N(0, 0.02)     |
-        | biases                    | 0              |
-        | LayerNorm                 | weight 1, bias 0 |
-        """
+        """Fresh weights: class token N(0, W^-0.5), position table N(0, 0.01), patch conv and Linear weights
+        N(0, 0.02), biases 0, LayerNorm (1, 0). Real runs start from OpenAI CLIP
+        (`mplug_fast.checkpoint.load_clip_visual`)."""
         W = self.config.width
         nn.init.normal_(self.cls_token, std=W**-0.5)
         nn.init.normal_(self.pos_embed, std=0.01)
