@@ -2,7 +2,8 @@
 
 Used by the text encoder, the fusion layers and the decoder (post-LN, erf GELU, LayerNorm eps 1e-12) and,
 for attention and MLP, by the CLIP ViT (pre-LN, QuickGELU). Parameter names are ours (`qkv`, `q_proj`,
-`kv_proj`, `out_proj`, `fc1`, `fc2`, `norm_*`); `mplug_fast.checkpoint` maps the official names onto them.
+`kv_proj`, `out_proj`, `fc1`, `fc2`, `norm_*`); `mplug_fast.checkpoint` maps the official names onto them
+(q/k/v are stored fused).
 
 Backends are resolved once per module and static key (device kind, dtype, mask kind, dropout, autograd
 recording) and kept in a `BackendCache` (`mplug_fast.ops.registry`): attention from the module's `backend`
