@@ -9,11 +9,9 @@ the bottom right; rows with no key give 0).
 Backends: `reference` (the oracle), `sdpa` (torch), `triton` (our FlashAttention-2 kernels,
 `mplug_fast.ops.triton.attention`, with the split-K short-query variant `mplug_fast.ops.triton.decode`,
 imported on first use so that `import mplug_fast` never needs triton), and `flash_attn`, `xformers`
-(`ops/external.py`). The model config's choice (`config_backend=`) ranks below `backend=` and
-`MPLUG_FAST_ATTENTION`. On CPU tensors the Triton kernels only run under the slow interpreter
-(`TRITON_INTERPRET=1`), so `triton` comes last there (never chosen automatically) but still runs when asked
-for by name; on CUDA tensors it comes first. The modules (`modeling/layers.py`) resolve once per (device,
-dtype, needs grad, mask kind) and then run `ATTENTION[name]`; `attention(...)` resolves on every call.
+(`ops/external.py`); automatic order: `attention_priority`. The model config's choice (`config_backend=`)
+ranks below `backend=` and `MPLUG_FAST_ATTENTION`. The modules (`modeling/layers.py`) resolve once per
+(device, dtype, needs grad, mask kind) and then run `ATTENTION[name]`; `attention` resolves on every call.
 """
 
 from __future__ import annotations

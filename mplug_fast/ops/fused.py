@@ -14,11 +14,9 @@ Backends (each: `residual_layer_norm(x, residual, weight, bias, eps, dropout_p, 
   needs triton. Dropout draws an int64 Philox seed from torch's generator on the tensor's device, so
   `torch.manual_seed` makes runs repeatable; the mask differs from the reference's but has the same law.
 
-Automatic order (`fused_priority`): `triton` for CUDA tensors, else `reference` (on CPU tensors the kernels
-only run under the slow interpreter, `TRITON_INTERPRET=1`: tests pass `backend="triton"`); the
-`MPLUG_FAST_FUSED` environment variable overrides it. The modules (`modeling/layers.py`) resolve once per
-(device, dtype, needs grad) with `fused_key` + `resolve_fused` and then call `FUSED[name]`'s methods; the
-functions below resolve on every call.
+Automatic order: `fused_priority`; the `MPLUG_FAST_FUSED` environment variable overrides it. The modules
+(`modeling/layers.py`) resolve once per (device, dtype, needs grad) with `fused_key` + `resolve_fused` and
+then call `FUSED[name]`'s methods; the functions below resolve on every call.
 """
 
 from __future__ import annotations
@@ -63,8 +61,7 @@ class ReferenceFused(Backend):
 
 
 class TritonFused(Backend):
-    """Our kernels (`ops/triton/layer_norm.py`, `ops/triton/activation.py`), reached through `torch.ops`
-    (custom ops registered when `triton_kernels_status` imported them): torch.compile traces that."""
+    """Our kernels, through `torch.ops` (custom ops registered when `triton_kernels_status` imports them)."""
 
     NAME = "triton"
     SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,7 +105,8 @@ class TritonFused(Backend):
 
 
 def fused_priority(device_type: str, dtype: torch.dtype, needs_grad: bool) -> tuple[str, ...]:
-    """`triton` first on CUDA tensors; elsewhere `reference` (the Triton interpreter is for tests only)."""
+    """`triton` first on CUDA tensors; elsewhere `reference` (on CPU tensors the kernels only run under the
+    slow interpreter, `TRITON_INTERPRET=1`: tests pass `backend="triton"`)."""
     return ("triton", "reference") if device_type == "cuda" else ("reference", "triton")
 
 
