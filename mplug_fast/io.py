@@ -30,7 +30,6 @@ __all__ = [
     "UnreadableFileError",
     "atomic_path",
     "atomic_torch_save",
-    "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "temp_path_for",
@@ -63,12 +62,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename (best effort: some file systems cannot fsync a directory)."""
-    with contextlib.suppress(OSError):
-        _fsync_path(directory)
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to; on a clean exit it is fsync'ed and renamed
@@ -87,14 +80,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # after an error; after the rename it is gone already
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` atomically; returns `path` as a Path."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-    return Path(path)
+    with contextlib.suppress(OSError):  # persist the rename (some file systems cannot fsync a directory)
+        _fsync_path(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:

@@ -144,11 +144,6 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(normalize_answer(a) == pred for a in answers))
 
 
-def label_score(prediction: str, label: Mapping[str, float]) -> float:
-    """The official training-time validation score: label[prediction] (0 when absent), no normalisation."""
-    return float(label.get(prediction, 0.0))
-
-
 @dataclass(frozen=True)
 class VQAAccuracy:
     """overall: mean accuracy in percent; per_question: question id -> accuracy in [0, 1];
