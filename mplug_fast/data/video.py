@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mplug_fast.data.collate import metadata, stack_tensors
 from mplug_fast.data.transforms import TestTransform, load_image
 
 SamplingMode = Literal["official", "middle"]
@@ -219,13 +220,7 @@ def collate_videos(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     missing = [i for i, s in enumerate(samples) if "video" not in s]
     if missing:
         raise KeyError(f"collate_videos: samples {missing} lack 'video'; the first has {sorted(samples[0])}")
-    videos = [s["video"] for s in samples]
-    bad = [list(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in videos]
-    if not all(isinstance(v, Tensor) and v.dim() == 4 for v in videos):
-        raise TypeError(
-            f"every sample's 'video' must be a [T, 3, R, R] tensor (apply VideoTransform); got {bad}"
-        )
-    if len({tuple(v.shape) for v in videos}) != 1:
-        raise ValueError(f"videos of one batch must share T and R; got shapes {bad}")
-    keys = [k for k in samples[0] if k != "video" and all(k in s for s in samples)]
-    return {"videos": torch.stack(videos), **{k: [s[k] for s in samples] for k in keys}}
+    videos = stack_tensors(
+        samples, "video", "[T, 3, R, R]", "collate_videos", "apply VideoTransform", "T and R"
+    )
+    return {"videos": videos, **metadata(samples, {"video"})}

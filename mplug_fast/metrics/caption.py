@@ -337,6 +337,11 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def _as_lists(captions: Gts) -> dict[Hashable, list[str]]:
+    """The dict of lists pycocoevalcap's scorers index."""
+    return {k: list(v) for k, v in captions.items()}
+
+
 def meteor(gts: Gts, res: Res) -> tuple[float | None, str]:
     """METEOR 1.5 via pycocoevalcap (needs ``java`` on PATH; ~5 s start-up). Returns (score or None, note)."""
     _check_pairs(gts, res)
@@ -344,13 +349,7 @@ def meteor(gts: Gts, res: Res) -> tuple[float | None, str]:
         return None, "METEOR skipped: no `java` on PATH (install a JRE to compute it)"
     from pycocoevalcap.meteor.meteor import Meteor
 
-    scorer = Meteor()
-    try:
-        score, _ = scorer.compute_score(
-            {k: list(v) for k, v in gts.items()}, {k: list(v) for k, v in res.items()}
-        )
-    finally:
-        del scorer
+    score, _ = Meteor().compute_score(_as_lists(gts), _as_lists(res))
     return float(score), "METEOR 1.5 (pycocoevalcap, java)"
 
 
@@ -376,9 +375,7 @@ def spice(gts: Gts, res: Res) -> tuple[float | None, str]:
         )
     from pycocoevalcap.spice.spice import Spice
 
-    score, _ = Spice().compute_score(
-        {k: list(v) for k, v in gts.items()}, {k: list(v) for k, v in res.items()}
-    )
+    score, _ = Spice().compute_score(_as_lists(gts), _as_lists(res))
     return float(score), "SPICE 1.0 (pycocoevalcap, java)"
 
 
