@@ -234,25 +234,6 @@ def test_transform(image_size: int) -> TestTransform:
 test_transform.__test__ = False  # importing it into a test module must not make pytest collect it
 
 
-def preprocess(images: ImageLike | Sequence[ImageLike], image_size: int) -> Tensor:
-    """``test_transform`` over one image or a list of images -> float32 [B, 3, R, R].
-
-    A single image (path, PIL, HW/HWC array, CHW/HWC tensor) gives B = 1; a 4-D tensor or array is a batch.
-    """
-    tf = TestTransform(image_size)
-    if isinstance(images, (str, Path, Image.Image)):
-        items: Sequence[ImageLike] = [images]
-    elif isinstance(images, (np.ndarray, Tensor)):
-        items = list(images) if images.ndim == 4 else [images]
-    elif isinstance(images, Sequence):
-        items = images
-    else:
-        raise TypeError(f"images must be an image or a list of images, got {type(images).__name__}")
-    if len(items) == 0:
-        raise ValueError("preprocess got an empty list of images")
-    return torch.stack([tf(x) for x in items])  # [B, 3, R, R]
-
-
 # ---- RandomResizedCrop -------------------------------------------------------------------------------------
 
 
