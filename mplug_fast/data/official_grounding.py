@@ -27,7 +27,11 @@ class RefCocoDataset(ImageDataset):
         dataset: "unc" / "unc+" / "gref" / "gref_umd" (xywh boxes), "referit" / "flickr" (xyxy boxes).
         train: the TransVG training augmentation (``GroundingTransform(train=True)``) or the eval transform.
         transform: a ``GroundingTransform``-like callable (image, box_xyxy, text) -> GroundingSample.
-        truncate_boxes: cast boxes to int like the official loader.
+        truncate_boxes: cast boxes to int like TransVG's ``np.array(bbox, dtype=int)`` (default: kept as
+            floats, a deviation: fractional pixel boxes are not truncated).
+
+    Samples: image [3, S, S] padded, expression, box (cx, cy, w, h) / S, box_xyxy (pixels of the padded
+    input), box_bins, image_mask, image_id.
     """
 
     def __init__(

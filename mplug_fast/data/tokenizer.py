@@ -132,13 +132,6 @@ class TokenizedBatch(Mapping):
     def __len__(self) -> int:
         return len(BATCH_FIELDS)
 
-    def to(self, device: torch.device | str) -> TokenizedBatch:
-        """Both tensors moved to ``device`` (non-blocking where possible)."""
-        return TokenizedBatch(
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            attention_mask=self.attention_mask.to(device, non_blocking=True),
-        )
-
 
 class Tokenizer:
     """bert-base-uncased WordPiece tokenizer (uncased, 30522 tokens) on the Rust ``tokenizers`` library.
