@@ -170,17 +170,16 @@ def load_video(
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
-            files = frame_files(path)
-            index = sample_frame_indices(len(files), num_frames, mode)
-            return VideoTransform(image_size)([files[i] for i in index])
-        if not path.exists():
+            frames: list[Any] = frame_files(path)
+        elif not path.exists():
             raise FileNotFoundError(
                 f"video source {str(path)!r} does not exist (expected a folder or a file)"
             )
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return VideoTransform(image_size)([load_image(path)] * num_frames)  # a still image as a video
-        return VideoTransform(image_size)(read_video_file(path, num_frames, image_size, mode))
-    if isinstance(source, (Tensor, np.ndarray)):
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            frames = [load_image(path)]  # a still image as a video: its one frame, sampled T times
+        else:
+            return VideoTransform(image_size)(read_video_file(path, num_frames, image_size, mode))
+    elif isinstance(source, (Tensor, np.ndarray)):
         frames = _frame_list(source)
     elif isinstance(source, Sequence) and not isinstance(source, (bytes, str)):
         frames = list(source)

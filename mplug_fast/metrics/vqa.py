@@ -51,9 +51,7 @@ NUMBER_WORDS = {"none": "0"} | {
 ARTICLES = frozenset({"a", "an", "the"})
 
 # The official contraction table as data: "canonical=variant[,variant...]", each variant (a spelling without
-# its apostrophes) mapped to the canonical form. Quirks kept: the capitalised keys (Id've, I'dve, Im, Ive)
-# never match, the text being lower-cased first; let's, 'ow'sat and she's map to themselves (there is no
-# "shes" key); somebodyd <- somebody'd is reversed.
+# its apostrophes) mapped to the canonical form, the official quirks kept (see the module docstring).
 _CONTRACTION_VARIANTS = """
 ain't=aint aren't=arent can't=cant could've=couldve couldn't=couldnt couldn't've=couldn'tve,couldnt've
 didn't=didnt doesn't=doesnt don't=dont hadn't=hadnt hadn't've=hadnt've,hadn'tve hasn't=hasnt haven't=havent

@@ -73,17 +73,9 @@ class MovingObject:
 
 @dataclass
 class VideoScene:
-    """One generated video: T frames of moving objects and the texts about it.
-
-    Attributes:
-        index: the video's index in its world.
-        image_size: R, the side of each square frame in pixels.
-        num_frames: T.
-        background: RGB of the plain background.
-        objects: the moving objects (unique (colour, shape) pairs).
-        captions: several captions (different templates; the second names every motion).
-        qa: (question, answer, type) triples, types from ``VIDEO_QA_TYPES``.
-    """
+    """One generated video: T = ``num_frames`` frames of moving ``objects`` (unique (colour, shape) pairs) and
+    the texts about it; the other fields as in a ``Scene`` (the second caption names every motion, the QA
+    types are ``VIDEO_QA_TYPES``)."""
 
     index: int
     image_size: int
