@@ -157,7 +157,9 @@ def infer_official_config(
         logger.info("image_res not given: using the checkpoint's %d px", vision.image_size)
 
     word, positions, token_types = (  # the text encoder's tables, else the decoder's
-        _first(state, (f"text_encoder.embeddings.{n}.weight", f"text_decoder.bert.embeddings.{n}.weight"))
+        state.get(
+            f"text_encoder.embeddings.{n}.weight", state.get(f"text_decoder.bert.embeddings.{n}.weight")
+        )
         for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
     )
     fc1 = next((v for k, v in state.items() if k.endswith("intermediate.dense.weight")), None)
@@ -213,10 +215,6 @@ def infer_official_config(
     proj = state.get("vision_proj.weight")
     embed_dim = proj.shape[0] if proj is not None else bert.get("embed_dim", 256)
     return MPlugConfig(vision=vision, text=text, fusion=fusion, decoder=decoder, embed_dim=embed_dim), offset
-
-
-def _first(state: Mapping[str, Tensor], keys: tuple[str, ...]) -> Tensor | None:
-    return next((state[k] for k in keys if k in state), None)
 
 
 # --------------------------------------------------------------------------------------------- conversion

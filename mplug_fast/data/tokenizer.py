@@ -306,8 +306,9 @@ class Tokenizer:
 
         seqs = [e.ids for e in self._tok.encode_batch(batch, add_special_tokens=add_special_tokens)]
 
-        if truncation:
-            seqs = [self._truncate(s, max_length, add_special_tokens) for s in seqs]
+        if truncation:  # keeping a final [SEP] when the sequences carry special tokens
+            tail = [self.sep_token_id] if add_special_tokens else []
+            seqs = [s if len(s) <= max_length else s[: max_length - len(tail)] + tail for s in seqs]
         else:
             longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
             n = len(seqs[longest])
@@ -343,14 +344,6 @@ class Tokenizer:
         input_ids = torch.tensor(rows, dtype=torch.long).view(len(rows), L)  # [B, L]
         attention_mask = (torch.arange(L) < torch.tensor(lengths)[:, None]).long()  # [B, L], 1 = token
         return TokenizedBatch(input_ids=input_ids, attention_mask=attention_mask)
-
-    def _truncate(self, ids: list[int], max_length: int, add_special_tokens: bool) -> list[int]:
-        """Cuts ``ids`` to ``max_length``, keeping a final [SEP] when the sequence carries special tokens."""
-        if len(ids) <= max_length:
-            return ids
-        if add_special_tokens:
-            return ids[: max_length - 1] + [self.sep_token_id]
-        return ids[:max_length]
 
     @staticmethod
     def _check_texts(texts: str | Sequence[str]) -> list[str]:

@@ -94,19 +94,11 @@ def process_punctuation(text: str) -> str:
     return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_OFFICIAL_PERIOD_LIMIT)
 
 
-def process_digits_articles(text: str) -> str:
-    """Steps 3-4: lower-case, number words -> digits, drop articles, restore contractions."""
-    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
-
-
-def _clean_whitespace(text: str) -> str:
-    return text.replace("\n", " ").replace("\t", " ").strip()
-
-
 def normalize_answer(answer: str) -> str:
     """The full official normalisation of a predicted answer (steps 1-4)."""
-    return process_digits_articles(process_punctuation(_clean_whitespace(answer)))
+    text = process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip())
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
 # ---- accuracy ----------------------------------------------------------------------------------------------
