@@ -286,14 +286,16 @@ class Tokenizer:
             ``TokenizedBatch`` with ``input_ids`` long [B, L] and ``attention_mask`` long [B, L] (1 = token).
         """
         batch = self._check_texts(texts)
-        pad_mode = self._check_padding(padding)
+        if not (padding is True or padding is False or padding in ("longest", "max_length")):
+            modes = ", ".join(map(repr, PADDING_MODES))
+            raise ValueError(f"padding={padding!r} is not supported. Available: {modes}")
         if return_tensors != "pt":
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
             raise TypeError(f"max_length must be an int or None, got {type(max_length).__name__}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if pad_mode == "max_length" and max_length is None:
+        if padding == "max_length" and max_length is None:
             raise ValueError("padding='max_length' needs max_length=; or use padding='longest'")
         n_special = 2 if add_special_tokens else 0
         if truncation:
@@ -329,17 +331,12 @@ class Tokenizer:
                 )
 
         lengths = [len(s) for s in seqs]
-        if pad_mode == "max_length":
-            L = max_length
-        elif pad_mode == "longest":
-            L = max(lengths)
-        else:  # no padding: the batch must already be rectangular
-            L = lengths[0]
-            if any(n != L for n in lengths):
-                raise ValueError(
-                    f"padding=False but the texts have different lengths (min {min(lengths)}, "
-                    f"max {max(lengths)} tokens); use padding='longest' or 'max_length'"
-                )
+        L = max_length if padding == "max_length" else max(lengths)
+        if padding is False and min(lengths) != L:  # no padding: the batch must already be rectangular
+            raise ValueError(
+                f"padding=False but the texts have different lengths (min {min(lengths)}, "
+                f"max {max(lengths)} tokens); use padding='longest' or 'max_length'"
+            )
         rows = [s + [self.pad_token_id] * (L - len(s)) for s in seqs]
         input_ids = torch.tensor(rows, dtype=torch.long).view(len(rows), L)  # [B, L]
         attention_mask = (torch.arange(L) < torch.tensor(lengths)[:, None]).long()  # [B, L], 1 = token
@@ -357,18 +354,6 @@ class Tokenizer:
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is a {type(t).__name__}, expected str")
         return list(texts)
-
-    @staticmethod
-    def _check_padding(padding: Padding) -> Literal["longest", "max_length", "none"]:
-        if padding is True or padding == "longest":
-            return "longest"
-        if padding is False:
-            return "none"
-        if padding == "max_length":
-            return "max_length"
-        raise ValueError(
-            f"padding={padding!r} is not supported. Available: {', '.join(map(repr, PADDING_MODES))}"
-        )
 
     # ---- decoding ------------------------------------------------------------------------------------------
 
