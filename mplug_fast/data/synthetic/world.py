@@ -330,29 +330,21 @@ class SyntheticWorld:
         objs = scene.objects
         shape_n = Counter(o.shape for o in objs)
         color_n = Counter(o.color for o in objs)
-        size_shape_n = Counter((o.size, o.shape) for o in objs)
-        size_color_n = Counter((o.size, o.color) for o in objs)
         qa: list[QA] = []
 
-        # colour: "what color is the circle?" -- the object named without its colour
-        candidates = []
-        for o in objs:
-            if shape_n[o.shape] == 1:
-                candidates.append((f"the {o.shape}", o))
-            elif size_shape_n[(o.size, o.shape)] == 1:
-                candidates.append((f"the {o.size} {o.shape}", o))
-        for desc, o in rng.sample(candidates, min(2, len(candidates))):
-            qa.append(QA(f"what color is {desc}?", o.color, "color"))
-
-        # shape: "what shape is the red object?" -- the object named without its shape
-        candidates = []
-        for o in objs:
-            if color_n[o.color] == 1:
-                candidates.append((f"the {o.color} object", o))
-            elif size_color_n[(o.size, o.color)] == 1:
-                candidates.append((f"the {o.size} {o.color} object", o))
-        for desc, o in rng.sample(candidates, min(2, len(candidates))):
-            qa.append(QA(f"what shape is {desc}?", o.shape, "shape"))
+        # colour, then shape: "what color is the circle?", "what shape is the red object?" -- the object named
+        # by the other attribute (and its size when that alone is ambiguous)
+        for asked, other, noun in (("color", "shape", ""), ("shape", "color", " object")):
+            other_n = Counter(getattr(o, other) for o in objs)
+            size_other_n = Counter((o.size, getattr(o, other)) for o in objs)
+            candidates = []
+            for o in objs:
+                if other_n[getattr(o, other)] == 1:
+                    candidates.append((f"the {getattr(o, other)}{noun}", o))
+                elif size_other_n[(o.size, getattr(o, other))] == 1:
+                    candidates.append((f"the {o.size} {getattr(o, other)}{noun}", o))
+            for desc, o in rng.sample(candidates, min(2, len(candidates))):
+                qa.append(QA(f"what {asked} is {desc}?", getattr(o, asked), asked))
 
         # count: shapes (present or not), colours, all objects
         shape = rng.choice(SHAPES)
