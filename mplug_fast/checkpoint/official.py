@@ -111,17 +111,6 @@ def official_key_pairs(model: MPlug, offset: int) -> KeyPairs:
     return [(key, _official_names(key, offset)) for key in model.state_dict()]
 
 
-# --------------------------------------------------------------------------------------------- normalise
-def normalize_official_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Pretraining spellings -> the fine-tuned task layout; `module.` already stripped by unwrap."""
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _PRETRAIN_RENAMES:
-            key = pattern.sub(repl, key)
-        out[key] = value
-    return out
-
-
 def _layer_indices(state: Mapping[str, Tensor], prefix: str) -> list[int]:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return sorted({int(m.group(1)) for k in state if (m := pattern.match(k))})
@@ -344,7 +333,9 @@ def load_official(
     Returns:
         the model in eval mode (strict), or `(model, report)` (strict=False).
     """
-    state = normalize_official_state_dict(_read_state(path_or_state_dict))
+    state = _read_state(path_or_state_dict)
+    for pattern, repl in _PRETRAIN_RENAMES:  # pretraining spellings -> the fine-tuned task layout
+        state = {pattern.sub(repl, k): v for k, v in state.items()}
     config, offset = infer_official_config(state, bert_config=bert_config, image_res=image_res, stride=stride)
     with torch.device("meta"):
         model = new_model(config)
