@@ -66,29 +66,23 @@ def sample_frame_indices(length: int, num_frames: int, mode: SamplingMode = "off
 # ---- frames from tensors -------------------------------------------------------------------------------
 
 
-def frames_layout(frames: Tensor | np.ndarray) -> str:
-    """ "TCHW" or "THWC" of a 4-D frame stack: channels (1 or 3) in dim 1 -> TCHW, else in dim 3 -> THWC."""
-    shape = tuple(frames.shape)
+def _frame_list(frames: Tensor | np.ndarray) -> list[Tensor]:
+    """A [T, C, H, W] / [T, H, W, C] stack (channels, 1 or 3, in dim 1, else in dim 3) -> T CHW tensors (uint8
+    or float in [0, 1]) for ``load_image``."""
+    t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    shape = tuple(t.shape)
     if len(shape) != 4:
         raise ValueError(f"a video tensor must be 4-D, [T, 3, H, W] or [T, H, W, 3], got shape {list(shape)}")
     if shape[0] == 0:
         raise ValueError("the video has no frames (T = 0)")
     if shape[1] in (1, 3):
-        return "TCHW"
+        return list(t.detach().cpu())
     if shape[3] in (1, 3):
-        return "THWC"
+        return list(t.permute(0, 3, 1, 2).detach().cpu())  # [T, C, H, W] view
     raise ValueError(
         f"cannot tell the channel dim of video shape {list(shape)}: expected [T, 3, H, W] or [T, H, W, 3] "
         "(1 or 3 channels)"
     )
-
-
-def _frame_list(frames: Tensor | np.ndarray) -> list[Tensor]:
-    """A [T, C, H, W] / [T, H, W, C] stack -> T CHW tensors (uint8 or float in [0, 1]) for ``load_image``."""
-    t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
-    if frames_layout(t) == "THWC":
-        t = t.permute(0, 3, 1, 2)  # [T, C, H, W] view
-    return list(t.detach().cpu())
 
 
 # ---- folders and video files ---------------------------------------------------------------------------
