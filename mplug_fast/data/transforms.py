@@ -223,7 +223,7 @@ class TestTransform:
         return normalize(to_tensor(img.resize((R, R), Image.Resampling.BICUBIC)))  # [3, R, R]
 
     def __repr__(self) -> str:
-        return f"TestTransform(image_size={self.image_size})"
+        return f"{type(self).__name__}(image_size={self.image_size})"
 
 
 test_transform = TestTransform  # the official evaluation transform (fidelity §7), by its official name

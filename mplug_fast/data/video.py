@@ -126,24 +126,18 @@ def read_video_file(
 # ---- the transform -------------------------------------------------------------------------------------
 
 
-class VideoTransform:
+class VideoTransform(TestTransform):
     """The official test transform on every frame: frames -> float32 [T, 3, R, R].
 
     Accepts a [T, 3, H, W] / [T, H, W, 3] tensor or array (uint8, or float in [0, 1]) or a list of images
     (paths, PIL images, arrays, tensors: anything ``load_image`` reads)."""
 
-    def __init__(self, image_size: int):
-        self.frame = TestTransform(image_size)
-        self.image_size = self.frame.image_size
-
-    def __call__(self, frames: Tensor | np.ndarray | Sequence[Any]) -> Tensor:
+    def __call__(self, frames: Tensor | np.ndarray | Sequence[Any]) -> Tensor:  # type: ignore[override]
         items = _frame_list(frames) if isinstance(frames, (Tensor, np.ndarray)) else list(frames)
         if not items:
             raise ValueError("the video has no frames")
-        return torch.stack([self.frame(f) for f in items])  # [T, 3, R, R]
-
-    def __repr__(self) -> str:
-        return f"VideoTransform(image_size={self.image_size})"
+        frame = super().__call__  # the test transform of one frame
+        return torch.stack([frame(f) for f in items])  # [T, 3, R, R]
 
 
 def load_video(
