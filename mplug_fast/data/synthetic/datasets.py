@@ -1,4 +1,4 @@
-"""``torch.utils.data.Dataset`` views of a ``SyntheticWorld`` for each task, plus collation and baselines.
+"""``torch.utils.data.Dataset`` views of a ``SyntheticWorld`` for each task, plus baselines.
 
 Every dataset reads scenes ``start, start + 1, ...`` of its world (give train/val/test disjoint ``start``
 ranges) and renders them on access; items are dicts whose image is ``transform(scene.image())``, by default
