@@ -25,7 +25,6 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -302,9 +301,7 @@ def convert_official_state_dict(
 def _read_state(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
     """The state dict in a checkpoint file (read weights-only) or an already loaded checkpoint object."""
     source = path_or_state_dict
-    if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source))
-    return unwrap_state_dict(source)
+    return unwrap_state_dict(read_checkpoint(source) if isinstance(source, str | os.PathLike) else source)
 
 
 def load_official(

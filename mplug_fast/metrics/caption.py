@@ -106,9 +106,7 @@ def bleu(gts: Gts, res: Res, n: int = 4) -> BleuResult:
         m, g_ = [0] * n, [max(0, hyp_len - k) for k in range(n)]
         for g, c in hyp.items():
             m[len(g) - 1] += min(ref_max.get(g, 0), c)
-        for k in range(n):
-            matched[k] += m[k]
-            guessed[k] += g_[k]
+        matched, guessed = [a + b for a, b in zip(matched, m)], [a + b for a, b in zip(guessed, g_)]
         hyp_total += hyp_len
         ref_total += ref_len
         per_image.append(_bleu_from_counts(m, g_, hyp_len, ref_len))

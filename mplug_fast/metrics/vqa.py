@@ -184,19 +184,15 @@ def write_vqa_results(
         results: (question_id, answer) pairs or a {question_id: answer} mapping; ids must be unique ints.
         path: output file; parent folders are created.
     """
-    items = list(results.items()) if isinstance(results, Mapping) else list(results)
-    seen: set[int] = set()
-    rows = []
-    for qid, ans in items:
-        if isinstance(qid, bool) or not isinstance(qid, int):
-            try:
-                qid = int(qid)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"question_id must be an integer, got {qid!r}") from e
-        if qid in seen:
+    answers: dict[int, str] = {}
+    for qid, ans in results.items() if isinstance(results, Mapping) else results:
+        try:
+            qid = int(qid)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"question_id must be an integer, got {qid!r}") from e
+        if qid in answers:
             raise ValueError(f"duplicate question_id {qid} in VQA results")
         if not isinstance(ans, str):
             raise TypeError(f"answer for question {qid} must be a str, got {type(ans).__name__}")
-        seen.add(qid)
-        rows.append({"question_id": qid, "answer": ans})
-    return atomic_write_json(path, rows, indent=None)
+        answers[qid] = ans
+    return atomic_write_json(path, [{"question_id": q, "answer": a} for q, a in answers.items()], indent=None)
