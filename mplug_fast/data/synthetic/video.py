@@ -23,7 +23,6 @@ Guarantees (tested in ``tests/data/test_video.py``):
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from mplug_fast.data.synthetic.world import (
     SceneObject,
     SyntheticWorld,
     _apart,
-    _count_phrase,
+    _count_caption,
     _join,
 )
 from mplug_fast.data.video import VideoTransform
@@ -199,12 +198,10 @@ class SyntheticVideoWorld:
     def _captions(self, video: VideoScene, rng: random.Random) -> list[str]:
         objs = video.objects
         shuffled = rng.sample(objs, len(objs))
-        shape_counts = sorted(Counter(o.start.shape for o in objs).items(), key=lambda x: -x[1])
-        counts = _join([_count_phrase(k, s) for s, k in shape_counts])
         return [
             "a video of " + _join([o.start.phrase() for o in shuffled]),
             _join([f"{o.start.phrase(with_size=rng.random() < 0.5)} moving {o.direction}" for o in shuffled]),
-            ("there is " if shape_counts[0][1] == 1 else "there are ") + counts,
+            _count_caption([o.start.shape for o in objs]),
             "a video with " + _join([o.start.phrase(with_size=False) for o in rng.sample(objs, len(objs))]),
         ]
 

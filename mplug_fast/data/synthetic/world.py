@@ -172,8 +172,11 @@ def _relation_words(relation: str) -> str:
     return "to the " + relation if relation in ("left of", "right of") else relation
 
 
-def _count_phrase(n: int, shape: str) -> str:
-    return f"{NUMBER_WORDS[n]} {shape if n == 1 else PLURALS[shape]}"
+def _count_caption(shapes: list[str]) -> str:
+    """ "there are two circles and one square": the shapes counted, the most frequent first."""
+    counts = sorted(Counter(shapes).items(), key=lambda x: -x[1])
+    phrases = [f"{NUMBER_WORDS[n]} {s if n == 1 else PLURALS[s]}" for s, n in counts]
+    return ("there is " if counts[0][1] == 1 else "there are ") + _join(phrases)
 
 
 # ---- the world -----------------------------------------------------------------------------------------
@@ -301,13 +304,10 @@ class SyntheticWorld:
         objs = scene.objects
         left_to_right = sorted(objs, key=lambda o: o.center[0])
         shuffled = rng.sample(objs, len(objs))
-        by_shape = Counter(o.shape for o in objs)
-        shape_counts = sorted(by_shape.items(), key=lambda x: -x[1])  # most frequent first
-        counts = _join([_count_phrase(k, s) for s, k in shape_counts])
         captions = [
             _join([o.phrase() for o in left_to_right]),
             "a picture of " + _join([o.phrase(with_size=rng.random() < 0.5) for o in shuffled]),
-            ("there is " if shape_counts[0][1] == 1 else "there are ") + counts,
+            _count_caption([o.shape for o in objs]),
             "an image with " + _join([o.phrase(with_size=False) for o in shuffled]),
         ]
         pairs = [
