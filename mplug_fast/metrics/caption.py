@@ -7,15 +7,6 @@ same tokenised input (``tests/metrics/test_caption.py``: equal within 1e-9).
 Inputs everywhere: ``gts`` {image key: [reference, ...]} and ``res`` {image key: [hypothesis]} (exactly one
 hypothesis per image), sentences already tokenised (space-separated tokens; see ``ptb_tokenize``).
 
-    bleu(gts, res)       corpus BLEU-1..4 (clipped n-gram precisions summed over the corpus, brevity penalty
-                         with the "closest" reference length per image, ties -> the shorter reference;
-                         smoothing constants 1e-15 / 1e-9 as pycocoevalcap)
-    rouge_l(gts, res)    mean over images of max-precision / max-recall LCS F-measure, beta = 1.2
-    cider_d(gts, res)    CIDEr-D: tf-idf n-gram vectors (n = 1..4), idf from the references of the evaluated
-                         set, clipped dot product, Gaussian length penalty sigma = 6, x10, mean over refs
-    CiderD(refs_corpus)  the same with a *fixed* document-frequency table (the training references): the
-                         in-process SCST reward; per-candidate scores, no dependence on the batch
-
 pycocoevalcap quirks reproduced (they define the numbers people report):
     * CIDEr-D's "length" in the Gaussian penalty is the number of **bigrams** of a sentence (``counts2vec``
       counts n-grams with index 1): max(words - 1, 0), so length differences equal word-count differences
@@ -23,10 +14,6 @@ pycocoevalcap quirks reproduced (they define the numbers people report):
     * ROUGE-L splits on single spaces (``split(" ")``), so an empty hypothesis is one empty token.
     * BLEU's per-image scores (``BleuResult.per_image``) apply the brevity penalty per image; the corpus score
       uses the summed lengths.
-
-METEOR 1.5 needs Java and runs through pycocoevalcap's bundled jar (``meteor``: ``None`` plus a note when
-``java`` is not on PATH). SPICE needs Stanford CoreNLP 3.6.0 jars that pycocoevalcap would download on first
-use: ``spice`` runs only when they are already on disk and never downloads.
 """
 
 from __future__ import annotations
@@ -88,7 +75,9 @@ class BleuResult:
 
 
 def bleu(gts: Gts, res: Res, n: int = 4) -> BleuResult:
-    """Corpus BLEU-1..n as pycocoevalcap's ``Bleu(n).compute_score`` (option "closest")."""
+    """Corpus BLEU-1..n as pycocoevalcap's ``Bleu(n).compute_score`` (option "closest"): clipped n-gram
+    precisions summed over the corpus, the brevity penalty from the closest reference length of each image
+    (a tie: the shorter reference)."""
     keys = _check_pairs(gts, res)
     matched, guessed = [0] * n, [0] * n
     hyp_total, ref_total = 0, 0
@@ -167,12 +156,13 @@ def rouge_l(gts: Gts, res: Res, beta: float = ROUGE_BETA) -> tuple[float, list[f
 
 
 class CiderD:
-    """CIDEr-D with a fixed document-frequency table.
+    """CIDEr-D with a fixed document-frequency table (the training references: the in-process SCST reward,
+    per-candidate scores that do not depend on the batch).
 
     Args:
         refs_corpus: the reference sets that define document frequency: one entry (a list of tokenised
             references) per image; df(g) = number of images with g in any of its references, and the
-            log document count is log(len(refs_corpus)). For SCST pass the training references once.
+            log document count is log(len(refs_corpus)).
         n: largest n-gram. sigma: width of the Gaussian length penalty.
 
     ``score(hyps, refs)`` -> per-candidate CIDEr-D ([len(hyps)] floats); candidates may share references
@@ -237,7 +227,8 @@ class CiderD:
 
 
 def cider_d(gts: Gts, res: Res, n: int = 4, sigma: float = CIDER_SIGMA) -> tuple[float, list[float]]:
-    """Corpus CIDEr-D (pycocoevalcap ``Cider().compute_score``): idf from the references of ``gts``."""
+    """Corpus CIDEr-D (pycocoevalcap ``Cider().compute_score``): ``CiderD`` scores (tf-idf n-gram vectors,
+    clipped cosine, Gaussian length penalty, x10) with the idf from the references of ``gts``."""
     keys = _check_pairs(gts, res)
     refs = [list(gts[k]) for k in keys]
     scores = CiderD(refs, n, sigma).score([res[k][0] for k in keys], refs)
@@ -341,7 +332,8 @@ def _as_lists(captions: Gts) -> dict[Hashable, list[str]]:
 
 
 def meteor(gts: Gts, res: Res) -> tuple[float | None, str]:
-    """METEOR 1.5 via pycocoevalcap (needs ``java`` on PATH; ~5 s start-up). Returns (score or None, note)."""
+    """METEOR 1.5 via pycocoevalcap's bundled jar (needs ``java`` on PATH; ~5 s start-up). Returns (score or
+    None, note)."""
     _check_pairs(gts, res)
     if not java_available():
         return None, "METEOR skipped: no `java` on PATH (install a JRE to compute it)"
@@ -362,7 +354,8 @@ def spice_jars_present() -> bool:
 
 
 def spice(gts: Gts, res: Res) -> tuple[float | None, str]:
-    """SPICE via pycocoevalcap only when java and the CoreNLP jars are already present (never downloads)."""
+    """SPICE via pycocoevalcap only when java and the Stanford CoreNLP 3.6.0 jars are already present
+    (pycocoevalcap would download them; we never do)."""
     _check_pairs(gts, res)
     if not java_available():
         return None, "SPICE skipped: no `java` on PATH"
