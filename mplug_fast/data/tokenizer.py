@@ -227,14 +227,6 @@ class Tokenizer:
             return self._vocab.get(tokens, self.unk_token_id)
         return [self._vocab.get(t, self.unk_token_id) for t in tokens]
 
-    def _id_to_token(self, i: int) -> str:
-        try:
-            return self._ids_to_tokens[i]
-        except KeyError:
-            raise ValueError(
-                f"token id {i} is not in the vocab (valid ids: 0..{self.vocab_size - 1})"
-            ) from None
-
     def unused_token_id(self, n: int) -> int:
         """Id of ``[unused{n}]`` (bert-base-uncased: n in 0..993; n + 1 for n < 99, n + 5 for n >= 99).
 
@@ -375,7 +367,12 @@ class Tokenizer:
         ids = _as_id_list(ids, "decode")
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
-        text = " ".join(self._id_to_token(i) for i in ids).replace(" ##", "").strip()
+        unknown = [i for i in ids if i not in self._ids_to_tokens]
+        if unknown:
+            raise ValueError(
+                f"token id {unknown[0]} is not in the vocab (valid ids: 0..{self.vocab_size - 1})"
+            )
+        text = " ".join(self._ids_to_tokens[i] for i in ids).replace(" ##", "").strip()
         return _clean_up_tokenization(text) if clean_up_tokenization_spaces else text
 
     def batch_decode(
