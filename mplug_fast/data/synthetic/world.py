@@ -117,14 +117,9 @@ class Scene:
 
     def box_cxcywh(self, obj: SceneObject) -> tuple[float, float, float, float]:
         """The object's box as normalised (cx, cy, w, h) in [0, 1] (docs/fidelity.md §5.5 target format)."""
-        return box_xyxy_to_cxcywh(obj.box, self.image_size)
-
-
-def box_xyxy_to_cxcywh(box: tuple[int, int, int, int], image_size: int) -> tuple[float, float, float, float]:
-    """Pixel xyxy (right/bottom exclusive) -> normalised (cx, cy, w, h)."""
-    x0, y0, x1, y1 = box
-    R = float(image_size)
-    return ((x0 + x1) / 2 / R, (y0 + y1) / 2 / R, (x1 - x0) / R, (y1 - y0) / R)
+        x0, y0, x1, y1 = obj.box
+        R = float(self.image_size)
+        return ((x0 + x1) / 2 / R, (y0 + y1) / 2 / R, (x1 - x0) / R, (y1 - y0) / R)
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject) -> None:
