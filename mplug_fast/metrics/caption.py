@@ -132,23 +132,15 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return row[-1]
 
 
-def rouge_l_sentence(hypothesis: str, references: Sequence[str], beta: float = ROUGE_BETA) -> float:
-    """ROUGE-L of one hypothesis: F_beta of the max LCS precision and max LCS recall over the references."""
-    hyp = hypothesis.split(" ")
-    precision, recall = 0.0, 0.0
-    for ref in references:
-        r = ref.split(" ")
-        lcs = lcs_length(r, hyp)
-        precision, recall = max(precision, lcs / len(hyp)), max(recall, lcs / len(r))
-    if precision == 0 or recall == 0:
-        return 0.0
-    return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
-
-
 def rouge_l(gts: Gts, res: Res, beta: float = ROUGE_BETA) -> tuple[float, list[float]]:
-    """Mean ROUGE-L over images and the per-image scores (pycocoevalcap ``Rouge().compute_score``)."""
-    keys = _check_pairs(gts, res)
-    scores = [rouge_l_sentence(res[k][0], gts[k], beta) for k in keys]
+    """Mean ROUGE-L over images and the per-image scores (pycocoevalcap ``Rouge().compute_score``): per image,
+    F_beta of the max LCS precision and the max LCS recall of its hypothesis over its references."""
+    scores = []
+    for k in _check_pairs(gts, res):
+        hyp = res[k][0].split(" ")
+        lcs = [(lcs_length(r, hyp), len(r)) for r in (ref.split(" ") for ref in gts[k])]  # (LCS, |ref|)
+        p, r = max(n / len(hyp) for n, _ in lcs), max(n / m for n, m in lcs)  # max LCS precision, recall
+        scores.append((1 + beta**2) * p * r / (r + beta**2 * p) if p and r else 0.0)
     return sum(scores) / len(scores), scores
 
 
