@@ -64,11 +64,8 @@ def _fsync_path(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path to write `path`'s new content to; on a clean exit it is fsync'ed and renamed
-    onto `path`, on an exception it is removed and `path` is left as it was. Parent folders are created.
-
-    For writers that take a file name (`safetensors.torch.save_file`); the others below use it.
-    """
+    """Yield the temporary path to write `path`'s new content to, renamed onto `path` on a clean exit (see
+    the module docstring); parent folders are created. For writers that take a file name (safetensors)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
@@ -106,10 +103,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 def torch_load(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, mmap: bool = False
 ) -> Any:
-    """`torch.load(path, weights_only=True)` with `SAFE_GLOBALS` allowed for this read only: tensors,
-    containers, plain Python values and numpy arrays, never code. `mmap`: map the tensors' storage instead
-    of reading it (zip files only). FileNotFoundError when `path` is no file; `UnreadableFileError` when it
-    is not a readable torch file or holds other objects."""
+    """`torch.load(path, weights_only=True)` with `SAFE_GLOBALS` allowed for this read only (see the module
+    docstring). `mmap`: map the tensors' storage instead of reading it (zip files only). FileNotFoundError
+    when `path` is no file; `UnreadableFileError` when it is not a readable torch file or holds more."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
