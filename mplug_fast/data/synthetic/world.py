@@ -147,19 +147,16 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _separated(a: SceneObject, b: SceneObject, axis: int) -> bool:
-    """True if a's box ends before b's begins on ``axis`` (0 = x, 1 = y)."""
-    return a.box[axis + 2] <= b.box[axis]
-
-
 def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
     """True if boxes a and b (xyxy) are at least ``gap`` pixels apart along x or along y."""
     return a[0] >= b[2] + gap or b[0] >= a[2] + gap or a[1] >= b[3] + gap or b[1] >= a[3] + gap
 
 
 def _relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool:
+    """True if ``a`` is ``relation`` of ``b``: the first's box ends before the second's begins on the axis."""
     axis, a_first = RELATIONS[relation]
-    return _separated(a, b, axis) if a_first else _separated(b, a, axis)
+    first, second = (a, b) if a_first else (b, a)
+    return first.box[axis + 2] <= second.box[axis]
 
 
 def _relation_words(relation: str) -> str:
@@ -383,13 +380,9 @@ class SyntheticWorld:
                 exprs.append(f"the {o.color} object")
             if shape_n[o.shape] == 2:  # "the circle on the left": the other one lies wholly to the right
                 (other,) = [p for p in objs if p is not o and p.shape == o.shape]
-                for word, axis, first in (
-                    ("on the left", 0, True),
-                    ("on the right", 0, False),
-                    ("at the top", 1, True),
-                    ("at the bottom", 1, False),
-                ):
-                    if _separated(o, other, axis) if first else _separated(other, o, axis):
+                words = ("on the left", "on the right", "at the top", "at the bottom")  # in RELATIONS order
+                for relation, word in zip(RELATIONS, words):
+                    if _relation_holds(o, other, relation):
                         exprs.append(f"the {o.shape} {word}")
             cxcywh = scene.box_cxcywh(o)
             out.extend(Referring(e, cxcywh, o.box, i) for e in exprs)
