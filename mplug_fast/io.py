@@ -30,7 +30,6 @@ __all__ = [
     "UnreadableFileError",
     "atomic_path",
     "atomic_torch_save",
-    "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "temp_path_for",
@@ -63,19 +62,10 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename (best effort: some file systems cannot fsync a directory)."""
-    with contextlib.suppress(OSError):
-        _fsync_path(directory)
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path to write `path`'s new content to; on a clean exit it is fsync'ed and renamed
-    onto `path`, on an exception it is removed and `path` is left as it was. Parent folders are created.
-
-    For writers that take a file name (`safetensors.torch.save_file`); the others below use it.
-    """
+    """Yield the temporary path to write `path`'s new content to, renamed onto `path` on a clean exit (see
+    the module docstring); parent folders are created. For writers that take a file name (safetensors)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
@@ -87,14 +77,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # after an error; after the rename it is gone already
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` atomically; returns `path` as a Path."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-    return Path(path)
+    with contextlib.suppress(OSError):  # persist the rename (some file systems cannot fsync a directory)
+        _fsync_path(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
@@ -119,10 +103,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 def torch_load(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, mmap: bool = False
 ) -> Any:
-    """`torch.load(path, weights_only=True)` with `SAFE_GLOBALS` allowed for this read only: tensors,
-    containers, plain Python values and numpy arrays, never code. `mmap`: map the tensors' storage instead
-    of reading it (zip files only). FileNotFoundError when `path` is no file; `UnreadableFileError` when it
-    is not a readable torch file or holds other objects."""
+    """`torch.load(path, weights_only=True)` with `SAFE_GLOBALS` allowed for this read only (see the module
+    docstring). `mmap`: map the tensors' storage instead of reading it (zip files only). FileNotFoundError
+    when `path` is no file; `UnreadableFileError` when it is not a readable torch file or holds more."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")

@@ -2,8 +2,8 @@
 
 A map is a table `our suffix -> official suffixes`; more than one official suffix means the tensors
 are concatenated along dim 0 into ours (fused q/k/v, fused k/v) and split back on export.
-`convert(...)` applies a list of `(our key, official keys)` pairs in either direction and reports
-what was used, missing and left over; the format-specific modules build those pair lists.
+`import_tensors` / `export_tensors` apply a list of `(our key, official keys)` pairs in either direction;
+the format-specific modules build those pair lists.
 """
 
 from __future__ import annotations

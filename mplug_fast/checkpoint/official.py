@@ -25,7 +25,6 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,17 +110,6 @@ def official_key_pairs(model: MPlug, offset: int) -> KeyPairs:
     return [(key, _official_names(key, offset)) for key in model.state_dict()]
 
 
-# --------------------------------------------------------------------------------------------- normalise
-def normalize_official_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Pretraining spellings -> the fine-tuned task layout; `module.` already stripped by unwrap."""
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _PRETRAIN_RENAMES:
-            key = pattern.sub(repl, key)
-        out[key] = value
-    return out
-
-
 def _layer_indices(state: Mapping[str, Tensor], prefix: str) -> list[int]:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return sorted({int(m.group(1)) for k in state if (m := pattern.match(k))})
@@ -157,7 +145,9 @@ def infer_official_config(
         logger.info("image_res not given: using the checkpoint's %d px", vision.image_size)
 
     word, positions, token_types = (  # the text encoder's tables, else the decoder's
-        _first(state, (f"text_encoder.embeddings.{n}.weight", f"text_decoder.bert.embeddings.{n}.weight"))
+        state.get(
+            f"text_encoder.embeddings.{n}.weight", state.get(f"text_decoder.bert.embeddings.{n}.weight")
+        )
         for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
     )
     fc1 = next((v for k, v in state.items() if k.endswith("intermediate.dense.weight")), None)
@@ -213,10 +203,6 @@ def infer_official_config(
     proj = state.get("vision_proj.weight")
     embed_dim = proj.shape[0] if proj is not None else bert.get("embed_dim", 256)
     return MPlugConfig(vision=vision, text=text, fusion=fusion, decoder=decoder, embed_dim=embed_dim), offset
-
-
-def _first(state: Mapping[str, Tensor], keys: tuple[str, ...]) -> Tensor | None:
-    return next((state[k] for k in keys if k in state), None)
 
 
 # --------------------------------------------------------------------------------------------- conversion
@@ -315,9 +301,7 @@ def convert_official_state_dict(
 def _read_state(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
     """The state dict in a checkpoint file (read weights-only) or an already loaded checkpoint object."""
     source = path_or_state_dict
-    if isinstance(source, str | os.PathLike):
-        source = read_checkpoint(Path(source))
-    return unwrap_state_dict(source)
+    return unwrap_state_dict(read_checkpoint(source) if isinstance(source, str | os.PathLike) else source)
 
 
 def load_official(
@@ -346,7 +330,9 @@ def load_official(
     Returns:
         the model in eval mode (strict), or `(model, report)` (strict=False).
     """
-    state = normalize_official_state_dict(_read_state(path_or_state_dict))
+    state = _read_state(path_or_state_dict)
+    for pattern, repl in _PRETRAIN_RENAMES:  # pretraining spellings -> the fine-tuned task layout
+        state = {pattern.sub(repl, k): v for k, v in state.items()}
     config, offset = infer_official_config(state, bert_config=bert_config, image_res=image_res, stride=stride)
     with torch.device("meta"):
         model = new_model(config)

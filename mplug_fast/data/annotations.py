@@ -105,10 +105,6 @@ def _records(entries: Sequence[Any], where: str) -> list[Record]:
     return [Record(e, f"{where} record {i}") for i, e in enumerate(entries)]
 
 
-def _is_records(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(e, Mapping) for e in v)
-
-
 def _read_file(path: Path) -> list[Record]:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {str(path)!r} does not exist")
@@ -117,8 +113,9 @@ def _read_file(path: Path) -> list[Record]:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = None
-    if isinstance(data, dict) and _is_records(data.get("images")):  # Karpathy's dataset_coco.json
-        data = data["images"]
+    images = data.get("images") if isinstance(data, dict) else None  # Karpathy's dataset_coco.json
+    if isinstance(images, list) and all(isinstance(e, Mapping) for e in images):
+        data = images
     elif data is None or isinstance(data, dict):  # JSON lines (a one-line file parses as one dict)
         data = []
         for n, line in enumerate(text.splitlines(), 1):

@@ -33,7 +33,7 @@ Sample = dict[str, Any]
 Batch = dict[str, Any]
 
 
-def _check_samples(samples: Sequence[Sample], required: Sequence[str], who: str) -> None:
+def check_samples(samples: Sequence[Sample], required: Sequence[str], who: str) -> None:
     if not samples:
         raise ValueError(f"{who} got an empty batch")
     for i, s in enumerate(samples):
@@ -42,21 +42,36 @@ def _check_samples(samples: Sequence[Sample], required: Sequence[str], who: str)
             raise KeyError(f"{who}: sample {i} lacks {missing}; it has {sorted(s)}")
 
 
-def _stack_images(samples: Sequence[Sample]) -> Tensor:
-    """[B, 3, R, R] from each sample's ``image`` (a [3, R, R] tensor)."""
-    images = [s["image"] for s in samples]
-    if not all(isinstance(im, Tensor) and im.dim() == 3 for im in images):
-        kinds = sorted(
-            {type(im).__name__ if not isinstance(im, Tensor) else str(list(im.shape)) for im in images}
+def stack_tensors(
+    samples: Sequence[Sample],
+    key: str,
+    shape: str,
+    who: str,
+    hint: str = "apply a transform",
+    share: str = "a shape",
+) -> Tensor:
+    """[B, *shape] from each sample's ``key``: a tensor of ``shape`` (e.g. "[2, 3, R, R]": as many dims, the
+    numbers exact), the same for the whole batch; otherwise a one-line error naming ``hint`` as the fix."""
+    dims = [d.strip() for d in shape.strip("[]").split(",")]
+    values = [s[key] for s in samples]
+
+    def fits(v: Any) -> bool:
+        return (
+            isinstance(v, Tensor)
+            and v.dim() == len(dims)
+            and all(not d.isdigit() or n == int(d) for d, n in zip(dims, v.shape))
         )
-        raise TypeError(f"every sample's 'image' must be a [3, R, R] tensor (apply a transform); got {kinds}")
-    shapes = {tuple(im.shape) for im in images}
+
+    if not all(fits(v) for v in values):
+        got = sorted({str(list(v.shape)) if isinstance(v, Tensor) else type(v).__name__ for v in values})
+        raise TypeError(f"{who}: every sample's {key!r} must be a {shape} tensor ({hint}); got {got}")
+    shapes = {tuple(v.shape) for v in values}
     if len(shapes) != 1:
-        raise ValueError(f"images of one batch must share a shape, got {sorted(shapes)}")
-    return torch.stack(images)
+        raise ValueError(f"{who}: the {key!r} tensors of one batch must share {share}, got {sorted(shapes)}")
+    return torch.stack(values)
 
 
-def _metadata(samples: Sequence[Sample], skip: set[str]) -> Batch:
+def metadata(samples: Sequence[Sample], skip: set[str]) -> Batch:
     """Every other key of the samples, as a list (keys missing from some samples are dropped)."""
     keys = [k for k in samples[0] if k not in skip and all(k in s for s in samples)]
     return {k: [s[k] for s in samples] for k in keys}
@@ -87,7 +102,7 @@ class _Collator(abc.ABC):
         """Samples -> the task's batch dict."""
 
     def _with_metadata(self, samples: Sequence[Sample], batch: Batch) -> Batch:
-        meta = _metadata(samples, set(self.consumed) | set(batch))
+        meta = metadata(samples, set(self.consumed) | set(batch))
         return {**meta, **batch}
 
 
@@ -95,25 +110,27 @@ class PretrainCollator(_Collator):
     """Image-caption pairs -> {"images", "text_ids", "text_mask"} (captions truncated to ``max_length``).
 
     The base of the other one-image-one-text collators, which read other keys (``image_key``, ``text_key``),
-    stack other images (``_images``) or pad the texts to exactly ``max_length`` (``pad_to_max``).
+    stack images of another ``image_shape`` or pad the texts to exactly ``max_length`` (``pad_to_max``).
     """
 
     consumed = frozenset({"image", "caption"})
-    image_key, text_key, pad_to_max = "image", "caption", False
+    image_key, image_shape, text_key, pad_to_max = "image", "[3, R, R]", "caption", False
 
     def __init__(self, tokenizer: Tokenizer | None = None, max_length: int | None = 30):
         super().__init__(tokenizer)
         self.max_length = max_length
 
-    def _images(self, samples: Sequence[Sample]) -> Tensor:
-        return _stack_images(samples)  # [B, 3, R, R]
-
     def __call__(self, samples: Sequence[Sample]) -> Batch:
-        _check_samples(samples, (self.image_key, self.text_key), type(self).__name__)
+        check_samples(samples, (self.image_key, self.text_key), type(self).__name__)
         texts = [s[self.text_key] for s in samples]
         ids, mask = self._encode(texts, self.max_length, pad_to_max=self.pad_to_max)
         return self._with_metadata(
-            samples, {"images": self._images(samples), "text_ids": ids, "text_mask": mask}
+            samples,
+            {
+                "images": stack_tensors(samples, self.image_key, self.image_shape, type(self).__name__),
+                "text_ids": ids,
+                "text_mask": mask,
+            },
         )
 
 
@@ -132,7 +149,7 @@ class VQACollator(_Collator):
         self.max_question_length = max_question_length
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
-        _check_samples(samples, ("image", "question", "answers"), type(self).__name__)
+        check_samples(samples, ("image", "question", "answers"), type(self).__name__)
         q_ids, q_mask = self._encode([s["question"] for s in samples], self.max_question_length)
         answers: list[str] = []
         weights: list[float] = []
@@ -150,7 +167,7 @@ class VQACollator(_Collator):
             index += [i] * len(ans)
         a_ids, a_mask = self._encode([a + "[SEP]" for a in answers], None)
         batch = {
-            "images": _stack_images(samples),
+            "images": stack_tensors(samples, "image", "[3, R, R]", type(self).__name__),
             "question_ids": q_ids,
             "question_mask": q_mask,
             "answer_ids": a_ids,
@@ -176,8 +193,8 @@ class CaptionCollator(_Collator):
         self.max_length, self.prompt = max_length, prompt
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
-        _check_samples(samples, ("image",), type(self).__name__)
-        batch: Batch = {"images": _stack_images(samples)}
+        check_samples(samples, ("image",), type(self).__name__)
+        batch: Batch = {"images": stack_tensors(samples, "image", "[3, R, R]", type(self).__name__)}
         if all("caption" in s for s in samples):
             texts = [self.prompt + s["caption"].lower() + "[SEP]" for s in samples]
             batch["caption_ids"], batch["caption_mask"] = self._encode(texts, self.max_length)
@@ -192,7 +209,7 @@ class RetrievalCollator(PretrainCollator):
     consumed = frozenset({"image", "caption", "image_id"})
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
-        _check_samples(samples, ("image", "caption", "image_id"), type(self).__name__)
+        check_samples(samples, ("image", "caption", "image_id"), type(self).__name__)
         try:
             image_ids = torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long)
         except (TypeError, ValueError) as e:
@@ -210,7 +227,7 @@ class GroundingCollator(PretrainCollator):
         super().__init__(tokenizer, max_length)
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
-        _check_samples(samples, ("image", "expression", "box"), type(self).__name__)
+        check_samples(samples, ("image", "expression", "box"), type(self).__name__)
         boxes = torch.stack([torch.as_tensor(s["box"], dtype=torch.float32).reshape(4) for s in samples])
         return {**super().__call__(samples), "boxes": boxes}
 

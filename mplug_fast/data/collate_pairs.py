@@ -58,23 +58,5 @@ class VECollator(_PairCollator):
 class NLVRCollator(_PairCollator):
     """NLVR samples -> an image pair [2, 3, R, R] (left, right) and one statement per row."""
 
-    image_key = "images"
+    image_key, image_shape = "images", "[2, 3, R, R]"
     consumed = frozenset({"images", "sentence", "label"})
-
-    def _images(self, samples: Sequence[Sample]) -> Tensor:
-        pairs = [s["images"] for s in samples]
-        bad = [
-            i for i, p in enumerate(pairs) if not (isinstance(p, Tensor) and p.dim() == 4 and p.shape[0] == 2)
-        ]
-        if bad:
-            got = pairs[bad[0]]
-            shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
-            raise TypeError(
-                f"NLVRCollator: sample {bad[0]}'s 'images' must be a [2, 3, R, R] tensor, got {shape}"
-            )
-        shapes = {tuple(p.shape) for p in pairs}
-        if len(shapes) != 1:
-            raise ValueError(
-                f"NLVRCollator: image pairs of one batch must share a shape, got {sorted(shapes)}"
-            )
-        return torch.stack(pairs)  # [B, 2, 3, R, R]

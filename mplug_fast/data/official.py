@@ -1,24 +1,8 @@
-"""Readers for the official mPLUG annotation formats (docs/fidelity.md §8) as ``torch.utils.data.Dataset``s.
-
-Each dataset yields the same sample dicts as the synthetic datasets (``mplug_fast.data.synthetic.datasets``),
-so the collators, trainers and evaluators take either:
-
-    PretrainJsonDataset   [{"image", "caption": str | [str]}]                -> image, caption, image_id
-    KarpathyCaptionDataset  mPLUG: [{"filename", "filepath", "sentences": [{"raw"}], ...}]
-                          or ALBEF/BLIP: [{"image", "caption": str | [str], "image_id"?}]
-                          or Karpathy's dataset_coco.json ({"images": [... "split" ...]})
-                            train: one item per sentence  -> image, caption, image_id
-                            test:  one item per image     -> image, captions (gold), image_id
-    VQAJsonDataset        [{"dataset": vqa|vg|gqa, "image", "question", "answer": [10] | str,
-                            "question_id"?, "ocr"?, "object_label"?}]
-                            -> image, question, answers, weights, question_id, image_id
-                               (+ gt_answers: the raw human answers, when present, for the VQA accuracy)
-    RetrievalJsonDataset  train: [{"image", "caption", "image_id"}]; eval: [{"image", "caption": [..]}]
-                            -> image, caption, image_id (pairs), plus texts / txt2img / img2txt / image(k)
-    RefCocoDataset        TransVG split files ``<ds>_<split>.pth``: (file, _, bbox xywh, phrase, attrs);
-                          referit / flickr: xyxy boxes ((file, bbox, phrase) tuples for flickr)
-                            -> image [3, S, S] padded, expression, box (cx, cy, w, h) / S, box_xyxy (pixels of
-                               the padded input), box_bins, image_mask, image_id
+"""Readers for the official mPLUG annotation formats (docs/fidelity.md §8) as ``torch.utils.data.Dataset``s:
+pretraining (``PretrainJsonDataset``), COCO Karpathy captioning (``KarpathyCaptionDataset``) and VQA
+(``VQAJsonDataset``) here, retrieval, grounding, NLVR2 / SNLI-VE and video in the ``official_*`` modules. Each
+yields the same sample dicts as the synthetic datasets (``mplug_fast.data.synthetic``), so the collators,
+trainers and evaluators take either.
 
 Text: ``pre_caption`` / ``pre_question`` are the official cleaners (ALBEF lineage): lower-case, delete the
 characters , . ' ! ? " ( ) * # : ; ~, turn - and / into spaces (pre_caption also maps "<person>" to "person",
@@ -37,9 +21,6 @@ front. (With DataLoader workers each worker keeps its own record.)
 
 Annotations: read and type-checked with ``mplug_fast.data.annotations``; a bad file or record raises
 ``AnnotationError`` naming the file, the record within it and the field.
-
-Deviation from the official code: TransVG casts boxes with ``np.array(bbox, dtype=int)`` (fractional pixel
-boxes are truncated); we keep them as floats (``truncate_boxes=True`` reproduces the cast).
 """
 
 from __future__ import annotations
@@ -121,9 +102,8 @@ class ImageDataset(Dataset, abc.ABC):
     """Plumbing shared by the readers: image paths per item, robust loading with substitution.
 
     Subclasses set ``self._paths`` (one resolved path per item; items with several images also override
-    ``_item_paths``) and implement ``_sample(i, *images)``. ``split`` is "train", "val" or "test"; without a
-    ``transform`` the images get the official ``train_transform(image_size, scale)`` on the training split,
-    ``test_transform(image_size)`` otherwise.
+    ``_item_paths``) and implement ``_sample(i, *images)``. ``split`` is "train", "val" or "test"; ``scale``
+    is the crop scale of the default training transform.
     """
 
     _paths: list[Path]
@@ -321,8 +301,8 @@ class KarpathyCaptionDataset(ImageDataset):
     ``image_root / folder_map.get(filepath, filepath) / filename``), ALBEF/BLIP's {"image", "caption"} and
     Karpathy's dataset_coco.json (filter with ``karpathy_splits``, e.g. ("train", "restval")).
     Captions are lower-cased (and stripped) as the official caption code does; ``prompt`` is prepended to
-    training captions (official COCO: ""). ``image_id`` is the entry's cocoid / image_id when it is an int,
-    else the position of the image.
+    training captions (official COCO: ""). Samples: image, caption (train) or captions (all gold), image_id
+    (the entry's cocoid / image_id when it is an int, else the position of the image).
     """
 
     def __init__(

@@ -14,6 +14,7 @@ from mplug_fast.data.annotations import AnnotationError
 from mplug_fast.data.grounding_transform import GroundingTransform
 from mplug_fast.data.official import DEFAULT_MAX_BAD_FRACTION, ImageDataset, PathLike
 from mplug_fast.data.synthetic.datasets import box_to_bins
+from mplug_fast.io import torch_load
 
 XYXY_DATASETS = ("referit", "flickr")  # TransVG: these split files hold xyxy boxes, the others xywh
 
@@ -27,7 +28,11 @@ class RefCocoDataset(ImageDataset):
         dataset: "unc" / "unc+" / "gref" / "gref_umd" (xywh boxes), "referit" / "flickr" (xyxy boxes).
         train: the TransVG training augmentation (``GroundingTransform(train=True)``) or the eval transform.
         transform: a ``GroundingTransform``-like callable (image, box_xyxy, text) -> GroundingSample.
-        truncate_boxes: cast boxes to int like the official loader.
+        truncate_boxes: cast boxes to int like TransVG's ``np.array(bbox, dtype=int)`` (default: kept as
+            floats, a deviation: fractional pixel boxes are not truncated).
+
+    Samples: image [3, S, S] padded, expression, box (cx, cy, w, h) / S, box_xyxy (pixels of the padded
+    input), box_bins, image_mask, image_id.
     """
 
     def __init__(
@@ -45,12 +50,9 @@ class RefCocoDataset(ImageDataset):
         super().__init__(image_root, max_bad_fraction, "train" if train else "test", image_size, transform)
         where = "grounding split"
         if isinstance(split_file, (str, Path)):
-            p, where = Path(split_file), Path(split_file).name
-            if not p.is_file():
-                raise FileNotFoundError(f"grounding split file {str(p)!r} does not exist")
-            records = torch.load(p, weights_only=True)
+            records, where = torch_load(split_file), Path(split_file).name  # weights only; errors name it
             if len(records) == 0:
-                raise AnnotationError(f"grounding split file {str(p)!r} is empty: it holds no records")
+                raise AnnotationError(f"grounding split file {where!r} is empty: it holds no records")
         else:
             records = list(split_file)
         self.dataset = dataset

@@ -9,22 +9,20 @@ NLVR / VE dataset classes read (docs/fidelity.md §8). Same sample dicts as the 
                         -> image [3, R, R], sentence, label (0 contradiction, 1 neutral, 2 entailment),
                            label_name, image_id
 
-Files: a JSON list, several of them (concatenated), JSON lines (one object per line, e.g. ``.jsonl``) or an
-in-memory list. Labels: strings as above (case-insensitive), also bools / ints (already ids); an entry
-without ``label`` is unlabelled (test data without answers). Sentences go through the official
-``pre_caption`` (lower case, punctuation removed, <= 30 words), as in ALBEF / BLIP.
+Files: anything ``mplug_fast.data.annotations.load_annotations`` reads. Labels: strings as above
+(case-insensitive), also bools / ints (already ids); an entry without ``label`` is unlabelled (test data
+without answers). Sentences go through the official ``pre_caption`` (lower case, punctuation removed, <= 30
+words), as in ALBEF / BLIP.
 
 Images: ``image_root`` / path. SNLI-VE ``image`` is a Flickr30k id in the ALBEF files ("2248275918"): a
 name without a suffix gets ``image_ext`` (".jpg"), as ALBEF's ``'%s.jpg' % ann['image']``. NLVR2 paths are
-relative to ``image_root`` ("dev/dev-850-0-img0.png" style). Missing or unreadable images follow the policy of
-``mplug_fast.data.official`` (warn once, substitute the next item whose images load, raise past
-``max_bad_fraction``); an NLVR item needs both its images. Default transforms: the official fine-tuning
-``train_transform`` (scale (0.5, 1.0), horizontal flip, RandAugment, as ALBEF / BLIP) for split "train",
-``test_transform`` otherwise; pass ``transform`` to change it.
+relative to ``image_root`` ("dev/dev-850-0-img0.png" style). Loading, the missing-image policy and the default
+transforms are those of ``mplug_fast.data.official``; an NLVR item needs both its images.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,24 +70,29 @@ def parse_label(value: Any, names: Sequence[str], where: str) -> int:
 
 
 class _LabelledPairs(ImageDataset):
-    """Shared by both readers: the annotations, the split, the sentences and the labels."""
+    """Shared by both readers: the annotations, the split, the sentences and the labels; a subclass sets
+    ``_paths`` (and what else its ``_sample`` needs) in ``_read_images``."""
 
     label_names: tuple[str, ...]
 
     def __init__(
         self,
         ann: AnnotationSource,
-        image_root: PathLike | None,
-        split: str,
-        image_size: int,
-        transform: Transform | None,
-        max_words: int,
-        max_bad_fraction: float,
+        image_root: PathLike | None = None,
+        split: str = "train",
+        image_size: int = 384,
+        transform: Transform | None = None,
+        max_words: int = DEFAULT_MAX_WORDS,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
         super().__init__(image_root, max_bad_fraction, split, image_size, transform)
         self.ann = load_annotations(ann)
         self.max_words = max_words
         self._labels: list[int | None] = [self._parse(e) for e in self.ann]
+        self._read_images()
+
+    @abc.abstractmethod
+    def _read_images(self) -> None: ...
 
     def _parse(self, e: Record) -> int | None:
         field(e, "sentence", TEXT)
@@ -125,9 +128,12 @@ class SNLIVEJsonDataset(_LabelledPairs):
         image_ext: str = ".jpg",
         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     ):
+        self.image_ext = image_ext
         super().__init__(ann, image_root, split, image_size, transform, max_words, max_bad_fraction)
+
+    def _read_images(self) -> None:
         names = [str(field(e, "image", TEXT_OR_INT)) for e in self.ann]
-        self._paths = [self._resolve(n if Path(n).suffix else n + image_ext) for n in names]
+        self._paths = [self._resolve(n if Path(n).suffix else n + self.image_ext) for n in names]
         self._image_ids = first_seen_ids(self._paths)
 
     def _sample(self, i: int, image: Image.Image) -> dict[str, Any]:
@@ -139,17 +145,7 @@ class NLVR2JsonDataset(_LabelledPairs):
 
     label_names = NLVR_LABELS
 
-    def __init__(
-        self,
-        ann: AnnotationSource,
-        image_root: PathLike | None = None,
-        split: str = "train",
-        image_size: int = 384,
-        transform: Transform | None = None,
-        max_words: int = DEFAULT_MAX_WORDS,
-        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-    ):
-        super().__init__(ann, image_root, split, image_size, transform, max_words, max_bad_fraction)
+    def _read_images(self) -> None:
         self._paths, self._right_paths = [], []
         for e in self.ann:
             images = field(e, "images", TEXTS)

@@ -132,13 +132,6 @@ class TokenizedBatch(Mapping):
     def __len__(self) -> int:
         return len(BATCH_FIELDS)
 
-    def to(self, device: torch.device | str) -> TokenizedBatch:
-        """Both tensors moved to ``device`` (non-blocking where possible)."""
-        return TokenizedBatch(
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            attention_mask=self.attention_mask.to(device, non_blocking=True),
-        )
-
 
 class Tokenizer:
     """bert-base-uncased WordPiece tokenizer (uncased, 30522 tokens) on the Rust ``tokenizers`` library.
@@ -234,14 +227,6 @@ class Tokenizer:
             return self._vocab.get(tokens, self.unk_token_id)
         return [self._vocab.get(t, self.unk_token_id) for t in tokens]
 
-    def _id_to_token(self, i: int) -> str:
-        try:
-            return self._ids_to_tokens[i]
-        except KeyError:
-            raise ValueError(
-                f"token id {i} is not in the vocab (valid ids: 0..{self.vocab_size - 1})"
-            ) from None
-
     def unused_token_id(self, n: int) -> int:
         """Id of ``[unused{n}]`` (bert-base-uncased: n in 0..993; n + 1 for n < 99, n + 5 for n >= 99).
 
@@ -293,14 +278,16 @@ class Tokenizer:
             ``TokenizedBatch`` with ``input_ids`` long [B, L] and ``attention_mask`` long [B, L] (1 = token).
         """
         batch = self._check_texts(texts)
-        pad_mode = self._check_padding(padding)
+        if not (padding is True or padding is False or padding in ("longest", "max_length")):
+            modes = ", ".join(map(repr, PADDING_MODES))
+            raise ValueError(f"padding={padding!r} is not supported. Available: {modes}")
         if return_tensors != "pt":
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
             raise TypeError(f"max_length must be an int or None, got {type(max_length).__name__}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if pad_mode == "max_length" and max_length is None:
+        if padding == "max_length" and max_length is None:
             raise ValueError("padding='max_length' needs max_length=; or use padding='longest'")
         n_special = 2 if add_special_tokens else 0
         if truncation:
@@ -313,8 +300,9 @@ class Tokenizer:
 
         seqs = [e.ids for e in self._tok.encode_batch(batch, add_special_tokens=add_special_tokens)]
 
-        if truncation:
-            seqs = [self._truncate(s, max_length, add_special_tokens) for s in seqs]
+        if truncation:  # keeping a final [SEP] when the sequences carry special tokens
+            tail = [self.sep_token_id] if add_special_tokens else []
+            seqs = [s if len(s) <= max_length else s[: max_length - len(tail)] + tail for s in seqs]
         else:
             longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
             n = len(seqs[longest])
@@ -335,29 +323,16 @@ class Tokenizer:
                 )
 
         lengths = [len(s) for s in seqs]
-        if pad_mode == "max_length":
-            L = max_length
-        elif pad_mode == "longest":
-            L = max(lengths)
-        else:  # no padding: the batch must already be rectangular
-            L = lengths[0]
-            if any(n != L for n in lengths):
-                raise ValueError(
-                    f"padding=False but the texts have different lengths (min {min(lengths)}, "
-                    f"max {max(lengths)} tokens); use padding='longest' or 'max_length'"
-                )
+        L = max_length if padding == "max_length" else max(lengths)
+        if padding is False and min(lengths) != L:  # no padding: the batch must already be rectangular
+            raise ValueError(
+                f"padding=False but the texts have different lengths (min {min(lengths)}, "
+                f"max {max(lengths)} tokens); use padding='longest' or 'max_length'"
+            )
         rows = [s + [self.pad_token_id] * (L - len(s)) for s in seqs]
         input_ids = torch.tensor(rows, dtype=torch.long).view(len(rows), L)  # [B, L]
         attention_mask = (torch.arange(L) < torch.tensor(lengths)[:, None]).long()  # [B, L], 1 = token
         return TokenizedBatch(input_ids=input_ids, attention_mask=attention_mask)
-
-    def _truncate(self, ids: list[int], max_length: int, add_special_tokens: bool) -> list[int]:
-        """Cuts ``ids`` to ``max_length``, keeping a final [SEP] when the sequence carries special tokens."""
-        if len(ids) <= max_length:
-            return ids
-        if add_special_tokens:
-            return ids[: max_length - 1] + [self.sep_token_id]
-        return ids[:max_length]
 
     @staticmethod
     def _check_texts(texts: str | Sequence[str]) -> list[str]:
@@ -371,18 +346,6 @@ class Tokenizer:
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is a {type(t).__name__}, expected str")
         return list(texts)
-
-    @staticmethod
-    def _check_padding(padding: Padding) -> Literal["longest", "max_length", "none"]:
-        if padding is True or padding == "longest":
-            return "longest"
-        if padding is False:
-            return "none"
-        if padding == "max_length":
-            return "max_length"
-        raise ValueError(
-            f"padding={padding!r} is not supported. Available: {', '.join(map(repr, PADDING_MODES))}"
-        )
 
     # ---- decoding ------------------------------------------------------------------------------------------
 
@@ -404,7 +367,12 @@ class Tokenizer:
         ids = _as_id_list(ids, "decode")
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
-        text = " ".join(self._id_to_token(i) for i in ids).replace(" ##", "").strip()
+        unknown = [i for i in ids if i not in self._ids_to_tokens]
+        if unknown:
+            raise ValueError(
+                f"token id {unknown[0]} is not in the vocab (valid ids: 0..{self.vocab_size - 1})"
+            )
+        text = " ".join(self._ids_to_tokens[i] for i in ids).replace(" ##", "").strip()
         return _clean_up_tokenization(text) if clean_up_tokenization_spaces else text
 
     def batch_decode(

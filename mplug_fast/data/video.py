@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mplug_fast.data.collate import metadata, stack_tensors
 from mplug_fast.data.transforms import TestTransform, load_image
 
 SamplingMode = Literal["official", "middle"]
@@ -65,29 +66,23 @@ def sample_frame_indices(length: int, num_frames: int, mode: SamplingMode = "off
 # ---- frames from tensors -------------------------------------------------------------------------------
 
 
-def frames_layout(frames: Tensor | np.ndarray) -> str:
-    """ "TCHW" or "THWC" of a 4-D frame stack: channels (1 or 3) in dim 1 -> TCHW, else in dim 3 -> THWC."""
-    shape = tuple(frames.shape)
+def _frame_list(frames: Tensor | np.ndarray) -> list[Tensor]:
+    """A [T, C, H, W] / [T, H, W, C] stack (channels, 1 or 3, in dim 1, else in dim 3) -> T CHW tensors (uint8
+    or float in [0, 1]) for ``load_image``."""
+    t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    shape = tuple(t.shape)
     if len(shape) != 4:
         raise ValueError(f"a video tensor must be 4-D, [T, 3, H, W] or [T, H, W, 3], got shape {list(shape)}")
     if shape[0] == 0:
         raise ValueError("the video has no frames (T = 0)")
     if shape[1] in (1, 3):
-        return "TCHW"
+        return list(t.detach().cpu())
     if shape[3] in (1, 3):
-        return "THWC"
+        return list(t.permute(0, 3, 1, 2).detach().cpu())  # [T, C, H, W] view
     raise ValueError(
         f"cannot tell the channel dim of video shape {list(shape)}: expected [T, 3, H, W] or [T, H, W, 3] "
         "(1 or 3 channels)"
     )
-
-
-def _frame_list(frames: Tensor | np.ndarray) -> list[Tensor]:
-    """A [T, C, H, W] / [T, H, W, C] stack -> T CHW tensors (uint8 or float in [0, 1]) for ``load_image``."""
-    t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
-    if frames_layout(t) == "THWC":
-        t = t.permute(0, 3, 1, 2)  # [T, C, H, W] view
-    return list(t.detach().cpu())
 
 
 # ---- folders and video files ---------------------------------------------------------------------------
@@ -131,24 +126,18 @@ def read_video_file(
 # ---- the transform -------------------------------------------------------------------------------------
 
 
-class VideoTransform:
+class VideoTransform(TestTransform):
     """The official test transform on every frame: frames -> float32 [T, 3, R, R].
 
     Accepts a [T, 3, H, W] / [T, H, W, 3] tensor or array (uint8, or float in [0, 1]) or a list of images
     (paths, PIL images, arrays, tensors: anything ``load_image`` reads)."""
 
-    def __init__(self, image_size: int):
-        self.frame = TestTransform(image_size)
-        self.image_size = self.frame.image_size
-
-    def __call__(self, frames: Tensor | np.ndarray | Sequence[Any]) -> Tensor:
+    def __call__(self, frames: Tensor | np.ndarray | Sequence[Any]) -> Tensor:  # type: ignore[override]
         items = _frame_list(frames) if isinstance(frames, (Tensor, np.ndarray)) else list(frames)
         if not items:
             raise ValueError("the video has no frames")
-        return torch.stack([self.frame(f) for f in items])  # [T, 3, R, R]
-
-    def __repr__(self) -> str:
-        return f"VideoTransform(image_size={self.image_size})"
+        frame = super().__call__  # the test transform of one frame
+        return torch.stack([frame(f) for f in items])  # [T, 3, R, R]
 
 
 def load_video(
@@ -169,17 +158,16 @@ def load_video(
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
-            files = frame_files(path)
-            index = sample_frame_indices(len(files), num_frames, mode)
-            return VideoTransform(image_size)([files[i] for i in index])
-        if not path.exists():
+            frames: list[Any] = frame_files(path)
+        elif not path.exists():
             raise FileNotFoundError(
                 f"video source {str(path)!r} does not exist (expected a folder or a file)"
             )
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return VideoTransform(image_size)([load_image(path)] * num_frames)  # a still image as a video
-        return VideoTransform(image_size)(read_video_file(path, num_frames, image_size, mode))
-    if isinstance(source, (Tensor, np.ndarray)):
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            frames = [load_image(path)]  # a still image as a video: its one frame, sampled T times
+        else:
+            return VideoTransform(image_size)(read_video_file(path, num_frames, image_size, mode))
+    elif isinstance(source, (Tensor, np.ndarray)):
         frames = _frame_list(source)
     elif isinstance(source, Sequence) and not isinstance(source, (bytes, str)):
         frames = list(source)
@@ -219,13 +207,7 @@ def collate_videos(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     missing = [i for i, s in enumerate(samples) if "video" not in s]
     if missing:
         raise KeyError(f"collate_videos: samples {missing} lack 'video'; the first has {sorted(samples[0])}")
-    videos = [s["video"] for s in samples]
-    bad = [list(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in videos]
-    if not all(isinstance(v, Tensor) and v.dim() == 4 for v in videos):
-        raise TypeError(
-            f"every sample's 'video' must be a [T, 3, R, R] tensor (apply VideoTransform); got {bad}"
-        )
-    if len({tuple(v.shape) for v in videos}) != 1:
-        raise ValueError(f"videos of one batch must share T and R; got shapes {bad}")
-    keys = [k for k in samples[0] if k != "video" and all(k in s for s in samples)]
-    return {"videos": torch.stack(videos), **{k: [s[k] for s in samples] for k in keys}}
+    videos = stack_tensors(
+        samples, "video", "[T, 3, R, R]", "collate_videos", "apply VideoTransform", "T and R"
+    )
+    return {"videos": videos, **metadata(samples, {"video"})}

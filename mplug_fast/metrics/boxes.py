@@ -1,13 +1,8 @@
 """Box utilities: the one home of box format conversion, area, IoU and GIoU (metrics and losses).
 
 Boxes are float tensors [..., 4], either (cx, cy, w, h) or (x0, y0, x1, y1) with x0 <= x1, y0 <= y1; any
-unit (the model's are normalised to [0, 1] by the padded square image side).
-
-    box_cxcywh_to_xyxy / box_xyxy_to_cxcywh        [..., 4] -> [..., 4]
-    box_area                                       [..., 4] xyxy -> [...]
-    box_iou / generalized_box_iou                  pairwise: [N, 4] x [M, 4] -> [N, M]
-    box_iou_aligned / generalized_box_iou_aligned  elementwise: [..., 4] x [..., 4] -> [...] (`eps` keeps
-                                                   degenerate boxes finite, for losses)
+unit (the model's are normalised to [0, 1] by the padded square image side). IoU and GIoU come pairwise
+([N, 4] x [M, 4] -> [N, M]) and elementwise (``*_aligned``: broadcast [..., 4] x [..., 4] -> [...]).
 """
 
 from __future__ import annotations

@@ -7,15 +7,6 @@ same tokenised input (``tests/metrics/test_caption.py``: equal within 1e-9).
 Inputs everywhere: ``gts`` {image key: [reference, ...]} and ``res`` {image key: [hypothesis]} (exactly one
 hypothesis per image), sentences already tokenised (space-separated tokens; see ``ptb_tokenize``).
 
-    bleu(gts, res)       corpus BLEU-1..4 (clipped n-gram precisions summed over the corpus, brevity penalty
-                         with the "closest" reference length per image, ties -> the shorter reference;
-                         smoothing constants 1e-15 / 1e-9 as pycocoevalcap)
-    rouge_l(gts, res)    mean over images of max-precision / max-recall LCS F-measure, beta = 1.2
-    cider_d(gts, res)    CIDEr-D: tf-idf n-gram vectors (n = 1..4), idf from the references of the evaluated
-                         set, clipped dot product, Gaussian length penalty sigma = 6, x10, mean over refs
-    CiderD(refs_corpus)  the same with a *fixed* document-frequency table (the training references): the
-                         in-process SCST reward; per-candidate scores, no dependence on the batch
-
 pycocoevalcap quirks reproduced (they define the numbers people report):
     * CIDEr-D's "length" in the Gaussian penalty is the number of **bigrams** of a sentence (``counts2vec``
       counts n-grams with index 1): max(words - 1, 0), so length differences equal word-count differences
@@ -23,10 +14,6 @@ pycocoevalcap quirks reproduced (they define the numbers people report):
     * ROUGE-L splits on single spaces (``split(" ")``), so an empty hypothesis is one empty token.
     * BLEU's per-image scores (``BleuResult.per_image``) apply the brevity penalty per image; the corpus score
       uses the summed lengths.
-
-METEOR 1.5 needs Java and runs through pycocoevalcap's bundled jar (``meteor``: ``None`` plus a note when
-``java`` is not on PATH). SPICE needs Stanford CoreNLP 3.6.0 jars that pycocoevalcap would download on first
-use: ``spice`` runs only when they are already on disk and never downloads.
 """
 
 from __future__ import annotations
@@ -88,7 +75,9 @@ class BleuResult:
 
 
 def bleu(gts: Gts, res: Res, n: int = 4) -> BleuResult:
-    """Corpus BLEU-1..n as pycocoevalcap's ``Bleu(n).compute_score`` (option "closest")."""
+    """Corpus BLEU-1..n as pycocoevalcap's ``Bleu(n).compute_score`` (option "closest"): clipped n-gram
+    precisions summed over the corpus, the brevity penalty from the closest reference length of each image
+    (a tie: the shorter reference)."""
     keys = _check_pairs(gts, res)
     matched, guessed = [0] * n, [0] * n
     hyp_total, ref_total = 0, 0
@@ -106,9 +95,7 @@ def bleu(gts: Gts, res: Res, n: int = 4) -> BleuResult:
         m, g_ = [0] * n, [max(0, hyp_len - k) for k in range(n)]
         for g, c in hyp.items():
             m[len(g) - 1] += min(ref_max.get(g, 0), c)
-        for k in range(n):
-            matched[k] += m[k]
-            guessed[k] += g_[k]
+        matched, guessed = [a + b for a, b in zip(matched, m)], [a + b for a, b in zip(guessed, g_)]
         hyp_total += hyp_len
         ref_total += ref_len
         per_image.append(_bleu_from_counts(m, g_, hyp_len, ref_len))
@@ -145,23 +132,15 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return row[-1]
 
 
-def rouge_l_sentence(hypothesis: str, references: Sequence[str], beta: float = ROUGE_BETA) -> float:
-    """ROUGE-L of one hypothesis: F_beta of the max LCS precision and max LCS recall over the references."""
-    hyp = hypothesis.split(" ")
-    precision, recall = 0.0, 0.0
-    for ref in references:
-        r = ref.split(" ")
-        lcs = lcs_length(r, hyp)
-        precision, recall = max(precision, lcs / len(hyp)), max(recall, lcs / len(r))
-    if precision == 0 or recall == 0:
-        return 0.0
-    return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
-
-
 def rouge_l(gts: Gts, res: Res, beta: float = ROUGE_BETA) -> tuple[float, list[float]]:
-    """Mean ROUGE-L over images and the per-image scores (pycocoevalcap ``Rouge().compute_score``)."""
-    keys = _check_pairs(gts, res)
-    scores = [rouge_l_sentence(res[k][0], gts[k], beta) for k in keys]
+    """Mean ROUGE-L over images and the per-image scores (pycocoevalcap ``Rouge().compute_score``): per image,
+    F_beta of the max LCS precision and the max LCS recall of its hypothesis over its references."""
+    scores = []
+    for k in _check_pairs(gts, res):
+        hyp = res[k][0].split(" ")
+        lcs = [(lcs_length(r, hyp), len(r)) for r in (ref.split(" ") for ref in gts[k])]  # (LCS, |ref|)
+        p, r = max(n / len(hyp) for n, _ in lcs), max(n / m for n, m in lcs)  # max LCS precision, recall
+        scores.append((1 + beta**2) * p * r / (r + beta**2 * p) if p and r else 0.0)
     return sum(scores) / len(scores), scores
 
 
@@ -169,12 +148,13 @@ def rouge_l(gts: Gts, res: Res, beta: float = ROUGE_BETA) -> tuple[float, list[f
 
 
 class CiderD:
-    """CIDEr-D with a fixed document-frequency table.
+    """CIDEr-D with a fixed document-frequency table (the training references: the in-process SCST reward,
+    per-candidate scores that do not depend on the batch).
 
     Args:
         refs_corpus: the reference sets that define document frequency: one entry (a list of tokenised
             references) per image; df(g) = number of images with g in any of its references, and the
-            log document count is log(len(refs_corpus)). For SCST pass the training references once.
+            log document count is log(len(refs_corpus)).
         n: largest n-gram. sigma: width of the Gaussian length penalty.
 
     ``score(hyps, refs)`` -> per-candidate CIDEr-D ([len(hyps)] floats); candidates may share references
@@ -239,7 +219,8 @@ class CiderD:
 
 
 def cider_d(gts: Gts, res: Res, n: int = 4, sigma: float = CIDER_SIGMA) -> tuple[float, list[float]]:
-    """Corpus CIDEr-D (pycocoevalcap ``Cider().compute_score``): idf from the references of ``gts``."""
+    """Corpus CIDEr-D (pycocoevalcap ``Cider().compute_score``): ``CiderD`` scores (tf-idf n-gram vectors,
+    clipped cosine, Gaussian length penalty, x10) with the idf from the references of ``gts``."""
     keys = _check_pairs(gts, res)
     refs = [list(gts[k]) for k in keys]
     scores = CiderD(refs, n, sigma).score([res[k][0] for k in keys], refs)
@@ -337,20 +318,20 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def _as_lists(captions: Gts) -> dict[Hashable, list[str]]:
+    """The dict of lists pycocoevalcap's scorers index."""
+    return {k: list(v) for k, v in captions.items()}
+
+
 def meteor(gts: Gts, res: Res) -> tuple[float | None, str]:
-    """METEOR 1.5 via pycocoevalcap (needs ``java`` on PATH; ~5 s start-up). Returns (score or None, note)."""
+    """METEOR 1.5 via pycocoevalcap's bundled jar (needs ``java`` on PATH; ~5 s start-up). Returns (score or
+    None, note)."""
     _check_pairs(gts, res)
     if not java_available():
         return None, "METEOR skipped: no `java` on PATH (install a JRE to compute it)"
     from pycocoevalcap.meteor.meteor import Meteor
 
-    scorer = Meteor()
-    try:
-        score, _ = scorer.compute_score(
-            {k: list(v) for k, v in gts.items()}, {k: list(v) for k, v in res.items()}
-        )
-    finally:
-        del scorer
+    score, _ = Meteor().compute_score(_as_lists(gts), _as_lists(res))
     return float(score), "METEOR 1.5 (pycocoevalcap, java)"
 
 
@@ -365,7 +346,8 @@ def spice_jars_present() -> bool:
 
 
 def spice(gts: Gts, res: Res) -> tuple[float | None, str]:
-    """SPICE via pycocoevalcap only when java and the CoreNLP jars are already present (never downloads)."""
+    """SPICE via pycocoevalcap only when java and the Stanford CoreNLP 3.6.0 jars are already present
+    (pycocoevalcap would download them; we never do)."""
     _check_pairs(gts, res)
     if not java_available():
         return None, "SPICE skipped: no `java` on PATH"
@@ -376,9 +358,7 @@ def spice(gts: Gts, res: Res) -> tuple[float | None, str]:
         )
     from pycocoevalcap.spice.spice import Spice
 
-    score, _ = Spice().compute_score(
-        {k: list(v) for k, v in gts.items()}, {k: list(v) for k, v in res.items()}
-    )
+    score, _ = Spice().compute_score(_as_lists(gts), _as_lists(res))
     return float(score), "SPICE 1.0 (pycocoevalcap, java)"
 
 

@@ -51,9 +51,7 @@ NUMBER_WORDS = {"none": "0"} | {
 ARTICLES = frozenset({"a", "an", "the"})
 
 # The official contraction table as data: "canonical=variant[,variant...]", each variant (a spelling without
-# its apostrophes) mapped to the canonical form. Quirks kept: the capitalised keys (Id've, I'dve, Im, Ive)
-# never match, the text being lower-cased first; let's, 'ow'sat and she's map to themselves (there is no
-# "shes" key); somebodyd <- somebody'd is reversed.
+# its apostrophes) mapped to the canonical form, the official quirks kept (see the module docstring).
 _CONTRACTION_VARIANTS = """
 ain't=aint aren't=arent can't=cant could've=couldve couldn't=couldnt couldn't've=couldn'tve,couldnt've
 didn't=didnt doesn't=doesnt don't=dont hadn't=hadnt hadn't've=hadnt've,hadn'tve hasn't=hasnt haven't=havent
@@ -96,19 +94,11 @@ def process_punctuation(text: str) -> str:
     return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_OFFICIAL_PERIOD_LIMIT)
 
 
-def process_digits_articles(text: str) -> str:
-    """Steps 3-4: lower-case, number words -> digits, drop articles, restore contractions."""
-    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
-
-
-def _clean_whitespace(text: str) -> str:
-    return text.replace("\n", " ").replace("\t", " ").strip()
-
-
 def normalize_answer(answer: str) -> str:
     """The full official normalisation of a predicted answer (steps 1-4)."""
-    return process_digits_articles(process_punctuation(_clean_whitespace(answer)))
+    text = process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip())
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
 # ---- accuracy ----------------------------------------------------------------------------------------------
@@ -142,11 +132,6 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     """1.0 when the normalised prediction equals any normalised answer, else 0.0 (single-answer data)."""
     pred = normalize_answer(prediction)
     return float(any(normalize_answer(a) == pred for a in answers))
-
-
-def label_score(prediction: str, label: Mapping[str, float]) -> float:
-    """The official training-time validation score: label[prediction] (0 when absent), no normalisation."""
-    return float(label.get(prediction, 0.0))
 
 
 @dataclass(frozen=True)
@@ -199,19 +184,15 @@ def write_vqa_results(
         results: (question_id, answer) pairs or a {question_id: answer} mapping; ids must be unique ints.
         path: output file; parent folders are created.
     """
-    items = list(results.items()) if isinstance(results, Mapping) else list(results)
-    seen: set[int] = set()
-    rows = []
-    for qid, ans in items:
-        if isinstance(qid, bool) or not isinstance(qid, int):
-            try:
-                qid = int(qid)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"question_id must be an integer, got {qid!r}") from e
-        if qid in seen:
+    answers: dict[int, str] = {}
+    for qid, ans in results.items() if isinstance(results, Mapping) else results:
+        try:
+            qid = int(qid)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"question_id must be an integer, got {qid!r}") from e
+        if qid in answers:
             raise ValueError(f"duplicate question_id {qid} in VQA results")
         if not isinstance(ans, str):
             raise TypeError(f"answer for question {qid} must be a str, got {type(ans).__name__}")
-        seen.add(qid)
-        rows.append({"question_id": qid, "answer": ans})
-    return atomic_write_json(path, rows, indent=None)
+        answers[qid] = ans
+    return atomic_write_json(path, [{"question_id": q, "answer": a} for q, a in answers.items()], indent=None)

@@ -19,7 +19,6 @@ from mplug_fast.data.official import (
 )
 from mplug_fast.data.official_grounding import RefCocoDataset
 from mplug_fast.data.official_retrieval import RetrievalJsonDataset
-from mplug_fast.data.synthetic import vqa_collate
 from mplug_fast.data.transforms import test_transform
 
 R = 32
@@ -141,8 +140,6 @@ def test_vqa_formats(root):
     assert s0["question"] == "what color is it [SEP] stop sign [SEP] car tree"
     assert s0["answers"] == ["red", "pink"] and s0["weights"] == pytest.approx([0.6, 0.4])
     assert s1["answers"] == ["on the table"] and s1["weights"] == [0.5] and s1["question"] == "where"
-    batch = vqa_collate([s0, s1])
-    assert batch["n"] == [2, 1] and batch["image"].shape == (2, 3, R, R)
     with pytest.raises(KeyError, match="roots"):
         VQAJsonDataset(ann, root, split="train", image_size=R)
     test_ann = write_json(

@@ -43,23 +43,6 @@ def test_constants():
     torch.testing.assert_close(T.denormalize(T.normalize(x)), x)
 
 
-def test_preprocess_single_and_list(tmp_path):
-    a, b = _rgb(seed=1), _rgb(20, 30, seed=2)
-    path = tmp_path / "b.png"
-    b.save(path)
-    one = T.preprocess(a, 24)
-    assert one.shape == (1, 3, 24, 24)
-    batch = T.preprocess([a, str(path), path], 24)
-    assert batch.shape == (3, 3, 24, 24)
-    torch.testing.assert_close(batch[0], one[0])
-    torch.testing.assert_close(batch[1], _oracle(b, 24), rtol=0, atol=1e-6)  # PNG is lossless
-    torch.testing.assert_close(batch[1], batch[2])
-    stacked = torch.from_numpy(np.stack([np.asarray(a)] * 2))  # [2, H, W, 3] uint8: a batch
-    assert T.preprocess(stacked, 24).shape == (2, 3, 24, 24)
-    with pytest.raises(ValueError, match="empty list"):
-        T.preprocess([], 24)
-
-
 def test_test_transform_is_not_collected_by_pytest():
     assert T.test_transform.__test__ is False and T.TestTransform.__test__ is False
 

@@ -12,7 +12,6 @@ import pytest
 from mplug_fast.metrics.vqa import (
     CONTRACTIONS,
     exact_match,
-    label_score,
     normalize_answer,
     process_punctuation,
     vqa_accuracy,
@@ -130,10 +129,6 @@ def test_vqa_accuracy_aggregate_and_types():
     assert acc.per_type == pytest.approx({"yes/no": 100.0, "number": 90.0, "other": 0.0})
     with pytest.raises(KeyError, match="no ground truth"):
         vqa_accuracy({9: "x"}, gts)
-
-
-def test_label_score():
-    assert label_score("yes", {"yes": 1.0, "no": 0.3}) == 1.0 and label_score("maybe", {"yes": 1.0}) == 0.0
 
 
 def test_write_vqa_results(tmp_path):

@@ -7,9 +7,7 @@ from mplug_fast.data.synthetic.datasets import (
     RetrievalDataset,
     VQADataset,
     box_to_bins,
-    collate,
     majority_baseline,
-    vqa_collate,
     world_majority_baseline,
 )
 from mplug_fast.data.synthetic.world import COLORS, NUMBER_WORDS, QA, QA_TYPES, SHAPES, SyntheticWorld
@@ -27,8 +25,6 @@ __all__ = [
     "SyntheticWorld",
     "VQADataset",
     "box_to_bins",
-    "collate",
     "majority_baseline",
-    "vqa_collate",
     "world_majority_baseline",
 ]

@@ -1,4 +1,4 @@
-"""``torch.utils.data.Dataset`` views of a ``SyntheticWorld`` for each task, plus collation and baselines.
+"""``torch.utils.data.Dataset`` views of a ``SyntheticWorld`` for each task, plus baselines.
 
 Every dataset reads scenes ``start, start + 1, ...`` of its world (give train/val/test disjoint ``start``
 ranges) and renders them on access; items are dicts whose image is ``transform(scene.image())``, by default
@@ -11,9 +11,6 @@ expression an index gets is drawn from the world's per-scene RNG, so items are d
     VQADataset         image, question, answers, weights, type, question_id, image_id
     RetrievalDataset   image, caption, image_id  (pairs), plus texts / txt2img / img2txt for evaluation
     GroundingDataset   image, expression, box (cx, cy, w, h) in [0, 1], box_xyxy (pixels), box_bins
-
-``collate`` stacks tensors and keeps everything else as lists (VQA's ragged answer lists included);
-``vqa_collate`` flattens answers like the official ``vqa_collate_fn``.
 """
 
 from __future__ import annotations
@@ -250,35 +247,6 @@ class GroundingDataset(_SceneDataset):
             "box_bins": box_to_bins(ref.box_cxcywh),
             "image_id": scene.index,
         }
-
-
-# ---- collation -------------------------------------------------------------------------------------------
-
-
-def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Tensors stacked on a new dim 0, ints/floats as 1-D tensors, anything else (strings, lists) as lists."""
-    if not batch:
-        raise ValueError("collate got an empty batch")
-    out: dict[str, Any] = {}
-    for key in batch[0]:
-        values = [item[key] for item in batch]
-        if isinstance(values[0], Tensor):
-            out[key] = torch.stack(values)
-        elif isinstance(values[0], bool) or not isinstance(values[0], (int, float)):
-            out[key] = values
-        else:
-            out[key] = torch.tensor(values)
-    return out
-
-
-def vqa_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """``collate`` with answers flattened as the official ``vqa_collate_fn``: ``answers`` list of all answers,
-    ``weights`` float [sum n], ``n`` list of answers per question."""
-    out = collate([{k: v for k, v in item.items() if k not in ("answers", "weights")} for item in batch])
-    out["answers"] = [a for item in batch for a in item["answers"]]
-    out["weights"] = torch.tensor([w for item in batch for w in item["weights"]], dtype=torch.float32)
-    out["n"] = [len(item["answers"]) for item in batch]
-    return out
 
 
 # ---- baselines -------------------------------------------------------------------------------------------

@@ -89,11 +89,6 @@ def _a(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _there(n: int, shape: str) -> str:
-    """ "there is one circle" / "there are zero circles" / "there are two circles"."""
-    return f"there is one {shape}" if n == 1 else f"there are {NUMBER_WORDS[n]} {PLURALS[shape]}"
-
-
 # ---- visual entailment ---------------------------------------------------------------------------------
 
 
@@ -119,7 +114,8 @@ def ve_statement(scene: Scene, label: str, kind: str, rng: random.Random) -> Sta
         counts = Counter(o.shape for o in objs)
         s = rng.choice(sorted(counts) if true else SHAPES)
         n = counts[s] if true else rng.randint(counts[s] + 1, len(NUMBER_WORDS) - 1)
-        return Statement(_there(n, s), lab, kind)
+        sentence = f"there is one {s}" if n == 1 else f"there are {NUMBER_WORDS[n]} {PLURALS[s]}"
+        return Statement(sentence, lab, kind)
     if kind == "spatial":
         pairs = [(a, b, r) for a in objs for b in objs for r in RELATIONS if _relation_holds(a, b, r)]
         if not pairs:

@@ -23,7 +23,6 @@ Guarantees (tested in ``tests/data/test_video.py``):
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from mplug_fast.data.synthetic.world import (
     SceneObject,
     SyntheticWorld,
     _apart,
-    _count_phrase,
+    _count_caption,
     _join,
 )
 from mplug_fast.data.video import VideoTransform
@@ -73,17 +72,9 @@ class MovingObject:
 
 @dataclass
 class VideoScene:
-    """One generated video: T frames of moving objects and the texts about it.
-
-    Attributes:
-        index: the video's index in its world.
-        image_size: R, the side of each square frame in pixels.
-        num_frames: T.
-        background: RGB of the plain background.
-        objects: the moving objects (unique (colour, shape) pairs).
-        captions: several captions (different templates; the second names every motion).
-        qa: (question, answer, type) triples, types from ``VIDEO_QA_TYPES``.
-    """
+    """One generated video: T = ``num_frames`` frames of moving ``objects`` (unique (colour, shape) pairs) and
+    the texts about it; the other fields as in a ``Scene`` (the second caption names every motion, the QA
+    types are ``VIDEO_QA_TYPES``)."""
 
     index: int
     image_size: int
@@ -207,12 +198,10 @@ class SyntheticVideoWorld:
     def _captions(self, video: VideoScene, rng: random.Random) -> list[str]:
         objs = video.objects
         shuffled = rng.sample(objs, len(objs))
-        shape_counts = sorted(Counter(o.start.shape for o in objs).items(), key=lambda x: -x[1])
-        counts = _join([_count_phrase(k, s) for s, k in shape_counts])
         return [
             "a video of " + _join([o.start.phrase() for o in shuffled]),
             _join([f"{o.start.phrase(with_size=rng.random() < 0.5)} moving {o.direction}" for o in shuffled]),
-            ("there is " if shape_counts[0][1] == 1 else "there are ") + counts,
+            _count_caption([o.start.shape for o in objs]),
             "a video with " + _join([o.start.phrase(with_size=False) for o in rng.sample(objs, len(objs))]),
         ]
 

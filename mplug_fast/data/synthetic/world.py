@@ -117,14 +117,9 @@ class Scene:
 
     def box_cxcywh(self, obj: SceneObject) -> tuple[float, float, float, float]:
         """The object's box as normalised (cx, cy, w, h) in [0, 1] (docs/fidelity.md §5.5 target format)."""
-        return box_xyxy_to_cxcywh(obj.box, self.image_size)
-
-
-def box_xyxy_to_cxcywh(box: tuple[int, int, int, int], image_size: int) -> tuple[float, float, float, float]:
-    """Pixel xyxy (right/bottom exclusive) -> normalised (cx, cy, w, h)."""
-    x0, y0, x1, y1 = box
-    R = float(image_size)
-    return ((x0 + x1) / 2 / R, (y0 + y1) / 2 / R, (x1 - x0) / R, (y1 - y0) / R)
+        x0, y0, x1, y1 = obj.box
+        R = float(self.image_size)
+        return ((x0 + x1) / 2 / R, (y0 + y1) / 2 / R, (x1 - x0) / R, (y1 - y0) / R)
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject) -> None:
@@ -152,19 +147,16 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _separated(a: SceneObject, b: SceneObject, axis: int) -> bool:
-    """True if a's box ends before b's begins on ``axis`` (0 = x, 1 = y)."""
-    return a.box[axis + 2] <= b.box[axis]
-
-
 def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
     """True if boxes a and b (xyxy) are at least ``gap`` pixels apart along x or along y."""
     return a[0] >= b[2] + gap or b[0] >= a[2] + gap or a[1] >= b[3] + gap or b[1] >= a[3] + gap
 
 
 def _relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool:
+    """True if ``a`` is ``relation`` of ``b``: the first's box ends before the second's begins on the axis."""
     axis, a_first = RELATIONS[relation]
-    return _separated(a, b, axis) if a_first else _separated(b, a, axis)
+    first, second = (a, b) if a_first else (b, a)
+    return first.box[axis + 2] <= second.box[axis]
 
 
 def _relation_words(relation: str) -> str:
@@ -172,8 +164,11 @@ def _relation_words(relation: str) -> str:
     return "to the " + relation if relation in ("left of", "right of") else relation
 
 
-def _count_phrase(n: int, shape: str) -> str:
-    return f"{NUMBER_WORDS[n]} {shape if n == 1 else PLURALS[shape]}"
+def _count_caption(shapes: list[str]) -> str:
+    """ "there are two circles and one square": the shapes counted, the most frequent first."""
+    counts = sorted(Counter(shapes).items(), key=lambda x: -x[1])
+    phrases = [f"{NUMBER_WORDS[n]} {s if n == 1 else PLURALS[s]}" for s, n in counts]
+    return ("there is " if counts[0][1] == 1 else "there are ") + _join(phrases)
 
 
 # ---- the world -----------------------------------------------------------------------------------------
@@ -301,13 +296,10 @@ class SyntheticWorld:
         objs = scene.objects
         left_to_right = sorted(objs, key=lambda o: o.center[0])
         shuffled = rng.sample(objs, len(objs))
-        by_shape = Counter(o.shape for o in objs)
-        shape_counts = sorted(by_shape.items(), key=lambda x: -x[1])  # most frequent first
-        counts = _join([_count_phrase(k, s) for s, k in shape_counts])
         captions = [
             _join([o.phrase() for o in left_to_right]),
             "a picture of " + _join([o.phrase(with_size=rng.random() < 0.5) for o in shuffled]),
-            ("there is " if shape_counts[0][1] == 1 else "there are ") + counts,
+            _count_caption([o.shape for o in objs]),
             "an image with " + _join([o.phrase(with_size=False) for o in shuffled]),
         ]
         pairs = [
@@ -330,29 +322,21 @@ class SyntheticWorld:
         objs = scene.objects
         shape_n = Counter(o.shape for o in objs)
         color_n = Counter(o.color for o in objs)
-        size_shape_n = Counter((o.size, o.shape) for o in objs)
-        size_color_n = Counter((o.size, o.color) for o in objs)
         qa: list[QA] = []
 
-        # colour: "what color is the circle?" -- the object named without its colour
-        candidates = []
-        for o in objs:
-            if shape_n[o.shape] == 1:
-                candidates.append((f"the {o.shape}", o))
-            elif size_shape_n[(o.size, o.shape)] == 1:
-                candidates.append((f"the {o.size} {o.shape}", o))
-        for desc, o in rng.sample(candidates, min(2, len(candidates))):
-            qa.append(QA(f"what color is {desc}?", o.color, "color"))
-
-        # shape: "what shape is the red object?" -- the object named without its shape
-        candidates = []
-        for o in objs:
-            if color_n[o.color] == 1:
-                candidates.append((f"the {o.color} object", o))
-            elif size_color_n[(o.size, o.color)] == 1:
-                candidates.append((f"the {o.size} {o.color} object", o))
-        for desc, o in rng.sample(candidates, min(2, len(candidates))):
-            qa.append(QA(f"what shape is {desc}?", o.shape, "shape"))
+        # colour, then shape: "what color is the circle?", "what shape is the red object?" -- the object named
+        # by the other attribute (and its size when that alone is ambiguous)
+        for asked, other, noun in (("color", "shape", ""), ("shape", "color", " object")):
+            other_n = Counter(getattr(o, other) for o in objs)
+            size_other_n = Counter((o.size, getattr(o, other)) for o in objs)
+            candidates = []
+            for o in objs:
+                if other_n[getattr(o, other)] == 1:
+                    candidates.append((f"the {getattr(o, other)}{noun}", o))
+                elif size_other_n[(o.size, getattr(o, other))] == 1:
+                    candidates.append((f"the {o.size} {getattr(o, other)}{noun}", o))
+            for desc, o in rng.sample(candidates, min(2, len(candidates))):
+                qa.append(QA(f"what {asked} is {desc}?", getattr(o, asked), asked))
 
         # count: shapes (present or not), colours, all objects
         shape = rng.choice(SHAPES)
@@ -396,13 +380,9 @@ class SyntheticWorld:
                 exprs.append(f"the {o.color} object")
             if shape_n[o.shape] == 2:  # "the circle on the left": the other one lies wholly to the right
                 (other,) = [p for p in objs if p is not o and p.shape == o.shape]
-                for word, axis, first in (
-                    ("on the left", 0, True),
-                    ("on the right", 0, False),
-                    ("at the top", 1, True),
-                    ("at the bottom", 1, False),
-                ):
-                    if _separated(o, other, axis) if first else _separated(other, o, axis):
+                words = ("on the left", "on the right", "at the top", "at the bottom")  # in RELATIONS order
+                for relation, word in zip(RELATIONS, words):
+                    if _relation_holds(o, other, relation):
                         exprs.append(f"the {o.shape} {word}")
             cxcywh = scene.box_cxcywh(o)
             out.extend(Referring(e, cxcywh, o.box, i) for e in exprs)
