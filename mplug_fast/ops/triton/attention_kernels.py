@@ -241,8 +241,16 @@ def _attn_bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:  # the first query that sees key pid_n * BLOCK_N is pid_n * BLOCK_N - (Lk - Lq)
         lo = tl.maximum(pid_n * BLOCK_N + Lq - Lk, 0) // BLOCK_M * BLOCK_M
+    if DROPOUT and not CAUSAL:
+        # Lq > 0 (the launcher skips empty inputs), so the loop runs at least once. Told so, LLVM builds no
+        # zero-trip path that writes the dK/dV accumulators while their wgmma may be in flight; where it
+        # finds one, ptxas serialises every wgmma of the kernel (sm_90). Not with CAUSAL: the overlap this
+        # allows spills registers at the sm_90 tile.
+        tl.assume(Lq > 0)
     for start_m in range(lo, Lq, BLOCK_M):
         rows = start_m + offs_m
+        if DROPOUT:  # first in the step: the words' exchange (shared memory) runs ahead of the dots
+            keep_t = keep_tile_t(seed, bh, start_m, pid_n * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N)
         row_mask = (rows < Lq)[:, None] & d_ok[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=row_mask, other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=row_mask, other=0.0)
@@ -254,9 +262,7 @@ def _attn_bwd_dkdv_kernel(
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:  # dS = keep * P * dP' - P * delta: the mask is applied once, to P
-            kept_t = tl.where(
-                keep_tile_t(seed, bh, start_m, pid_n * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N), p_t, zero
-            )
+            kept_t = tl.where(keep_t, p_t, zero)
             dv += tl.dot(kept_t.to(do.dtype), do, input_precision=PRECISION)
             ds_t = kept_t * dp_t - p_t * delta[None, :]
         else:
