@@ -29,7 +29,7 @@ from mplug_fast.metrics import caption_scores
 from mplug_fast.modeling import MPlugForCaption
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import lm_loss
-from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
+from mplug_fast.objectives.pretrain import require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, item_text, write_json
 from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
@@ -154,7 +154,7 @@ def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline
 # ---- training --------------------------------------------------------------------------------------------
 
 
-class CaptionObjective(MomentumMixin, Objective):
+class CaptionObjective(Objective):
     """Captioning CE (docs/fidelity.md §5.2): decoder over the image tokens, token-mean CE of caption_ids[1:].
 
     Official: no label smoothing, no distillation, and the prompt tokens are part of the target (labels are
@@ -170,8 +170,6 @@ class CaptionObjective(MomentumMixin, Objective):
                 f"got {label_smoothing}, {prompt_length}"
             )
         self.model, self.label_smoothing, self.prompt_length = model, label_smoothing, prompt_length
-        self.alpha, self.distill, self.alpha_warmup_steps = 0.0, False, 0
-        self._init_momentum(model, None, 0.0)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """batch: images [B,3,R,R], caption_ids / caption_mask [B, L]. Returns {"loss", "caption"}."""

@@ -32,7 +32,7 @@ from mplug_fast.metrics import grounding_accuracy
 from mplug_fast.metrics.boxes import box_cxcywh_to_xyxy, box_iou_aligned, generalized_box_iou_aligned
 from mplug_fast.modeling import MPlugForGrounding
 from mplug_fast.objectives.base import Objective
-from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
+from mplug_fast.objectives.pretrain import require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, call_reader
 
@@ -134,7 +134,7 @@ def grounding_weights(
     return w_box, w_giou
 
 
-class GroundingObjective(MomentumMixin, Objective):
+class GroundingObjective(Objective):
     """Grounding as coordinate tokens (fidelity §5.5): decoder input [unused339] + 4 bin tokens over the fused
     [image; expression]; CE over the 337 coordinate tokens only (the official prob mask adds −10000 to every
     other logit: the same softmax); per-token CE weighted (no grad) by the argmax box's L1 error per
@@ -169,8 +169,6 @@ class GroundingObjective(MomentumMixin, Objective):
             )
         self.model, self.prefix_id, self.num_bins = model, prefix_id, num_bins
         self.register_buffer("coord_ids", coord_ids, persistent=False)
-        self.alpha, self.distill, self.alpha_warmup_steps = 0.0, False, 0
-        self._init_momentum(model, None, 0.0)
 
     @classmethod
     def from_tokenizer(

@@ -239,9 +239,7 @@ class VQAObjective(MomentumMixin, Objective):
         images, q_ids, q_mask, a_ids, a_mask, index = (batch[k] for k in keys)
         q_mask, a_mask = q_mask.bool(), a_mask.bool()
         weights = batch["answer_weights"].to(torch.float32)
-        alpha = self.alpha_now()
-        if self.training:
-            self.step += 1
+        alpha = self.next_alpha()
         memory, memory_mask = self.model.fused_memory(images, q_ids, q_mask)
         logits = self.model.decode(a_ids, a_mask, memory, memory_mask, memory_index=index)
         soft = None
