@@ -25,12 +25,13 @@ from mplug_fast.data.official import KarpathyCaptionDataset
 from mplug_fast.data.synthetic import CaptionDataset
 from mplug_fast.inference.generate import caption_generate
 from mplug_fast.inference.inputs import prompt_ids
+from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics import caption_scores
 from mplug_fast.modeling import MPlugForCaption
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import lm_loss
 from mplug_fast.objectives.pretrain import require_keys
-from mplug_fast.tasks.evaluation import batches, eval_mode, item_text, write_json
+from mplug_fast.tasks.evaluation import batches, eval_mode, item_text
 from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
 
@@ -122,7 +123,7 @@ def caption_evaluation(
             predictions[key], gold[key] = text.strip(), _gold_captions(batch["captions"][i])
     scores, notes = caption_scores(gold, {k: [v] for k, v in predictions.items()}, use_java=use_java)
     if output is not None:
-        write_json([{id_key: k, "caption": v} for k, v in predictions.items()], output)
+        atomic_write_json(output, [{id_key: k, "caption": v} for k, v in predictions.items()])
     return {**scores, "count": len(predictions), "notes": notes, "predictions": predictions}
 
 

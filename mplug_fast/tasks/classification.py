@@ -27,10 +27,11 @@ from torch.utils.data import Dataset, Subset
 from mplug_fast.data.collate_pairs import NLVRCollator, VECollator
 from mplug_fast.data.official_pairs import NLVR2JsonDataset, SNLIVEJsonDataset
 from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset
+from mplug_fast.io import atomic_write_json
 from mplug_fast.modeling import MPlugForNLVR, MPlugForVE
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import require_keys
-from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
+from mplug_fast.tasks.evaluation import batches, eval_mode
 from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
 
@@ -129,7 +130,7 @@ def evaluate(
         "num_labelled": labelled,
     }
     if output is not None:
-        write_json(rows, output)
+        atomic_write_json(output, rows)
     result["predictions"] = torch.tensor(preds, dtype=torch.long)
     return result
 

@@ -1,13 +1,10 @@
 """The evaluation plumbing every task's `evaluate` shares: ordered device batches (with a progress bar on a
-terminal), eval mode, dataset limits, reading an item's text without rendering its image, the predictions
-JSON."""
+terminal), eval mode, dataset limits, reading an item's text without rendering its image."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from mplug_fast.data.collate import move_to
-from mplug_fast.io import atomic_write_json
 
 # ---- evaluation plumbing ------------------------------------------------------------------------------
 
@@ -51,11 +47,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Writes ``obj`` as JSON to ``path`` atomically, parent folders created (``mplug_fast.io``)."""
-    return atomic_write_json(path, obj)
 
 
 def item_text(dataset: Dataset, i: int, key: str) -> Any:

@@ -28,12 +28,13 @@ from mplug_fast.data.official_grounding import RefCocoDataset
 from mplug_fast.data.synthetic import GroundingDataset
 from mplug_fast.inference import coordinate_token_ids, ground_tokens
 from mplug_fast.inference.grounding import GROUNDING_NUM_BINS
+from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics import grounding_accuracy
 from mplug_fast.metrics.boxes import box_cxcywh_to_xyxy, box_iou_aligned, generalized_box_iou_aligned
 from mplug_fast.modeling import MPlugForGrounding
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import require_keys
-from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
+from mplug_fast.tasks.evaluation import batches, eval_mode
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, call_reader
 
 
@@ -98,7 +99,7 @@ def evaluate(
         "count": pred.shape[0],
     }
     if output is not None:
-        write_json(rows, output)
+        atomic_write_json(output, rows)
     result["boxes"] = pred
     return result
 

@@ -23,11 +23,12 @@ from mplug_fast.data.collate import RetrievalCollator
 from mplug_fast.data.official_retrieval import RetrievalJsonDataset
 from mplug_fast.data.synthetic import RetrievalDataset
 from mplug_fast.inference.retrieval import RetrievalScores, retrieval_scores
+from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics import retrieval_recall
 from mplug_fast.modeling import MPlugForRetrieval
 from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE
 from mplug_fast.objectives.pretrain import ContrastiveObjective
-from mplug_fast.tasks.evaluation import eval_mode, write_json
+from mplug_fast.tasks.evaluation import eval_mode
 from mplug_fast.tasks.protocol import Baseline, Task
 
 RECALL_KS = (1, 5, 10)
@@ -67,7 +68,7 @@ def recall_result(
             d: [row.topk(min(10, row.numel())).indices.tolist() for row in m.cpu()]
             for d, m in zip(directions, (scores.i2t, scores.t2i))
         }
-        write_json(top, output)
+        atomic_write_json(output, top)
     return result
 
 

@@ -41,12 +41,13 @@ from mplug_fast.data.synthetic.video import (
 )
 from mplug_fast.data.video import SAMPLING_MODES, collate_videos, resample_frames
 from mplug_fast.inference.video import video_caption_generate, video_qa_rank, video_retrieval_scores
+from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics.retrieval import ranks_image_to_text, ranks_text_to_image
 from mplug_fast.modeling import MPlug
 from mplug_fast.tasks import caption as caption_task
 from mplug_fast.tasks import retrieval as retrieval_task
 from mplug_fast.tasks import vqa as vqa_task
-from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
+from mplug_fast.tasks.evaluation import batches, eval_mode
 from mplug_fast.tasks.protocol import Task
 from mplug_fast.tasks.sources import SyntheticScenes, synthetic_scenes
 
@@ -131,7 +132,7 @@ def evaluate_qa(
         batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
         result = vqa_task.answer_accuracy(batch_iter, answer, "video QA")
     if output is not None:
-        write_json([{"question_id": q, "answer": a} for q, a in result["predictions"].items()], output)
+        atomic_write_json(output, [{"question_id": q, "answer": a} for q, a in result["predictions"].items()])
     return {**result, **seen}
 
 

@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mplug_fast.checkpoint import CheckpointSource, resolve_checkpoint
+from mplug_fast.io import atomic_write_json
 from mplug_fast.tasks import from_pretrained, get_task, task_name
-from mplug_fast.tasks.evaluation import limit_dataset, write_json
+from mplug_fast.tasks.evaluation import limit_dataset
 from mplug_fast.train.build import build_dataset, build_model
 from mplug_fast.train.config import RunConfig, apply_overrides, from_dict, load_config
 
@@ -111,7 +112,7 @@ def run_evaluation(
         "eval_options": {"batch_size": batch_size, "limit": limit, **opts},
         "predictions_file": str(out_dir / spec.predictions_file),
     }
-    write_json(record, out_dir / metrics_name)
+    atomic_write_json(out_dir / metrics_name, record)
     return record
 
 
