@@ -58,7 +58,6 @@ from mplug_fast.data.official import KarpathyCaptionDataset
 from mplug_fast.data.synthetic import CaptionDataset, SyntheticWorld
 from mplug_fast.generation import CLS_ID, GenerationOutput, beam_search, sample
 from mplug_fast.metrics.caption import CiderD, ptb_tokenize_sentence
-from mplug_fast.modeling import MPlugForCaption
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import IGNORE, lm_targets
 from mplug_fast.objectives.pretrain import require_keys
@@ -82,12 +81,14 @@ def document_frequencies(references: CiderD | Sequence[Sequence[str]]) -> CiderD
             "references_df must be a CiderD or a non-empty list of reference lists (one per training "
             f"image), got {type(references).__name__}"
         )
-    corpus = []
-    for i, refs in enumerate(references):
-        if isinstance(refs, str) or len(refs) == 0:
-            raise ValueError(f"training image {i}: expected a non-empty list of references, got {refs!r}")
-        corpus.append([ptb_tokenize_sentence(r) for r in refs])
-    return CiderD(corpus)
+    return CiderD([tokenized(refs, f"training image {i}") for i, refs in enumerate(references)])
+
+
+def tokenized(references: Sequence[str], what: str) -> list[str]:
+    """One image's gold captions, PTB-tokenised; ValueError naming ``what`` unless a non-empty list."""
+    if isinstance(references, str) or len(references) == 0:
+        raise ValueError(f"{what}: expected a non-empty list of captions, got {references!r}")
+    return [ptb_tokenize_sentence(r) for r in references]
 
 
 def references_from_data(spec: Mapping[str, Any]) -> list[list[str]]:
@@ -249,11 +250,7 @@ class SCSTObjective(Objective):
         if B == 0 or len(texts) % B != 0:
             raise ValueError(f"{len(texts)} candidates for {B} images: need k candidates per image")
         k = len(texts) // B
-        refs = []
-        for i, r in enumerate(references):
-            if isinstance(r, str) or len(r) == 0:
-                raise ValueError(f"image {i}: 'captions' must be a non-empty list of captions, not {r!r}")
-            refs.append([ptb_tokenize_sentence(c) for c in r])
+        refs = [tokenized(r, f"image {i} of the batch") for i, r in enumerate(references)]
         per_candidate = [refs[n // k] for n in range(len(texts))]  # the same list object per image
         return torch.tensor(self.cider.score(list(texts), per_candidate), dtype=torch.float32).view(B, k)
 
@@ -299,14 +296,6 @@ class SCSTObjective(Objective):
         }
 
 
-__all__ = [
-    "SCSTObjective",
-    "advantages",
-    "document_frequencies",
-    "references_from_data",
-]
-
-
 # ---- the task --------------------------------------------------------------------------------------------
 
 
@@ -331,7 +320,6 @@ class SCSTOptions:
 
 class SCSTTask(CaptionTask):
     name = "scst"
-    model_class = MPlugForCaption
     Options = SCSTOptions
     pipeline_method = None  # served as "caption" (the same weights)
     aliases = ()
