@@ -67,22 +67,17 @@ def evaluate(
     """
 
     collate = CaptionCollator(tokenizer, max_length=max_length)
-
-    def generate(batch: dict[str, Any], prompt: Tensor | None) -> Any:
-        return caption_generate(
-            model,
-            batch["images"],
-            prompt,
-            method=method,
-            beam_size=beam_size,
-            max_length=max_length,
-            min_length=min_length,
-        )
-
+    options = dict(method=method, beam_size=beam_size, max_length=max_length, min_length=min_length)
     with eval_mode(model):
-        batch_iter = batches(dataset, collate, batch_size, device)
         return caption_evaluation(
-            batch_iter, tokenizer, generate, prompt, max_length, device, use_java=use_java, output=output
+            batches(dataset, collate, batch_size, device),
+            tokenizer,
+            lambda batch, prompt: caption_generate(model, batch["images"], prompt, **options),
+            prompt,
+            max_length,
+            device,
+            use_java=use_java,
+            output=output,
         )
 
 

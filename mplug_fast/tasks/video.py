@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset
 
 from mplug_fast.config import MPlugConfig
@@ -163,22 +163,18 @@ def evaluate_caption(
     """
 
     _check_frames(num_frames, frame_sampling)
-
-    def generate(batch: dict[str, Any], prompt: Tensor | None) -> Any:
-        return video_caption_generate(
-            model,
-            batch["videos"],
-            prompt,
-            beam_size=beam_size,
-            max_length=max_length,
-            min_length=min_length,
-        )
-
+    options = dict(beam_size=beam_size, max_length=max_length, min_length=min_length)
     seen = {"num_frames": 0}
     with eval_mode(model):
-        batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
         result = caption_task.caption_evaluation(
-            batch_iter, tokenizer, generate, prompt, max_length, device, id_key="video_id", output=output
+            _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen),
+            tokenizer,
+            lambda batch, prompt: video_caption_generate(model, batch["videos"], prompt, **options),
+            prompt,
+            max_length,
+            device,
+            id_key="video_id",
+            output=output,
         )
     return {**result, **seen}
 
