@@ -227,15 +227,10 @@ class Pipeline:
                 yield slice(start, min(n, start + self.batch_size))
                 bar.update(min(n, start + self.batch_size) - start)
 
-    def _decode(self, ids: Tensor, start: int) -> str:
-        return self.tokenizer.decode(ids[start:].tolist(), skip_special_tokens=True)
-
     def set_answer_list(self, answers: Sequence[str] | None) -> None:
         """Rank these answers in `answer` (None: generate). Tokenized once as "[CLS] answer [SEP] [SEP]"."""
-        if answers is None:
-            self._answers = None
-            return
-        self._answers = answer_tokens(self.tokenizer, text_list(list(answers), "answer")[0], self.device)
+        answers = None if answers is None else text_list(list(answers), "answer")[0]
+        self._answers = None if answers is None else answer_tokens(self.tokenizer, answers, self.device)
 
     # --------------------------------------------------------------------------------------- tasks
     @torch.inference_mode()
@@ -317,7 +312,7 @@ class Pipeline:
                 generator=generator,
                 cuda_graph=cuda_graph,
             )
-            captions += [self._decode(row, start) for row in out.ids[:, 0]]
+            captions += [self.tokenizer.decode(row[start:].tolist()) for row in out.ids[:, 0]]
         return captions if batched else captions[0]
 
     @torch.inference_mode()

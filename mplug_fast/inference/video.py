@@ -74,27 +74,19 @@ def video_qa_rank(
     answer_ids: Tensor,
     answer_mask: Tensor | None,
     *,
-    k: int = 128,
-    double_count_first: bool = True,
     frame_batch_size: int | None = None,
+    **options: Any,
 ) -> RankedAnswers:
     """Video QA by answer-list ranking (official ``videoqa_mplug.py``: ``rank_answer`` with a VQA model).
 
     Args: videos [B, T, 3, R, R]; question_ids / mask [B, Lq]; answer_ids / mask [A, La]
-    ("[CLS] answer [SEP] [SEP]"); k: candidates kept after the first-token filter (official 128).
+    ("[CLS] answer [SEP] [SEP]"); options: `rank_answers`'s (k: candidates kept after the first-token
+    filter, official 128; double_count_first).
     Returns: `RankedAnswers` (indices [B, k] into the answer list, best first)."""
     memory, memory_mask = video_fused_memory(
         model, videos, question_ids, question_mask, frame_batch_size=frame_batch_size
     )
-    return rank_answers(
-        model.decoder,
-        memory,
-        memory_mask,
-        answer_ids,
-        answer_mask,
-        k=min(k, answer_ids.shape[0]),
-        double_count_first=double_count_first,
-    )
+    return rank_answers(model.decoder, memory, memory_mask, answer_ids, answer_mask, **options)
 
 
 @torch.no_grad()

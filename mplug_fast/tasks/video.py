@@ -122,9 +122,7 @@ def evaluate_qa(
     def answer(batch: dict[str, Any]) -> list[str]:
         q = tokenizer(batch["question"], padding="longest", max_length=max_question_length, truncation=True)
         q_ids, q_mask = q.input_ids.to(device), q.attention_mask.bool().to(device)
-        ranked = video_qa_rank(
-            model, batch["videos"], q_ids, q_mask, a_ids, a_mask.bool(), k=min(k, len(names))
-        )
+        ranked = video_qa_rank(model, batch["videos"], q_ids, q_mask, a_ids, a_mask.bool(), k=k)
         return [names[best] for best in ranked.indices[:, 0].tolist()]
 
     seen = {"num_frames": 0}
