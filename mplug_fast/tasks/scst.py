@@ -188,10 +188,8 @@ class SCSTObjective(Objective):
         self.max_length, self.min_length = max_length, min_length
         self.baseline, self.length_norm = baseline, length_norm
         self.top_k, self.top_p, self.temperature, self.beam_mode = top_k, top_p, temperature, beam_mode
-        start = [CLS_ID]
-        if prompt.strip():
-            start = list(tokenizer.encode(prompt))[:-1]  # [CLS] prompt, without the final [SEP]
-        self.start_ids = start
+        # [CLS] prompt, without the final [SEP]
+        self.start_ids = list(tokenizer.encode(prompt))[:-1] if prompt.strip() else [CLS_ID]
         self.seed = seed
         self._generator: torch.Generator | None = None
 
@@ -213,24 +211,12 @@ class SCSTObjective(Objective):
         B = memory.shape[0]
         decoder = self.model.decoder
         start = torch.tensor(self.start_ids, dtype=torch.long, device=memory.device).expand(B, -1)
-        lengths = {
-            "num_return": self.num_samples,
-            "max_length": self.max_length,
-            "min_length": self.min_length,
-        }
+        lengths = dict(num_return=self.num_samples, max_length=self.max_length, min_length=self.min_length)
         with eval_mode(decoder):
             if self.candidates == "sample":
-                return sample(
-                    decoder,
-                    memory,
-                    None,
-                    start,
-                    **lengths,
-                    top_k=self.top_k,
-                    top_p=self.top_p,
-                    temperature=self.temperature,
-                    generator=self._rng(memory.device),
-                )
+                sampling = dict(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature)
+                generator = self._rng(memory.device)
+                return sample(decoder, memory, None, start, **lengths, **sampling, generator=generator)
             return beam_search(
                 decoder, memory, None, start, beam_size=self.num_samples, mode=self.beam_mode, **lengths
             )
