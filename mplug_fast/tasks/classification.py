@@ -48,15 +48,6 @@ def dataset_label(dataset: Dataset, i: int) -> int | None:
     return dataset[i].get("label")
 
 
-def _label_names(model: nn.Module) -> tuple[str, ...]:
-    if not isinstance(model, CLASSIFIERS):
-        raise TypeError(
-            f"classification evaluation needs an NLVR2 / SNLI-VE model ({MPlugForNLVR.__name__} / "
-            f"{MPlugForVE.__name__}), got a {getattr(model, 'task', type(model).__name__)!r} model"
-        )
-    return tuple(model.labels)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -75,7 +66,12 @@ def evaluate(
     "num_labelled", "predictions" (long [N] class ids)}, and "acc_type_<type>" (percent per statement type)
     when the items name their type (the synthetic datasets do).
     """
-    names = _label_names(model)
+    if not isinstance(model, CLASSIFIERS):
+        raise TypeError(
+            f"classification evaluation needs an NLVR2 / SNLI-VE model ({MPlugForNLVR.__name__} / "
+            f"{MPlugForVE.__name__}), got a {getattr(model, 'task', type(model).__name__)!r} model"
+        )
+    names = tuple(model.labels)
     collator = (NLVRCollator if isinstance(model, MPlugForNLVR) else VECollator)(
         tokenizer, max_length=max_length
     )
@@ -156,15 +152,6 @@ def baseline(train: Dataset, evaluation: Dataset, limit: int = BASELINE_LIMIT) -
 # ---- training --------------------------------------------------------------------------------------------
 
 
-def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Batch-mean CE of logits [B, C] (computed in fp32) against labels long [B] in 0..C-1."""
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(
-            f"need logits [B, C] and labels [B], got {list(logits.shape)} and {list(labels.shape)}"
-        )
-    return F.cross_entropy(logits.float(), labels.long(), label_smoothing=label_smoothing)
-
-
 class ClassificationObjective(Objective):
     """CE over the task model's logits: loss = mean_b −log softmax(logits_b)[label_b].
 
@@ -186,7 +173,7 @@ class ClassificationObjective(Objective):
         require_keys(batch, ("images", "text_ids", "text_mask", "labels"), type(self).__name__)
         labels = batch["labels"]  # range checked by F.cross_entropy (no host sync here)
         logits = self.model(batch["images"], batch["text_ids"], batch["text_mask"].bool())
-        loss = classification_loss(logits, labels, self.label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.label_smoothing)  # fp32
         with torch.no_grad():
             acc = (logits.argmax(-1) == labels).float().mean()
         return {"loss": loss, self.task: loss.detach(), "acc": acc}

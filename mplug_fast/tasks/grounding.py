@@ -155,35 +155,15 @@ class GroundingObjective(Objective):
     def __init__(
         self,
         model: nn.Module,
-        *,
-        prefix_id: int,
-        coord_ids: Tensor,
-        num_bins: int = GROUNDING_NUM_BINS,
-        box_weighting: bool = True,
-    ):
-        super().__init__()
-        self.box_weighting = box_weighting
-        coord_ids = torch.as_tensor(coord_ids, dtype=torch.long)
-        if coord_ids.numel() != num_bins + 1:
-            raise ValueError(
-                f"need {num_bins + 1} coordinate token ids (bins 0..{num_bins}), got {coord_ids.numel()}"
-            )
-        self.model, self.prefix_id, self.num_bins = model, prefix_id, num_bins
-        self.register_buffer("coord_ids", coord_ids, persistent=False)
-
-    @classmethod
-    def from_tokenizer(
-        cls,
-        model: nn.Module,
         tokenizer: Any,
         *,
         num_bins: int = GROUNDING_NUM_BINS,
         box_weighting: bool = True,
-    ) -> GroundingObjective:
-        prefix, coord_ids = coordinate_token_ids(tokenizer, num_bins)
-        return cls(
-            model, prefix_id=prefix, coord_ids=coord_ids, num_bins=num_bins, box_weighting=box_weighting
-        )
+    ):
+        super().__init__()
+        self.prefix_id, coord_ids = coordinate_token_ids(tokenizer, num_bins)  # coord_ids long [num_bins + 1]
+        self.model, self.num_bins, self.box_weighting = model, num_bins, box_weighting
+        self.register_buffer("coord_ids", coord_ids, persistent=False)
 
     def box_ids(self, boxes: Tensor) -> tuple[Tensor, Tensor]:
         """boxes [B, 4] normalised cxcywh -> (decoder ids [B, 5], target bins [B, 4])."""
@@ -237,7 +217,7 @@ class GroundingTask(Task):
     def _objective(
         self, model: nn.Module, tokenizer: Any, options: GroundingOptions, data: DataSource | None
     ) -> Objective:
-        return GroundingObjective.from_tokenizer(model, tokenizer, **vars(options))
+        return GroundingObjective(model, tokenizer, **vars(options))
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
         """TransVG split files: ``train`` (the training augmentation) follows the split."""
