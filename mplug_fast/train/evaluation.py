@@ -65,15 +65,12 @@ def run_evaluation(
     """Evaluates ``model``, computes the baseline, writes ``out_dir/metrics_name`` and the predictions JSON;
     returns the written record. Defaults, weakest first: the task's ``eval_options``, the run config's
     ``eval`` section (``batch_size``, ``options``, ``official``), then the arguments (the CLI flags)."""
-    spec = get_task(task)
-    options, official_overrides = dict(options or {}), dict(official_overrides or {})
-    run_eval = config.eval
+    spec, run_eval, options = get_task(task), config.eval, dict(options or {})
     spec.check_eval_options(run_eval.options, "eval.options")
     spec.check_eval_options(options)
-    official_overrides = {**run_eval.official, **official_overrides}
     if batch_size is None:
         batch_size = run_eval.batch_size or DEFAULT_EVAL_BATCH_SIZE
-    dataset = eval_dataset(config, task, split, limit, official_overrides)
+    dataset = eval_dataset(config, task, split, limit, {**run_eval.official, **(official_overrides or {})})
     opts = {**spec.eval_options, **run_eval.options, **options}
     try:
         result = spec.evaluate(
