@@ -64,9 +64,8 @@ def score_questions(
     return 100.0 * sum(per_q.values()) / len(per_q), per_type, kind
 
 
-def _gold(batch: dict[str, Any], i: int) -> list[str]:
-    """The human answers of question i of a collated batch (``gt_answers`` when the reader has them)."""
-    gold = batch.get("gt_answers", batch["answers"])[i]
+def _answers(gold: str | Sequence[str]) -> list[str]:
+    """A question's human answers as a list (a reader may give one answer as a string)."""
     return [gold] if isinstance(gold, str) else list(gold)
 
 
@@ -165,7 +164,8 @@ def answer_accuracy(
         for i, qid in enumerate(qids):
             if qid in predictions:
                 raise ValueError(f"duplicate question_id {qid!r} in the {what} evaluation set")
-            predictions[qid], gold[qid] = answers[i], _gold(batch, i)
+            # the human answers: ``gt_answers`` when the reader has them
+            predictions[qid], gold[qid] = answers[i], _answers(batch.get("gt_answers", batch["answers"])[i])
             if "type" in batch:
                 types[qid] = batch["type"][i]
     overall, per_type, kind = score_questions(predictions, gold, types or None)
@@ -181,10 +181,7 @@ def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline
     if not answers:
         raise ValueError("the training set has no answers")
     majority = answers[0]
-    gold = {}
-    for i in range(len(evaluation)):
-        human = item_text(evaluation, i, "gt_answers")
-        gold[i] = [human] if isinstance(human, str) else list(human)
+    gold = {i: _answers(item_text(evaluation, i, "gt_answers")) for i in range(len(evaluation))}
     acc = score_questions(dict.fromkeys(gold, majority), gold)[0]
     return Baseline("vqa_acc", acc, f"majority training answer {majority!r} for every question")
 
