@@ -292,8 +292,7 @@ class Pipeline:
         self._require("caption")
         images, batched = image_list(image)
         prompt = self.prompt if prompt is None else prompt
-        start_ids = prompt_ids(self.tokenizer, prompt, self.max_text_length)  # [1, Lp] or None ([CLS])
-        start = 1 if start_ids is None else start_ids.shape[1]
+        start_ids = prompt_ids(self.tokenizer, prompt, self.max_text_length)  # [1, Lp]: "[CLS] prompt"
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         captions: list[str] = []
         for s in self._chunks(len(images)):
@@ -301,7 +300,7 @@ class Pipeline:
             out = caption_generate(
                 self.model,
                 x,
-                None if start_ids is None else start_ids.expand(x.shape[0], -1).to(self.device),
+                start_ids.expand(x.shape[0], -1).to(self.device),
                 method=method,
                 beam_size=_first(beam_size, self.beam_size, 5),
                 max_length=_first(max_length, self.max_length, 25),
@@ -312,7 +311,7 @@ class Pipeline:
                 generator=generator,
                 cuda_graph=cuda_graph,
             )
-            captions += [self.tokenizer.decode(row[start:].tolist()) for row in out.ids[:, 0]]
+            captions += [self.tokenizer.decode(row[start_ids.shape[1] :].tolist()) for row in out.ids[:, 0]]
         return captions if batched else captions[0]
 
     @torch.inference_mode()

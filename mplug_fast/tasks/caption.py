@@ -84,7 +84,7 @@ def evaluate(
 def caption_evaluation(
     batches: Iterable[dict[str, Any]],
     tokenizer: Any,
-    generate: Callable[[dict[str, Any], Tensor | None], Any],
+    generate: Callable[[dict[str, Any], Tensor], Any],
     prompt: str,
     max_length: int,
     device: torch.device | str,
@@ -95,12 +95,11 @@ def caption_evaluation(
 ) -> dict[str, Any]:
     """Captions and scores the items of test-form batches (``captions``: all gold captions of each item;
     ids: ``batch[id_key]``, else the running index). ``generate(batch, prompt)`` -> the batch's
-    `GenerationOutput` (``prompt``: ids [B, Lp] of "[CLS] prompt", or None for [CLS]); the prompt's tokens
-    are cut from the generated text. ``output``: the COCO-style result JSON ``[{id_key, "caption"}]``.
+    `GenerationOutput` (``prompt``: ids [B, Lp] of "[CLS] prompt", [CLS] alone for none); the prompt's
+    tokens are cut from the generated text. ``output``: the COCO-style result JSON ``[{id_key, "caption"}]``.
 
     Returns: {"BLEU_1".."BLEU_4", "ROUGE_L", "CIDEr", "count", "notes", "predictions": {id: caption}}."""
-    start_ids = prompt_ids(tokenizer, prompt, max_length)  # [1, Lp] or None ([CLS])
-    start = 1 if start_ids is None else start_ids.shape[1]
+    start_ids = prompt_ids(tokenizer, prompt, max_length)  # [1, Lp]: "[CLS] prompt"
     predictions: dict[Any, str] = {}
     gold: dict[Any, list[str]] = {}
     for batch in batches:
@@ -110,11 +109,11 @@ def caption_evaluation(
                 f"got keys {sorted(batch)} (use the test split)"
             )
         B = len(batch["captions"])
-        out = generate(batch, None if start_ids is None else start_ids.expand(B, -1).to(device))
+        out = generate(batch, start_ids.expand(B, -1).to(device))
         for i, key in enumerate(batch.get(id_key, range(len(predictions), len(predictions) + B))):
             if key in predictions:
                 raise ValueError(f"duplicate {id_key} {key!r} in the caption evaluation set")
-            text = tokenizer.decode(out.ids[i, 0, start:].tolist(), skip_special_tokens=True)
+            text = tokenizer.decode(out.ids[i, 0, start_ids.shape[1] :].tolist(), skip_special_tokens=True)
             predictions[key], gold[key] = text.strip(), _gold_captions(batch["captions"][i])
     scores, notes = caption_scores(gold, {k: [v] for k, v in predictions.items()}, use_java=use_java)
     if output is not None:
