@@ -31,7 +31,7 @@ from mplug_fast.io import atomic_write_json
 from mplug_fast.modeling import MPlugForNLVR, MPlugForVE
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import require_keys
-from mplug_fast.tasks.evaluation import batches, eval_mode
+from mplug_fast.tasks.evaluation import batches, eval_mode, with_columns
 from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
 
@@ -75,22 +75,17 @@ def evaluate(
     collator = (NLVRCollator if isinstance(model, MPlugForNLVR) else VECollator)(
         tokenizer, max_length=max_length
     )
-
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:  # the collator consumes the sentences
-        return {
-            **collator(samples),
-            "sentence": [s["sentence"] for s in samples],
-            "type": [s.get("type") for s in samples],
-        }
-
-    preds, golds, kinds, rows = [], [], [], []
+    C = len(names)
+    confusion = torch.zeros(C, C, dtype=torch.long)  # [gold, predicted]
+    by_type: dict[str, list[bool]] = {}  # statement type -> right or not, per labelled item
+    preds, rows = [], []
     with eval_mode(model):
-        for batch in batches(dataset, collate, batch_size, device):
+        for batch in batches(dataset, with_columns(collator, "sentence", "type"), batch_size, device):
             probs = model(batch["images"], batch["text_ids"], batch["text_mask"]).float().softmax(-1).cpu()
             pred = probs.argmax(-1).tolist()  # [B]
             gold = batch["labels"].tolist() if "labels" in batch else [None] * len(pred)
             image_ids = batch.get("image_id", [None] * len(pred))
-            for b, (p, g) in enumerate(zip(pred, gold)):
+            for b, (p, g, kind) in enumerate(zip(pred, gold, batch["type"])):
                 rows.append(
                     {
                         "index": len(rows),
@@ -101,17 +96,11 @@ def evaluate(
                         "probs": [round(x, 6) for x in probs[b].tolist()],
                     }
                 )
+                if g is not None:
+                    confusion[g, p] += 1
+                    if kind is not None:
+                        by_type.setdefault(kind, []).append(p == g)
             preds += pred
-            golds += gold
-            kinds += batch["type"]
-    C = len(names)
-    confusion = torch.zeros(C, C, dtype=torch.long)  # [gold, predicted]
-    by_type: dict[str, list[bool]] = {}  # statement type -> right or not, per labelled item
-    for p, g, kind in zip(preds, golds, kinds):
-        if g is not None:
-            confusion[g, p] += 1
-            if kind is not None:
-                by_type.setdefault(kind, []).append(p == g)
     labelled = int(confusion.sum())
     per_class = confusion.sum(1)
     result: dict[str, Any] = {

@@ -38,6 +38,12 @@ def batches(
         yield move_to(batch, device, non_blocking=False)
 
 
+def with_columns(collate_fn: Callable[[list], dict], *keys: str) -> Callable[[list], dict]:
+    """``collate_fn`` whose batches also carry the samples' raw ``keys`` (a list each, None where absent):
+    the texts a collator consumes, for the predictions file."""
+    return lambda samples: {**collate_fn(samples), **{k: [s.get(k) for s in samples] for k in keys}}
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``with eval_mode(model):`` — model.eval() inside, the previous train/eval mode restored after."""

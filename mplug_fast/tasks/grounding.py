@@ -34,7 +34,7 @@ from mplug_fast.metrics.boxes import box_cxcywh_to_xyxy, box_iou_aligned, genera
 from mplug_fast.modeling import MPlugForGrounding
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import require_keys
-from mplug_fast.tasks.evaluation import batches, eval_mode
+from mplug_fast.tasks.evaluation import batches, eval_mode, with_columns
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, call_reader
 
 
@@ -67,11 +67,7 @@ def evaluate(
     prefix, coord_ids = coordinate_token_ids(tokenizer, num_bins)
     coord_ids = coord_ids.to(device)
     first = int(coord_ids[0])
-    collator = GroundingCollator(tokenizer, max_length=max_length)
-
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:  # the collator consumes the expressions
-        return {**collator(samples), "expression": [s["expression"] for s in samples]}
-
+    collate = with_columns(GroundingCollator(tokenizer, max_length=max_length), "expression")
     preds, golds, rows = [], [], []
     with eval_mode(model):
         for batch in batches(dataset, collate, batch_size, device):
