@@ -194,8 +194,7 @@ class Pipeline:
         )
         self.grounding_transform = GroundingTransform(self.image_size, train=False, mean=mean, std=std)
         self._answers: AnswerList | None = None
-        if answer_list is not None:
-            self.set_answer_list(answer_list)
+        self.set_answer_list(answer_list)
 
     # --------------------------------------------------------------------------------------- helpers
     @property

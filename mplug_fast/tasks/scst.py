@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mplug_fast.data.official import KarpathyCaptionDataset
-from mplug_fast.data.synthetic import CaptionDataset, SyntheticWorld
+from mplug_fast.data.synthetic import CaptionDataset
 from mplug_fast.generation import CLS_ID, GenerationOutput, beam_search, sample
 from mplug_fast.metrics.caption import CiderD, ptb_tokenize_sentence
 from mplug_fast.objectives.base import Objective
@@ -107,9 +107,8 @@ def references_from_data(spec: Mapping[str, Any]) -> list[list[str]]:
     ((source, options),) = spec.items()
     options = dict(options or {})
     if source == "synthetic":
-        num_scenes = int(options.get("num_scenes", 20000))
-        world = SyntheticWorld.from_config({"image_size": 64, "max_objects": 4, **options})
-        return [list(world.scene(i).captions) for i in range(num_scenes)]
+        scenes = synthetic_scenes("train", **options)
+        return [list(scenes.world.scene(i).captions) for i in range(scenes.count)]
 
     options["split"] = "test"  # the per-image form: all sentences of each image
     return [list(g) for g in KarpathyCaptionDataset(**options).gold]

@@ -26,6 +26,7 @@ import yaml
 from mplug_fast.config import PRESETS, ConfigError, check_overrides, from_mapping, load_yaml, to_mapping
 from mplug_fast.config import apply_overrides as _apply_overrides
 from mplug_fast.io import atomic_write_text
+from mplug_fast.tasks.sources import SyntheticSection
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # device names before an optional ":N"
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"  # the shipped run configs (package data)
@@ -45,22 +46,6 @@ class ModelSection:
         if self.preset not in PRESETS:
             raise ConfigError(f"model.preset {self.preset!r} is unknown; available: {sorted(PRESETS)}")
         check_overrides(self.overrides, name="model.overrides")
-
-
-@dataclass
-class SyntheticSection:
-    """The built-in synthetic world (``mplug_fast.data.synthetic``)."""
-
-    image_size: int = 64  # rendered side in pixels (and the model's input resolution unless resized)
-    num_scenes: int = 20000  # training scenes 0 .. num_scenes - 1
-    eval_scenes: int = 500  # held-out scenes num_scenes .. num_scenes + eval_scenes - 1
-    min_objects: int = 1
-    max_objects: int = 4
-    seed: int = 0
-    object_scale: float = 1.0  # object sides x this (SyntheticWorld): > 1 = larger objects at low resolution
-    vqa_types: list[str] | None = None  # restrict the VQA question types (None: all)
-    pair_types: list[str] | None = None  # restrict the VE / NLVR statement types (None: all)
-    ve_labels: list[str] | None = None  # VE label names used (None: contradiction, neutral, entailment)
 
 
 @dataclass
