@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
-from mplug_fast.config import PRESETS, ConfigError, check_overrides, from_mapping, load_yaml, to_mapping
-from mplug_fast.config import apply_overrides as _apply_overrides
+from mplug_fast.config import PRESETS, check_overrides
+from mplug_fast.config.coerce import ConfigError, apply_overrides, from_mapping, load_yaml, to_mapping
 from mplug_fast.io import atomic_write_text
 from mplug_fast.tasks.sources import SyntheticSection
 
@@ -223,12 +223,6 @@ def from_dict(data: dict[str, Any] | None, *, where: str = "") -> RunConfig:
     return from_mapping(RunConfig, data, where=where)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of ``data`` (plain nested dicts) with each ``a.b=value`` applied; unknown keys and wrong types
-    are errors naming the override."""
-    return _apply_overrides(RunConfig, data, overrides)
-
-
 def shipped_configs() -> list[str]:
     """Names of the run configs shipped in ``mplug_fast/configs`` (``vqa_tiny_synthetic``, ``demo/vqa``)."""
     return sorted(p.relative_to(CONFIG_ROOT).with_suffix("").as_posix() for p in CONFIG_ROOT.rglob("*.yaml"))
@@ -272,5 +266,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         data, resolved = read_config_file(path)
         where = str(resolved)
-    data = apply_overrides(data, list(overrides or []))
+    data = apply_overrides(RunConfig, data, list(overrides or []))
     return from_dict(data, where=where)

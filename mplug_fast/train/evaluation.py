@@ -16,11 +16,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mplug_fast.checkpoint import CheckpointSource, resolve_checkpoint
+from mplug_fast.config import apply_overrides
 from mplug_fast.io import atomic_write_json
 from mplug_fast.tasks import from_pretrained, get_task, task_name
 from mplug_fast.tasks.evaluation import limit_dataset
 from mplug_fast.train.build import build_dataset, build_model
-from mplug_fast.train.config import RunConfig, apply_overrides, from_dict, load_config
+from mplug_fast.train.config import RunConfig, from_dict, load_config
 
 DEFAULT_EVAL_BATCH_SIZE = 32
 
@@ -141,7 +142,7 @@ def load_for_evaluation(
     if config_path:
         config = load_config(config_path, [task_override, *overrides])
     else:
-        config = from_dict(apply_overrides(source.state["config"], overrides))
+        config = from_dict(apply_overrides(RunConfig, source.state["config"], overrides))
     if task_name(config.model.task) != model_name:
         raise ValueError(f"{path} holds a {config.model.task!r} model, not the {model_name!r} model")
     config.model.init_from = None  # the checkpoint has every weight
