@@ -121,8 +121,9 @@ def caption_evaluation(
     return {**scores, "count": len(predictions), "notes": notes, "predictions": predictions}
 
 
-def most_frequent_caption(train: Dataset, limit: int = 2000) -> str:
-    """The most frequent (lower-cased) caption of up to ``limit`` training samples (ties: first seen)."""
+def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
+    """CIDEr-D of answering every evaluation image with the most frequent (lower-cased) caption of up to
+    ``limit`` training samples (ties: first seen)."""
     texts = getattr(train, "texts", None)
     if texts is None:  # one caption per item (train form), or all captions of an image (test form)
         texts = []
@@ -132,13 +133,7 @@ def most_frequent_caption(train: Dataset, limit: int = 2000) -> str:
     counts = Counter(t.lower().strip() for t in texts[:limit])
     if not counts:
         raise ValueError("the training set has no captions")
-    return counts.most_common(1)[0][0]
-
-
-def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
-    """CIDEr-D of answering every evaluation image with the most frequent training caption."""
-
-    caption = most_frequent_caption(train, limit)
+    caption = counts.most_common(1)[0][0]
     gold = {i: _gold_captions(item_text(evaluation, i, "captions")) for i in range(len(evaluation))}
     scores, _ = caption_scores(gold, {i: [caption] for i in gold})
     return Baseline(

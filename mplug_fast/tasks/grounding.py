@@ -38,12 +38,6 @@ from mplug_fast.tasks.evaluation import batches, eval_mode, with_columns
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, call_reader
 
 
-def mean_iou(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> float:
-    """Mean IoU of aligned boxes [B, 4] (normalised cx, cy, w, h; predictions clamped to [0, 1])."""
-    iou = box_iou_aligned(box_cxcywh_to_xyxy(pred_cxcywh).clamp(0, 1), box_cxcywh_to_xyxy(gt_cxcywh))
-    return iou.nan_to_num(0.0).double().mean().item()
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -88,10 +82,11 @@ def evaluate(
                 )
             preds.append(boxes)
             golds.append(gt)
-    pred, gold = torch.cat(preds), torch.cat(golds)
+    pred, gold = torch.cat(preds), torch.cat(golds)  # [N, 4] normalised cx, cy, w, h
+    iou = box_iou_aligned(box_cxcywh_to_xyxy(pred).clamp(0, 1), box_cxcywh_to_xyxy(gold))  # [N]
     result: dict[str, Any] = {
         f"acc@{threshold:g}": 100.0 * grounding_accuracy(pred, gold, threshold),
-        "miou": 100.0 * mean_iou(pred, gold),
+        "miou": 100.0 * iou.nan_to_num(0.0).double().mean().item(),
         "count": pred.shape[0],
     }
     if output is not None:
