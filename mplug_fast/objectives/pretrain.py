@@ -19,6 +19,7 @@ training forwards done so far (a buffer, so it resumes); the official runs warm 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,6 +92,27 @@ class MomentumMixin:
         return alpha
 
 
+@dataclass(frozen=True)
+class ContrastiveOptions:
+    """`ContrastiveObjective` options: the retrieval task's, and the first of pretraining's (official: queue
+    65536, momentum 0.995, alpha 0.4, distillation on)."""
+
+    queue_size: int = DEFAULT_QUEUE_SIZE  # ITC queue slots (a multiple of the global batch)
+    momentum: float = 0.995  # EMA decay of the momentum copies
+    alpha: float = 0.4  # distillation weight
+    distill: bool = True  # use the momentum soft targets
+    alpha_warmup_steps: int = 0  # alpha warm-up length in training forwards (0 = none)
+    temp_range: tuple[float, float] = (0.001, 0.5)  # the temperature clamp
+    global_batch: int | None = None  # checked against queue_size at construction when given
+    # False (official): ITC positives by image id only; True: identical texts are positives too, for ITC and
+    # as never-drawn ITM negatives (data where images share captions)
+    same_text_positive: bool = False
+    # True (official): ITM negatives drawn by the ITC similarities; False: uniformly among the non-positives
+    # (a small model whose ITC ranks first the look-alikes it cannot tell apart from the positive, e.g. the
+    # same colour in the synthetic world, learns nothing from those)
+    hard_negatives: bool = True
+
+
 class ContrastiveObjective(MomentumMixin, Objective):
     """ITC (momentum keys and queue, distillation) + ITM (negatives drawn by the ITC similarities) on a model
     with momentum copies: the retrieval finetuning loss and the first two losses of pretraining. Batch keys:
@@ -99,45 +121,24 @@ class ContrastiveObjective(MomentumMixin, Objective):
 
     Args:
         model: the pretrain or retrieval task model (with momentum copies).
-        queue_size: ITC queue slots (official 65536; a multiple of the global batch).
-        momentum: EMA decay (0.995). alpha: distillation weight (0.4). distill: use momentum soft targets.
-        alpha_warmup_steps: alpha warm-up length in training forwards (0 = none).
-        temp_range: the temperature clamp (0.001, 0.5). global_batch: checked against ``queue_size`` early.
         sampler: ITM hard-negative sampler (default `torch.multinomial`).
-        same_text_positive: False (official) = ITC positives by image id only; True = identical texts are
-            positives too, for ITC and as never-drawn ITM negatives (data where images share captions).
-        hard_negatives: True (official) = ITM negatives drawn by the ITC similarities; False = uniformly
-            among the non-positives (a small model whose ITC ranks first the look-alikes it cannot tell
-            apart from the positive, e.g. the same colour in the synthetic world, learns nothing from those).
+        options: `ContrastiveOptions`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        momentum: float = 0.995,
-        alpha: float = 0.4,
-        distill: bool = True,
-        alpha_warmup_steps: int = 0,
-        temp_range: tuple[float, float] = (0.001, 0.5),
-        global_batch: int | None = None,
-        sampler: Sampler | None = None,
-        same_text_positive: bool = False,
-        hard_negatives: bool = True,
-    ):
+    def __init__(self, model: nn.Module, *, sampler: Sampler | None = None, **options: Any):
         super().__init__()
         if getattr(model, "momentum", None) is None:
             name = type(self).__name__
             raise ValueError(
                 f"{name} needs a model with momentum copies (the pretrain or retrieval task model)"
             )
+        o = ContrastiveOptions(**options)
         self.model = model
-        self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
-        self.temp_range, self.sampler, self.hard_negatives = temp_range, sampler, hard_negatives
-        self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch, same_text_positive)
+        self.alpha, self.distill, self.alpha_warmup_steps = o.alpha, o.distill, o.alpha_warmup_steps
+        self.temp_range, self.sampler, self.hard_negatives = o.temp_range, sampler, o.hard_negatives
+        self.itc = ITCLoss(model.config.embed_dim, o.queue_size, o.global_batch, o.same_text_positive)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._init_momentum(model, model.momentum, momentum)
+        self._init_momentum(model, model.momentum, o.momentum)
         self.weights = {"itc": 1.0, "itm": 1.0}
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -195,7 +196,7 @@ class PretrainObjective(ContrastiveObjective):
         continuation: bool [V] WordPiece "##" table for the PrefixLM word split.
         mlm_probability: 0.15.
         weights: per-loss weights (default 1 each); a weight of 0 skips that loss.
-        contrastive: the `ContrastiveObjective` options (queue_size, momentum, alpha, distill, ...).
+        contrastive: ``sampler`` and the `ContrastiveOptions`.
     """
 
     def __init__(

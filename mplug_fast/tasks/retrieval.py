@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,8 +25,7 @@ from mplug_fast.inference.retrieval import RetrievalScores, retrieval_scores
 from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics import retrieval_recall
 from mplug_fast.modeling import MPlugForRetrieval
-from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE
-from mplug_fast.objectives.pretrain import ContrastiveObjective
+from mplug_fast.objectives.pretrain import ContrastiveObjective, ContrastiveOptions
 from mplug_fast.tasks.evaluation import eval_mode
 from mplug_fast.tasks.protocol import Baseline, Task
 
@@ -148,21 +146,6 @@ class RetrievalObjective(ContrastiveObjective):
 # ---- the task --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RetrievalOptions:
-    """`RetrievalObjective` options (official: queue 65536, momentum 0.995, alpha 0.4, distillation on)."""
-
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    momentum: float = 0.995
-    alpha: float = 0.4
-    distill: bool = True
-    alpha_warmup_steps: int = 0
-    temp_range: tuple[float, float] = (0.001, 0.5)
-    global_batch: int | None = None
-    same_text_positive: bool = False  # official: ITC positives by image id only; True: identical texts too
-    hard_negatives: bool = True  # official: ITM negatives drawn by the ITC similarities; False: uniformly
-
-
 class RetrievalTask(Task):
     name = "retrieval"
     metric = "r_mean"
@@ -171,7 +154,7 @@ class RetrievalTask(Task):
     reader = RetrievalJsonDataset
     synthetic_class = RetrievalDataset
     objective_class = RetrievalObjective
-    Options = RetrievalOptions
+    Options = ContrastiveOptions
     eval_options = {"k": 256}
     predictions_file = "retrieval_top10.json"
     pipeline_method = "rank"

@@ -128,6 +128,31 @@ def advantages(rewards: Tensor, baseline: BaselineKind = "others") -> Tensor:
     raise ValueError(f"baseline must be 'others' or 'all', got {baseline!r}")
 
 
+@dataclass(frozen=True)
+class SCSTOptions:
+    """The options of `SCSTObjective` and of the "scst" task (the run config's ``objective.options``)."""
+
+    num_samples: int = 5  # k candidates per image (official: 5 beams)
+    # "sample" (ancestral sampling: top_k / top_p / temperature) or "beam" (the k hypotheses of a beam search
+    # with beam_size = k, beam_mode)
+    candidates: Candidates = "sample"
+    max_length: int = 25  # generated tokens after the start ids at most (official 25)
+    min_length: int = 8  # ... at least (official 8)
+    baseline: BaselineKind = "others"  # "others" (leave-one-out mean) or "all" (official: mean of the k)
+    length_norm: bool = False  # divide each candidate's log-prob by its number of scored tokens (official)
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float = 1.0
+    beam_mode: Literal["official", "standard"] = "official"
+    prompt: str = ""  # text before the caption ("" for COCO, official); its tokens are not scored
+    seed: int | None = (
+        None  # of the sampling generator (None: torch's RNG, which the trainer seeds and saves)
+    )
+    # the task's: a data spec of the training references (None: this run's training data); the objective
+    # takes the table itself (`references_df`)
+    references_df: dict[str, Any] | None = None
+
+
 class SCSTObjective(Objective):
     """SCST on a caption model (``MPlugForCaption``-like: ``encode_image`` + ``decoder``); see the module doc.
 
@@ -135,14 +160,7 @@ class SCSTObjective(Objective):
         model: the caption model (task "scst", e.g. initialised from a CE-finetuned caption model).
         tokenizer: ``mplug_fast.data.Tokenizer`` (decodes candidates; encodes the prompt).
         references_df: the fixed CIDEr-D table (`CiderD`) or the raw training references, one list per image.
-        num_samples: k candidates per image (official: 5 beams).
-        candidates: "sample" (ancestral sampling, `top_k` / `top_p` / `temperature`) or "beam" (the k
-            hypotheses of a beam search with ``beam_size = k``, `beam_mode`).
-        max_length / min_length: generated tokens after the start ids (official 25 / 8).
-        baseline: "others" (leave-one-out mean, default) or "all" (official: mean of the k).
-        length_norm: divide each candidate's log-prob by its number of scored tokens (official) or not.
-        prompt: text before the caption ("" for COCO, official); its tokens are not scored.
-        seed: seed of the sampling generator (None: torch's global RNG, which the trainer seeds and saves).
+        options: `SCSTOptions` (but ``references_df``).
 
     Batch: ``images`` [B, 3, R, R] and ``captions`` (B lists of raw gold captions: the collator's test-form
     caption samples). Returns {"loss", "scst" (detached loss), "reward" (mean CIDEr-D of the candidates),
@@ -155,41 +173,36 @@ class SCSTObjective(Objective):
         tokenizer: Any,
         *,
         references_df: CiderD | Sequence[Sequence[str]],
-        num_samples: int = 5,
-        candidates: Candidates = "sample",
-        max_length: int = 25,
-        min_length: int = 8,
-        baseline: BaselineKind = "others",
-        length_norm: bool = False,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        beam_mode: Literal["official", "standard"] = "official",
-        prompt: str = "",
-        seed: int | None = None,
+        **options: Any,
     ):
         super().__init__()
-        if candidates not in ("sample", "beam"):
-            raise ValueError(f"candidates must be 'sample' or 'beam', got {candidates!r}")
-        if baseline not in ("others", "all"):
-            raise ValueError(f"baseline must be 'others' or 'all', got {baseline!r}")
-        if num_samples < 2:
-            raise ValueError(f"SCST needs num_samples >= 2 candidates per image, got {num_samples}")
-        if not 0 <= min_length <= max_length or max_length < 1:
+        o = SCSTOptions(**options)
+        if o.candidates not in ("sample", "beam"):
+            raise ValueError(f"candidates must be 'sample' or 'beam', got {o.candidates!r}")
+        if o.baseline not in ("others", "all"):
+            raise ValueError(f"baseline must be 'others' or 'all', got {o.baseline!r}")
+        if o.num_samples < 2:
+            raise ValueError(f"SCST needs num_samples >= 2 candidates per image, got {o.num_samples}")
+        if not 0 <= o.min_length <= o.max_length or o.max_length < 1:
             raise ValueError(
-                f"need 0 <= min_length <= max_length and max_length >= 1; got {min_length}, {max_length}"
+                f"need 0 <= min_length <= max_length and max_length >= 1; got {o.min_length}, {o.max_length}"
             )
         if tokenizer is None:
             raise ValueError("SCSTObjective needs the tokenizer (to decode the candidates)")
         self.model, self.tokenizer = model, tokenizer
         self.cider = document_frequencies(references_df)
-        self.num_samples, self.candidates = num_samples, candidates
-        self.max_length, self.min_length = max_length, min_length
-        self.baseline, self.length_norm = baseline, length_norm
-        self.top_k, self.top_p, self.temperature, self.beam_mode = top_k, top_p, temperature, beam_mode
+        self.num_samples, self.candidates = o.num_samples, o.candidates
+        self.max_length, self.min_length = o.max_length, o.min_length
+        self.baseline, self.length_norm = o.baseline, o.length_norm
+        self.top_k, self.top_p, self.temperature, self.beam_mode = (
+            o.top_k,
+            o.top_p,
+            o.temperature,
+            o.beam_mode,
+        )
         # [CLS] prompt, without the final [SEP]
-        self.start_ids = list(tokenizer.encode(prompt))[:-1] if prompt.strip() else [CLS_ID]
-        self.seed = seed
+        self.start_ids = list(tokenizer.encode(o.prompt))[:-1] if o.prompt.strip() else [CLS_ID]
+        self.seed = o.seed
         self._generator: torch.Generator | None = None
 
     # ---- the steps of one forward --------------------------------------------------------------------
@@ -282,25 +295,6 @@ class SCSTObjective(Objective):
 
 
 # ---- the task --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SCSTOptions:
-    """`SCSTObjective` options (``references_df``: None = the CIDEr-D table of this run's training data)."""
-
-    num_samples: int = 5
-    candidates: Candidates = "sample"
-    max_length: int = 25
-    min_length: int = 8
-    baseline: BaselineKind = "others"
-    length_norm: bool = False
-    top_k: int | None = None
-    top_p: float | None = None
-    temperature: float = 1.0
-    beam_mode: Literal["official", "standard"] = "official"
-    prompt: str = ""
-    seed: int | None = None
-    references_df: dict[str, Any] | None = None
 
 
 class SCSTTask(CaptionTask):
