@@ -126,6 +126,14 @@ def grounding_weights(
     return w_box, w_giou
 
 
+@dataclass(frozen=True)
+class GroundingOptions:
+    """`GroundingObjective` options: the coordinate quantisation (official 336) and the box weighting."""
+
+    num_bins: int = GROUNDING_NUM_BINS
+    box_weighting: bool = True
+
+
 class GroundingObjective(Objective):
     """Grounding as coordinate tokens (fidelity §5.5): decoder input [unused339] + 4 bin tokens over the fused
     [image; expression]; CE over the 337 coordinate tokens only (the official prob mask adds −10000 to every
@@ -143,17 +151,11 @@ class GroundingObjective(Objective):
     position learning.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        *,
-        num_bins: int = GROUNDING_NUM_BINS,
-        box_weighting: bool = True,
-    ):
+    def __init__(self, model: nn.Module, tokenizer: Any, **options: Any):  # options: `GroundingOptions`
         super().__init__()
-        self.prefix_id, coord_ids = coordinate_token_ids(tokenizer, num_bins)  # coord_ids long [num_bins + 1]
-        self.model, self.num_bins, self.box_weighting = model, num_bins, box_weighting
+        o = GroundingOptions(**options)
+        self.prefix_id, coord_ids = coordinate_token_ids(tokenizer, o.num_bins)  # long [num_bins + 1]
+        self.model, self.num_bins, self.box_weighting = model, o.num_bins, o.box_weighting
         self.register_buffer("coord_ids", coord_ids, persistent=False)
 
     def box_ids(self, boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,14 +183,6 @@ class GroundingObjective(Objective):
 
 
 # ---- the task --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroundingOptions:
-    """`GroundingObjective` options: the coordinate quantisation (official 336) and the box weighting."""
-
-    num_bins: int = GROUNDING_NUM_BINS
-    box_weighting: bool = True
 
 
 class GroundingTask(Task):

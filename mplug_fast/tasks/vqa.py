@@ -195,6 +195,16 @@ def answer_list_from(dataset: Dataset, limit: int = 5000) -> list[str]:
 # ---- training --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class VQAOptions:
+    """`VQAObjective` options (official yaml: distill true, alpha 0.4, momentum 0.995)."""
+
+    distill: bool = True
+    alpha: float = 0.4
+    momentum: float = 0.995
+    alpha_warmup_steps: int = 0
+
+
 class VQAObjective(MomentumMixin, Objective):
     """VQA: loss = Σ_n weight_n · seqloss_n / B over the N answers of the B questions (docs/fidelity.md §5.1).
 
@@ -212,21 +222,14 @@ class VQAObjective(MomentumMixin, Objective):
 
     MOMENTUM = ("vision", "adapter", "text_encoder", "fusion", "decoder")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        distill: bool = True,
-        alpha: float = 0.4,
-        momentum: float = 0.995,
-        alpha_warmup_steps: int = 0,
-    ):
+    def __init__(self, model: nn.Module, **options: Any):  # options: `VQAOptions`
         super().__init__()
+        o = VQAOptions(**options)
         self.model = model
-        self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
-        self.momentum = MomentumCopies(model, self.MOMENTUM) if distill else None
+        self.alpha, self.distill, self.alpha_warmup_steps = o.alpha, o.distill, o.alpha_warmup_steps
+        self.momentum = MomentumCopies(model, self.MOMENTUM) if o.distill else None
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._init_momentum(model, self.momentum, momentum)
+        self._init_momentum(model, self.momentum, o.momentum)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """batch: images [B,3,R,R], question_ids/mask [B,Lq], answer_ids/mask [N,La], answer_index [N],
@@ -251,16 +254,6 @@ class VQAObjective(MomentumMixin, Objective):
 
 
 # ---- the task --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VQAOptions:
-    """`VQAObjective` options (official yaml: distill true, alpha 0.4, momentum 0.995)."""
-
-    distill: bool = True
-    alpha: float = 0.4
-    momentum: float = 0.995
-    alpha_warmup_steps: int = 0
 
 
 class VQATask(Task):
