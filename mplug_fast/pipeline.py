@@ -325,7 +325,6 @@ class Pipeline:
         ids, mask = tokenize(self.tokenizer, texts, self.max_text_length, "expression")
         prefix_id, coord_ids = coordinate_token_ids(self.tokenizer)
         boxes: list[list[float]] = []
-        S = self.image_size
         for s in self._chunks(len(images)):
             chunk = images[s]
             x = torch.stack([self.grounding_transform(im, [0, 0, 0, 0]).image for im in chunk])
@@ -334,7 +333,7 @@ class Pipeline:
                 self.model, x, ids[s].to(self.device), mask[s].to(self.device), prefix_id, coord_ids
             ).cpu()
             for im, tok in zip(chunk, tokens):
-                geometry = PadGeometry.of(im.width, im.height, S)
+                geometry = PadGeometry.of(im.width, im.height, self.image_size)
                 boxes.append(tokens_to_box(tok, geometry, int(coord_ids[0])).tolist())
         return boxes if images_batched or texts_batched else boxes[0]
 

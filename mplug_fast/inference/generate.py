@@ -115,9 +115,8 @@ def caption_from_memory(
             `num_return` samples per image).
     Returns: `GenerationOutput` (ids start with the prompt).
     """
-    B = memory.shape[0]
     if prompt_ids is None:
-        prompt_ids = torch.full((B, 1), CLS_ID, dtype=torch.long, device=memory.device)
+        prompt_ids = torch.full((memory.shape[0], 1), CLS_ID, dtype=torch.long, device=memory.device)
         prompt_mask = None
     if cuda_graph and method != "beam":
         raise ValueError(f"cuda_graph=True applies to method='beam', got method={method!r}")

@@ -142,7 +142,7 @@ def answer_batch(
     args = (model, images, question_ids, question_mask)
     if answers is not None:
         names, ids, mask = answers
-        ranked = vqa_rank(*args, ids, mask, k=min(k, len(names)), double_count_first=double_count_first)
+        ranked = vqa_rank(*args, ids, mask, k=k, double_count_first=double_count_first)  # k clamped to A
         return [names[int(i)] for i in ranked.indices[:, 0]]
     out = vqa_generate(*args, **generation)
     return [tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).strip() for row in out.ids[:, 0]]
