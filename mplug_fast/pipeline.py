@@ -194,8 +194,7 @@ class Pipeline:
         )
         self.grounding_transform = GroundingTransform(self.image_size, train=False, mean=mean, std=std)
         self._answers: AnswerList | None = None
-        if answer_list is not None:
-            self.set_answer_list(answer_list)
+        self.set_answer_list(answer_list)
 
     # --------------------------------------------------------------------------------------- helpers
     @property
@@ -227,15 +226,10 @@ class Pipeline:
                 yield slice(start, min(n, start + self.batch_size))
                 bar.update(min(n, start + self.batch_size) - start)
 
-    def _decode(self, ids: Tensor, start: int) -> str:
-        return self.tokenizer.decode(ids[start:].tolist(), skip_special_tokens=True)
-
     def set_answer_list(self, answers: Sequence[str] | None) -> None:
         """Rank these answers in `answer` (None: generate). Tokenized once as "[CLS] answer [SEP] [SEP]"."""
-        if answers is None:
-            self._answers = None
-            return
-        self._answers = answer_tokens(self.tokenizer, text_list(list(answers), "answer")[0], self.device)
+        answers = None if answers is None else text_list(list(answers), "answer")[0]
+        self._answers = None if answers is None else answer_tokens(self.tokenizer, answers, self.device)
 
     # --------------------------------------------------------------------------------------- tasks
     @torch.inference_mode()
@@ -297,8 +291,7 @@ class Pipeline:
         self._require("caption")
         images, batched = image_list(image)
         prompt = self.prompt if prompt is None else prompt
-        start_ids = prompt_ids(self.tokenizer, prompt, self.max_text_length)  # [1, Lp] or None ([CLS])
-        start = 1 if start_ids is None else start_ids.shape[1]
+        start_ids = prompt_ids(self.tokenizer, prompt, self.max_text_length)  # [1, Lp]: "[CLS] prompt"
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         captions: list[str] = []
         for s in self._chunks(len(images)):
@@ -306,7 +299,7 @@ class Pipeline:
             out = caption_generate(
                 self.model,
                 x,
-                None if start_ids is None else start_ids.expand(x.shape[0], -1).to(self.device),
+                start_ids.expand(x.shape[0], -1).to(self.device),
                 method=method,
                 beam_size=_first(beam_size, self.beam_size, 5),
                 max_length=_first(max_length, self.max_length, 25),
@@ -317,7 +310,7 @@ class Pipeline:
                 generator=generator,
                 cuda_graph=cuda_graph,
             )
-            captions += [self._decode(row, start) for row in out.ids[:, 0]]
+            captions += [self.tokenizer.decode(row[start_ids.shape[1] :].tolist()) for row in out.ids[:, 0]]
         return captions if batched else captions[0]
 
     @torch.inference_mode()
@@ -332,7 +325,6 @@ class Pipeline:
         ids, mask = tokenize(self.tokenizer, texts, self.max_text_length, "expression")
         prefix_id, coord_ids = coordinate_token_ids(self.tokenizer)
         boxes: list[list[float]] = []
-        S = self.image_size
         for s in self._chunks(len(images)):
             chunk = images[s]
             x = torch.stack([self.grounding_transform(im, [0, 0, 0, 0]).image for im in chunk])
@@ -341,7 +333,7 @@ class Pipeline:
                 self.model, x, ids[s].to(self.device), mask[s].to(self.device), prefix_id, coord_ids
             ).cpu()
             for im, tok in zip(chunk, tokens):
-                geometry = PadGeometry.of(im.width, im.height, S)
+                geometry = PadGeometry.of(im.width, im.height, self.image_size)
                 boxes.append(tokens_to_box(tok, geometry, int(coord_ids[0])).tolist())
         return boxes if images_batched or texts_batched else boxes[0]
 

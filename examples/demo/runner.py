@@ -41,8 +41,8 @@ import torch
 from mplug_fast.checkpoint import save_pretrained
 from mplug_fast.data import Tokenizer
 from mplug_fast.data.synthetic import SyntheticWorld
+from mplug_fast.io import atomic_write_json
 from mplug_fast.tasks import from_pretrained, get_task
-from mplug_fast.tasks.evaluation import write_json
 from mplug_fast.train.checkpointer import latest_checkpoint
 from mplug_fast.train.distributed import resolve_device
 from mplug_fast.train.evaluation import run_evaluation
@@ -216,7 +216,7 @@ def run_demo(
         "gallery": [{**row, "image": f"gallery/scene_{row['scene']}.png"} for row in rows],
     }
 
-    write_json(summary, out / "summary.json")
+    atomic_write_json(out / "summary.json", summary)
     print(
         f"demo finished in {fmt_seconds(invocation_s)} "
         f"(stages {fmt_seconds(meta['stages_wall_s'])} in total): {report}",

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mplug_fast.io import atomic_write_json
 from mplug_fast.tasks import get_task
-from mplug_fast.tasks.evaluation import write_json
 
 from .settings import DemoError
 
@@ -23,7 +23,7 @@ def read_state(stage_dir: Path) -> dict[str, Any] | None:
 
 def write_state(stage_dir: Path, state: dict[str, Any]) -> None:
 
-    write_json(state, stage_dir / STATE_FILE)
+    atomic_write_json(stage_dir / STATE_FILE, state)
 
 
 def stage_done(stage_dir: Path, state: dict[str, Any] | None, t_hash: str, e_hash: str, stage: str) -> bool:

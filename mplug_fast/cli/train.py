@@ -134,8 +134,7 @@ def report(summary: dict[str, Any], record: dict[str, Any] | None, out_dir: Path
 
 def _config_task(path_or_name: str) -> str | None:
     """The ``model.task`` a run config (a file or a shipped name) names (None when it names none)."""
-    raw, _ = read_config_file(path_or_name)
-    model = raw.get("model") if isinstance(raw, dict) else None
+    model = read_config_file(path_or_name)[0].get("model")
     return model.get("task") if isinstance(model, dict) else None
 
 

@@ -18,6 +18,7 @@ raised there is re-raised as a `ConfigError` with ``where`` in front.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import re
@@ -221,24 +222,6 @@ def to_mapping(obj: Any) -> Any:
 # ---- dotted overrides -----------------------------------------------------------------------------------
 
 
-def _dataclass_of(annotation: Any) -> type | None:
-    """The dataclass an annotation names (also inside ``X | None``), else None."""
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        found = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
-        return found[0] if len(found) == 1 else None
-    return None
-
-
-def _is_mapping_type(annotation: Any) -> bool:
-    if annotation is dict or typing.get_origin(annotation) is dict:
-        return True
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_is_mapping_type(a) for a in typing.get_args(annotation))
-    return False
-
-
 def field_annotation(cls: type, path: list[str], *, where: str = "") -> Any:
     """The annotation of the field at ``path`` (["optim", "lr"]) below dataclass ``cls``; keys below a
     ``dict[str, X]`` field give ``X``. ConfigError for an unknown key or a path through a plain value."""
@@ -246,21 +229,18 @@ def field_annotation(cls: type, path: list[str], *, where: str = "") -> Any:
     for depth, part in enumerate(path):
         if annotation is Any:  # below a free-form mapping: anything goes
             return Any
-        dotted = ".".join(path[: depth + 1])
-        section = _dataclass_of(annotation)
-        if section is not None:
-            hints = _hints(section)
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        options = typing.get_args(annotation) if union else (annotation,)  # X | None: X
+        sections = [a for a in options if dataclasses.is_dataclass(a) and isinstance(a, type)]
+        mappings = [a for a in options if a is dict or typing.get_origin(a) is dict]
+        if len(sections) == 1:
+            hints = _hints(sections[0])
             if part not in hints:
-                parent = ".".join(path[:depth]) or "the config"
+                dotted, parent = ".".join(path[: depth + 1]), ".".join(path[:depth]) or "the config"
                 raise _in(where, f"unknown key {dotted!r}; valid keys of {parent}: {sorted(hints)}")
             annotation = hints[part]
-        elif _is_mapping_type(annotation):
-            mapping = next(
-                a
-                for a in (annotation, *typing.get_args(annotation))
-                if a is dict or typing.get_origin(a) is dict
-            )
-            annotation = (typing.get_args(mapping) or (str, Any))[1]
+        elif mappings:
+            annotation = (typing.get_args(mappings[0]) or (str, Any))[1]
         else:
             raise _in(where, f"{'.'.join(path[:depth])!r} is a value, not a section")
     return annotation
@@ -299,16 +279,8 @@ def apply_overrides(cls: type, data: Mapping[str, Any] | None, overrides: Iterab
 
     Each override's key path and value are checked against ``cls`` at once (the error names the override);
     the result still goes through `from_mapping` to build the config."""
-    out = _copy(data or {})
+    out = copy.deepcopy(dict(data or {}))
     for text in overrides:
         path, value = parse_override(text)
         set_dotted(cls, out, path, value, where=f"--set {text}")
     return out
-
-
-def _copy(node: Any) -> Any:
-    if isinstance(node, Mapping):
-        return {k: _copy(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_copy(v) for v in node]
-    return node

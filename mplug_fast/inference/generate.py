@@ -4,7 +4,7 @@
     vqa_rank(model, images, question_ids, question_mask, answers) answer-list ranking with shared K/V
     caption_generate(model, images, prompt_ids=None)             decoder over the image tokens
                                                                   (beam 5, min 8, max 25; greedy; sampling)
-    answer_from_memory, caption_from_memory                       the same from a decoder memory (videos)
+    caption_from_memory                                           the same from a decoder memory (videos)
 
 Each function encodes once per image and hands the decoder memory to `mplug_fast.generation`, which
 projects its cross-attention K/V once and shares it across beams / candidates / samples.
@@ -38,22 +38,11 @@ def vqa_generate(
     """Open-ended VQA (official inference): beam search from [CLS] over the fused [image; question].
 
     Args: images [B, 3, R, R]; question_ids / question_mask [B, Lq] ("[CLS] question [SEP]", 1 = token);
-    options: `answer_from_memory`'s (beam_size 5, max_length 10, min_length 1, num_return, mode, cuda_graph).
+    options: `beam_search`'s (beam_size 5, max_length 10, min_length 1, num_return 1, mode "official";
+    `cuda_graph`: replay the decode steps as CUDA graphs).
     Returns: `GenerationOutput` (ids [B, R, L] start with [CLS]; decode with special tokens skipped).
     """
     memory, memory_mask = model.fused_memory(images, question_ids, question_mask)  # [B, Nv + Lq, D]
-    return answer_from_memory(model, memory, memory_mask, **options)
-
-
-@torch.no_grad()
-def answer_from_memory(
-    model: MPlug, memory: Tensor, memory_mask: Tensor | None, **options: Any
-) -> GenerationOutput:
-    """Beam search from [CLS] over a fused question memory [B, M, D] (memory_mask bool [B, M]).
-
-    options: `beam_search`'s, with its defaults (beam_size 5, max_length 10, min_length 1, num_return 1,
-    mode "official"; `cuda_graph`: replay the decode steps as CUDA graphs).
-    """
     start = torch.full((memory.shape[0], 1), CLS_ID, dtype=torch.long, device=memory.device)
     return beam_search(model.decoder, memory, memory_mask, start, **options)
 
@@ -126,9 +115,8 @@ def caption_from_memory(
             `num_return` samples per image).
     Returns: `GenerationOutput` (ids start with the prompt).
     """
-    B = memory.shape[0]
     if prompt_ids is None:
-        prompt_ids = torch.full((B, 1), CLS_ID, dtype=torch.long, device=memory.device)
+        prompt_ids = torch.full((memory.shape[0], 1), CLS_ID, dtype=torch.long, device=memory.device)
         prompt_mask = None
     if cuda_graph and method != "beam":
         raise ValueError(f"cuda_graph=True applies to method='beam', got method={method!r}")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -99,10 +100,10 @@ def tokenize(tokenizer: Tokenizer, texts: list[str], max_length: int, what: str)
     return batch.input_ids, batch.attention_mask
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str, max_length: int) -> Tensor | None:
+def prompt_ids(tokenizer: Tokenizer, prompt: str, max_length: int) -> Tensor:
     """A decoder prompt as ids long [1, Lp] of "[CLS] prompt" (no final [SEP]; a prompt over ``max_length``
-    tokens is cut with a warning); None for an empty prompt (generation starts from [CLS])."""
+    tokens is cut with a warning); [CLS] alone for an empty prompt."""
     if not prompt.strip():
-        return None
+        return torch.tensor([[tokenizer.cls_token_id]])
     ids, _ = tokenize(tokenizer, [prompt], max_length, "prompt")  # one prompt: no padding
     return ids[:, :-1]  # drop the [SEP]

@@ -33,11 +33,6 @@ class RetrievalScores:
     itc: Tensor
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
 @torch.no_grad()
 def itm_scores(
     model: MPlug,
@@ -53,8 +48,7 @@ def itm_scores(
     Args: image_states [Ni, Nv, D] (after the adapter); text_states [Nt, L, D] (text encoder);
     text_mask [Nt, L] 1 = token; image_index / text_index long [P]."""
     out = []
-    for s in _chunks(image_index.shape[0], batch_size):
-        i, t = image_index[s], text_index[s]
+    for i, t in zip(image_index.split(batch_size), text_index.split(batch_size)):
         mask = None if text_mask is None else text_mask[t]
         logits = model.itm_logits(image_states[i], text_states[t], mask)  # copy: [p, Nv, D] gathered
         out.append(logits[:, 1].float())
@@ -84,7 +78,7 @@ def retrieval_scores(
     Ni, Nt = images.shape[0], text_ids.shape[0]
     if Ni == 0 or Nt == 0:
         raise ValueError(f"need at least one image and one text, got {Ni} images and {Nt} texts")
-    v = torch.cat([model.encode_image(images[s]) for s in _chunks(Ni, batch_size)])  # [Ni, Nv, D]
+    v = torch.cat([model.encode_image(x) for x in images.split(batch_size)])  # [Ni, Nv, D]
     t = model.encode_text(text_ids, text_mask)  # [Nt, L, D]
     itc = (model.image_features(v) @ model.text_features(t).t()).float()  # [Ni, Nt]
     return rerank(model, itc, v, t, text_mask, k=k, batch_size=batch_size)

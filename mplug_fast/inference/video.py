@@ -56,17 +56,12 @@ def encode_video(model: MPlug, videos: Tensor, frame_batch_size: int | None = No
     return states.view(B, T, *states.shape[1:])  # [B, T, Nv, D]
 
 
-def video_tokens(frame_states: Tensor) -> Tensor:
-    """Per-frame states [B, T, Nv, D] -> the frames' tokens one after another [B, T*Nv, D] (a view)."""
-    return frame_states.flatten(1, 2)
-
-
 def video_fused_memory(
     model: MPlug, videos: Tensor, ids: Tensor, mask: Tensor | None, *, frame_batch_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """The VQA decoder memory of a video: fuse(T*Nv frame tokens, question) -> ([v'; t'] [B, T*Nv + Lt, D],
     mask bool [B, T*Nv + Lt]); ``MPlug.fused_memory`` with the frames' tokens in place of one image's."""
-    v = video_tokens(encode_video(model, videos, frame_batch_size))  # [B, T*Nv, D]
+    v = encode_video(model, videos, frame_batch_size).flatten(1, 2)  # [B, T*Nv, D]
     return model.fused_memory_from_states(v, ids, mask)
 
 
@@ -79,27 +74,19 @@ def video_qa_rank(
     answer_ids: Tensor,
     answer_mask: Tensor | None,
     *,
-    k: int = 128,
-    double_count_first: bool = True,
     frame_batch_size: int | None = None,
+    **options: Any,
 ) -> RankedAnswers:
     """Video QA by answer-list ranking (official ``videoqa_mplug.py``: ``rank_answer`` with a VQA model).
 
     Args: videos [B, T, 3, R, R]; question_ids / mask [B, Lq]; answer_ids / mask [A, La]
-    ("[CLS] answer [SEP] [SEP]"); k: candidates kept after the first-token filter (official 128).
+    ("[CLS] answer [SEP] [SEP]"); options: `rank_answers`'s (k: candidates kept after the first-token
+    filter, official 128; double_count_first).
     Returns: `RankedAnswers` (indices [B, k] into the answer list, best first)."""
     memory, memory_mask = video_fused_memory(
         model, videos, question_ids, question_mask, frame_batch_size=frame_batch_size
     )
-    return rank_answers(
-        model.decoder,
-        memory,
-        memory_mask,
-        answer_ids,
-        answer_mask,
-        k=min(k, answer_ids.shape[0]),
-        double_count_first=double_count_first,
-    )
+    return rank_answers(model.decoder, memory, memory_mask, answer_ids, answer_mask, **options)
 
 
 @torch.no_grad()
@@ -116,7 +103,7 @@ def video_caption_generate(
     tokens [B, T*Nv, D], from [CLS] or a left-padded prompt [B, Lp] (official VATEX: "a picture of", beam 10,
     min 15, max 25; options: `caption_from_memory`'s). Returns `GenerationOutput` (ids start with the
     prompt)."""
-    memory = video_tokens(encode_video(model, videos, frame_batch_size))  # [B, T*Nv, D]
+    memory = encode_video(model, videos, frame_batch_size).flatten(1, 2)  # [B, T*Nv, D]
     return caption_from_memory(model, memory, prompt_ids, prompt_mask, **options)
 
 
@@ -159,4 +146,4 @@ def video_retrieval_scores(
     states = torch.cat([encode_video(model, videos[s : s + batch_size]) for s in range(0, N, batch_size)])
     t = model.encode_text(text_ids, text_mask)  # [Nt, L, D]
     itc = (video_features(model, states) @ model.text_features(t).t()).float()  # [N, Nt]
-    return rerank(model, itc, video_tokens(states), t, text_mask, k=k, batch_size=batch_size, add_itc=add_itc)
+    return rerank(model, itc, states.flatten(1, 2), t, text_mask, k=k, batch_size=batch_size, add_itc=add_itc)

@@ -76,19 +76,19 @@ class FeatureQueue(nn.Module):
         return torch.arange(self.size, device=self.ids.device) < self.filled
 
     @torch.no_grad()
-    def load_official(
-        self,
-        image_queue: Tensor,
-        text_queue: Tensor,
-        idx_queue: Tensor | None = None,
-        queue_ptr: Tensor | None = None,
-    ) -> None:
-        """Take the official queue buffers, in their layout: image_queue / text_queue [E, Q] (features as
-        columns), idx_queue [1, Q] (image ids; negative = none, official init -100), queue_ptr [1].
+    def load_official(self, state: Mapping[str, Tensor]) -> None:
+        """Take the official queue buffers, in their layout: ``image_queue`` / ``text_queue`` [E, Q] (features
+        as columns; required), ``idx_queue`` [1, Q] (image ids; negative = none, official init -100),
+        ``queue_ptr`` [1].
 
         The queue is resized to Q and every slot counts as filled (the official loss uses all Q columns).
         Without idx_queue (pretraining checkpoints) no slot has an image id: all queued keys are negatives.
         """
+        missing = [k for k in ("image_queue", "text_queue") if k not in state]
+        if missing:
+            raise KeyError(f"official queue state lacks {missing}; keys given: {sorted(state)}")
+        image_queue, text_queue = state["image_queue"], state["text_queue"]
+        idx_queue, queue_ptr = state.get("idx_queue"), state.get("queue_ptr")
         dim = self.image.shape[1]
         if image_queue.dim() != 2 or image_queue.shape != text_queue.shape or image_queue.shape[0] != dim:
             raise ValueError(
@@ -211,12 +211,7 @@ class ITCLoss(nn.Module):
         """Resume with a released checkpoint's queue: `state` holds the official buffers ``image_queue``,
         ``text_queue`` (required), ``idx_queue``, ``queue_ptr`` (optional), e.g. from
         ``mplug_fast.checkpoint.official.official_queue_state``. Default (not called): an empty queue."""
-        missing = [k for k in ("image_queue", "text_queue") if k not in state]
-        if missing:
-            raise KeyError(f"official queue state lacks {missing}; keys given: {sorted(state)}")
-        self.queue.load_official(
-            state["image_queue"], state["text_queue"], state.get("idx_queue"), state.get("queue_ptr")
-        )
+        self.queue.load_official(state)
 
     def forward(
         self,

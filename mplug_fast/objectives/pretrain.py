@@ -19,6 +19,7 @@ training forwards done so far (a buffer, so it resumes); the official runs warm 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,107 +84,74 @@ class MomentumMixin:
             src, dst = parameter_pairs(self._online, self._momentum_modules)
             torch._foreach_copy_(dst, src)
 
-    def alpha_now(self) -> float:
-        return warm_alpha(self.alpha, self.step, self.alpha_warmup_steps) if self.distill else 0.0
+    def next_alpha(self) -> float:
+        """This forward's distillation weight (0 without distillation); a training forward counts a step."""
+        alpha = warm_alpha(self.alpha, self.step, self.alpha_warmup_steps) if self.distill else 0.0
+        if self.training:
+            self.step += 1
+        return alpha
 
 
-class PretrainObjective(MomentumMixin, Objective):
-    """ITC + ITM + MLM + PrefixLM on a `MPlugForPretraining` (batch keys: images, text_ids, text_mask and
-    optionally image_ids — then captions of the same image are positives for ITC and never ITM negatives).
+@dataclass(frozen=True)
+class ContrastiveOptions:
+    """`ContrastiveObjective` options: the retrieval task's, and the first of pretraining's (official: queue
+    65536, momentum 0.995, alpha 0.4, distillation on)."""
+
+    queue_size: int = DEFAULT_QUEUE_SIZE  # ITC queue slots (a multiple of the global batch)
+    momentum: float = 0.995  # EMA decay of the momentum copies
+    alpha: float = 0.4  # distillation weight
+    distill: bool = True  # use the momentum soft targets
+    alpha_warmup_steps: int = 0  # alpha warm-up length in training forwards (0 = none)
+    temp_range: tuple[float, float] = (0.001, 0.5)  # the temperature clamp
+    global_batch: int | None = None  # checked against queue_size at construction when given
+    # False (official): ITC positives by image id only; True: identical texts are positives too, for ITC and
+    # as never-drawn ITM negatives (data where images share captions)
+    same_text_positive: bool = False
+    # True (official): ITM negatives drawn by the ITC similarities; False: uniformly among the non-positives
+    # (a small model whose ITC ranks first the look-alikes it cannot tell apart from the positive, e.g. the
+    # same colour in the synthetic world, learns nothing from those)
+    hard_negatives: bool = True
+
+
+class ContrastiveObjective(MomentumMixin, Objective):
+    """ITC (momentum keys and queue, distillation) + ITM (negatives drawn by the ITC similarities) on a model
+    with momentum copies: the retrieval finetuning loss and the first two losses of pretraining. Batch keys:
+    images, text_ids, text_mask and optionally image_ids (captions of the same image are then positives for
+    ITC and never ITM negatives).
 
     Args:
-        model: the pretraining model (with momentum copies).
-        mask_id, pad_id, cls_id, sep_id, vocab_size: tokenizer special ids (see `from_tokenizer`).
-        continuation: bool [V] WordPiece "##" table for the PrefixLM word split.
-        queue_size: ITC queue slots (official 65536; a multiple of the global batch).
-        momentum: EMA decay (0.995). alpha: distillation weight (0.4). distill: use momentum soft targets.
-        alpha_warmup_steps: alpha warm-up length in training forwards (0 = none).
-        mlm_probability: 0.15. temp_range: the temperature clamp (0.001, 0.5).
-        weights: per-loss weights (default 1 each); a weight of 0 skips that loss.
+        model: the pretrain or retrieval task model (with momentum copies).
         sampler: ITM hard-negative sampler (default `torch.multinomial`).
-        same_text_positive: False (official) = ITC positives by image id only; True = identical texts are
-            positives too, for ITC and as never-drawn ITM negatives (data where images share captions).
-        hard_negatives: True (official) = ITM negatives drawn by the ITC similarities; False = uniformly
-            among the non-positives (a small model whose ITC ranks first the look-alikes it cannot tell
-            apart from the positive, e.g. the same colour in the synthetic world, learns nothing from those).
+        options: `ContrastiveOptions`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        mask_id: int,
-        pad_id: int,
-        cls_id: int,
-        sep_id: int,
-        vocab_size: int,
-        continuation: Tensor | None = None,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        momentum: float = 0.995,
-        alpha: float = 0.4,
-        distill: bool = True,
-        alpha_warmup_steps: int = 0,
-        mlm_probability: float = 0.15,
-        temp_range: tuple[float, float] = (0.001, 0.5),
-        weights: Mapping[str, float] | None = None,
-        global_batch: int | None = None,
-        sampler: Sampler | None = None,
-        same_text_positive: bool = False,
-        hard_negatives: bool = True,
-    ):
+    def __init__(self, model: nn.Module, *, sampler: Sampler | None = None, **options: Any):
         super().__init__()
         if getattr(model, "momentum", None) is None:
-            raise ValueError("PretrainObjective needs a model with momentum copies (the pretrain task model)")
-        unknown = set(weights or {}) - set(LOSSES)
-        if unknown:
-            raise ValueError(f"unknown loss weights {sorted(unknown)}; available: {list(LOSSES)}")
+            name = type(self).__name__
+            raise ValueError(
+                f"{name} needs a model with momentum copies (the pretrain or retrieval task model)"
+            )
+        o = ContrastiveOptions(**options)
         self.model = model
-        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in LOSSES}
-        self.mask_id, self.pad_id, self.cls_id, self.sep_id = mask_id, pad_id, cls_id, sep_id
-        self.vocab_size, self.mlm_probability = vocab_size, mlm_probability
-        self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
-        self.temp_range = temp_range
-        self.sampler, self.hard_negatives = sampler, hard_negatives
-        self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch, same_text_positive)
-        if continuation is None:
-            continuation = torch.zeros(vocab_size, dtype=torch.bool)
-        self.register_buffer("continuation", continuation.bool(), persistent=False)
+        self.alpha, self.distill, self.alpha_warmup_steps = o.alpha, o.distill, o.alpha_warmup_steps
+        self.temp_range, self.sampler, self.hard_negatives = o.temp_range, sampler, o.hard_negatives
+        self.itc = ITCLoss(model.config.embed_dim, o.queue_size, o.global_batch, o.same_text_positive)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        # MLM distillation needs momentum MLM logits (ALBEF: text_encoder_m is a BertForMaskedLM). The model
-        # momentum copies stop at the encoders / decoder (the official checkpoint layout), so the EMA copy of
-        # the MLM head lives here; the tied word embeddings come from the momentum text encoder.
-        heads = ["mlm_head"] if "mlm_head" not in model.momentum and model.mlm_head is not None else []
-        self.momentum_heads = MomentumCopies(model, heads)
-        self._momentum_all = {**dict(model.momentum.items()), **dict(self.momentum_heads.items())}
-        self._init_momentum(model, self._momentum_all, momentum)
-
-    @classmethod
-    def from_tokenizer(cls, model: nn.Module, tokenizer, **options: Any) -> PretrainObjective:
-        """Special ids and the "##" table from a `mplug_fast.data.Tokenizer`."""
-        return cls(
-            model,
-            mask_id=tokenizer.mask_token_id,
-            pad_id=tokenizer.pad_token_id,
-            cls_id=tokenizer.cls_token_id,
-            sep_id=tokenizer.sep_token_id,
-            vocab_size=model.config.text.vocab_size,
-            continuation=continuation_table(tokenizer.get_vocab(), model.config.text.vocab_size),
-            **options,
-        )
+        self._init_momentum(model, model.momentum, o.momentum)
+        self.weights = {"itc": 1.0, "itm": 1.0}
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """batch: images [B, 3, R, R], text_ids long [B, L], text_mask bool [B, L] (+ image_ids [B]).
         Returns {"loss": the weighted sum (backward this), and each computed part, detached}."""
-        require_keys(batch, ("images", "text_ids", "text_mask"), "PretrainObjective")
+        require_keys(batch, ("images", "text_ids", "text_mask"), type(self).__name__)
         model, w = self.model, self.weights
         images, ids = batch["images"], batch["text_ids"]
         mask = batch["text_mask"].bool()
         image_ids = batch_image_ids(batch, ids.device)
-        alpha = self.alpha_now()
-        if self.training:
-            self.step += 1
+        alpha = self.next_alpha()
         clamp_temperature(model.temp, *self.temp_range)
-        momentum = MomentumView(self._momentum_all)
+        momentum = MomentumView(self._momentum_modules)
 
         v = model.encode_image(images)  # [B, Nv, D]
         t = model.encode_text(ids, mask)  # [B, L, D]
@@ -208,7 +176,82 @@ class PretrainObjective(MomentumMixin, Objective):
             if w["itm"]:
                 sims = extras["sim_i2t"], extras["sim_t2i"], extras["positives"]
                 out["itm"], _ = itm_loss(model, v, t, mask, *sims, self.sampler, self.hard_negatives)
-        if w["mlm"]:
+        out.update(self.text_losses(v, ids, mask, momentum, v_m, alpha))
+        loss = sum(w[name] * out[name] for name in w if name in out and w[name])
+        return {"loss": loss, **{name: part.detach() for name, part in out.items()}}
+
+    def text_losses(
+        self, v: Tensor, ids: Tensor, mask: Tensor, momentum: MomentumView, v_m: Tensor, alpha: float
+    ) -> dict[str, Tensor]:
+        """The losses after ITC and ITM (none here; pretraining's MLM and PrefixLM)."""
+        return {}
+
+
+class PretrainObjective(ContrastiveObjective):
+    """ITC + ITM (`ContrastiveObjective`) + MLM + PrefixLM on a `MPlugForPretraining`.
+
+    Args:
+        model: the pretraining model (with momentum copies).
+        mask_id, pad_id, cls_id, sep_id, vocab_size: tokenizer special ids (see `from_tokenizer`).
+        continuation: bool [V] WordPiece "##" table for the PrefixLM word split.
+        mlm_probability: 0.15.
+        weights: per-loss weights (default 1 each); a weight of 0 skips that loss.
+        contrastive: ``sampler`` and the `ContrastiveOptions`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mask_id: int,
+        pad_id: int,
+        cls_id: int,
+        sep_id: int,
+        vocab_size: int,
+        continuation: Tensor | None = None,
+        mlm_probability: float = 0.15,
+        weights: Mapping[str, float] | None = None,
+        **contrastive: Any,
+    ):
+        super().__init__(model, **contrastive)
+        unknown = set(weights or {}) - set(LOSSES)
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; available: {list(LOSSES)}")
+        self.mask_id, self.pad_id, self.cls_id, self.sep_id = mask_id, pad_id, cls_id, sep_id
+        self.vocab_size, self.mlm_probability = vocab_size, mlm_probability
+        if continuation is None:
+            continuation = torch.zeros(vocab_size, dtype=torch.bool)
+        self.register_buffer("continuation", continuation.bool(), persistent=False)
+        # MLM distillation needs momentum MLM logits (ALBEF: text_encoder_m is a BertForMaskedLM). The model
+        # momentum copies stop at the encoders / decoder (the official checkpoint layout), so the EMA copy of
+        # the MLM head lives here; the tied word embeddings come from the momentum text encoder.
+        heads = ["mlm_head"] if "mlm_head" not in model.momentum and model.mlm_head is not None else []
+        self.momentum_heads = MomentumCopies(model, heads)
+        self._momentum_all = {**dict(model.momentum.items()), **dict(self.momentum_heads.items())}
+        self._init_momentum(model, self._momentum_all, self.momentum_decay)
+        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in LOSSES}
+
+    @classmethod
+    def from_tokenizer(cls, model: nn.Module, tokenizer, **options: Any) -> PretrainObjective:
+        """Special ids and the "##" table from a `mplug_fast.data.Tokenizer`."""
+        return cls(
+            model,
+            mask_id=tokenizer.mask_token_id,
+            pad_id=tokenizer.pad_token_id,
+            cls_id=tokenizer.cls_token_id,
+            sep_id=tokenizer.sep_token_id,
+            vocab_size=model.config.text.vocab_size,
+            continuation=continuation_table(tokenizer.get_vocab(), model.config.text.vocab_size),
+            **options,
+        )
+
+    def text_losses(
+        self, v: Tensor, ids: Tensor, mask: Tensor, momentum: MomentumView, v_m: Tensor, alpha: float
+    ) -> dict[str, Tensor]:
+        """MLM and PrefixLM (those of nonzero weight) of image states v [B, Nv, D] (momentum: v_m) and text
+        ids / mask bool [B, L]."""
+        out: dict[str, Tensor] = {}
+        if self.weights["mlm"]:
             masked, labels = mask_tokens(
                 ids,
                 mask,
@@ -218,9 +261,9 @@ class PretrainObjective(MomentumMixin, Objective):
                 probability=self.mlm_probability,
             )
             out["mlm"] = mlm_loss(
-                model, v, masked, mask, labels, momentum=momentum, image_states_m=v_m, alpha=alpha
+                self.model, v, masked, mask, labels, momentum=momentum, image_states_m=v_m, alpha=alpha
             )
-        if w["prefix_lm"]:
+        if self.weights["prefix_lm"]:
             split = split_prefix(
                 ids,
                 mask,
@@ -230,7 +273,6 @@ class PretrainObjective(MomentumMixin, Objective):
                 pad_id=self.pad_id,
             )
             out["prefix_lm"] = prefix_lm_loss(
-                model, v, split, momentum=momentum, image_states_m=v_m, alpha=alpha
+                self.model, v, split, momentum=momentum, image_states_m=v_m, alpha=alpha
             )
-        loss = sum(w[name] * out[name] for name in LOSSES if name in out and w[name])
-        return {"loss": loss, **{name: part.detach() for name, part in out.items()}}
+        return out

@@ -25,12 +25,13 @@ from mplug_fast.data.official import KarpathyCaptionDataset
 from mplug_fast.data.synthetic import CaptionDataset
 from mplug_fast.inference.generate import caption_generate
 from mplug_fast.inference.inputs import prompt_ids
+from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics import caption_scores
 from mplug_fast.modeling import MPlugForCaption
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import lm_loss
-from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
-from mplug_fast.tasks.evaluation import batches, eval_mode, item_text, write_json
+from mplug_fast.objectives.pretrain import require_keys
+from mplug_fast.tasks.evaluation import batches, eval_mode, item_text
 from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
 
@@ -66,29 +67,24 @@ def evaluate(
     """
 
     collate = CaptionCollator(tokenizer, max_length=max_length)
-
-    def generate(batch: dict[str, Any], prompt: Tensor | None) -> Any:
-        return caption_generate(
-            model,
-            batch["images"],
-            prompt,
-            method=method,
-            beam_size=beam_size,
-            max_length=max_length,
-            min_length=min_length,
-        )
-
+    options = dict(method=method, beam_size=beam_size, max_length=max_length, min_length=min_length)
     with eval_mode(model):
-        batch_iter = batches(dataset, collate, batch_size, device)
         return caption_evaluation(
-            batch_iter, tokenizer, generate, prompt, max_length, device, use_java=use_java, output=output
+            batches(dataset, collate, batch_size, device),
+            tokenizer,
+            lambda batch, prompt: caption_generate(model, batch["images"], prompt, **options),
+            prompt,
+            max_length,
+            device,
+            use_java=use_java,
+            output=output,
         )
 
 
 def caption_evaluation(
     batches: Iterable[dict[str, Any]],
     tokenizer: Any,
-    generate: Callable[[dict[str, Any], Tensor | None], Any],
+    generate: Callable[[dict[str, Any], Tensor], Any],
     prompt: str,
     max_length: int,
     device: torch.device | str,
@@ -99,12 +95,11 @@ def caption_evaluation(
 ) -> dict[str, Any]:
     """Captions and scores the items of test-form batches (``captions``: all gold captions of each item;
     ids: ``batch[id_key]``, else the running index). ``generate(batch, prompt)`` -> the batch's
-    `GenerationOutput` (``prompt``: ids [B, Lp] of "[CLS] prompt", or None for [CLS]); the prompt's tokens
-    are cut from the generated text. ``output``: the COCO-style result JSON ``[{id_key, "caption"}]``.
+    `GenerationOutput` (``prompt``: ids [B, Lp] of "[CLS] prompt", [CLS] alone for none); the prompt's
+    tokens are cut from the generated text. ``output``: the COCO-style result JSON ``[{id_key, "caption"}]``.
 
     Returns: {"BLEU_1".."BLEU_4", "ROUGE_L", "CIDEr", "count", "notes", "predictions": {id: caption}}."""
-    start_ids = prompt_ids(tokenizer, prompt, max_length)  # [1, Lp] or None ([CLS])
-    start = 1 if start_ids is None else start_ids.shape[1]
+    start_ids = prompt_ids(tokenizer, prompt, max_length)  # [1, Lp]: "[CLS] prompt"
     predictions: dict[Any, str] = {}
     gold: dict[Any, list[str]] = {}
     for batch in batches:
@@ -114,20 +109,21 @@ def caption_evaluation(
                 f"got keys {sorted(batch)} (use the test split)"
             )
         B = len(batch["captions"])
-        out = generate(batch, None if start_ids is None else start_ids.expand(B, -1).to(device))
+        out = generate(batch, start_ids.expand(B, -1).to(device))
         for i, key in enumerate(batch.get(id_key, range(len(predictions), len(predictions) + B))):
             if key in predictions:
                 raise ValueError(f"duplicate {id_key} {key!r} in the caption evaluation set")
-            text = tokenizer.decode(out.ids[i, 0, start:].tolist(), skip_special_tokens=True)
+            text = tokenizer.decode(out.ids[i, 0, start_ids.shape[1] :].tolist(), skip_special_tokens=True)
             predictions[key], gold[key] = text.strip(), _gold_captions(batch["captions"][i])
     scores, notes = caption_scores(gold, {k: [v] for k, v in predictions.items()}, use_java=use_java)
     if output is not None:
-        write_json([{id_key: k, "caption": v} for k, v in predictions.items()], output)
+        atomic_write_json(output, [{id_key: k, "caption": v} for k, v in predictions.items()])
     return {**scores, "count": len(predictions), "notes": notes, "predictions": predictions}
 
 
-def most_frequent_caption(train: Dataset, limit: int = 2000) -> str:
-    """The most frequent (lower-cased) caption of up to ``limit`` training samples (ties: first seen)."""
+def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
+    """CIDEr-D of answering every evaluation image with the most frequent (lower-cased) caption of up to
+    ``limit`` training samples (ties: first seen)."""
     texts = getattr(train, "texts", None)
     if texts is None:  # one caption per item (train form), or all captions of an image (test form)
         texts = []
@@ -137,13 +133,7 @@ def most_frequent_caption(train: Dataset, limit: int = 2000) -> str:
     counts = Counter(t.lower().strip() for t in texts[:limit])
     if not counts:
         raise ValueError("the training set has no captions")
-    return counts.most_common(1)[0][0]
-
-
-def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline:
-    """CIDEr-D of answering every evaluation image with the most frequent training caption."""
-
-    caption = most_frequent_caption(train, limit)
+    caption = counts.most_common(1)[0][0]
     gold = {i: _gold_captions(item_text(evaluation, i, "captions")) for i in range(len(evaluation))}
     scores, _ = caption_scores(gold, {i: [caption] for i in gold})
     return Baseline(
@@ -154,7 +144,7 @@ def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline
 # ---- training --------------------------------------------------------------------------------------------
 
 
-class CaptionObjective(MomentumMixin, Objective):
+class CaptionObjective(Objective):
     """Captioning CE (docs/fidelity.md §5.2): decoder over the image tokens, token-mean CE of caption_ids[1:].
 
     Official: no label smoothing, no distillation, and the prompt tokens are part of the target (labels are
@@ -170,8 +160,6 @@ class CaptionObjective(MomentumMixin, Objective):
                 f"got {label_smoothing}, {prompt_length}"
             )
         self.model, self.label_smoothing, self.prompt_length = model, label_smoothing, prompt_length
-        self.alpha, self.distill, self.alpha_warmup_steps = 0.0, False, 0
-        self._init_momentum(model, None, 0.0)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """batch: images [B,3,R,R], caption_ids / caption_mask [B, L]. Returns {"loss", "caption"}."""

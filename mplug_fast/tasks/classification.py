@@ -27,10 +27,11 @@ from torch.utils.data import Dataset, Subset
 from mplug_fast.data.collate_pairs import NLVRCollator, VECollator
 from mplug_fast.data.official_pairs import NLVR2JsonDataset, SNLIVEJsonDataset
 from mplug_fast.data.synthetic.pairs import NLVRDataset, VEDataset
+from mplug_fast.io import atomic_write_json
 from mplug_fast.modeling import MPlugForNLVR, MPlugForVE
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import require_keys
-from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
+from mplug_fast.tasks.evaluation import batches, eval_mode, with_columns
 from mplug_fast.tasks.protocol import Baseline, Task
 from mplug_fast.tasks.sources import synthetic_scenes
 
@@ -45,15 +46,6 @@ def dataset_label(dataset: Dataset, i: int) -> int | None:
     if hasattr(dataset, "label"):
         return dataset.label(i)
     return dataset[i].get("label")
-
-
-def _label_names(model: nn.Module) -> tuple[str, ...]:
-    if not isinstance(model, CLASSIFIERS):
-        raise TypeError(
-            f"classification evaluation needs an NLVR2 / SNLI-VE model ({MPlugForNLVR.__name__} / "
-            f"{MPlugForVE.__name__}), got a {getattr(model, 'task', type(model).__name__)!r} model"
-        )
-    return tuple(model.labels)
 
 
 @torch.no_grad()
@@ -74,26 +66,26 @@ def evaluate(
     "num_labelled", "predictions" (long [N] class ids)}, and "acc_type_<type>" (percent per statement type)
     when the items name their type (the synthetic datasets do).
     """
-    names = _label_names(model)
+    if not isinstance(model, CLASSIFIERS):
+        raise TypeError(
+            f"classification evaluation needs an NLVR2 / SNLI-VE model ({MPlugForNLVR.__name__} / "
+            f"{MPlugForVE.__name__}), got a {getattr(model, 'task', type(model).__name__)!r} model"
+        )
+    names = tuple(model.labels)
     collator = (NLVRCollator if isinstance(model, MPlugForNLVR) else VECollator)(
         tokenizer, max_length=max_length
     )
-
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:  # the collator consumes the sentences
-        return {
-            **collator(samples),
-            "sentence": [s["sentence"] for s in samples],
-            "type": [s.get("type") for s in samples],
-        }
-
-    preds, golds, kinds, rows = [], [], [], []
+    C = len(names)
+    confusion = torch.zeros(C, C, dtype=torch.long)  # [gold, predicted]
+    by_type: dict[str, list[bool]] = {}  # statement type -> right or not, per labelled item
+    preds, rows = [], []
     with eval_mode(model):
-        for batch in batches(dataset, collate, batch_size, device):
+        for batch in batches(dataset, with_columns(collator, "sentence", "type"), batch_size, device):
             probs = model(batch["images"], batch["text_ids"], batch["text_mask"]).float().softmax(-1).cpu()
             pred = probs.argmax(-1).tolist()  # [B]
             gold = batch["labels"].tolist() if "labels" in batch else [None] * len(pred)
             image_ids = batch.get("image_id", [None] * len(pred))
-            for b, (p, g) in enumerate(zip(pred, gold)):
+            for b, (p, g, kind) in enumerate(zip(pred, gold, batch["type"])):
                 rows.append(
                     {
                         "index": len(rows),
@@ -104,17 +96,11 @@ def evaluate(
                         "probs": [round(x, 6) for x in probs[b].tolist()],
                     }
                 )
+                if g is not None:
+                    confusion[g, p] += 1
+                    if kind is not None:
+                        by_type.setdefault(kind, []).append(p == g)
             preds += pred
-            golds += gold
-            kinds += batch["type"]
-    C = len(names)
-    confusion = torch.zeros(C, C, dtype=torch.long)  # [gold, predicted]
-    by_type: dict[str, list[bool]] = {}  # statement type -> right or not, per labelled item
-    for p, g, kind in zip(preds, golds, kinds):
-        if g is not None:
-            confusion[g, p] += 1
-            if kind is not None:
-                by_type.setdefault(kind, []).append(p == g)
     labelled = int(confusion.sum())
     per_class = confusion.sum(1)
     result: dict[str, Any] = {
@@ -129,7 +115,7 @@ def evaluate(
         "num_labelled": labelled,
     }
     if output is not None:
-        write_json(rows, output)
+        atomic_write_json(output, rows)
     result["predictions"] = torch.tensor(preds, dtype=torch.long)
     return result
 
@@ -155,15 +141,6 @@ def baseline(train: Dataset, evaluation: Dataset, limit: int = BASELINE_LIMIT) -
 # ---- training --------------------------------------------------------------------------------------------
 
 
-def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Batch-mean CE of logits [B, C] (computed in fp32) against labels long [B] in 0..C-1."""
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(
-            f"need logits [B, C] and labels [B], got {list(logits.shape)} and {list(labels.shape)}"
-        )
-    return F.cross_entropy(logits.float(), labels.long(), label_smoothing=label_smoothing)
-
-
 class ClassificationObjective(Objective):
     """CE over the task model's logits: loss = mean_b −log softmax(logits_b)[label_b].
 
@@ -185,7 +162,7 @@ class ClassificationObjective(Objective):
         require_keys(batch, ("images", "text_ids", "text_mask", "labels"), type(self).__name__)
         labels = batch["labels"]  # range checked by F.cross_entropy (no host sync here)
         logits = self.model(batch["images"], batch["text_ids"], batch["text_mask"].bool())
-        loss = classification_loss(logits, labels, self.label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.label_smoothing)  # fp32
         with torch.no_grad():
             acc = (logits.argmax(-1) == labels).float().mean()
         return {"loss": loss, self.task: loss.detach(), "acc": acc}

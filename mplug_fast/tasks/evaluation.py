@@ -1,13 +1,10 @@
 """The evaluation plumbing every task's `evaluate` shares: ordered device batches (with a progress bar on a
-terminal), eval mode, dataset limits, reading an item's text without rendering its image, the predictions
-JSON."""
+terminal), eval mode, dataset limits, reading an item's text without rendering its image."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from mplug_fast.data.collate import move_to
-from mplug_fast.io import atomic_write_json
 
 # ---- evaluation plumbing ------------------------------------------------------------------------------
 
@@ -42,6 +38,12 @@ def batches(
         yield move_to(batch, device, non_blocking=False)
 
 
+def with_columns(collate_fn: Callable[[list], dict], *keys: str) -> Callable[[list], dict]:
+    """``collate_fn`` whose batches also carry the samples' raw ``keys`` (a list each, None where absent):
+    the texts a collator consumes, for the predictions file."""
+    return lambda samples: {**collate_fn(samples), **{k: [s.get(k) for s in samples] for k in keys}}
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``with eval_mode(model):`` — model.eval() inside, the previous train/eval mode restored after."""
@@ -51,11 +53,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Writes ``obj`` as JSON to ``path`` atomically, parent folders created (``mplug_fast.io``)."""
-    return atomic_write_json(path, obj)
 
 
 def item_text(dataset: Dataset, i: int, key: str) -> Any:

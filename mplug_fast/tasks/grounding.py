@@ -28,19 +28,14 @@ from mplug_fast.data.official_grounding import RefCocoDataset
 from mplug_fast.data.synthetic import GroundingDataset
 from mplug_fast.inference import coordinate_token_ids, ground_tokens
 from mplug_fast.inference.grounding import GROUNDING_NUM_BINS
+from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics import grounding_accuracy
 from mplug_fast.metrics.boxes import box_cxcywh_to_xyxy, box_iou_aligned, generalized_box_iou_aligned
 from mplug_fast.modeling import MPlugForGrounding
 from mplug_fast.objectives.base import Objective
-from mplug_fast.objectives.pretrain import MomentumMixin, require_keys
-from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
+from mplug_fast.objectives.pretrain import require_keys
+from mplug_fast.tasks.evaluation import batches, eval_mode, with_columns
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, call_reader
-
-
-def mean_iou(pred_cxcywh: Tensor, gt_cxcywh: Tensor) -> float:
-    """Mean IoU of aligned boxes [B, 4] (normalised cx, cy, w, h; predictions clamped to [0, 1])."""
-    iou = box_iou_aligned(box_cxcywh_to_xyxy(pred_cxcywh).clamp(0, 1), box_cxcywh_to_xyxy(gt_cxcywh))
-    return iou.nan_to_num(0.0).double().mean().item()
 
 
 @torch.no_grad()
@@ -66,11 +61,7 @@ def evaluate(
     prefix, coord_ids = coordinate_token_ids(tokenizer, num_bins)
     coord_ids = coord_ids.to(device)
     first = int(coord_ids[0])
-    collator = GroundingCollator(tokenizer, max_length=max_length)
-
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:  # the collator consumes the expressions
-        return {**collator(samples), "expression": [s["expression"] for s in samples]}
-
+    collate = with_columns(GroundingCollator(tokenizer, max_length=max_length), "expression")
     preds, golds, rows = [], [], []
     with eval_mode(model):
         for batch in batches(dataset, collate, batch_size, device):
@@ -91,14 +82,15 @@ def evaluate(
                 )
             preds.append(boxes)
             golds.append(gt)
-    pred, gold = torch.cat(preds), torch.cat(golds)
+    pred, gold = torch.cat(preds), torch.cat(golds)  # [N, 4] normalised cx, cy, w, h
+    iou = box_iou_aligned(box_cxcywh_to_xyxy(pred).clamp(0, 1), box_cxcywh_to_xyxy(gold))  # [N]
     result: dict[str, Any] = {
         f"acc@{threshold:g}": 100.0 * grounding_accuracy(pred, gold, threshold),
-        "miou": 100.0 * mean_iou(pred, gold),
+        "miou": 100.0 * iou.nan_to_num(0.0).double().mean().item(),
         "count": pred.shape[0],
     }
     if output is not None:
-        write_json(rows, output)
+        atomic_write_json(output, rows)
     result["boxes"] = pred
     return result
 
@@ -134,7 +126,15 @@ def grounding_weights(
     return w_box, w_giou
 
 
-class GroundingObjective(MomentumMixin, Objective):
+@dataclass(frozen=True)
+class GroundingOptions:
+    """`GroundingObjective` options: the coordinate quantisation (official 336) and the box weighting."""
+
+    num_bins: int = GROUNDING_NUM_BINS
+    box_weighting: bool = True
+
+
+class GroundingObjective(Objective):
     """Grounding as coordinate tokens (fidelity §5.5): decoder input [unused339] + 4 bin tokens over the fused
     [image; expression]; CE over the 337 coordinate tokens only (the official prob mask adds −10000 to every
     other logit: the same softmax); per-token CE weighted (no grad) by the argmax box's L1 error per
@@ -151,40 +151,12 @@ class GroundingObjective(MomentumMixin, Objective):
     position learning.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        prefix_id: int,
-        coord_ids: Tensor,
-        num_bins: int = GROUNDING_NUM_BINS,
-        box_weighting: bool = True,
-    ):
+    def __init__(self, model: nn.Module, tokenizer: Any, **options: Any):  # options: `GroundingOptions`
         super().__init__()
-        self.box_weighting = box_weighting
-        coord_ids = torch.as_tensor(coord_ids, dtype=torch.long)
-        if coord_ids.numel() != num_bins + 1:
-            raise ValueError(
-                f"need {num_bins + 1} coordinate token ids (bins 0..{num_bins}), got {coord_ids.numel()}"
-            )
-        self.model, self.prefix_id, self.num_bins = model, prefix_id, num_bins
+        o = GroundingOptions(**options)
+        self.prefix_id, coord_ids = coordinate_token_ids(tokenizer, o.num_bins)  # long [num_bins + 1]
+        self.model, self.num_bins, self.box_weighting = model, o.num_bins, o.box_weighting
         self.register_buffer("coord_ids", coord_ids, persistent=False)
-        self.alpha, self.distill, self.alpha_warmup_steps = 0.0, False, 0
-        self._init_momentum(model, None, 0.0)
-
-    @classmethod
-    def from_tokenizer(
-        cls,
-        model: nn.Module,
-        tokenizer: Any,
-        *,
-        num_bins: int = GROUNDING_NUM_BINS,
-        box_weighting: bool = True,
-    ) -> GroundingObjective:
-        prefix, coord_ids = coordinate_token_ids(tokenizer, num_bins)
-        return cls(
-            model, prefix_id=prefix, coord_ids=coord_ids, num_bins=num_bins, box_weighting=box_weighting
-        )
 
     def box_ids(self, boxes: Tensor) -> tuple[Tensor, Tensor]:
         """boxes [B, 4] normalised cxcywh -> (decoder ids [B, 5], target bins [B, 4])."""
@@ -213,14 +185,6 @@ class GroundingObjective(MomentumMixin, Objective):
 # ---- the task --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GroundingOptions:
-    """`GroundingObjective` options: the coordinate quantisation (official 336) and the box weighting."""
-
-    num_bins: int = GROUNDING_NUM_BINS
-    box_weighting: bool = True
-
-
 class GroundingTask(Task):
     name = "grounding"
     metric = "acc@0.5"
@@ -238,7 +202,7 @@ class GroundingTask(Task):
     def _objective(
         self, model: nn.Module, tokenizer: Any, options: GroundingOptions, data: DataSource | None
     ) -> Objective:
-        return GroundingObjective.from_tokenizer(model, tokenizer, **vars(options))
+        return GroundingObjective(model, tokenizer, **vars(options))
 
     def official_dataset(self, split: str = "train", **kwargs: Any) -> Dataset:
         """TransVG split files: ``train`` (the training augmentation) follows the split."""

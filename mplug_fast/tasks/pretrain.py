@@ -20,14 +20,13 @@ from mplug_fast.data.official import PretrainJsonDataset
 from mplug_fast.data.synthetic import PretrainDataset
 from mplug_fast.modeling import MPlugForPretraining
 from mplug_fast.objectives.base import Objective
-from mplug_fast.objectives.pretrain import PretrainObjective
+from mplug_fast.objectives.pretrain import ContrastiveOptions, PretrainObjective
 from mplug_fast.tasks.protocol import Baseline, DataSource, Task, TaskError, call_reader
-from mplug_fast.tasks.retrieval import RetrievalOptions
 
 
 @dataclass(frozen=True)
-class PretrainOptions(RetrievalOptions):
-    """`PretrainObjective` options: the ITC / ITM ones of `RetrievalOptions` (official: queue 65536,
+class PretrainOptions(ContrastiveOptions):
+    """`PretrainObjective` options: the ITC / ITM ones of `ContrastiveOptions` (official: queue 65536,
     momentum 0.995, alpha 0.4), the MLM masking rate (official 15 %) and the loss weights."""
 
     mlm_probability: float = 0.15

@@ -65,46 +65,28 @@ class TaskError(ValueError):
 
 
 class Task(abc.ABC):
-    """One task. Subclasses set the class attributes and implement the abstract methods.
+    """One task. Subclasses set the class attributes (what each is: the comments) and implement the abstract
+    methods."""
 
-    Class attributes:
-        name: the registry key (also the label saved with the task's models).
-        metric: the headline key of `evaluate`'s result (higher is better).
-        model_class: the `MPlug` variant (backbone + heads) the task trains and evaluates.
-        collator: the collator class (``collator(tokenizer, **options)`` turns samples into a batch).
-        reader: the official-format dataset class (``reader(**data.official, split=...)``).
-        objective_class: the objective the default `_objective` builds (``objective_class(model, **opts)``).
-        synthetic_class: the synthetic dataset the default `synthetic_dataset` builds.
-        Options: a frozen dataclass of the task's training options (the run config's ``objective.options``).
-        eval_options: the defaults of `evaluate`'s keyword options (overridable per call).
-        predictions_file: the name of the predictions JSON `evaluate` writes under a run directory.
-        trainable: False for evaluate-only tasks (zero-shot video).
-        evaluable: False for tasks without an evaluation of their own (pretraining).
-        limitable: False where an official evaluation set cannot be cut short (a retrieval gallery).
-        length_option: the collate keyword the run config's ``data.max_length`` sets.
-        text_length: the official training text length in tokens (the pipeline's truncation default).
-        pipeline_method: the `mplug_fast.pipeline` method the task's model serves (None: not served), also
-            a name the pipeline accepts for the task.
-        aliases: other names `get_task`, the CLI's ``--task`` and the pipeline accept for the task.
-    """
-
-    name: ClassVar[str]
-    metric: ClassVar[str]
-    model_class: ClassVar[type[MPlug]]
-    Options: ClassVar[type] = NoOptions
+    name: ClassVar[str]  # the registry key (also the label saved with the task's models)
+    metric: ClassVar[str]  # the headline key of `evaluate`'s result (higher is better)
+    model_class: ClassVar[type[MPlug]]  # the `MPlug` variant (backbone + heads) it trains and evaluates
+    Options: ClassVar[type] = NoOptions  # a frozen dataclass: the run config's ``objective.options``
+    # samples -> batch: ``collator(tokenizer, **options)``
     collator: ClassVar[Callable[..., Callable[[list], dict[str, Any]]]]
-    reader: ClassVar[Callable[..., Dataset]]
-    objective_class: ClassVar[Callable[..., Objective]]
-    synthetic_class: ClassVar[Callable[..., Dataset]]
-    eval_options: ClassVar[Mapping[str, Any]] = {}
-    predictions_file: ClassVar[str] = "predictions.json"
-    trainable: ClassVar[bool] = True
-    evaluable: ClassVar[bool] = True
-    limitable: ClassVar[bool] = True
-    length_option: ClassVar[str] = "max_length"
-    text_length: ClassVar[int] = 30
+    reader: ClassVar[Callable[..., Dataset]]  # the official-format dataset: ``reader(**kwargs, split=)``
+    objective_class: ClassVar[Callable[..., Objective]]  # the default `_objective`: ``(model, **options)``
+    synthetic_class: ClassVar[Callable[..., Dataset]]  # the dataset the default `synthetic_dataset` builds
+    eval_options: ClassVar[Mapping[str, Any]] = {}  # defaults of `evaluate`'s keyword options
+    predictions_file: ClassVar[str] = "predictions.json"  # what `evaluate` writes under a run directory
+    trainable: ClassVar[bool] = True  # False for evaluate-only tasks (zero-shot video)
+    evaluable: ClassVar[bool] = True  # False for tasks without an evaluation of their own (pretraining)
+    limitable: ClassVar[bool] = True  # False where an official evaluation set cannot be cut short
+    length_option: ClassVar[str] = "max_length"  # the collate keyword the run config's data.max_length sets
+    text_length: ClassVar[int] = 30  # official training text length in tokens (the pipeline's truncation)
+    # the `mplug_fast.pipeline` method the task's model serves (None: not served), also a pipeline task name
     pipeline_method: ClassVar[str | None] = None
-    aliases: ClassVar[tuple[str, ...]] = ()
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names `get_task`, ``--task`` and the pipeline accept
 
     def __repr__(self) -> str:
         return f"<task {self.name!r}>"

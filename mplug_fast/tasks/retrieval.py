@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,13 +22,11 @@ from mplug_fast.data.collate import RetrievalCollator
 from mplug_fast.data.official_retrieval import RetrievalJsonDataset
 from mplug_fast.data.synthetic import RetrievalDataset
 from mplug_fast.inference.retrieval import RetrievalScores, retrieval_scores
+from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics import retrieval_recall
 from mplug_fast.modeling import MPlugForRetrieval
-from mplug_fast.objectives.base import Objective
-from mplug_fast.objectives.itc import DEFAULT_QUEUE_SIZE, ITCLoss, clamp_temperature, text_identity
-from mplug_fast.objectives.itm import Sampler, itm_loss
-from mplug_fast.objectives.pretrain import MomentumMixin, batch_image_ids, require_keys
-from mplug_fast.tasks.evaluation import eval_mode, write_json
+from mplug_fast.objectives.pretrain import ContrastiveObjective, ContrastiveOptions
+from mplug_fast.tasks.evaluation import eval_mode
 from mplug_fast.tasks.protocol import Baseline, Task
 
 RECALL_KS = (1, 5, 10)
@@ -69,7 +66,7 @@ def recall_result(
             d: [row.topk(min(10, row.numel())).indices.tolist() for row in m.cpu()]
             for d, m in zip(directions, (scores.i2t, scores.t2i))
         }
-        write_json(top, output)
+        atomic_write_json(output, top)
     return result
 
 
@@ -132,90 +129,21 @@ def baseline(train: Dataset, evaluation: Dataset, item: str = "image") -> Baseli
 # ---- training --------------------------------------------------------------------------------------------
 
 
-class RetrievalObjective(MomentumMixin, Objective):
+class RetrievalObjective(ContrastiveObjective):
     """Retrieval finetuning (fidelity §5.4): ITC with the queue, momentum distillation and multi-positive
     targets by image id, + ITM with hard negatives (never an image with the same id). The temperature is
-    clamped (the official retrieval model does not: a documented deviation)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        momentum: float = 0.995,
-        alpha: float = 0.4,
-        distill: bool = True,
-        alpha_warmup_steps: int = 0,
-        temp_range: tuple[float, float] = (0.001, 0.5),
-        global_batch: int | None = None,
-        sampler: Sampler | None = None,
-        same_text_positive: bool = False,
-        hard_negatives: bool = True,
-    ):
-        super().__init__()
-        if model.momentum is None:
-            raise ValueError(
-                "RetrievalObjective needs a model with momentum copies (the retrieval task model)"
-            )
-        self.model = model
-        self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
-        self.temp_range, self.sampler, self.hard_negatives = temp_range, sampler, hard_negatives
-        self.itc = ITCLoss(model.config.embed_dim, queue_size, global_batch, same_text_positive)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._init_momentum(model, model.momentum, momentum)
+    clamped (the official retrieval model does not: a documented deviation). Options: the base class's."""
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """batch: images, text_ids / text_mask [B, L], image_ids [B]. Returns {"loss", "itc", "itm"}."""
-        require_keys(batch, ("images", "text_ids", "text_mask"), "RetrievalObjective")
-        model = self.model
-        ids, mask = batch["text_ids"], batch["text_mask"].bool()
-        image_ids = batch_image_ids(batch, ids.device)
-        if image_ids is None:
+        if "image_ids" not in batch and "image_id" not in batch:
             raise KeyError(
                 "RetrievalObjective needs 'image_ids' [B] (captions of one image are all positives)"
             )
-        alpha = self.alpha_now()
-        if self.training:
-            self.step += 1
-        clamp_temperature(model.temp, *self.temp_range)
-        v = model.encode_image(batch["images"])
-        t = model.encode_text(ids, mask)
-        with torch.no_grad():
-            m = model.momentum_view()
-            img_m = m.image_features(m.encode_image(batch["images"]))
-            txt_m = m.text_features(m.encode_text(ids, mask))
-        itc, extras = self.itc(
-            model.image_features(v),
-            model.text_features(t),
-            img_m,
-            txt_m,
-            model.temp,
-            alpha,
-            image_ids,
-            enqueue=self.training,
-            text_hashes=text_identity(ids, mask) if self.itc.same_text_positive else None,
-        )
-        sims = extras["sim_i2t"], extras["sim_t2i"], extras["positives"]
-        itm, _ = itm_loss(model, v, t, mask, *sims, self.sampler, self.hard_negatives)
-        return {"loss": itc + itm, "itc": itc.detach(), "itm": itm.detach()}
+        return super().forward(batch)
 
 
 # ---- the task --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetrievalOptions:
-    """`RetrievalObjective` options (official: queue 65536, momentum 0.995, alpha 0.4, distillation on)."""
-
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    momentum: float = 0.995
-    alpha: float = 0.4
-    distill: bool = True
-    alpha_warmup_steps: int = 0
-    temp_range: tuple[float, float] = (0.001, 0.5)
-    global_batch: int | None = None
-    same_text_positive: bool = False  # official: ITC positives by image id only; True: identical texts too
-    hard_negatives: bool = True  # official: ITM negatives drawn by the ITC similarities; False: uniformly
 
 
 class RetrievalTask(Task):
@@ -226,7 +154,7 @@ class RetrievalTask(Task):
     reader = RetrievalJsonDataset
     synthetic_class = RetrievalDataset
     objective_class = RetrievalObjective
-    Options = RetrievalOptions
+    Options = ContrastiveOptions
     eval_options = {"k": 256}
     predictions_file = "retrieval_top10.json"
     pipeline_method = "rank"

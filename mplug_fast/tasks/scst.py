@@ -55,10 +55,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mplug_fast.data.official import KarpathyCaptionDataset
-from mplug_fast.data.synthetic import CaptionDataset, SyntheticWorld
+from mplug_fast.data.synthetic import CaptionDataset
 from mplug_fast.generation import CLS_ID, GenerationOutput, beam_search, sample
 from mplug_fast.metrics.caption import CiderD, ptb_tokenize_sentence
-from mplug_fast.modeling import MPlugForCaption
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.losses import IGNORE, lm_targets
 from mplug_fast.objectives.pretrain import require_keys
@@ -82,12 +81,14 @@ def document_frequencies(references: CiderD | Sequence[Sequence[str]]) -> CiderD
             "references_df must be a CiderD or a non-empty list of reference lists (one per training "
             f"image), got {type(references).__name__}"
         )
-    corpus = []
-    for i, refs in enumerate(references):
-        if isinstance(refs, str) or len(refs) == 0:
-            raise ValueError(f"training image {i}: expected a non-empty list of references, got {refs!r}")
-        corpus.append([ptb_tokenize_sentence(r) for r in refs])
-    return CiderD(corpus)
+    return CiderD([tokenized(refs, f"training image {i}") for i, refs in enumerate(references)])
+
+
+def tokenized(references: Sequence[str], what: str) -> list[str]:
+    """One image's gold captions, PTB-tokenised; ValueError naming ``what`` unless a non-empty list."""
+    if isinstance(references, str) or len(references) == 0:
+        raise ValueError(f"{what}: expected a non-empty list of captions, got {references!r}")
+    return [ptb_tokenize_sentence(r) for r in references]
 
 
 def references_from_data(spec: Mapping[str, Any]) -> list[list[str]]:
@@ -106,9 +107,8 @@ def references_from_data(spec: Mapping[str, Any]) -> list[list[str]]:
     ((source, options),) = spec.items()
     options = dict(options or {})
     if source == "synthetic":
-        num_scenes = int(options.get("num_scenes", 20000))
-        world = SyntheticWorld.from_config({"image_size": 64, "max_objects": 4, **options})
-        return [list(world.scene(i).captions) for i in range(num_scenes)]
+        scenes = synthetic_scenes("train", **options)
+        return [list(scenes.world.scene(i).captions) for i in range(scenes.count)]
 
     options["split"] = "test"  # the per-image form: all sentences of each image
     return [list(g) for g in KarpathyCaptionDataset(**options).gold]
@@ -128,6 +128,31 @@ def advantages(rewards: Tensor, baseline: BaselineKind = "others") -> Tensor:
     raise ValueError(f"baseline must be 'others' or 'all', got {baseline!r}")
 
 
+@dataclass(frozen=True)
+class SCSTOptions:
+    """The options of `SCSTObjective` and of the "scst" task (the run config's ``objective.options``)."""
+
+    num_samples: int = 5  # k candidates per image (official: 5 beams)
+    # "sample" (ancestral sampling: top_k / top_p / temperature) or "beam" (the k hypotheses of a beam search
+    # with beam_size = k, beam_mode)
+    candidates: Candidates = "sample"
+    max_length: int = 25  # generated tokens after the start ids at most (official 25)
+    min_length: int = 8  # ... at least (official 8)
+    baseline: BaselineKind = "others"  # "others" (leave-one-out mean) or "all" (official: mean of the k)
+    length_norm: bool = False  # divide each candidate's log-prob by its number of scored tokens (official)
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float = 1.0
+    beam_mode: Literal["official", "standard"] = "official"
+    prompt: str = ""  # text before the caption ("" for COCO, official); its tokens are not scored
+    seed: int | None = (
+        None  # of the sampling generator (None: torch's RNG, which the trainer seeds and saves)
+    )
+    # the task's: a data spec of the training references (None: this run's training data); the objective
+    # takes the table itself (`references_df`)
+    references_df: dict[str, Any] | None = None
+
+
 class SCSTObjective(Objective):
     """SCST on a caption model (``MPlugForCaption``-like: ``encode_image`` + ``decoder``); see the module doc.
 
@@ -135,14 +160,7 @@ class SCSTObjective(Objective):
         model: the caption model (task "scst", e.g. initialised from a CE-finetuned caption model).
         tokenizer: ``mplug_fast.data.Tokenizer`` (decodes candidates; encodes the prompt).
         references_df: the fixed CIDEr-D table (`CiderD`) or the raw training references, one list per image.
-        num_samples: k candidates per image (official: 5 beams).
-        candidates: "sample" (ancestral sampling, `top_k` / `top_p` / `temperature`) or "beam" (the k
-            hypotheses of a beam search with ``beam_size = k``, `beam_mode`).
-        max_length / min_length: generated tokens after the start ids (official 25 / 8).
-        baseline: "others" (leave-one-out mean, default) or "all" (official: mean of the k).
-        length_norm: divide each candidate's log-prob by its number of scored tokens (official) or not.
-        prompt: text before the caption ("" for COCO, official); its tokens are not scored.
-        seed: seed of the sampling generator (None: torch's global RNG, which the trainer seeds and saves).
+        options: `SCSTOptions` (but ``references_df``).
 
     Batch: ``images`` [B, 3, R, R] and ``captions`` (B lists of raw gold captions: the collator's test-form
     caption samples). Returns {"loss", "scst" (detached loss), "reward" (mean CIDEr-D of the candidates),
@@ -155,43 +173,36 @@ class SCSTObjective(Objective):
         tokenizer: Any,
         *,
         references_df: CiderD | Sequence[Sequence[str]],
-        num_samples: int = 5,
-        candidates: Candidates = "sample",
-        max_length: int = 25,
-        min_length: int = 8,
-        baseline: BaselineKind = "others",
-        length_norm: bool = False,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        beam_mode: Literal["official", "standard"] = "official",
-        prompt: str = "",
-        seed: int | None = None,
+        **options: Any,
     ):
         super().__init__()
-        if candidates not in ("sample", "beam"):
-            raise ValueError(f"candidates must be 'sample' or 'beam', got {candidates!r}")
-        if baseline not in ("others", "all"):
-            raise ValueError(f"baseline must be 'others' or 'all', got {baseline!r}")
-        if num_samples < 2:
-            raise ValueError(f"SCST needs num_samples >= 2 candidates per image, got {num_samples}")
-        if not 0 <= min_length <= max_length or max_length < 1:
+        o = SCSTOptions(**options)
+        if o.candidates not in ("sample", "beam"):
+            raise ValueError(f"candidates must be 'sample' or 'beam', got {o.candidates!r}")
+        if o.baseline not in ("others", "all"):
+            raise ValueError(f"baseline must be 'others' or 'all', got {o.baseline!r}")
+        if o.num_samples < 2:
+            raise ValueError(f"SCST needs num_samples >= 2 candidates per image, got {o.num_samples}")
+        if not 0 <= o.min_length <= o.max_length or o.max_length < 1:
             raise ValueError(
-                f"need 0 <= min_length <= max_length and max_length >= 1; got {min_length}, {max_length}"
+                f"need 0 <= min_length <= max_length and max_length >= 1; got {o.min_length}, {o.max_length}"
             )
         if tokenizer is None:
             raise ValueError("SCSTObjective needs the tokenizer (to decode the candidates)")
         self.model, self.tokenizer = model, tokenizer
         self.cider = document_frequencies(references_df)
-        self.num_samples, self.candidates = num_samples, candidates
-        self.max_length, self.min_length = max_length, min_length
-        self.baseline, self.length_norm = baseline, length_norm
-        self.top_k, self.top_p, self.temperature, self.beam_mode = top_k, top_p, temperature, beam_mode
-        start = [CLS_ID]
-        if prompt.strip():
-            start = list(tokenizer.encode(prompt))[:-1]  # [CLS] prompt, without the final [SEP]
-        self.start_ids = start
-        self.seed = seed
+        self.num_samples, self.candidates = o.num_samples, o.candidates
+        self.max_length, self.min_length = o.max_length, o.min_length
+        self.baseline, self.length_norm = o.baseline, o.length_norm
+        self.top_k, self.top_p, self.temperature, self.beam_mode = (
+            o.top_k,
+            o.top_p,
+            o.temperature,
+            o.beam_mode,
+        )
+        # [CLS] prompt, without the final [SEP]
+        self.start_ids = list(tokenizer.encode(o.prompt))[:-1] if o.prompt.strip() else [CLS_ID]
+        self.seed = o.seed
         self._generator: torch.Generator | None = None
 
     # ---- the steps of one forward --------------------------------------------------------------------
@@ -212,24 +223,12 @@ class SCSTObjective(Objective):
         B = memory.shape[0]
         decoder = self.model.decoder
         start = torch.tensor(self.start_ids, dtype=torch.long, device=memory.device).expand(B, -1)
-        lengths = {
-            "num_return": self.num_samples,
-            "max_length": self.max_length,
-            "min_length": self.min_length,
-        }
+        lengths = dict(num_return=self.num_samples, max_length=self.max_length, min_length=self.min_length)
         with eval_mode(decoder):
             if self.candidates == "sample":
-                return sample(
-                    decoder,
-                    memory,
-                    None,
-                    start,
-                    **lengths,
-                    top_k=self.top_k,
-                    top_p=self.top_p,
-                    temperature=self.temperature,
-                    generator=self._rng(memory.device),
-                )
+                sampling = dict(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature)
+                generator = self._rng(memory.device)
+                return sample(decoder, memory, None, start, **lengths, **sampling, generator=generator)
             return beam_search(
                 decoder, memory, None, start, beam_size=self.num_samples, mode=self.beam_mode, **lengths
             )
@@ -249,11 +248,7 @@ class SCSTObjective(Objective):
         if B == 0 or len(texts) % B != 0:
             raise ValueError(f"{len(texts)} candidates for {B} images: need k candidates per image")
         k = len(texts) // B
-        refs = []
-        for i, r in enumerate(references):
-            if isinstance(r, str) or len(r) == 0:
-                raise ValueError(f"image {i}: 'captions' must be a non-empty list of captions, not {r!r}")
-            refs.append([ptb_tokenize_sentence(c) for c in r])
+        refs = [tokenized(r, f"image {i} of the batch") for i, r in enumerate(references)]
         per_candidate = [refs[n // k] for n in range(len(texts))]  # the same list object per image
         return torch.tensor(self.cider.score(list(texts), per_candidate), dtype=torch.float32).view(B, k)
 
@@ -299,39 +294,11 @@ class SCSTObjective(Objective):
         }
 
 
-__all__ = [
-    "SCSTObjective",
-    "advantages",
-    "document_frequencies",
-    "references_from_data",
-]
-
-
 # ---- the task --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SCSTOptions:
-    """`SCSTObjective` options (``references_df``: None = the CIDEr-D table of this run's training data)."""
-
-    num_samples: int = 5
-    candidates: Candidates = "sample"
-    max_length: int = 25
-    min_length: int = 8
-    baseline: BaselineKind = "others"
-    length_norm: bool = False
-    top_k: int | None = None
-    top_p: float | None = None
-    temperature: float = 1.0
-    beam_mode: Literal["official", "standard"] = "official"
-    prompt: str = ""
-    seed: int | None = None
-    references_df: dict[str, Any] | None = None
 
 
 class SCSTTask(CaptionTask):
     name = "scst"
-    model_class = MPlugForCaption
     Options = SCSTOptions
     pipeline_method = None  # served as "caption" (the same weights)
     aliases = ()

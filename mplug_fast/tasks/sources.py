@@ -1,10 +1,28 @@
-"""The synthetic world's scenes of a split, as every task's ``synthetic_dataset`` reads them."""
+"""The run config's ``data.synthetic`` section and the synthetic world's scenes of a split, as every task's
+``synthetic_dataset`` reads them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mplug_fast.data.synthetic import SyntheticWorld
+
+
+@dataclass
+class SyntheticSection:
+    """The built-in synthetic world (``mplug_fast.data.synthetic``)."""
+
+    image_size: int = 64  # rendered side in pixels (and the model's input resolution unless resized)
+    num_scenes: int = 20000  # training scenes 0 .. num_scenes - 1
+    eval_scenes: int = 500  # held-out scenes num_scenes .. num_scenes + eval_scenes - 1
+    min_objects: int = 1
+    max_objects: int = 4
+    seed: int = 0
+    object_scale: float = 1.0  # object sides x this (SyntheticWorld): > 1 = larger objects at low resolution
+    vqa_types: list[str] | None = None  # restrict the VQA question types (None: all)
+    pair_types: list[str] | None = None  # restrict the VE / NLVR statement types (None: all)
+    ve_labels: list[str] | None = None  # VE label names used (None: contradiction, neutral, entailment)
 
 
 @dataclass(frozen=True)
@@ -20,31 +38,11 @@ class SyntheticScenes:
     ve_labels: tuple[str, ...] | None = None
 
 
-def synthetic_scenes(
-    split: str = "train",
-    *,
-    image_size: int = 64,
-    num_scenes: int = 20000,
-    eval_scenes: int = 500,
-    min_objects: int = 1,
-    max_objects: int = 4,
-    seed: int = 0,
-    object_scale: float = 1.0,
-    vqa_types: list[str] | None = None,
-    pair_types: list[str] | None = None,
-    ve_labels: list[str] | None = None,
-) -> SyntheticScenes:
+def synthetic_scenes(split: str = "train", **world: Any) -> SyntheticScenes:
     """Split "train" reads scenes 0..num_scenes-1, any other split the held-out scenes
-    num_scenes..num_scenes+eval_scenes-1. The keyword arguments are the run config's ``data.synthetic``."""
-    world = SyntheticWorld(
-        image_size=image_size,
-        max_objects=max_objects,
-        min_objects=min_objects,
-        seed=seed,
-        object_scale=object_scale,
-    )
-    count, start = (num_scenes, 0) if split == "train" else (eval_scenes, num_scenes)
-    as_tuple = lambda v: None if v is None else tuple(v)  # noqa: E731
-    return SyntheticScenes(
-        world, count, start, as_tuple(vqa_types), as_tuple(pair_types), as_tuple(ve_labels)
-    )
+    num_scenes..num_scenes+eval_scenes-1. The keyword arguments are the run config's ``data.synthetic``
+    (`SyntheticSection`)."""
+    o = SyntheticSection(**world)
+    count, start = (o.num_scenes, 0) if split == "train" else (o.eval_scenes, o.num_scenes)
+    tuples = [None if v is None else tuple(v) for v in (o.vqa_types, o.pair_types, o.ve_labels)]
+    return SyntheticScenes(SyntheticWorld.from_config(o), count, start, *tuples)

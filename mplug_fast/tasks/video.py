@@ -41,41 +41,43 @@ from mplug_fast.data.synthetic.video import (
 )
 from mplug_fast.data.video import SAMPLING_MODES, collate_videos, resample_frames
 from mplug_fast.inference.video import video_caption_generate, video_qa_rank, video_retrieval_scores
+from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics.retrieval import ranks_image_to_text, ranks_text_to_image
 from mplug_fast.modeling import MPlug
 from mplug_fast.tasks import caption as caption_task
 from mplug_fast.tasks import retrieval as retrieval_task
 from mplug_fast.tasks import vqa as vqa_task
-from mplug_fast.tasks.evaluation import batches, eval_mode, write_json
+from mplug_fast.tasks.evaluation import batches, eval_mode
 from mplug_fast.tasks.protocol import Task
 from mplug_fast.tasks.sources import SyntheticScenes, synthetic_scenes
 
 
-def _video_batches(
-    dataset: Dataset,
-    batch_size: int,
-    device: torch.device | str,
-    num_frames: int | None,
-    frame_sampling: str,
-    seen: dict[str, int],
-) -> Iterator[dict[str, Any]]:
-    """The collated video batches, frames resampled to ``num_frames``; ``seen["num_frames"]``: the frames of
-    the last batch."""
-    for batch in batches(dataset, collate_videos, batch_size, device):
-        if num_frames is not None:
-            batch["videos"] = resample_frames(batch["videos"], num_frames, frame_sampling)  # type: ignore[arg-type]
-        seen["num_frames"] = int(batch["videos"].shape[1])
-        yield batch
-
-
-def _check_frames(num_frames: int | None, frame_sampling: str) -> None:
-
+def _frame_sampler(num_frames: int | None, frame_sampling: str) -> Callable[[Tensor], Tensor]:
+    """Checks the frame options; returns videos [B, T, 3, R, R] -> [B, num_frames, 3, R, R] (None: as is)."""
     if num_frames is not None and (
         isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1
     ):
         raise ValueError(f"num_frames must be an int >= 1 or None (all frames), got {num_frames!r}")
     if frame_sampling not in SAMPLING_MODES:
         raise ValueError(f"frame_sampling must be one of {SAMPLING_MODES}, got {frame_sampling!r}")
+    if num_frames is None:
+        return lambda videos: videos
+    return lambda videos: resample_frames(videos, num_frames, frame_sampling)  # type: ignore[arg-type]
+
+
+def _video_batches(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device | str,
+    frames: Callable[[Tensor], Tensor],
+    seen: dict[str, int],
+) -> Iterator[dict[str, Any]]:
+    """The collated video batches, their frames resampled by ``frames`` (`_frame_sampler`);
+    ``seen["num_frames"]``: the frames of the last batch."""
+    for batch in batches(dataset, collate_videos, batch_size, device):
+        batch["videos"] = frames(batch["videos"])
+        seen["num_frames"] = int(batch["videos"].shape[1])
+        yield batch
 
 
 # ---- video QA ------------------------------------------------------------------------------------------
@@ -108,8 +110,7 @@ def evaluate_qa(
         {"vqa_acc" (percent; exact match for one gold answer, VQA accuracy for several), "vqa_acc_kind",
          "vqa_acc/<type>", "count", "num_frames", "predictions": {question_id: answer}}.
     """
-
-    _check_frames(num_frames, frame_sampling)
+    frames = _frame_sampler(num_frames, frame_sampling)
     if answer_list is None:
         answer_list = (
             dataset.answer_list() if hasattr(dataset, "answer_list") else vqa_task.answer_list_from(dataset)
@@ -121,17 +122,15 @@ def evaluate_qa(
     def answer(batch: dict[str, Any]) -> list[str]:
         q = tokenizer(batch["question"], padding="longest", max_length=max_question_length, truncation=True)
         q_ids, q_mask = q.input_ids.to(device), q.attention_mask.bool().to(device)
-        ranked = video_qa_rank(
-            model, batch["videos"], q_ids, q_mask, a_ids, a_mask.bool(), k=min(k, len(names))
-        )
+        ranked = video_qa_rank(model, batch["videos"], q_ids, q_mask, a_ids, a_mask.bool(), k=k)
         return [names[best] for best in ranked.indices[:, 0].tolist()]
 
     seen = {"num_frames": 0}
     with eval_mode(model):
-        batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
+        batch_iter = _video_batches(dataset, batch_size, device, frames, seen)
         result = vqa_task.answer_accuracy(batch_iter, answer, "video QA")
     if output is not None:
-        write_json([{"question_id": q, "answer": a} for q, a in result["predictions"].items()], output)
+        atomic_write_json(output, [{"question_id": q, "answer": a} for q, a in result["predictions"].items()])
     return {**result, **seen}
 
 
@@ -160,24 +159,19 @@ def evaluate_caption(
 
     Returns: {"BLEU_1".."BLEU_4", "ROUGE_L", "CIDEr", "count", "num_frames", "notes", "predictions"}.
     """
-
-    _check_frames(num_frames, frame_sampling)
-
-    def generate(batch: dict[str, Any], prompt: Tensor | None) -> Any:
-        return video_caption_generate(
-            model,
-            batch["videos"],
-            prompt,
-            beam_size=beam_size,
-            max_length=max_length,
-            min_length=min_length,
-        )
-
+    frames = _frame_sampler(num_frames, frame_sampling)
+    options = dict(beam_size=beam_size, max_length=max_length, min_length=min_length)
     seen = {"num_frames": 0}
     with eval_mode(model):
-        batch_iter = _video_batches(dataset, batch_size, device, num_frames, frame_sampling, seen)
         result = caption_task.caption_evaluation(
-            batch_iter, tokenizer, generate, prompt, max_length, device, id_key="video_id", output=output
+            _video_batches(dataset, batch_size, device, frames, seen),
+            tokenizer,
+            lambda batch, prompt: video_caption_generate(model, batch["videos"], prompt, **options),
+            prompt,
+            max_length,
+            device,
+            id_key="video_id",
+            output=output,
         )
     return {**result, **seen}
 
@@ -209,12 +203,10 @@ def evaluate_retrieval(
          1 = first), the recalls prefixed "itc/" (mean-frame ITC alone), "num_videos", "num_texts",
          "num_frames"}.
     """
-
-    _check_frames(num_frames, frame_sampling)
+    frames = _frame_sampler(num_frames, frame_sampling)
     texts, txt2vid, vid2txt = retrieval_task.gallery(dataset, "video")
-    videos = torch.stack([dataset.video(j) for j in range(len(vid2txt))]).to(device)  # [N, T, 3, R, R]
-    if num_frames is not None:
-        videos = resample_frames(videos, num_frames, frame_sampling)  # type: ignore[arg-type]
+    # [N, T, 3, R, R]
+    videos = frames(torch.stack([dataset.video(j) for j in range(len(vid2txt))]).to(device))
     enc = tokenizer(list(texts), padding="longest", max_length=max_length, truncation=True)
     ids, mask = enc.input_ids.to(device), enc.attention_mask.bool().to(device)
     with eval_mode(model):

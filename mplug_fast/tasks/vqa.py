@@ -64,9 +64,8 @@ def score_questions(
     return 100.0 * sum(per_q.values()) / len(per_q), per_type, kind
 
 
-def _gold(batch: dict[str, Any], i: int) -> list[str]:
-    """The human answers of question i of a collated batch (``gt_answers`` when the reader has them)."""
-    gold = batch.get("gt_answers", batch["answers"])[i]
+def _answers(gold: str | Sequence[str]) -> list[str]:
+    """A question's human answers as a list (a reader may give one answer as a string)."""
     return [gold] if isinstance(gold, str) else list(gold)
 
 
@@ -143,7 +142,7 @@ def answer_batch(
     args = (model, images, question_ids, question_mask)
     if answers is not None:
         names, ids, mask = answers
-        ranked = vqa_rank(*args, ids, mask, k=min(k, len(names)), double_count_first=double_count_first)
+        ranked = vqa_rank(*args, ids, mask, k=k, double_count_first=double_count_first)  # k clamped to A
         return [names[int(i)] for i in ranked.indices[:, 0]]
     out = vqa_generate(*args, **generation)
     return [tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).strip() for row in out.ids[:, 0]]
@@ -165,7 +164,8 @@ def answer_accuracy(
         for i, qid in enumerate(qids):
             if qid in predictions:
                 raise ValueError(f"duplicate question_id {qid!r} in the {what} evaluation set")
-            predictions[qid], gold[qid] = answers[i], _gold(batch, i)
+            # the human answers: ``gt_answers`` when the reader has them
+            predictions[qid], gold[qid] = answers[i], _answers(batch.get("gt_answers", batch["answers"])[i])
             if "type" in batch:
                 types[qid] = batch["type"][i]
     overall, per_type, kind = score_questions(predictions, gold, types or None)
@@ -181,10 +181,7 @@ def baseline(train: Dataset, evaluation: Dataset, limit: int = 2000) -> Baseline
     if not answers:
         raise ValueError("the training set has no answers")
     majority = answers[0]
-    gold = {}
-    for i in range(len(evaluation)):
-        human = item_text(evaluation, i, "gt_answers")
-        gold[i] = [human] if isinstance(human, str) else list(human)
+    gold = {i: _answers(item_text(evaluation, i, "gt_answers")) for i in range(len(evaluation))}
     acc = score_questions(dict.fromkeys(gold, majority), gold)[0]
     return Baseline("vqa_acc", acc, f"majority training answer {majority!r} for every question")
 
@@ -196,6 +193,16 @@ def answer_list_from(dataset: Dataset, limit: int = 5000) -> list[str]:
 
 
 # ---- training --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VQAOptions:
+    """`VQAObjective` options (official yaml: distill true, alpha 0.4, momentum 0.995)."""
+
+    distill: bool = True
+    alpha: float = 0.4
+    momentum: float = 0.995
+    alpha_warmup_steps: int = 0
 
 
 class VQAObjective(MomentumMixin, Objective):
@@ -215,21 +222,14 @@ class VQAObjective(MomentumMixin, Objective):
 
     MOMENTUM = ("vision", "adapter", "text_encoder", "fusion", "decoder")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        distill: bool = True,
-        alpha: float = 0.4,
-        momentum: float = 0.995,
-        alpha_warmup_steps: int = 0,
-    ):
+    def __init__(self, model: nn.Module, **options: Any):  # options: `VQAOptions`
         super().__init__()
+        o = VQAOptions(**options)
         self.model = model
-        self.alpha, self.distill, self.alpha_warmup_steps = alpha, distill, alpha_warmup_steps
-        self.momentum = MomentumCopies(model, self.MOMENTUM) if distill else None
+        self.alpha, self.distill, self.alpha_warmup_steps = o.alpha, o.distill, o.alpha_warmup_steps
+        self.momentum = MomentumCopies(model, self.MOMENTUM) if o.distill else None
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._init_momentum(model, self.momentum, momentum)
+        self._init_momentum(model, self.momentum, o.momentum)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """batch: images [B,3,R,R], question_ids/mask [B,Lq], answer_ids/mask [N,La], answer_index [N],
@@ -239,9 +239,7 @@ class VQAObjective(MomentumMixin, Objective):
         images, q_ids, q_mask, a_ids, a_mask, index = (batch[k] for k in keys)
         q_mask, a_mask = q_mask.bool(), a_mask.bool()
         weights = batch["answer_weights"].to(torch.float32)
-        alpha = self.alpha_now()
-        if self.training:
-            self.step += 1
+        alpha = self.next_alpha()
         memory, memory_mask = self.model.fused_memory(images, q_ids, q_mask)
         logits = self.model.decode(a_ids, a_mask, memory, memory_mask, memory_index=index)
         soft = None
@@ -256,16 +254,6 @@ class VQAObjective(MomentumMixin, Objective):
 
 
 # ---- the task --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VQAOptions:
-    """`VQAObjective` options (official yaml: distill true, alpha 0.4, momentum 0.995)."""
-
-    distill: bool = True
-    alpha: float = 0.4
-    momentum: float = 0.995
-    alpha_warmup_steps: int = 0
 
 
 class VQATask(Task):

@@ -16,16 +16,19 @@ passed on to the objective, the official readers and the task's evaluate, which 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from mplug_fast.config import PRESETS, ConfigError, check_overrides, from_mapping, load_yaml, to_mapping
-from mplug_fast.config import apply_overrides as _apply_overrides
+from mplug_fast.config import PRESETS, check_overrides
+from mplug_fast.config.coerce import ConfigError, apply_overrides, from_mapping, load_yaml, to_mapping
 from mplug_fast.io import atomic_write_text
+from mplug_fast.tasks.sources import SyntheticSection
 
+DEVICES = ("auto", "cpu", "cuda", "mps")  # device names before an optional ":N"
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"  # the shipped run configs (package data)
 
 
@@ -43,22 +46,6 @@ class ModelSection:
         if self.preset not in PRESETS:
             raise ConfigError(f"model.preset {self.preset!r} is unknown; available: {sorted(PRESETS)}")
         check_overrides(self.overrides, name="model.overrides")
-
-
-@dataclass
-class SyntheticSection:
-    """The built-in synthetic world (``mplug_fast.data.synthetic``)."""
-
-    image_size: int = 64  # rendered side in pixels (and the model's input resolution unless resized)
-    num_scenes: int = 20000  # training scenes 0 .. num_scenes - 1
-    eval_scenes: int = 500  # held-out scenes num_scenes .. num_scenes + eval_scenes - 1
-    min_objects: int = 1
-    max_objects: int = 4
-    seed: int = 0
-    object_scale: float = 1.0  # object sides x this (SyntheticWorld): > 1 = larger objects at low resolution
-    vqa_types: list[str] | None = None  # restrict the VQA question types (None: all)
-    pair_types: list[str] | None = None  # restrict the VE / NLVR statement types (None: all)
-    ve_labels: list[str] | None = None  # VE label names used (None: contradiction, neutral, entailment)
 
 
 @dataclass
@@ -181,57 +168,48 @@ class RunConfig:
         return text
 
 
-def _ranges(cfg: RunConfig) -> list[tuple[str, Any, bool, str]]:
-    """(key, value, whether it is in range, the range) of every run-config value with a valid range."""
+def _ranges(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    """(key, whether its value is in range, the range) of every run-config value with a valid range."""
     o, s, d = cfg.optim, cfg.schedule, cfg.data
 
-    def at_least(low, value, optional=False):
-        return (optional and value is None) or (value is not None and value >= low)
+    def at_least(low, value):  # null is in range too
+        return value is None or value >= low
 
     return [
-        ("data.batch_size", d.batch_size, d.batch_size >= 1, ">= 1"),
-        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
-        ("data.max_length", d.max_length, at_least(1, d.max_length, True), ">= 1 or null"),
-        ("data.synthetic.image_size", d.synthetic.image_size, d.synthetic.image_size >= 8, ">= 8"),
-        ("data.synthetic.num_scenes", d.synthetic.num_scenes, d.synthetic.num_scenes >= 1, ">= 1"),
-        ("data.synthetic.eval_scenes", d.synthetic.eval_scenes, d.synthetic.eval_scenes >= 0, ">= 0"),
-        ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
-        ("optim.lr_visual", o.lr_visual, at_least(0, o.lr_visual, True), ">= 0 or null"),
-        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
-        (
-            "optim.betas",
-            o.betas,
-            len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-            "two values in [0, 1)",
-        ),
-        ("optim.eps", o.eps, o.eps > 0, "> 0"),
-        ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "> 0 or null (no clipping)"),
-        ("optim.accum_steps", o.accum_steps, o.accum_steps >= 1, ">= 1"),
-        ("schedule.max_steps", s.max_steps, at_least(1, s.max_steps, True), ">= 1 or null (from epochs)"),
-        ("schedule.epochs", s.epochs, s.epochs is None or s.epochs > 0, "> 0 or null"),
-        ("schedule.warmup_steps", s.warmup_steps, s.warmup_steps >= 0, ">= 0 (clipped to the run's steps)"),
-        ("schedule.warmup_start", s.warmup_start, 0 <= s.warmup_start <= 1, "[0, 1]"),
-        ("schedule.warmup_lr", s.warmup_lr, at_least(0, s.warmup_lr, True), ">= 0 or null"),
-        ("schedule.min_lr", s.min_lr, s.min_lr >= 0, ">= 0"),
-        ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, ">= 0"),
-        ("checkpoint.keep_last", cfg.checkpoint.keep_last, cfg.checkpoint.keep_last >= 1, ">= 1"),
-        ("logging.every_steps", cfg.logging.every_steps, cfg.logging.every_steps >= 1, ">= 1"),
-        ("eval.batch_size", cfg.eval.batch_size, at_least(1, cfg.eval.batch_size, True), ">= 1 or null"),
-        ("max_nonfinite", cfg.max_nonfinite, cfg.max_nonfinite >= 1, ">= 1"),
-        (
-            "device",
-            cfg.device,
-            cfg.device.partition(":")[0] in ("auto", "cpu", "cuda", "mps"),
-            "auto, cpu, cuda, cuda:N or mps",
-        ),
+        ("data.batch_size", d.batch_size >= 1, ">= 1"),
+        ("data.num_workers", d.num_workers >= 0, ">= 0"),
+        ("data.max_length", at_least(1, d.max_length), ">= 1 or null"),
+        ("data.synthetic.image_size", d.synthetic.image_size >= 8, ">= 8"),
+        ("data.synthetic.num_scenes", d.synthetic.num_scenes >= 1, ">= 1"),
+        ("data.synthetic.eval_scenes", d.synthetic.eval_scenes >= 0, ">= 0"),
+        ("optim.lr", o.lr >= 0, ">= 0"),
+        ("optim.lr_visual", at_least(0, o.lr_visual), ">= 0 or null"),
+        ("optim.weight_decay", o.weight_decay >= 0, ">= 0"),
+        ("optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two values in [0, 1)"),
+        ("optim.eps", o.eps > 0, "> 0"),
+        ("optim.grad_clip", o.grad_clip is None or o.grad_clip > 0, "> 0 or null (no clipping)"),
+        ("optim.accum_steps", o.accum_steps >= 1, ">= 1"),
+        ("schedule.max_steps", at_least(1, s.max_steps), ">= 1 or null (from epochs)"),
+        ("schedule.epochs", s.epochs is None or s.epochs > 0, "> 0 or null"),
+        ("schedule.warmup_steps", s.warmup_steps >= 0, ">= 0 (clipped to the run's steps)"),
+        ("schedule.warmup_start", 0 <= s.warmup_start <= 1, "[0, 1]"),
+        ("schedule.warmup_lr", at_least(0, s.warmup_lr), ">= 0 or null"),
+        ("schedule.min_lr", s.min_lr >= 0, ">= 0"),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps >= 0, ">= 0"),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, ">= 1"),
+        ("logging.every_steps", cfg.logging.every_steps >= 1, ">= 1"),
+        ("eval.batch_size", at_least(1, cfg.eval.batch_size), ">= 1 or null"),
+        ("max_nonfinite", cfg.max_nonfinite >= 1, ">= 1"),
+        ("device", cfg.device.partition(":")[0] in DEVICES, "auto, cpu, cuda, cuda:N or mps"),
     ]
 
 
 def validate(cfg: RunConfig) -> None:
     """Value checks that types alone do not catch: one `ConfigError` naming the key, the value and the
     valid range (`from_mapping` adds the file)."""
-    for key, value, ok, valid in _ranges(cfg):
+    for key, ok, valid in _ranges(cfg):
         if not ok:
+            value = functools.reduce(getattr, key.split("."), cfg)
             raise ConfigError(f"{key}={value!r} is out of range: must be {valid}")
     if cfg.schedule.max_steps is None and cfg.schedule.epochs is None:
         raise ConfigError("schedule.max_steps is null and schedule.epochs is not set; give one of them")
@@ -243,12 +221,6 @@ def validate(cfg: RunConfig) -> None:
 def from_dict(data: dict[str, Any] | None, *, where: str = "") -> RunConfig:
     """A ``RunConfig`` from plain data (missing fields keep their defaults); errors name ``where``."""
     return from_mapping(RunConfig, data, where=where)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of ``data`` (plain nested dicts) with each ``a.b=value`` applied; unknown keys and wrong types
-    are errors naming the override."""
-    return _apply_overrides(RunConfig, data, overrides)
 
 
 def shipped_configs() -> list[str]:
@@ -294,5 +266,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         data, resolved = read_config_file(path)
         where = str(resolved)
-    data = apply_overrides(data, list(overrides or []))
+    data = apply_overrides(RunConfig, data, list(overrides or []))
     return from_dict(data, where=where)

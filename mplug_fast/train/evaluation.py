@@ -16,10 +16,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mplug_fast.checkpoint import CheckpointSource, resolve_checkpoint
+from mplug_fast.config import apply_overrides
+from mplug_fast.io import atomic_write_json
 from mplug_fast.tasks import from_pretrained, get_task, task_name
-from mplug_fast.tasks.evaluation import limit_dataset, write_json
+from mplug_fast.tasks.evaluation import limit_dataset
 from mplug_fast.train.build import build_dataset, build_model
-from mplug_fast.train.config import RunConfig, apply_overrides, from_dict, load_config
+from mplug_fast.train.config import RunConfig, from_dict, load_config
 
 DEFAULT_EVAL_BATCH_SIZE = 32
 
@@ -64,15 +66,12 @@ def run_evaluation(
     """Evaluates ``model``, computes the baseline, writes ``out_dir/metrics_name`` and the predictions JSON;
     returns the written record. Defaults, weakest first: the task's ``eval_options``, the run config's
     ``eval`` section (``batch_size``, ``options``, ``official``), then the arguments (the CLI flags)."""
-    spec = get_task(task)
-    options, official_overrides = dict(options or {}), dict(official_overrides or {})
-    run_eval = config.eval
+    spec, run_eval, options = get_task(task), config.eval, dict(options or {})
     spec.check_eval_options(run_eval.options, "eval.options")
     spec.check_eval_options(options)
-    official_overrides = {**run_eval.official, **official_overrides}
     if batch_size is None:
         batch_size = run_eval.batch_size or DEFAULT_EVAL_BATCH_SIZE
-    dataset = eval_dataset(config, task, split, limit, official_overrides)
+    dataset = eval_dataset(config, task, split, limit, {**run_eval.official, **(official_overrides or {})})
     opts = {**spec.eval_options, **run_eval.options, **options}
     try:
         result = spec.evaluate(
@@ -111,7 +110,7 @@ def run_evaluation(
         "eval_options": {"batch_size": batch_size, "limit": limit, **opts},
         "predictions_file": str(out_dir / spec.predictions_file),
     }
-    write_json(record, out_dir / metrics_name)
+    atomic_write_json(out_dir / metrics_name, record)
     return record
 
 
@@ -143,7 +142,7 @@ def load_for_evaluation(
     if config_path:
         config = load_config(config_path, [task_override, *overrides])
     else:
-        config = from_dict(apply_overrides(source.state["config"], overrides))
+        config = from_dict(apply_overrides(RunConfig, source.state["config"], overrides))
     if task_name(config.model.task) != model_name:
         raise ValueError(f"{path} holds a {config.model.task!r} model, not the {model_name!r} model")
     config.model.init_from = None  # the checkpoint has every weight

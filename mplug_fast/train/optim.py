@@ -16,8 +16,6 @@ for the usual exclusions. The visual lr goes to ``vision.*`` only; the large mod
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -84,10 +82,6 @@ def param_groups(
     return groups
 
 
-def _params_on(groups: Iterable[dict]) -> set[str]:
-    return {p.device.type for g in groups for p in g["params"]}
-
-
 def fused_supported(device_types: set[str]) -> bool:
     """Whether ``torch.optim.AdamW(fused=True)`` supports parameters on these device types."""
     try:
@@ -114,7 +108,7 @@ def build_optimizer(
     "auto" = fused when the parameters are on GPUs that support it, else foreach (CPU: foreach).
     """
     groups = param_groups(module, lr, lr_visual, weight_decay)
-    devices = _params_on(groups)
+    devices = {p.device.type for g in groups for p in g["params"]}
     if implementation == "auto":
         implementation = "fused" if fused_supported(devices) and "cpu" not in devices else "foreach"
     if implementation == "fused" and not fused_supported(devices):

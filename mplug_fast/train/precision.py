@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -82,31 +82,22 @@ class Precision:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def _layers(module: nn.Module) -> Iterator[nn.Module]:
-    for name, child in module.named_modules():
-        if isinstance(child, nn.ModuleList) and name.split(".")[-1] in LAYER_LIST_NAMES:
-            yield from child
-
-
 def _checkpointed(forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def enable_gradient_checkpointing(module: nn.Module, skip_prefixes: tuple[str, ...] = ("momentum",)) -> int:
+def enable_gradient_checkpointing(module: nn.Module) -> int:
     """Recompute every transformer layer of ``module`` in the backward pass; returns the number of layers
-    wrapped. Layers under ``skip_prefixes`` (the frozen momentum copies) are left alone."""
+    wrapped. Layers under a ``momentum`` module (the frozen momentum copies) are left alone."""
     count = 0
-    skip = {
-        id(layer)
-        for name, child in module.named_modules()
-        if isinstance(child, nn.ModuleList) and set(name.split(".")) & set(skip_prefixes)
-        for layer in child
-    }
-    for layer in _layers(module):
-        if id(layer) in skip or "forward" in layer.__dict__:
+    for name, child in module.named_modules():
+        parts = name.split(".")
+        if not isinstance(child, nn.ModuleList) or parts[-1] not in LAYER_LIST_NAMES or "momentum" in parts:
             continue
-        layer.forward = functools.partial(_checkpointed, layer.forward)
-        count += 1
+        for layer in child:
+            if "forward" not in layer.__dict__:
+                layer.forward = functools.partial(_checkpointed, layer.forward)
+                count += 1
     return count

@@ -64,7 +64,6 @@ class WarmupCosine:
         if not 0.0 <= warmup_start <= 1.0:
             raise ValueError(f"warmup_start must be in [0, 1], got {warmup_start}")
         self.optimizer = optimizer
-        self.warmup_steps, self.max_steps = warmup_steps, max_steps
         # the arguments of lr_at after the group's base lr
         self.shape = (warmup_steps, max_steps, min_lr, warmup_start, warmup_lr)
         for group in optimizer.param_groups:

@@ -381,12 +381,6 @@ class Trainer:
             logger.warning("overwrite: removing the previous run's files in %s", self.output_dir)
             clear_run_folder(self.output_dir)
 
-    # ---- logging -------------------------------------------------------------------------------------
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.env.is_main:
-            self.metrics.write(record)
-
     # ---- the loop ------------------------------------------------------------------------------------
 
     def _install_sigint(self):
@@ -453,7 +447,8 @@ class Trainer:
                     record["samples_per_s"] = samples_per_step * window_steps / max(elapsed, 1e-9)
                     record["steps_per_s"] = window_steps / max(elapsed, 1e-9)
                     record["nonfinite_total"] = self.nonfinite_total
-                    self._log(record)
+                    if self.env.is_main:
+                        self.metrics.write(record)
                     first = first or record
                     last = record
                     window, window_steps, window_start = {}, 0, time.perf_counter()
