@@ -214,6 +214,29 @@ class ImageDataset(Dataset, abc.ABC):
         return list(self.bad_images)
 
 
+class AnnotatedImageDataset(ImageDataset):
+    """The constructor shared by the retrieval and sentence-pair readers: one annotation list
+    (``self.ann``) whose texts are cut to ``max_words``; a subclass reads ``self.ann`` in ``_read``."""
+
+    def __init__(
+        self,
+        ann: AnnotationSource,
+        image_root: PathLike | None = None,
+        split: str = "train",
+        image_size: int = 384,
+        transform: Transform | None = None,
+        max_words: int = DEFAULT_MAX_WORDS,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    ):
+        super().__init__(image_root, max_bad_fraction, split, image_size, transform)
+        self.ann = load_annotations(ann)
+        self.max_words = max_words
+        self._read()
+
+    @abc.abstractmethod
+    def _read(self) -> None: ...
+
+
 def first_seen_ids(paths: Sequence[Path]) -> list[int]:
     """The image id of each path: the distinct paths numbered 0, 1, ... in first-seen order."""
     ids = {p: k for k, p in enumerate(dict.fromkeys(paths))}

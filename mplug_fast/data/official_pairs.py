@@ -39,12 +39,11 @@ from mplug_fast.data.annotations import (
     PathLike,
     Record,
     field,
-    load_annotations,
 )
 from mplug_fast.data.official import (
     DEFAULT_MAX_BAD_FRACTION,
     DEFAULT_MAX_WORDS,
-    ImageDataset,
+    AnnotatedImageDataset,
     Transform,
     first_seen_ids,
     pre_caption,
@@ -69,25 +68,13 @@ def parse_label(value: Any, names: Sequence[str], where: str) -> int:
     )
 
 
-class _LabelledPairs(ImageDataset):
+class _LabelledPairs(AnnotatedImageDataset):
     """Shared by both readers: the annotations, the split, the sentences and the labels; a subclass sets
     ``_paths`` (and what else its ``_sample`` needs) in ``_read_images``."""
 
     label_names: tuple[str, ...]
 
-    def __init__(
-        self,
-        ann: AnnotationSource,
-        image_root: PathLike | None = None,
-        split: str = "train",
-        image_size: int = 384,
-        transform: Transform | None = None,
-        max_words: int = DEFAULT_MAX_WORDS,
-        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-    ):
-        super().__init__(image_root, max_bad_fraction, split, image_size, transform)
-        self.ann = load_annotations(ann)
-        self.max_words = max_words
+    def _read(self) -> None:
         self._labels: list[int | None] = [self._parse(e) for e in self.ann]
         self._read_images()
 

@@ -12,22 +12,16 @@ from torch import Tensor
 from mplug_fast.data.annotations import (
     TEXT,
     TEXT_OR_TEXTS,
-    AnnotationSource,
-    PathLike,
     field,
-    load_annotations,
 )
 from mplug_fast.data.official import (
-    DEFAULT_MAX_BAD_FRACTION,
-    DEFAULT_MAX_WORDS,
-    ImageDataset,
-    Transform,
+    AnnotatedImageDataset,
     gallery,
     pre_caption,
 )
 
 
-class RetrievalJsonDataset(ImageDataset):
+class RetrievalJsonDataset(AnnotatedImageDataset):
     """COCO / Flickr30k Karpathy retrieval.
 
     train: [{"image", "caption", "image_id"}] -> one item per pair; image ids (any hashable) are mapped to
@@ -37,22 +31,13 @@ class RetrievalJsonDataset(ImageDataset):
     ``RetrievalDataset``. Captions go through ``pre_caption`` (30 words).
     """
 
-    def __init__(
-        self,
-        ann: AnnotationSource,
-        image_root: PathLike | None = None,
-        split: str = "train",
-        image_size: int = 384,
-        transform: Transform | None = None,
-        max_words: int = DEFAULT_MAX_WORDS,
-        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-    ):
-        super().__init__(image_root, max_bad_fraction, split, image_size, transform)
+    def _read(self) -> None:
+        split = self.split
         items = []  # (image key, image path, captions): train entries of one image id are one image
-        for k, e in enumerate(load_annotations(ann)):
+        for k, e in enumerate(self.ann):
             path = self._resolve(field(e, "image", TEXT))
             caps = field(e, "caption", TEXT if split == "train" else TEXT_OR_TEXTS)
-            caps = [pre_caption(c, max_words) for c in ([caps] if isinstance(caps, str) else caps)]
+            caps = [pre_caption(c, self.max_words) for c in ([caps] if isinstance(caps, str) else caps)]
             items.append((e.get("image_id", str(path)) if split == "train" else k, path, caps))
         self.image_paths, self.texts, self.txt2img, self.img2txt = gallery(items)
         self._paths = [self.image_paths[k] for k in self.txt2img]
