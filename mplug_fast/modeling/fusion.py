@@ -16,7 +16,6 @@ back unchanged. A connected layer owns no cross-attention weights (the official 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mplug_fast.config import MPlugConfig
@@ -31,18 +30,10 @@ class AsymmetricCoAttentionLayer(TransformerLayer):
         super().__init__(**bert_layer_args(config), cross_attention=True)
 
     def forward(
-        self,
-        v: Tensor,
-        t: Tensor,
-        v_mask: Tensor | None,
-        t_mask: Tensor | None,
-        image_kv: tuple[Tensor, Tensor] | None = None,
+        self, v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """v: [B, Nv, D] image; t: [B, Lt, D] text; masks bool, True = attend; image_kv: this layer's
-        cross-attention (k, v) of `v` when already projected, each [B, H, Nv, Dh].
-        Returns (v unchanged, t')."""
-        memory = v if image_kv is None else None
-        return v, super().forward(t, t_mask, memory=memory, memory_mask=v_mask, memory_kv=image_kv)
+        """v: [B, Nv, D] image; t: [B, Lt, D] text; masks bool, True = attend. Returns (v unchanged, t')."""
+        return v, super().forward(t, t_mask, memory=v, memory_mask=v_mask)
 
 
 class ConnectedAttentionLayer(TransformerLayer):
@@ -77,10 +68,10 @@ def joint_mask(v: Tensor, t: Tensor, v_mask: Tensor | None, t_mask: Tensor | Non
 class SkipConnectedFusion(nn.Module):
     """`fusion.layers` layers, connected at j != 0 and j % S == 0, asymmetric elsewhere.
 
-    The image states do not change between two connected layers, so the cross-attention K/V of a run
-    of consecutive asymmetric layers come from one wide GEMM ([B*Nv, D] x [D, run * 2D]) instead of one
-    GEMM per layer. The weights stay per layer (`layers[j].cross.kv_proj`, the official key mapping); the
-    GEMM concatenates them on the fly.
+    Every asymmetric layer projects the image K/V with its own `cross.kv_proj` (one GEMM per layer, as the
+    official code): one wide GEMM over the weights of a run of asymmetric layers (the image does not change
+    inside a run) measured no faster at inference and 2-10 % slower in training on CPU (docs/experiments.md),
+    since its weights must be concatenated on every call.
     """
 
     def __init__(self, config: MPlugConfig):
@@ -92,30 +83,6 @@ class SkipConnectedFusion(nn.Module):
             else AsymmetricCoAttentionLayer(config)
             for j in range(config.fusion.layers)
         )
-        # first layer of each run of consecutive asymmetric layers -> the run's layer indices
-        self.asymmetric_runs: dict[int, tuple[int, ...]] = {}
-        run: list[int] = []
-        for j in range(config.fusion.layers + 1):
-            if j < config.fusion.layers and not config.fusion.is_connected(j):
-                run.append(j)
-            elif run:
-                self.asymmetric_runs[run[0]] = tuple(run)
-                run = []
-
-    def project_image_kv(self, v: Tensor, run: tuple[int, ...]) -> dict[int, tuple[Tensor, Tensor]]:
-        """Cross-attention (k, v) of the image for every layer of `run`, from one GEMM.
-
-        v: [B, Nv, D] -> {layer index: (k, v)}, each [B, H, Nv, Dh] (strided views of one buffer)."""
-        crosses = [self.layers[j].cross for j in run]
-        if len(run) == 1:
-            return {run[0]: crosses[0].project_kv(v)}
-        weight = torch.cat([c.kv_proj.weight for c in crosses])  # copy: [run * 2D, D]
-        bias = torch.cat([c.kv_proj.bias for c in crosses])  # [run * 2D]
-        B, Nv, _ = v.shape
-        H, Dh = crosses[0].num_heads, crosses[0].head_dim
-        kv = F.linear(v, weight, bias).view(B, Nv, len(run), 2, H, Dh)  # [B, Nv, run, 2, H, Dh]
-        kv = kv.permute(2, 3, 0, 4, 1, 5)  # [run, 2, B, H, Nv, Dh] (view)
-        return {j: (kv[r, 0], kv[r, 1]) for r, j in enumerate(run)}
 
     def forward(
         self, v: Tensor, t: Tensor, t_mask: Tensor | None = None, v_mask: Tensor | None = None
@@ -126,12 +93,6 @@ class SkipConnectedFusion(nn.Module):
             raise ValueError(
                 f"image states {list(v.shape)} and text states {list(t.shape)} disagree on B or D"
             )
-        image_kv: dict[int, tuple[Tensor, Tensor]] = {}
-        for j, layer in enumerate(self.layers):
-            if isinstance(layer, ConnectedAttentionLayer):
-                v, t = layer(v, t, v_mask, t_mask)
-                continue
-            if j in self.asymmetric_runs:
-                image_kv = self.project_image_kv(v, self.asymmetric_runs[j])  # v is fixed within the run
-            v, t = layer(v, t, v_mask, t_mask, image_kv.get(j))
+        for layer in self.layers:
+            v, t = layer(v, t, v_mask, t_mask)
         return v, t
