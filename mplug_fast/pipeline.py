@@ -51,6 +51,7 @@ from mplug_fast.inference.inputs import (
     text_list,
     tokenize,
 )
+from mplug_fast.inference.precision import auto_dtype, quantize_decoder
 from mplug_fast.inference.retrieval import RetrievalScores, retrieval_scores
 from mplug_fast.modeling import (
     MPlug,
@@ -81,13 +82,18 @@ def _first(*values):
     return next(v for v in values if v is not None)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """'bf16' / 'bfloat16' / 'half' / torch.bfloat16 / None -> torch dtype (None: keep the checkpoint's)."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / 'half' / torch.bfloat16 / None -> torch dtype (None: keep the checkpoint's);
+    'auto': chosen from the machine for `device` (`mplug_fast.inference.precision.auto_dtype`)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device)
     found = PRECISIONS.get(dtype, getattr(torch, str(dtype), None))  # training's short names, torch's names
     if not isinstance(found, torch.dtype) or not found.is_floating_point:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 (or fp32, bf16, fp16)")
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use auto, float32, bfloat16, float16 (or fp32, bf16, fp16)"
+        )
     return found
 
 
@@ -380,15 +386,24 @@ def pipeline(
     checkpoint: str | os.PathLike | None = None,
     *,
     device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
+    dtype: str | torch.dtype | None = "auto",
     config: str | os.PathLike | MPlugConfig | None = None,
+    quantize: str | None = None,
     **options: Any,
 ) -> Pipeline:
     """A ready-to-use `Pipeline` for `task` ("vqa", "caption", "grounding", "retrieval"; aliases "answer",
     "ground", "rank"). `checkpoint`: a run folder, `save_pretrained` folder, official `.pth` or trainer
-    `step-*.pt` (`pipe.source` says which was loaded), or None with `config=` (random weights). `options`
-    go to `Pipeline` (beam_size, max_length, prompt, answer_list, progress, ...)."""
+    `step-*.pt` (`pipe.source` says which was loaded), or None with `config=` (random weights). `dtype`:
+    "auto" (bf16 on CPUs with native bf16, else fp32; on GPU the checkpoint's), a dtype, or None (the
+    checkpoint's). `quantize="int8"`: int8 dynamic quantisation of the decoder (CPU fp32; opt-in, it changes
+    the logits). `options` go to `Pipeline` (beam_size, max_length, prompt, answer_list, progress, ...)."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     name = pipeline_task(task)
     model, source = _load(name, checkpoint, config)
-    model = model.to(device=check_device(device), dtype=resolve_dtype(dtype))
+    device = check_device(device)
+    dtype = torch.float32 if quantize else resolve_dtype(dtype, device)
+    model = model.to(device=device, dtype=dtype)
+    if quantize:
+        quantize_decoder(model)
     return Pipeline(model, source=source, **options)

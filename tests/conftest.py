@@ -3,7 +3,8 @@
 The environment variables are set at import, before any test module imports triton kernels or transformers:
 ``TRITON_INTERPRET=1`` (set only when CUDA is unavailable) lets ``@triton.jit`` kernels run on the CPU
 interpreter (it must be set before the
-kernels are defined), ``HF_HUB_OFFLINE=1`` keeps the transformers oracles from reaching for the hub.
+kernels are defined), ``HF_HUB_OFFLINE=1`` keeps the transformers oracles from reaching for the hub,
+``MPLUG_FAST_CPU_DTYPE=float32`` makes the machine-chosen inference dtype the same on every CPU.
 """
 
 import os
@@ -15,6 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `dtype="auto"` picks bf16 on CPUs with native bf16: the suite pins fp32, so results do not depend on the CPU
+os.environ["MPLUG_FAST_CPU_DTYPE"] = "float32"
 
 import pytest  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""``mplug-fast info``: versions (Python, torch, triton, CUDA), the tasks, which attention backends can
+"""``mplug-fast info``: versions (Python, torch, triton, CUDA), the CPU's precision (native bf16 or not, and
+the inference dtype chosen from it), the tasks, which attention backends can
 run here, with the reason for each one that cannot, and which native ops (kernels/) run natively."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 import torch
 
 import mplug_fast
+from mplug_fast.inference.precision import describe_cpu_precision
 from mplug_fast.ops import available_backends, native
 from mplug_fast.tasks import TASKS
 
@@ -35,6 +37,7 @@ def info(args: argparse.Namespace) -> int:
         print(f"cuda        {torch.version.cuda} ({torch.cuda.device_count()} device(s): {names})")
     else:
         print("cuda        not available")
+    print(f"cpu         {describe_cpu_precision()}")
     print(f"tasks       {', '.join(TASKS)}")
     print("attention backends:")
     backends = available_backends()

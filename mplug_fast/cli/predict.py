@@ -7,7 +7,8 @@
 
 Common options: --checkpoint (a run folder, a save_pretrained folder, an official .pth or a trainer
 step-*.pt; the kind found is named on stderr), --config (a preset name or a config file; alone: random
-weights, for demos), --device, --dtype, --json (one JSON document on stdout), --no-progress.
+weights, for demos), --device, --dtype (auto: chosen from the machine), --quantize int8, --json (one
+JSON document on stdout), --no-progress.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ def _add_common(parser: argparse.ArgumentParser, generation: bool = True) -> Non
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
-        "--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)"
+        "--dtype",
+        default="auto",
+        help="auto (default: bf16 on CPUs with native bf16, else fp32; the checkpoint's on GPU), float32, "
+        "bfloat16 or float16",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8 dynamic quantisation of the text decoder (CPU; opt-in: it changes the logits)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
     if generation:
@@ -56,6 +66,7 @@ def _pipeline(task: str, args: argparse.Namespace, **options) -> Pipeline:
         device=args.device,
         dtype=args.dtype,
         config=args.config,
+        quantize=args.quantize,
         batch_size=args.batch_size,
         progress=None if args.progress else False,
         **options,

@@ -198,6 +198,8 @@ def fused_backend(module: nn.Module, x: Tensor, params: nn.Module, dropout: bool
     """The fused backend of `module` for an epilogue over x [*, D] with the weight and bias of `params`
     (the LayerNorm or fc1), resolved once per static key and kept in `module.fused_backends` (from
     `module.fused_backend`, else `MPLUG_FAST_FUSED`, else automatic). On a hit no parameter is read."""
+    if module.fused_backend == "reference":  # runs everywhere (also on int8 layers, whose weight is a method)
+        return "reference"
     key = (x.is_cuda, x.is_cpu, x.dtype, dropout, torch.is_grad_enabled())  # cheap tensor properties only
 
     def resolve() -> str:
