@@ -111,6 +111,84 @@ def official_beam_search(
     return results
 
 
+def copy_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """This machine's memory bandwidth as a plain large copy reaches it: bytes read + written per second
+    (GB/s, median of `repeats` copies of `mib` MiB, at the current thread count)."""
+    src = torch.empty(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def gemm_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """fp32 GEMM throughput of a large square matmul (GFLOP/s, median), at the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def decode_step_cost(decoder, rows: int, memory_rows: int, memory_len: int, cache_len: float) -> dict:
+    """What one cached decoding step must read and compute (fp32): every decoder weight once, except the
+    cross-attention K/V projections (applied once per image) and the position / token-type tables (a row
+    each); the tied word embeddings once (the LM head reads them all); the memory K/V of every layer (shared
+    by the beams); the self-attention cache (`cache_len` positions, the mean over the steps).
+    FLOPs: 2 x rows x the weights above (one GEMM row per weight per query row) + the attention matmuls."""
+    skip = ("cross.kv_proj", "embeddings.position", "embeddings.token_type")
+    weights = sum(p.numel() for n, p in decoder.named_parameters() if not any(k in n for k in skip))
+    layers = len(decoder.layers)
+    D = decoder.embeddings.word.weight.shape[1]
+    memory_kv = layers * 2 * memory_rows * memory_len * D
+    cache = layers * 2 * rows * cache_len * D
+    attention_flops = layers * 4 * rows * (memory_len + cache_len) * D
+    return {
+        "bytes": 4 * (weights + memory_kv + cache),
+        "weight_bytes": 4 * weights,
+        "flops": 2 * rows * weights + attention_flops,
+    }
+
+
+def decode_step_record(decoder, run, name: str, B: int, c: dict, kw: dict, floor: dict, repeats: int) -> dict:
+    """The cached decode step against the floors: (time of max_length steps - time of the first step, which
+    also projects the memory K/V) / (max_length - 1), vs the bytes it must read at the copy bandwidth and
+    the FLOPs at the GEMM peak (`decode_step_cost`, the roofline floor is the larger of the two)."""
+    first = dict(kw, max_length=1, min_length=min(kw["min_length"], 1))
+    t_first = statistics.median(time_ms(lambda: run(True, kw=first), repeats + 1))
+    t_all = statistics.median(time_ms(lambda: run(True), repeats))
+    step_ms = (t_all - t_first) / (kw["max_length"] - 1)
+    rows, (Bm, M, _) = B * kw["beam_size"], c["memory"].shape
+    cost = decode_step_cost(decoder, rows, Bm, M, (1 + kw["max_length"]) / 2)
+    bandwidth_ms = cost["bytes"] / (floor["copy_gbs"] * 1e9) * 1e3
+    compute_ms = cost["flops"] / (floor["gemm_gflops"] * 1e9) * 1e3
+    rec = {
+        "name": f"{name}_b{B}_decode_step",
+        "rows": rows,
+        "first_step_ms": t_first,
+        "ms_per_step": step_ms,
+        **cost,
+        "floor_bandwidth_ms": bandwidth_ms,
+        "floor_compute_ms": compute_ms,
+        "vs_bandwidth_floor": step_ms / bandwidth_ms,
+        "vs_roofline_floor": step_ms / max(bandwidth_ms, compute_ms),
+    }
+    print(
+        f"{rec['name']:22s} {step_ms:8.1f} ms/step ({rows} rows): floors bandwidth {bandwidth_ms:.1f} ms "
+        f"({cost['bytes'] / 1e6:.0f} MB), compute {compute_ms:.1f} ms ({cost['flops'] / 1e9:.2f} GFLOP) -> "
+        f"{rec['vs_bandwidth_floor']:.2f}x bandwidth, {rec['vs_roofline_floor']:.2f}x roofline",
+        flush=True,
+    )
+    return rec
+
+
 def environment() -> dict:
     env = {
         "torch": torch.__version__,
@@ -143,7 +221,9 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def write_results(args: argparse.Namespace, records: list[dict], ratios: dict) -> None:
+def write_results(
+    args: argparse.Namespace, records: list[dict], ratios: dict, floor: dict, steps: list[dict]
+) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     preset = "tiny" if args.quick else "base"
     command = "python benchmarks/generation_speed.py " + " ".join(sys.argv[1:])
@@ -153,6 +233,8 @@ def write_results(args: argparse.Namespace, records: list[dict], ratios: dict) -
         "command": command,
         "records": records,
         "speedups": ratios,
+        "machine_floor": floor,
+        "decode_steps": steps,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -167,7 +249,7 @@ def main() -> None:
     parser.add_argument(
         "--official-repeats", type=int, default=1, help="official runs timed after the check run (batch 1)"
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--cases", nargs="+", default=["caption", "vqa"], choices=["caption", "vqa"])
     parser.add_argument("--skip-official", action="store_true", help="do not time the official loop")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -192,8 +274,12 @@ def main() -> None:
     decoder.apply(init_bert_weights)
     decoder.eval().to(args.device)
     Lq = 12
-    records = []
-    ratios = {}
+    records, steps, ratios = [], [], {}
+    floor = {"copy_gbs": copy_bandwidth_gbs(), "gemm_gflops": gemm_peak_gflops()}
+    print(
+        f"copy bandwidth {floor['copy_gbs']:.1f} GB/s (read + write), "
+        f"fp32 GEMM {floor['gemm_gflops']:.1f} GFLOP/s"
+    )
     for B in args.batch_sizes:
         g = torch.Generator().manual_seed(B)
         question_mask = torch.ones(B, Lq, dtype=torch.bool)
@@ -293,13 +379,16 @@ def main() -> None:
                     f"p80 {rec['ms_p80']:.1f}, n={len(times)})  same ids {same}  max score err {err:.2e}",
                     flush=True,
                 )
+            steps.append(decode_step_record(decoder, run, name, B, c, kw, floor, repeats))
             by = {r["variant"]: r["ms_median"] for r in records if r["case"] == name and r["batch"] == B}
             for variant in ("python_step", "graph", "no_cache", "official"):
                 if variant in by:
                     key = f"{name} batch {B}: {variant} / cached"
                     ratios[key] = by[variant] / by["cached"]
                     print(f"{key:36s} {ratios[key]:6.2f}x", flush=True)
-            write_results(args, records, ratios)  # after every case: a long run interrupted keeps its results
+            write_results(
+                args, records, ratios, floor, steps
+            )  # after every case: a long run interrupted keeps its results
     print(f"wrote {args.out}")
 
 

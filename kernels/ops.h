@@ -38,6 +38,9 @@ std::tuple<at::Tensor, at::Tensor> beam_step_cuda(
 void reorder_caches_cpu(at::TensorList src, at::TensorList dst, const at::Tensor& index, int64_t length);
 void reorder_caches_cuda(at::TensorList src, at::TensorList dst, const at::Tensor& index, int64_t length);
 
+// y = x weight^T + bias for the few rows of a decoding step: x [M, K], weight [N, K], bias [N] (fp32, CPU).
+at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
 // Shape and dtype checks shared by the CPU and CUDA implementations.
 void check_beam_step(const at::Tensor& logits, const std::optional<at::Tensor>& bias, const at::Tensor& running,
                      const at::Tensor& seq, const at::Tensor& closed, const at::Tensor& open_ids,
@@ -45,5 +48,6 @@ void check_beam_step(const at::Tensor& logits, const std::optional<at::Tensor>& 
                      const at::Tensor& steps, int64_t step, int64_t prompt_len, int64_t max_length,
                      bool official);
 void check_reorder_caches(at::TensorList src, at::TensorList dst, const at::Tensor& index, int64_t length);
+void check_small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
 }  // namespace mplug_fast

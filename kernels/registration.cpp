@@ -92,6 +92,11 @@ void reorder_caches_meta(at::TensorList src, at::TensorList dst, const at::Tenso
   check_reorder_caches(src, dst, index, length);
 }
 
+at::Tensor small_linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_small_linear(x, weight, bias);
+  return at::empty({x.size(0), weight.size(0)}, x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mplug_fast, m) {
@@ -101,16 +106,19 @@ TORCH_LIBRARY_FRAGMENT(mplug_fast, m) {
       "int step, int prompt_len, int max_length, int min_length, int eos_id, float alpha, bool official, "
       "bool exact) -> (Tensor, Tensor)");
   m.def("reorder_caches(Tensor[] src, Tensor(a!)[] dst, Tensor index, int length) -> ()");
+  m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mplug_fast, CPU, m) {
   m.impl("beam_step", &beam_step_cpu);
   m.impl("reorder_caches", &reorder_caches_cpu);
+  m.impl("small_linear", &small_linear_cpu);
 }
 
 TORCH_LIBRARY_IMPL(mplug_fast, Meta, m) {
   m.impl("beam_step", &beam_step_meta);
   m.impl("reorder_caches", &reorder_caches_meta);
+  m.impl("small_linear", &small_linear_meta);
 }
 
 #ifdef MPLUG_FAST_WITH_CUDA

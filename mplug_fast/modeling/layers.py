@@ -3,7 +3,8 @@
 Used by the text encoder, the fusion layers and the decoder (post-LN, erf GELU, LayerNorm eps 1e-12) and,
 for attention and MLP, by the CLIP ViT (pre-LN, QuickGELU). Parameter names are ours (`qkv`, `q_proj`,
 `kv_proj`, `out_proj`, `fc1`, `fc2`, `norm_*`); `mplug_fast.checkpoint` maps the official names onto them
-(q/k/v are stored fused).
+(q/k/v are stored fused). The projections go through `mplug_fast.ops.small_linear.linear`: the few rows of
+a CPU decoding step run the native small-row kernel, everything else `nn.Linear` itself.
 
 Backends are resolved once per module and static key (device kind, dtype, mask kind, dropout, autograd
 recording) and kept in a `BackendCache` (`mplug_fast.ops.registry`): attention from the module's `backend`
@@ -27,6 +28,7 @@ from mplug_fast.ops.attention import ATTENTION, resolve_attention
 from mplug_fast.ops.fused import FUSED, fused_key, resolve_fused
 from mplug_fast.ops.reference import check_attention_inputs
 from mplug_fast.ops.registry import BackendCache, mask_kind
+from mplug_fast.ops.small_linear import linear
 
 
 class QuickGELU(nn.Module):
@@ -104,13 +106,13 @@ class SelfAttention(_Attention):
         (causal is bottom-right aligned); the caller advances the cache after the last layer.
         Returns [B, L, D] (after out_proj)."""
         B, L, D = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # [B, L, 3, H, Dh]
+        qkv = linear(self.qkv, x).view(B, L, 3, self.num_heads, self.head_dim)  # [B, L, 3, H, Dh]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, Dh] (views)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # views: [B, H, cache.length + L, Dh]
             causal = causal and L > 1  # a single new query sees the whole cache: no causal mask needed
         out = self.attend(q, k, v, key_padding_mask, causal)  # [B, H, L, Dh]
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
+        return linear(self.out_proj, out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
 
 
 class CrossAttention(_Attention):
@@ -160,14 +162,14 @@ class CrossAttention(_Attention):
             G, Bm = kv_index, k.shape[0]
             if B != Bm * G:
                 raise ValueError(f"{B} query rows are not {Bm} memory rows x groups of {G}")
-            q = self.q_proj(x).view(Bm, G, L, H, Dh).permute(0, 3, 1, 2, 4)  # [Bm, H, G, L, Dh]
+            q = linear(self.q_proj, x).view(Bm, G, L, H, Dh).permute(0, 3, 1, 2, 4)  # [Bm, H, G, L, Dh]
             q = q.reshape(Bm, H, G * L, Dh)  # copy
             out = self.attend(q, k, v, memory_mask)  # [Bm, H, G*L, Dh]
             out = out.view(Bm, H, G, L, Dh).permute(0, 2, 3, 1, 4).reshape(B, L, D)  # copy: [B, L, D]
-            return self.out_proj(out)
-        q = self.q_proj(x).view(B, L, H, Dh).transpose(1, 2)  # [B, H, L, Dh]
+            return linear(self.out_proj, out)
+        q = linear(self.q_proj, x).view(B, L, H, Dh).transpose(1, 2)  # [B, H, L, Dh]
         out = self.attend(q, k, v, memory_mask, kv_index=kv_index)  # [B, H, L, Dh]
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
+        return linear(self.out_proj, out.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
 
 
 class MLP(nn.Module):
@@ -189,7 +191,7 @@ class MLP(nn.Module):
         """x: [..., D] -> [..., D]."""
         name = fused_backend(self, x, self.fc1)
         if name == "reference":
-            return self.fc2(self.act(self.fc1(x)))
+            return linear(self.fc2, self.act(linear(self.fc1, x)))
         h = F.linear(x, self.fc1.weight)  # [..., hidden], bias added by the kernel
         return self.fc2(FUSED[name].bias_act(h, self.fc1.bias, self.activation))
 

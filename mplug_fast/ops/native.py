@@ -1,8 +1,9 @@
 """The native ops of `kernels/` (`mplug_fast._C`, built by setup.py with CMake): loading and status.
 
 Importing `mplug_fast._C` registers `torch.ops.mplug_fast.beam_step` and `.reorder_caches` (CPU, CUDA when
-built with CUDA, Meta). A missing or unloadable `_C` is not an error: callers then run the Python twins
-(`mplug_fast.generation.beam_step`, `KVCache.reorder`). `MPLUG_FAST_NATIVE=0` turns the native ops off.
+built with CUDA, Meta) and `.small_linear` (CPU, Meta; `mplug_fast.ops.small_linear`). A missing or
+unloadable `_C` is not an error: callers then run the Python twins (`mplug_fast.generation.beam_step`,
+`KVCache.reorder`, `F.linear`). `MPLUG_FAST_NATIVE=0` turns the native ops off.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 
 import torch
 
-NATIVE_OPS = ("beam_step", "reorder_caches")
+NATIVE_OPS = ("beam_step", "reorder_caches", "small_linear")
 
 
 @functools.cache

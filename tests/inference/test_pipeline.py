@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import mplug_fast
+from mplug_fast.generation import beam as beam_module
 from mplug_fast.inference import caption_generate
 from mplug_fast.pipeline import Pipeline
 
@@ -182,6 +183,7 @@ def test_cuda_graph_option_reaches_beam_search(pipes, caplog):
     """Off CUDA, ``cuda_graph=True`` runs the same recorded-step discipline eagerly: same outputs, one log
     line; with a non-beam method it is refused."""
     images = [_image(s) for s in range(2)]
+    beam_module._log_no_graphs.cache_clear()  # logged once per process: an earlier test may have logged it
     with caplog.at_level(logging.INFO):
         assert pipes["caption"].caption(images, cuda_graph=True) == pipes["caption"].caption(images)
         assert pipes["vqa"].answer(images, "what is it?", cuda_graph=True) == pipes["vqa"].answer(

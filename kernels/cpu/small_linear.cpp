@@ -1,0 +1,106 @@
+// CPU linear layer for the few rows of a decoding step (mplug_fast::small_linear): y = x W^T + b, fp32,
+// x [M, K], W [N, K] (nn.Linear's layout, read once), b [N] or none -> y [M, N].
+//
+// A BLAS GEMM is tuned for many rows; at 1-32 rows it leaves most of the FMA throughput unused. Here every
+// output is a dot product over K computed in 8-wide AVX2 FMA lanes, in register tiles of 3 rows x 4 weight
+// rows (12 accumulators; each weight vector loaded once per tile and used by 3 rows), the lanes summed at
+// the end. Threads split the weight rows (at::parallel_for), so each output has one fixed summation order
+// whatever the thread count. Without AVX2 + FMA (checked at run time) it returns at::linear.
+#include "../ops.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <immintrin.h>
+
+namespace mplug_fast {
+namespace {
+
+constexpr int kRowTile = 3;  // x rows per register tile
+constexpr int kColTile = 4;  // weight rows (outputs) per register tile
+
+__attribute__((target("avx2,fma"))) inline float lane_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[r, c] = x[r, :] . w[c, :] + b[c] for r < R, c < C; K8 = K rounded down to a multiple of 8.
+template <int R, int C>
+__attribute__((target("avx2,fma"))) inline void tile(const float* x, const float* w, const float* b, float* y,
+                                                    int64_t K, int64_t N) {
+  const int64_t K8 = K - K % 8;
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      float sum = lane_sum(acc[r][c]);
+      for (int64_t k = K8; k < K; ++k) sum += x[r * K + k] * w[c * K + k];
+      y[r * N + c] = sum + (b != nullptr ? b[c] : 0.0f);
+    }
+  }
+}
+
+// All M rows of x against C weight rows.
+template <int C>
+__attribute__((target("avx2,fma"))) void column_block(const float* x, const float* w, const float* b, float* y,
+                                                      int64_t M, int64_t K, int64_t N) {
+  int64_t m = 0;
+  for (; m + kRowTile <= M; m += kRowTile) tile<kRowTile, C>(x + m * K, w, b, y + m * N, K, N);
+  if (M - m == 2) tile<2, C>(x + m * K, w, b, y + m * N, K, N);
+  if (M - m == 1) tile<1, C>(x + m * K, w, b, y + m * N, K, N);
+}
+
+bool has_avx2_fma() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
+
+}  // namespace
+
+at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_small_linear(x, weight, bias);
+  if (!has_avx2_fma()) return at::linear(x, weight, bias);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  at::Tensor y = at::empty({M, N}, xc.options());
+  const float* xp = xc.const_data_ptr<float>();
+  const float* wp = wc.const_data_ptr<float>();
+  const float* bp = bc.defined() ? bc.const_data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = N / kColTile;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t n = j * kColTile;
+      column_block<kColTile>(xp, wp + n * K, bp != nullptr ? bp + n : nullptr, yp + n, M, K, N);
+    }
+  });
+  for (int64_t n = blocks * kColTile; n < N; ++n)
+    column_block<1>(xp, wp + n * K, bp != nullptr ? bp + n : nullptr, yp + n, M, K, N);
+  return y;
+}
+
+void check_small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "small_linear: x [M, K] and weight [N, K] must be 2-D, got ",
+              x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.size(1) == weight.size(1), "small_linear: x has K=", x.size(1), ", weight K=", weight.size(1));
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "small_linear: float32 only, got ", x.scalar_type(), " and ", weight.scalar_type());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == at::kFloat,
+                "small_linear: bias must be float32 [N] with N=", weight.size(0), ", got ", bias->sizes());
+  }
+}
+
+}  // namespace mplug_fast
