@@ -13,7 +13,7 @@ import torch
 
 import mplug_fast
 from mplug_fast.inference.precision import describe_cpu_precision
-from mplug_fast.ops import available_backends, native
+from mplug_fast.ops import available_backends, native, small_linear
 from mplug_fast.tasks import TASKS
 
 
@@ -47,6 +47,8 @@ def info(args: argparse.Namespace) -> int:
     print("native ops (mplug_fast._C):")
     for name, line in native.status().items():
         print(f"  {name:<14}  {line}")
+    use = "used" if small_linear.enabled() else "not used"
+    print(f"  small_linear is {use} by the decoding layers here ({small_linear.ENV}=1 / 0 forces it on / off)")
     return 0
 
 

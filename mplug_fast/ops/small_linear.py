@@ -7,13 +7,18 @@ GEMM at 1-20 rows on an AVX2 CPU, docs/experiments.md). It is used when all of t
 `module(x)` / `F.linear` unchanged:
 
     the native op is built and loaded (`mplug_fast.ops.native`), x and the weight are fp32 on the CPU,
-    autograd is off, x has at most `MAX_ROWS` rows (x.numel() / in_features), and torch.compile is not
-    tracing.
+    autograd is off, x has at most `MAX_ROWS` rows (x.numel() / in_features), torch.compile is not
+    tracing, and `enabled()`: `MPLUG_FAST_SMALL_LINEAR=1` / `0` turns the kernel on / off; by default it
+    is on where torch's CPU capability is AVX2 (the CPUs it was measured on; on AVX-512 CPUs the BLAS
+    GEMM keeps the work, as its small-row speed there has not been measured against this kernel).
 
 Results differ from the BLAS GEMM by rounding only (another summation order; the same for every thread count).
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,18 @@ from torch import Tensor, nn
 from mplug_fast.ops.native import native_op
 
 MAX_ROWS = 32
+ENV = "MPLUG_FAST_SMALL_LINEAR"
+
+
+@functools.cache
+def enabled() -> bool:
+    """Whether the small-row kernel may run in this process (see the module docstring)."""
+    choice = os.environ.get(ENV, "auto")
+    if choice not in ("auto", "0", "1"):
+        raise ValueError(f"{ENV}={choice!r}: use 1 (on), 0 (off) or auto")
+    if choice == "auto":
+        return torch.backends.cpu.get_cpu_capability() == "AVX2"
+    return choice == "1"
 
 
 def small_rows(x: Tensor, weight: Tensor) -> bool:
@@ -33,6 +50,7 @@ def small_rows(x: Tensor, weight: Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.numel() <= MAX_ROWS * x.shape[-1]
         and not torch.is_grad_enabled()
+        and enabled()
         and native_op("small_linear", "cpu") is not None
     )
 

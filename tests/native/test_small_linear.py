@@ -47,6 +47,7 @@ def test_meta_shape_and_input_errors() -> None:
 
 
 def test_linear_uses_the_kernel_only_for_few_rows_without_autograd(monkeypatch) -> None:
+    monkeypatch.setattr(sl, "enabled", lambda: True)  # the default depends on the CPU
     calls = []
     native = sl.small_linear
     monkeypatch.setattr(sl, "small_linear", lambda *a: calls.append(a[0].shape) or native(*a))
@@ -60,3 +61,22 @@ def test_linear_uses_the_kernel_only_for_few_rows_without_autograd(monkeypatch) 
     y = sl.linear(layer.float(), torch.randn(3, 16, requires_grad=True))  # autograd on: nn.Linear
     y.sum().backward()
     assert len(calls) == 1 and layer.weight.grad is not None
+
+
+def test_the_switch(monkeypatch) -> None:
+    for value, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv(sl.ENV, value)
+        sl.enabled.cache_clear()
+        assert sl.enabled() is expected
+    monkeypatch.setenv(sl.ENV, "yes")
+    sl.enabled.cache_clear()
+    with pytest.raises(ValueError, match="MPLUG_FAST_SMALL_LINEAR='yes'"):
+        sl.enabled()
+    monkeypatch.delenv(sl.ENV)
+    sl.enabled.cache_clear()
+    assert sl.enabled() is (torch.backends.cpu.get_cpu_capability() == "AVX2")
+    layer = nn.Linear(8, 4)
+    monkeypatch.setattr(sl, "enabled", lambda: False)
+    monkeypatch.setattr(sl, "small_linear", lambda *a: pytest.fail("the kernel ran while switched off"))
+    with torch.no_grad():
+        assert sl.linear(layer, torch.randn(2, 8)).shape == (2, 4)
