@@ -48,7 +48,7 @@ def info(args: argparse.Namespace) -> int:
     for name, line in native.status().items():
         print(f"  {name:<14}  {line}")
     use = "used" if small_linear.enabled() else "not used"
-    print(f"  small_linear is {use} by the decoding layers here ({small_linear.ENV}=1 / 0 forces it on / off)")
+    print(f"  small_linear is {use} by the decoding layers here ({small_linear.ENV}=1 / 0: on / off)")
     return 0
 
 
