@@ -56,6 +56,8 @@ class DecodingState:
             )
         memory_kv = as_memory_kv(decoder, memory)
         memory_mask, start_mask = as_bool_mask(memory_mask), as_bool_mask(start_mask)
+        if memory_mask is not None and bool(memory_mask.all()):
+            memory_mask = None  # nothing masked: every step's cross-attention runs without a mask
         Bm = memory_kv[0][0].shape[0]
         if Bm != B:
             raise ValueError(

@@ -15,6 +15,7 @@ import os
 import torch
 
 NATIVE_OPS = ("beam_step", "reorder_caches", "small_linear")
+CPU_ONLY_OPS = ("small_linear",)  # a CPU technique: GPUs run their GEMMs
 
 
 @functools.cache
@@ -56,6 +57,8 @@ def status() -> dict[str, str]:
         cuda_reason = unavailable_reason(name, "cuda")
         if not devices:
             lines[name] = f"Python twin: {load_error() or cuda_reason}"
+        elif name in CPU_ONLY_OPS:
+            lines[name] = "native on cpu (a CPU-only op)"
         elif cuda_reason is not None:
             lines[name] = f"native on {', '.join(devices)}; cuda: {cuda_reason}"
         else:
