@@ -254,6 +254,11 @@ def main() -> None:
     parser.add_argument("--skip-official", action="store_true", help="do not time the official loop")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--native-only", action="store_true", help="only cached vs python_step")
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="only whole generation from pixels, ours vs the official loop",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="default: .benchmarks/")
     args = parser.parse_args()

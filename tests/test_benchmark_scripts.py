@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,3 +30,33 @@ def test_attention_kernels_quick_run_writes_json(tmp_path, capsys) -> None:
     }
     assert all(r["max_abs_err"] < 1e-4 for r in result["records"])
     assert "| vit_self | fwd | sdpa |" in capsys.readouterr().out
+
+
+def _run(script: str, *args: str) -> None:
+    """Runs `python benchmarks/<script>.py ...` as a user does and checks that it succeeded."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_stage_speed_quick_outputs_agree(tmp_path) -> None:
+    out = tmp_path / "stages.json"
+    _run("stage_speed", "--quick", "--repeats", "1", "--out", str(out))
+    records = json.loads(out.read_text())["records"]
+    assert len(records) == 6
+    assert all(r["max_rel_diff"] < 1e-4 for r in records), records  # both sides compute the same thing
+
+
+def test_generation_end_to_end_quick_same_ids(tmp_path) -> None:
+    out = tmp_path / "e2e.json"
+    _run("generation_end_to_end", "--quick", "--batch-sizes", "1", "--repeats", "1", "--out", str(out))
+    records = json.loads(out.read_text())["records"]
+    assert {r["case"] for r in records} == {"caption", "vqa"} and all(r["same_ids"] for r in records)
+
+
+def test_int8_decoder_quick_reports_agreement(tmp_path) -> None:
+    out = tmp_path / "int8.json"
+    _run("int8_decoder", "--preset", "tiny", "--quick", "--out", str(out))
+    records = json.loads(out.read_text())["records"]
+    assert [r["variant"] for r in records] == ["fp32", "int8"]
+    assert 0.0 <= records[1]["token_agreement"] <= 1.0
