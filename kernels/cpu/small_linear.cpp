@@ -1,10 +1,10 @@
 // CPU linear layer for the few rows of a decoding step (mplug_fast::small_linear): y = x W^T + b, fp32,
 // x [M, K], W [N, K] (nn.Linear's layout, read once), b [N] or none -> y [M, N].
 //
-// A BLAS GEMM is tuned for many rows; at 1-32 rows it leaves most of the FMA throughput unused. Here every
+// A BLAS GEMM is tuned for many rows; at a few rows it leaves most of the FMA throughput unused. Here every
 // output is a dot product over K computed in 8-wide AVX2 FMA lanes, in register tiles of 3 rows x 4 weight
-// rows (12 accumulators; each weight vector loaded once per tile and used by 3 rows), the lanes summed at
-// the end. Threads split the weight rows (at::parallel_for), so each output has one fixed summation order
+// rows (12 accumulators; each weight vector loaded once per tile and used by 3 rows), K in chunks that keep
+// the tile's weight rows in L1, the lanes summed at the end. Threads split the weight rows (at::parallel_for), so each output has one fixed summation order
 // whatever the thread count. Without AVX2 + FMA (checked at run time) it returns at::linear.
 #include "../ops.h"
 
@@ -13,11 +13,15 @@
 #include <ATen/ops/linear.h>
 #include <immintrin.h>
 
+#include <algorithm>
+
 namespace mplug_fast {
 namespace {
 
-constexpr int kRowTile = 3;  // x rows per register tile
-constexpr int kColTile = 4;  // weight rows (outputs) per register tile
+constexpr int kRowTile = 3;       // x rows per register tile
+constexpr int kColTile = 4;       // weight rows (outputs) per register tile
+constexpr int kRowGroup = 48;     // x rows whose partial sums are kept between K chunks
+constexpr int64_t kChunk = 1024;  // K elements per pass (4 weight rows x 4 KB stay in L1)
 
 __attribute__((target("avx2,fma"))) inline float lane_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -26,39 +30,53 @@ __attribute__((target("avx2,fma"))) inline float lane_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// y[r, c] = x[r, :] . w[c, :] + b[c] for r < R, c < C; K8 = K rounded down to a multiple of 8.
+// acc[r][c] += x[r, k0:k1] * w[c, k0:k1] lane-wise (8 lanes), for r < R, c < C; k1 - k0 a multiple of 8.
 template <int R, int C>
-__attribute__((target("avx2,fma"))) inline void tile(const float* x, const float* w, const float* b, float* y,
-                                                    int64_t K, int64_t N) {
-  const int64_t K8 = K - K % 8;
-  __m256 acc[R][C];
+__attribute__((target("avx2,fma"))) inline void tile(const float* x, const float* w, __m256 (*acc)[kColTile],
+                                                    int64_t k0, int64_t k1, int64_t K) {
+  __m256 a[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) {
+    for (int c = 0; c < C; ++c) a[r][c] = acc[r][c];
+  for (int64_t k = k0; k < k1; k += 8) {
     __m256 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * K + k);
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x + r * K + k);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm256_fmadd_ps(xv, wv[c], a[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) {
-      float sum = lane_sum(acc[r][c]);
-      for (int64_t k = K8; k < K; ++k) sum += x[r * K + k] * w[c * K + k];
-      y[r * N + c] = sum + (b != nullptr ? b[c] : 0.0f);
-    }
-  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = a[r][c];
 }
 
-// All M rows of x against C weight rows.
+// Up to kRowGroup rows of x against C weight rows. K is walked in chunks of kChunk (the C weight rows of a
+// chunk stay in L1 while every row tile reads them); the 8-lane partial sums live in `acc` between chunks.
+// Each output: lanes summed, then the K % 8 tail, then the bias (the same order for every M and thread).
 template <int C>
 __attribute__((target("avx2,fma"))) void column_block(const float* x, const float* w, const float* b, float* y,
                                                       int64_t M, int64_t K, int64_t N) {
-  int64_t m = 0;
-  for (; m + kRowTile <= M; m += kRowTile) tile<kRowTile, C>(x + m * K, w, b, y + m * N, K, N);
-  if (M - m == 2) tile<2, C>(x + m * K, w, b, y + m * N, K, N);
-  if (M - m == 1) tile<1, C>(x + m * K, w, b, y + m * N, K, N);
+  __m256 acc[kRowGroup][kColTile];
+  const int64_t K8 = K - K % 8;
+  for (int64_t g = 0; g < M; g += kRowGroup) {
+    const int64_t rows = std::min<int64_t>(kRowGroup, M - g);
+    const float* xg = x + g * K;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K8; k0 += kChunk) {
+      const int64_t k1 = std::min(K8, k0 + kChunk);
+      int64_t m = 0;
+      for (; m + kRowTile <= rows; m += kRowTile) tile<kRowTile, C>(xg + m * K, w, acc + m, k0, k1, K);
+      if (rows - m == 2) tile<2, C>(xg + m * K, w, acc + m, k0, k1, K);
+      if (rows - m == 1) tile<1, C>(xg + m * K, w, acc + m, k0, k1, K);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int c = 0; c < C; ++c) {
+        float sum = lane_sum(acc[r][c]);
+        for (int64_t k = K8; k < K; ++k) sum += xg[r * K + k] * w[c * K + k];
+        y[(g + r) * N + c] = sum + (b != nullptr ? b[c] : 0.0f);
+      }
+    }
+  }
 }
 
 bool has_avx2_fma() {

@@ -1,9 +1,9 @@
 """Linear layers over the few rows of a decoding step on CPU (the native `small_linear` op of kernels/).
 
-A BLAS GEMM is tuned for many rows; a decoding step multiplies every weight matrix by 1-32 rows (beams x
+A BLAS GEMM is tuned for many rows; a decoding step multiplies every weight matrix by a few rows (beams x
 samples), where it reaches a fraction of the CPU's FMA rate. `mplug_fast::small_linear` computes those
-products as AVX2 dot products in register tiles (kernels/cpu/small_linear.cpp; 1.2-2.7x faster than the BLAS
-GEMM at 1-20 rows on an AVX2 CPU, docs/experiments.md). It is used when all of these hold, else the call is
+products as AVX2 dot products in register tiles (kernels/cpu/small_linear.cpp; 1.2-2.9x faster than the BLAS
+GEMM at 1-64 rows on an AVX2 CPU, docs/experiments.md). It is used when all of these hold, else the call is
 `module(x)` / `F.linear` unchanged:
 
     the native op is built and loaded (`mplug_fast.ops.native`), x and the weight are fp32 on the CPU,
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mplug_fast.ops.native import native_op
 
-MAX_ROWS = 32
+MAX_ROWS = 64
 ENV = "MPLUG_FAST_SMALL_LINEAR"
 
 
