@@ -23,7 +23,8 @@ IMPORT_NAME = {
 }
 TOOL_EXTRAS = ("dev",)  # test, lint and benchmark tools: used in the checkout (tests/, benchmarks/)
 # benchmarks/ imports its own files; `mplug-fast demo` imports the checkout's examples/demo as `demo`
-LOCAL_MODULES = {"mplug_fast", "tests", "common", "fusion_baselines", "demo"}
+# the package, the tests, the demo and the benchmark scripts (which import each other by file name)
+LOCAL_MODULES = {"mplug_fast", "tests", "demo"} | {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
 
 
 def _setup_lists() -> tuple[list[str], dict[str, list[str]]]:
