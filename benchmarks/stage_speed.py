@@ -132,7 +132,9 @@ def main() -> None:
         d = OfficialDims(width=768, vision_layers=12, patch=16, grid=24, hidden=768, heads=12,
                          intermediate=3072, vocab=30522, max_pos=512, text_layers=6, slots=12,
                          fusion_layers=6, decoder_layers=12, clip_text_width=64, embed_dim=64)  # fmt: skip
-    sd = make_official_state_dict(d)
+    # the layout's random weights (std 0.2) scaled to BERT's init (0.02) for the matrices: at base width
+    # std 0.2 saturates every softmax, and the two sides' rounding then moves the outputs far apart
+    sd = {k: t * 0.1 if t.dim() >= 2 else t for k, t in make_official_state_dict(d).items()}
     bert = {"num_attention_heads": heads, "fusion_layers": d.fusion_layers, "num_hidden_layers": slots}
     stride = 3
     vqa = load_official_checkpoint(sd, "vqa", bert_config={**bert, "stride_layer": stride}, image_res=res)
