@@ -151,6 +151,9 @@ def prepare_for_boxes(
     if pos_table_scale > 0:
         pos = model.vision.pos_embed  # [1 + g * g, W], class token first
         grid = math.isqrt(pos.shape[0] - 1)
+        if grid * grid != pos.shape[0] - 1:
+            rows = pos.shape[0]
+            raise ValueError(f"pos_table_scale needs a square patch grid; the position table has {rows} rows")
         pos[1:] += pos_table_scale * sincos_pos_table(grid, pos.shape[1]).to(pos)
     if reset_cross_query:
         for layer in model.decoder.layers:
