@@ -24,6 +24,24 @@ from mplug_fast.config import MPlugConfig, VisionConfig
 from mplug_fast.modeling.layers import MLP, SelfAttention, init_bert_weights
 
 
+def sincos_pos_table(grid: int, dim: int) -> Tensor:
+    """A fixed 2-D sin-cos position table [grid * grid, dim] over the patches in row-major order, each row of
+    unit norm: the first dim / 2 channels encode the patch row, the rest its column, each as dim / 4
+    sin / cos pairs at the frequencies 1 / 10000^(i / (dim / 4)), i = 0 .. dim / 4 - 1."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, got {dim}")
+    n = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(n, dtype=torch.float32) / n)  # [n]
+    ys, xs = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
+
+    def encode(p: Tensor) -> Tensor:  # [grid, grid] -> [grid * grid, 2n]
+        a = p.flatten()[:, None] * omega[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)
+
+    table = torch.cat([encode(ys), encode(xs)], dim=1)  # [grid * grid, dim], each row of norm sqrt(dim / 2)
+    return table / math.sqrt(dim / 2)
+
+
 def resize_pos_embed(pos_embed: Tensor, grid: int | tuple[int, int], num_prefix_tokens: int = 1) -> Tensor:
     """Bilinearly resample a ViT position table to a new patch grid, keeping the prefix (class) rows.
 

@@ -13,6 +13,7 @@ Predictions: ``[{"index", "image_id", "expression", "box", "gt"}]`` (normalised 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from mplug_fast.io import atomic_write_json
 from mplug_fast.metrics import grounding_accuracy
 from mplug_fast.metrics.boxes import box_cxcywh_to_xyxy, box_iou_aligned, generalized_box_iou_aligned
 from mplug_fast.modeling import MPlugForGrounding
+from mplug_fast.modeling.vision import sincos_pos_table
 from mplug_fast.objectives.base import Objective
 from mplug_fast.objectives.pretrain import require_keys
 from mplug_fast.tasks.evaluation import batches, eval_mode, with_columns
@@ -126,12 +128,55 @@ def grounding_weights(
     return w_box, w_giou
 
 
+def soft_bin_targets(bins: Tensor, num_classes: int, sigma: float) -> Tensor:
+    """Target distributions [..., num_classes] over the coordinate tokens: a Gaussian of width ``sigma``
+    (in bins) around each target bin of ``bins`` (long [...]), normalised over the classes."""
+    k = torch.arange(num_classes, device=bins.device, dtype=torch.float32)
+    d = k - bins.unsqueeze(-1).float()  # [..., num_classes]
+    return torch.softmax(-0.5 * (d / sigma) ** 2, dim=-1)
+
+
+@torch.no_grad()
+def prepare_for_boxes(
+    model: nn.Module, pos_table_scale: float = 0.0, reset_cross_query: bool = False
+) -> None:
+    """Ready a model from a pretraining that never needed positions for coordinate-token training (in place).
+
+    ``pos_table_scale > 0`` adds that multiple of `sincos_pos_table` (unit-norm rows) to the patch rows of
+    the visual position embedding: a pretraining whose losses never need the object's position leaves that
+    embedding near its initial scale, a small fraction of the patch content, so no head can read a
+    position from the features until it has grown. ``reset_cross_query`` zeroes the decoder's
+    cross-attention query projections: the box tokens then start by attending to the whole memory alike
+    instead of the pretraining's pattern (mostly the text tokens)."""
+    if pos_table_scale > 0:
+        pos = model.vision.pos_embed  # [1 + g * g, W], class token first
+        grid = math.isqrt(pos.shape[0] - 1)
+        if grid * grid != pos.shape[0] - 1:
+            rows = pos.shape[0]
+            raise ValueError(f"pos_table_scale needs a square patch grid; the position table has {rows} rows")
+        pos[1:] += pos_table_scale * sincos_pos_table(grid, pos.shape[1]).to(pos)
+    if reset_cross_query:
+        for layer in model.decoder.layers:
+            layer.cross.q_proj.weight.zero_()
+            layer.cross.q_proj.bias.zero_()
+
+
 @dataclass(frozen=True)
 class GroundingOptions:
-    """`GroundingObjective` options: the coordinate quantisation (official 336) and the box weighting."""
+    """`GroundingObjective` options: the coordinate quantisation (official 336), the box weighting, the
+    width (in bins) of the Gaussian soft targets (0: one-hot targets, official), and what
+    `prepare_for_boxes` does to the model when the objective is built (both off: official)."""
 
     num_bins: int = GROUNDING_NUM_BINS
     box_weighting: bool = True
+    label_sigma: float = 0.0
+    pos_table_scale: float = 0.0
+    reset_cross_query: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("label_sigma", "pos_table_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"grounding option {name} must be >= 0, got {getattr(self, name)}")
 
 
 class GroundingObjective(Objective):
@@ -149,13 +194,21 @@ class GroundingObjective(Objective):
     |error| (normalised, ~0.1 once roughly placed) times 1 − GIoU, so they shrink the coordinate gradients
     ~10x; from pretrained mPLUG weights that refines boxes, from scratch (the synthetic demo) it stalls
     position learning.
+
+    ``label_sigma > 0`` (ours) replaces each one-hot target by a Gaussian over the neighbouring bins
+    (`soft_bin_targets`): a prediction one bin off is then nearly right, so the loss orders the bins and
+    its gradient says which way a box is off, not only that it is off. The logged ``ce`` stays the
+    one-hot CE.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, **options: Any):  # options: `GroundingOptions`
         super().__init__()
         o = GroundingOptions(**options)
+        # before training starts only: a resumed run loads its trained weights over these afterwards
+        prepare_for_boxes(model, o.pos_table_scale, o.reset_cross_query)
         self.prefix_id, coord_ids = coordinate_token_ids(tokenizer, o.num_bins)  # long [num_bins + 1]
         self.model, self.num_bins, self.box_weighting = model, o.num_bins, o.box_weighting
+        self.label_sigma = o.label_sigma
         self.register_buffer("coord_ids", coord_ids, persistent=False)
 
     def box_ids(self, boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,20 +219,29 @@ class GroundingObjective(Objective):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """batch: images, text_ids / text_mask [B, L], boxes [B, 4] (cx, cy, w, h in [0, 1]).
-        Returns {"loss", "grounding", "ce" (unweighted token mean)}."""
+        Returns {"loss", "grounding", "ce" (one-hot CE, token mean), "ce_xy" (the same over cx, cy)}."""
         require_keys(batch, ("images", "text_ids", "text_mask", "boxes"), "GroundingObjective")
         boxes = batch["boxes"].float()
         ids, bins = self.box_ids(boxes)
         logits = self.model(batch["images"], batch["text_ids"], batch["text_mask"].bool(), ids)  # [B, 5, V]
         coord_logits = logits[:, :-1].index_select(-1, self.coord_ids).float()  # [B, 4, 337]
         ce = F.cross_entropy(coord_logits.transpose(1, 2), bins, reduction="none")  # [B, 4]
+        token_loss = ce
+        if self.label_sigma > 0:
+            soft = soft_bin_targets(bins, coord_logits.shape[-1], self.label_sigma)  # [B, 4, 337]
+            token_loss = -(soft * coord_logits.log_softmax(-1)).sum(-1)  # [B, 4]
         if self.box_weighting:
             with torch.no_grad():
                 w_box, w_giou = grounding_weights(coord_logits.argmax(-1), boxes, self.num_bins)
-            loss = (ce * w_box * w_giou[:, None]).mean()
+            loss = (token_loss * w_box * w_giou[:, None]).mean()
         else:
-            loss = ce.mean()
-        return {"loss": loss, "grounding": loss.detach(), "ce": ce.mean().detach()}
+            loss = token_loss.mean()
+        return {
+            "loss": loss,
+            "grounding": loss.detach(),
+            "ce": ce.mean().detach(),
+            "ce_xy": ce[:, :2].mean().detach(),  # the centre tokens: the part that needs the image
+        }
 
 
 # ---- the task --------------------------------------------------------------------------------------------
