@@ -41,12 +41,12 @@ from common import OUT_DIR, machine_info, markdown_table  # noqa: E402
 from mplug_fast.tasks import load_official_checkpoint  # noqa: E402
 from tests.checkpoint.official_layout import (  # noqa: E402
     OfficialDims,
-    _additive,
     _lin,
     _ln,
     make_official_state_dict,
-    official_bert_layer,
     official_decoder_logits,
+    official_fusion,
+    official_text_encoder,
 )
 
 
@@ -69,30 +69,6 @@ def official_vision_mha(sd: dict, d: OfficialDims, images: torch.Tensor) -> torc
         h = _lin(_ln(x, sd, p + "ln_2", 1e-5), sd, p + "mlp.c_fc")
         x = x + _lin(h * torch.sigmoid(1.702 * h), sd, p + "mlp.c_proj")
     return _ln(x.permute(1, 0, 2), sd, v + "ln_post", 1e-5)
-
-
-def official_text(sd: dict, d: OfficialDims, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    p = "text_encoder.embeddings."
-    t = _ln(sd[p + "word_embeddings.weight"][ids] + sd[p + "position_embeddings.weight"][: ids.shape[1]]
-            + sd[p + "token_type_embeddings.weight"][0], sd, p + "LayerNorm", 1e-12)  # fmt: skip
-    t_add = _additive(mask)[:, None, None, :]
-    for i in range(d.text_layers):
-        t = official_bert_layer(sd, f"text_encoder.encoder.layer.{i}.", t, t_add, d.heads)
-    return t
-
-
-def official_fusion(sd, d: OfficialDims, stride: int, v, t, t_mask):
-    t_add = _additive(t_mask)[:, None, None, :]
-    v_add = _additive(torch.ones(v.shape[:2]))[:, None, None, :]
-    start = d.slots - d.fusion_layers
-    for j in range(d.fusion_layers):
-        p = f"fusion_encoder.encoder.layer.{start + j}."
-        if j == 0 or j % stride != 0:
-            t = official_bert_layer(sd, p, t, t_add, d.heads, memory=v, memory_mask_add=v_add)
-        else:
-            y = official_bert_layer(sd, p, torch.cat([v, t], 1), torch.cat([v_add, t_add], -1), d.heads)
-            v, t = v + y[:, : v.shape[1]], y[:, v.shape[1] :]
-    return v, t
 
 
 def caption_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -148,7 +124,7 @@ def main() -> None:
     c_ids, c_mask = torch.randint(d.vocab // 2, d.vocab, (B, 25), generator=g), torch.ones(B, 25)
     with torch.no_grad():
         v_off = official_vision_mha(sd, d, images)
-        t_off = official_text(sd, d, q_ids, q_mask)
+        t_off = official_text_encoder(sd, d, q_ids, q_mask)
         v_ours, t_ours = vqa.encode_image(images), vqa.encode_text(q_ids, q_mask)
     zeros = torch.zeros(B, 1, 1, v_off.shape[1])
 
@@ -178,7 +154,7 @@ def main() -> None:
         ),
         "text encoder": (
             lambda: vqa.encode_text(q_ids, q_mask),
-            lambda: official_text(sd, d, q_ids, q_mask),
+            lambda: official_text_encoder(sd, d, q_ids, q_mask),
             False,
         ),
         "fusion": (

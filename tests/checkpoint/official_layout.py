@@ -268,12 +268,29 @@ def official_vqa_logits(
 ) -> Tensor:
     """ViT -> text encoder -> fusion (§3.3) -> decoder over [v; t] -> LM logits [B, La, V]."""
     v = official_vision(sd, d, images)
-    t_add = _additive(q_mask)[:, None, None, :]
-    t = _embed(sd, "text_encoder.embeddings.", q_ids)
+    t = official_text_encoder(sd, d, q_ids, q_mask)
+    v_mask = torch.ones(v.shape[:2])
+    v, t = official_fusion(sd, d, stride, v, t, q_mask)
+    memory = torch.cat([v, t], dim=1)
+    memory_add = _additive(torch.cat([v_mask, q_mask.float()], dim=1))[:, None, None, :]
+    return official_decoder_logits(sd, d, a_ids, a_mask, memory, memory_add)
+
+
+def official_text_encoder(sd: dict, d: OfficialDims, ids: Tensor, mask: Tensor) -> Tensor:
+    """The text encoder: embeddings + `d.text_layers` BERT layers -> [B, L, D]."""
+    t_add = _additive(mask)[:, None, None, :]
+    t = _embed(sd, "text_encoder.embeddings.", ids)
     for i in range(d.text_layers):
         t = official_bert_layer(sd, f"text_encoder.encoder.layer.{i}.", t, t_add, d.heads)
-    v_mask = torch.ones(v.shape[:2])
-    v_add = _additive(v_mask)[:, None, None, :]
+    return t
+
+
+def official_fusion(
+    sd: dict, d: OfficialDims, stride: int, v: Tensor, t: Tensor, t_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The fusion loop of §3.3 over the last `d.fusion_layers` slots (image unmasked) -> (v, t)."""
+    t_add = _additive(t_mask)[:, None, None, :]
+    v_add = _additive(torch.ones(v.shape[:2]))[:, None, None, :]
     start = d.slots - d.fusion_layers
     for j in range(d.fusion_layers):
         p = f"fusion_encoder.encoder.layer.{start + j}."
@@ -284,9 +301,7 @@ def official_vqa_logits(
             y = official_bert_layer(sd, p, torch.cat([v, t], dim=1), joint_add, d.heads)
             Nv = v.shape[1]
             v, t = v + y[:, :Nv], y[:, Nv:]
-    memory = torch.cat([v, t], dim=1)
-    memory_add = _additive(torch.cat([v_mask, q_mask.float()], dim=1))[:, None, None, :]
-    return official_decoder_logits(sd, d, a_ids, a_mask, memory, memory_add)
+    return v, t
 
 
 def official_decoder_logits(sd, d, ids, mask, memory, memory_add):
