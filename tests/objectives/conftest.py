@@ -1,5 +1,6 @@
 """Shared helpers for the objective tests: a single-thread section for the model-running tests (the CPU is
-shared; two OpenMP threads under load are several times slower than one) and a tiny dropout-free config."""
+shared; two OpenMP threads under load are several times slower than one), a tiny dropout-free config and a
+grounding batch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from mplug_fast.config import MPlugConfig, tiny
+from mplug_fast.data import Tokenizer
 
 
 @pytest.fixture
@@ -34,3 +36,14 @@ def small_config(dropout: bool = False) -> MPlugConfig:
             "adapter_dropout": 0.0,
         }
     return tiny().replace(**overrides)
+
+
+def grounding_batch(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    """Two referring expressions over random 64 px images with their boxes (cx, cy, w, h), one at the edge."""
+    enc = tokenizer(["the red circle", "a triangle"], padding="longest")
+    return {
+        "images": torch.randn(2, 3, 64, 64),
+        "text_ids": enc["input_ids"],
+        "text_mask": enc["attention_mask"].bool(),
+        "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.99, 0.05, 0.5, 0.3]]),
+    }

@@ -14,7 +14,7 @@ from mplug_fast.modeling.vision import sincos_pos_table
 from mplug_fast.tasks import build_model, build_objective
 from mplug_fast.tasks.grounding import GroundingOptions, soft_bin_targets
 
-from .conftest import small_config
+from .conftest import grounding_batch, small_config
 
 
 def test_soft_bin_targets_are_normalised_gaussians_around_the_bin():
@@ -37,14 +37,8 @@ def test_grounding_soft_target_loss_matches_hand_computation(one_thread):
     objective = build_objective(
         "grounding", model, tokenizer, num_bins=32, box_weighting=False, label_sigma=1.5
     )
-    enc = tokenizer(["the red circle", "a triangle"], padding="longest")
-    boxes = torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.99, 0.05, 0.5, 0.3]])
-    batch = {
-        "images": torch.randn(2, 3, 64, 64),
-        "text_ids": enc["input_ids"],
-        "text_mask": enc["attention_mask"].bool(),
-        "boxes": boxes,
-    }
+    batch = grounding_batch(tokenizer)
+    boxes = batch["boxes"]
     out = objective(batch)
     ids, bins = objective.box_ids(boxes)
     logits = model(batch["images"], batch["text_ids"], batch["text_mask"], ids)[:, :-1]

@@ -13,7 +13,7 @@ from mplug_fast.objectives import momentum_update, parameter_pairs
 from mplug_fast.tasks import build_model, build_objective
 from mplug_fast.tasks.grounding import grounding_weights
 
-from .conftest import small_config
+from .conftest import grounding_batch, small_config
 
 
 def generalized_iou(a, b):
@@ -189,14 +189,8 @@ def test_grounding_plain_ce_and_fewer_bins(tokenizer, one_thread):
     model = build_model(small_config(), "grounding").eval()
     objective = build_objective("grounding", model, tokenizer, num_bins=32, box_weighting=False)
     assert objective.coord_ids.tolist() == list(range(345, 378))
-    enc = tokenizer(["the red circle", "a triangle"], padding="longest")
-    boxes = torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.99, 0.05, 0.5, 0.3]])
-    batch = {
-        "images": torch.randn(2, 3, 64, 64),
-        "text_ids": enc["input_ids"],
-        "text_mask": enc["attention_mask"].bool(),
-        "boxes": boxes,
-    }
+    batch = grounding_batch(tokenizer)
+    boxes = batch["boxes"]
     out = objective(batch)
     ids, bins = objective.box_ids(boxes)
     assert bins.tolist() == [[9, 12, 6, 6], [31, 1, 16, 9]]
