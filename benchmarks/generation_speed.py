@@ -113,8 +113,9 @@ def official_beam_search(
 
 def copy_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
     """This machine's memory bandwidth as a plain large copy reaches it: bytes read + written per second
-    (GB/s, median of `repeats` copies of `mib` MiB, at the current thread count)."""
-    src = torch.empty(mib * 2**20 // 4)
+    (GB/s, median of `repeats` copies of `mib` MiB, at the current thread count). The source is written
+    first: pages never written all map the kernel's one zero page, whose reads hit the cache."""
+    src = torch.ones(mib * 2**20 // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch
     times = []
@@ -123,6 +124,19 @@ def copy_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def read_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """Bytes read per second by a sum over `mib` MiB of written memory (GB/s, median of `repeats`): the rate
+    at which a decoding step can stream its weights, at the current thread count."""
+    src = torch.ones(mib * 2**20 // 4)
+    src.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - t0)
+    return src.numel() * 4 / statistics.median(times) / 1e9
 
 
 def gemm_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -159,8 +173,9 @@ def decode_step_cost(decoder, rows: int, memory_rows: int, memory_len: int, cach
 
 def decode_step_record(decoder, run, name: str, B: int, c: dict, kw: dict, floor: dict, repeats: int) -> dict:
     """The cached decode step against the floors: (time of max_length steps - time of the first step, which
-    also projects the memory K/V) / (max_length - 1), vs the bytes it must read at the copy bandwidth and
-    the FLOPs at the GEMM peak (`decode_step_cost`, the roofline floor is the larger of the two)."""
+    also projects the memory K/V) / (max_length - 1), vs the bytes it must read at the copy bandwidth (and at
+    the read bandwidth, the stricter floor) and the FLOPs at the GEMM peak (`decode_step_cost`; the roofline
+    floor is the larger of the copy-bandwidth and compute floors)."""
     first = dict(kw, max_length=1, min_length=min(kw["min_length"], 1))
     t_first = statistics.median(time_ms(lambda: run(True, kw=first), repeats + 1))
     t_all = statistics.median(time_ms(lambda: run(True), repeats))
@@ -168,6 +183,7 @@ def decode_step_record(decoder, run, name: str, B: int, c: dict, kw: dict, floor
     rows, (Bm, M, _) = B * kw["beam_size"], c["memory"].shape
     cost = decode_step_cost(decoder, rows, Bm, M, (1 + kw["max_length"]) / 2)
     bandwidth_ms = cost["bytes"] / (floor["copy_gbs"] * 1e9) * 1e3
+    read_ms = cost["bytes"] / (floor["read_gbs"] * 1e9) * 1e3
     compute_ms = cost["flops"] / (floor["gemm_gflops"] * 1e9) * 1e3
     rec = {
         "name": f"{name}_b{B}_decode_step",
@@ -176,8 +192,10 @@ def decode_step_record(decoder, run, name: str, B: int, c: dict, kw: dict, floor
         "ms_per_step": step_ms,
         **cost,
         "floor_bandwidth_ms": bandwidth_ms,
+        "floor_read_ms": read_ms,
         "floor_compute_ms": compute_ms,
         "vs_bandwidth_floor": step_ms / bandwidth_ms,
+        "vs_read_floor": step_ms / read_ms,
         "vs_roofline_floor": step_ms / max(bandwidth_ms, compute_ms),
     }
     print(
@@ -280,9 +298,13 @@ def main() -> None:
     decoder.eval().to(args.device)
     Lq = 12
     records, steps, ratios = [], [], {}
-    floor = {"copy_gbs": copy_bandwidth_gbs(), "gemm_gflops": gemm_peak_gflops()}
+    floor = {
+        "copy_gbs": copy_bandwidth_gbs(),
+        "read_gbs": read_bandwidth_gbs(),
+        "gemm_gflops": gemm_peak_gflops(),
+    }
     print(
-        f"copy bandwidth {floor['copy_gbs']:.1f} GB/s (read + write), "
+        f"copy bandwidth {floor['copy_gbs']:.1f} GB/s (read + write), read {floor['read_gbs']:.1f} GB/s, "
         f"fp32 GEMM {floor['gemm_gflops']:.1f} GFLOP/s"
     )
     for B in args.batch_sizes:

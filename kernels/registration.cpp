@@ -9,6 +9,8 @@
 //   fin_lengths long [B, S] (official: S = max_length * K, slot step * K + k; standard: S = K, the best K
 //   sorted), steps long [B] (steps run per sample). Updates them in place and returns (beam, token).
 // reorder_caches: dst[i][:, n, :, :length] = src[i][:, index[n], :, :length], each [P, N, X, Lmax, Dh].
+// small_linear: x [M, K] @ weight [N, K]^T + bias, fp32, for the few rows of a decoding step (CPU).
+// short_query_attention: softmax(scale q k^T) v, q [B, H, G, D], k and v [B, H, M, D], fp32, no mask (CPU).
 #include "ops.h"
 
 #include <ATen/ops/empty.h>
@@ -97,6 +99,11 @@ at::Tensor small_linear_meta(const at::Tensor& x, const at::Tensor& weight, cons
   return at::empty({x.size(0), weight.size(0)}, x.options());
 }
 
+at::Tensor short_query_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  check_short_query_attention(q, k, v);
+  return at::empty(q.sizes(), q.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mplug_fast, m) {
@@ -107,18 +114,21 @@ TORCH_LIBRARY_FRAGMENT(mplug_fast, m) {
       "bool exact) -> (Tensor, Tensor)");
   m.def("reorder_caches(Tensor[] src, Tensor(a!)[] dst, Tensor index, int length) -> ()");
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("short_query_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mplug_fast, CPU, m) {
   m.impl("beam_step", &beam_step_cpu);
   m.impl("reorder_caches", &reorder_caches_cpu);
   m.impl("small_linear", &small_linear_cpu);
+  m.impl("short_query_attention", &short_query_attention_cpu);
 }
 
 TORCH_LIBRARY_IMPL(mplug_fast, Meta, m) {
   m.impl("beam_step", &beam_step_meta);
   m.impl("reorder_caches", &reorder_caches_meta);
   m.impl("small_linear", &small_linear_meta);
+  m.impl("short_query_attention", &short_query_attention_meta);
 }
 
 #ifdef MPLUG_FAST_WITH_CUDA

@@ -4,8 +4,10 @@
 // A BLAS GEMM is tuned for many rows; at a few rows it leaves most of the FMA throughput unused. Here every
 // output is a dot product over K computed in 8-wide AVX2 FMA lanes, in register tiles of 3 rows x 4 weight
 // rows (12 accumulators; each weight vector loaded once per tile and used by 3 rows), K in chunks that keep
-// the tile's weight rows in L1, the lanes summed at the end. Threads split the weight rows (at::parallel_for), so each output has one fixed summation order
-// whatever the thread count. Without AVX2 + FMA (checked at run time) it returns at::linear.
+// the tile's weight rows in L1, the lanes summed at the end. The first row tile of a block prefetches the
+// next block's weight rows (into L2), so that the weight stream overlaps the FMAs. Threads split the weight
+// rows (at::parallel_for), so each output has one fixed summation order whatever the thread count. Without
+// AVX2 + FMA (checked at run time) it returns at::linear.
 #include "../ops.h"
 
 #include <ATen/Parallel.h>
@@ -31,13 +33,18 @@ __attribute__((target("avx2,fma"))) inline float lane_sum(__m256 v) {
 }
 
 // acc[r][c] += x[r, k0:k1] * w[c, k0:k1] lane-wise (8 lanes), for r < R, c < C; k1 - k0 a multiple of 8.
+// With `next` (the following weight rows, or nullptr), asks for their cache lines at the same k, one line
+// of each of kColTile rows every 16 k: the next block's rows arrive while these FMAs run.
 template <int R, int C>
 __attribute__((target("avx2,fma"))) inline void tile(const float* x, const float* w, __m256 (*acc)[kColTile],
-                                                    int64_t k0, int64_t k1, int64_t K) {
+                                                    int64_t k0, int64_t k1, int64_t K, const float* next) {
   __m256 a[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) a[r][c] = acc[r][c];
   for (int64_t k = k0; k < k1; k += 8) {
+    if (next != nullptr && (k & 15) == 0) {
+      for (int c = 0; c < kColTile; ++c) _mm_prefetch(reinterpret_cast<const char*>(next + c * K + k), _MM_HINT_T1);
+    }
     __m256 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * K + k);
     for (int r = 0; r < R; ++r) {
@@ -52,9 +59,10 @@ __attribute__((target("avx2,fma"))) inline void tile(const float* x, const float
 // Up to kRowGroup rows of x against C weight rows. K is walked in chunks of kChunk (the C weight rows of a
 // chunk stay in L1 while every row tile reads them); the 8-lane partial sums live in `acc` between chunks.
 // Each output: lanes summed, then the K % 8 tail, then the bias (the same order for every M and thread).
+// `next`: the weight rows of the block that follows (prefetched by the first row tile), or nullptr.
 template <int C>
 __attribute__((target("avx2,fma"))) void column_block(const float* x, const float* w, const float* b, float* y,
-                                                      int64_t M, int64_t K, int64_t N) {
+                                                      int64_t M, int64_t K, int64_t N, const float* next) {
   __m256 acc[kRowGroup][kColTile];
   const int64_t K8 = K - K % 8;
   for (int64_t g = 0; g < M; g += kRowGroup) {
@@ -64,10 +72,13 @@ __attribute__((target("avx2,fma"))) void column_block(const float* x, const floa
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
     for (int64_t k0 = 0; k0 < K8; k0 += kChunk) {
       const int64_t k1 = std::min(K8, k0 + kChunk);
+      const float* pf = g == 0 ? next : nullptr;  // the first pass over this chunk streams the next rows
       int64_t m = 0;
-      for (; m + kRowTile <= rows; m += kRowTile) tile<kRowTile, C>(xg + m * K, w, acc + m, k0, k1, K);
-      if (rows - m == 2) tile<2, C>(xg + m * K, w, acc + m, k0, k1, K);
-      if (rows - m == 1) tile<1, C>(xg + m * K, w, acc + m, k0, k1, K);
+      for (; m + kRowTile <= rows; m += kRowTile, pf = nullptr) {
+        tile<kRowTile, C>(xg + m * K, w, acc + m, k0, k1, K, pf);
+      }
+      if (rows - m == 2) tile<2, C>(xg + m * K, w, acc + m, k0, k1, K, pf);
+      if (rows - m == 1) tile<1, C>(xg + m * K, w, acc + m, k0, k1, K, pf);
     }
     for (int64_t r = 0; r < rows; ++r) {
       for (int c = 0; c < C; ++c) {
@@ -101,11 +112,12 @@ at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t n = j * kColTile;
-      column_block<kColTile>(xp, wp + n * K, bp != nullptr ? bp + n : nullptr, yp + n, M, K, N);
+      const float* next = j + 1 < end ? wp + (n + kColTile) * K : nullptr;
+      column_block<kColTile>(xp, wp + n * K, bp != nullptr ? bp + n : nullptr, yp + n, M, K, N, next);
     }
   });
   for (int64_t n = blocks * kColTile; n < N; ++n)
-    column_block<1>(xp, wp + n * K, bp != nullptr ? bp + n : nullptr, yp + n, M, K, N);
+    column_block<1>(xp, wp + n * K, bp != nullptr ? bp + n : nullptr, yp + n, M, K, N, nullptr);
   return y;
 }
 

@@ -55,6 +55,10 @@ class DecodingState:
                 f"max_position_embeddings={decoder.embeddings.max_positions}"
             )
         memory_kv = as_memory_kv(decoder, memory)
+        if memory_kv[0][0].is_cpu:
+            # Each head's K/V rows contiguous (one copy per image): every step's cross-attention then reads
+            # them as one stream instead of 64-float pieces of the fused K/V projection's rows.
+            memory_kv = [(k.contiguous(), v.contiguous()) for k, v in memory_kv]
         memory_mask, start_mask = as_bool_mask(memory_mask), as_bool_mask(start_mask)
         if memory_mask is not None and bool(memory_mask.all()):
             memory_mask = None  # nothing masked: every step's cross-attention runs without a mask

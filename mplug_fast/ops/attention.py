@@ -6,7 +6,8 @@ each query row to its K/V row so beams and answer candidates share one image's K
 Mask semantics are those of `mplug_fast.ops.reference` (bool, True = attend; causal aligned at
 the bottom right; rows with no key give 0).
 
-Backends: `reference` (the oracle), `sdpa` (torch), `triton` (our FlashAttention-2 kernels,
+Backends: `reference` (the oracle), `sdpa` (torch), `short_query` (the native CPU kernel for the few
+queries of a decoding step, `ops/short_query.py`), `triton` (our FlashAttention-2 kernels,
 `mplug_fast.ops.triton.attention`, with the split-K short-query variant `mplug_fast.ops.triton.decode`,
 imported on first use so that `import mplug_fast` never needs triton), and `flash_attn`, `xformers`
 (`ops/external.py`); automatic order: `attention_priority`. The model config's choice (`config_backend=`)
@@ -23,6 +24,7 @@ from torch import Tensor
 from mplug_fast.ops.external import FlashAttnBackend, XFormersBackend
 from mplug_fast.ops.reference import attention_mask_ref, attention_ref, check_attention_inputs, gather_kv
 from mplug_fast.ops.registry import AttentionBackend, Inputs, Registry, mask_kind, triton_kernels_status
+from mplug_fast.ops.short_query import ShortQueryBackend
 
 __all__ = [
     "ATTENTION",
@@ -124,18 +126,22 @@ class TritonBackend(AttentionBackend):
 
 def attention_priority(device_type: str, dtype: torch.dtype, needs_grad: bool) -> tuple[str, ...]:
     """The automatic order. CUDA: our Triton kernels, then the external libraries, then torch. Elsewhere:
-    torch, the reference, and last the backends that never run there automatically (the external ones are
-    CUDA only; Triton only under its interpreter, for tests). The order does not depend on the dtype or on
-    gradients today: the backends' reasons cover those (the signature keeps them in the key)."""
+    on CPUs whose torch capability is AVX2 the native short-query kernel first (it runs fp32 inference
+    without masks, `ops/short_query.py`; measured on AVX2 CPUs only), then torch, the reference, and last the
+    backends that never run there automatically (the external ones are CUDA only; Triton only under its
+    interpreter, for tests). The order does not depend on the dtype or on gradients: the backends' reasons
+    cover those (the signature keeps them in the key)."""
     if device_type == "cuda":
-        return ("triton", "flash_attn", "xformers", "sdpa", "reference")
-    return ("sdpa", "reference", "flash_attn", "xformers", "triton")
+        return ("triton", "flash_attn", "xformers", "sdpa", "reference", "short_query")
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return ("short_query", "sdpa", "reference", "flash_attn", "xformers", "triton")
+    return ("sdpa", "reference", "short_query", "flash_attn", "xformers", "triton")
 
 
 ATTENTION = Registry(
     "attention",
     ENV_VAR,
-    (ReferenceBackend, SdpaBackend, TritonBackend, FlashAttnBackend, XFormersBackend),
+    (ReferenceBackend, SdpaBackend, ShortQueryBackend, TritonBackend, FlashAttnBackend, XFormersBackend),
     attention_priority,
 )
 BACKENDS = ATTENTION.backends  # name -> backend class (the registry's table, not a copy)

@@ -1,9 +1,11 @@
 """The native ops of `kernels/` (`mplug_fast._C`, built by setup.py with CMake): loading and status.
 
 Importing `mplug_fast._C` registers `torch.ops.mplug_fast.beam_step` and `.reorder_caches` (CPU, CUDA when
-built with CUDA, Meta) and `.small_linear` (CPU, Meta; `mplug_fast.ops.small_linear`). A missing or
-unloadable `_C` is not an error: callers then run the Python twins (`mplug_fast.generation.beam_step`,
-`KVCache.reorder`, `F.linear`). `MPLUG_FAST_NATIVE=0` turns the native ops off.
+built with CUDA, Meta), `.small_linear` (CPU, Meta; `mplug_fast.ops.small_linear`) and
+`.short_query_attention` (CPU, Meta; the `short_query` attention backend, `mplug_fast.ops.short_query`). A
+missing or unloadable `_C` is not an error: callers then run the Python twins
+(`mplug_fast.generation.beam_step`, `KVCache.reorder`, `F.linear`, the `sdpa` backend).
+`MPLUG_FAST_NATIVE=0` turns the native ops off.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import os
 
 import torch
 
-NATIVE_OPS = ("beam_step", "reorder_caches", "small_linear")
-CPU_ONLY_OPS = ("small_linear",)  # a CPU technique: GPUs run their GEMMs
+NATIVE_OPS = ("beam_step", "reorder_caches", "small_linear", "short_query_attention")
+CPU_ONLY_OPS = ("small_linear", "short_query_attention")  # a CPU technique: GPUs run their GEMMs
 
 
 @functools.cache
