@@ -41,9 +41,11 @@ void reorder_caches_cuda(at::TensorList src, at::TensorList dst, const at::Tenso
 // y = x weight^T + bias for the few rows of a decoding step: x [M, K], weight [N, K], bias [N] (fp32, CPU).
 at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
-// softmax(scale q k^T) v for the few queries of a decoding step, no mask: q [B, H, G, D], k and v [B, H, M, D]
-// with the head dim contiguous (fp32, CPU) -> [B, H, G, D].
-at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+// softmax(scale q k^T) v for the few queries of a decoding step: q [B, H, G, D], k and v [B, H, M, D] with the
+// head dim contiguous, key_mask bool [B, M] (true = attend; a row with no key gives 0) or none (fp32, CPU)
+// -> [B, H, G, D].
+at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const std::optional<at::Tensor>& key_mask, double scale);
 
 // Shape and dtype checks shared by the CPU and CUDA implementations.
 void check_beam_step(const at::Tensor& logits, const std::optional<at::Tensor>& bias, const at::Tensor& running,
@@ -53,6 +55,7 @@ void check_beam_step(const at::Tensor& logits, const std::optional<at::Tensor>& 
                      bool official);
 void check_reorder_caches(at::TensorList src, at::TensorList dst, const at::Tensor& index, int64_t length);
 void check_small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-void check_short_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+void check_short_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& key_mask);
 
 }  // namespace mplug_fast

@@ -10,7 +10,8 @@
 //   sorted), steps long [B] (steps run per sample). Updates them in place and returns (beam, token).
 // reorder_caches: dst[i][:, n, :, :length] = src[i][:, index[n], :, :length], each [P, N, X, Lmax, Dh].
 // small_linear: x [M, K] @ weight [N, K]^T + bias, fp32, for the few rows of a decoding step (CPU).
-// short_query_attention: softmax(scale q k^T) v, q [B, H, G, D], k and v [B, H, M, D], fp32, no mask (CPU).
+// short_query_attention: softmax(scale q k^T) v, q [B, H, G, D], k and v [B, H, M, D], key_mask bool [B, M] or
+//   none, fp32 (CPU).
 #include "ops.h"
 
 #include <ATen/ops/empty.h>
@@ -99,8 +100,9 @@ at::Tensor small_linear_meta(const at::Tensor& x, const at::Tensor& weight, cons
   return at::empty({x.size(0), weight.size(0)}, x.options());
 }
 
-at::Tensor short_query_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  check_short_query_attention(q, k, v);
+at::Tensor short_query_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const std::optional<at::Tensor>& key_mask, double scale) {
+  check_short_query_attention(q, k, v, key_mask);
   return at::empty(q.sizes(), q.options());
 }
 
@@ -114,7 +116,7 @@ TORCH_LIBRARY_FRAGMENT(mplug_fast, m) {
       "bool exact) -> (Tensor, Tensor)");
   m.def("reorder_caches(Tensor[] src, Tensor(a!)[] dst, Tensor index, int length) -> ()");
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("short_query_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("short_query_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mplug_fast, CPU, m) {

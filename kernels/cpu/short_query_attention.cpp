@@ -1,7 +1,8 @@
-// CPU attention for the few queries of a decoding step (mplug_fast::short_query_attention), fp32, no mask:
-// out[b, h, g] = softmax(scale * q[b, h, g] . k[b, h, j] over j) @ v[b, h, :]
+// CPU attention for the few queries of a decoding step (mplug_fast::short_query_attention), fp32:
+// out[b, h, g] = softmax(scale * q[b, h, g] . k[b, h, j] over the keys j that key_mask[b] keeps) @ v[b, h, :]
 // q [B, H, G, D]; k, v [B, H, M, D], each with the head dim contiguous (any other strides: the views of a
-// fused K/V projection or of a KV cache are read in place) -> out [B, H, G, D] contiguous.
+// fused K/V projection or of a KV cache are read in place); key_mask bool [B, M] or none; a row whose mask
+// keeps no key gives 0 (mplug_fast.ops.reference semantics) -> out [B, H, G, D] contiguous.
 //
 // At a few queries per head, torch's attention kernels spend most of their time on blocking meant for long
 // query blocks. Here each (b, h) is three passes over the keys, all AVX2 FMA:
@@ -71,6 +72,7 @@ struct Head {
   const float* v;       // [M, D], row stride sv
   float* out;           // [G, D] contiguous
   const float* next_k;  // the K rows of the next head this thread runs (prefetched), or nullptr
+  const bool* mask;     // [M], true = attend, or nullptr (every key)
   int64_t G, M, D, sq, sk, sv;
 };
 
@@ -134,10 +136,18 @@ __attribute__((target("avx2,fma"))) void scores(const Head& h, int64_t g, int64_
   }
 }
 
-// In place: s[g] <- exp(scale * (s[g] - max s[g])); returns 1 / the row's sum.
-__attribute__((target("avx2,fma"))) float softmax_row(float* s, int64_t M, float scale) {
+// In place: s[g] <- exp(scale * (s[g] - max s[g])) over the keys `mask` keeps (the others get 0); returns
+// 1 / the row's sum, or 0 when the mask keeps no key (the row's output is then 0).
+__attribute__((target("avx2,fma"))) float softmax_row(float* s, int64_t M, float scale, const bool* mask) {
+  if (mask != nullptr) {
+    for (int64_t j = 0; j < M; ++j) s[j] = mask[j] ? s[j] : -INFINITY;
+  }
   float m = -INFINITY;
   for (int64_t j = 0; j < M; ++j) m = std::max(m, s[j]);
+  if (m == -INFINITY) {
+    std::fill(s, s + M, 0.0f);
+    return 0.0f;
+  }
   const __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(m);
   __m256 vsum = _mm256_setzero_ps();
   int64_t j = 0;
@@ -215,7 +225,7 @@ __attribute__((target("avx2,fma"))) void attend_head(const Head& h, float scale,
     row_tiles(h.G, [&](auto R, int64_t g) { scores<decltype(R)::value>(h, g, j0, j1, s); });
   }
   for (int64_t r = 0; r < h.G; ++r) {
-    const float inv = softmax_row(s + r * h.M, h.M, scale);
+    const float inv = softmax_row(s + r * h.M, h.M, scale, h.mask);
     for (int64_t d = 0; d < h.D; ++d) h.out[r * h.D + d] = inv;  // the row's 1 / sum, applied below
   }
   for (int64_t j0 = 0; j0 < h.M; j0 += kBlock) {
@@ -232,12 +242,17 @@ bool has_avx2_fma() {
 
 }  // namespace
 
-at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  check_short_query_attention(q, k, v);
-  if (!has_avx2_fma()) {
-    return at::matmul(at::matmul(q, k.transpose(-1, -2)).mul(scale).softmax(-1), v).contiguous();
-  }
+at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const std::optional<at::Tensor>& key_mask, double scale) {
+  check_short_query_attention(q, k, v, key_mask);
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), M = k.size(2);
+  if (!has_avx2_fma()) {
+    at::Tensor scores = at::matmul(q, k.transpose(-1, -2)).mul(scale);
+    if (key_mask.has_value()) scores = scores.masked_fill(key_mask->logical_not().view({B, 1, 1, M}), -INFINITY);
+    return at::matmul(scores.softmax(-1).nan_to_num(0.0), v).contiguous();  // no key: NaN -> 0
+  }
+  const at::Tensor mask = key_mask.has_value() ? key_mask->contiguous() : at::Tensor();
+  const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   at::Tensor out = at::empty({B, H, G, D}, q.options());
   const float* qp = q.const_data_ptr<float>();
   const float* kp = k.const_data_ptr<float>();
@@ -252,6 +267,7 @@ at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, c
                    vp + b * v.stride(0) + hh * v.stride(1),
                    op + i * G * D,
                    i + 1 < end ? kp + nb * k.stride(0) + nh * k.stride(1) : nullptr,
+                   mp != nullptr ? mp + b * M : nullptr,
                    G, M, D, q.stride(2), k.stride(2), v.stride(2)};
       attend_head(h, static_cast<float>(scale), buf);
     }
@@ -259,7 +275,8 @@ at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, c
   return out;
 }
 
-void check_short_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+void check_short_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& key_mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "short_query_attention: q [B, H, G, D], k and v [B, H, M, D] must be 4-D, got ", q.sizes(), ", ",
               k.sizes(), " and ", v.sizes());
@@ -273,6 +290,12 @@ void check_short_query_attention(const at::Tensor& q, const at::Tensor& k, const
               v.scalar_type());
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "short_query_attention: the head dim of q, k and v must be contiguous (stride 1)");
+  if (key_mask.has_value()) {
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == k.size(0) &&
+                    key_mask->size(1) == k.size(2),
+                "short_query_attention: key_mask must be bool [B, M] = [", k.size(0), ", ", k.size(2), "], got ",
+                key_mask->scalar_type(), " ", key_mask->sizes());
+  }
 }
 
 }  // namespace mplug_fast

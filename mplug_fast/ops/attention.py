@@ -6,8 +6,8 @@ each query row to its K/V row so beams and answer candidates share one image's K
 Mask semantics are those of `mplug_fast.ops.reference` (bool, True = attend; causal aligned at
 the bottom right; rows with no key give 0).
 
-Backends: `reference` (the oracle), `sdpa` (torch), `short_query` (the native CPU kernel for the few
-queries of a decoding step, `ops/short_query.py`), `triton` (our FlashAttention-2 kernels,
+Backends: `reference` (the oracle), `sdpa` (torch, `ops/sdpa.py`), `short_query` (the native CPU kernel for
+the few queries of a decoding step, `ops/short_query.py`), `triton` (our FlashAttention-2 kernels,
 `mplug_fast.ops.triton.attention`, with the split-K short-query variant `mplug_fast.ops.triton.decode`,
 imported on first use so that `import mplug_fast` never needs triton), and `flash_attn`, `xformers`
 (`ops/external.py`); automatic order: `attention_priority`. The model config's choice (`config_backend=`)
@@ -18,12 +18,12 @@ ranks below `backend=` and `MPLUG_FAST_ATTENTION`. The modules (`modeling/layers
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mplug_fast.ops.external import FlashAttnBackend, XFormersBackend
-from mplug_fast.ops.reference import attention_mask_ref, attention_ref, check_attention_inputs, gather_kv
+from mplug_fast.ops.reference import attention_ref, check_attention_inputs
 from mplug_fast.ops.registry import AttentionBackend, Inputs, Registry, mask_kind, triton_kernels_status
+from mplug_fast.ops.sdpa import SdpaBackend
 from mplug_fast.ops.short_query import ShortQueryBackend
 
 __all__ = [
@@ -49,23 +49,6 @@ class ReferenceBackend(AttentionBackend):
     NAME = "reference"
 
     run = staticmethod(attention_ref)
-
-
-class SdpaBackend(AttentionBackend):
-    """`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient / math kernels)."""
-
-    NAME = "sdpa"
-
-    @staticmethod
-    def run(q, k, v, *, key_padding_mask, causal, dropout_p, scale, kv_index):
-        k, v, key_padding_mask = gather_kv(k, v, key_padding_mask, kv_index)  # [B, H, Lk, Dh]
-        Lq, Lk = q.shape[-2], k.shape[-2]
-        if key_padding_mask is None and (not causal or Lq == Lk):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
-        mask = attention_mask_ref(key_padding_mask, causal, Lq, Lk, q.device)  # bool, True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        # Rows with no key: the CPU math kernel already returns 0, the CUDA kernels may not.
-        return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
 
 
 class TritonBackend(AttentionBackend):

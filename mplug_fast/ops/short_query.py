@@ -8,10 +8,11 @@ the scores, the softmax and the value sums in AVX2 register tiles with the K/V r
 FMAs (1.9x torch's kernel at 5 queries x 577 keys with the K/V of each head contiguous, 1.4x on the fused
 K/V projection's strided views; `benchmarks/generation_speed.py` measures the step).
 
-It runs fp32 CPU tensors without a mask, dropout or autograd, head dims a multiple of 8, outside
+It runs fp32 CPU tensors with a key padding mask or none (no causal mask, dropout or autograd), head dims a
+multiple of 8, outside
 torch.compile (a compiled graph keeps SDPA), when the native op is built. Calls with more than `MAX_QUERIES`
-query rows per head (an encoder, a teacher-forced decoder) go to `F.scaled_dot_product_attention`, as the
-`sdpa` backend would run them: beyond that the two kernels are about as fast. `attention_priority` puts it
+query rows per head (an encoder, a teacher-forced decoder) go to the `sdpa` backend: beyond that the two
+kernels are about as fast. `attention_priority` puts it
 first on CPUs whose torch capability is AVX2 (where it was measured); elsewhere it runs when chosen
 (`MPLUG_FAST_ATTENTION=short_query` or `backend=`). Results differ from SDPA by rounding only.
 """
@@ -19,12 +20,12 @@ first on CPUs whose torch capability is AVX2 (where it was measured); elsewhere 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mplug_fast.ops.native import native_op, unavailable_reason
 from mplug_fast.ops.reference import gather_kv
 from mplug_fast.ops.registry import AttentionBackend, Inputs
+from mplug_fast.ops.sdpa import SdpaBackend
 
 __all__ = ["MAX_QUERIES", "ShortQueryBackend"]
 
@@ -51,8 +52,8 @@ class ShortQueryBackend(AttentionBackend):
             reasons.append(f"float32 only, got {inputs.dtype}")
         if inputs.dim % 8:
             reasons.append(f"head dim {inputs.dim} is not a multiple of 8")
-        if inputs.mask != "none":
-            reasons.append(f"no masks ({inputs.mask})")
+        if "causal" in inputs.mask:
+            reasons.append(f"no causal mask ({inputs.mask})")
         if inputs.dropout:
             reasons.append("no dropout")
         if inputs.needs_grad:
@@ -62,10 +63,12 @@ class ShortQueryBackend(AttentionBackend):
     @staticmethod
     def run(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask, causal, dropout_p, scale, kv_index):
         """q [B, H, Lq, Dh]; k, v [Bk, H, Lk, Dh] (kv_index: see `AttentionBackend`) -> [B, H, Lq, Dh]."""
-        if key_padding_mask is not None or (causal and q.shape[-2] > 1) or dropout_p > 0.0:
-            raise ValueError("short_query attention runs without masks and dropout")
-        k, v, _ = gather_kv(k, v, None, kv_index)
+        if causal or dropout_p > 0.0:
+            raise ValueError("short_query attention runs without a causal mask and dropout")
+        k, v, mask = gather_kv(k, v, key_padding_mask, kv_index)
         if q.shape[-2] > MAX_QUERIES or min(q.stride(-1), k.stride(-1), v.stride(-1)) != 1:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return SdpaBackend.run(
+                q, k, v, key_padding_mask=mask, causal=False, dropout_p=0.0, scale=scale, kv_index=None
+            )
         op = native_op("short_query_attention", "cpu")
-        return op(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+        return op(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)

@@ -13,16 +13,20 @@ from mplug_fast.modeling.decoder import TextDecoder
 from mplug_fast.modeling.layers import clear_backend_caches, init_bert_weights
 from mplug_fast.ops import attention as attention_module
 from mplug_fast.ops.attention import ATTENTION, select_backend
+from mplug_fast.ops.reference import attention_ref
 from mplug_fast.ops.short_query import MAX_QUERIES, ShortQueryBackend
 
 
-def op(q, k, v, scale):
+def op(q, k, v, scale, mask=None):
     """The op (looked up at call time: `mplug_fast._C` is loaded by the package's conftest fixture)."""
-    return torch.ops.mplug_fast.short_query_attention(q, k, v, scale)
+    return torch.ops.mplug_fast.short_query_attention(q, k, v, mask, scale)
 
 
-def reference(q, k, v, scale):
-    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale).float()
+def reference(q, k, v, scale, mask=None):
+    """fp64 attention; mask bool [B, M] (True = attend), a row with no key gives 0."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale).float()
+    return attention_ref(q.double(), k.double(), v.double(), key_padding_mask=mask, scale=scale).float()
 
 
 def fused_kv(B: int, M: int, H: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +49,19 @@ def test_equals_sdpa(B: int, H: int, G: int, M: int, D: int) -> None:
     torch.testing.assert_close(out, reference(q, k, v, D**-0.5), rtol=1e-5, atol=1e-5)
     contiguous = op(q, k.contiguous(), v.contiguous(), D**-0.5)
     assert torch.equal(out, contiguous)  # the layout changes the reads, not the arithmetic
+
+
+@pytest.mark.parametrize(("G", "M"), [(5, 577), (3, 70), (1, 9)])
+def test_key_mask_and_rows_without_keys(G: int, M: int) -> None:
+    q, (k, v) = torch.randn(3, 4, G, 32), fused_kv(3, M, 4, 32)
+    mask = torch.rand(3, M) > 0.3
+    mask[1] = False  # no key: the output row is 0
+    mask[2, :] = False
+    mask[2, -1] = True  # one key: its value row
+    out = op(q, k, v, 32**-0.5, mask)
+    torch.testing.assert_close(out, reference(q, k, v, 32**-0.5, mask), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[2], v[2, :, -1:].expand(4, G, 32))
 
 
 def test_large_scores_underflow_to_zero_weights_not_nan() -> None:
@@ -85,9 +102,12 @@ def test_meta_shape_and_input_errors() -> None:
 
 def test_backend_runs_the_kernel_for_few_queries_and_sdpa_beyond(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(
-        "mplug_fast.ops.short_query.native_op", lambda *a: lambda *x: calls.append(x[0].shape) or op(*x)
-    )
+
+    def counted(*args):  # the op's own argument order: q, k, v, key_mask, scale
+        calls.append(args[0].shape)
+        return torch.ops.mplug_fast.short_query_attention(*args)
+
+    monkeypatch.setattr("mplug_fast.ops.short_query.native_op", lambda *a: counted)
     run = ShortQueryBackend.run
     kw = dict(key_padding_mask=None, causal=False, dropout_p=0.0, scale=None)
     k, v = fused_kv(2, 40, 2, 16)
@@ -97,20 +117,29 @@ def test_backend_runs_the_kernel_for_few_queries_and_sdpa_beyond(monkeypatch) ->
     index = torch.tensor([1, 1, 0])  # K/V rows per query row
     q = torch.randn(3, 2, 1, 16)
     torch.testing.assert_close(run(q, k, v, kv_index=index, **kw), reference(q, k[index], v[index], 0.25))
-    assert calls == [few.shape, q.shape]
-    with pytest.raises(ValueError, match="without masks"):
-        run(few, k, v, kv_index=None, **dict(kw, key_padding_mask=torch.ones(2, 40, dtype=torch.bool)))
+    mask = torch.rand(2, 40) > 0.5
+    mask[0] = False  # a row with no key: 0 through both paths
+    masked = dict(kw, key_padding_mask=mask)
+    torch.testing.assert_close(
+        run(q, k, v, kv_index=index, **masked), reference(q, k[index], v[index], 0.25, mask[index])
+    )
+    torch.testing.assert_close(run(many, k, v, kv_index=None, **masked), reference(many, k, v, 0.25, mask))
+    assert calls == [few.shape, q.shape, q.shape]
+    with pytest.raises(ValueError, match="without a causal mask"):
+        run(few, k, v, kv_index=None, **dict(kw, causal=True))
 
 
 def test_automatic_choice_on_cpu(monkeypatch) -> None:
-    """First on AVX2 CPUs for fp32 inference without masks; sdpa for masks, autograd and other CPUs."""
+    """First on AVX2 CPUs for fp32 inference without a causal mask; sdpa for causal masks, autograd, other
+    dtypes and other CPUs."""
     monkeypatch.delenv(attention_module.ENV_VAR, raising=False)
     q, (k, v) = torch.randn(1, 2, 5, 16), fused_kv(1, 9, 2, 16)
     mask = torch.ones(1, 9, dtype=torch.bool)
     for capability, expected in (("AVX2", "short_query"), ("AVX512", "sdpa"), ("DEFAULT", "sdpa")):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         assert select_backend(q, k, v) == expected
-        assert select_backend(q, k, v, key_padding_mask=mask) == "sdpa"
+        assert select_backend(q, k, v, key_padding_mask=mask) == expected
+        assert select_backend(q, k, v, causal=True) == "sdpa"
         assert select_backend(q.requires_grad_(), k, v) == "sdpa"
         q = q.detach()
         assert select_backend(q.double(), k.double(), v.double()) == "sdpa"
