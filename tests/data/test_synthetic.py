@@ -67,6 +67,19 @@ def test_deterministic_by_seed_and_index():
         SyntheticWorld(64, max_objects=9)
 
 
+@pytest.mark.parametrize("kw", [dict(max_objects=4), dict(max_objects=1, object_scale=2.0)])
+def test_scene_graph_without_texts_is_the_same_scene(kw):
+    """``scene(i, texts=False)`` (the pair datasets' scenes): the same objects, background and pixels as the
+    full scene, and no texts."""
+    world = SyntheticWorld(32, seed=5, **kw)
+    for i in range(40):
+        full, graph = world.scene(i), world.scene(i, texts=False)
+        assert full.captions and full.qa and full.referring
+        assert (graph.captions, graph.qa, graph.referring) == ([], [], [])
+        assert (graph.index, graph.background, graph.objects) == (full.index, full.background, full.objects)
+        assert np.array_equal(np.asarray(graph.image()), np.asarray(full.image()))
+
+
 @pytest.mark.parametrize("R", [32, 64, 224])
 def test_any_resolution_boxes_inside_and_tight(R):
     world = SyntheticWorld(R, max_objects=5, seed=1)

@@ -79,6 +79,10 @@ class _SceneDataset(Dataset):
         """Scene k of this dataset (0 <= k < num_scenes)."""
         return self.world.scene(self.start + k)
 
+    def _scene_graph(self, k: int) -> Scene:
+        """Scene k's objects and image without its texts (``SyntheticWorld.scene(texts=False)``)."""
+        return self.world.scene(self.start + k, texts=False)
+
     def _media(self, scene: Scene) -> Tensor:
         """The transformed picture of a scene: float32 [3, R, R] (videos: [T, 3, R, R])."""
         return self.transform(scene.image())

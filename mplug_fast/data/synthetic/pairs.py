@@ -159,7 +159,7 @@ class VEDataset(_SceneDataset):
     def statement(self, i: int) -> tuple[Scene, Statement]:
         """The scene and hypothesis of item i, without rendering the image."""
         k = self._check(i)
-        scene = self._scene(k)
+        scene = self._scene_graph(k)
         rng = self.world.rng(scene.index, "ve")
         label = self.labels[k % len(self.labels)]
         kind = rng.choice(self.types)
@@ -237,7 +237,7 @@ class NLVRDataset(_SceneDataset):
     def statement(self, i: int) -> tuple[Scene, Scene, Statement]:
         """(left scene, right scene, statement) of item i, without rendering the images."""
         k = self._check(i)
-        left = self._scene(k)
+        left = self._scene_graph(k)
         rng = self.world.rng(left.index, "statement")
         truth = bool(k % 2)
         kind = rng.choice(self.types)
@@ -246,11 +246,11 @@ class NLVRDataset(_SceneDataset):
         if kind == "count" and self.world.min_objects == self.world.max_objects:
             offsets = []  # every scene has the same number of objects: no count statement exists
         for j in offsets:
-            right = self._scene((k + j) % n)
+            right = self._scene_graph((k + j) % n)
             st = nlvr_statement(left, right, truth, kind, rng)
             if st is not None:
                 return left, right, st
-        right = self._scene((k + 1) % n)
+        right = self._scene_graph((k + 1) % n)
         st = nlvr_statement(left, right, truth, "side_color", rng)
         assert st is not None, "side_color statements exist for every pair"
         return left, right, st
