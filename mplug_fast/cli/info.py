@@ -45,8 +45,10 @@ def info(args: argparse.Namespace) -> int:
     for name, reason in backends.items():
         print(f"  {name:<{width}}  {'available' if reason is None else 'unavailable: ' + reason}")
     print("native ops (mplug_fast._C):")
-    for name, line in native.status().items():
-        print(f"  {name:<14}  {line}")
+    ops = native.status()
+    width = max((len(name) for name in ops), default=0)
+    for name, line in ops.items():
+        print(f"  {name:<{width}}  {line}")
     use = "used" if small_linear.enabled() else "not used"
     print(f"  small_linear is {use} by the decoding layers here ({small_linear.ENV}=1 / 0: on / off)")
     return 0
