@@ -470,7 +470,7 @@ def test_tiny_vqa_with_triton_equals_the_reference_backend(monkeypatch):
     assert worst[0] <= 1e-4, f"tiny VQA grads: max |diff| {worst[0]:.3e} in {worst[1]}"
 
 
-# ---- launch safety and tiles -------------------------------------------------------------------------------
+# ---- launch safety ---------------------------------------------------------------------------------------
 
 
 def test_kv_index_out_of_range_is_a_clear_error_on_the_host():
@@ -495,30 +495,3 @@ def test_grid_is_one_dimensional_so_the_batch_is_not_limited_to_65535(monkeypatc
     q = torch.zeros(B, H, L, 16)
     ops._attn_fwd(q, q, q, None, None, False, 0.25)
     assert grids == [(B * H,)], grids
-
-
-def test_short_queries_get_a_query_tile_that_fits():
-    tiles = importlib.import_module("mplug_fast.ops.triton.tiles")
-    for Lq, want in ((1, 16), (16, 16), (25, 32), (32, 32), (35, 64)):
-        for kind in ("fwd", "dq", "dkdv"):
-            got = tiles.tile_for(kind, 64, torch.float16, "cpu", Lq).block_m
-            assert got == min(want, tiles.TILES[("sm_90", kind, 64, 2)].block_m), (kind, Lq, got)
-    assert tiles.tile_for("fwd", 64, torch.float16, "cpu", 577) == tiles.TILES[("sm_90", "fwd", 64, 2)]
-
-
-def test_tile_table_covers_every_target_kernel_head_dim_and_dtype():
-    tiles = importlib.import_module("mplug_fast.ops.triton.tiles")
-    for arch in ("sm_80", "sm_90"):
-        for kind in ("fwd", "dq", "dkdv"):
-            for block_d in (16, 32, 64, 128):
-                for nbytes in (2, 4):
-                    t = tiles.TILES[(arch, kind, block_d, nbytes)]
-                    assert t.block_m >= 16 and t.block_n >= 16 and t.block_n % 16 == 0
-                    assert tiles.SHARED[(arch, kind, block_d, nbytes)] <= tiles.SHARED_LIMIT[arch]
-
-
-def test_unsupported_reasons_name_head_dim_and_dtype():
-    ops = _kernels()
-    assert ops.attention_unsupported_reasons(dtype=torch.float16, head_dim=64, device="cpu") == []
-    reasons = ops.attention_unsupported_reasons(dtype=torch.float64, head_dim=72, device="cpu")
-    assert len(reasons) == 2 and "head_dim=72" in reasons[0] and "float64" in reasons[1], reasons
