@@ -118,12 +118,7 @@ def copy_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
     src = torch.ones(mib * 2**20 // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+    return 2 * src.numel() * 4 / statistics.median(time_ms(lambda: dst.copy_(src), repeats)) / 1e6
 
 
 def read_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
@@ -131,24 +126,14 @@ def read_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
     at which a decoding step can stream its weights, at the current thread count."""
     src = torch.ones(mib * 2**20 // 4)
     src.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        src.sum()
-        times.append(time.perf_counter() - t0)
-    return src.numel() * 4 / statistics.median(times) / 1e9
+    return src.numel() * 4 / statistics.median(time_ms(src.sum, repeats)) / 1e6
 
 
 def gemm_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
     """fp32 GEMM throughput of a large square matmul (GFLOP/s, median), at the current thread count."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / statistics.median(time_ms(lambda: a @ b, repeats)) / 1e6
 
 
 def decode_step_cost(decoder, rows: int, memory_rows: int, memory_len: int, cache_len: float) -> dict:

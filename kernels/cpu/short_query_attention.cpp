@@ -215,24 +215,24 @@ inline void row_tiles(int64_t G, Fn&& fn) {
 }
 
 // One (b, h): keys in blocks of kBlock, so a block's K (then V) rows stay in L1 while every row tile reads
-// them. buf: the scores [G, M] then the output sums [G, D].
+// them. buf: the scores [G, M] (every entry written), the output sums [G, D] (zeroed), the rows' 1 / sum [G].
 __attribute__((target("avx2,fma"))) void attend_head(const Head& h, float scale, std::vector<float>& buf) {
-  buf.assign(static_cast<size_t>(h.G * h.M + h.G * h.D), 0.0f);
+  buf.resize(static_cast<size_t>(h.G * h.M + h.G * h.D + h.G));
   float* s = buf.data();
   float* acc = s + h.G * h.M;
+  float* inv = acc + h.G * h.D;
+  std::fill(acc, inv, 0.0f);
   for (int64_t j0 = 0; j0 < h.M; j0 += kBlock) {
     const int64_t j1 = std::min(h.M, j0 + kBlock);
     row_tiles(h.G, [&](auto R, int64_t g) { scores<decltype(R)::value>(h, g, j0, j1, s); });
   }
-  for (int64_t r = 0; r < h.G; ++r) {
-    const float inv = softmax_row(s + r * h.M, h.M, scale, h.mask);
-    for (int64_t d = 0; d < h.D; ++d) h.out[r * h.D + d] = inv;  // the row's 1 / sum, applied below
-  }
+  for (int64_t r = 0; r < h.G; ++r) inv[r] = softmax_row(s + r * h.M, h.M, scale, h.mask);
   for (int64_t j0 = 0; j0 < h.M; j0 += kBlock) {
     const int64_t j1 = std::min(h.M, j0 + kBlock);
     row_tiles(h.G, [&](auto R, int64_t g) { values<decltype(R)::value>(h, s, acc, g, j0, j1); });
   }
-  for (int64_t i = 0; i < h.G * h.D; ++i) h.out[i] *= acc[i];
+  for (int64_t r = 0; r < h.G; ++r)
+    for (int64_t d = 0; d < h.D; ++d) h.out[r * h.D + d] = acc[r * h.D + d] * inv[r];
 }
 
 bool has_avx2_fma() {

@@ -110,10 +110,10 @@ class TritonBackend(AttentionBackend):
 def attention_priority(device_type: str, dtype: torch.dtype, needs_grad: bool) -> tuple[str, ...]:
     """The automatic order. CUDA: our Triton kernels, then the external libraries, then torch. Elsewhere:
     on CPUs whose torch capability is AVX2 the native short-query kernel first (it runs fp32 inference
-    without masks, `ops/short_query.py`; measured on AVX2 CPUs only), then torch, the reference, and last the
-    backends that never run there automatically (the external ones are CUDA only; Triton only under its
-    interpreter, for tests). The order does not depend on the dtype or on gradients: the backends' reasons
-    cover those (the signature keeps them in the key)."""
+    without a causal mask, `ops/short_query.py`; measured on AVX2 CPUs only), then torch, the reference,
+    and last the backends that never run there automatically (the external ones are CUDA only; Triton only
+    under its interpreter, for tests). The order does not depend on the dtype or on gradients: the
+    backends' reasons cover those (the signature keeps them in the key)."""
     if device_type == "cuda":
         return ("triton", "flash_attn", "xformers", "sdpa", "reference", "short_query")
     if torch.backends.cpu.get_cpu_capability() == "AVX2":

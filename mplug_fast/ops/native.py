@@ -17,7 +17,8 @@ import os
 import torch
 
 NATIVE_OPS = ("beam_step", "reorder_caches", "small_linear", "short_query_attention")
-CPU_ONLY_OPS = ("small_linear", "short_query_attention")  # a CPU technique: GPUs run their GEMMs
+# CPU techniques for the few rows of a decoding step: GPUs run their GEMMs and attention kernels
+CPU_ONLY_OPS = ("small_linear", "short_query_attention")
 
 
 @functools.cache

@@ -9,12 +9,11 @@ FMAs (1.9x torch's kernel at 5 queries x 577 keys with the K/V of each head cont
 K/V projection's strided views; `benchmarks/generation_speed.py` measures the step).
 
 It runs fp32 CPU tensors with a key padding mask or none (no causal mask, dropout or autograd), head dims a
-multiple of 8, outside
-torch.compile (a compiled graph keeps SDPA), when the native op is built. Calls with more than `MAX_QUERIES`
-query rows per head (an encoder, a teacher-forced decoder) go to the `sdpa` backend: beyond that the two
-kernels are about as fast. `attention_priority` puts it
-first on CPUs whose torch capability is AVX2 (where it was measured); elsewhere it runs when chosen
-(`MPLUG_FAST_ATTENTION=short_query` or `backend=`). Results differ from SDPA by rounding only.
+multiple of 8, outside torch.compile (a compiled graph keeps SDPA), when the native op is built. Calls with
+more than `MAX_QUERIES` query rows per head (an encoder, a teacher-forced decoder) go to the `sdpa` backend:
+beyond that the two kernels are about as fast. `attention_priority` puts it first on CPUs whose torch
+capability is AVX2 (where it was measured); elsewhere it runs when chosen (`MPLUG_FAST_ATTENTION=short_query`
+or `backend=`). Results differ from SDPA by rounding only.
 """
 
 from __future__ import annotations
