@@ -47,6 +47,10 @@ at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
 at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const std::optional<at::Tensor>& key_mask, double scale);
 
+// The number of threads at::parallel_for gives these ops under the current torch.set_num_threads
+// (1 when the library was built without OpenMP).
+int64_t parallel_threads();
+
 // Shape and dtype checks shared by the CPU and CUDA implementations.
 void check_beam_step(const at::Tensor& logits, const std::optional<at::Tensor>& bias, const at::Tensor& running,
                      const at::Tensor& seq, const at::Tensor& closed, const at::Tensor& open_ids,

@@ -12,6 +12,7 @@
 // small_linear: x [M, K] @ weight [N, K]^T + bias, fp32, for the few rows of a decoding step (CPU).
 // short_query_attention: softmax(scale q k^T) v, q [B, H, G, D], k and v [B, H, M, D], key_mask bool [B, M] or
 //   none, fp32 (CPU).
+// parallel_threads: how many threads at::parallel_for gives the CPU ops (1 in a build without OpenMP).
 #include "ops.h"
 
 #include <ATen/ops/empty.h>
@@ -117,6 +118,7 @@ TORCH_LIBRARY_FRAGMENT(mplug_fast, m) {
   m.def("reorder_caches(Tensor[] src, Tensor(a!)[] dst, Tensor index, int length) -> ()");
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("short_query_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale) -> Tensor");
+  m.def("parallel_threads() -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(mplug_fast, CPU, m) {

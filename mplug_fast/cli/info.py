@@ -49,6 +49,10 @@ def info(args: argparse.Namespace) -> int:
     width = max((len(name) for name in ops), default=0)
     for name, line in ops.items():
         print(f"  {name:<{width}}  {line}")
+    threads = native.cpu_threads()
+    if threads is not None:
+        note = "" if threads == torch.get_num_threads() else " (built without OpenMP: one thread only)"
+        print(f"  CPU ops run on {threads} of torch's {torch.get_num_threads()} threads{note}")
     use = "used" if small_linear.enabled() else "not used"
     print(f"  small_linear is {use} by the decoding layers here ({small_linear.ENV}=1 / 0: on / off)")
     return 0

@@ -52,6 +52,14 @@ def native_op(name: str, device_type: str):
     return None if unavailable_reason(name, device_type) else getattr(torch.ops.mplug_fast, name)
 
 
+def cpu_threads() -> int | None:
+    """How many threads the native CPU ops split their work over under the current
+    `torch.set_num_threads` (1 in a `_C` built without OpenMP); None when `_C` is not loaded."""
+    if load_error() is not None:
+        return None
+    return int(torch.ops.mplug_fast.parallel_threads())
+
+
 def status() -> dict[str, str]:
     """Per native op: which devices it runs on here, or why it cannot (for `mplug-fast info`)."""
     lines = {}

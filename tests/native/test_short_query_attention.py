@@ -78,6 +78,7 @@ def test_same_result_for_any_thread_count() -> None:
         torch.set_num_threads(1)
         one = op(q, k, v, 0.125)
         torch.set_num_threads(2)
+        assert torch.ops.mplug_fast.parallel_threads() == 2  # the heads really are split
         two = op(q, k, v, 0.125)
     finally:
         torch.set_num_threads(threads)
