@@ -27,7 +27,8 @@ def test_ops_use_torch_threads(threads: int, restore_threads: None) -> None:
 def test_small_linear_same_result_for_any_thread_count(restore_threads: None) -> None:
     """N = 770: 192 four-row blocks split between the threads, plus the 2-row tail."""
     g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(5, 300, generator=g), torch.randn(770, 300, generator=g), torch.randn(770, generator=g)
+    x, w = torch.randn(5, 300, generator=g), torch.randn(770, 300, generator=g)
+    b = torch.randn(770, generator=g)
     torch.set_num_threads(1)
     one = torch.ops.mplug_fast.small_linear(x, w, b)
     torch.set_num_threads(2)
