@@ -47,6 +47,14 @@ at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
 at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const std::optional<at::Tensor>& key_mask, double scale);
 
+// The post-LN decoder layers of one cached decoding step (one new token per row), fp32 CPU: x [N, D];
+// params: 18 per layer (kernels/cpu/decode_layers.cpp); cache_k, cache_v [layers, N, H, Lmax, Dh] (the new
+// keys / values are written at `length`); self_mask bool [N, length + 1] or none; memory_k, memory_v per layer
+// [Bm, H, M, Dh] (N = Bm x G rows, G per memory row); memory_mask bool [Bm, M] or none -> [N, D].
+at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList params, at::Tensor& cache_k, at::Tensor& cache_v,
+                             int64_t length, const std::optional<at::Tensor>& self_mask, at::TensorList memory_k,
+                             at::TensorList memory_v, const std::optional<at::Tensor>& memory_mask, double eps);
+
 // The number of threads at::parallel_for gives these ops under the current torch.set_num_threads
 // (1 when the library was built without OpenMP).
 int64_t parallel_threads();
@@ -61,5 +69,9 @@ void check_reorder_caches(at::TensorList src, at::TensorList dst, const at::Tens
 void check_small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 void check_short_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& key_mask);
+void check_decode_layers(const at::Tensor& x, at::TensorList params, const at::Tensor& cache_k,
+                         const at::Tensor& cache_v, int64_t length, const std::optional<at::Tensor>& self_mask,
+                         at::TensorList memory_k, at::TensorList memory_v,
+                         const std::optional<at::Tensor>& memory_mask);
 
 }  // namespace mplug_fast

@@ -12,6 +12,8 @@
 // small_linear: x [M, K] @ weight [N, K]^T + bias, fp32, for the few rows of a decoding step (CPU).
 // short_query_attention: softmax(scale q k^T) v, q [B, H, G, D], k and v [B, H, M, D], key_mask bool [B, M] or
 //   none, fp32 (CPU).
+// decode_layers: the post-LN decoder layers of one cached decoding step, x [N, D] -> [N, D], writing the new
+//   keys / values into cache_k, cache_v [layers, N, H, Lmax, Dh] at `length` (CPU; see ops.h).
 // parallel_threads: how many threads at::parallel_for gives the CPU ops (1 in a build without OpenMP).
 #include "ops.h"
 
@@ -107,6 +109,13 @@ at::Tensor short_query_attention_meta(const at::Tensor& q, const at::Tensor& k, 
   return at::empty(q.sizes(), q.options());
 }
 
+at::Tensor decode_layers_meta(const at::Tensor& x, at::TensorList params, at::Tensor& cache_k, at::Tensor& cache_v,
+                              int64_t length, const std::optional<at::Tensor>& self_mask, at::TensorList memory_k,
+                              at::TensorList memory_v, const std::optional<at::Tensor>& memory_mask, double eps) {
+  check_decode_layers(x, params, cache_k, cache_v, length, self_mask, memory_k, memory_v, memory_mask);
+  return at::empty(x.sizes(), x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mplug_fast, m) {
@@ -118,6 +127,9 @@ TORCH_LIBRARY_FRAGMENT(mplug_fast, m) {
   m.def("reorder_caches(Tensor[] src, Tensor(a!)[] dst, Tensor index, int length) -> ()");
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("short_query_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale) -> Tensor");
+  m.def(
+      "decode_layers(Tensor x, Tensor[] params, Tensor(a!) cache_k, Tensor(b!) cache_v, int length, "
+      "Tensor? self_mask, Tensor[] memory_k, Tensor[] memory_v, Tensor? memory_mask, float eps) -> Tensor");
   m.def("parallel_threads() -> int", &parallel_threads);
 }
 
@@ -126,6 +138,7 @@ TORCH_LIBRARY_IMPL(mplug_fast, CPU, m) {
   m.impl("reorder_caches", &reorder_caches_cpu);
   m.impl("small_linear", &small_linear_cpu);
   m.impl("short_query_attention", &short_query_attention_cpu);
+  m.impl("decode_layers", &decode_layers_cpu);
 }
 
 TORCH_LIBRARY_IMPL(mplug_fast, Meta, m) {
@@ -133,6 +146,7 @@ TORCH_LIBRARY_IMPL(mplug_fast, Meta, m) {
   m.impl("reorder_caches", &reorder_caches_meta);
   m.impl("small_linear", &small_linear_meta);
   m.impl("short_query_attention", &short_query_attention_meta);
+  m.impl("decode_layers", &decode_layers_meta);
 }
 
 #ifdef MPLUG_FAST_WITH_CUDA

@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mplug_fast.config import MPlugConfig
+from mplug_fast.modeling import native_decode
 from mplug_fast.modeling.heads import LMHead
 from mplug_fast.modeling.kv_cache import KVCache
 from mplug_fast.modeling.layers import TransformerLayer
@@ -95,8 +96,13 @@ class TextDecoder(nn.Module):
         x = self.embeddings(ids, position_offset=offset)  # [N, L, D]
         shared = dict(memory=memory, memory_mask=memory_mask, memory_index=memory_index, cache=cache)
         kvs = [None] * len(self.layers) if memory_kv is None else memory_kv
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, causal=True, memory_kv=kvs[i], layer=i, **shared)
+        if cache is not None and native_decode.usable(
+            self.layers, x, mask, memory_kv, memory_mask, memory_index, cache
+        ):
+            x = native_decode.run(self.layers, x, mask, memory_kv, memory_mask, cache)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, mask, causal=True, memory_kv=kvs[i], layer=i, **shared)
         if cache is not None:
             cache.advance(L)
         return self.head(x[:, -1] if last_only else x, self.embeddings.word.weight)

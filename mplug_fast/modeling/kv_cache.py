@@ -69,16 +69,22 @@ class KVCache:
         """Write layer `layer`'s new k, v [N, H, L, Dh] at [length, length + L); return views over
         [0, length + L), each [N, H, length + L, Dh]."""
         N, H, L, Dh = k.shape
-        if self.k is None:
-            shape = (self.num_layers, N, H, self.max_length, Dh)
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        self.allocate(N, H, Dh, k.dtype, k.device)
         end = self.length + L
         if end > self.max_length:
             raise ValueError(f"KVCache overflow: {end} positions > max_length {self.max_length}")
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def allocate(
+        self, rows: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """Allocate the k, v buffers [layers, rows, heads, max_length, head_dim] (zeros) if not yet there."""
+        if self.k is None:
+            shape = (self.num_layers, rows, heads, self.max_length, head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def advance(self, new_length: int) -> None:
         """Mark `new_length` more positions valid (after every layer has written them)."""

@@ -53,6 +53,21 @@ class _Attention(nn.Module):
         self.backend = backend  # the config's choice (None: MPLUG_FAST_ATTENTION, else automatic)
         self.backends = BackendCache()
 
+    def backend_name(self, q: Tensor, padded: bool, causal: bool) -> str:
+        """The backend `attend` runs for queries like `q` (device, dtype) with / without a key padding mask
+        and a causal mask, in this module's mode (training: dropout) and autograd state; resolved once per
+        such key."""
+        dropout, grad = self.training and self.attn_dropout > 0.0, torch.is_grad_enabled()
+        key = (q.is_cuda, q.is_cpu, q.dtype, padded, causal, dropout, grad)  # cheap tensor properties only
+
+        def resolve() -> str:
+            mask = mask_kind(padded, causal)
+            return resolve_attention(
+                q.device.type, q.dtype, self.head_dim, mask, dropout, grad, None, self.backend
+            )
+
+        return self.backends.get(key, resolve)
+
     def attend(
         self,
         q: Tensor,
@@ -67,16 +82,7 @@ class _Attention(nn.Module):
         q: [B, H, Lq, Dh].  k, v: [Bk, H, Lk, Dh].  key_padding_mask: bool [Bk, Lk], True = attend.
         Returns [B, H, Lq, Dh]."""
         dropout_p = self.attn_dropout if self.training else 0.0
-        padded, dropout, grad = key_padding_mask is not None, dropout_p > 0.0, torch.is_grad_enabled()
-        key = (q.is_cuda, q.is_cpu, q.dtype, padded, causal, dropout, grad)  # cheap tensor properties only
-
-        def resolve() -> str:
-            mask = mask_kind(padded, causal)
-            return resolve_attention(
-                q.device.type, q.dtype, self.head_dim, mask, dropout, grad, None, self.backend
-            )
-
-        name = self.backends.get(key, resolve)
+        name = self.backend_name(q, key_padding_mask is not None, causal)
         check_attention_inputs(q, k, v, key_padding_mask, kv_index)
         kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, scale=None)
         return ATTENTION[name].run(q, k, v, kv_index=kv_index, **kwargs)

@@ -13,6 +13,7 @@ import torch
 
 from mplug_fast.generation import beam_search, graphs
 from mplug_fast.inference.generate import caption_from_memory
+from mplug_fast.modeling import native_decode
 from mplug_fast.modeling.kv_cache import KVCache
 from tests import test_generation
 
@@ -57,7 +58,14 @@ def test_replays_reuse_the_static_buffers_and_stop_early(decoder, monkeypatch):
         written.update((self.k.data_ptr(), self.v.data_ptr(), self.mask.data_ptr()))
         return views
 
+    def native_spy(layers, x, self_mask, memory_kv, memory_mask, cache):  # the native decoder layers
+        out = native_run(layers, x, self_mask, memory_kv, memory_mask, cache)
+        written.update((cache.k.data_ptr(), cache.v.data_ptr(), cache.mask.data_ptr()))
+        return out
+
+    native_run = native_decode.run
     monkeypatch.setattr(KVCache, "update", spy)
+    monkeypatch.setattr(native_decode, "run", native_spy)
     eager = test_generation._row_counts(decoder, lambda: beam_search(decoder, *_inputs(4, 0), **kwargs))
     written.clear()
     replayed = test_generation._row_counts(

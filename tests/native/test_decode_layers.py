@@ -1,0 +1,182 @@
+"""The native decoder layers of a cached CPU decoding step (`mplug_fast::decode_layers`) equal the Python
+layers bit for bit (logits, cache, beam search), are taken exactly when the Python layers would run the same
+kernels, and reject malformed inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import mplug_fast
+from mplug_fast.generation import beam_search
+from mplug_fast.modeling import native_decode
+from mplug_fast.modeling.decoder import TextDecoder
+from mplug_fast.modeling.layers import clear_backend_caches, init_bert_weights
+from tests import test_generation
+
+decoder_closing = test_generation.decoder  # a tiny decoder whose samples close at different steps
+
+
+@pytest.fixture(scope="module")
+def decoder() -> TextDecoder:
+    torch.manual_seed(0)
+    dec = TextDecoder(mplug_fast.get_config("tiny"))
+    dec.apply(init_bert_weights)
+    return dec.eval()
+
+
+@pytest.fixture
+def native_layers(monkeypatch) -> Iterator[list[int]]:
+    """Counts the calls of the native path (runs it unchanged); the switch is re-read before and after."""
+    calls = []
+    real = native_decode.run
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native_decode, "run", counted)
+    native_decode.enabled.cache_clear()
+    yield calls
+    native_decode.enabled.cache_clear()
+
+
+def set_native(monkeypatch, on: bool) -> None:
+    monkeypatch.setenv(native_decode.ENV, "1" if on else "0")
+    native_decode.enabled.cache_clear()
+
+
+def decode(decoder, monkeypatch, on: bool, prompt, prompt_mask, memory, memory_mask, index, steps=4):
+    """Prompt, then `steps` single-token steps; returns (logits of every call, the cache's k / v)."""
+    set_native(monkeypatch, on)
+    g = torch.Generator().manual_seed(1)
+    N = prompt.shape[0]
+    cache = decoder.new_cache(prompt.shape[1] + steps)
+    with torch.no_grad():
+        kv = decoder.project_memory(memory)
+        logits = [decoder.step(prompt, cache, kv, memory_mask, index, mask=prompt_mask)]
+        for _ in range(steps):
+            ids = torch.randint(1000, 2000, (N, 1), generator=g)
+            logits.append(decoder.step(ids, cache, kv, memory_mask, index))
+    return logits, cache.k, cache.v
+
+
+@pytest.mark.parametrize(
+    ("B", "G", "prompt_len", "padded", "grouped"),
+    [(2, 5, 1, False, True), (1, 3, 3, True, True), (3, 1, 2, False, False), (2, 4, 3, True, False)],
+)
+def test_equals_python_layers(decoder, monkeypatch, native_layers, B, G, prompt_len, padded, grouped):
+    g = torch.Generator().manual_seed(B * 10 + G)
+    N, M = B * G, 37
+    prompt = torch.randint(1000, 2000, (N, prompt_len), generator=g)
+    prompt_mask = None
+    if padded:  # left-padded prompts: the self-attention key mask
+        prompt_mask = torch.ones(N, prompt_len, dtype=torch.long)
+        prompt_mask[0, : prompt_len - 1] = 0
+    memory = torch.randn(B, M, 256, generator=g)
+    memory_mask = torch.ones(B, M, dtype=torch.bool)
+    memory_mask[-1, 30:] = False
+    if grouped:
+        index = G
+    else:  # one memory row per query row (memory_index None)
+        memory, memory_mask, index = memory.repeat_interleave(G, 0), memory_mask.repeat_interleave(G, 0), None
+    want = decode(decoder, monkeypatch, False, prompt, prompt_mask, memory, memory_mask, index)
+    assert not native_layers
+    got = decode(decoder, monkeypatch, True, prompt, prompt_mask, memory, memory_mask, index)
+    assert len(native_layers) == 4 + (prompt_len == 1)  # every single-token call
+    for w, o in zip(want[0], got[0], strict=True):
+        assert torch.equal(w, o)
+    assert torch.equal(want[1], got[1]) and torch.equal(want[2], got[2])
+
+
+def test_beam_search_through_native_layers(decoder_closing, monkeypatch, native_layers):
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(4, 5, 256, generator=g)
+    start = torch.full((4, 1), 101, dtype=torch.long)
+    kwargs = dict(beam_size=3, max_length=8, min_length=1, num_return=2)
+    set_native(monkeypatch, False)
+    want = beam_search(decoder_closing, memory, None, start, **kwargs)
+    assert not native_layers
+    set_native(monkeypatch, True)
+    got = beam_search(decoder_closing, memory, None, start, **kwargs)
+    assert native_layers
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.lengths, want.lengths)
+    assert torch.equal(got.scores, want.scores)
+
+
+def test_not_taken_where_the_python_layers_run_other_kernels(decoder, monkeypatch, native_layers):
+    memory = torch.randn(2, 9, 256)
+    prompt = torch.full((6, 2), 1500)
+    decode(decoder, monkeypatch, True, prompt, None, memory, None, torch.arange(6) // 3, steps=1)  # gather
+    decode(decoder, monkeypatch, True, prompt, None, memory, None, 3, steps=0)  # a two-token prompt
+    assert not native_layers
+    monkeypatch.setenv("MPLUG_FAST_ATTENTION", "sdpa")
+    clear_backend_caches(decoder)
+    try:
+        decode(decoder, monkeypatch, True, prompt, None, memory, None, 3, steps=1)
+        assert not native_layers
+    finally:
+        monkeypatch.delenv("MPLUG_FAST_ATTENTION")
+        clear_backend_caches(decoder)
+    decoder.train()
+    try:
+        decode(decoder, monkeypatch, True, prompt, None, memory, None, 3, steps=1)
+        assert not native_layers
+    finally:
+        decoder.eval()
+    decode(decoder, monkeypatch, True, prompt, None, memory, None, 3, steps=1)
+    assert len(native_layers) == 1
+
+
+def test_input_errors_and_meta(decoder):
+    layers, D = len(decoder.layers), 256
+    params = [torch.zeros(1)] * (18 * layers)
+    cache = torch.zeros(layers, 6, 4, 8, 64)
+    kv = [torch.zeros(2, 4, 9, 64)] * layers
+    op = torch.ops.mplug_fast.decode_layers
+    with pytest.raises(RuntimeError, match="layers need"):
+        op(torch.zeros(6, D), params[:-1], cache, cache.clone(), 0, None, kv, kv, None, 1e-12)
+    with pytest.raises(RuntimeError, match="not groups"):
+        op(
+            torch.zeros(6, D),
+            params,
+            cache,
+            cache.clone(),
+            0,
+            None,
+            [torch.zeros(4, 4, 9, 64)] * layers,
+            [torch.zeros(4, 4, 9, 64)] * layers,
+            None,
+            1e-12,
+        )
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(torch.zeros(6, D), params, cache, cache.clone(), 8, None, kv, kv, None, 1e-12)
+    with pytest.raises(RuntimeError, match="self_mask"):
+        op(
+            torch.zeros(6, D),
+            params,
+            cache,
+            cache.clone(),
+            2,
+            torch.ones(6, 2, dtype=torch.bool),
+            kv,
+            kv,
+            None,
+            1e-12,
+        )
+    meta = [t.to("meta") for t in (torch.zeros(6, D), cache)]
+    out = op(
+        meta[0],
+        [p.to("meta") for p in params],
+        meta[1],
+        meta[1].clone(),
+        0,
+        None,
+        [k.to("meta") for k in kv],
+        [v.to("meta") for v in kv],
+        None,
+        1e-12,
+    )
+    assert out.shape == (6, D) and out.device.type == "meta"
