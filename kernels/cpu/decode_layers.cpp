@@ -37,6 +37,17 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList params, at::Ten
                              int64_t length, const std::optional<at::Tensor>& self_mask, at::TensorList memory_k,
                              at::TensorList memory_v, const std::optional<at::Tensor>& memory_mask, double eps) {
   check_decode_layers(x, params, cache_k, cache_v, length, self_mask, memory_k, memory_v, memory_mask);
+  // The kernels below read raw CPU pointers: every tensor must be a CPU tensor (x is, by the dispatch).
+  for (const at::Tensor& p : params) {
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat,
+                "decode_layers: every parameter must be a float32 CPU tensor, got ", p.scalar_type(), " on ",
+                p.device());
+  }
+  bool on_cpu = cache_k.device().is_cpu() && cache_v.device().is_cpu();
+  for (size_t i = 0; i < memory_k.size(); ++i) on_cpu = on_cpu && memory_k[i].device().is_cpu() && memory_v[i].device().is_cpu();
+  if (self_mask.has_value()) on_cpu = on_cpu && self_mask->device().is_cpu();
+  if (memory_mask.has_value()) on_cpu = on_cpu && memory_mask->device().is_cpu();
+  TORCH_CHECK(on_cpu, "decode_layers: the caches, the memory k/v and the masks must be CPU tensors");
   const int64_t N = x.size(0), D = x.size(1), layers = cache_k.size(0), H = cache_k.size(2), Dh = cache_k.size(4);
   const int64_t Bm = memory_k[0].size(0), G = N / Bm;
   const double scale = std::pow(static_cast<double>(Dh), -0.5);  // Python's Dh ** -0.5

@@ -23,6 +23,7 @@ from mplug_fast.modeling.kv_cache import KVCache
 from mplug_fast.modeling.layers import TransformerLayer
 from mplug_fast.modeling.masks import as_bool_mask
 from mplug_fast.modeling.text import BertEmbeddings, bert_layer_args
+from mplug_fast.ops.registry import BackendCache
 
 MemoryKV = list[tuple[Tensor, Tensor]]  # per layer: (k, v), each [Bm, H, M, Dh]
 
@@ -39,6 +40,7 @@ class TextDecoder(nn.Module):
             for _ in range(config.decoder.layers)
         )
         self.head = LMHead(text.hidden_size, text.vocab_size, text.layer_norm_eps)
+        self.native_plans = BackendCache()  # whether the native decoder layers apply, per static key
 
     def project_memory(self, memory: Tensor) -> MemoryKV:
         """memory: [Bm, M, D] -> per-layer cross-attention (k, v), each [Bm, H, M, Dh]."""
@@ -96,10 +98,13 @@ class TextDecoder(nn.Module):
         x = self.embeddings(ids, position_offset=offset)  # [N, L, D]
         shared = dict(memory=memory, memory_mask=memory_mask, memory_index=memory_index, cache=cache)
         kvs = [None] * len(self.layers) if memory_kv is None else memory_kv
-        if cache is not None and native_decode.usable(
-            self.layers, x, mask, memory_kv, memory_mask, memory_index, cache
-        ):
-            x = native_decode.run(self.layers, x, mask, memory_kv, memory_mask, cache)
+        params = None
+        if cache is not None:
+            params = native_decode.plan(
+                self.layers, self.native_plans, x, mask, memory_kv, memory_mask, memory_index, cache
+            )
+        if params is not None:  # one native call for every layer (same kernels, same result)
+            x = native_decode.run(self.layers, params, x, mask, memory_kv, memory_mask, cache)
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, mask, causal=True, memory_kv=kvs[i], layer=i, **shared)

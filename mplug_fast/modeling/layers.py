@@ -233,7 +233,8 @@ def residual_norm(
 def clear_backend_caches(model: nn.Module) -> nn.Module:
     """Forget the backends every module of `model` resolved (e.g. after changing `MPLUG_FAST_*`)."""
     for module in model.modules():
-        for cache in (getattr(module, "backends", None), getattr(module, "fused_backends", None)):
+        names = ("backends", "fused_backends", "native_plans")
+        for cache in (getattr(module, name, None) for name in names):
             if isinstance(cache, BackendCache):
                 cache.clear()
     return model

@@ -128,6 +128,23 @@ def test_not_taken_where_the_python_layers_run_other_kernels(decoder, monkeypatc
         decoder.eval()
     decode(decoder, monkeypatch, True, prompt, None, memory, None, 3, steps=1)
     assert len(native_layers) == 1
+    fc1 = decoder.layers[1].mlp.fc1  # a replaced module (here: a subclass of nn.Linear) is seen at once
+    decoder.layers[1].mlp.fc1 = type("Other", (torch.nn.Linear,), {})(256, 1024)
+    try:
+        decode(decoder, monkeypatch, True, prompt, None, memory, None, 3, steps=1)
+        assert len(native_layers) == 1
+    finally:
+        decoder.layers[1].mlp.fc1 = fc1
+    with torch.no_grad():  # a parameter converted in place: the Python layers (which then fail as well)
+        decoder.layers[2].attn.qkv.weight.data = decoder.layers[2].attn.qkv.weight.data.double()
+    try:
+        with pytest.raises(RuntimeError):
+            decode(decoder, monkeypatch, True, prompt, None, memory, None, 3, steps=1)
+        assert len(native_layers) == 1
+    finally:
+        decoder.layers[2].attn.qkv.weight.data = decoder.layers[2].attn.qkv.weight.data.float()
+    decode(decoder, monkeypatch, True, prompt, None, memory, None, 3, steps=1)
+    assert len(native_layers) == 2
 
 
 def test_input_errors_and_meta(decoder):

@@ -58,8 +58,8 @@ def test_replays_reuse_the_static_buffers_and_stop_early(decoder, monkeypatch):
         written.update((self.k.data_ptr(), self.v.data_ptr(), self.mask.data_ptr()))
         return views
 
-    def native_spy(layers, x, self_mask, memory_kv, memory_mask, cache):  # the native decoder layers
-        out = native_run(layers, x, self_mask, memory_kv, memory_mask, cache)
+    def native_spy(layers, params, x, self_mask, memory_kv, memory_mask, cache):  # native decoder layers
+        out = native_run(layers, params, x, self_mask, memory_kv, memory_mask, cache)
         written.update((cache.k.data_ptr(), cache.v.data_ptr(), cache.mask.data_ptr()))
         return out
 
