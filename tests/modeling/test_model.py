@@ -1,36 +1,27 @@
-"""The mPLUG model: parameter counts against fidelity §12, the skip-connected fusion against a hand
-computation of §1.4 / §3.3, invariants (padding, batch order, causality, shared memory K/V), the task
-models' components and shapes, input checks, and a train-mode backward.
+"""The mPLUG task models: invariants (padding, batch order, causality, shared memory K/V), their components
+and shapes, input checks, and a train-mode backward (parameter counts: test_param_counts.py; the fusion
+against its hand computation: test_fusion_by_hand.py; shared helpers: model_oracle.py).
 
-Oracles, strongest first:
-  * the spec's parameter table (§12), computed from the official module definitions;
-  * a float64 re-computation of the fusion written from the spec (post-LN BERT layers of §3.1, with the
-    attention written out as softmax(q k^T / sqrt(Dh) + additive mask) v), given the model's weights;
-  * invariants (asymmetric layers leave the image states unchanged, padding and batch order do not change
-    real outputs, later tokens do not change earlier logits, precomputed memory K/V == recomputation).
-
-Everything numeric runs the `tiny` preset (D=256, 64 px -> 17 image tokens) in fp32 eval mode, with weights
-redrawn at a larger scale than `init_weights` (std 0.08, LayerNorm weights ~ N(1, 0.1)) so that attention is
-far from uniform and a wrong mask, order or residual shows.
+Oracles: invariants (padding and batch order do not change real outputs, later tokens do not change
+earlier logits, precomputed memory K/V == recomputation) and the task registry's component lists. Everything
+numeric runs the `tiny` preset (D=256, 64 px -> 17 image tokens) in fp32 eval mode, with weights redrawn
+at a larger scale than `init_weights` (std 0.08, LayerNorm weights ~ N(1, 0.1)) so that attention is far
+from uniform and a wrong mask, order or residual shows.
 
 | comparison                                | atol  |
 |-------------------------------------------|-------|
-| fusion (fp32) vs float64 hand computation | 1e-5 x max(1, max |ref|) |
-| fusion (float64) vs hand computation      | 1e-10 |
 | padding / batch-order invariance          | 1e-5  |
 | causality, shared memory K/V              | 1e-6  |
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from mplug_fast.config import MPlugConfig, base, large, tiny
+from mplug_fast.config import tiny
 from mplug_fast.modeling import (
     MPlugForCaption,
     MPlugForGrounding,
@@ -38,343 +29,17 @@ from mplug_fast.modeling import (
     MPlugForRetrieval,
     MPlugForVQA,
 )
-from mplug_fast.modeling.fusion import (
-    AsymmetricCoAttentionLayer,
-    ConnectedAttentionLayer,
-    SkipConnectedFusion,
-)
 from mplug_fast.tasks import TASKS
-
-A, C = "asymmetric", "connected"
-V_TINY = tiny().text.vocab_size
-NV_TINY = tiny().vision.num_tokens  # 17
-
-# task -> model class of every task that builds its own model (the zero-shot video tasks borrow theirs)
-TASK_MODELS = {name: task.model_class for name, task in TASKS.items() if task.checkpoint_task is task}
-
-
-# ---- helpers -----------------------------------------------------------------------------------------------
-
-
-def assert_close(actual: Tensor, expected: Tensor, atol: float, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)} != {list(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    diff = (actual.double() - expected.double()).abs()
-    assert diff.max().item() <= atol, (
-        f"{what}: max |diff| {diff.max().item():.3e} > atol {atol:.0e} (mean |diff| {diff.mean().item():.3e})"
-    )
-
-
-def n_params(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
-
-
-@torch.no_grad()
-def randomize(module: nn.Module, std: float = 0.08, seed: int = 0) -> nn.Module:
-    """All parameters ~ N(0, std), LayerNorm weights ~ N(1, 0.1), biases ~ N(0, 0.1); eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        scale = 0.1 if name.endswith("bias") else std
-        p.copy_(torch.randn(p.shape, generator=g) * scale)
-    for m in module.modules():
-        if isinstance(m, nn.LayerNorm):
-            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-    return module.eval()
-
-
-def images(B: int, size: int | tuple[int, int] = 64, seed: int = 1) -> Tensor:
-    h, w = (size, size) if isinstance(size, int) else size
-    return torch.randn(B, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def token_ids(B: int, L: int, seed: int = 2) -> Tensor:
-    """[CLS] + random word pieces; never the pad id 0."""
-    ids = torch.randint(1000, V_TINY, (B, L), generator=torch.Generator().manual_seed(seed))
-    ids[:, 0] = 101
-    return ids
-
-
-def pad_right(ids: Tensor, mask: Tensor, extra: int) -> tuple[Tensor, Tensor]:
-    """Append `extra` [PAD] (id 0) tokens with mask 0."""
-    B = ids.shape[0]
-    return (torch.cat([ids, ids.new_zeros(B, extra)], 1), torch.cat([mask, mask.new_zeros(B, extra)], 1))
-
-
-def tiny_config(**overrides) -> MPlugConfig:
-    return tiny().replace(**overrides) if overrides else tiny()
-
-
-# ---- the fusion written out from the spec (float64) --------------------------------------------------------
-
-
-def _lin(x: Tensor, layer: nn.Linear, rows: slice | None = None) -> Tensor:
-    w, b = layer.weight.double(), layer.bias.double()
-    if rows is not None:
-        w, b = w[rows], b[rows]
-    return x @ w.T + b
-
-
-def _ln(x: Tensor, norm: nn.LayerNorm) -> Tensor:
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + norm.eps) * norm.weight.double() + norm.bias.double()
-
-
-def _mha(q: Tensor, k: Tensor, v: Tensor, heads: int, key_mask: Tensor | None) -> Tensor:
-    """q [B, Lq, D], k/v [B, Lk, D] (already projected); key_mask bool [B, Lk], True = attend."""
-    B, Lq, D = q.shape
-    Dh = D // heads
-
-    def split(x):
-        return x.reshape(B, -1, heads, Dh).transpose(1, 2)  # [B, H, L, Dh]
-
-    scores = split(q) @ split(k).transpose(-2, -1) / math.sqrt(Dh)  # [B, H, Lq, Lk]
-    if key_mask is not None:
-        scores = scores + torch.where(key_mask, 0.0, -math.inf).double()[:, None, None, :]
-    ctx = torch.softmax(scores, dim=-1) @ split(v)  # [B, H, Lq, Dh]
-    return ctx.transpose(1, 2).reshape(B, Lq, D)
-
-
-def bert_layer_by_hand(
-    layer: nn.Module,
-    x: Tensor,
-    mask: Tensor | None,
-    memory: Tensor | None = None,
-    memory_mask: Tensor | None = None,
-) -> Tensor:
-    """§3.1: a = LN(x + SelfAttn(x)); c = LN(a + CrossAttn(a, memory)); out = LN(c + fc2(gelu(fc1(c))))."""
-    D = x.shape[-1]
-    heads = layer.attn.num_heads
-    q, k, v = (_lin(x, layer.attn.qkv, slice(i * D, (i + 1) * D)) for i in range(3))  # fused rows: q, k, v
-    a = _ln(x + _lin(_mha(q, k, v, heads, mask), layer.attn.out_proj), layer.norm_attn)
-    if memory is not None:
-        q = _lin(a, layer.cross.q_proj)
-        k, v = (_lin(memory, layer.cross.kv_proj, slice(i * D, (i + 1) * D)) for i in range(2))  # rows: k, v
-        a = _ln(a + _lin(_mha(q, k, v, heads, memory_mask), layer.cross.out_proj), layer.norm_cross)
-    h = _lin(F.gelu(_lin(a, layer.mlp.fc1)), layer.mlp.fc2)
-    return _ln(a + h, layer.norm_mlp)
-
-
-def fusion_by_hand(fusion: SkipConnectedFusion, stride: int, v: Tensor, t: Tensor, t_mask: Tensor) -> tuple:
-    """fidelity §3.3, in float64, with the layer kind decided by the rule (not by the module)."""
-    v, t = v.double(), t.double()
-    Nv = v.shape[1]
-    v_mask = torch.ones(v.shape[:2], dtype=torch.bool)
-    for j, layer in enumerate(fusion.layers):
-        if j == 0 or j % stride != 0:  # asymmetric co-attention
-            t = bert_layer_by_hand(layer, t, t_mask, memory=v, memory_mask=v_mask)
-        else:  # connected attention: the layer's self-attention + FFN over [v; t], then v <- v + y_v
-            y = bert_layer_by_hand(layer, torch.cat([v, t], 1), torch.cat([v_mask, t_mask], 1))
-            v, t = v + y[:, :Nv], y[:, Nv:]
-    return v, t
-
-
-# ---- parameter counts (fidelity §12), built on the meta device -------------------------------------
-
-# official per-module counts (§12)
-VISION_B16 = {224: 86_192_640, 256: 86_238_720, 384: 86_484_480}  # incl. visual.proj [768, 512]
-VISION_L14 = {224: 303_966_208, 336: 304_293_888}  # incl. visual.proj [1024, 768]
-TEXT_ENCODER = 66_364_416
-TEXT_LAYER = 7_087_872
-FUSION_LAYER = 9_451_776  # = decoder layer: self + cross + FFN
-FUSION_EXECUTED = 56_710_656  # slots 6..11
-CROSS_BLOCK = 4 * 590_592 + 1_536  # q, k, v, out (768 * 768 + 768 each) + norm_cross
-DECODER = 137_881_146
-RETRIEVAL_HEADS = 395_267
-ADAPTER = 788_736
-OFFICIAL_VQA_BASE_384 = 491_416_635
-CLIP_B16_TEXT_TOWER = 63_428_097
-FUSION_EMBEDDINGS = 23_837_184
-
-
-def meta_model(task: str, config: MPlugConfig):
-    with torch.device("meta"):
-        return TASKS[task].new_model(config)
-
-
-@pytest.mark.parametrize("res", sorted(VISION_B16))
-def test_param_count_vit_b16(res):
-    model = meta_model("caption", base().replace(**{"vision.image_size": res}))
-    assert n_params(model.vision) + 768 * 512 == VISION_B16[res]  # we do not build visual.proj
-
-
-@pytest.mark.parametrize("res", sorted(VISION_L14))
-def test_param_count_vit_l14_and_adapter(res):
-    model = meta_model("caption", large().replace(**{"vision.image_size": res}))
-    assert n_params(model.vision) + 1024 * 768 == VISION_L14[res]
-    assert n_params(model.adapter) == ADAPTER
-
-
-def test_param_count_text_encoder_and_layers():
-    model = meta_model("vqa", base())
-    assert n_params(model.text_encoder) == TEXT_ENCODER
-    assert all(n_params(layer) == TEXT_LAYER for layer in model.text_encoder.layers)
-    assert all(n_params(layer) == FUSION_LAYER for layer in model.decoder.layers)
-    assert CROSS_BLOCK == 2_363_904 == FUSION_LAYER - TEXT_LAYER
-    assert n_params(model.adapter) == 0  # nn.Identity for base
-
-
-def test_param_count_fusion_stride_6_is_the_executed_official_part():
-    model = meta_model("vqa", large())
-    assert [type(layer) for layer in model.fusion.layers] == [AsymmetricCoAttentionLayer] * 6
-    assert n_params(model.fusion) == FUSION_EXECUTED == 6 * FUSION_LAYER
-
-
-def test_param_count_fusion_stride_3_has_no_cross_attention_in_the_connected_layer():
-    model = meta_model("vqa", base())
-    counts = [n_params(layer) for layer in model.fusion.layers]
-    assert counts == [FUSION_LAYER] * 3 + [TEXT_LAYER] + [FUSION_LAYER] * 2
-    assert n_params(model.fusion) == FUSION_EXECUTED - CROSS_BLOCK == 54_346_752
-
-
-def test_param_count_decoder_counts_the_tied_weight_once():
-    model = meta_model("caption", base())
-    assert n_params(model.decoder) == DECODER
-    names = {name for name, _ in model.decoder.named_parameters()}
-    assert not any("head" in name and "weight" in name and name.endswith("decoder.weight") for name in names)
-
-
-def test_param_count_retrieval_heads():
-    model = meta_model("retrieval", base())
-    heads = (
-        n_params(model.vision_proj)
-        + n_params(model.text_proj)
-        + n_params(model.itm_head)
-        + model.temp.numel()
-    )
-    assert heads == RETRIEVAL_HEADS
-
-
-def test_param_count_base_vqa_is_the_official_model_minus_its_dead_weights():
-    """The official base VQA model @384 (no momentum) has 491,416,635 parameters (§12). Its modules (§1.7):
-    full CLIP (visual 86,484,480 + text tower 63,428,097), text encoder 66,364,416, fusion as stored
-    (embeddings 23,837,184 + 12 slots x 9,451,776 = 137,258,496) and decoder 137,881,146 -- they add up
-    exactly: 86,484,480 + 63,428,097 + 66,364,416 + 137,258,496 + 137,881,146 = 491,416,635; the VQA model
-    has no retrieval heads. We drop the dead weights:
-        491,416,635 - 63,428,097 (CLIP text tower) - 393,216 (visual.proj) - 56,710,656 (fusion slots 0-5)
-                    - 23,837,184 (fusion embeddings) - 2,363,904 (cross-attn of the connected layer)
-                  = 344,683,578
-    """
-    official_parts = (
-        VISION_B16[384] + CLIP_B16_TEXT_TOWER + TEXT_ENCODER + (FUSION_EMBEDDINGS + 12 * FUSION_LAYER)
-    )
-    assert official_parts + DECODER == OFFICIAL_VQA_BASE_384
-    dead = CLIP_B16_TEXT_TOWER + 768 * 512 + 6 * FUSION_LAYER + FUSION_EMBEDDINGS + CROSS_BLOCK
-    expected = OFFICIAL_VQA_BASE_384 - dead
-    assert expected == 344_683_578
-    model = meta_model("vqa", base())
-    assert n_params(model) == expected
-    assert model.momentum is None
-
-
-def test_param_count_large_vqa_and_readme_sizes():
-    model = meta_model("vqa", large())
-    expected = (VISION_L14[336] - 1024 * 768) + ADAPTER + TEXT_ENCODER + FUSION_EXECUTED + DECODER
-    assert n_params(model) == expected == 565_252_410
-    huge_model = meta_model("vqa", large().replace(**{"text.encoder_layers": 24}))
-    assert n_params(huge_model.text_encoder) == TEXT_ENCODER + 18 * TEXT_LAYER
-
-
-# ---- fusion semantics (tiny, fp32, eval) -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fusion_inputs():
-    """Image states [2, 17, 256], text states [2, 7, 256] and a text mask (row 1 has 3 padding tokens)."""
-    g = torch.Generator().manual_seed(3)
-    v = torch.randn(2, NV_TINY, 256, generator=g)
-    t = torch.randn(2, 7, 256, generator=g)
-    t_mask = torch.ones(2, 7, dtype=torch.bool)
-    t_mask[1, 4:] = False
-    return v, t, t_mask
-
-
-def build_fusion(layers: int, stride: int) -> SkipConnectedFusion:
-    config = tiny_config(**{"fusion.layers": layers, "fusion.stride": stride})
-    return randomize(SkipConnectedFusion(config), seed=layers * 10 + stride)
-
-
-@pytest.mark.parametrize(
-    "layers, stride, expected",
-    [(4, 3, (A, A, A, C)), (6, 3, (A, A, A, C, A, A)), (6, 6, (A,) * 6), (6, 2, (A, A, C, A, C, A))],
+from tests.modeling.model_oracle import (
+    NV_TINY,
+    TASK_MODELS,
+    V_TINY,
+    assert_close,
+    images,
+    pad_right,
+    randomize,
+    token_ids,
 )
-def test_fusion_layer_kinds(layers, stride, expected):
-    fusion = build_fusion(layers, stride)
-    kinds = tuple(C if isinstance(layer, ConnectedAttentionLayer) else A for layer in fusion.layers)
-    assert kinds == expected == fusion.config.layer_types
-    for layer in fusion.layers:
-        if isinstance(layer, ConnectedAttentionLayer):
-            assert layer.cross is None and layer.norm_cross is None  # owns no cross-attention
-        else:
-            assert isinstance(layer, AsymmetricCoAttentionLayer) and layer.cross is not None
-
-
-@torch.no_grad()
-def test_fusion_stride_6_returns_the_image_states_bitwise(fusion_inputs):
-    v, t, t_mask = fusion_inputs
-    fusion = build_fusion(6, 6)
-    v_out, t_out = fusion(v, t, t_mask)
-    assert torch.equal(v_out, v)
-    assert not torch.allclose(t_out, t)
-
-
-@torch.no_grad()
-def test_asymmetric_layer_reads_but_never_writes_the_image(fusion_inputs):
-    v, t, t_mask = fusion_inputs
-    layer = build_fusion(6, 6).layers[0]
-    v_out, t_out = layer(v, t, None, t_mask)
-    assert torch.equal(v_out, v)
-    v_other = v + torch.randn(v.shape, generator=torch.Generator().manual_seed(9))
-    v_out2, t_out2 = layer(v_other, t, None, t_mask)
-    assert torch.equal(v_out2, v_other)
-    assert (t_out2 - t_out).abs().max() > 1e-2, "the text output does not depend on the image"
-    assert_close(t_out, bert_layer_by_hand(layer, t.double(), t_mask, v.double(), None), 1e-5, "asym layer")
-
-
-@torch.no_grad()
-def test_fusion_stride_3_reproduced_by_hand_step_by_step(fusion_inputs):
-    """tiny (4 layers, S=3): layers 0..2 asymmetric on t, layer 3 over cat([v, t]) with the joint mask;
-    v_out == v_in + y[:, :Nv] and t_out == y[:, Nv:]."""
-    v, t, t_mask = fusion_inputs
-    fusion = build_fusion(4, 3)
-    v_out, t_out = fusion(v, t, t_mask)
-
-    Nv = v.shape[1]
-    v64, t64 = v.double(), t.double()
-    ones = torch.ones(v.shape[:2], dtype=torch.bool)
-    for j in range(3):
-        t64 = bert_layer_by_hand(fusion.layers[j], t64, t_mask, memory=v64, memory_mask=ones)
-    y = bert_layer_by_hand(fusion.layers[3], torch.cat([v64, t64], 1), torch.cat([ones, t_mask], 1))
-    assert_close(v_out, v64 + y[:, :Nv], 1e-5, "v_out vs v_in + y[:, :Nv]")
-    assert_close(t_out, y[:, Nv:], 1e-5, "t_out vs y[:, Nv:]")
-    # The extra residual is really there: v_out differs from the plain post-LN output y[:, :Nv].
-    assert (v_out.double() - y[:, :Nv]).abs().max() > 0.5
-    # ... and the module's own connected layer agrees with the same split.
-    v_mid, t_mid = v, t
-    for layer in fusion.layers[:3]:
-        v_mid, t_mid = layer(v_mid, t_mid, None, t_mask)
-    assert torch.equal(v_mid, v)
-    v_last, t_last = fusion.layers[3](v_mid, t_mid, None, t_mask)
-    assert torch.equal(v_last, v_out) and torch.equal(t_last, t_out)
-
-
-@pytest.mark.parametrize("layers, stride", [(6, 3), (6, 2), (6, 1), (4, 3)])
-@torch.no_grad()
-def test_fusion_matches_the_spec_pseudocode(fusion_inputs, layers, stride):
-    """The module in float64 equals the float64 hand computation to rounding (the formula is exact); in fp32
-    the bound scales with the output magnitude: every connected layer adds to v (|v| grows to ~14 with S=1)
-    and the peaky attention of these weights amplifies fp32 rounding (measured max |diff| 4e-5 for S=1, on
-    an Intel Xeon 4.2e-5 on text states of magnitude 3.6, hence 3e-5 x the magnitude)."""
-    v, t, t_mask = fusion_inputs
-    fusion = build_fusion(layers, stride)
-    v_ref, t_ref = fusion_by_hand(fusion, stride, v, t, t_mask)
-    v_out, t_out = fusion(v, t, t_mask)
-    assert_close(v_out, v_ref, 3e-5 * max(1.0, v_ref.abs().max().item()), f"fp32 image states S={stride}")
-    assert_close(t_out, t_ref, 3e-5 * max(1.0, t_ref.abs().max().item()), f"fp32 text states S={stride}")
-    v64, t64 = fusion.double()(v.double(), t.double(), t_mask)
-    assert_close(v64, v_ref, 1e-10, f"float64 image states S={stride}")
-    assert_close(t64, t_ref, 1e-10, f"float64 text states S={stride}")
-
 
 # ---- tiny task models --------------------------------------------------------------------------------------
 

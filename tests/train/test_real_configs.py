@@ -88,7 +88,7 @@ def test_param_formula_reproduces_the_spec_totals():
     # README "350M" base: ViT-B/16@224 + text encoder + executed fusion + decoder = 347.15M (§12)
     assert round((VISION_B16_224 + TEXT_ENCODER + 6 * FUSION_LAYER + DECODER) / 1e6, 2) == 347.15
     # base VQA @384: the official 491,416,635 minus CLIP text tower, visual.proj, fusion slots 0-5,
-    # fusion embeddings and the connected layer's cross-attention (tests/modeling/test_model.py)
+    # fusion embeddings and the connected layer's cross-attention (tests/modeling/test_param_counts.py)
     assert expected_params("base", "vqa", 384, 3) == 491_416_635 - 63_428_097 - 393_216 - 56_710_656 - (
         23_837_184 + CROSS_BLOCK
     )
