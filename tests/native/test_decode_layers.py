@@ -149,51 +149,26 @@ def test_not_taken_where_the_python_layers_run_other_kernels(decoder, monkeypatc
 
 def test_input_errors_and_meta(decoder):
     layers, D = len(decoder.layers), 256
-    params = [torch.zeros(1)] * (18 * layers)
     cache = torch.zeros(layers, 6, 4, 8, 64)
     kv = [torch.zeros(2, 4, 9, 64)] * layers
-    op = torch.ops.mplug_fast.decode_layers
+    good = dict(
+        x=torch.zeros(6, D), params=[torch.zeros(1)] * (18 * layers), cache_k=cache, cache_v=cache.clone(),
+        length=0, self_mask=None, memory_k=kv, memory_v=kv, memory_mask=None, eps=1e-12,
+    )  # fmt: skip
+
+    def call(**changes):
+        return torch.ops.mplug_fast.decode_layers(*{**good, **changes}.values())
+
+    wide = [torch.zeros(4, 4, 9, 64)] * layers  # 4 memory rows for 6 query rows
     with pytest.raises(RuntimeError, match="layers need"):
-        op(torch.zeros(6, D), params[:-1], cache, cache.clone(), 0, None, kv, kv, None, 1e-12)
+        call(params=good["params"][:-1])
     with pytest.raises(RuntimeError, match="not groups"):
-        op(
-            torch.zeros(6, D),
-            params,
-            cache,
-            cache.clone(),
-            0,
-            None,
-            [torch.zeros(4, 4, 9, 64)] * layers,
-            [torch.zeros(4, 4, 9, 64)] * layers,
-            None,
-            1e-12,
-        )
+        call(memory_k=wide, memory_v=wide)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        op(torch.zeros(6, D), params, cache, cache.clone(), 8, None, kv, kv, None, 1e-12)
+        call(length=8)
     with pytest.raises(RuntimeError, match="self_mask"):
-        op(
-            torch.zeros(6, D),
-            params,
-            cache,
-            cache.clone(),
-            2,
-            torch.ones(6, 2, dtype=torch.bool),
-            kv,
-            kv,
-            None,
-            1e-12,
-        )
-    meta = [t.to("meta") for t in (torch.zeros(6, D), cache)]
-    out = op(
-        meta[0],
-        [p.to("meta") for p in params],
-        meta[1],
-        meta[1].clone(),
-        0,
-        None,
-        [k.to("meta") for k in kv],
-        [v.to("meta") for v in kv],
-        None,
-        1e-12,
-    )
+        call(length=2, self_mask=torch.ones(6, 2, dtype=torch.bool))
+    meta = {k: [t.to("meta") for t in v] if isinstance(v, list) else v for k, v in good.items()}
+    meta |= {k: good[k].to("meta") for k in ("x", "cache_k", "cache_v")}
+    out = call(**meta)
     assert out.shape == (6, D) and out.device.type == "meta"
