@@ -52,9 +52,10 @@ from mplug_fast.ops.triton import activation, decode, layer_norm, tiles
 from mplug_fast.ops.triton import attention as attn
 from mplug_fast.ops.triton import attention_kernels as attn_k
 
-# Per-block shared memory limits (opt-in maximum, bytes): A100 163 KiB, H100/H200 227 KiB.
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python benchmarks/kernel_resources.py` or import
+from kernel_report import SHARED_LIMIT, Row, write  # noqa: E402
+
 OUT_DIR = Path(__file__).resolve().parents[1] / ".benchmarks"  # default output: untracked (.gitignore)
-SHARED_LIMIT = {80: 166912, 90: 232448}
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _CACHE = (
     Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache")).parent / "mplug_resources"
@@ -67,26 +68,6 @@ class Launch:
     args: tuple
     kwargs: dict
     grid: tuple
-
-
-@dataclass
-class Row:
-    kernel: str
-    case: str  # the shape and flags that produced the launch
-    config: str  # constexprs that select the compiled variant (+ num_warps / num_stages)
-    dtype: str
-    target: str
-    registers: int
-    spill_stores: int
-    spill_loads: int
-    shared: int  # bytes
-    shared_limit: int
-    sass_loop: int  # instructions in the longest loop body (0: no loop)
-    compile_s: float
-
-    @property
-    def fits(self) -> bool:
-        return self.shared <= self.shared_limit and self.spill_stores == 0 and self.spill_loads == 0
 
 
 # ---- recording ---------------------------------------------------------------------------------------------
@@ -380,60 +361,6 @@ def run(cases: list[Case], targets: list[int], only: str | None = None, log=prin
     return rows
 
 
-def write(rows: list[Row], out: Path, note: str = "") -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = dict(
-        triton=triton.__version__,
-        shared_limit={f"sm_{k}": v for k, v in SHARED_LIMIT.items()},
-        note=note,
-        rows=[dict(asdict(r), fits=r.fits) for r in rows],
-    )
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    lines = [
-        "# Triton kernels compiled for sm_80 / sm_90 (benchmarks/kernel_resources.py)",
-        "",
-        note,
-        "",
-        "| kernel | dtype | target | regs | spills (B) | smem (KiB) | SASS loop | fits | config | case |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.kernel} | {r.dtype} | {r.target} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
-            f"{r.shared / 1024:.0f} | {r.sass_loop} | {'yes' if r.fits else '**no**'} | {r.config} | "
-            f"{r.case} |"
-        )
-    lines += ["", *dropout_table(data["rows"])]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-
-def dropout_pairs(rows: list[dict]) -> list[tuple]:
-    """(kernel, target, dtype, config, SASS loop without dropout, with) for every config with dropout that has
-    a twin without (same kernel, target, dtype, tiles and other flags); `rows` as in the JSON table."""
-    loops = {(r["kernel"], r["target"], r["dtype"], r["config"]): r["sass_loop"] for r in rows}
-    pairs = []
-    for (kernel, target, dtype, config), loop in loops.items():
-        words = config.split()
-        flag = next((w for w in words if w in ("dropout", "has_dropout")), None)
-        base = loops.get((kernel, target, dtype, " ".join(w for w in words if w != flag)))
-        if flag and base:
-            pairs.append((kernel, target, dtype, config, base, loop))
-    return pairs
-
-
-def dropout_table(rows: list[dict]) -> list[str]:
-    """The markdown table of the SASS loop with / without dropout."""
-    lines = [
-        "## Dropout cost: SASS loop with / without dropout (same kernel, target, dtype, tiles and flags)",
-        "",
-        "| kernel | target | dtype | config (with dropout) | without | with | ratio |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for kernel, target, dtype, config, base, loop in dropout_pairs(rows):
-        lines.append(f"| {kernel} | {target} | {dtype} | {config} | {base} | {loop} | {loop / base:.2f} |")
-    return lines
-
-
 _T16 = {
     "fwd": (
         (128, 128, 8, 2),
@@ -477,7 +404,7 @@ def sweep(targets: list[int], block_ds=(64, 128), log=print, done=frozenset()) -
                             case = _attention_case("sweep", dtype, 4, 2, 256, 256, block_d, **flags)
                             with recording() as launches:
                                 with torch.autograd.set_grad_enabled(False):
-                                    _run_quiet(case)
+                                    case.run()
                             name = {"fwd": "attn_fwd", "dq": "attn_bwd_dq", "dkdv": "attn_bwd_dkdv"}[kind]
                             launch = next(la for la in launches if describe(la)[0] == name)
                             try:
@@ -530,10 +457,6 @@ def probe(kind: str, cc: int, candidates: list[tiles.Tile], dtype=torch.float16,
         tiles.TILES.update(saved)
         os.environ.pop("MPLUG_FAST_TRITON_ARCH", None)
     return results
-
-
-def _run_quiet(case: Case) -> None:
-    case.run()
 
 
 def main(argv=None) -> int:
