@@ -44,7 +44,9 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList params, at::Ten
                 p.device());
   }
   bool on_cpu = cache_k.device().is_cpu() && cache_v.device().is_cpu();
-  for (size_t i = 0; i < memory_k.size(); ++i) on_cpu = on_cpu && memory_k[i].device().is_cpu() && memory_v[i].device().is_cpu();
+  for (size_t i = 0; i < memory_k.size(); ++i) {
+    on_cpu = on_cpu && memory_k[i].device().is_cpu() && memory_v[i].device().is_cpu();
+  }
   if (self_mask.has_value()) on_cpu = on_cpu && self_mask->device().is_cpu();
   if (memory_mask.has_value()) on_cpu = on_cpu && memory_mask->device().is_cpu();
   TORCH_CHECK(on_cpu, "decode_layers: the caches, the memory k/v and the masks must be CPU tensors");

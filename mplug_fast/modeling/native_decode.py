@@ -49,6 +49,15 @@ def enabled() -> bool:
 
 
 MODULES_PER_LAYER = 10  # the layer, then the 9 modules whose weight and bias the op reads, in its order
+LINEARS = (
+    1,
+    2,
+    4,
+    5,
+    7,
+    8,
+)  # qkv, attn out_proj, q_proj, cross out_proj, fc1, fc2 (positions in a layer's 10)
+NORMS = (3, 6, 9)  # norm_attn, norm_cross, norm_mlp
 
 
 def _modules(layers: nn.ModuleList) -> tuple[nn.Module, ...]:
@@ -65,22 +74,24 @@ def _modules(layers: nn.ModuleList) -> tuple[nn.Module, ...]:
     return tuple(out)
 
 
-def _qualifies(layers: nn.ModuleList, x: Tensor, self_padded: bool, cross_padded: bool) -> bool:
-    """Whether the Python layers would run exactly the op's kernels on x [N, 1, D] (fp32 CPU, no grad)."""
+def _qualifies(modules: tuple[nn.Module, ...], x: Tensor, self_padded: bool, cross_padded: bool) -> bool:
+    """Whether the Python layers (`modules` from `_modules`) would run exactly the op's kernels on
+    x [N, 1, D] (fp32 CPU, no grad)."""
     rows = x.view(x.shape[0], -1)
-    eps = layers[0].norm_attn.eps
-    for layer in layers:
-        linears = (layer.attn.qkv, layer.attn.out_proj, layer.cross.q_proj, layer.cross.out_proj)
-        for linear in (*linears, layer.mlp.fc1, layer.mlp.fc2):
+    eps = modules[NORMS[0]].eps
+    for start in range(0, len(modules), MODULES_PER_LAYER):
+        group = modules[start : start + MODULES_PER_LAYER]
+        layer = group[0]
+        for linear in (group[i] for i in LINEARS):
             if type(linear) is not nn.Linear or linear.bias is None or not small_rows(rows, linear.weight):
                 return False
-        for norm in (layer.norm_attn, layer.norm_cross, layer.norm_mlp):
+        for norm in (group[i] for i in NORMS):
             if type(norm) is not nn.LayerNorm or norm.eps != eps or norm.weight is None or norm.bias is None:
                 return False
         act = layer.mlp.act
         if type(act) is not nn.GELU or act.approximate != "none":
             return False
-        epilogues = fused_backend(layer, x, layer.norm_attn), fused_backend(layer.mlp, x, layer.mlp.fc1)
+        epilogues = fused_backend(layer, x, group[NORMS[0]]), fused_backend(layer.mlp, x, layer.mlp.fc1)
         if epilogues != ("reference", "reference"):
             return False
         attention = (
@@ -136,7 +147,7 @@ def plan(
     key = (N, self_padded, cross_padded)  # fp32 CPU, no grad: checked above
 
     def resolve() -> tuple:
-        return (modules, _qualifies(layers, x, self_padded, cross_padded))
+        return (modules, _qualifies(modules, x, self_padded, cross_padded))
 
     verdict = plans.get(key, resolve)
     if verdict[0] != modules:  # a module was replaced since: decide again
