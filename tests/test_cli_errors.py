@@ -5,6 +5,8 @@ is a traceback plus a line saying it is a bug, exit code 1."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,13 @@ def test_config_json_naming_an_unknown_task_names_the_file(files, tmp_path):
     (folder / "model.safetensors").write_bytes((files["pretrained"] / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=rf"{CONFIG_NAME}: unknown task 'nosuch'; available: "):
         from_pretrained(folder)
+
+
+def test_a_closed_stdout_is_not_reported_as_a_bug():
+    """`mplug-fast info | head -1`: the reader closes the pipe first; exit code 141 and nothing on stderr."""
+    code = "import sys; from mplug_fast.cli import main; sys.exit(main(['info']))"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before the child (still importing torch) has written anything
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 141, err
+    assert err == ""

@@ -5,6 +5,7 @@ traceback and a line saying it is a bug)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 # ValueErrors), or an error raised from one of these; anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, IsADirectoryError, ValueError)
 EXIT_USAGE, EXIT_BUG = 2, 1
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe
 BUG_REPORT = (
     "this is a bug in mplug_fast, not in your input: please report it on the mplug_fast issue tracker with "
     "the command line, the traceback above and the output of `mplug-fast info`"
@@ -39,11 +41,15 @@ def expected_error(error: BaseException | None) -> bool:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Runs ``args.func``: expected errors -> `fail` (one line, exit code 2); any other exception -> its
-    traceback and the `BUG_REPORT` line on stderr (exit code 1)."""
+    """Runs ``args.func``: expected errors -> `fail` (one line, exit code 2); stdout closed by its reader ->
+    exit code 141, silently (as a shell pipeline's SIGPIPE); any other exception -> its traceback and the
+    `BUG_REPORT` line on stderr (exit code 1)."""
     command = " ".join(filter(None, (args.command, getattr(args, "what", None))))  # "predict caption"
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`mplug-fast info | head -3`): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail
+        return EXIT_BROKEN_PIPE
     except Exception as e:
         if expected_error(e):
             return fail(command, e)
