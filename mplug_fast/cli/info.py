@@ -13,7 +13,7 @@ import torch
 
 import mplug_fast
 from mplug_fast.inference.precision import describe_cpu_precision
-from mplug_fast.ops import available_backends, native, onednn_linear, small_linear
+from mplug_fast.ops import available_backends, native, small_linear
 from mplug_fast.tasks import TASKS
 
 
@@ -38,7 +38,6 @@ def info(args: argparse.Namespace) -> int:
     else:
         print("cuda        not available")
     print(f"cpu         {describe_cpu_precision()}")
-    print(f"cpu GEMM    {onednn_linear.status()}")
     print(f"tasks       {', '.join(TASKS)}")
     print("attention backends:")
     backends = available_backends()

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mplug_fast.ops.linear import linear
-from mplug_fast.ops.small_linear import small_linear, small_rows
+from mplug_fast.ops.small_linear import linear, small_linear, small_rows
 
 
 class LMHead(nn.Module):

@@ -3,9 +3,8 @@
 Used by the text encoder, the fusion layers and the decoder (post-LN, erf GELU, LayerNorm eps 1e-12) and,
 for attention and MLP, by the CLIP ViT (pre-LN, QuickGELU). Parameter names are ours (`qkv`, `q_proj`,
 `kv_proj`, `out_proj`, `fc1`, `fc2`, `norm_*`); `mplug_fast.checkpoint` maps the official names onto them
-(q/k/v are stored fused). The projections go through `mplug_fast.ops.linear.linear`: the few rows of
-a CPU decoding step run the native small-row kernel, long fp32 CPU inputs oneDNN's GEMM where it is the
-faster one, everything else `nn.Linear` itself.
+(q/k/v are stored fused). The projections go through `mplug_fast.ops.small_linear.linear`: the few rows of
+a CPU decoding step run the native small-row kernel, everything else `nn.Linear` itself.
 
 Backends are resolved once per module and static key (device kind, dtype, mask kind, dropout, autograd
 recording) and kept in a `BackendCache` (`mplug_fast.ops.registry`): attention from the module's `backend`
@@ -27,9 +26,9 @@ from torch import Tensor, nn
 from mplug_fast.modeling.kv_cache import KVCache
 from mplug_fast.ops.attention import ATTENTION, resolve_attention
 from mplug_fast.ops.fused import FUSED, fused_key, resolve_fused
-from mplug_fast.ops.linear import linear
 from mplug_fast.ops.reference import check_attention_inputs
 from mplug_fast.ops.registry import BackendCache, mask_kind
+from mplug_fast.ops.small_linear import linear
 
 
 class QuickGELU(nn.Module):
@@ -141,7 +140,7 @@ class CrossAttention(_Attention):
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory: [Bm, M, Dm] -> (k, v), each [Bm, H, M, Dh]."""
         Bm, M, _ = memory.shape
-        kv = linear(self.kv_proj, memory).view(Bm, M, 2, self.num_heads, self.head_dim)  # [Bm, M, 2, H, Dh]
+        kv = self.kv_proj(memory).view(Bm, M, 2, self.num_heads, self.head_dim)  # [Bm, M, 2, H, Dh]
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [Bm, H, M, Dh]
         return k, v
 

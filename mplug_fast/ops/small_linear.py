@@ -21,7 +21,8 @@ import functools
 import os
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from mplug_fast.ops.native import native_op
 
@@ -58,3 +59,16 @@ def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The native op on x [..., K] (any leading shape): returns [..., N]."""
     y = torch.ops.mplug_fast.small_linear(x.reshape(-1, x.shape[-1]), weight, bias)  # [rows, N]
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear(module: nn.Module, x: Tensor) -> Tensor:
+    """`module(x)`, through `small_linear` when `module` is a plain `nn.Linear` and `small_rows` holds
+    (an int8 dynamic-quantised layer, or any other module, runs as itself). x: [..., in] -> [..., out]."""
+    if type(module) is nn.Linear and small_rows(x, module.weight):
+        return small_linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def linear_weight(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.linear(x, weight, bias)`, through `small_linear` when `small_rows` holds."""
+    return small_linear(x, weight, bias) if small_rows(x, weight) else F.linear(x, weight, bias)

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mplug_fast.ops import linear as lin
 from mplug_fast.ops import small_linear as sl
 
 
@@ -51,15 +50,15 @@ def test_linear_uses_the_kernel_only_for_few_rows_without_autograd(monkeypatch) 
     monkeypatch.setattr(sl, "enabled", lambda: True)  # the default depends on the CPU
     calls = []
     native = sl.small_linear
-    monkeypatch.setattr(lin, "small_linear", lambda *a: calls.append(a[0].shape) or native(*a))
+    monkeypatch.setattr(sl, "small_linear", lambda *a: calls.append(a[0].shape) or native(*a))
     layer = nn.Linear(16, 8)
     with torch.no_grad():
-        few = lin.linear(layer, torch.randn(2, 5, 16))  # 10 rows
-        many = lin.linear(layer, torch.randn(sl.MAX_ROWS + 1, 16))
-        half = lin.linear(layer.double(), torch.randn(3, 16).double())
+        few = sl.linear(layer, torch.randn(2, 5, 16))  # 10 rows
+        many = sl.linear(layer, torch.randn(sl.MAX_ROWS + 1, 16))
+        half = sl.linear(layer.double(), torch.randn(3, 16).double())
     assert calls == [torch.Size([2, 5, 16])]
     assert few.shape == (2, 5, 8) and many.shape == (sl.MAX_ROWS + 1, 8) and half.dtype == torch.float64
-    y = lin.linear(layer.float(), torch.randn(3, 16, requires_grad=True))  # autograd on: nn.Linear
+    y = sl.linear(layer.float(), torch.randn(3, 16, requires_grad=True))  # autograd on: nn.Linear
     y.sum().backward()
     assert len(calls) == 1 and layer.weight.grad is not None
 
@@ -78,6 +77,6 @@ def test_the_switch(monkeypatch) -> None:
     assert sl.enabled() is (torch.backends.cpu.get_cpu_capability() == "AVX2")
     layer = nn.Linear(8, 4)
     monkeypatch.setattr(sl, "enabled", lambda: False)
-    monkeypatch.setattr(lin, "small_linear", lambda *a: pytest.fail("the kernel ran while switched off"))
+    monkeypatch.setattr(sl, "small_linear", lambda *a: pytest.fail("the kernel ran while switched off"))
     with torch.no_grad():
-        assert lin.linear(layer, torch.randn(2, 8)).shape == (2, 4)
+        assert sl.linear(layer, torch.randn(2, 8)).shape == (2, 4)
