@@ -71,6 +71,18 @@ def official_vision_mha(sd: dict, d: OfficialDims, images: torch.Tensor) -> torc
     return _ln(x.permute(1, 0, 2), sd, v + "ln_post", 1e-5)
 
 
+def scaled_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layout's random weights (std 0.2) scaled to BERT's init (0.02) for the matrices: at base width
+    std 0.2 saturates every softmax, and the two sides' rounding then moves the outputs far apart. Tensors
+    shared by several keys stay shared (the decoder's LM head is its word embedding, as in the official
+    model, so the official training step also sums the two gradients of that weight)."""
+    scaled: dict[int, torch.Tensor] = {}
+    for t in sd.values():
+        if id(t) not in scaled:
+            scaled[id(t)] = t * 0.1 if t.dim() >= 2 else t
+    return {k: scaled[id(t)] for k, t in sd.items()}
+
+
 def caption_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of captioning (logits [B, L, V] predict ids[:, 1:])."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -108,9 +120,7 @@ def main() -> None:
         d = OfficialDims(width=768, vision_layers=12, patch=16, grid=24, hidden=768, heads=12,
                          intermediate=3072, vocab=30522, max_pos=512, text_layers=6, slots=12,
                          fusion_layers=6, decoder_layers=12, clip_text_width=64, embed_dim=64)  # fmt: skip
-    # the layout's random weights (std 0.2) scaled to BERT's init (0.02) for the matrices: at base width
-    # std 0.2 saturates every softmax, and the two sides' rounding then moves the outputs far apart
-    sd = {k: t * 0.1 if t.dim() >= 2 else t for k, t in make_official_state_dict(d).items()}
+    sd = scaled_state_dict(make_official_state_dict(d))
     bert = {"num_attention_heads": heads, "fusion_layers": d.fusion_layers, "num_hidden_layers": slots}
     stride = 3
     vqa = load_official_checkpoint(sd, "vqa", bert_config={**bert, "stride_layer": stride}, image_res=res)

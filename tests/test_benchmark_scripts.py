@@ -3,9 +3,13 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +64,34 @@ def test_int8_decoder_quick_reports_agreement(tmp_path) -> None:
     records = json.loads(out.read_text())["records"]
     assert [r["variant"] for r in records] == ["fp32", "int8"]
     assert 0.0 <= records[1]["token_agreement"] <= 1.0
+
+
+def test_stage_speed_keeps_tied_weights_tied() -> None:
+    """The official model's LM head is its word embedding: the scaled state dict keeps such tensors shared
+    (else the official training step would skip summing that weight's two gradients)."""
+    word, bias = torch.ones(6, 4), torch.ones(6)
+    sd = {"embeddings.word": word, "head.decoder.weight": word, "head.bias": bias, "other": torch.ones(3, 4)}
+    scaled = _load("stage_speed").scaled_state_dict(sd)
+    assert scaled["head.decoder.weight"] is scaled["embeddings.word"]
+    assert scaled["other"] is not scaled["embeddings.word"]
+    assert torch.equal(scaled["embeddings.word"], word * 0.1) and scaled["head.bias"] is bias  # 1-D kept
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="no AVX2 on this CPU")
+def test_weight_stream_builds_and_its_kernels_agree_with_float64(tmp_path) -> None:
+    """benchmarks/weight_stream.cpp (the layouts behind the decode step's floors): it compiles, and its
+    own check of every kernel against a float64 product passes (it exits 1 otherwise)."""
+    binary = tmp_path / "weight_stream"
+    flags = ["-O2", "-mavx2", "-mfma", "-fopenmp"]
+    subprocess.run(
+        ["g++", *flags, str(ROOT / "benchmarks" / "weight_stream.cpp"), "-o", str(binary)], check=True
+    )
+    run = subprocess.run(
+        [str(binary), "--quick"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert {(r["kernel"], r["rows"]) for r in rows} == {
+        (k, m) for k in ("rows_3x4", "packed_dot", "packed_outer") for m in (5, 10)
+    }
