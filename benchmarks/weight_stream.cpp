@@ -42,38 +42,22 @@ float lane_sum(__m256 v) {
   return s;
 }
 
-// small_linear's tile over rows [m, m + R) x outputs [n, n + 4), W rows read at stride K.
-template <int R>
-void rows_tile(const float* x, const float* w, float* y, long N) {
+// small_linear's tile: rows [m, m + R) x outputs [n, n + 4), dot products over K in 8 lanes. The weights
+// are W's rows at stride K (Packed false), or one block of 4 outputs in the layout [K/8][4][8] (Packed
+// true), whose next kilobyte is prefetched into L1 when `prefetch`.
+template <int R, bool Packed>
+void dot_tile(const float* x, const float* w, float* y, long N, bool prefetch) {
   __m256 a[R][4];
   for (auto& r : a)
     for (auto& c : r) c = _mm256_setzero_ps();
   for (long k = 0; k < K; k += 8) {
-    __m256 wv[4];
-    for (int c = 0; c < 4; ++c) wv[c] = _mm256_loadu_ps(w + c * K + k);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * K + k);
-      for (int c = 0; c < 4; ++c) a[r][c] = _mm256_fmadd_ps(xv, wv[c], a[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) y[r * N + c] = lane_sum(a[r][c]);
-}
-
-// The same tile on the block layout [K/8][4][8] of 4 outputs (one contiguous 12 KB block).
-template <int R>
-void packed_dot_tile(const float* x, const float* block, float* y, long N, bool prefetch) {
-  __m256 a[R][4];
-  for (auto& r : a)
-    for (auto& c : r) c = _mm256_setzero_ps();
-  for (long k = 0; k < K; k += 8) {
-    const float* w = block + k * 4;
-    if (prefetch) {
-      _mm_prefetch(reinterpret_cast<const char*>(w) + 1024, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w) + 1088, _MM_HINT_T0);
+    const float* wk = Packed ? w + k * 4 : w + k;  // the 8 weights of output c: wk + c * (Packed ? 8 : K)
+    if (Packed && prefetch) {
+      _mm_prefetch(reinterpret_cast<const char*>(wk) + 1024, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wk) + 1088, _MM_HINT_T0);
     }
     __m256 wv[4];
-    for (int c = 0; c < 4; ++c) wv[c] = _mm256_loadu_ps(w + c * 8);
+    for (int c = 0; c < 4; ++c) wv[c] = _mm256_loadu_ps(wk + c * (Packed ? 8 : K));
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x + r * K + k);
       for (int c = 0; c < 4; ++c) a[r][c] = _mm256_fmadd_ps(xv, wv[c], a[r][c]);
@@ -142,8 +126,8 @@ void run(const char* kernel, const Weights& w, const float* x, float* y, long M,
     if (rows || dot) {
       for (long c = n; c < n + 16; c += 4) {
         by_rows<3>(M, [&](auto R, long m) {
-          if (rows) rows_tile<decltype(R)::value>(x + m * K, w.rows.data() + c * K, y + m * N + c, N);
-          else packed_dot_tile<decltype(R)::value>(x + m * K, w.dot.data() + c * K, y + m * N + c, N, m == 0);
+          if (rows) dot_tile<decltype(R)::value, false>(x + m * K, w.rows.data() + c * K, y + m * N + c, N, false);
+          else dot_tile<decltype(R)::value, true>(x + m * K, w.dot.data() + c * K, y + m * N + c, N, m == 0);
         });
       }
     } else {
