@@ -6,8 +6,10 @@
 //   OMP_NUM_THREADS=1 /tmp/weight_stream --quick    # 2 MB of weights: the numerics check only
 //
 // y [M, N] = x [M, K] W^T for K = 768, three ways:
-//   rows_3x4      small_linear's kernel: W in nn.Linear's layout [N, K], dot products in 3-row x 4-output
-//                 register tiles, the 8 lanes summed at the end (4 weight-row streams);
+//   rows_3x4      small_linear's register tile (kernels/cpu/small_linear.cpp, without its K chunks and
+//                 next-block prefetch, so the three differ in layout only): W in nn.Linear's layout [N, K],
+//                 dot products in 3-row x 4-output tiles, the 8 lanes summed at the end (4 row streams);
+//                 the op itself is timed by generation_speed.py;
 //   packed_dot    the same tiles and summation order, W repacked as [N/4][K/8][4][8] (one stream), the
 //                 next kilobyte prefetched into L1;
 //   packed_outer  W repacked as panels [N/16][K][16]: for each k, x[m, k] broadcast times 16 outputs,

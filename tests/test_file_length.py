@@ -15,7 +15,7 @@ def long_files(root: Path, limit: int = LIMIT) -> list[str]:
     found = []
     for folder in FOLDERS:
         for path in sorted((root / folder).rglob("*")):
-            if path.suffix in SUFFIXES and path.is_file() and ".venv" not in path.parts:
+            if path.suffix in SUFFIXES and path.is_file():
                 lines = len(path.read_text(errors="replace").splitlines())
                 if lines > limit:
                     found.append(f"{path.relative_to(root)}: {lines}")

@@ -49,15 +49,8 @@ def enabled() -> bool:
 
 
 MODULES_PER_LAYER = 10  # the layer, then the 9 modules whose weight and bias the op reads, in its order
-LINEARS = (
-    1,
-    2,
-    4,
-    5,
-    7,
-    8,
-)  # qkv, attn out_proj, q_proj, cross out_proj, fc1, fc2 (positions in a layer's 10)
-NORMS = (3, 6, 9)  # norm_attn, norm_cross, norm_mlp
+# positions in a layer's 10: qkv, attn out_proj, q_proj, cross out_proj, fc1, fc2; the three norms
+LINEARS, NORMS = (1, 2, 4, 5, 7, 8), (3, 6, 9)
 
 
 def _modules(layers: nn.ModuleList) -> tuple[nn.Module, ...]:
@@ -91,7 +84,7 @@ def _qualifies(modules: tuple[nn.Module, ...], x: Tensor, self_padded: bool, cro
         act = layer.mlp.act
         if type(act) is not nn.GELU or act.approximate != "none":
             return False
-        epilogues = fused_backend(layer, x, group[NORMS[0]]), fused_backend(layer.mlp, x, layer.mlp.fc1)
+        epilogues = fused_backend(layer, x, group[NORMS[0]]), fused_backend(layer.mlp, x, group[LINEARS[4]])
         if epilogues != ("reference", "reference"):
             return False
         attention = (
