@@ -13,6 +13,8 @@ Variants:
     cached      `beam_search(use_cache=True)`: self-attention KV cache, memory K/V projected once per image
                 and shared by the beams (`memory_index`); the native beam step and cache reorder
                 (kernels/, `mplug_fast._C`) when built
+    packed      `cached` on the decoder with its layers' weights packed (`layout="packed"`, the default of
+                `mplug_fast.pipeline` on AVX2 CPUs in fp32; `mplug_fast.inference.layout`)
     python_step `cached` with the Python twins of the native ops (`native=False`); the per-step time
                 difference to `cached` is the native ops' gain (`ms_per_step` = median / max_length)
     graph       `cached` with `cuda_graph=True`: steps 1 .. T-1 replayed as CUDA graphs (recorded by the
@@ -37,7 +39,9 @@ Writes .benchmarks/cpu-generation.json (untracked) or --out (e.g. benchmarks/res
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import functools
 import json
 import platform
 import statistics
@@ -50,6 +54,7 @@ import torch
 
 import mplug_fast
 from mplug_fast.generation import SEP_ID, beam_search
+from mplug_fast.inference.layout import pack_decoder
 from mplug_fast.modeling.decoder import TextDecoder
 from mplug_fast.modeling.layers import init_bert_weights
 from mplug_fast.ops import native
@@ -156,11 +161,13 @@ def decode_step_cost(decoder, rows: int, memory_rows: int, memory_len: int, cach
     }
 
 
-def decode_step_record(decoder, run, name: str, B: int, c: dict, kw: dict, floor: dict, repeats: int) -> dict:
-    """The cached decode step against the floors: (time of max_length steps - time of the first step, which
-    also projects the memory K/V) / (max_length - 1), vs the bytes it must read at the copy bandwidth (and at
-    the read bandwidth, the stricter floor) and the FLOPs at the GEMM peak (`decode_step_cost`; the roofline
-    floor is the larger of the copy-bandwidth and compute floors)."""
+def decode_step_record(
+    decoder, run, name: str, B: int, c: dict, kw: dict, floor: dict, repeats: int, layout: str = "plain"
+) -> dict:
+    """The cached decode step (`run`, on the decoder in `layout`) against the floors: (time of max_length
+    steps - time of the first step, which also projects the memory K/V) / (max_length - 1), vs the bytes it
+    must read at the copy bandwidth (and at the read bandwidth, the stricter floor) and the FLOPs at the GEMM
+    peak (`decode_step_cost`; the roofline floor is the larger of the copy-bandwidth and compute floors)."""
     first = dict(kw, max_length=1, min_length=min(kw["min_length"], 1))
     t_first = statistics.median(time_ms(lambda: run(True, kw=first), repeats + 1))
     t_all = statistics.median(time_ms(lambda: run(True), repeats))
@@ -171,7 +178,8 @@ def decode_step_record(decoder, run, name: str, B: int, c: dict, kw: dict, floor
     read_ms = cost["bytes"] / (floor["read_gbs"] * 1e9) * 1e3
     compute_ms = cost["flops"] / (floor["gemm_gflops"] * 1e9) * 1e3
     rec = {
-        "name": f"{name}_b{B}_decode_step",
+        "name": f"{name}_b{B}_decode_step" if layout == "plain" else f"{name}_b{B}_{layout}_decode_step",
+        "layout": layout,
         "rows": rows,
         "first_step_ms": t_first,
         "ms_per_step": step_ms,
@@ -184,7 +192,7 @@ def decode_step_record(decoder, run, name: str, B: int, c: dict, kw: dict, floor
         "vs_roofline_floor": step_ms / max(bandwidth_ms, compute_ms),
     }
     print(
-        f"{rec['name']:22s} {step_ms:8.1f} ms/step ({rows} rows): floors bandwidth {bandwidth_ms:.1f} ms "
+        f"{rec['name']:29s} {step_ms:8.1f} ms/step ({rows} rows): floors bandwidth {bandwidth_ms:.1f} ms "
         f"({cost['bytes'] / 1e6:.0f} MB), compute {compute_ms:.1f} ms ({cost['flops'] / 1e9:.2f} GFLOP) -> "
         f"{rec['vs_bandwidth_floor']:.2f}x bandwidth, {rec['vs_roofline_floor']:.2f}x roofline",
         flush=True,
@@ -281,6 +289,7 @@ def main() -> None:
     decoder = TextDecoder(config)
     decoder.apply(init_bert_weights)
     decoder.eval().to(args.device)
+    packed = pack_decoder(copy.deepcopy(decoder)) if args.device == "cpu" else None
     Lq = 12
     records, steps, ratios = [], [], {}
     floor = {
@@ -322,10 +331,16 @@ def main() -> None:
             kw = dict(beam_size=c["beam_size"], min_length=c["min_length"], max_length=c["max_length"])
 
             def run(
-                use_cache: bool, native: bool | None = None, graph: bool = False, c=c, kw=kw, start=start
+                use_cache: bool,
+                native: bool | None = None,
+                graph: bool = False,
+                c=c,
+                kw=kw,
+                start=start,
+                dec=decoder,
             ):
                 out = beam_search(
-                    decoder,
+                    dec,
                     c["memory"],
                     c["memory_mask"],
                     start,
@@ -350,6 +365,11 @@ def main() -> None:
             variants = {"cached": (lambda: run(True), repeats)}
             variants["python_step"] = (lambda: run(True, native=False), repeats)
             variants["graph"] = (lambda: run(True, graph=True), repeats)
+            if packed is not None:  # the same search up to rounding: its ids and score difference recorded
+                packed_out = run(True, dec=packed)
+                packed_same = torch.equal(cached.ids, packed_out.ids)
+                packed_err = float((cached.scores - packed_out.scores).abs().max())
+                variants["packed"] = (lambda: run(True, dec=packed), repeats)
             if not args.native_only:
                 uncached = run(False)
                 err = float((cached.scores - uncached.scores).abs().max())
@@ -368,6 +388,7 @@ def main() -> None:
             shape = {"batch": B, "memory": list(c["memory"].shape), **kw}
             for variant, (fn, n_runs) in variants.items():
                 times = first_times.get(variant, []) + time_ms(fn, n_runs)
+                v_same, v_err = (packed_same, packed_err) if variant == "packed" else (same, err)
                 rec = {
                     "name": f"{name}_b{B}_{variant}",
                     "case": name,
@@ -382,18 +403,22 @@ def main() -> None:
                     "ms_p20": quantile(times, 0.2),
                     "ms_p80": quantile(times, 0.8),
                     "times_ms": times,
-                    "same_ids_as_cached": same,
-                    "max_abs_err": err,
+                    "same_ids_as_cached": v_same,
+                    "max_abs_err": v_err,
                 }
                 records.append(rec)
                 print(
                     f"{rec['name']:22s} median {rec['ms_median']:10.1f} ms  (p20 {rec['ms_p20']:.1f}, "
-                    f"p80 {rec['ms_p80']:.1f}, n={len(times)})  same ids {same}  max score err {err:.2e}",
+                    f"p80 {rec['ms_p80']:.1f}, n={len(times)})  same ids {v_same}  max score err {v_err:.2e}",
                     flush=True,
                 )
             steps.append(decode_step_record(decoder, run, name, B, c, kw, floor, repeats))
+            if packed is not None:
+                packed_step = functools.partial(run, dec=packed)
+                step = decode_step_record(decoder, packed_step, name, B, c, kw, floor, repeats, "packed")
+                steps.append(step)
             by = {r["variant"]: r["ms_median"] for r in records if r["case"] == name and r["batch"] == B}
-            for variant in ("python_step", "graph", "no_cache", "official"):
+            for variant in ("python_step", "graph", "packed", "no_cache", "official"):
                 if variant in by:
                     key = f"{name} batch {B}: {variant} / cached"
                     ratios[key] = by[variant] / by["cached"]

@@ -41,6 +41,11 @@ void reorder_caches_cuda(at::TensorList src, at::TensorList dst, const at::Tenso
 // y = x weight^T + bias for the few rows of a decoding step: x [M, K], weight [N, K], bias [N] (fp32, CPU).
 at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
+// The same product with the weight stored as panels: x [M, K], packed [N/16, K, 16] (packed[p, k, j] =
+// weight[16 p + j, k]), bias [N] (fp32, CPU) -> [M, N]. unpack_panels: packed -> weight [N, K].
+at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
+at::Tensor unpack_panels(const at::Tensor& packed);
+
 // softmax(scale q k^T) v for the few queries of a decoding step: q [B, H, G, D], k and v [B, H, M, D] with the
 // head dim contiguous, key_mask bool [B, M] (true = attend; a row with no key gives 0) or none (fp32, CPU)
 // -> [B, H, G, D].
@@ -48,7 +53,7 @@ at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, c
                                      const std::optional<at::Tensor>& key_mask, double scale);
 
 // The post-LN decoder layers of one cached decoding step (one new token per row), fp32 CPU: x [N, D];
-// params: 18 per layer (kernels/cpu/decode_layers.cpp); cache_k, cache_v [layers, N, H, Lmax, Dh] (the new
+// params: 18 per layer (kernels/cpu/decode_layers.cpp; a 3-D linear weight is packed panels); cache_k, cache_v [layers, N, H, Lmax, Dh] (the new
 // keys / values are written at `length`); self_mask bool [N, length + 1] or none; memory_k, memory_v per layer
 // [Bm, H, M, Dh] (N = Bm x G rows, G per memory row); memory_mask bool [Bm, M] or none -> [N, D].
 at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList params, at::Tensor& cache_k, at::Tensor& cache_v,
@@ -67,6 +72,7 @@ void check_beam_step(const at::Tensor& logits, const std::optional<at::Tensor>& 
                      bool official);
 void check_reorder_caches(at::TensorList src, at::TensorList dst, const at::Tensor& index, int64_t length);
 void check_small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+void check_packed_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
 void check_short_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& key_mask);
 void check_decode_layers(const at::Tensor& x, at::TensorList params, const at::Tensor& cache_k,

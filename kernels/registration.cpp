@@ -10,6 +10,7 @@
 //   sorted), steps long [B] (steps run per sample). Updates them in place and returns (beam, token).
 // reorder_caches: dst[i][:, n, :, :length] = src[i][:, index[n], :, :length], each [P, N, X, Lmax, Dh].
 // small_linear: x [M, K] @ weight [N, K]^T + bias, fp32, for the few rows of a decoding step (CPU).
+// packed_linear: the same with the weight as panels [N/16, K, 16] (CPU).
 // short_query_attention: softmax(scale q k^T) v, q [B, H, G, D], k and v [B, H, M, D], key_mask bool [B, M] or
 //   none, fp32 (CPU).
 // decode_layers: the post-LN decoder layers of one cached decoding step, x [N, D] -> [N, D], writing the new
@@ -103,6 +104,11 @@ at::Tensor small_linear_meta(const at::Tensor& x, const at::Tensor& weight, cons
   return at::empty({x.size(0), weight.size(0)}, x.options());
 }
 
+at::Tensor packed_linear_meta(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  check_packed_linear(x, packed, bias);
+  return at::empty({x.size(0), packed.size(0) * packed.size(2)}, x.options());
+}
+
 at::Tensor short_query_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const std::optional<at::Tensor>& key_mask, double scale) {
   check_short_query_attention(q, k, v, key_mask);
@@ -126,6 +132,7 @@ TORCH_LIBRARY_FRAGMENT(mplug_fast, m) {
       "bool exact) -> (Tensor, Tensor)");
   m.def("reorder_caches(Tensor[] src, Tensor(a!)[] dst, Tensor index, int length) -> ()");
   m.def("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
   m.def("short_query_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale) -> Tensor");
   m.def(
       "decode_layers(Tensor x, Tensor[] params, Tensor(a!) cache_k, Tensor(b!) cache_v, int length, "
@@ -137,6 +144,7 @@ TORCH_LIBRARY_IMPL(mplug_fast, CPU, m) {
   m.impl("beam_step", &beam_step_cpu);
   m.impl("reorder_caches", &reorder_caches_cpu);
   m.impl("small_linear", &small_linear_cpu);
+  m.impl("packed_linear", &packed_linear_cpu);
   m.impl("short_query_attention", &short_query_attention_cpu);
   m.impl("decode_layers", &decode_layers_cpu);
 }
@@ -145,6 +153,7 @@ TORCH_LIBRARY_IMPL(mplug_fast, Meta, m) {
   m.impl("beam_step", &beam_step_meta);
   m.impl("reorder_caches", &reorder_caches_meta);
   m.impl("small_linear", &small_linear_meta);
+  m.impl("packed_linear", &packed_linear_meta);
   m.impl("short_query_attention", &short_query_attention_meta);
   m.impl("decode_layers", &decode_layers_meta);
 }

@@ -51,6 +51,7 @@ from mplug_fast.inference.inputs import (
     text_list,
     tokenize,
 )
+from mplug_fast.inference.layout import LAYOUTS, pack_decoder, resolve_layout
 from mplug_fast.inference.precision import auto_dtype, quantize_decoder
 from mplug_fast.inference.retrieval import RetrievalScores, retrieval_scores
 from mplug_fast.modeling import (
@@ -389,6 +390,7 @@ def pipeline(
     dtype: str | torch.dtype | None = "auto",
     config: str | os.PathLike | MPlugConfig | None = None,
     quantize: str | None = None,
+    layout: str = "auto",
     **options: Any,
 ) -> Pipeline:
     """A ready-to-use `Pipeline` for `task` ("vqa", "caption", "grounding", "retrieval"; aliases "answer",
@@ -396,9 +398,15 @@ def pipeline(
     `step-*.pt` (`pipe.source` says which was loaded), or None with `config=` (random weights). `dtype`:
     "auto" (bf16 on CPUs with native bf16, else fp32; on GPU the checkpoint's), a dtype, or None (the
     checkpoint's). `quantize="int8"`: int8 dynamic quantisation of the decoder (CPU fp32; opt-in, it changes
-    the logits). `options` go to `Pipeline` (beam_size, max_length, prompt, answer_list, progress, ...)."""
+    the logits). `layout`: the decoder's weight layout, "auto" (packed panels on AVX2 CPUs in fp32, else
+    plain; `mplug_fast.inference.layout`; plain with `quantize`), "packed" or "plain". `options` go to
+    `Pipeline` (beam_size, max_length, prompt, answer_list, progress, ...)."""
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if quantize and layout == "packed":
+        raise ValueError("quantize='int8' and layout='packed' exclude each other: int8 layers are not packed")
     name = pipeline_task(task)
     model, source = _load(name, checkpoint, config)
     device = check_device(device)
@@ -406,4 +414,6 @@ def pipeline(
     model = model.to(device=device, dtype=dtype)
     if quantize:
         quantize_decoder(model)
+    elif resolve_layout(layout, model) == "packed":
+        pack_decoder(model)
     return Pipeline(model, source=source, **options)

@@ -3,10 +3,10 @@
 // A cached decoding step runs every post-LN decoder layer on one new token per row: a few hundred small
 // ops per step, each a Python call through nn.Module, the attention and fused-backend dispatch and the
 // cache bookkeeping; on two cores that Python work took as long as a third of the weight reading. This op
-// runs the same computation as a loop in C++: the same kernels (small_linear, short_query_attention,
-// at::layer_norm, at::gelu, at::add) in the same order on the same values, so its result equals the Python
-// layers' bit for bit when those run small_linear and short_query (mplug_fast/modeling/native_decode.py
-// decides when they would).
+// runs the same computation as a loop in C++: the same kernels (small_linear, or packed_linear for a weight
+// stored as panels, short_query_attention, at::layer_norm, at::gelu, at::add) in the same order on the same
+// values, so its result equals the Python layers' bit for bit when those run these kernels
+// (mplug_fast/modeling/native_decode.py decides when they would).
 //
 // Per layer (params: 18 tensors per layer, the order of kParams), with h [N, D] the new token's state:
 //   qkv = h Wqkv^T + b          the new k, v written into the cache at position `length`
@@ -30,6 +30,11 @@ enum Param : int64_t {
   kCrossQW, kCrossQB, kCrossOutW, kCrossOutB, kNormCrossW, kNormCrossB,
   kFc1W, kFc1B, kFc2W, kFc2B, kNormMlpW, kNormMlpB, kParams
 };
+
+// A linear layer of the op: the weight in nn.Linear's layout [N, K], or packed panels [N/16, K, 16].
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  return weight.dim() == 3 ? packed_linear_cpu(x, weight, bias) : small_linear_cpu(x, weight, bias);
+}
 
 }  // namespace
 
@@ -58,22 +63,22 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList params, at::Ten
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* p = params.data() + i * kParams;
     // Causal self-attention over the cache (the new token sees every cached position).
-    const at::Tensor qkv = small_linear_cpu(h, p[kQkvW], p[kQkvB]).view({N, 3, H, Dh});
+    const at::Tensor qkv = linear(h, p[kQkvW], p[kQkvB]).view({N, 3, H, Dh});
     at::Tensor k_layer = cache_k.select(0, i), v_layer = cache_v.select(0, i);  // [N, H, Lmax, Dh]
     k_layer.select(2, length).copy_(qkv.select(1, 1));
     v_layer.select(2, length).copy_(qkv.select(1, 2));
     const at::Tensor a = short_query_attention_cpu(qkv.select(1, 0).unsqueeze(2), k_layer.narrow(2, 0, length + 1),
                                                    v_layer.narrow(2, 0, length + 1), self_mask, scale);
-    const at::Tensor ao = small_linear_cpu(a.view({N, D}), p[kAttnOutW], p[kAttnOutB]);
+    const at::Tensor ao = linear(a.view({N, D}), p[kAttnOutW], p[kAttnOutB]);
     h = at::layer_norm(at::add(h, ao), shape, p[kNormAttnW], p[kNormAttnB], eps);
     // Cross-attention: the G rows of each memory row are one query axis of G rows per head.
-    const at::Tensor q = small_linear_cpu(h, p[kCrossQW], p[kCrossQB]).view({Bm, G, H, Dh}).permute({0, 2, 1, 3});
+    const at::Tensor q = linear(h, p[kCrossQW], p[kCrossQB]).view({Bm, G, H, Dh}).permute({0, 2, 1, 3});
     const at::Tensor c = short_query_attention_cpu(q, memory_k[i], memory_v[i], memory_mask, scale);  // [Bm, H, G, Dh]
-    const at::Tensor co = small_linear_cpu(c.permute({0, 2, 1, 3}).reshape({N, D}), p[kCrossOutW], p[kCrossOutB]);
+    const at::Tensor co = linear(c.permute({0, 2, 1, 3}).reshape({N, D}), p[kCrossOutW], p[kCrossOutB]);
     h = at::layer_norm(at::add(h, co), shape, p[kNormCrossW], p[kNormCrossB], eps);
     // MLP (erf GELU).
-    const at::Tensor f = at::gelu(small_linear_cpu(h, p[kFc1W], p[kFc1B]));
-    h = at::layer_norm(at::add(h, small_linear_cpu(f, p[kFc2W], p[kFc2B])), shape, p[kNormMlpW], p[kNormMlpB], eps);
+    const at::Tensor f = at::gelu(linear(h, p[kFc1W], p[kFc1B]));
+    h = at::layer_norm(at::add(h, linear(f, p[kFc2W], p[kFc2B])), shape, p[kNormMlpW], p[kNormMlpB], eps);
   }
   return h;
 }

@@ -12,6 +12,7 @@ import sys
 import torch
 
 import mplug_fast
+from mplug_fast.inference.layout import describe_cpu_layout
 from mplug_fast.inference.precision import describe_cpu_precision
 from mplug_fast.ops import available_backends, native, small_linear
 from mplug_fast.tasks import TASKS
@@ -38,6 +39,7 @@ def info(args: argparse.Namespace) -> int:
     else:
         print("cuda        not available")
     print(f"cpu         {describe_cpu_precision()}")
+    print(f"            decoder weight layout on cpu float32: {describe_cpu_layout()} (layout='auto')")
     print(f"tasks       {', '.join(TASKS)}")
     print("attention backends:")
     backends = available_backends()

@@ -7,8 +7,9 @@
 
 Common options: --checkpoint (a run folder, a save_pretrained folder, an official .pth or a trainer
 step-*.pt; the kind found is named on stderr), --config (a preset name or a config file; alone: random
-weights, for demos), --device, --dtype (auto: chosen from the machine), --quantize int8, --json (one
-JSON document on stdout), --no-progress.
+weights, for demos), --device, --dtype (auto: chosen from the machine), --quantize int8, --layout (the
+decoder's weight layout; auto: chosen from the machine), --json (one JSON document on stdout),
+--no-progress.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from mplug_fast.cli.common import announce
+from mplug_fast.inference.layout import LAYOUTS
 from mplug_fast.pipeline import Pipeline, pipeline
 
 
@@ -42,6 +44,13 @@ def _add_common(parser: argparse.ArgumentParser, generation: bool = True) -> Non
         choices=["int8"],
         default=None,
         help="int8 dynamic quantisation of the text decoder (CPU; opt-in: it changes the logits)",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=list(LAYOUTS),
+        default="auto",
+        help="the text decoder's weight layout: auto (default: packed panels on AVX2 CPUs in float32, else "
+        "plain), packed or plain",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
     if generation:
@@ -67,6 +76,7 @@ def _pipeline(task: str, args: argparse.Namespace, **options) -> Pipeline:
         dtype=args.dtype,
         config=args.config,
         quantize=args.quantize,
+        layout=args.layout,
         batch_size=args.batch_size,
         progress=None if args.progress else False,
         **options,

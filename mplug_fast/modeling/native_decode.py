@@ -7,11 +7,12 @@ a third of the time the weights take to read. `decode_layers` (kernels/cpu/decod
 kernels in the same order in a C++ loop: the logits equal the Python layers' bit for bit.
 
 `TextDecoder.forward` takes this path when `usable(...)` holds, i.e. when the Python layers would run exactly
-these kernels: one new token per row with a self-attention cache, fp32 CPU, no autograd, eval mode, plain
-`nn.Linear` layers with biases (not int8) on which `small_linear` runs, `short_query` chosen for the self-
-and cross-attention, the plain LayerNorm / GELU epilogues (`reference` fused backend), the memory K/V
-shared in contiguous groups (`memory_index` an int or None) with their head dim contiguous, at most
-`MAX_QUERIES` rows per memory row, outside torch.compile. `MPLUG_FAST_DECODE_LAYERS=0` turns it off (the
+these kernels: one new token per row with a self-attention cache, fp32 CPU, no autograd, eval mode, linear
+layers with biases that are plain `nn.Linear` (not int8) on which `small_linear` runs or `PackedLinear`
+(their panels go to the op, which runs `packed_linear` on them), `short_query` chosen for the self- and
+cross-attention, the plain LayerNorm / GELU epilogues (`reference` fused backend), the memory K/V shared in
+contiguous groups (`memory_index` an int or None) with their head dim contiguous, at most `MAX_QUERIES`
+rows per memory row, outside torch.compile. `MPLUG_FAST_DECODE_LAYERS=0` turns it off (the
 Python layers then run); `1` or unset: on where usable.
 
 Whether the modules qualify (their types, the backends they resolve) is worked out once per static key and
@@ -31,7 +32,9 @@ from torch import Tensor, nn
 
 from mplug_fast.modeling.kv_cache import KVCache
 from mplug_fast.modeling.layers import fused_backend
+from mplug_fast.modeling.packed_linear import PackedLinear
 from mplug_fast.ops.native import native_op
+from mplug_fast.ops.packed_linear import packed_rows
 from mplug_fast.ops.registry import BackendCache
 from mplug_fast.ops.short_query import MAX_QUERIES
 from mplug_fast.ops.small_linear import small_rows
@@ -51,6 +54,7 @@ def enabled() -> bool:
 MODULES_PER_LAYER = 10  # the layer, then the 9 modules whose weight and bias the op reads, in its order
 # positions in a layer's 10: qkv, attn out_proj, q_proj, cross out_proj, fc1, fc2; the three norms
 LINEARS, NORMS = (1, 2, 4, 5, 7, 8), (3, 6, 9)
+KERNEL_CHECKS = {nn.Linear: small_rows, PackedLinear: packed_rows}  # the linear layer types the op runs
 
 
 def _modules(layers: nn.ModuleList) -> tuple[nn.Module, ...]:
@@ -76,7 +80,8 @@ def _qualifies(modules: tuple[nn.Module, ...], x: Tensor, self_padded: bool, cro
         group = modules[start : start + MODULES_PER_LAYER]
         layer = group[0]
         for linear in (group[i] for i in LINEARS):
-            if type(linear) is not nn.Linear or linear.bias is None or not small_rows(rows, linear.weight):
+            runs = KERNEL_CHECKS.get(type(linear))  # whether the op's kernel runs this layer
+            if runs is None or linear.bias is None or not runs(rows, linear.weight):
                 return False
         for norm in (group[i] for i in NORMS):
             if type(norm) is not nn.LayerNorm or norm.eps != eps or norm.weight is None or norm.bias is None:

@@ -1,9 +1,10 @@
 """The native ops of `kernels/` (`mplug_fast._C`, built by setup.py with CMake): loading and status.
 
 Importing `mplug_fast._C` registers `torch.ops.mplug_fast.beam_step` and `.reorder_caches` (CPU, CUDA when
-built with CUDA, Meta), `.small_linear` (CPU, Meta; `mplug_fast.ops.small_linear`), `.short_query_attention`
-(CPU, Meta; the `short_query` attention backend, `mplug_fast.ops.short_query`), `.decode_layers` (CPU, Meta;
-`mplug_fast.modeling.native_decode`) and `.parallel_threads`. A missing or unloadable `_C` is not an error:
+built with CUDA, Meta), `.small_linear` (CPU, Meta; `mplug_fast.ops.small_linear`), `.packed_linear` (CPU,
+Meta; `mplug_fast.ops.packed_linear`), `.short_query_attention` (CPU, Meta; the `short_query` attention
+backend, `mplug_fast.ops.short_query`), `.decode_layers` (CPU, Meta; `mplug_fast.modeling.native_decode`)
+and `.parallel_threads`. A missing or unloadable `_C` is not an error:
 callers then run the Python twins (`mplug_fast.generation.beam_step`, `KVCache.reorder`, `F.linear`, the
 `sdpa` backend, the Python decoder layers). `MPLUG_FAST_NATIVE=0` turns the native ops off.
 """
@@ -16,9 +17,16 @@ import os
 
 import torch
 
-NATIVE_OPS = ("beam_step", "reorder_caches", "small_linear", "short_query_attention", "decode_layers")
+NATIVE_OPS = (
+    "beam_step",
+    "reorder_caches",
+    "small_linear",
+    "packed_linear",
+    "short_query_attention",
+    "decode_layers",
+)
 # CPU techniques for the few rows of a decoding step: GPUs run their GEMMs and attention kernels
-CPU_ONLY_OPS = ("small_linear", "short_query_attention", "decode_layers")
+CPU_ONLY_OPS = ("small_linear", "packed_linear", "short_query_attention", "decode_layers")
 
 
 @functools.cache

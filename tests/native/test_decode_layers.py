@@ -4,6 +4,7 @@ kernels, and reject malformed inputs."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -11,9 +12,11 @@ import torch
 
 import mplug_fast
 from mplug_fast.generation import beam_search
+from mplug_fast.inference.layout import pack_decoder
 from mplug_fast.modeling import native_decode
 from mplug_fast.modeling.decoder import TextDecoder
 from mplug_fast.modeling.layers import clear_backend_caches, init_bert_weights
+from mplug_fast.modeling.packed_linear import PackedLinear
 from tests import test_generation
 
 decoder_closing = test_generation.decoder  # a tiny decoder whose samples close at different steps
@@ -89,6 +92,25 @@ def test_equals_python_layers(decoder, monkeypatch, native_layers, B, G, prompt_
     for w, o in zip(want[0], got[0], strict=True):
         assert torch.equal(w, o)
     assert torch.equal(want[1], got[1]) and torch.equal(want[2], got[2])
+
+
+def test_packed_layers_equal_their_python_layers(decoder, monkeypatch, native_layers):
+    """A packed decoder: the op (packed_linear on the panels) equals its Python layers bit for bit, and the
+    plain decoder up to rounding."""
+    packed = pack_decoder(copy.deepcopy(decoder))
+    assert type(packed.layers[0].mlp.fc1) is PackedLinear
+    g = torch.Generator().manual_seed(3)
+    memory, prompt = torch.randn(2, 37, 256, generator=g), torch.randint(1000, 2000, (10, 1), generator=g)
+    want = decode(packed, monkeypatch, False, prompt, None, memory, None, 5)
+    assert not native_layers
+    got = decode(packed, monkeypatch, True, prompt, None, memory, None, 5)
+    assert len(native_layers) == 5
+    for w, o in zip(want[0], got[0], strict=True):
+        assert torch.equal(w, o)
+    assert torch.equal(want[1], got[1]) and torch.equal(want[2], got[2])
+    plain = decode(decoder, monkeypatch, True, prompt, None, memory, None, 5)
+    for p, o in zip(plain[0], got[0], strict=True):
+        torch.testing.assert_close(o, p, rtol=1e-4, atol=1e-4)
 
 
 def test_beam_search_through_native_layers(decoder_closing, monkeypatch, native_layers):
