@@ -117,7 +117,7 @@ def ground_tokens(
     """
     memory, memory_mask = model.fused_memory(images, text_ids, text_mask)  # [B, Nv + L, D]
     decoder = model.decoder
-    V = decoder.embeddings.word.weight.shape[0]
+    V = decoder.embeddings.word.num_embeddings
     bias = token_bias(V, coord_ids, BOX_LOGIT_PENALTY, device=images.device)
     start = torch.full((images.shape[0], 1), prefix_id, dtype=torch.long, device=images.device)
     out = greedy(

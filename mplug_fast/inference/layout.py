@@ -10,8 +10,8 @@ model is loaded:
 
 The layout changes the logits by rounding only (another summation order); `state_dict()` is unchanged, so a
 packed model saves and loads the same checkpoints. `layout="packed"` forces it on a CPU float32 model
-(ValueError elsewhere), `"plain"` turns it off. The LM head is not packed: its weight is the word-embedding
-matrix, which the embedding lookup reads by rows.
+(ValueError elsewhere), `"plain"` turns it off. The LM head's weight, the decoder's word-embedding table,
+is packed with it (`PackedEmbedding`: the lookup reads a token's vector across its panel).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 
 from mplug_fast.modeling.decoder import TextDecoder
 from mplug_fast.modeling.layers import set_fused_backend
+from mplug_fast.modeling.packed_embedding import PackedEmbedding
 from mplug_fast.modeling.packed_linear import pack_linears, unpack_linears
 from mplug_fast.ops import small_linear
 from mplug_fast.ops.native import native_op
@@ -68,17 +69,24 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 def pack_decoder(model: nn.Module) -> nn.Module:
     """The decoder layers' linear layers of `model` (a model with a `decoder`, or a `TextDecoder`) as
-    `PackedLinear`, in place; returns `model`. Their MLPs
+    `PackedLinear`, and its word embeddings (the LM head's tied weight) as `PackedEmbedding`, in place;
+    returns `model`. The layers' MLPs
     keep the plain (`reference`) epilogues: the fused ones read nn.Linear's weight."""
     decoder = _decoder(model)
     set_fused_backend(decoder.layers, "reference")
     pack_linears(decoder.layers)
+    word = decoder.embeddings.word
+    if type(word) is nn.Embedding:
+        decoder.embeddings.word = PackedEmbedding.from_embedding(word)
     return model
 
 
 def unpack_decoder(model: nn.Module) -> nn.Module:
     """Undo `pack_decoder` (nn.Linear layers again, the same values), in place; returns `model`."""
-    unpack_linears(_decoder(model))
+    decoder = _decoder(model)
+    unpack_linears(decoder)
+    if type(decoder.embeddings.word) is PackedEmbedding:
+        decoder.embeddings.word = decoder.embeddings.word.to_embedding()
     return model
 
 

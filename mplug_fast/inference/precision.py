@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mplug_fast.inference.layout import unpack_decoder
 from mplug_fast.modeling.heads import LMHead
 from mplug_fast.modeling.layers import set_fused_backend
-from mplug_fast.modeling.packed_linear import unpack_linears
 
 CPU_DTYPE_ENV = "MPLUG_FAST_CPU_DTYPE"
 _CPU_DTYPES = {
@@ -103,7 +103,7 @@ def quantize_decoder(model: nn.Module) -> nn.Module:
             f"int8 decoder quantisation runs on CPU float32 models; this decoder is {param.dtype} on "
             f"{param.device.type}"
         )
-    unpack_linears(decoder)  # quantize_dynamic swaps nn.Linear layers only
+    unpack_decoder(decoder)  # quantize_dynamic swaps nn.Linear layers only
     decoder.head = QuantizedLMHead(decoder.head, decoder.embeddings.word.weight.detach())
     set_fused_backend(decoder, "reference")  # the fused epilogues read float weights
     with warnings.catch_warnings():  # torch marks the eager quantisation API as deprecated

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mplug_fast.ops.packed_linear import packed_linear
 from mplug_fast.ops.small_linear import linear, small_linear, small_rows
 
 
@@ -24,8 +25,12 @@ class LMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, h: Tensor, word_embeddings: Tensor) -> Tensor:
-        """h: [..., D]; word_embeddings: [V, D] -> logits [..., V]."""
+        """h: [..., D]; word_embeddings: [V, D], or the panels [ceil(V/16), D, 16] of a `PackedEmbedding`
+        -> logits [..., V]."""
         h = self.norm(F.gelu(linear(self.dense, h)))
+        if word_embeddings.dim() == 3:  # packed: the padded vocabulary cut off, then the bias (its order)
+            V = self.bias.shape[0]
+            return packed_linear(h, word_embeddings, None)[..., :V] + self.bias
         if small_rows(h, word_embeddings):
             return small_linear(h, word_embeddings, self.bias)
         rows = h.numel() // h.shape[-1]

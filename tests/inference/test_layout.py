@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import mplug_fast
 from mplug_fast.checkpoint import save_pretrained
@@ -15,6 +16,7 @@ from mplug_fast.cli import main
 from mplug_fast.inference import layout
 from mplug_fast.inference.layout import pack_decoder, resolve_layout, unpack_decoder
 from mplug_fast.inference.precision import quantize_decoder
+from mplug_fast.modeling.packed_embedding import PackedEmbedding
 from mplug_fast.modeling.packed_linear import PackedLinear
 
 
@@ -44,6 +46,7 @@ def test_packed_model_keeps_its_checkpoint_and_logits(models, tmp_path) -> None:
     plain = models["caption"]
     packed = pack_decoder(copy.deepcopy(plain))
     assert _packed_layers(packed) == 7 * len(plain.decoder.layers)  # 6 per step, and the memory K/V
+    assert type(packed.decoder.embeddings.word) is PackedEmbedding  # the LM head's tied weight
     sd, packed_sd = plain.state_dict(), packed.state_dict()
     assert list(sd) == list(packed_sd) and all(torch.equal(sd[k], packed_sd[k]) for k in sd)
     save_pretrained(packed, tmp_path / "packed")  # loads as a plain model with the same weights
@@ -55,7 +58,9 @@ def test_packed_model_keeps_its_checkpoint_and_logits(models, tmp_path) -> None:
     with torch.no_grad():
         want, got = plain.decoder(ids, memory=memory), packed.decoder(ids, memory=memory)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert _packed_layers(unpack_decoder(packed)) == 0
+    assert (
+        _packed_layers(unpack_decoder(packed)) == 0 and type(packed.decoder.embeddings.word) is nn.Embedding
+    )
     assert all(torch.equal(packed.state_dict()[k], sd[k]) for k in sd)
 
 
@@ -81,5 +86,5 @@ def test_pipeline_and_cli_take_the_layout(models, tmp_path, capsys) -> None:
 def test_quantizing_a_packed_decoder_unpacks_it_first(models) -> None:
     packed = pack_decoder(copy.deepcopy(models["caption"]))
     q8 = quantize_decoder(packed)
-    assert _packed_layers(q8) == 0
+    assert _packed_layers(q8) == 0 and type(q8.decoder.embeddings.word) is nn.Embedding
     assert any("quantized" in type(m).__module__ for m in q8.decoder.modules())

@@ -1,5 +1,5 @@
-"""`PackedLinear` is nn.Linear in another storage layout: the same outputs, gradients and state dict; the
-swap both ways is exact."""
+"""`PackedLinear` / `PackedEmbedding` are nn.Linear / nn.Embedding in another storage layout: the same
+outputs, gradients and state dict; the swap both ways is exact."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mplug_fast.modeling.packed_embedding import PackedEmbedding
 from mplug_fast.modeling.packed_linear import PackedLinear, pack_linears, unpack_linears
 
 
@@ -66,3 +67,24 @@ def test_a_frozen_weight_stays_frozen() -> None:
     assert not packed.to_linear().weight.requires_grad
     x = torch.randn(2, 4)
     torch.testing.assert_close(F.linear(x, packed.to_linear().weight, packed.bias), linear(x))
+
+
+def test_packed_embedding_is_nn_embeddings_table() -> None:
+    """Lookups, state dict and gradients as nn.Embedding (a vocabulary that is not a multiple of 16)."""
+    torch.manual_seed(0)
+    embedding = nn.Embedding(37, 8, padding_idx=0)
+    packed = PackedEmbedding.from_embedding(embedding)
+    assert packed.weight.shape == (3, 8, 16) and torch.equal(packed.weight[2, :, 5:], torch.zeros(8, 11))
+    ids = torch.tensor([[0, 5, 36], [16, 17, 31]])
+    with torch.no_grad():
+        assert torch.equal(packed(ids), embedding(ids))
+    packed(ids).sum().backward()
+    embedding(ids).sum().backward()
+    assert torch.equal(packed.table(), embedding.weight)
+    grad = packed.weight.grad.transpose(1, 2).reshape(48, 8)[:37]
+    assert torch.equal(grad, embedding.weight.grad) and not grad[0].any()  # the padding row: no gradient
+    sd = packed.state_dict()
+    assert list(sd) == ["weight"] and torch.equal(sd["weight"], embedding.weight)
+    fresh = PackedEmbedding(37, 8, padding_idx=0)
+    fresh.load_state_dict(embedding.state_dict())
+    assert torch.equal(fresh.to_embedding().weight, embedding.weight)
