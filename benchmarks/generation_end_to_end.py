@@ -5,7 +5,9 @@
 
 Random weights (BERT init) and random images; official inference settings (caption: beam 5, min 8, max 25
 from [CLS]; VQA: beam 5, max 10 over [image; 12-token question]). Ours: the public `caption_generate` /
-`vqa_generate` (KV cache, memory K/V projected once, native beam step and small-row linears where built).
+`vqa_generate` (KV cache, memory K/V projected once, native beam step and small-row linears where built)
+on the model in the decoder layout `mplug_fast.pipeline` loads (`--layout auto`: packed on AVX2 CPUs in
+fp32; `mplug_fast.inference.layout`).
 Official: the same model's encoders (their speed against the official encoders is
 `benchmarks/stage_speed.py`'s), then the official loop of `generation_speed.official_beam_search` (no cache,
 memory tiled per beam and re-projected every step). Both return the same ids (checked). Random weights never
@@ -18,6 +20,7 @@ warm-up for ours; the official loop takes minutes per run at base, so its check 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -32,6 +35,7 @@ from generation_speed import official_beam_search, time_ms  # noqa: E402
 
 import mplug_fast  # noqa: E402
 from mplug_fast.inference.generate import caption_generate, vqa_generate  # noqa: E402
+from mplug_fast.inference.layout import LAYOUTS, pack_decoder, resolve_layout  # noqa: E402
 from mplug_fast.modeling.layers import init_bert_weights  # noqa: E402
 from mplug_fast.tasks import get_task  # noqa: E402
 
@@ -41,16 +45,17 @@ SETTINGS = {
 }
 
 
-def sides(case: str, model, images, q_ids, q_mask):
-    """(ours, official) callables for one case, each returning the best ids per image (a list of lists)."""
+def sides(case: str, model, ours_model, images, q_ids, q_mask):
+    """(ours, official) callables for one case, each returning the best ids per image (a list of lists):
+    ours on `ours_model` (`model` in our decoder layout), the official loop on `model`."""
     kw = SETTINGS[case]
     start = torch.full((images.shape[0], 1), 101)
 
     def ours():
         if case == "caption":
-            out = caption_generate(model, images, **kw)
+            out = caption_generate(ours_model, images, **kw)
         else:
-            out = vqa_generate(model, images, q_ids, q_mask, **kw)
+            out = vqa_generate(ours_model, images, q_ids, q_mask, **kw)
         return [out.ids[b, 0, : int(out.lengths[b, 0])].tolist() for b in range(images.shape[0])]
 
     def official():
@@ -83,6 +88,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-official", action="store_true", help="time ours only")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="our decoder's weight layout")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "cpu-generation-end-to-end.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,6 +97,11 @@ def main() -> None:
     models = {case: get_task(case).build_model(config).eval() for case in args.cases}
     for model in models.values():
         model.apply(init_bert_weights)
+    layouts = {case: resolve_layout(args.layout, model) for case, model in models.items()}
+    ours_models = {
+        case: pack_decoder(copy.deepcopy(model)) if layouts[case] == "packed" else model
+        for case, model in models.items()
+    }
     R, records = config.vision.image_size, []
     for B in args.batch_sizes:
         g = torch.Generator().manual_seed(B)
@@ -98,12 +109,13 @@ def main() -> None:
         q_ids, q_mask = torch.randint(1000, 30000, (B, 12), generator=g), torch.ones(B, 12, dtype=torch.bool)
         q_mask[:, 9:] = False
         for case in args.cases:
-            ours, official = sides(case, models[case], images, q_ids, q_mask)
+            ours, official = sides(case, models[case], ours_models[case], images, q_ids, q_mask)
             first = ours()  # warm-up
             rec = {
                 "case": case,
                 "batch": B,
                 "image_size": R,
+                "layout": layouts[case],
                 "ours_ms": statistics.median(time_ms(ours, args.repeats)),
             }
             rec |= {"official_ms": None, "official_over_ours": None, "same_ids": None}
@@ -123,7 +135,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    headers = ["case", "batch", "image_size", "official_ms", "ours_ms", "official_over_ours", "same_ids"]
+    headers = ["case", "batch", "image_size", "layout", "official_ms", "ours_ms", "official_over_ours"]
+    headers.append("same_ids")
     table = markdown_table(headers, [[r[h] for h in headers] for r in records])
     args.out.with_suffix(".md").write_text(f"`{result['command']}`\n\n{table}\n")
     print(table)

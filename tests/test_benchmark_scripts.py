@@ -56,6 +56,22 @@ def test_generation_end_to_end_quick_same_ids(tmp_path) -> None:
     _run("generation_end_to_end", "--quick", "--batch-sizes", "1", "--repeats", "1", "--out", str(out))
     records = json.loads(out.read_text())["records"]
     assert {r["case"] for r in records} == {"caption", "vqa"} and all(r["same_ids"] for r in records)
+    assert all(r["layout"] in ("packed", "plain") for r in records)
+
+
+def test_generation_speed_times_both_layouts_against_the_floor(tmp_path) -> None:
+    """The decode step of the plain and the packed decoder, each with its floors; every variant's ids."""
+    out = tmp_path / "steps.json"
+    args = ["--quick", "--native-only", "--threads", "1", "--batch-sizes", "1", "--cases", "vqa"]
+    _run("generation_speed", *args, "--out", str(out))
+    result = json.loads(out.read_text())
+    records = result["records"]
+    assert [r["variant"] for r in records] == ["cached", "python_step", "graph", "packed"]
+    assert all(r["same_ids_as_cached"] for r in records)
+    steps = {s["name"]: s for s in result["decode_steps"]}
+    assert set(steps) == {"vqa_b1_decode_step", "vqa_b1_packed_decode_step"}
+    assert steps["vqa_b1_packed_decode_step"]["layout"] == "packed"
+    assert all(s["floor_bandwidth_ms"] > 0 and s["vs_bandwidth_floor"] > 0 for s in steps.values())
 
 
 def test_int8_decoder_quick_reports_agreement(tmp_path) -> None:
