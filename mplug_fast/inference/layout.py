@@ -70,8 +70,8 @@ def _decoder(model: nn.Module) -> nn.Module:
 def pack_decoder(model: nn.Module) -> nn.Module:
     """The decoder layers' linear layers of `model` (a model with a `decoder`, or a `TextDecoder`) as
     `PackedLinear`, and its word embeddings (the LM head's tied weight) as `PackedEmbedding`, in place;
-    returns `model`. The layers' MLPs
-    keep the plain (`reference`) epilogues: the fused ones read nn.Linear's weight."""
+    returns `model`. The layers keep the plain (`reference`) epilogues: the fused ones read nn.Linear's
+    weight."""
     decoder = _decoder(model)
     set_fused_backend(decoder.layers, "reference")
     pack_linears(decoder.layers)

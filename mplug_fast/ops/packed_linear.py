@@ -4,8 +4,8 @@ A decoding step multiplies every weight matrix by a few rows while the weights s
 nn.Linear's layout [N, K] an AVX2 kernel reads several weight rows at once (several memory streams) and
 sums vector lanes at the end. Stored as panels [N/16, K, 16] (`pack`: packed[p, k, j] = W[16 p + j, k]),
 the 16 outputs of a panel are one sequential stream, and the product is broadcast-FMA outer products
-(kernels/cpu/packed_linear.cpp). On the AVX2 CPU it was measured on this reads the decoder's weights 10-20 %
-faster than `small_linear` at 5 and 10 rows (docs/experiments.md).
+(kernels/cpu/packed_linear.cpp). On the AVX2 CPU it was measured on, this reads the decoder's weights
+1.3-1.5x as fast as `small_linear` at 5 rows on one thread (docs/experiments.md).
 
 `packed_linear(x, packed, bias)` runs the native op when `packed_rows` holds (the op is built and loaded, x
 and the weight are fp32 on the CPU, autograd is off, torch.compile is not tracing), at any row count; else
