@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mplug_fast.modeling.packed_linear import pack_loaded
 from mplug_fast.ops.packed_linear import PANEL, pack, unpack
 
 
@@ -62,12 +63,7 @@ class PackedEmbedding(nn.Module):
         destination[prefix + "weight"] = self.table() if keep_vars else self.table().detach()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        # A [V, D] table (nn.Embedding's) is packed before the usual copy; other shapes are left for the
-        # usual size-mismatch error. (`load_state_dict` passes its own copy of the dict.)
-        key = prefix + "weight"
-        weight = state_dict.get(key)
-        if isinstance(weight, Tensor) and tuple(weight.shape) == (self.num_embeddings, self.embedding_dim):
-            state_dict[key] = _pack_rows(weight)
+        pack_loaded(state_dict, prefix + "weight", (self.num_embeddings, self.embedding_dim), _pack_rows)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:

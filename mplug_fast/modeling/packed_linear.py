@@ -14,6 +14,8 @@ storage layout, not another model:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -64,17 +66,24 @@ class PackedLinear(nn.Module):
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        # An [out, in] weight (nn.Linear's) is packed before the usual copy; other shapes are left for the
-        # usual size-mismatch error. (`load_state_dict` passes its own copy of the dict.)
-        key = prefix + "weight"
-        weight = state_dict.get(key)
-        if isinstance(weight, Tensor) and tuple(weight.shape) == (self.out_features, self.in_features):
-            state_dict[key] = pack(weight)
+        pack_loaded(state_dict, prefix + "weight", (self.out_features, self.in_features), pack)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, panel={PANEL}"
+
+
+def pack_loaded(
+    state_dict: dict, key: str, plain: tuple[int, int], to_panels: Callable[[Tensor], Tensor]
+) -> None:
+    """Before a packed module loads `state_dict`: its entry `key`, when in the plain layout `plain`
+    (nn.Linear's [out, in], nn.Embedding's [V, D]), becomes `to_panels(entry)`, in place; other shapes are
+    left for the usual size-mismatch error. (`load_state_dict` hands the modules its own copy of the
+    dict.)"""
+    weight = state_dict.get(key)
+    if isinstance(weight, Tensor) and tuple(weight.shape) == plain:
+        state_dict[key] = to_panels(weight)
 
 
 def pack_linears(module: nn.Module) -> int:
