@@ -42,9 +42,12 @@ void reorder_caches_cuda(at::TensorList src, at::TensorList dst, const at::Tenso
 at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
 // The same product with the weight stored as panels: x [M, K], packed [N/16, K, 16] (packed[p, k, j] =
-// weight[16 p + j, k]), bias [N] (fp32, CPU) -> [M, N]. unpack_panels: packed -> weight [N, K].
+// weight[16 p + j, k]), bias [N] (fp32, CPU) -> [M, N].
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
-at::Tensor unpack_panels(const at::Tensor& packed);
+
+// Whether this CPU runs AVX2 + FMA (checked once at run time): the AVX2 kernels' condition; without it they
+// return the same computation in ATen ops.
+bool cpu_has_avx2_fma();
 
 // softmax(scale q k^T) v for the few queries of a decoding step: q [B, H, G, D], k and v [B, H, M, D] with the
 // head dim contiguous, key_mask bool [B, M] (true = attend; a row with no key gives 0) or none (fp32, CPU)
@@ -53,9 +56,10 @@ at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, c
                                      const std::optional<at::Tensor>& key_mask, double scale);
 
 // The post-LN decoder layers of one cached decoding step (one new token per row), fp32 CPU: x [N, D];
-// params: 18 per layer (kernels/cpu/decode_layers.cpp; a 3-D linear weight is packed panels); cache_k, cache_v [layers, N, H, Lmax, Dh] (the new
-// keys / values are written at `length`); self_mask bool [N, length + 1] or none; memory_k, memory_v per layer
-// [Bm, H, M, Dh] (N = Bm x G rows, G per memory row); memory_mask bool [Bm, M] or none -> [N, D].
+// params: 18 per layer (kernels/cpu/decode_layers.cpp; a 3-D linear weight is packed panels); cache_k,
+// cache_v [layers, N, H, Lmax, Dh] (the new keys / values are written at `length`); self_mask bool
+// [N, length + 1] or none; memory_k, memory_v per layer [Bm, H, M, Dh] (N = Bm x G rows, G per memory row);
+// memory_mask bool [Bm, M] or none -> [N, D].
 at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList params, at::Tensor& cache_k, at::Tensor& cache_v,
                              int64_t length, const std::optional<at::Tensor>& self_mask, at::TensorList memory_k,
                              at::TensorList memory_v, const std::optional<at::Tensor>& memory_mask, double eps);

@@ -72,20 +72,16 @@ __attribute__((target("avx2,fma"))) void panel_rows(const float* x, const float*
   }
 }
 
-bool has_avx2_fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-}
-
-}  // namespace
-
+// packed [N/16, K, 16] -> the weight [N, K] (the fallback without AVX2).
 at::Tensor unpack_panels(const at::Tensor& packed) {
   return packed.permute({0, 2, 1}).reshape({packed.size(0) * packed.size(2), packed.size(1)});
 }
 
+}  // namespace
+
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
   check_packed_linear(x, packed, bias);
-  if (!has_avx2_fma()) return at::linear(x, unpack_panels(packed), bias);
+  if (!cpu_has_avx2_fma()) return at::linear(x, unpack_panels(packed), bias);
   const at::Tensor xc = x.contiguous(), wc = packed.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t M = xc.size(0), K = xc.size(1), panels = wc.size(0), N = panels * kPanel;

@@ -235,18 +235,13 @@ __attribute__((target("avx2,fma"))) void attend_head(const Head& h, float scale,
     for (int64_t d = 0; d < h.D; ++d) h.out[r * h.D + d] = acc[r * h.D + d] * inv[r];
 }
 
-bool has_avx2_fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-}
-
 }  // namespace
 
 at::Tensor short_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const std::optional<at::Tensor>& key_mask, double scale) {
   check_short_query_attention(q, k, v, key_mask);
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), M = k.size(2);
-  if (!has_avx2_fma()) {
+  if (!cpu_has_avx2_fma()) {
     at::Tensor scores = at::matmul(q, k.transpose(-1, -2)).mul(scale);
     if (key_mask.has_value()) scores = scores.masked_fill(key_mask->logical_not().view({B, 1, 1, M}), -INFINITY);
     return at::matmul(scores.softmax(-1).nan_to_num(0.0), v).contiguous();  // no key: NaN -> 0

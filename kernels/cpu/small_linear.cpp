@@ -90,16 +90,16 @@ __attribute__((target("avx2,fma"))) void column_block(const float* x, const floa
   }
 }
 
-bool has_avx2_fma() {
+}  // namespace
+
+bool cpu_has_avx2_fma() {
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return supported;
 }
 
-}  // namespace
-
 at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_small_linear(x, weight, bias);
-  if (!has_avx2_fma()) return at::linear(x, weight, bias);
+  if (!cpu_has_avx2_fma()) return at::linear(x, weight, bias);
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);

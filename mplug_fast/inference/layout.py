@@ -44,7 +44,7 @@ def resolve_layout(layout: str, model: nn.Module) -> str:
     float32."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if getattr(model, "decoder", None) is None and layout != "packed":
+    if layout != "packed" and not isinstance(model, TextDecoder) and getattr(model, "decoder", None) is None:
         return "plain"
     param = next(_decoder(model).parameters())
     cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32
